@@ -1,0 +1,93 @@
+//! AWS SDK plumbing shared by the identity steps: one HTTP client (rustls with ring, the same
+//! crypto as the MQTT side), region, endpoint overrides and timeouts.
+
+use std::time::{Duration, SystemTime};
+
+use aws_config::{BehaviorVersion, Region, SdkConfig, timeout::TimeoutConfig};
+use aws_smithy_http_client::tls;
+use aws_smithy_runtime_api::client::result::SdkError;
+use aws_smithy_types::error::display::DisplayErrorContext;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+
+use crate::secret::Secret;
+
+/// A whole AWS call, retries included, gives up after this long.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Base SDK config without credentials: unsigned Cognito calls use it as is; calls that need
+/// the Cognito credentials add them per client.
+pub async fn base_config(region: &str, endpoint_url: &str) -> SdkConfig {
+    let http_client = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(region.to_owned()))
+        .http_client(http_client)
+        .timeout_config(
+            TimeoutConfig::builder()
+                .operation_timeout(OPERATION_TIMEOUT)
+                .connect_timeout(CONNECT_TIMEOUT)
+                .build(),
+        )
+        .no_credentials();
+    if !endpoint_url.is_empty() {
+        loader = loader.endpoint_url(endpoint_url);
+    }
+    loader.load().await
+}
+
+/// Temporary AWS credentials from Cognito or STS.
+#[derive(Clone, Debug)]
+pub struct AwsCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: Secret<String>,
+    pub session_token: Secret<String>,
+    pub expires_at: SystemTime,
+}
+
+impl AwsCredentials {
+    /// The SDK's form, for clients that sign with these credentials.
+    pub fn to_sdk(&self) -> aws_credential_types::Credentials {
+        aws_credential_types::Credentials::new(
+            self.access_key_id.clone(),
+            self.secret_access_key.expose().clone(),
+            Some(self.session_token.expose().clone()),
+            Some(self.expires_at),
+            "cognito",
+        )
+    }
+
+    /// Whether these credentials stay valid for at least `margin` from now.
+    pub fn valid_for(&self, margin: Duration) -> bool {
+        SystemTime::now()
+            .checked_add(margin)
+            .is_some_and(|deadline| self.expires_at > deadline)
+    }
+}
+
+/// Converts an SDK timestamp; a missing or absurd expiry counts as already expired.
+pub fn to_system_time(time: Option<&aws_smithy_types::DateTime>) -> SystemTime {
+    time.and_then(|t| SystemTime::try_from(*t).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// A short, secret-free description of an SDK error, with its service error code when any.
+pub fn describe<E, R>(error: &SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match (error.code(), error.message()) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_owned(),
+        _ => DisplayErrorContext(error).to_string(),
+    }
+}
+
+/// The service error code (`NotAuthorizedException`, …) of an SDK error, if it has one.
+pub fn error_code<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> Option<&str> {
+    error.code()
+}

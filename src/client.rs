@@ -1,0 +1,138 @@
+//! The `send` and `status` commands: small clients of the daemon's socket.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+/// Why a client command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {path}: {source} (is the daemon running?)")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the daemon closed the connection before answering everything")]
+    Closed,
+    #[error("unexpected answer from the daemon: {0}")]
+    BadAnswer(String),
+}
+
+/// What `send` publishes: one argument, or one message per stdin line.
+pub enum Payloads<'a> {
+    One(&'a str),
+    Lines(Box<dyn BufRead + Send + 'a>),
+}
+
+fn connect(path: &Path) -> Result<UnixStream, ClientError> {
+    UnixStream::connect(path).map_err(|source| ClientError::Connect {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// A payload given on the command line: JSON when it parses as JSON, otherwise text.
+fn payload_value(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
+}
+
+/// Sends every payload to `topic` and waits for each answer. Returns how many were refused;
+/// each refusal is printed to stderr.
+pub fn send(
+    socket: &Path,
+    topic: &str,
+    qos: u8,
+    payloads: Payloads<'_>,
+) -> Result<u64, ClientError> {
+    let stream = connect(socket)?;
+    let mut writer = stream.try_clone()?;
+    let topic = topic.to_owned();
+    // Written by one thread while this one reads answers, so neither side's buffer fills up.
+    std::thread::scope(|scope| {
+        let sender = scope.spawn(move || -> Result<u64, std::io::Error> {
+        let mut count = 0u64;
+        let mut write = |payload: &str, count: &mut u64| -> std::io::Result<()> {
+            *count += 1;
+            let line = json!({"topic": topic, "payload": payload_value(payload), "qos": qos, "id": *count});
+            writer.write_all(format!("{line}\n").as_bytes())
+        };
+        match payloads {
+            Payloads::One(text) => write(text, &mut count)?,
+            Payloads::Lines(lines) => {
+                for line in lines.lines() {
+                    let line = line?;
+                    if !line.trim().is_empty() {
+                        write(&line, &mut count)?;
+                    }
+                }
+            }
+        }
+        writer.shutdown(std::net::Shutdown::Write)?;
+        Ok(count)
+    });
+        let mut answers = 0u64;
+        let mut refused = 0u64;
+        for line in BufReader::new(stream).lines() {
+            let line = line?;
+            let answer: Value =
+                serde_json::from_str(&line).map_err(|_| ClientError::BadAnswer(line.clone()))?;
+            answers += 1;
+            if answer["ok"] != Value::Bool(true) {
+                refused += 1;
+                eprintln!(
+                    "message {}: {}: {}",
+                    answer["id"],
+                    answer["error"].as_str().unwrap_or("error"),
+                    answer["message"].as_str().unwrap_or("")
+                );
+            }
+        }
+        let sent = sender
+            .join()
+            .map_err(|_| ClientError::BadAnswer("sender thread failed".into()))??;
+        if answers < sent {
+            return Err(ClientError::Closed);
+        }
+        Ok(refused)
+    })
+}
+
+/// Asks the daemon for its status object.
+pub fn status(socket: &Path) -> Result<Value, ClientError> {
+    let mut stream = connect(socket)?;
+    stream.write_all(b"{\"op\":\"status\"}\n")?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    let answer: Value =
+        serde_json::from_str(&line).map_err(|_| ClientError::BadAnswer(line.clone()))?;
+    match answer.get("status") {
+        Some(status) if answer["ok"] == Value::Bool(true) => Ok(status.clone()),
+        _ => Err(ClientError::BadAnswer(line)),
+    }
+}
+
+/// The human form of `status`.
+pub fn format_status(status: &Value) -> String {
+    let field = |name: &str| match &status[name] {
+        Value::Null => "-".to_owned(),
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    };
+    format!(
+        "state:               {}\nidentity:            {}\ncredentials expire:  {}\nlast refresh:        {}\nlast error:          {}\nspool:               {} messages, {} bytes\npublished:           {} ({} republished)\ndropped:             {}\n",
+        field("state"),
+        field("identity_id"),
+        field("credentials_expire_at"),
+        field("last_refresh"),
+        field("last_error"),
+        field("spool_messages"),
+        field("spool_bytes"),
+        field("published_total"),
+        field("republished_total"),
+        field("dropped_total"),
+    )
+}

@@ -1,0 +1,595 @@
+//! The daemon's configuration: a TOML file plus `IOT_COGNITO_RELAY__<SECTION>__<KEY>` overrides.
+//!
+//! Every key has a sound default except the two that name the cloud side. Validation happens
+//! here, once, so the rest of the daemon can trust the values it is handed.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Where the daemon looks for its config when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/iot-cognito-relay/config.toml";
+/// Prefix of environment overrides, e.g. `IOT_COGNITO_RELAY__SOCKET__PATH`.
+pub const ENV_PREFIX: &str = "IOT_COGNITO_RELAY";
+/// IoT Core rejects payloads above 128 KB; a batch must fit in one payload.
+pub const MAX_PAYLOAD_BYTES: u64 = 128 * 1024;
+/// IoT Core accepts keep-alive values between 30 s and 1200 s.
+const KEEP_ALIVE_RANGE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(1200));
+
+/// Why a config could not be used. Every variant names the file or key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Load {
+        path: PathBuf,
+        source: config::ConfigError,
+    },
+    #[error("{path}: {key}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
+}
+
+/// The whole configuration, section by section as in SPEC.md.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub aws: AwsConfig,
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    #[serde(default)]
+    pub socket: SocketConfig,
+    #[serde(default)]
+    pub state: StateConfig,
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    #[serde(default)]
+    pub publish: PublishConfig,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// Defaults to the region prefix of `identity.identity_pool_id`.
+    #[serde(default)]
+    pub region: String,
+    /// For emulators; `AWS_ENDPOINT_URL` and `AWS_ENDPOINT_URL_<SERVICE>` work too.
+    #[serde(default)]
+    pub endpoint_url: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    #[serde(default)]
+    pub identity_pool_id: String,
+    #[serde(default)]
+    pub secret_id: String,
+    /// Set: the classic flow (GetOpenIdToken + AssumeRoleWithWebIdentity); empty: enhanced flow.
+    #[serde(default)]
+    pub unauth_role_arn: String,
+    #[serde(with = "duration", default = "IdentityConfig::default_refresh_margin")]
+    pub refresh_margin: Duration,
+}
+
+impl IdentityConfig {
+    fn default_refresh_margin() -> Duration {
+        Duration::from_secs(5 * 60)
+    }
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            identity_pool_id: String::new(),
+            secret_id: String::new(),
+            unauth_role_arn: String::new(),
+            refresh_margin: Self::default_refresh_margin(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Defaults to the secret's `IoTEndpoint` tag.
+    pub endpoint: String,
+    /// Full URL override, e.g. `wss://127.0.0.1:8443/mqtt`.
+    pub url: String,
+    /// A PEM bundle that replaces the built-in Amazon roots.
+    pub ca_file: String,
+    #[serde(with = "duration")]
+    pub keep_alive: Duration,
+    pub topic_prefix: String,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            endpoint: String::new(),
+            url: String::new(),
+            ca_file: String::new(),
+            keep_alive: Duration::from_secs(30),
+            topic_prefix: "{identity_pool_id}/{identity_id}".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SocketConfig {
+    pub path: PathBuf,
+    /// Octal file mode, as a string so that "0660" keeps its meaning from TOML and env alike.
+    pub mode: String,
+}
+
+impl Default for SocketConfig {
+    fn default() -> Self {
+        SocketConfig {
+            path: "/run/iot-cognito-relay/relay.sock".into(),
+            mode: "0660".into(),
+        }
+    }
+}
+
+impl SocketConfig {
+    /// The validated mode as permission bits.
+    pub fn mode_bits(&self) -> u32 {
+        parse_mode(&self.mode).unwrap_or(0o660)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    pub dir: PathBuf,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            dir: "/var/lib/iot-cognito-relay".into(),
+        }
+    }
+}
+
+/// What the spool does when a new message would exceed `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFull {
+    DropOldest,
+    RejectNew,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    pub max_bytes: ByteSize,
+    pub on_full: OnFull,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            max_bytes: ByteSize(256 * 1024 * 1024),
+            on_full: OnFull::DropOldest,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishConfig {
+    pub max_publishes_per_second: u32,
+    pub max_bytes_per_second: ByteSize,
+    pub max_in_flight: u16,
+}
+
+impl Default for PublishConfig {
+    fn default() -> Self {
+        PublishConfig {
+            max_publishes_per_second: 100,
+            max_bytes_per_second: ByteSize(512 * 1024),
+            max_in_flight: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    pub max_messages: u32,
+    pub max_bytes: ByteSize,
+    #[serde(with = "duration")]
+    pub linger: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_messages: 1,
+            max_bytes: ByteSize(MAX_PAYLOAD_BYTES),
+            linger: Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    #[serde(with = "duration")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` and the environment overrides, then validates the result.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let load_err = |source| ConfigError::Load {
+            path: path.to_owned(),
+            source,
+        };
+        let raw = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__"),
+            )
+            .build()
+            .map_err(load_err)?;
+        let mut config: Config = raw.try_deserialize().map_err(load_err)?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks every rule SPEC.md states and fills the defaults derived from other keys.
+    fn validate(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            reason,
+        };
+        let pool = self.identity.identity_pool_id.trim().to_owned();
+        if pool.is_empty() {
+            return Err(invalid(
+                "identity.identity_pool_id",
+                "is required (stack output CognitoIdentityPoolID)".into(),
+            ));
+        }
+        let Some((pool_region, pool_uuid)) = pool.split_once(':') else {
+            return Err(invalid(
+                "identity.identity_pool_id",
+                format!("{pool:?} is not of the form <region>:<uuid>"),
+            ));
+        };
+        if pool_region.is_empty() || pool_uuid.is_empty() {
+            return Err(invalid(
+                "identity.identity_pool_id",
+                format!("{pool:?} is not of the form <region>:<uuid>"),
+            ));
+        }
+        if self.identity.secret_id.trim().is_empty() {
+            return Err(invalid(
+                "identity.secret_id",
+                "is required (stack output SecretName)".into(),
+            ));
+        }
+        if self.aws.region.is_empty() {
+            self.aws.region = pool_region.to_owned();
+        }
+        let keep_alive = self.mqtt.keep_alive;
+        if keep_alive < KEEP_ALIVE_RANGE.0 || keep_alive > KEEP_ALIVE_RANGE.1 {
+            return Err(invalid(
+                "mqtt.keep_alive",
+                "must be between 30s and 20m (IoT Core's range)".into(),
+            ));
+        }
+        for (key, url) in [
+            ("aws.endpoint_url", &self.aws.endpoint_url),
+            ("mqtt.url", &self.mqtt.url),
+        ] {
+            if !url.is_empty() && !url.contains("://") {
+                return Err(invalid(key, format!("{url:?} is not a URL")));
+            }
+        }
+        let url = &self.mqtt.url;
+        if !(url.is_empty() || url.starts_with("wss://") || url.starts_with("ws://")) {
+            return Err(invalid(
+                "mqtt.url",
+                "must start with wss:// or ws://".into(),
+            ));
+        }
+        if parse_mode(&self.socket.mode).is_none() {
+            return Err(invalid(
+                "socket.mode",
+                format!(
+                    "{:?} is not an octal file mode like \"0660\"",
+                    self.socket.mode
+                ),
+            ));
+        }
+        if self.spool.max_bytes.0 < MAX_PAYLOAD_BYTES {
+            return Err(invalid(
+                "spool.max_bytes",
+                "must hold at least one full-size message (128KiB)".into(),
+            ));
+        }
+        if self.publish.max_in_flight == 0 {
+            return Err(invalid(
+                "publish.max_in_flight",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.batch.max_messages == 0 {
+            return Err(invalid(
+                "batch.max_messages",
+                "must be at least 1 (1 turns batching off)".into(),
+            ));
+        }
+        if self.batch.max_bytes.0 == 0 || self.batch.max_bytes.0 > MAX_PAYLOAD_BYTES {
+            return Err(invalid(
+                "batch.max_bytes",
+                "must be between 1 byte and 128KiB (IoT Core's payload limit)".into(),
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!(
+                    "{:?} is not a level or filter like \"info\"",
+                    self.log.level
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective config as TOML, for `check-config`. Nothing in the config is a secret by
+    /// design; credentials embedded in a URL are masked all the same.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.aws.endpoint_url = redact_url(&shown.aws.endpoint_url);
+        shown.mqtt.url = redact_url(&shown.mqtt.url);
+        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+fn parse_mode(mode: &str) -> Option<u32> {
+    u32::from_str_radix(mode.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|bits| *bits <= 0o777)
+}
+
+/// Masks `user:password@` in a URL.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+/// A size in bytes, written with binary units (`512KiB`, `256MiB`) or as a plain number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let number: u64 = digits
+            .parse()
+            .map_err(|_| format!("{text:?} is not a size like \"512KiB\""))?;
+        let multiplier: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} in {text:?} (use B, KiB, MiB or GiB)"
+                ));
+            }
+        };
+        number
+            .checked_mul(multiplier)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{text:?} is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if self.0 >= size && self.0.is_multiple_of(size) {
+                return write!(f, "{}{unit}", self.0 / size);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(text) => ByteSize::parse(&text).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_string())
+    }
+}
+
+/// Durations as humantime strings (`30s`, `5m`).
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!("{text:?} is not a duration like \"30s\": {e}"))
+        })
+    }
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).expect("write config");
+        Config::load(&path)
+    }
+
+    const MINIMAL: &str = r#"
+[identity]
+identity_pool_id = "eu-west-1:0b7c5a57-6a4f-4a62-9d36-3f1c0e3b6a11"
+secret_id = "eu-west-1_abc_demo-app-user"
+"#;
+
+    #[test]
+    fn minimal_config_gets_spec_defaults() {
+        let config = load(MINIMAL).expect("valid");
+        assert_eq!(config.aws.region, "eu-west-1");
+        assert_eq!(config.identity.refresh_margin, Duration::from_secs(300));
+        assert_eq!(config.mqtt.keep_alive, Duration::from_secs(30));
+        assert_eq!(config.socket.mode_bits(), 0o660);
+        assert_eq!(config.spool.max_bytes, ByteSize(256 << 20));
+        assert_eq!(config.spool.on_full, OnFull::DropOldest);
+        assert_eq!(config.publish.max_publishes_per_second, 100);
+        assert_eq!(config.publish.max_bytes_per_second, ByteSize(512 << 10));
+        assert_eq!(config.batch.max_messages, 1);
+        assert_eq!(config.shutdown.drain_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn missing_required_key_is_named() {
+        let err = load("[identity]\nsecret_id = \"s\"\n").expect_err("must fail");
+        let text = err.to_string();
+        assert!(text.contains("identity.identity_pool_id"), "{text}");
+        assert!(text.contains("config.toml"), "{text}");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_file() {
+        let err =
+            load(&format!("{MINIMAL}\n[mqtt]\nkeepalive = \"30s\"\n")).expect_err("must fail");
+        let text = err.to_string();
+        assert!(text.contains("keepalive"), "{text}");
+        assert!(text.contains("config.toml"), "{text}");
+    }
+
+    #[test]
+    fn unknown_section_is_named() {
+        let err =
+            load(&format!("{MINIMAL}\n[mqqt]\nurl = \"wss://x/mqtt\"\n")).expect_err("must fail");
+        assert!(err.to_string().contains("mqqt"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let err = load(&format!("{MINIMAL}\n[mqtt]\nkeep_alive = \"30 parsecs\"\n"))
+            .expect_err("must fail");
+        let text = err.to_string();
+        assert!(text.contains("keep_alive"), "{text}");
+        assert!(text.contains("30 parsecs"), "{text}");
+    }
+
+    #[test]
+    fn sizes_use_binary_units() {
+        assert_eq!(ByteSize::parse("512KiB"), Ok(ByteSize(524_288)));
+        assert_eq!(ByteSize::parse("256MiB"), Ok(ByteSize(268_435_456)));
+        assert_eq!(ByteSize::parse("0"), Ok(ByteSize(0)));
+        assert!(ByteSize::parse("12 parsecs").is_err());
+        assert!(ByteSize::parse("99999999999999GiB").is_err());
+        assert_eq!(ByteSize(512 << 10).to_string(), "512KiB");
+    }
+
+    #[test]
+    fn keep_alive_outside_iot_range_is_rejected() {
+        let err =
+            load(&format!("{MINIMAL}\n[mqtt]\nkeep_alive = \"5s\"\n")).expect_err("must fail");
+        assert!(err.to_string().contains("mqtt.keep_alive"), "{err}");
+    }
+
+    #[test]
+    fn batch_larger_than_a_payload_is_rejected() {
+        let err =
+            load(&format!("{MINIMAL}\n[batch]\nmax_bytes = \"1MiB\"\n")).expect_err("must fail");
+        assert!(err.to_string().contains("batch.max_bytes"), "{err}");
+    }
+
+    #[test]
+    fn bad_socket_mode_is_rejected() {
+        let err = load(&format!("{MINIMAL}\n[socket]\nmode = \"rw-rw----\"\n")).expect_err("fail");
+        assert!(err.to_string().contains("socket.mode"), "{err}");
+    }
+
+    #[test]
+    fn redacted_output_masks_url_credentials() {
+        let mut config = load(MINIMAL).expect("valid");
+        config.aws.endpoint_url = "http://user:hunter2@127.0.0.1:5000".into();
+        let shown = config.to_redacted_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("***@127.0.0.1:5000"), "{shown}");
+    }
+}

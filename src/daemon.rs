@@ -1,0 +1,138 @@
+//! `run`: wires the tasks together and drains them on shutdown.
+//!
+//! ```text
+//! socket → ingest → spool → publisher → MQTT/WSS → IoT Core
+//!                             ↑
+//!        identity manager (credentials via watch)
+//! ```
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::identity::IdentityManager;
+use crate::ingest::{self, BindError, IngestServer};
+use crate::mqtt::{self, MqttSettings, TlsError};
+use crate::publisher::Publisher;
+use crate::spool::{self, Spool};
+use crate::status::StatusSource;
+use crate::topic::TopicRules;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("state dir {path}: {source}")]
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Spool(#[from] spool::OpenError),
+    #[error(transparent)]
+    Socket(#[from] BindError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// Runs the daemon until `shutdown` resolves, then drains for up to `shutdown.drain_timeout`.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    prepare_state_dir(&config.state.dir)?;
+    let spool = Spool::open(
+        &config.state.dir,
+        config.spool.max_bytes.0,
+        config.spool.on_full,
+    )?;
+    let tls = mqtt::tls_config(&config.mqtt.ca_file)?;
+    let listener = ingest::bind(&config.socket.path, config.socket.mode_bits()).await?;
+
+    let base = crate::aws::base_config(&config.aws.region, &config.aws.endpoint_url).await;
+    let (identity, identity_watch) =
+        IdentityManager::new(base, config.identity.clone(), config.state.dir.clone());
+    let rules = Arc::new(TopicRules::new(
+        &config.mqtt.topic_prefix,
+        &config.identity.identity_pool_id,
+        &config.aws.region,
+    ));
+    let settings = MqttSettings {
+        config: config.mqtt.clone(),
+        region: config.aws.region.clone(),
+        tls,
+        max_in_flight: config.publish.max_in_flight,
+    };
+    let (publisher, link, counters) = Publisher::new(
+        spool.clone(),
+        identity_watch.sessions.clone(),
+        settings,
+        rules.clone(),
+    );
+    let (stopping_tx, stopping) = watch::channel(false);
+    let status = StatusSource {
+        link,
+        stopping: stopping.clone(),
+        identity: identity_watch,
+        spool: spool.stats(),
+        counters,
+    };
+    let server = IngestServer {
+        listener,
+        spool: spool.clone(),
+        rules,
+        status: status.clone(),
+        stopping: stopping.clone(),
+    };
+
+    let stats = *spool.stats().borrow();
+    tracing::info!(
+        socket = %config.socket.path.display(),
+        spool_messages = stats.messages,
+        identity_id = identity.cached_identity_id().as_deref().unwrap_or("(none yet)"),
+        "ready"
+    );
+    let identity_task = tokio::spawn(identity.run());
+    let ingest_task = tokio::spawn(server.run());
+    let mut publisher_task = tokio::spawn(publisher.run(stopping));
+
+    tokio::select! {
+        _ = shutdown => {}
+        result = &mut publisher_task => {
+            tracing::error!(?result, "publisher stopped unexpectedly");
+        }
+    }
+
+    let _ = stopping_tx.send(true);
+    let pending = spool.stats().borrow().messages;
+    tracing::info!(
+        STATE = "stopping",
+        pending,
+        drain_timeout = %humantime::format_duration(config.shutdown.drain_timeout),
+        "stopping: new messages are refused; delivering what is pending"
+    );
+    if !publisher_task.is_finished()
+        && tokio::time::timeout(config.shutdown.drain_timeout, &mut publisher_task)
+            .await
+            .is_err()
+    {
+        publisher_task.abort();
+    }
+    ingest_task.abort();
+    identity_task.abort();
+    let _ = std::fs::remove_file(&config.socket.path);
+    let left = spool.stats().borrow().messages;
+    tracing::info!(left_in_spool = left, "stopped");
+    Ok(())
+}
+
+/// Creates the state dir (mode 0700): it holds the spool and the identity cache.
+fn prepare_state_dir(dir: &Path) -> Result<(), DaemonError> {
+    let error = |source| DaemonError::StateDir {
+        path: dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(error)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(error)?;
+    Ok(())
+}

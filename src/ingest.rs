@@ -1,0 +1,237 @@
+//! The local interface: a Unix stream socket where apps write one JSON line per message.
+//!
+//! Each client gets a reader (parse, validate, hand to the spool) and a writer for answers.
+//! Answers go through a small queue that drops when full, so a client that never reads its
+//! answers loses them and slows nothing else. The spool's bounded queue is the backpressure:
+//! when it is behind, the readers stop reading.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::protocol::{ErrorCode, MAX_LINE_BYTES, Rejection, Request, ok_line, parse_line};
+use crate::spool::{AppendError, Spool};
+use crate::status::StatusSource;
+use crate::topic::TopicRules;
+
+/// Answers waiting for a slow client before newer ones are dropped.
+const ANSWER_QUEUE: usize = 1024;
+/// Lines of one client on their way through the spool, in order.
+const PIPELINE: usize = 1024;
+/// Read buffer per client.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// Why the socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("another instance is already listening on {0}")]
+    InUse(PathBuf),
+    #[error("cannot listen on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Binds `path` with `mode`. A socket file left by a crashed run is replaced; one that still
+/// answers belongs to a running instance and is left alone.
+pub async fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
+    let io = |source| BindError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(BindError::InUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    Ok(listener)
+}
+
+/// Serves the socket until the daemon stops.
+pub struct IngestServer {
+    pub listener: UnixListener,
+    pub spool: Spool,
+    pub rules: Arc<TopicRules>,
+    pub status: StatusSource,
+    pub stopping: watch::Receiver<bool>,
+}
+
+impl IngestServer {
+    pub async fn run(self) {
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, _)) => {
+                    let client = Client {
+                        spool: self.spool.clone(),
+                        rules: self.rules.clone(),
+                        status: self.status.clone(),
+                        stopping: self.stopping.clone(),
+                    };
+                    tokio::spawn(client.serve(stream));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// One step of a client's answer pipeline, kept in line order.
+enum Pending {
+    /// An answer known at once (status, rejection).
+    Ready(String),
+    /// A message on its way into the spool; answered once it is durable (or refused).
+    Stored {
+        id: Option<Value>,
+        done: oneshot::Receiver<Result<(), AppendError>>,
+    },
+}
+
+struct Client {
+    spool: Spool,
+    rules: Arc<TopicRules>,
+    status: StatusSource,
+    stopping: watch::Receiver<bool>,
+}
+
+impl Client {
+    async fn serve(self, stream: UnixStream) {
+        let (read_half, mut write_half) = stream.into_split();
+        let (answers, mut answer_queue) = mpsc::channel::<String>(ANSWER_QUEUE);
+        let writer = tokio::spawn(async move {
+            while let Some(line) = answer_queue.recv().await {
+                if write_half.write_all(line.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let (pipeline, mut pending) = mpsc::channel::<Pending>(PIPELINE);
+        let acker = tokio::spawn(async move {
+            while let Some(step) = pending.recv().await {
+                let answer = match step {
+                    Pending::Ready(line) => Some(line),
+                    Pending::Stored { id, done } => {
+                        match done.await.unwrap_or(Err(AppendError::Closed)) {
+                            Ok(()) => id.as_ref().map(ok_line),
+                            Err(error) => Some(refusal(id, &error).to_line()),
+                        }
+                    }
+                };
+                if let Some(answer) = answer {
+                    // Full queue: the client is not reading; it loses this answer, nothing else.
+                    let _ = answers.try_send(answer);
+                }
+            }
+        });
+        self.read_lines(read_half, &pipeline).await;
+        drop(pipeline);
+        let _ = acker.await;
+        let _ = writer.await;
+    }
+
+    /// Reads lines of at most `MAX_LINE_BYTES`; a longer line is answered and skipped.
+    async fn read_lines(
+        &self,
+        read_half: tokio::net::unix::OwnedReadHalf,
+        pipeline: &mpsc::Sender<Pending>,
+    ) {
+        let mut reader = BufReader::with_capacity(READ_BUFFER, read_half);
+        let mut line = Vec::new();
+        let mut skipping = false;
+        loop {
+            let buffer = match reader.fill_buf().await {
+                Ok(buffer) => buffer,
+                Err(_) => return,
+            };
+            if buffer.is_empty() {
+                // End of stream: a last line without newline still counts.
+                if !skipping && !line.is_empty() {
+                    self.handle_line(&line, pipeline).await;
+                }
+                return;
+            }
+            let (chunk, complete) = match buffer.iter().position(|b| *b == b'\n') {
+                Some(end) => (&buffer[..end], true),
+                None => (buffer, false),
+            };
+            let used = chunk.len() + usize::from(complete);
+            if !skipping {
+                if line.len() + chunk.len() > MAX_LINE_BYTES {
+                    skipping = true;
+                    line.clear();
+                    let message = format!("line exceeds {MAX_LINE_BYTES} bytes; skipped");
+                    let rejection = Rejection::new(None, ErrorCode::LineTooLong, message);
+                    if pipeline
+                        .send(Pending::Ready(rejection.to_line()))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                } else {
+                    line.extend_from_slice(chunk);
+                }
+            }
+            reader.consume(used);
+            if complete {
+                if !skipping {
+                    self.handle_line(&line, pipeline).await;
+                }
+                line.clear();
+                skipping = false;
+            }
+        }
+    }
+
+    async fn handle_line(&self, line: &[u8], pipeline: &mpsc::Sender<Pending>) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        let step = match parse_line(line, &self.rules) {
+            Ok(Request::Status { id }) => {
+                let mut answer = serde_json::json!({"ok": true, "status": self.status.snapshot()});
+                if let Some(id) = id {
+                    answer["id"] = id;
+                }
+                Pending::Ready(format!("{answer}\n"))
+            }
+            Ok(Request::Publish { id, .. }) if *self.stopping.borrow() => {
+                let rejection = Rejection::new(
+                    id,
+                    ErrorCode::ShuttingDown,
+                    "the daemon is stopping; send again later",
+                );
+                Pending::Ready(rejection.to_line())
+            }
+            Ok(Request::Publish { id, message }) => match self.spool.submit(message).await {
+                Ok(done) => Pending::Stored { id, done },
+                Err(error) => Pending::Ready(refusal(id, &error).to_line()),
+            },
+            Err(rejection) => Pending::Ready(rejection.to_line()),
+        };
+        let _ = pipeline.send(step).await;
+    }
+}
+
+fn refusal(id: Option<Value>, error: &AppendError) -> Rejection {
+    let code = match error {
+        AppendError::Closed => ErrorCode::ShuttingDown,
+        AppendError::Full(_) | AppendError::Storage(_) => ErrorCode::SpoolFull,
+    };
+    Rejection::new(id, code, error.to_string())
+}

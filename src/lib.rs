@@ -1,0 +1,23 @@
+//! iot-cognito-relay: relays what local apps write to a Unix socket into AWS IoT Core, using
+//! only Cognito identities. See SPEC.md for the contract and README.md for the tour.
+
+pub mod aws;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod identity;
+pub mod ingest;
+pub mod logging;
+pub mod mqtt;
+pub mod protocol;
+pub mod publisher;
+pub mod retry;
+pub mod secret;
+pub mod signer;
+pub mod spool;
+pub mod stack;
+pub mod status;
+pub mod topic;
+
+pub use config::Config;
+pub use daemon::run;

@@ -1,0 +1,158 @@
+//! The command line: parses arguments and dispatches into the library.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use iot_cognito_relay::{client, config, daemon, logging, stack};
+
+/// Relays local sensor data to AWS IoT Core using only Cognito identities.
+#[derive(Parser)]
+#[command(name = "iot-cognito-relay", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground (systemd runs this).
+    Run {
+        #[arg(long, default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Publish PAYLOAD, or one message per stdin line, through the daemon; waits for the acks.
+    Send {
+        #[arg(long, default_value = "/run/iot-cognito-relay/relay.sock")]
+        socket: PathBuf,
+        /// Relative topic; the daemon adds <identity_pool_id>/<identity_id>/.
+        #[arg(long)]
+        topic: String,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+        qos: u8,
+        /// JSON (published compact) or plain text; omit to read one message per stdin line.
+        payload: Option<String>,
+    },
+    /// Show the daemon's state and counters.
+    Status {
+        #[arg(long, default_value = "/run/iot-cognito-relay/relay.sock")]
+        socket: PathBuf,
+        /// Print the raw JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the config and print the effective values.
+    CheckConfig {
+        #[arg(long, default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Turn `aws cloudformation describe-stacks` JSON into a config.toml on stdout.
+    ConfigFromStack { file: PathBuf },
+}
+
+/// Exit codes of SPEC.md.
+const EXIT_FAILURE: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => run(&config),
+        Command::CheckConfig { config } => match config::Config::load(&config) {
+            Ok(config) => {
+                print!("{}", config.to_redacted_toml());
+                ExitCode::SUCCESS
+            }
+            Err(error) => fail(EXIT_USAGE, error),
+        },
+        Command::ConfigFromStack { file } => {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(text) => text,
+                Err(error) => return fail(EXIT_USAGE, format!("{}: {error}", file.display())),
+            };
+            match stack::config_from_stack(&text) {
+                Ok(config) => {
+                    print!("{config}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => fail(EXIT_USAGE, format!("{}: {error}", file.display())),
+            }
+        }
+        Command::Send {
+            socket,
+            topic,
+            qos,
+            payload,
+        } => {
+            let payloads = match &payload {
+                Some(text) => client::Payloads::One(text),
+                None => {
+                    if std::io::stdin().is_terminal() {
+                        eprintln!("reading one message per line from stdin (Ctrl-D ends)");
+                    }
+                    client::Payloads::Lines(Box::new(std::io::BufReader::new(std::io::stdin())))
+                }
+            };
+            match client::send(&socket, &topic, qos, payloads) {
+                Ok(0) => ExitCode::SUCCESS,
+                Ok(refused) => fail(EXIT_FAILURE, format!("{refused} message(s) refused")),
+                Err(error) => fail(EXIT_FAILURE, error),
+            }
+        }
+        Command::Status { socket, json } => match client::status(&socket) {
+            Ok(status) if json => {
+                println!("{status}");
+                ExitCode::SUCCESS
+            }
+            Ok(status) => {
+                print!("{}", client::format_status(&status));
+                ExitCode::SUCCESS
+            }
+            Err(error) => fail(EXIT_FAILURE, error),
+        },
+    }
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let config = match config::Config::load(path) {
+        Ok(config) => config,
+        Err(error) => return fail(EXIT_USAGE, error),
+    };
+    logging::init(&config.log.level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(EXIT_FAILURE, format!("cannot start the runtime: {error}")),
+    };
+    match runtime.block_on(daemon::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "cannot start");
+            fail(EXIT_FAILURE, error)
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the daemon can still be killed; it just cannot drain.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn fail(code: u8, error: impl std::fmt::Display) -> ExitCode {
+    eprintln!("iot-cognito-relay: {error}");
+    ExitCode::from(code)
+}

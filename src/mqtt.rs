@@ -1,0 +1,161 @@
+//! One MQTT-over-WebSockets connection to IoT Core, signed with the current credentials.
+//!
+//! rumqttc reconnects on its own and without backoff, and signs only once; so each connection
+//! here is a fresh client and event loop, built with a freshly presigned URL, and dropped on the
+//! first error. The publisher decides when to try again.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, TlsConfiguration, Transport};
+use rustls::ClientConfig;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::MqttConfig;
+use crate::identity::Session;
+use crate::protocol::MAX_PAYLOAD_BYTES;
+use crate::signer::{SignError, presign};
+use crate::topic::MAX_TOPIC_BYTES;
+
+/// Room for the fixed header, topic and packet id around the largest payload IoT Core accepts.
+const MAX_PACKET_BYTES: usize = MAX_PAYLOAD_BYTES + MAX_TOPIC_BYTES + 64;
+
+/// Why TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read CA bundle {path}: {reason}")]
+    CaFile { path: String, reason: String },
+    #[error("CA bundle {0} holds no certificate")]
+    EmptyCaFile(String),
+    #[error("TLS setup failed: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The TLS client config: the built-in Amazon roots, or the operator's PEM bundle instead.
+pub fn tls_config(ca_file: &str) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    if ca_file.is_empty() {
+        roots.extend(
+            webpki_roots::TLS_SERVER_ROOTS
+                .iter()
+                .filter(|anchor| is_amazon_root(anchor.subject.as_ref()))
+                .cloned(),
+        );
+    } else {
+        let read_error = |reason: String| TlsError::CaFile {
+            path: ca_file.to_owned(),
+            reason,
+        };
+        for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| read_error(e.to_string()))? {
+            let cert = cert.map_err(|e| read_error(e.to_string()))?;
+            roots.add(cert).map_err(|e| read_error(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(TlsError::EmptyCaFile(ca_file.to_owned()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// IoT Core's ATS endpoints chain to the Amazon roots (and, cross-signed, to Starfield's).
+fn is_amazon_root(subject_der: &[u8]) -> bool {
+    [b"Amazon Root CA".as_slice(), b"Starfield Services Root"]
+        .iter()
+        .any(|name| {
+            subject_der
+                .windows(name.len())
+                .any(|window| window == *name)
+        })
+}
+
+/// What every connection is built from.
+#[derive(Clone)]
+pub struct MqttSettings {
+    pub config: MqttConfig,
+    pub region: String,
+    pub tls: Arc<ClientConfig>,
+    pub max_in_flight: u16,
+}
+
+impl MqttSettings {
+    /// `mqtt.url`, else `wss://<mqtt.endpoint or the secret's IoTEndpoint>/mqtt`.
+    pub fn broker_url(&self, session: &Session) -> String {
+        if !self.config.url.is_empty() {
+            return self.config.url.clone();
+        }
+        let endpoint = if self.config.endpoint.is_empty() {
+            &session.iot_endpoint
+        } else {
+            &self.config.endpoint
+        };
+        format!("wss://{endpoint}/mqtt")
+    }
+}
+
+/// A live connection attempt: the client to publish with and the events of its event loop.
+pub struct Connection {
+    pub client: AsyncClient,
+    pub events: mpsc::UnboundedReceiver<Result<Event, ConnectionError>>,
+    pump: JoinHandle<()>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
+}
+
+/// Starts connecting as `session.identity_id`, signed with `session.credentials` now.
+pub fn connect(settings: &MqttSettings, session: &Session) -> Result<Connection, SignError> {
+    let url = presign(
+        &settings.broker_url(session),
+        &settings.region,
+        &session.credentials,
+        SystemTime::now(),
+    )?;
+    let mut options = MqttOptions::new(session.identity_id.clone(), url, 443);
+    let transport = if settings.config.url.starts_with("ws://") {
+        Transport::Ws
+    } else {
+        Transport::Wss(TlsConfiguration::Rustls(settings.tls.clone()))
+    };
+    options
+        .set_transport(transport)
+        .set_keep_alive(settings.config.keep_alive)
+        // Unacknowledged messages live in the spool and are republished by the publisher.
+        .set_clean_session(true)
+        .set_inflight(settings.max_in_flight)
+        .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+    // The publisher never has more than max_in_flight requests outstanding, so this never fills.
+    let capacity = usize::from(settings.max_in_flight) + 8;
+    let (client, mut event_loop) = AsyncClient::new(options, capacity);
+    event_loop
+        .network_options
+        .set_connection_timeout(CONNECT_TIMEOUT.as_secs());
+    let (sender, events) = mpsc::unbounded_channel();
+    let pump = tokio::spawn(async move {
+        loop {
+            let event = event_loop.poll().await;
+            let failed = event.is_err();
+            if sender.send(event).is_err() || failed {
+                break;
+            }
+        }
+    });
+    Ok(Connection {
+        client,
+        events,
+        pump,
+    })
+}
+
+/// TCP + TLS + websocket upgrade must finish within this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,389 @@
+//! The socket protocol: one JSON object per line in, one JSON answer per line out.
+//!
+//! Parsing is pure (no I/O) so the fuzzer and the unit tests drive it directly.
+
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::topic::TopicRules;
+
+/// Longest line the daemon reads; longer lines are answered `line_too_long` and skipped.
+pub const MAX_LINE_BYTES: usize = 256 * 1024;
+/// Largest payload IoT Core accepts.
+pub const MAX_PAYLOAD_BYTES: usize = 128 * 1024;
+
+/// Delivery guarantee a message asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos {
+    AtMostOnce,
+    AtLeastOnce,
+}
+
+impl Qos {
+    pub fn as_u8(self) -> u8 {
+        match self {
+            Qos::AtMostOnce => 0,
+            Qos::AtLeastOnce => 1,
+        }
+    }
+
+    pub fn from_u8(value: u8) -> Option<Qos> {
+        match value {
+            0 => Some(Qos::AtMostOnce),
+            1 => Some(Qos::AtLeastOnce),
+            _ => None,
+        }
+    }
+}
+
+/// A validated message, ready for the spool. `topic` is relative; the prefix is added at publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: Qos,
+}
+
+/// What a line asks for.
+#[derive(Debug, PartialEq)]
+pub enum Request {
+    Publish { id: Option<Value>, message: Message },
+    Status { id: Option<Value> },
+}
+
+/// The error codes of SPEC.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    InvalidJson,
+    MissingField,
+    InvalidTopic,
+    PayloadTooLarge,
+    LineTooLong,
+    InvalidQos,
+    SpoolFull,
+    ShuttingDown,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::MissingField => "missing_field",
+            ErrorCode::InvalidTopic => "invalid_topic",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::LineTooLong => "line_too_long",
+            ErrorCode::InvalidQos => "invalid_qos",
+            ErrorCode::SpoolFull => "spool_full",
+            ErrorCode::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// A refused line: the code, a human message, and the request id when one could be read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub id: Option<Value>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn new(id: Option<Value>, code: ErrorCode, message: impl Into<String>) -> Rejection {
+        Rejection {
+            id,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The answer line, newline included.
+    pub fn to_line(&self) -> String {
+        let mut answer = serde_json::Map::new();
+        if let Some(id) = &self.id {
+            answer.insert("id".into(), id.clone());
+        }
+        answer.insert("ok".into(), Value::Bool(false));
+        answer.insert("error".into(), self.code.as_str().into());
+        answer.insert("message".into(), self.message.clone().into());
+        format!("{}\n", Value::Object(answer))
+    }
+}
+
+/// `{"id":…,"ok":true}`, newline included.
+pub fn ok_line(id: &Value) -> String {
+    format!("{}\n", serde_json::json!({"id": id, "ok": true}))
+}
+
+/// The fields a line may carry, kept raw so each gets its own precise error code.
+#[derive(Deserialize)]
+struct RawLine<'a> {
+    #[serde(borrow, default)]
+    op: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    topic: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    payload_base64: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    qos: Option<&'a RawValue>,
+}
+
+/// Parses and validates one line (without its newline).
+pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection> {
+    let invalid_json = |message: String| Rejection::new(None, ErrorCode::InvalidJson, message);
+    let first = line.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(invalid_json("expected one JSON object per line".into()));
+    }
+    let raw: RawLine<'_> =
+        serde_json::from_slice(line).map_err(|e| invalid_json(format!("not valid JSON: {e}")))?;
+
+    let id = match raw.id {
+        None => None,
+        Some(raw_id) => match serde_json::from_str::<Value>(raw_id.get()) {
+            Ok(id @ (Value::String(_) | Value::Number(_))) => Some(id),
+            Ok(Value::Null) => None,
+            _ => return Err(invalid_json("id must be a string or a number".into())),
+        },
+    };
+    let reject = |code, message: &str| Rejection::new(id.clone(), code, message);
+
+    match raw.op.map(|op| serde_json::from_str::<String>(op.get())) {
+        None => {}
+        Some(Ok(op)) if op == "publish" => {}
+        Some(Ok(op)) if op == "status" => return Ok(Request::Status { id }),
+        Some(_) => {
+            return Err(reject(
+                ErrorCode::InvalidJson,
+                "op must be \"publish\" or \"status\"",
+            ));
+        }
+    }
+
+    let topic = match raw.topic {
+        None => return Err(reject(ErrorCode::MissingField, "topic is required")),
+        Some(topic) => serde_json::from_str::<String>(topic.get())
+            .map_err(|_| reject(ErrorCode::InvalidTopic, "topic must be a string"))?,
+    };
+    rules
+        .validate(&topic)
+        .map_err(|e| reject(ErrorCode::InvalidTopic, &e.to_string()))?;
+
+    let payload = match (raw.payload, raw.payload_base64) {
+        (Some(_), Some(_)) => {
+            return Err(reject(
+                ErrorCode::InvalidJson,
+                "give either payload or payload_base64, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(reject(
+                ErrorCode::MissingField,
+                "payload (or payload_base64) is required",
+            ));
+        }
+        (Some(payload), None) => match serde_json::from_str::<String>(payload.get()) {
+            Ok(text) => text.into_bytes(),
+            Err(_) => compact_json(payload.get()),
+        },
+        (None, Some(encoded)) => {
+            let text = serde_json::from_str::<String>(encoded.get())
+                .map_err(|_| reject(ErrorCode::InvalidJson, "payload_base64 must be a string"))?;
+            if text.len() / 4 * 3 > MAX_PAYLOAD_BYTES + 3 {
+                return Err(reject(
+                    ErrorCode::PayloadTooLarge,
+                    &too_large(text.len() / 4 * 3),
+                ));
+            }
+            base64::engine::general_purpose::STANDARD
+                .decode(text.as_bytes())
+                .map_err(|e| reject(ErrorCode::InvalidJson, &format!("payload_base64: {e}")))?
+        }
+    };
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(reject(
+            ErrorCode::PayloadTooLarge,
+            &too_large(payload.len()),
+        ));
+    }
+
+    let qos = match raw.qos {
+        None => Qos::AtLeastOnce,
+        Some(qos) => serde_json::from_str::<u8>(qos.get())
+            .ok()
+            .and_then(Qos::from_u8)
+            .ok_or_else(|| reject(ErrorCode::InvalidQos, "qos must be 0 or 1"))?,
+    };
+
+    Ok(Request::Publish {
+        id,
+        message: Message {
+            topic,
+            payload,
+            qos,
+        },
+    })
+}
+
+fn too_large(len: usize) -> String {
+    format!("payload is {len} bytes; IoT Core allows {MAX_PAYLOAD_BYTES}")
+}
+
+/// Removes insignificant whitespace from valid JSON text, keeping everything else byte for byte
+/// (key order, number spelling), which a round trip through `Value` would not.
+fn compact_json(text: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in text.as_bytes() {
+        if in_string {
+            out.push(byte);
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+            }
+        } else if byte == b'"' {
+            in_string = true;
+            out.push(byte);
+        } else if !byte.is_ascii_whitespace() {
+            out.push(byte);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> TopicRules {
+        TopicRules::new(
+            "{identity_pool_id}/{identity_id}",
+            "us-east-1:0b7c5a57-6a4f-4a62-9d36-3f1c0e3b6a11",
+            "us-east-1",
+        )
+    }
+
+    fn parse(line: &str) -> Result<Request, Rejection> {
+        parse_line(line.as_bytes(), &rules())
+    }
+
+    fn code(line: &str) -> ErrorCode {
+        parse(line).expect_err("must be rejected").code
+    }
+
+    #[test]
+    fn spec_example_is_a_qos1_publish() {
+        let request =
+            parse(r#"{"topic": "sensors/temp", "payload": {"c": 21.5}, "id": "r1", "qos": 1}"#);
+        assert_eq!(
+            request,
+            Ok(Request::Publish {
+                id: Some("r1".into()),
+                message: Message {
+                    topic: "sensors/temp".into(),
+                    payload: br#"{"c":21.5}"#.to_vec(),
+                    qos: Qos::AtLeastOnce,
+                },
+            })
+        );
+    }
+
+    #[test]
+    fn string_payload_is_published_raw_and_json_compacted_faithfully() {
+        let Ok(Request::Publish { message, .. }) = parse(r#"{"topic":"t","payload":"21.5 C"}"#)
+        else {
+            panic!("expected publish")
+        };
+        assert_eq!(message.payload, b"21.5 C");
+        let Ok(Request::Publish { message, .. }) =
+            parse(r#"{"topic":"t","payload":{ "z" : 1.10, "a": "x y\" z" }}"#)
+        else {
+            panic!("expected publish")
+        };
+        assert_eq!(message.payload, br#"{"z":1.10,"a":"x y\" z"}"#);
+    }
+
+    #[test]
+    fn base64_payload_carries_binary() {
+        let Ok(Request::Publish { message, .. }) =
+            parse(r#"{"topic":"t","payload_base64":"AAEC/w==","qos":0}"#)
+        else {
+            panic!("expected publish")
+        };
+        assert_eq!(message.payload, vec![0, 1, 2, 255]);
+        assert_eq!(message.qos, Qos::AtMostOnce);
+    }
+
+    #[test]
+    fn each_error_code_has_its_cause() {
+        assert_eq!(code("not json"), ErrorCode::InvalidJson);
+        assert_eq!(code("[1,2]"), ErrorCode::InvalidJson);
+        assert_eq!(code(r#"{"topic":"t""#), ErrorCode::InvalidJson);
+        assert_eq!(code(r#"{"payload":1}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"topic":"t"}"#), ErrorCode::MissingField);
+        assert_eq!(
+            code(r#"{"topic":"a/#","payload":1}"#),
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(code(r#"{"topic":7,"payload":1}"#), ErrorCode::InvalidTopic);
+        assert_eq!(
+            code(r#"{"topic":"t","payload":1,"qos":2}"#),
+            ErrorCode::InvalidQos
+        );
+        assert_eq!(
+            code(r#"{"topic":"t","payload":1,"qos":"1"}"#),
+            ErrorCode::InvalidQos
+        );
+        assert_eq!(
+            code(r#"{"topic":"t","payload_base64":"!!"}"#),
+            ErrorCode::InvalidJson
+        );
+        let big = format!(
+            r#"{{"topic":"t","payload":"{}"}}"#,
+            "x".repeat(MAX_PAYLOAD_BYTES + 1)
+        );
+        assert_eq!(code(&big), ErrorCode::PayloadTooLarge);
+        let exact = format!(
+            r#"{{"topic":"t","payload":"{}"}}"#,
+            "x".repeat(MAX_PAYLOAD_BYTES)
+        );
+        assert!(parse(&exact).is_ok());
+    }
+
+    #[test]
+    fn rejection_keeps_the_id() {
+        let rejection = parse(r#"{"id":7,"topic":"$x","payload":1}"#).expect_err("rejected");
+        assert_eq!(rejection.id, Some(7.into()));
+        let answer: Value = serde_json::from_str(&rejection.to_line()).expect("json");
+        assert_eq!(answer["id"], 7);
+        assert_eq!(answer["ok"], false);
+        assert_eq!(answer["error"], "invalid_topic");
+    }
+
+    #[test]
+    fn status_op_is_recognised() {
+        assert_eq!(
+            parse(r#"{"op":"status"}"#),
+            Ok(Request::Status { id: None })
+        );
+        assert_eq!(code(r#"{"op":"reboot"}"#), ErrorCode::InvalidJson);
+    }
+
+    #[test]
+    fn invalid_utf8_is_invalid_json() {
+        let line = b"{\"topic\":\"t\",\"payload\":\"\xff\xfe\"}";
+        assert_eq!(
+            parse_line(line, &rules()).expect_err("rejected").code,
+            ErrorCode::InvalidJson
+        );
+    }
+}

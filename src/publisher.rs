@@ -1,0 +1,319 @@
+//! The publisher: moves messages from the spool to IoT Core, in order, and removes each one
+//! only after the broker acknowledged it.
+//!
+//! Every connection starts from the oldest message still in the spool: rumqttc forgets unacked
+//! publishes when the broker reports no session, so republishing is ours to do (duplicates are
+//! allowed, loss is not).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{ConnectReturnCode, Event, Outgoing, Packet, QoS};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::identity::Session;
+use crate::mqtt::{self, MqttSettings};
+use crate::protocol::Qos;
+use crate::retry::Backoff;
+use crate::spool::Spool;
+use crate::status::LinkState;
+use crate::topic::TopicRules;
+
+/// Never sign a connect with credentials that expire sooner than this.
+const MIN_SIGNING_VALIDITY: Duration = Duration::from_secs(30);
+/// SigV4 websocket connections are cut after 24 hours; reconnect cleanly before that.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(23 * 3600);
+/// A planned reconnect waits at most this long for in-flight publishes to be acknowledged.
+const RENEW_GRACE: Duration = Duration::from_secs(10);
+/// Reconnect delays: at least 1 s (IoT Core allows one connect per second per client id).
+const RECONNECT_FLOOR: Duration = Duration::from_secs(1);
+const RECONNECT_CAP: Duration = Duration::from_secs(60);
+/// How long a clean disconnect may take.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Delivery counters for `status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PublishCounters {
+    pub published_total: u64,
+    pub republished_total: u64,
+}
+
+/// How one connection ended.
+enum Ended {
+    /// Shutdown: the spool is empty and nothing is in flight.
+    Drained,
+    /// A planned reconnect (fresh credentials, or the 24-hour limit).
+    Renew,
+    /// The connection failed or could not be made.
+    Failed(String),
+}
+
+/// See the module docs.
+pub struct Publisher {
+    spool: Spool,
+    sessions: watch::Receiver<Option<Arc<Session>>>,
+    settings: MqttSettings,
+    rules: Arc<TopicRules>,
+    link: watch::Sender<LinkState>,
+    counters: watch::Sender<PublishCounters>,
+    /// Highest spool id ever handed to a connection; ids at or below it are republishes.
+    highest_sent: i64,
+}
+
+impl Publisher {
+    pub fn new(
+        spool: Spool,
+        sessions: watch::Receiver<Option<Arc<Session>>>,
+        settings: MqttSettings,
+        rules: Arc<TopicRules>,
+    ) -> (
+        Publisher,
+        watch::Receiver<LinkState>,
+        watch::Receiver<PublishCounters>,
+    ) {
+        let (link, link_rx) = watch::channel(LinkState::Starting);
+        let (counters, counters_rx) = watch::channel(PublishCounters::default());
+        let publisher = Publisher {
+            spool,
+            sessions,
+            settings,
+            rules,
+            link,
+            counters,
+            highest_sent: 0,
+        };
+        (publisher, link_rx, counters_rx)
+    }
+
+    /// Publishes until `stopping` turns true and everything is delivered; the caller bounds
+    /// the drain with a timeout.
+    pub async fn run(mut self, mut stopping: watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(RECONNECT_FLOOR, RECONNECT_CAP, RECONNECT_FLOOR);
+        loop {
+            if *stopping.borrow() && self.spool.stats().borrow().messages == 0 {
+                return;
+            }
+            let session = self.wait_for_session().await;
+            self.link.send_replace(LinkState::Connecting);
+            let started = Instant::now();
+            match self.run_connection(&session, &mut stopping).await {
+                Ended::Drained => return,
+                Ended::Renew => {
+                    backoff.reset();
+                    // Keep to one connect per second per client id.
+                    tokio::time::sleep_until(started + RECONNECT_FLOOR).await;
+                }
+                Ended::Failed(error) => {
+                    if started.elapsed() > RECONNECT_CAP {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        IDENTITY_ID = %session.identity_id,
+                        %error,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "MQTT connection lost"
+                    );
+                    self.link.send_replace(LinkState::Backoff);
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// The latest session whose credentials are still good for signing.
+    async fn wait_for_session(&mut self) -> Arc<Session> {
+        loop {
+            if let Some(session) = self.sessions.borrow_and_update().clone()
+                && session.credentials.valid_for(MIN_SIGNING_VALIDITY)
+            {
+                return session;
+            }
+            if self.sessions.changed().await.is_err() {
+                // The identity manager is gone; the daemon is shutting down.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    async fn run_connection(
+        &mut self,
+        session: &Session,
+        stopping: &mut watch::Receiver<bool>,
+    ) -> Ended {
+        let mut connection = match mqtt::connect(&self.settings, session) {
+            Ok(connection) => connection,
+            Err(error) => return Ended::Failed(error.to_string()),
+        };
+        let max_in_flight = usize::from(self.settings.max_in_flight);
+        let mut spool_stats = self.spool.stats();
+        let mut renew_by: Option<Instant> = None;
+        let age_limit = tokio::time::sleep(MAX_CONNECTION_AGE);
+        tokio::pin!(age_limit);
+        let mut window = Window::default();
+        let mut cursor = 0i64;
+
+        loop {
+            let outstanding = window.outstanding();
+            if window.connected && renew_by.is_none() && outstanding < max_in_flight {
+                let batch = self
+                    .spool
+                    .read_after(cursor, max_in_flight - outstanding)
+                    .await;
+                for stored in batch {
+                    let topic = self
+                        .rules
+                        .full_topic(&session.identity_id, &stored.message.topic);
+                    let qos = match stored.message.qos {
+                        Qos::AtMostOnce => QoS::AtMostOnce,
+                        Qos::AtLeastOnce => QoS::AtLeastOnce,
+                    };
+                    if let Err(error) =
+                        connection
+                            .client
+                            .try_publish(topic, qos, false, stored.message.payload)
+                    {
+                        return Ended::Failed(format!("publish queue: {error}"));
+                    }
+                    if stored.id <= self.highest_sent {
+                        self.counters.send_modify(|c| c.republished_total += 1);
+                    }
+                    self.highest_sent = self.highest_sent.max(stored.id);
+                    cursor = stored.id;
+                    window.unassigned.push_back((stored.id, stored.message.qos));
+                }
+            }
+            if window.outstanding() == 0 && window.connected {
+                if *stopping.borrow() && self.spool.stats().borrow().messages == 0 {
+                    close(connection).await;
+                    return Ended::Drained;
+                }
+                if renew_by.is_some() {
+                    close(connection).await;
+                    return Ended::Renew;
+                }
+            }
+            let renew_deadline = renew_by.unwrap_or_else(|| Instant::now() + MAX_CONNECTION_AGE);
+
+            tokio::select! {
+                event = connection.events.recv() => {
+                    let mut next = event;
+                    // Take whatever else is already waiting before touching the spool again.
+                    loop {
+                        match next {
+                            Some(Ok(event)) => {
+                                if let Err(ended) = window.on_event(event, session, &self.link) {
+                                    return ended;
+                                }
+                            }
+                            Some(Err(error)) => return Ended::Failed(error.to_string()),
+                            None => return Ended::Failed("event loop stopped".into()),
+                        }
+                        match connection.events.try_recv() {
+                            Ok(event) => next = Some(event),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                changed = spool_stats.changed(), if window.connected && renew_by.is_none() => {
+                    if changed.is_err() {
+                        return Ended::Failed("spool closed".into());
+                    }
+                }
+                changed = stopping.changed() => {
+                    if changed.is_err() {
+                        return Ended::Drained;
+                    }
+                }
+                changed = self.sessions.changed(), if renew_by.is_none() => {
+                    if changed.is_ok() {
+                        tracing::info!("credentials refreshed; reconnecting with them once in-flight messages are acknowledged");
+                        renew_by = Some(Instant::now() + RENEW_GRACE);
+                    }
+                }
+                _ = &mut age_limit, if renew_by.is_none() => {
+                    tracing::info!("connection nears the 24-hour limit; reconnecting");
+                    renew_by = Some(Instant::now() + RENEW_GRACE);
+                }
+                _ = tokio::time::sleep_until(renew_deadline), if renew_by.is_some() => {
+                    close(connection).await;
+                    return Ended::Renew;
+                }
+            }
+            if !window.delivered.is_empty() {
+                let count = window.delivered.len() as u64;
+                self.spool
+                    .remove(std::mem::take(&mut window.delivered))
+                    .await;
+                self.counters.send_modify(|c| c.published_total += count);
+            }
+        }
+    }
+}
+
+/// What one connection has sent and not yet seen acknowledged.
+#[derive(Default)]
+struct Window {
+    connected: bool,
+    /// Published, waiting for rumqttc to assign a packet id (it does so in request order).
+    unassigned: VecDeque<(i64, Qos)>,
+    /// Packet id → spool id, waiting for PUBACK.
+    in_flight: HashMap<u16, i64>,
+    /// Spool ids the broker has (QoS 1) or that went out (QoS 0): to remove from the spool.
+    delivered: Vec<i64>,
+}
+
+impl Window {
+    fn outstanding(&self) -> usize {
+        self.unassigned.len() + self.in_flight.len()
+    }
+
+    fn on_event(
+        &mut self,
+        event: Event,
+        session: &Session,
+        link: &watch::Sender<LinkState>,
+    ) -> Result<(), Ended> {
+        match event {
+            Event::Incoming(Packet::ConnAck(ack)) => {
+                if ack.code != ConnectReturnCode::Success {
+                    return Err(Ended::Failed(format!(
+                        "broker refused the connection: {:?}",
+                        ack.code
+                    )));
+                }
+                self.connected = true;
+                link.send_replace(LinkState::Connected);
+                tracing::info!(IDENTITY_ID = %session.identity_id, STATE = "connected", "connected to the broker");
+            }
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                if let Some((id, qos)) = self.unassigned.pop_front() {
+                    match qos {
+                        Qos::AtMostOnce => self.delivered.push(id),
+                        Qos::AtLeastOnce => {
+                            self.in_flight.insert(pkid, id);
+                        }
+                    }
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some(id) = self.in_flight.remove(&ack.pkid) {
+                    self.delivered.push(id);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Sends DISCONNECT and gives the event loop a moment to put it on the wire.
+async fn close(mut connection: mqtt::Connection) {
+    let _ = connection.client.try_disconnect();
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while let Some(Ok(_)) = connection.events.recv().await {}
+    })
+    .await;
+}

@@ -1,0 +1,507 @@
+//! The durable spool: every message answered `ok` is in here until the broker acknowledged it.
+//!
+//! SQLite in WAL mode, owned by one thread. Appends arriving together share one transaction and
+//! one fsync (group commit); their senders are told only after that commit, which is what makes
+//! an `ok` answer a promise. The publisher reads in id order and removes after PUBACK.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::OnFull;
+use crate::protocol::{Message, Qos};
+
+/// File name of the spool inside the state dir.
+pub const SPOOL_FILE: &str = "spool.db";
+/// Most appends committed in one transaction.
+const MAX_GROUP_COMMIT: usize = 4096;
+/// Commands waiting for the spool thread; a full queue makes writers wait (backpressure).
+const COMMAND_QUEUE: usize = 8192;
+
+/// Why an append was not accepted.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum AppendError {
+    #[error("spool is full ({0} bytes)")]
+    Full(u64),
+    #[error("spool storage failed: {0}")]
+    Storage(String),
+    #[error("spool is closed")]
+    Closed,
+}
+
+/// Why the spool could not be opened at all.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open spool {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot move corrupt spool {path} aside: {source}")]
+    MoveAside {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the spool thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A message as stored, with the id that orders it.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    pub id: i64,
+    pub message: Message,
+}
+
+/// Counters the spool publishes after every change, for the publisher and `status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpoolStats {
+    pub messages: u64,
+    pub bytes: u64,
+    pub dropped_total: u64,
+    /// Highest id ever appended; the publisher wakes when it moves.
+    pub last_id: i64,
+}
+
+enum Command {
+    Append {
+        message: Message,
+        done: oneshot::Sender<Result<(), AppendError>>,
+    },
+    ReadAfter {
+        after: i64,
+        limit: usize,
+        reply: oneshot::Sender<Vec<StoredMessage>>,
+    },
+    Remove {
+        ids: Vec<i64>,
+    },
+}
+
+/// A cheap, cloneable handle to the spool thread.
+#[derive(Clone)]
+pub struct Spool {
+    commands: mpsc::Sender<Command>,
+    stats: watch::Receiver<SpoolStats>,
+}
+
+impl Spool {
+    /// Opens (or creates) the spool in `dir`. A corrupt file is moved aside, never fatal.
+    pub fn open(dir: &Path, max_bytes: u64, on_full: OnFull) -> Result<Spool, OpenError> {
+        let path = dir.join(SPOOL_FILE);
+        let store = match Store::open(&path, max_bytes, on_full) {
+            Ok(store) => store,
+            Err(OpenError::Sqlite { source, .. }) if is_corruption(&source) => {
+                let aside = move_aside(&path)?;
+                tracing::error!(
+                    spool = %path.display(),
+                    moved_to = %aside.display(),
+                    error = %source,
+                    "spool file is corrupt; moved it aside and started a fresh one"
+                );
+                Store::open(&path, max_bytes, on_full)?
+            }
+            Err(other) => return Err(other),
+        };
+        let (stats_tx, stats) = watch::channel(store.stats);
+        let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
+        std::thread::Builder::new()
+            .name("spool".into())
+            .spawn(move || store.serve(receiver, stats_tx))
+            .map_err(OpenError::Thread)?;
+        Ok(Spool { commands, stats })
+    }
+
+    /// Queues `message`; waits while the spool is behind (backpressure). The returned receiver
+    /// resolves once the message is durable or refused.
+    pub async fn submit(
+        &self,
+        message: Message,
+    ) -> Result<oneshot::Receiver<Result<(), AppendError>>, AppendError> {
+        let (done, receiver) = oneshot::channel();
+        self.commands
+            .send(Command::Append { message, done })
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        Ok(receiver)
+    }
+
+    /// Appends and waits until the message is durable.
+    pub async fn append(&self, message: Message) -> Result<(), AppendError> {
+        self.submit(message)
+            .await?
+            .await
+            .unwrap_or(Err(AppendError::Closed))
+    }
+
+    /// Up to `limit` messages with an id above `after`, oldest first.
+    pub async fn read_after(&self, after: i64, limit: usize) -> Vec<StoredMessage> {
+        let (reply, receiver) = oneshot::channel();
+        let command = Command::ReadAfter {
+            after,
+            limit,
+            reply,
+        };
+        if self.commands.send(command).await.is_err() {
+            return Vec::new();
+        }
+        receiver.await.unwrap_or_default()
+    }
+
+    /// Forgets delivered messages. Ids already dropped are ignored.
+    pub async fn remove(&self, ids: Vec<i64>) {
+        if !ids.is_empty() {
+            let _ = self.commands.send(Command::Remove { ids }).await;
+        }
+    }
+
+    /// Counters after the latest change.
+    pub fn stats(&self) -> watch::Receiver<SpoolStats> {
+        self.stats.clone()
+    }
+}
+
+fn is_corruption(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_error_code(),
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+    ) || matches!(error, rusqlite::Error::QueryReturnedNoRows)
+}
+
+fn move_aside(path: &Path) -> Result<PathBuf, OpenError> {
+    let stamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let aside = path.with_extension(format!("db.corrupt-{stamp}"));
+    std::fs::rename(path, &aside).map_err(|source| OpenError::MoveAside {
+        path: path.to_owned(),
+        source,
+    })?;
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(side));
+    }
+    Ok(aside)
+}
+
+/// The SQLite side, owned by the spool thread.
+struct Store {
+    db: Connection,
+    max_bytes: u64,
+    on_full: OnFull,
+    stats: SpoolStats,
+}
+
+impl Store {
+    fn open(path: &Path, max_bytes: u64, on_full: OnFull) -> Result<Store, OpenError> {
+        let sqlite = |source| OpenError::Sqlite {
+            path: path.to_owned(),
+            source,
+        };
+        let db = Connection::open(path).map_err(sqlite)?;
+        let check: String = db
+            .query_row("PRAGMA quick_check", [], |row| row.get(0))
+            .map_err(sqlite)?;
+        if check != "ok" {
+            return Err(sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+                Some(check),
+            )));
+        }
+        db.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sqlite)?;
+        // FULL: a committed append survives power loss, which is what `ok` promises.
+        db.pragma_update(None, "synchronous", "FULL")
+            .map_err(sqlite)?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS messages (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 topic TEXT NOT NULL,
+                 payload BLOB NOT NULL,
+                 qos INTEGER NOT NULL,
+                 size INTEGER NOT NULL
+             );",
+        )
+        .map_err(sqlite)?;
+        let (messages, bytes): (i64, i64) = db
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(sqlite)?;
+        let last_id: i64 = db
+            .query_row(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'messages'",
+                [],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(sqlite)?
+            .unwrap_or(0);
+        Ok(Store {
+            db,
+            max_bytes,
+            on_full,
+            stats: SpoolStats {
+                messages: messages.unsigned_abs(),
+                bytes: bytes.unsigned_abs(),
+                dropped_total: 0,
+                last_id,
+            },
+        })
+    }
+
+    fn serve(mut self, mut commands: mpsc::Receiver<Command>, stats: watch::Sender<SpoolStats>) {
+        let mut next = commands.blocking_recv();
+        while let Some(command) = next.take() {
+            match command {
+                Command::Append { message, done } => {
+                    let mut batch = vec![(message, done)];
+                    while batch.len() < MAX_GROUP_COMMIT {
+                        match commands.try_recv() {
+                            Ok(Command::Append { message, done }) => batch.push((message, done)),
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.append_batch(batch, &stats);
+                }
+                Command::ReadAfter {
+                    after,
+                    limit,
+                    reply,
+                } => {
+                    let _ = reply.send(self.read_after(after, limit));
+                }
+                Command::Remove { ids } => {
+                    self.remove(&ids);
+                    self.publish_stats(&stats);
+                }
+            }
+            if next.is_none() {
+                next = commands.blocking_recv();
+            }
+        }
+    }
+
+    /// Counters go out before any answer, so a writer that got `ok` sees its message counted.
+    fn publish_stats(&self, stats: &watch::Sender<SpoolStats>) {
+        stats.send_if_modified(|current| {
+            let changed = *current != self.stats;
+            *current = self.stats;
+            changed
+        });
+    }
+
+    fn append_batch(
+        &mut self,
+        batch: Vec<(Message, oneshot::Sender<Result<(), AppendError>>)>,
+        stats: &watch::Sender<SpoolStats>,
+    ) {
+        let before = self.stats;
+        let outcome = self.try_append_batch(&batch);
+        let results = match outcome {
+            Ok(results) => results,
+            Err(error) => {
+                self.stats = before;
+                let refusal = if error.sqlite_error_code() == Some(ErrorCode::DiskFull) {
+                    tracing::warn!("disk is full; refusing new messages until space is free");
+                    AppendError::Full(self.stats.bytes)
+                } else {
+                    tracing::error!(%error, "spool write failed");
+                    AppendError::Storage(error.to_string())
+                };
+                vec![Err(refusal); batch.len()]
+            }
+        };
+        let dropped = self.stats.dropped_total - before.dropped_total;
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                dropped_total = self.stats.dropped_total,
+                "spool full: dropped the oldest messages to make room"
+            );
+        }
+        self.publish_stats(stats);
+        for ((_, done), result) in batch.into_iter().zip(results) {
+            let _ = done.send(result);
+        }
+    }
+
+    fn try_append_batch(
+        &mut self,
+        batch: &[(Message, oneshot::Sender<Result<(), AppendError>>)],
+    ) -> rusqlite::Result<Vec<Result<(), AppendError>>> {
+        let tx = self.db.transaction()?;
+        let mut results = Vec::with_capacity(batch.len());
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO messages (topic, payload, qos, size) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            let mut oldest = tx.prepare_cached(
+                "DELETE FROM messages WHERE id = (SELECT MIN(id) FROM messages) RETURNING size",
+            )?;
+            for (message, _) in batch {
+                let size = (message.topic.len() + message.payload.len()) as u64;
+                if self.stats.bytes + size > self.max_bytes {
+                    if self.on_full == OnFull::RejectNew {
+                        results.push(Err(AppendError::Full(self.max_bytes)));
+                        continue;
+                    }
+                    while self.stats.bytes + size > self.max_bytes {
+                        let Some(freed) = oldest
+                            .query_row([], |row| row.get::<_, i64>(0))
+                            .optional()?
+                        else {
+                            break;
+                        };
+                        self.stats.bytes -= freed.unsigned_abs();
+                        self.stats.messages -= 1;
+                        self.stats.dropped_total += 1;
+                    }
+                }
+                insert.execute(params![
+                    message.topic,
+                    message.payload,
+                    message.qos.as_u8(),
+                    size as i64
+                ])?;
+                self.stats.bytes += size;
+                self.stats.messages += 1;
+                self.stats.last_id = tx.last_insert_rowid();
+                results.push(Ok(()));
+            }
+        }
+        tx.commit()?;
+        Ok(results)
+    }
+
+    fn read_after(&mut self, after: i64, limit: usize) -> Vec<StoredMessage> {
+        let result = (|| -> rusqlite::Result<Vec<StoredMessage>> {
+            let mut select = self.db.prepare_cached(
+                "SELECT id, topic, payload, qos FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = select.query_map(params![after, limit as i64], |row| {
+                Ok(StoredMessage {
+                    id: row.get(0)?,
+                    message: Message {
+                        topic: row.get(1)?,
+                        payload: row.get(2)?,
+                        qos: Qos::from_u8(row.get(3)?).unwrap_or(Qos::AtLeastOnce),
+                    },
+                })
+            })?;
+            rows.collect()
+        })();
+        result.unwrap_or_else(|error| {
+            tracing::error!(%error, "spool read failed");
+            Vec::new()
+        })
+    }
+
+    fn remove(&mut self, ids: &[i64]) {
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = self.db.transaction()?;
+            {
+                let mut delete =
+                    tx.prepare_cached("DELETE FROM messages WHERE id = ?1 RETURNING size")?;
+                for id in ids {
+                    if let Some(size) = delete
+                        .query_row([id], |row| row.get::<_, i64>(0))
+                        .optional()?
+                    {
+                        self.stats.bytes -= size.unsigned_abs();
+                        self.stats.messages -= 1;
+                    }
+                }
+            }
+            tx.commit()
+        })();
+        if let Err(error) = result {
+            // The messages stay and are sent again later: a duplicate, never a loss.
+            tracing::error!(%error, "spool delete failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(topic: &str, payload: &[u8]) -> Message {
+        Message {
+            topic: topic.into(),
+            payload: payload.to_vec(),
+            qos: Qos::AtLeastOnce,
+        }
+    }
+
+    #[tokio::test]
+    async fn appended_messages_survive_reopen_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("open");
+            for i in 0..10 {
+                spool
+                    .append(message("t", format!("{i}").as_bytes()))
+                    .await
+                    .expect("append");
+            }
+        }
+        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("reopen");
+        let stored = spool.read_after(0, 100).await;
+        let payloads: Vec<_> = stored.iter().map(|m| m.message.payload.clone()).collect();
+        let expected: Vec<_> = (0..10).map(|i| format!("{i}").into_bytes()).collect();
+        assert_eq!(payloads, expected);
+        spool
+            .remove(stored.iter().take(4).map(|m| m.id).collect())
+            .await;
+        let rest = spool.read_after(0, 100).await;
+        assert_eq!(rest.len(), 6);
+        assert_eq!(spool.stats().borrow().messages, 6);
+    }
+
+    #[tokio::test]
+    async fn reject_new_refuses_and_drop_oldest_counts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reject = Spool::open(dir.path(), 100, OnFull::RejectNew).expect("open");
+        assert_eq!(reject.append(message("t", &[0; 60])).await, Ok(()));
+        assert_eq!(
+            reject.append(message("t", &[0; 60])).await,
+            Err(AppendError::Full(100))
+        );
+        drop(reject);
+
+        let other = tempfile::tempdir().expect("tempdir");
+        let drop_oldest = Spool::open(other.path(), 100, OnFull::DropOldest).expect("open");
+        for i in 0..5u8 {
+            assert_eq!(drop_oldest.append(message("t", &[i; 40])).await, Ok(()));
+        }
+        let stats = *drop_oldest.stats().borrow();
+        assert_eq!(stats.messages, 2);
+        assert_eq!(stats.dropped_total, 3);
+        let kept = drop_oldest.read_after(0, 10).await;
+        assert_eq!(kept[0].message.payload, vec![3; 40]);
+    }
+
+    #[tokio::test]
+    async fn corrupt_file_is_moved_aside() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(SPOOL_FILE), vec![0x5a; 8192]).expect("write garbage");
+        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("open anyway");
+        spool.append(message("t", b"x")).await.expect("append");
+        let aside = std::fs::read_dir(dir.path())
+            .expect("list")
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().contains("corrupt"));
+        assert!(aside, "the corrupt file must be kept for inspection");
+    }
+}

@@ -1,0 +1,140 @@
+//! `config-from-stack`: turns the outputs of the CloudFormation stack into a config.toml.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+/// Outputs the daemon cannot work without.
+const REQUIRED: [&str; 2] = ["CognitoIdentityPoolID", "SecretName"];
+
+/// Why the stack description could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    #[error("not JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error(
+        "no stack outputs found (expected the JSON of `aws cloudformation describe-stacks` or its Outputs list)"
+    )]
+    NoOutputs,
+    #[error("the stack has {0} stacks; pass one (e.g. describe-stacks --stack-name NAME)")]
+    SeveralStacks(usize),
+    #[error("stack output {0} is missing; is this the iot-cognito-relay stack?")]
+    Missing(&'static str),
+}
+
+/// Reads `describe-stacks` JSON (or just its Outputs list) and renders config.toml.
+pub fn config_from_stack(json: &str) -> Result<String, StackError> {
+    let document: Value = serde_json::from_str(json)?;
+    let (stack_name, outputs) = find_outputs(&document)?;
+    let outputs: HashMap<&str, &str> = outputs
+        .iter()
+        .filter_map(|o| {
+            Some((
+                o.get("OutputKey")?.as_str()?,
+                o.get("OutputValue")?.as_str()?,
+            ))
+        })
+        .collect();
+    for key in REQUIRED {
+        if outputs.get(key).is_none_or(|v| v.is_empty()) {
+            return Err(StackError::Missing(key));
+        }
+    }
+    let get = |key: &str| outputs.get(key).copied().unwrap_or_default().to_owned();
+    let mut aws = toml::Table::new();
+    if !get("Region").is_empty() {
+        aws.insert("region".into(), get("Region").into());
+    }
+    let mut identity = toml::Table::new();
+    identity.insert(
+        "identity_pool_id".into(),
+        get("CognitoIdentityPoolID").into(),
+    );
+    identity.insert("secret_id".into(), get("SecretName").into());
+    if !get("CognitoUnAuthRole").is_empty() {
+        identity.insert("unauth_role_arn".into(), get("CognitoUnAuthRole").into());
+    }
+    let mut root = toml::Table::new();
+    root.insert("aws".into(), aws.into());
+    root.insert("identity".into(), identity.into());
+    if !get("IoTEndpoint").is_empty() {
+        let mut mqtt = toml::Table::new();
+        mqtt.insert("endpoint".into(), get("IoTEndpoint").into());
+        root.insert("mqtt".into(), mqtt.into());
+    }
+    let body = toml::to_string(&root).unwrap_or_default();
+    let origin = stack_name.map(|n| format!(" {n}")).unwrap_or_default();
+    Ok(format!(
+        "# iot-cognito-relay config, generated from the outputs of stack{origin}.\n\
+         # Every other key has a default; see `iot-cognito-relay check-config`.\n\n{body}"
+    ))
+}
+
+fn find_outputs(document: &Value) -> Result<(Option<String>, &Vec<Value>), StackError> {
+    if let Some(stacks) = document.get("Stacks").and_then(Value::as_array) {
+        return match stacks.as_slice() {
+            [stack] => {
+                let outputs = stack
+                    .get("Outputs")
+                    .and_then(Value::as_array)
+                    .ok_or(StackError::NoOutputs)?;
+                let name = stack
+                    .get("StackName")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                Ok((name, outputs))
+            }
+            [] => Err(StackError::NoOutputs),
+            many => Err(StackError::SeveralStacks(many.len())),
+        };
+    }
+    if let Some(outputs) = document.get("Outputs").and_then(Value::as_array) {
+        return Ok((None, outputs));
+    }
+    document
+        .as_array()
+        .map(|o| (None, o))
+        .ok_or(StackError::NoOutputs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = include_str!("../tests/data/describe-stacks.json");
+
+    #[test]
+    fn renders_a_config_the_loader_accepts() {
+        let text = config_from_stack(SAMPLE).expect("config");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, &text).expect("write");
+        let config = crate::config::Config::load(&path).expect("check-config accepts it");
+        assert_eq!(
+            config.identity.secret_id,
+            "us-east-1_AbCdEfGhI_demo-app-user"
+        );
+        assert!(
+            config
+                .identity
+                .unauth_role_arn
+                .ends_with("demo-cognito-unauth-role")
+        );
+        assert_eq!(
+            config.mqtt.endpoint,
+            "a1b2c3d4e5f6g7-ats.iot.us-east-1.amazonaws.com"
+        );
+        assert!(text.starts_with(
+            "# iot-cognito-relay config, generated from the outputs of stack demo-cognito-iot-setup"
+        ));
+    }
+
+    #[test]
+    fn missing_output_is_named() {
+        let outputs = r#"[{"OutputKey":"SecretName","OutputValue":"s"}]"#;
+        let err = config_from_stack(outputs).expect_err("missing pool");
+        assert!(err.to_string().contains("CognitoIdentityPoolID"), "{err}");
+        assert!(config_from_stack("{}").is_err());
+        assert!(config_from_stack("not json").is_err());
+    }
+}

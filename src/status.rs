@@ -1,0 +1,104 @@
+//! The daemon's state and counters, assembled from the tasks' `watch` channels for `status`.
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::identity::IdentityWatch;
+use crate::publisher::PublishCounters;
+use crate::spool::SpoolStats;
+
+/// Where the link to IoT Core stands (SPEC.md's `state`, minus `stopping`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkState {
+    Starting,
+    Connecting,
+    Connected,
+    Backoff,
+}
+
+/// SPEC.md's `state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Starting,
+    Connecting,
+    Connected,
+    Backoff,
+    Stopping,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Connecting => "connecting",
+            State::Connected => "connected",
+            State::Backoff => "backoff",
+            State::Stopping => "stopping",
+        }
+    }
+}
+
+/// The `status` answer. Holds no secret: ids, times and counters only.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub state: State,
+    pub identity_id: Option<String>,
+    pub credentials_expire_at: Option<String>,
+    pub last_refresh: Option<String>,
+    pub last_error: Option<String>,
+    pub spool_messages: u64,
+    pub spool_bytes: u64,
+    pub published_total: u64,
+    pub republished_total: u64,
+    pub dropped_total: u64,
+}
+
+/// Everything `status` reads from; cheap to clone into each client task.
+#[derive(Clone)]
+pub struct StatusSource {
+    pub link: watch::Receiver<LinkState>,
+    pub stopping: watch::Receiver<bool>,
+    pub identity: IdentityWatch,
+    pub spool: watch::Receiver<SpoolStats>,
+    pub counters: watch::Receiver<PublishCounters>,
+}
+
+impl StatusSource {
+    pub fn snapshot(&self) -> Status {
+        let session = self.identity.sessions.borrow().clone();
+        let identity = self.identity.status.borrow().clone();
+        let spool = *self.spool.borrow();
+        let counters = *self.counters.borrow();
+        let state = if *self.stopping.borrow() {
+            State::Stopping
+        } else {
+            match *self.link.borrow() {
+                LinkState::Starting if identity.last_error.is_some() => State::Backoff,
+                LinkState::Starting => State::Starting,
+                LinkState::Connecting => State::Connecting,
+                LinkState::Connected => State::Connected,
+                LinkState::Backoff => State::Backoff,
+            }
+        };
+        Status {
+            state,
+            identity_id: session.as_ref().map(|s| s.identity_id.clone()),
+            credentials_expire_at: session.as_ref().map(|s| rfc3339(s.credentials.expires_at)),
+            last_refresh: identity.last_refresh.map(rfc3339),
+            last_error: identity.last_error,
+            spool_messages: spool.messages,
+            spool_bytes: spool.bytes,
+            published_total: counters.published_total,
+            republished_total: counters.republished_total,
+            dropped_total: spool.dropped_total,
+        }
+    }
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(time).to_string()
+}

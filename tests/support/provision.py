@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""Provision an emulated (moto) account the way cloudformation/cognito.yml does.
+
+The Rust integration harness runs this once per test against its own moto_server and reads
+the JSON it prints. cloudformation/tests/test_drift.py checks the names, tags and policy
+layout used here against the template, so the emulated cloud and the real one cannot drift apart.
+
+Usage: provision.py --endpoint http://127.0.0.1:PORT [--region us-east-1] [--prefix relay-test]
+"""
+import argparse
+import json
+import secrets
+import string
+
+import boto3
+
+PRE_SIGN_UP_EMAIL_DOMAIN = "example.com"
+
+
+def app_user_name(prefix):
+    return f"{prefix}-app-user"
+
+
+def secret_name(user_pool_id, prefix):
+    # Same pattern as the template's user-creation Lambda.
+    return f"{user_pool_id}_{app_user_name(prefix)}"
+
+
+def iot_policy_document(region, account, identity_pool_id):
+    """Each identity may connect as itself and publish under <pool>/<its identity id>/.
+
+    Publish only, as in the template: the relay never subscribes (least privilege).
+    """
+    sub = "${cognito-identity.amazonaws.com:sub}"
+    arn = f"arn:aws:iot:{region}:{account}"
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{arn}:client/{sub}"},
+            {
+                "Effect": "Allow",
+                "Action": "iot:Publish",
+                "Resource": f"{arn}:topic/{identity_pool_id}/{sub}/*",
+            },
+        ],
+    }
+
+
+def random_password():
+    alphabet = string.ascii_letters + string.digits
+    core = "".join(secrets.choice(alphabet) for _ in range(20))
+    return core + "aA1!"
+
+
+def provision(endpoint, region, prefix):
+    session = boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name=region
+    )
+    client = lambda name: session.client(name, endpoint_url=endpoint)  # noqa: E731
+    idp, identity, iam = client("cognito-idp"), client("cognito-identity"), client("iam")
+    iot, sm, sts = client("iot"), client("secretsmanager"), client("sts")
+    account = sts.get_caller_identity()["Account"]
+
+    pool_id = idp.create_user_pool(PoolName=f"{prefix}-user-pool")["UserPool"]["Id"]
+    client_id = idp.create_user_pool_client(
+        UserPoolId=pool_id,
+        ClientName=f"{prefix}-app-client",
+        ExplicitAuthFlows=["ALLOW_USER_PASSWORD_AUTH", "ALLOW_REFRESH_TOKEN_AUTH"],
+    )["UserPoolClient"]["ClientId"]
+    username, password = app_user_name(prefix), random_password()
+    idp.admin_create_user(
+        UserPoolId=pool_id,
+        Username=username,
+        UserAttributes=[{"Name": "email", "Value": f"{username}@{PRE_SIGN_UP_EMAIL_DOMAIN}"}],
+        MessageAction="SUPPRESS",
+    )
+    idp.admin_set_user_password(
+        UserPoolId=pool_id, Username=username, Password=password, Permanent=True
+    )
+
+    identity_pool_id = identity.create_identity_pool(
+        IdentityPoolName=f"{prefix.replace('-', '_')}_identity_pool",
+        AllowUnauthenticatedIdentities=True,
+        CognitoIdentityProviders=[
+            {
+                "ProviderName": f"cognito-idp.{region}.amazonaws.com/{pool_id}",
+                "ClientId": client_id,
+            }
+        ],
+    )["IdentityPoolId"]
+
+    def role(name, amr):
+        trust = {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Principal": {"Federated": "cognito-identity.amazonaws.com"},
+                    "Action": "sts:AssumeRoleWithWebIdentity",
+                    "Condition": {
+                        "StringEquals": {"cognito-identity.amazonaws.com:aud": identity_pool_id},
+                        "ForAnyValue:StringLike": {"cognito-identity.amazonaws.com:amr": amr},
+                    },
+                }
+            ],
+        }
+        return iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))[
+            "Role"
+        ]["Arn"]
+
+    unauth_role_arn = role(f"{prefix}-cognito-unauth-role", "unauthenticated")
+    role(f"{prefix}-cognito-auth-role", "authenticated")
+    # moto does not implement SetIdentityPoolRoles (FIELD-NOTES); roles exist for the classic flow.
+
+    policy_name = f"{prefix}-iot-policy"
+    iot.create_policy(
+        policyName=policy_name,
+        policyDocument=json.dumps(iot_policy_document(region, account, identity_pool_id)),
+    )
+    iot_endpoint = iot.describe_endpoint(endpointType="iot:Data-ATS")["endpointAddress"]
+
+    name = secret_name(pool_id, prefix)
+    sm.create_secret(
+        Name=name,
+        SecretString=json.dumps({username: password}),
+        Tags=[
+            {"Key": "ClientId", "Value": client_id},
+            {"Key": "UserPoolId", "Value": pool_id},
+            {"Key": "IdentityPoolId", "Value": identity_pool_id},
+            {"Key": "IoTEndpoint", "Value": iot_endpoint},
+            {"Key": "IoTPolicy", "Value": policy_name},
+        ],
+    )
+    return {
+        "region": region,
+        "identity_pool_id": identity_pool_id,
+        "secret_id": name,
+        "unauth_role_arn": unauth_role_arn,
+        "user_pool_id": pool_id,
+        "client_id": client_id,
+        "username": username,
+        "password": password,
+        "iot_policy": policy_name,
+        "iot_endpoint": iot_endpoint,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--region", default="us-east-1")
+    parser.add_argument("--prefix", default="relay-test")
+    args = parser.parse_args()
+    print(json.dumps(provision(args.endpoint, args.region, args.prefix)))
+
+
+if __name__ == "__main__":
+    main()
