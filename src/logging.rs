@@ -1,5 +1,7 @@
 //! Log setup: human-readable lines on stderr, level from the config, `RUST_LOG` overrides.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Dependencies that are chatty at info level; `RUST_LOG` can still open them up.
@@ -13,5 +15,6 @@ pub fn init(level: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }

@@ -1,0 +1,673 @@
+//! The emulated cloud for integration tests: moto (AWS) and mosquitto (IoT Core's broker),
+//! provisioned like the CloudFormation template, plus the real daemon binary.
+//!
+//! Every `Cloud` lives in its own network namespace with only loopback up, so the brokers'
+//! listeners (mosquitto's websockets listener binds every interface) are unreachable from
+//! outside, and fixed ports cannot collide between tests. Processes join the namespace through
+//! `ip netns exec`; the test talks to them through Unix sockets (not network-scoped), files and
+//! child processes. Everything is torn down on drop, also when a test panics.
+//!
+//! Needs root (network namespaces), `ip`, `openssl`, mosquitto + mosquitto-clients, and a
+//! Python with moto[server] and boto3 (`.venv`, see README).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const MOTO_PORT: u16 = 5000;
+pub const WSS_PORT: u16 = 8443;
+pub const MQTT_PORT: u16 = 1883;
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+static NAMESPACE_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python that has moto and boto3: `$RELAY_TEST_PYTHON`, else the repo's `.venv`.
+fn python() -> PathBuf {
+    if let Ok(path) = std::env::var("RELAY_TEST_PYTHON") {
+        return path.into();
+    }
+    let venv = repo_root().join(".venv/bin/python3");
+    if venv.exists() {
+        venv
+    } else {
+        "python3".into()
+    }
+}
+
+fn moto_server() -> PathBuf {
+    let sibling = python().with_file_name("moto_server");
+    if sibling.exists() {
+        sibling
+    } else {
+        "moto_server".into()
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Process {
+    pub name: &'static str,
+    child: Option<Child>,
+}
+
+impl Process {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn signal(&self, signal: i32) {
+        if self.pid() > 0 {
+            unsafe { libc::kill(self.pid(), signal) };
+        }
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A named network namespace with loopback up, deleted on drop.
+pub struct Namespace {
+    pub name: String,
+}
+
+impl Namespace {
+    fn create() -> Namespace {
+        let name = format!(
+            "icr-test-{}-{}",
+            std::process::id(),
+            NAMESPACE_COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        let namespace = Namespace { name };
+        run_ok(Command::new("ip").args(["-n", &namespace.name, "link", "set", "lo", "up"]));
+        namespace
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name]).arg(program);
+        command
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn run_ok(command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What provision.py created in moto.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Account {
+    pub region: String,
+    pub identity_pool_id: String,
+    pub secret_id: String,
+    pub unauth_role_arn: String,
+    pub user_pool_id: String,
+    pub client_id: String,
+    pub username: String,
+    pub password: String,
+    pub iot_policy: String,
+    pub iot_endpoint: String,
+}
+
+/// moto + mosquitto in a private namespace, with a provisioned account.
+pub struct Cloud {
+    pub dir: tempfile::TempDir,
+    pub account: Account,
+    pub ca_file: PathBuf,
+    broker: Option<Process>,
+    moto: Process,
+    // Dropped last: the processes above must be gone before the namespace is deleted.
+    pub namespace: Namespace,
+}
+
+impl Cloud {
+    pub fn start() -> Cloud {
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "integration tests need root for network namespaces (run `make test` as root)"
+        );
+        let namespace = Namespace::create();
+        let dir = tempfile::tempdir().expect("tempdir");
+        make_certificates(dir.path());
+        let moto_log = std::fs::File::create(dir.path().join("moto.log")).expect("moto log");
+        let moto = Process {
+            name: "moto_server",
+            child: Some(
+                namespace
+                    .command(moto_server())
+                    .args(["-H", "127.0.0.1", "-p", &MOTO_PORT.to_string()])
+                    .stdout(moto_log.try_clone().expect("log"))
+                    .stderr(moto_log)
+                    .spawn()
+                    .expect("start moto_server (is the .venv set up? see README)"),
+            ),
+        };
+        let mut cloud = Cloud {
+            ca_file: dir.path().join("ca.crt"),
+            account: Account {
+                region: String::new(),
+                identity_pool_id: String::new(),
+                secret_id: String::new(),
+                unauth_role_arn: String::new(),
+                user_pool_id: String::new(),
+                client_id: String::new(),
+                username: String::new(),
+                password: String::new(),
+                iot_policy: String::new(),
+                iot_endpoint: String::new(),
+            },
+            dir,
+            broker: None,
+            moto,
+            namespace,
+        };
+        cloud.start_broker();
+        cloud.account = cloud.provision();
+        cloud
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{MOTO_PORT}")
+    }
+
+    /// Runs a Python snippet in the namespace with boto3 pointed at moto; returns stdout.
+    pub fn python(&self, code: &str) -> String {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let output = self
+                .namespace
+                .command(python())
+                .args(["-c", code])
+                .env("AWS_ENDPOINT_URL", self.endpoint())
+                .env("AWS_ACCESS_KEY_ID", "testing")
+                .env("AWS_SECRET_ACCESS_KEY", "testing")
+                .env("AWS_DEFAULT_REGION", "us-east-1")
+                .output()
+                .expect("run python");
+            if output.status.success() {
+                return String::from_utf8_lossy(&output.stdout).into_owned();
+            }
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            // moto may still be starting.
+            if stderr.contains("Could not connect") && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            panic!("python failed: {stderr}");
+        }
+    }
+
+    fn provision(&self) -> Account {
+        let script = repo_root().join("tests/support/provision.py");
+        let code = format!(
+            "import json, sys; sys.path.insert(0, {dir:?}); import provision; \
+             print(json.dumps(provision.provision({endpoint:?}, 'us-east-1', 'relay-test')))",
+            dir = script.parent().expect("dir").display().to_string(),
+            endpoint = self.endpoint(),
+        );
+        serde_json::from_str(self.python(&code).trim()).expect("provision output")
+    }
+
+    /// Starts (or restarts) mosquitto and waits until both listeners are up.
+    pub fn start_broker(&mut self) {
+        let dir = self.dir.path();
+        let log = dir.join("mosquitto.log");
+        let config = format!(
+            "per_listener_settings false\nallow_anonymous true\nuser root\npersistence false\n\
+             log_dest file {log}\nlog_type all\nconnection_messages true\n\
+             listener {MQTT_PORT} 127.0.0.1\nprotocol mqtt\n\
+             listener {WSS_PORT} 127.0.0.1\nprotocol websockets\nwebsockets_headers_size 8192\n\
+             cafile {dir}/ca.crt\ncertfile {dir}/server.crt\nkeyfile {dir}/server.key\n",
+            log = log.display(),
+            dir = dir.display(),
+        );
+        std::fs::write(dir.join("mosquitto.conf"), config).expect("broker config");
+        let before = std::fs::read_to_string(&log).map(|t| t.len()).unwrap_or(0);
+        let broker = Process {
+            name: "mosquitto",
+            child: Some(
+                self.namespace
+                    .command("mosquitto")
+                    .arg("-c")
+                    .arg(dir.join("mosquitto.conf"))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start mosquitto"),
+            ),
+        };
+        self.broker = Some(broker);
+        wait_for("mosquitto to start", START_TIMEOUT, || {
+            std::fs::read_to_string(&log)
+                .map(|t| t.get(before..).unwrap_or("").contains(" running"))
+                .unwrap_or(false)
+        });
+    }
+
+    /// SIGKILLs the broker (an outage).
+    pub fn kill_broker(&mut self) {
+        if let Some(mut broker) = self.broker.take() {
+            broker.kill();
+        }
+    }
+
+    pub fn broker_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// A subscriber to every topic on the plain listener, ready when this returns.
+    pub fn subscribe(&self) -> Subscriber {
+        let mut child = self
+            .namespace
+            .command("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &MQTT_PORT.to_string()])
+            .args([
+                "-t",
+                "#",
+                "-q",
+                "1",
+                "-F",
+                "%j",
+                "-i",
+                "relay-test-subscriber",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto_sub");
+        let stdout = child.stdout.take().expect("stdout");
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(message) = serde_json::from_str::<Value>(&line) {
+                    if sender.send(message).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut subscriber = Subscriber {
+            _process: Process {
+                name: "mosquitto_sub",
+                child: Some(child),
+            },
+            lines,
+        };
+        // Ready once a probe published after it started comes back.
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            run_ok(self.namespace.command("mosquitto_pub").args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &MQTT_PORT.to_string(),
+                "-t",
+                "relay-test/probe",
+                "-m",
+                "probe",
+            ]));
+            if subscriber
+                .next_message(Duration::from_millis(500))
+                .is_some_and(|m| m.topic == "relay-test/probe")
+            {
+                return subscriber;
+            }
+            assert!(Instant::now() < deadline, "subscriber never became ready");
+        }
+    }
+
+    /// A config for a daemon in `dir`. `classic` chooses the onboarding flow.
+    pub fn config(&self, dir: &Path, classic: bool, extra: &str) -> PathBuf {
+        let unauth = if classic {
+            format!("unauth_role_arn = {:?}\n", self.account.unauth_role_arn)
+        } else {
+            String::new()
+        };
+        let text = format!(
+            "[aws]\nendpoint_url = {endpoint:?}\n\n\
+             [identity]\nidentity_pool_id = {pool:?}\nsecret_id = {secret:?}\n{unauth}\n\
+             [mqtt]\nurl = \"wss://127.0.0.1:{WSS_PORT}/mqtt\"\nca_file = {ca:?}\n\n\
+             [socket]\npath = {socket:?}\n\n[state]\ndir = {state:?}\n\n\
+             [log]\nlevel = \"debug\"\n{extra}",
+            endpoint = self.endpoint(),
+            pool = self.account.identity_pool_id,
+            secret = self.account.secret_id,
+            ca = self.ca_file.display().to_string(),
+            socket = dir.join("relay.sock").display().to_string(),
+            state = dir.join("state").display().to_string(),
+        );
+        let path = dir.join("config.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    /// Starts the real daemon in the namespace and waits until its socket answers.
+    pub fn start_daemon(&self, config: &Path) -> Daemon {
+        let dir = config.parent().expect("config dir").to_owned();
+        let log_path = dir.join(format!(
+            "daemon-{}.log",
+            NAMESPACE_COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        let log = std::fs::File::create(&log_path).expect("daemon log");
+        let mut command = self
+            .namespace
+            .command(env!("CARGO_BIN_EXE_iot-cognito-relay"));
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", &dir)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        let process = Process {
+            name: "iot-cognito-relay",
+            child: Some(command.spawn().expect("start daemon")),
+        };
+        let mut daemon = Daemon {
+            process,
+            socket: dir.join("relay.sock"),
+            state_dir: dir.join("state"),
+            log: log_path,
+        };
+        let socket = daemon.socket.clone();
+        let deadline = Instant::now() + START_TIMEOUT;
+        while UnixStream::connect(&socket).is_err() {
+            assert!(
+                daemon.process.is_running(),
+                "daemon exited at start:\n{}",
+                daemon.log_text()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "daemon socket never appeared:\n{}",
+                daemon.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        daemon
+    }
+}
+
+/// Messages as the broker delivered them.
+pub struct Subscriber {
+    _process: Process,
+    lines: mpsc::Receiver<Value>,
+}
+
+/// One message the subscriber received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub payload: String,
+}
+
+impl Subscriber {
+    pub fn next_message(&mut self, timeout: Duration) -> Option<Received> {
+        let value = self.lines.recv_timeout(timeout).ok()?;
+        Some(Received {
+            topic: value["topic"].as_str().unwrap_or_default().to_owned(),
+            payload: match &value["payload"] {
+                Value::String(text) => text.clone(),
+                other => other.to_string(),
+            },
+        })
+    }
+
+    /// Collects messages until `done` says so or `timeout` passes.
+    pub fn collect_until(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(&[Received]) -> bool,
+    ) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        let mut received = Vec::new();
+        while !done(&received) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if let Some(message) = self.next_message(left.min(Duration::from_millis(200))) {
+                if message.topic != "relay-test/probe" {
+                    received.push(message);
+                }
+            }
+        }
+        received
+    }
+}
+
+/// The daemon under test.
+pub struct Daemon {
+    pub process: Process,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(&self.socket)
+    }
+
+    /// The `status` object.
+    pub fn status(&self) -> Value {
+        let mut client = self.connect();
+        client.send_line(r#"{"op":"status"}"#);
+        let answer = client
+            .read_answer(Duration::from_secs(5))
+            .expect("status answer");
+        answer["status"].clone()
+    }
+
+    /// Waits until `status` satisfies `check`.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status();
+            if check(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last status {status}\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.process.signal(libc::SIGTERM);
+        self.process
+            .wait_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("daemon did not stop:\n{}", self.log_text()))
+    }
+}
+
+/// A local app on the daemon's socket.
+pub struct Client {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Client {
+        let stream = UnixStream::connect(path).expect("connect to daemon socket");
+        let reader = BufReader::new(stream.try_clone().expect("clone"));
+        Client { stream, reader }
+    }
+
+    pub fn send_line(&mut self, line: &str) {
+        self.stream.write_all(line.as_bytes()).expect("write");
+        self.stream.write_all(b"\n").expect("write");
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    pub fn read_answer(&mut self, timeout: Duration) -> Option<Value> {
+        self.stream
+            .set_read_timeout(Some(timeout))
+            .expect("timeout");
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => serde_json::from_str(&line).ok(),
+        }
+    }
+
+    pub fn read_to_end(mut self) -> String {
+        let mut text = String::new();
+        let _ = self.reader.read_to_string(&mut text);
+        text
+    }
+}
+
+/// A test CA and a server certificate for 127.0.0.1 / localhost.
+fn make_certificates(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run_ok(
+        Command::new("openssl")
+            .current_dir(dir)
+            .args(["req", "-x509"])
+            .args(ec)
+            .args([
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=relay-test-ca",
+            ])
+            .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+            .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]),
+    );
+    run_ok(
+        Command::new("openssl")
+            .current_dir(dir)
+            .arg("req")
+            .args(ec)
+            .args([
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ]),
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext");
+    run_ok(Command::new("openssl").current_dir(dir).args([
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ]));
+}
