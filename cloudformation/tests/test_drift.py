@@ -1,0 +1,197 @@
+"""tests/support/provision.py (the Rust tests' emulated cloud) against the template.
+
+provision.py runs through its CLI, exactly as the Rust harness runs it, against a moto server on
+127.0.0.1. What it made is read back and compared with the template evaluated for the same
+prefix, region, account and ids; the template's own user-setup Lambda then runs against the
+same server so the secrets both produce can be compared field by field.
+"""
+import json
+import socket
+import subprocess
+import sys
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+import cfn
+from helpers import CIDRS, FakeContext, cfn_event
+
+REGION, PREFIX = "us-east-1", "drift-check"
+# The JSON the Rust harness reads: this test keeps it stable.
+PROVISION_KEYS = {"region", "identity_pool_id", "secret_id", "unauth_role_arn", "user_pool_id",
+                  "client_id", "username", "password", "iot_policy", "iot_endpoint"}
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def clients(moto_endpoint):
+    def make(name):
+        return boto3.client(name, region_name=REGION, endpoint_url=moto_endpoint,
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+    return make
+
+
+@pytest.fixture(scope="module")
+def provisioned(moto_endpoint, clients):
+    result = subprocess.run(
+        [sys.executable, str(cfn.PROVISION_PATH), "--endpoint", moto_endpoint, "--region", REGION,
+         "--prefix", PREFIX],
+        capture_output=True, text=True, timeout=120, check=True,
+        env={"PATH": "/usr/bin:/bin", "AWS_CONFIG_FILE": "/dev/null",
+             "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"},
+    )
+    output = json.loads(result.stdout)
+    account = clients("sts").get_caller_identity()["Account"]
+    return output, account
+
+
+def template_for(template, provision_module, output, account):
+    """The template evaluated with provision.py's ids and values."""
+    parameters = {"Prefix": PREFIX, "AllowedEmailDomain": provision_module.PRE_SIGN_UP_EMAIL_DOMAIN,
+                  "DeviceCidrs": ",".join(CIDRS)}
+    refs = {"CognitoUserPool": output["user_pool_id"],
+            "CognitoUserPoolClient": output["client_id"],
+            "CognitoIdentityPool": output["identity_pool_id"]}
+    return cfn.Stack(template, parameters, region=REGION, account=account, refs=refs)
+
+
+def test_provision_cli_output_is_unchanged(provisioned):
+    output, _ = provisioned
+    assert set(output) == PROVISION_KEYS
+    assert output["region"] == REGION
+
+
+def test_names_match_the_template(template, provision, provisioned, clients):
+    output, account = provisioned
+    stack = template_for(template, provision, output, account)
+    idp, identity = clients("cognito-idp"), clients("cognito-identity")
+
+    pool = idp.describe_user_pool(UserPoolId=output["user_pool_id"])["UserPool"]
+    assert pool["Name"] == stack.properties("CognitoUserPool")["UserPoolName"]
+    client = idp.describe_user_pool_client(UserPoolId=output["user_pool_id"],
+                                           ClientId=output["client_id"])["UserPoolClient"]
+    template_client = stack.properties("CognitoUserPoolClient")
+    assert client["ClientName"] == template_client["ClientName"]
+    assert set(client["ExplicitAuthFlows"]) == set(template_client["ExplicitAuthFlows"])
+    assert not client.get("ClientSecret")
+
+    pool_description = identity.describe_identity_pool(IdentityPoolId=output["identity_pool_id"])
+    template_pool = stack.properties("CognitoIdentityPool")
+    assert pool_description["IdentityPoolName"] == template_pool["IdentityPoolName"]
+    assert pool_description["AllowUnauthenticatedIdentities"] is True
+    assert template_pool["AllowUnauthenticatedIdentities"] is True
+    (provider,) = pool_description["CognitoIdentityProviders"]
+    (template_provider,) = template_pool["CognitoIdentityProviders"]
+    assert provider["ProviderName"] == template_provider["ProviderName"]
+    assert provider["ClientId"] == template_provider["ClientId"]
+
+    props = stack.properties("AppUser")
+    assert output["username"] == props["UserName"] == provision.app_user_name(PREFIX)
+    assert output["iot_policy"] == stack.ref("CognitoIoTPolicy")
+    assert output["secret_id"] == provision.secret_name(output["user_pool_id"], PREFIX)
+    assert output["secret_id"] == stack.get_att("AppUser", "SecretName")
+    assert output["unauth_role_arn"] == stack.get_att("IAMUnAuthenticatedRole", "Arn")
+
+
+def test_roles_match_the_template(template, provision, provisioned, clients):
+    output, account = provisioned
+    stack = template_for(template, provision, output, account)
+    iam_client = clients("iam")
+    for logical_id in ("IAMUnAuthenticatedRole", "IAMAuthenticatedRole"):
+        props = stack.properties(logical_id)
+        role = iam_client.get_role(RoleName=props["RoleName"])["Role"]
+        trust = role["AssumeRolePolicyDocument"]
+        if isinstance(trust, str):
+            trust = json.loads(trust)
+        assert trust == props["AssumeRolePolicyDocument"], logical_id
+
+
+def test_iot_policy_topic_layout_matches_the_template(template, provision, provisioned, clients):
+    output, account = provisioned
+    stack = template_for(template, provision, output, account)
+    template_policy = stack.properties("CognitoIoTPolicy")
+    created = clients("iot").get_policy(policyName=output["iot_policy"])
+    assert created["policyName"] == template_policy["PolicyName"]
+    assert json.loads(created["policyDocument"]) == template_policy["PolicyDocument"]
+    assert provision.iot_policy_document(REGION, account, output["identity_pool_id"]) == \
+        template_policy["PolicyDocument"]
+
+
+def test_secret_and_user_match_what_the_template_lambda_makes(
+        template, provision, provisioned, clients, user_setup, presignup, cfn_responses,
+        moto_endpoint, aws_env, monkeypatch):
+    output, account = provisioned
+    stack = template_for(template, provision, output, account)
+    sm, idp = clients("secretsmanager"), clients("cognito-idp")
+
+    # What provision.py made.
+    described = sm.describe_secret(SecretId=output["secret_id"])
+    provision_tags = [(t["Key"], t["Value"]) for t in described["Tags"]]
+    assert dict(provision_tags) == {
+        "ClientId": output["client_id"], "UserPoolId": output["user_pool_id"],
+        "IdentityPoolId": output["identity_pool_id"], "IoTEndpoint": output["iot_endpoint"],
+        "IoTPolicy": output["iot_policy"]}
+    secret = json.loads(sm.get_secret_value(SecretId=output["secret_id"])["SecretString"])
+    assert secret == {output["username"]: output["password"]}
+    user = idp.admin_get_user(UserPoolId=output["user_pool_id"], Username=output["username"])
+    assert user["UserStatus"] == "CONFIRMED"
+    email = {a["Name"]: a["Value"] for a in user["UserAttributes"]}["email"]
+    assert email == stack.properties("AppUser")["EmailAddress"]
+
+    # The template's pre-sign-up trigger would approve provision.py's user.
+    monkeypatch.setenv("ALLOWED_EMAIL_DOMAIN", provision.PRE_SIGN_UP_EMAIL_DOMAIN)
+    presignup.handler({"triggerSource": "PreSignUp_AdminCreateUser", "userName": output["username"],
+                       "request": {"userAttributes": {"email": email}}, "response": {}}, None)
+
+    # What the template's Lambda makes for a second stack with the same prefix, same server.
+    second_pool = idp.create_user_pool(PoolName=f"{PREFIX}-user-pool")["UserPool"]["Id"]
+    stack.refs["CognitoUserPool"] = second_pool
+    props = {k: str(v) for k, v in stack.properties("AppUser").items()
+             if k not in ("ServiceToken", "ServiceTimeout")}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    user_setup.handler(cfn_event("Create", props, cfn_responses.url), FakeContext())
+    answer = cfn_responses.last()
+    assert answer["Status"] == "SUCCESS", answer["Reason"]
+    name = answer["PhysicalResourceId"]
+    assert name == provision.secret_name(second_pool, PREFIX)
+    lambda_tags = [(t["Key"], t["Value"]) for t in sm.describe_secret(SecretId=name)["Tags"]]
+    assert [key for key, _ in lambda_tags] == [key for key, _ in provision_tags]
+    assert list(user_setup.TAG_KEYS) == [key for key, _ in provision_tags]
+    lambda_secret = json.loads(sm.get_secret_value(SecretId=name)["SecretString"])
+    assert list(lambda_secret) == list(secret)
+    lambda_user = idp.admin_get_user(UserPoolId=second_pool, Username=output["username"])
+    assert lambda_user["UserStatus"] == user["UserStatus"]
+    assert {a["Name"]: a["Value"] for a in lambda_user["UserAttributes"]}["email"] == email
+
+
+def test_rust_fixture_of_the_stack_outputs_matches_the_template(template):
+    """tests/data/describe-stacks.json feeds the Rust config-from-stack tests."""
+    sample = cfn.REPO_ROOT / "tests" / "data" / "describe-stacks.json"
+    if not sample.exists():
+        pytest.skip("no Rust fixture of describe-stacks")
+    (described,) = json.loads(sample.read_text())["Stacks"]
+    outputs = {o["OutputKey"]: o["OutputValue"] for o in described["Outputs"]}
+    assert set(outputs) == set(template["Outputs"])
+    prefix = outputs["IoTPolicy"].removesuffix("-iot-policy")
+    stack = cfn.Stack(template, {"Prefix": prefix, "AllowedEmailDomain": "example.com",
+                                 "DeviceCidrs": "203.0.113.0/24"},
+                      region=outputs["Region"], account=outputs["CognitoUnAuthRole"].split(":")[4],
+                      refs={"CognitoUserPool": outputs["SecretName"].split("_" + prefix)[0]})
+    assert outputs["IoTPolicy"] == stack.output("IoTPolicy")
+    assert outputs["CognitoUnAuthRole"] == stack.output("CognitoUnAuthRole")
+    assert outputs["SecretName"] == stack.output("SecretName")

@@ -1,0 +1,129 @@
+//! The command line as users meet it: exit codes and one-line errors (SPEC.md, CLI).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_iot-cognito-relay");
+
+const VALID: &str = r#"
+[identity]
+identity_pool_id = "us-east-1:0b7c5a57-6a4f-4a62-9d36-3f1c0e3b6a11"
+secret_id = "us-east-1_AbCdEfGhI_demo-app-user"
+"#;
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run binary")
+}
+
+fn write(dir: &Path, text: &str) -> String {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).expect("write");
+    path.display().to_string()
+}
+
+/// Exit 2 and exactly one stderr line that contains every `needle`.
+fn assert_config_error(output: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one clear line, got: {stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "{needle:?} missing in: {stderr}");
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn check_config_prints_effective_config_with_defaults() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), VALID);
+    let output = run(&["check-config", "--config", &path], &[]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let effective: toml::Table = toml::from_str(&text).expect("check-config prints TOML");
+    assert_eq!(effective["aws"]["region"].as_str(), Some("us-east-1"));
+    assert_eq!(effective["mqtt"]["keep_alive"].as_str(), Some("30s"));
+    assert_eq!(effective["spool"]["max_bytes"].as_str(), Some("256MiB"));
+    assert_eq!(effective["publish"]["max_bytes_per_second"].as_str(), Some("512KiB"));
+}
+
+#[test]
+fn env_overrides_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), VALID);
+    let output = run(
+        &["check-config", "--config", &path],
+        &[
+            ("IOT_COGNITO_RELAY__SOCKET__PATH", "/tmp/other.sock"),
+            ("IOT_COGNITO_RELAY__PUBLISH__MAX_IN_FLIGHT", "7"),
+            ("IOT_COGNITO_RELAY__SOCKET__MODE", "0600"),
+        ],
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let effective: toml::Table = toml::from_str(&String::from_utf8_lossy(&output.stdout)).expect("toml");
+    assert_eq!(effective["socket"]["path"].as_str(), Some("/tmp/other.sock"));
+    assert_eq!(effective["socket"]["mode"].as_str(), Some("0600"));
+    assert_eq!(effective["publish"]["max_in_flight"].as_integer(), Some(7));
+}
+
+#[test]
+fn missing_required_key_exits_2_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), "[identity]\nsecret_id = \"s\"\n");
+    assert_config_error(&run(&["check-config", "--config", &path], &[]), &["identity.identity_pool_id", &path]);
+    assert_config_error(&run(&["run", "--config", &path], &[]), &["identity.identity_pool_id"]);
+}
+
+#[test]
+fn unknown_key_exits_2_naming_key_and_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), &format!("{VALID}\n[spool]\nmax_byte = \"1MiB\"\n"));
+    assert_config_error(&run(&["check-config", "--config", &path], &[]), &["max_byte", &path]);
+}
+
+#[test]
+fn bad_duration_exits_2_naming_the_value() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), &format!("{VALID}\n[shutdown]\ndrain_timeout = \"ten seconds\"\n"));
+    assert_config_error(&run(&["check-config", "--config", &path], &[]), &["drain_timeout", "ten seconds"]);
+}
+
+#[test]
+fn missing_config_file_exits_2() {
+    assert_config_error(&run(&["check-config", "--config", "/nonexistent/config.toml"], &[]), &["/nonexistent/config.toml"]);
+}
+
+#[test]
+fn usage_error_exits_2() {
+    let output = run(&["send", "--qos", "2", "--topic", "t", "x"], &[]);
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
+fn config_from_stack_output_is_accepted_by_check_config() {
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/describe-stacks.json");
+    let output = run(&["config-from-stack", sample], &[]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), &String::from_utf8_lossy(&output.stdout));
+    let check = run(&["check-config", "--config", &path], &[]);
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+
+    let broken = dir.path().join("broken.json");
+    std::fs::write(&broken, r#"{"Stacks":[{"Outputs":[]}]}"#).expect("write");
+    let output = run(&["config-from-stack", &broken.display().to_string()], &[]);
+    assert_config_error(&output, &["CognitoIdentityPoolID"]);
+}
+
+#[test]
+fn send_without_daemon_fails_with_one_line() {
+    let output = run(&["send", "--socket", "/nonexistent/relay.sock", "--topic", "t", "1"], &[]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/nonexistent/relay.sock"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}
