@@ -30,7 +30,11 @@ fn write(dir: &Path, text: &str) -> String {
 fn assert_config_error(output: &Output, needles: &[&str]) {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one clear line, got: {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "one clear line, got: {stderr}"
+    );
     for needle in needles {
         assert!(stderr.contains(needle), "{needle:?} missing in: {stderr}");
     }
@@ -42,13 +46,20 @@ fn check_config_prints_effective_config_with_defaults() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write(dir.path(), VALID);
     let output = run(&["check-config", "--config", &path], &[]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let text = String::from_utf8_lossy(&output.stdout);
     let effective: toml::Table = toml::from_str(&text).expect("check-config prints TOML");
     assert_eq!(effective["aws"]["region"].as_str(), Some("us-east-1"));
     assert_eq!(effective["mqtt"]["keep_alive"].as_str(), Some("30s"));
     assert_eq!(effective["spool"]["max_bytes"].as_str(), Some("256MiB"));
-    assert_eq!(effective["publish"]["max_bytes_per_second"].as_str(), Some("512KiB"));
+    assert_eq!(
+        effective["publish"]["max_bytes_per_second"].as_str(),
+        Some("512KiB")
+    );
 }
 
 #[test]
@@ -63,9 +74,17 @@ fn env_overrides_the_file() {
             ("IOT_COGNITO_RELAY__SOCKET__MODE", "0600"),
         ],
     );
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let effective: toml::Table = toml::from_str(&String::from_utf8_lossy(&output.stdout)).expect("toml");
-    assert_eq!(effective["socket"]["path"].as_str(), Some("/tmp/other.sock"));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let effective: toml::Table =
+        toml::from_str(&String::from_utf8_lossy(&output.stdout)).expect("toml");
+    assert_eq!(
+        effective["socket"]["path"].as_str(),
+        Some("/tmp/other.sock")
+    );
     assert_eq!(effective["socket"]["mode"].as_str(), Some("0600"));
     assert_eq!(effective["publish"]["max_in_flight"].as_integer(), Some(7));
 }
@@ -74,27 +93,51 @@ fn env_overrides_the_file() {
 fn missing_required_key_exits_2_naming_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write(dir.path(), "[identity]\nsecret_id = \"s\"\n");
-    assert_config_error(&run(&["check-config", "--config", &path], &[]), &["identity.identity_pool_id", &path]);
-    assert_config_error(&run(&["run", "--config", &path], &[]), &["identity.identity_pool_id"]);
+    assert_config_error(
+        &run(&["check-config", "--config", &path], &[]),
+        &["identity.identity_pool_id", &path],
+    );
+    assert_config_error(
+        &run(&["run", "--config", &path], &[]),
+        &["identity.identity_pool_id"],
+    );
 }
 
 #[test]
 fn unknown_key_exits_2_naming_key_and_file() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = write(dir.path(), &format!("{VALID}\n[spool]\nmax_byte = \"1MiB\"\n"));
-    assert_config_error(&run(&["check-config", "--config", &path], &[]), &["max_byte", &path]);
+    let path = write(
+        dir.path(),
+        &format!("{VALID}\n[spool]\nmax_byte = \"1MiB\"\n"),
+    );
+    assert_config_error(
+        &run(&["check-config", "--config", &path], &[]),
+        &["max_byte", &path],
+    );
 }
 
 #[test]
 fn bad_duration_exits_2_naming_the_value() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = write(dir.path(), &format!("{VALID}\n[shutdown]\ndrain_timeout = \"ten seconds\"\n"));
-    assert_config_error(&run(&["check-config", "--config", &path], &[]), &["drain_timeout", "ten seconds"]);
+    let path = write(
+        dir.path(),
+        &format!("{VALID}\n[shutdown]\ndrain_timeout = \"ten seconds\"\n"),
+    );
+    assert_config_error(
+        &run(&["check-config", "--config", &path], &[]),
+        &["drain_timeout", "ten seconds"],
+    );
 }
 
 #[test]
 fn missing_config_file_exits_2() {
-    assert_config_error(&run(&["check-config", "--config", "/nonexistent/config.toml"], &[]), &["/nonexistent/config.toml"]);
+    assert_config_error(
+        &run(
+            &["check-config", "--config", "/nonexistent/config.toml"],
+            &[],
+        ),
+        &["/nonexistent/config.toml"],
+    );
 }
 
 #[test]
@@ -105,13 +148,24 @@ fn usage_error_exits_2() {
 
 #[test]
 fn config_from_stack_output_is_accepted_by_check_config() {
-    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/describe-stacks.json");
+    let sample = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/describe-stacks.json"
+    );
     let output = run(&["config-from-stack", sample], &[]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write(dir.path(), &String::from_utf8_lossy(&output.stdout));
     let check = run(&["check-config", "--config", &path], &[]);
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
 
     let broken = dir.path().join("broken.json");
     std::fs::write(&broken, r#"{"Stacks":[{"Outputs":[]}]}"#).expect("write");
@@ -121,7 +175,17 @@ fn config_from_stack_output_is_accepted_by_check_config() {
 
 #[test]
 fn send_without_daemon_fails_with_one_line() {
-    let output = run(&["send", "--socket", "/nonexistent/relay.sock", "--topic", "t", "1"], &[]);
+    let output = run(
+        &[
+            "send",
+            "--socket",
+            "/nonexistent/relay.sock",
+            "--topic",
+            "t",
+            "1",
+        ],
+        &[],
+    );
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("/nonexistent/relay.sock"), "{stderr}");
