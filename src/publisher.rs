@@ -29,7 +29,7 @@ const MAX_CONNECTION_AGE: Duration = Duration::from_secs(23 * 3600);
 const RENEW_GRACE: Duration = Duration::from_secs(10);
 /// Reconnect delays: at least 1 s (IoT Core allows one connect per second per client id).
 const RECONNECT_FLOOR: Duration = Duration::from_secs(1);
-const RECONNECT_CAP: Duration = Duration::from_secs(60);
+const RECONNECT_CAP: Duration = Duration::from_secs(30);
 /// How long a clean disconnect may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 

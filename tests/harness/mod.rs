@@ -115,6 +115,7 @@ pub struct Namespace {
 
 impl Namespace {
     fn create() -> Namespace {
+        remove_stale_namespaces();
         let name = format!(
             "icr-test-{}-{}",
             std::process::id(),
@@ -131,6 +132,26 @@ impl Namespace {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.name]).arg(program);
         command
+    }
+}
+
+/// Deletes namespaces left by test processes that were killed before they could clean up.
+fn remove_stale_namespaces() {
+    let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let Some(pid) = name
+            .strip_prefix("icr-test-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "delete", name]).status();
+        }
     }
 }
 
@@ -282,7 +303,8 @@ impl Cloud {
         let dir = self.dir.path();
         let log = dir.join("mosquitto.log");
         let config = format!(
-            "per_listener_settings false\nallow_anonymous true\nuser root\npersistence false\n\
+            "per_listener_settings false\nallow_anonymous true\nuser root\n\
+             persistence true\npersistence_location {dir}/\nautosave_interval 1\nmax_queued_messages 0\n\
              log_dest file {log}\nlog_type all\nconnection_messages true\n\
              listener {MQTT_PORT} 127.0.0.1\nprotocol mqtt\n\
              listener {WSS_PORT} 127.0.0.1\nprotocol websockets\nwebsockets_headers_size 8192\n\
@@ -330,16 +352,10 @@ impl Cloud {
             .namespace
             .command("mosquitto_sub")
             .args(["-h", "127.0.0.1", "-p", &MQTT_PORT.to_string()])
-            .args([
-                "-t",
-                "#",
-                "-q",
-                "1",
-                "-F",
-                "%j",
-                "-i",
-                "relay-test-subscriber",
-            ])
+            // A persistent session (-c): across broker restarts the broker keeps its
+            // subscription and queues for it, so nothing is missed while it reconnects.
+            .args(["-t", "#", "-q", "1", "-F", "%j", "-c"])
+            .args(["-i", "relay-test-subscriber"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -349,10 +365,10 @@ impl Cloud {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Ok(message) = serde_json::from_str::<Value>(&line) {
-                    if sender.send(message).is_err() {
-                        break;
-                    }
+                if let Ok(message) = serde_json::from_str::<Value>(&line)
+                    && sender.send(message).is_err()
+                {
+                    break;
                 }
             }
         });
@@ -498,10 +514,10 @@ impl Subscriber {
             if left.is_zero() {
                 break;
             }
-            if let Some(message) = self.next_message(left.min(Duration::from_millis(200))) {
-                if message.topic != "relay-test/probe" {
-                    received.push(message);
-                }
+            if let Some(message) = self.next_message(left.min(Duration::from_millis(200)))
+                && message.topic != "relay-test/probe"
+            {
+                received.push(message);
             }
         }
         received
@@ -670,4 +686,116 @@ fn make_certificates(dir: &Path) {
         "-extfile",
         "server.ext",
     ]));
+}
+
+/// The message numbers in payloads of the form `{"n": <number>}`, in arrival order.
+pub fn numbers(received: &[Received]) -> Vec<u64> {
+    received
+        .iter()
+        .filter_map(|r| serde_json::from_str::<Value>(&r.payload).ok()?["n"].as_u64())
+        .collect()
+}
+
+/// A local app that keeps writing `{"n": i}` messages (with `id` = i) at a steady rate, one
+/// request and answer at a time, reconnecting whenever the daemon is gone. It records the ids
+/// the daemon answered `ok`: the ones that must arrive.
+pub struct Streamer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Vec<u64>>>,
+}
+
+impl Streamer {
+    pub fn start(socket: PathBuf, topic: &str, per_second: u32) -> Streamer {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let topic = topic.to_owned();
+        let pause = Duration::from_secs(1) / per_second.max(1);
+        let handle = std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut client: Option<Client> = None;
+            let mut n = 0u64;
+            while !stopped.load(Ordering::SeqCst) {
+                let Some(connected) = client.as_mut() else {
+                    client = UnixStream::connect(&socket).ok().map(|stream| Client {
+                        reader: BufReader::new(stream.try_clone().expect("clone")),
+                        stream,
+                    });
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
+                let line = format!(r#"{{"topic":{topic:?},"payload":{{"n":{n}}},"id":{n}}}"#);
+                let sent = connected
+                    .stream
+                    .write_all(format!("{line}\n").as_bytes())
+                    .is_ok();
+                match sent
+                    .then(|| connected.read_answer(Duration::from_secs(10)))
+                    .flatten()
+                {
+                    Some(answer) if answer["ok"] == true && answer["id"] == n => acked.push(n),
+                    Some(_) => {}
+                    None => client = None,
+                }
+                n += 1;
+                std::thread::sleep(pause);
+            }
+            acked
+        });
+        Streamer {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops writing; returns the acknowledged ids.
+    pub fn finish(mut self) -> Vec<u64> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Streamer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Writes `{"n": i}` for every i in `range` on one connection without waiting in between (a
+/// writer thread), and returns the ids answered `ok` once every answer is in.
+pub fn send_many(socket: &Path, topic: &str, range: std::ops::Range<u64>) -> Vec<u64> {
+    let stream = UnixStream::connect(socket).expect("connect");
+    let mut writer = stream.try_clone().expect("clone");
+    let topic = topic.to_owned();
+    let lines = range.clone();
+    let sender = std::thread::spawn(move || {
+        let mut buffer = Vec::new();
+        for n in lines {
+            buffer.extend_from_slice(
+                format!("{{\"topic\":{topic:?},\"payload\":{{\"n\":{n}}},\"id\":{n}}}\n")
+                    .as_bytes(),
+            );
+            if buffer.len() > 64 * 1024 {
+                writer.write_all(&buffer).expect("write");
+                buffer.clear();
+            }
+        }
+        writer.write_all(&buffer).expect("write");
+    });
+    let mut reader = BufReader::new(stream);
+    let mut acked = Vec::new();
+    for _ in range {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        let answer: Value = serde_json::from_str(&line).expect("answer json");
+        if answer["ok"] == true {
+            acked.push(answer["id"].as_u64().expect("id"));
+        }
+    }
+    sender.join().expect("writer");
+    acked
 }

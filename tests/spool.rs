@@ -1,0 +1,215 @@
+//! A message the daemon answered `ok` is never lost: broker outages, daemon crashes, offline
+//! boots, a full spool and a corrupt spool file, each against the real daemon.
+
+mod harness;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use harness::{Cloud, Streamer, numbers, send_many};
+
+const DELIVERY_WAIT: Duration = Duration::from_secs(120);
+/// mosquitto saves its sessions every second; the subscriber's must be saved before a kill.
+const AUTOSAVE: Duration = Duration::from_millis(1500);
+
+/// Waits until every id in `acked` arrived; returns (arrivals in order, duplicate count).
+fn collect_all(subscriber: &mut harness::Subscriber, acked: &[u64]) -> (Vec<u64>, usize) {
+    let wanted: BTreeSet<u64> = acked.iter().copied().collect();
+    let mut seen = BTreeSet::new();
+    let received = subscriber.collect_until(DELIVERY_WAIT, |received| {
+        if let Some(last) = received.last() {
+            seen.extend(numbers(std::slice::from_ref(last)));
+        }
+        wanted.is_subset(&seen)
+    });
+    let arrivals = numbers(&received);
+    let unique: BTreeSet<u64> = arrivals.iter().copied().collect();
+    let missing: Vec<u64> = wanted.difference(&unique).copied().collect();
+    assert!(
+        missing.is_empty(),
+        "{} acked messages lost: {missing:?}",
+        missing.len()
+    );
+    let duplicates = arrivals.len() - unique.len();
+    (arrivals, duplicates)
+}
+
+#[test]
+fn broker_killed_twice_loses_no_acked_message() {
+    let mut cloud = Cloud::start();
+    let mut subscriber = cloud.subscribe();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, ""));
+    daemon.wait_status("connected", DELIVERY_WAIT, |s| s["state"] == "connected");
+    std::thread::sleep(AUTOSAVE);
+
+    let streamer = Streamer::start(daemon.socket.clone(), "outage", 100);
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_secs(3));
+        cloud.kill_broker();
+        std::thread::sleep(Duration::from_secs(2));
+        cloud.start_broker();
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let acked = streamer.finish();
+    assert!(
+        acked.len() > 500,
+        "the daemon kept accepting during the outages: {}",
+        acked.len()
+    );
+
+    let (_, duplicates) = collect_all(&mut subscriber, &acked);
+    let status = daemon.wait_status("spool drained", DELIVERY_WAIT, |s| s["spool_messages"] == 0);
+    eprintln!(
+        "broker outage: {} acked, all delivered, {duplicates} duplicates, republished_total {}",
+        acked.len(),
+        status["republished_total"]
+    );
+}
+
+#[test]
+fn daemon_killed_mid_stream_loses_no_acked_message() {
+    let cloud = Cloud::start();
+    let mut subscriber = cloud.subscribe();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = cloud.config(dir.path(), true, "");
+    let mut daemon = cloud.start_daemon(&config);
+
+    let streamer = Streamer::start(daemon.socket.clone(), "crash", 200);
+    std::thread::sleep(Duration::from_secs(3));
+    daemon.process.signal(libc::SIGKILL);
+    daemon
+        .process
+        .wait_timeout(Duration::from_secs(10))
+        .expect("killed");
+    std::thread::sleep(Duration::from_millis(500));
+    let daemon = cloud.start_daemon(&config);
+    std::thread::sleep(Duration::from_secs(3));
+    let acked = streamer.finish();
+    assert!(acked.len() > 500, "{}", acked.len());
+
+    let (_, duplicates) = collect_all(&mut subscriber, &acked);
+    daemon.wait_status("spool drained", DELIVERY_WAIT, |s| s["spool_messages"] == 0);
+    eprintln!(
+        "daemon crash: {} acked, all delivered, {duplicates} duplicates",
+        acked.len()
+    );
+}
+
+#[test]
+fn offline_boot_delivers_everything_in_order() {
+    let mut cloud = Cloud::start();
+    let mut subscriber = cloud.subscribe();
+    std::thread::sleep(AUTOSAVE);
+    cloud.kill_broker();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, ""));
+
+    let acked = send_many(&daemon.socket, "offline", 0..10_000);
+    assert_eq!(acked.len(), 10_000, "an offline daemon accepts everything");
+    let status = daemon.status();
+    assert_eq!(status["spool_messages"], 10_000);
+    assert_ne!(status["state"], "connected");
+
+    cloud.start_broker();
+    let (arrivals, duplicates) = collect_all(&mut subscriber, &acked);
+    let mut firsts = Vec::new();
+    let mut seen = BTreeSet::new();
+    for n in arrivals {
+        if seen.insert(n) {
+            firsts.push(n);
+        }
+    }
+    assert!(
+        firsts.windows(2).all(|w| w[0] < w[1]),
+        "first arrivals must be in order"
+    );
+    eprintln!("offline boot: 10000 acked, all delivered in order, {duplicates} duplicates");
+}
+
+#[test]
+fn full_spool_reject_new_answers_spool_full() {
+    let mut cloud = Cloud::start();
+    cloud.kill_broker();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra = "\n[spool]\nmax_bytes = \"128KiB\"\non_full = \"reject-new\"\n";
+    let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, extra));
+
+    let acked = send_many(&daemon.socket, "full", 0..20_000);
+    assert!(
+        acked.len() > 1000 && acked.len() < 20_000,
+        "{}",
+        acked.len()
+    );
+    assert_eq!(
+        acked,
+        (0..acked.len() as u64).collect::<Vec<_>>(),
+        "the oldest are kept"
+    );
+    let status = daemon.status();
+    assert_eq!(status["spool_messages"], acked.len() as u64);
+    assert!(status["spool_bytes"].as_u64().expect("bytes") <= 128 * 1024);
+    assert_eq!(status["dropped_total"], 0);
+
+    let mut client = daemon.connect();
+    let late = format!(
+        r#"{{"topic":"full","payload":"{}","id":"late"}}"#,
+        "x".repeat(1000)
+    );
+    client.send_line(&late);
+    let answer = client.read_answer(Duration::from_secs(10)).expect("answer");
+    assert_eq!(answer["error"], "spool_full");
+    assert_eq!(answer["id"], "late");
+}
+
+#[test]
+fn full_spool_drop_oldest_keeps_the_newest() {
+    let mut cloud = Cloud::start();
+    let mut subscriber = cloud.subscribe();
+    std::thread::sleep(AUTOSAVE);
+    cloud.kill_broker();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra = "\n[spool]\nmax_bytes = \"128KiB\"\non_full = \"drop-oldest\"\n";
+    let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, extra));
+
+    let acked = send_many(&daemon.socket, "full", 0..20_000);
+    assert_eq!(acked.len(), 20_000, "drop-oldest accepts everything");
+    let status = daemon.status();
+    let kept = status["spool_messages"].as_u64().expect("messages");
+    assert!(kept > 1000 && kept < 20_000, "{kept}");
+    assert_eq!(status["dropped_total"].as_u64(), Some(20_000 - kept));
+
+    cloud.start_broker();
+    let newest: Vec<u64> = (20_000 - kept..20_000).collect();
+    collect_all(&mut subscriber, &newest);
+    daemon.wait_status("spool drained", DELIVERY_WAIT, |s| s["spool_messages"] == 0);
+}
+
+#[test]
+fn corrupt_spool_is_moved_aside_and_the_daemon_works() {
+    let cloud = Cloud::start();
+    let mut subscriber = cloud.subscribe();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    std::fs::write(state.join("spool.db"), vec![0xa5u8; 16 * 1024]).expect("garbage");
+    let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, ""));
+
+    let acked = send_many(&daemon.socket, "after-corruption", 0..10);
+    assert_eq!(acked.len(), 10);
+    collect_all(&mut subscriber, &acked);
+    let moved = std::fs::read_dir(&state)
+        .expect("list")
+        .filter_map(Result::ok)
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("spool.db.corrupt-")
+        });
+    assert!(moved, "the corrupt file is kept for inspection");
+    assert!(
+        daemon.log_text().contains("corrupt"),
+        "{}",
+        daemon.log_text()
+    );
+}
