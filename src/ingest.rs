@@ -21,6 +21,8 @@ use crate::topic::TopicRules;
 
 /// Answers waiting for a slow client before newer ones are dropped.
 const ANSWER_QUEUE: usize = 1024;
+/// How long an answer may wait for a client that is slow to read before it counts as not reading.
+const ANSWER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Lines of one client on their way through the spool, in order.
 const PIPELINE: usize = 1024;
 /// Read buffer per client.
@@ -121,6 +123,7 @@ impl Client {
         });
         let (pipeline, mut pending) = mpsc::channel::<Pending>(PIPELINE);
         let acker = tokio::spawn(async move {
+            let mut deaf = false;
             while let Some(step) = pending.recv().await {
                 let answer = match step {
                     Pending::Ready(line) => Some(line),
@@ -132,8 +135,7 @@ impl Client {
                     }
                 };
                 if let Some(answer) = answer {
-                    // Full queue: the client is not reading; it loses this answer, nothing else.
-                    let _ = answers.try_send(answer);
+                    deaf = deliver(&answers, answer, deaf).await;
                 }
             }
         });
@@ -226,6 +228,20 @@ impl Client {
         };
         let _ = pipeline.send(step).await;
     }
+}
+
+/// Queues an answer for the client's writer. A client that reads gets its answers even in
+/// bursts (up to `ANSWER_GRACE` of waiting); one that stops reading is marked deaf and loses
+/// answers without slowing anything, until its queue has drained again.
+async fn deliver(answers: &mpsc::Sender<String>, answer: String, deaf: bool) -> bool {
+    let deaf = deaf && answers.capacity() < answers.max_capacity();
+    if deaf {
+        let _ = answers.try_send(answer);
+        return true;
+    }
+    tokio::time::timeout(ANSWER_GRACE, answers.send(answer))
+        .await
+        .is_err()
 }
 
 fn refusal(id: Option<Value>, error: &AppendError) -> Rejection {

@@ -143,6 +143,16 @@ impl Publisher {
         session: &Session,
         stopping: &mut watch::Receiver<bool>,
     ) -> Ended {
+        let valid_for = session
+            .credentials
+            .expires_at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        tracing::info!(
+            IDENTITY_ID = %session.identity_id,
+            credentials_valid_s = valid_for.as_secs(),
+            "connecting to the broker"
+        );
         let mut connection = match mqtt::connect(&self.settings, session) {
             Ok(connection) => connection,
             Err(error) => return Ended::Failed(error.to_string()),
@@ -229,7 +239,7 @@ impl Publisher {
                 }
                 changed = self.sessions.changed(), if renew_by.is_none() => {
                     if changed.is_ok() {
-                        tracing::info!("credentials refreshed; reconnecting with them once in-flight messages are acknowledged");
+                        tracing::info!("new credentials: reconnecting with them once in-flight messages are acknowledged");
                         renew_by = Some(Instant::now() + RENEW_GRACE);
                     }
                 }

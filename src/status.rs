@@ -77,7 +77,9 @@ impl StatusSource {
             State::Stopping
         } else {
             match *self.link.borrow() {
-                LinkState::Starting if identity.last_error.is_some() => State::Backoff,
+                // The identity side is retrying: the link may still be up on credentials that
+                // are running out.
+                _ if identity.last_error.is_some() => State::Backoff,
                 LinkState::Starting => State::Starting,
                 LinkState::Connecting => State::Connecting,
                 LinkState::Connected => State::Connected,

@@ -30,6 +30,8 @@ const RETRY_CAP: Duration = Duration::from_secs(300);
 /// Refresh at the latest when this much of the credentials' lifetime is left, whatever the
 /// configured margin, so that short-lived credentials (moto: 90 s) are still refreshed in time.
 const MAX_LEAD_FRACTION: f64 = 0.5;
+/// Credentials that expire sooner than this on arrival are refused, never used to sign.
+const MIN_USEFUL_VALIDITY: Duration = Duration::from_secs(60);
 /// Never wait less than this between two refreshes.
 const MIN_REFRESH_DELAY: Duration = Duration::from_secs(5);
 
@@ -156,7 +158,8 @@ impl IdentityManager {
                     signed_in = Some(standing);
                     tokio::time::sleep(delay).await;
                 }
-                Err(error) => {
+                Err((kept, error)) => {
+                    signed_in = kept;
                     let delay = backoff.next_delay();
                     tracing::warn!(%error, retry_in_s = delay.as_secs(), "identity step failed");
                     self.status
@@ -167,11 +170,13 @@ impl IdentityManager {
         }
     }
 
-    /// One pass through the chain, reusing what is still good from `prior`.
+    /// One pass through the chain, reusing what is still good from `prior`. On failure, hands
+    /// back the standing worth keeping: a throttled or failed call is retried from where it
+    /// was, while a rejected token or password moves down the fallbacks.
     async fn obtain(
         &mut self,
         prior: Option<SignedIn>,
-    ) -> Result<(SignedIn, Session), IdentityError> {
+    ) -> Result<(SignedIn, Session), (Option<SignedIn>, IdentityError)> {
         let standing = match prior {
             Some(prior) => match user_pool::refresh(&self.base, &prior.secret, &prior.tokens).await
             {
@@ -179,17 +184,34 @@ impl IdentityManager {
                     secret: prior.secret,
                     tokens,
                 },
-                Err(error) => {
-                    tracing::warn!(%error, "refresh token rejected; signing in with the password");
-                    self.sign_in(Some(prior.secret)).await?
+                Err(IdentityError::RefreshRejected(reason)) => {
+                    tracing::warn!(%reason, "refresh token rejected; signing in with the password");
+                    self.sign_in(Some(prior.secret))
+                        .await
+                        .map_err(|e| (None, e))?
                 }
+                Err(error) => return Err((Some(prior), error)),
             },
-            None => self.sign_in(None).await?,
+            None => self.sign_in(None).await.map_err(|e| (None, e))?,
         };
-        let (identity_id, credentials) = self.authenticated_credentials(&standing).await?;
+        let (identity_id, credentials) = match self.authenticated_credentials(&standing).await {
+            Ok(found) => found,
+            Err(error) => return Err((Some(standing), error)),
+        };
+        if !credentials.valid_for(MIN_USEFUL_VALIDITY) {
+            let error = IdentityError::Credentials(format!(
+                "received credentials that expire at {} (already expired or about to): is this device's clock right?",
+                humantime::format_rfc3339_seconds(credentials.expires_at)
+            ));
+            return Err((Some(standing), error));
+        }
         if self.cache.identity_id.as_deref() != Some(identity_id.as_str()) {
-            self.attach_policy(&standing.secret, &identity_id, &credentials)
-                .await?;
+            if let Err(error) = self
+                .attach_policy(&standing.secret, &identity_id, &credentials)
+                .await
+            {
+                return Err((Some(standing), error));
+            }
             self.cache.identity_id = Some(identity_id.clone());
             self.save_cache();
         }
@@ -256,7 +278,7 @@ impl IdentityManager {
             match self.credentials_for(&cognito, &cached, &logins).await {
                 Ok(credentials) => return Ok((cached, credentials)),
                 Err((Some(code), error))
-                    if code == "ResourceNotFoundException" || code == "NotAuthorizedException" =>
+                    if secret_source::IDENTITY_GONE.contains(&code.as_str()) =>
                 {
                     tracing::warn!(IDENTITY_ID = %cached, %error, "cached identity id rejected; asking for a new one");
                 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use aws_config::SdkConfig;
 
 use super::IdentityError;
-use crate::aws::{AwsCredentials, describe, to_system_time};
+use crate::aws::{AwsCredentials, describe, error_code, to_system_time};
 use crate::secret::Secret;
 
 /// Everything the secret tells a device: who to sign in as, and where.
@@ -30,6 +30,30 @@ pub async fn unauthenticated_credentials(
     unauth_identity_id: &mut Option<String>,
     unauth_role_arn: &str,
 ) -> Result<AwsCredentials, IdentityError> {
+    let cached = unauth_identity_id.is_some();
+    match unauthenticated_once(base, identity_pool_id, unauth_identity_id, unauth_role_arn).await {
+        Err((Some(code), error)) if cached && IDENTITY_GONE.contains(&code.as_str()) => {
+            tracing::warn!(%error, "cached unauthenticated identity rejected; asking for a new one");
+            *unauth_identity_id = None;
+            unauthenticated_once(base, identity_pool_id, unauth_identity_id, unauth_role_arn)
+                .await
+                .map_err(|(_, error)| IdentityError::Unauthenticated(error))
+        }
+        other => other.map_err(|(_, error)| IdentityError::Unauthenticated(error)),
+    }
+}
+
+/// Service error codes meaning "this identity id is no longer valid in the pool".
+pub const IDENTITY_GONE: [&str; 2] = ["ResourceNotFoundException", "NotAuthorizedException"];
+
+/// One attempt; errors carry the service error code so the caller can tell a stale id apart.
+async fn unauthenticated_once(
+    base: &SdkConfig,
+    identity_pool_id: &str,
+    unauth_identity_id: &mut Option<String>,
+    unauth_role_arn: &str,
+) -> Result<AwsCredentials, (Option<String>, String)> {
+    let fail = |error: String| (None, error);
     let cognito = aws_sdk_cognitoidentity::Client::new(base);
     let identity_id = match unauth_identity_id {
         Some(id) => id.clone(),
@@ -39,9 +63,9 @@ pub async fn unauthenticated_credentials(
                 .identity_pool_id(identity_pool_id)
                 .send()
                 .await
-                .map_err(|e| IdentityError::Unauthenticated(describe(&e)))?
+                .map_err(|e| (error_code(&e).map(str::to_owned), describe(&e)))?
                 .identity_id
-                .ok_or_else(|| IdentityError::Unauthenticated("GetId returned no id".into()))?;
+                .ok_or_else(|| fail("GetId returned no id".into()))?;
             *unauth_identity_id = Some(id.clone());
             id
         }
@@ -52,12 +76,10 @@ pub async fn unauthenticated_credentials(
             .identity_id(&identity_id)
             .send()
             .await
-            .map_err(|e| IdentityError::Unauthenticated(describe(&e)))?;
-        let credentials = output.credentials.ok_or_else(|| {
-            IdentityError::Unauthenticated(
-                "GetCredentialsForIdentity returned no credentials".into(),
-            )
-        })?;
+            .map_err(|e| (error_code(&e).map(str::to_owned), describe(&e)))?;
+        let credentials = output
+            .credentials
+            .ok_or_else(|| fail("GetCredentialsForIdentity returned no credentials".into()))?;
         return Ok(AwsCredentials {
             access_key_id: credentials.access_key_id.unwrap_or_default(),
             secret_access_key: Secret::new(credentials.secret_key.unwrap_or_default()),
@@ -70,9 +92,9 @@ pub async fn unauthenticated_credentials(
         .identity_id(&identity_id)
         .send()
         .await
-        .map_err(|e| IdentityError::Unauthenticated(describe(&e)))?
+        .map_err(|e| (error_code(&e).map(str::to_owned), describe(&e)))?
         .token
-        .ok_or_else(|| IdentityError::Unauthenticated("GetOpenIdToken returned no token".into()))?;
+        .ok_or_else(|| fail("GetOpenIdToken returned no token".into()))?;
     let sts = aws_sdk_sts::Client::new(base);
     let output = sts
         .assume_role_with_web_identity()
@@ -81,10 +103,10 @@ pub async fn unauthenticated_credentials(
         .web_identity_token(token)
         .send()
         .await
-        .map_err(|e| IdentityError::Unauthenticated(describe(&e)))?;
-    let credentials = output.credentials.ok_or_else(|| {
-        IdentityError::Unauthenticated("AssumeRoleWithWebIdentity returned no credentials".into())
-    })?;
+        .map_err(|e| (error_code(&e).map(str::to_owned), describe(&e)))?;
+    let credentials = output
+        .credentials
+        .ok_or_else(|| fail("AssumeRoleWithWebIdentity returned no credentials".into()))?;
     Ok(AwsCredentials {
         access_key_id: credentials.access_key_id,
         secret_access_key: Secret::new(credentials.secret_access_key),

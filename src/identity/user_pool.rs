@@ -57,7 +57,10 @@ pub async fn refresh(
         .auth_parameters("REFRESH_TOKEN", tokens.refresh_token.expose())
         .send()
         .await
-        .map_err(|e| IdentityError::RefreshRejected(describe(&e)))?;
+        .map_err(|e| match error_code(&e) {
+            Some("NotAuthorizedException") => IdentityError::RefreshRejected(describe(&e)),
+            _ => IdentityError::SignIn(describe(&e)),
+        })?;
     let result = output
         .authentication_result
         .ok_or_else(|| IdentityError::RefreshRejected("no authentication result".into()))?;

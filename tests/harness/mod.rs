@@ -24,7 +24,12 @@ use serde_json::Value;
 pub const MOTO_PORT: u16 = 5000;
 pub const WSS_PORT: u16 = 8443;
 pub const MQTT_PORT: u16 = 1883;
+pub const FAULT_PROXY_PORT: u16 = 5001;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+/// What moto's GetCredentialsForIdentity always returns.
+pub const MOTO_SECRET_KEY: &str = "ABCSECRETKEY";
+pub const MOTO_SESSION_TOKEN: &str = "ABC12345";
 
 static NAMESPACE_COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -212,6 +217,11 @@ pub struct Cloud {
 
 impl Cloud {
     pub fn start() -> Cloud {
+        Cloud::start_with(false)
+    }
+
+    /// `faketime`: moto runs under libfaketime, its clock offset set by [`Cloud::set_moto_clock`].
+    pub fn start_with(faketime: bool) -> Cloud {
         assert!(
             unsafe { libc::geteuid() } == 0,
             "integration tests need root for network namespaces (run `make test` as root)"
@@ -220,11 +230,19 @@ impl Cloud {
         let dir = tempfile::tempdir().expect("tempdir");
         make_certificates(dir.path());
         let moto_log = std::fs::File::create(dir.path().join("moto.log")).expect("moto log");
+        let mut moto_command = namespace.command(moto_server());
+        if faketime {
+            std::fs::write(dir.path().join("faketime"), "+0\n").expect("faketime file");
+            moto_command
+                .env("LD_PRELOAD", LIBFAKETIME)
+                .env("FAKETIME_TIMESTAMP_FILE", dir.path().join("faketime"))
+                .env("FAKETIME_CACHE_DURATION", "1")
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
         let moto = Process {
             name: "moto_server",
             child: Some(
-                namespace
-                    .command(moto_server())
+                moto_command
                     .args(["-H", "127.0.0.1", "-p", &MOTO_PORT.to_string()])
                     .stdout(moto_log.try_clone().expect("log"))
                     .stderr(moto_log)
@@ -254,6 +272,51 @@ impl Cloud {
         cloud.start_broker();
         cloud.account = cloud.provision();
         cloud
+    }
+
+    /// Shifts moto's clock (e.g. "-200s"); needs `start_with(true)`. Takes effect within 1 s.
+    pub fn set_moto_clock(&self, offset: &str) {
+        std::fs::write(self.dir.path().join("faketime"), format!("{offset}\n")).expect("faketime");
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+
+    /// A fault-injecting proxy in front of moto (tests/support/fault_proxy.py).
+    pub fn start_fault_proxy(&self) -> FaultProxy {
+        let control = self.dir.path().join("fault-mode");
+        let log = self.dir.path().join("fault-proxy.log");
+        let process = Process {
+            name: "fault_proxy",
+            child: Some(
+                self.namespace
+                    .command(python())
+                    .arg(repo_root().join("tests/support/fault_proxy.py"))
+                    .args([
+                        "--port",
+                        &FAULT_PROXY_PORT.to_string(),
+                        "--target",
+                        &self.endpoint(),
+                    ])
+                    .arg("--control")
+                    .arg(&control)
+                    .arg("--log")
+                    .arg(&log)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start fault proxy"),
+            ),
+        };
+        let proxy = FaultProxy {
+            _process: process,
+            control,
+            log,
+        };
+        // Ready once a request through it reaches moto.
+        self.python(&format!(
+            "import urllib.request, time\nfor _ in range(100):\n    try:\n        urllib.request.urlopen('{}/moto-api/'); break\n    except Exception: time.sleep(0.1)",
+            proxy.endpoint()
+        ));
+        proxy
     }
 
     pub fn endpoint(&self) -> String {
@@ -342,6 +405,19 @@ impl Cloud {
         }
     }
 
+    /// Fails when any text holds a secret of this account: the user's password, moto's
+    /// Cognito secret key and session token (fixed values), or a JWT (ID/refresh token).
+    pub fn assert_no_secrets(&self, what: &str, text: &str) {
+        for (name, secret) in [
+            ("password", self.account.password.as_str()),
+            ("secret access key", MOTO_SECRET_KEY),
+            ("session token", MOTO_SESSION_TOKEN),
+            ("JWT", "eyJ"),
+        ] {
+            assert!(!text.contains(secret), "{what} leaks the {name}");
+        }
+    }
+
     pub fn broker_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
@@ -404,6 +480,11 @@ impl Cloud {
 
     /// A config for a daemon in `dir`. `classic` chooses the onboarding flow.
     pub fn config(&self, dir: &Path, classic: bool, extra: &str) -> PathBuf {
+        self.config_via(dir, classic, &self.endpoint(), extra)
+    }
+
+    /// Like [`Cloud::config`], with the AWS calls sent to `endpoint` (e.g. a fault proxy).
+    pub fn config_via(&self, dir: &Path, classic: bool, endpoint: &str, extra: &str) -> PathBuf {
         let unauth = if classic {
             format!("unauth_role_arn = {:?}\n", self.account.unauth_role_arn)
         } else {
@@ -415,7 +496,6 @@ impl Cloud {
              [mqtt]\nurl = \"wss://127.0.0.1:{WSS_PORT}/mqtt\"\nca_file = {ca:?}\n\n\
              [socket]\npath = {socket:?}\n\n[state]\ndir = {state:?}\n\n\
              [log]\nlevel = \"debug\"\n{extra}",
-            endpoint = self.endpoint(),
             pool = self.account.identity_pool_id,
             secret = self.account.secret_id,
             ca = self.ca_file.display().to_string(),
@@ -473,6 +553,33 @@ impl Cloud {
             std::thread::sleep(Duration::from_millis(50));
         }
         daemon
+    }
+}
+
+/// The fault proxy's switch and its request log.
+pub struct FaultProxy {
+    _process: Process,
+    control: PathBuf,
+    log: PathBuf,
+}
+
+impl FaultProxy {
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{FAULT_PROXY_PORT}")
+    }
+
+    /// "pass", "throttle" or "error500".
+    pub fn set_mode(&self, mode: &str) {
+        std::fs::write(&self.control, mode).expect("fault mode");
+    }
+
+    /// Every request seen: `{"t": epoch seconds, "target": …, "fault": code or null}`.
+    pub fn requests(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 }
 

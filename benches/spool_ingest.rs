@@ -1,0 +1,158 @@
+//! Spool ingest benchmark: how many messages per second the real daemon accepts durably (answered
+//! `ok` = committed with fsync) from local writers, and its peak RSS while doing so.
+//!
+//! Peer in the same run: a bare Unix-socket line sink (reads each line, parses it as JSON,
+//! answers `ok` with its id, stores nothing): the ceiling of socket I/O and parsing without
+//! durability, on this machine. The daemon runs offline (AWS
+//! unreachable), the way a device that lost its network keeps accepting data.
+//!
+//! Run: `cargo bench --bench spool_ingest` (optional args: WRITERS MESSAGES_PER_WRITER).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_iot-cognito-relay");
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let writers: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(4);
+    let per_writer: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(50_000);
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    let sink_socket = dir.path().join("sink.sock");
+    let sink = UnixListener::bind(&sink_socket).expect("bind sink");
+    std::thread::spawn(move || {
+        for stream in sink.incoming().flatten() {
+            std::thread::spawn(move || line_sink(stream));
+        }
+    });
+    let sink_rate = drive(&sink_socket, writers, per_writer);
+
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[aws]\nendpoint_url = \"http://127.0.0.1:1\"\n[identity]\n\
+             identity_pool_id = \"us-east-1:00000000-0000-0000-0000-000000000000\"\n\
+             secret_id = \"bench\"\n[socket]\npath = {:?}\n[state]\ndir = {:?}\n\
+             [spool]\nmax_bytes = \"1GiB\"\n[log]\nlevel = \"error\"\n",
+            dir.path().join("relay.sock"),
+            dir.path().join("state"),
+        ),
+    )
+    .expect("config");
+    let mut daemon = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start daemon");
+    let socket = dir.path().join("relay.sock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rss_idle = peak_rss_kib(daemon.id());
+    let daemon_rate = drive(&socket, writers, per_writer);
+    let rss_peak = peak_rss_kib(daemon.id());
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+
+    let total = writers as u64 * per_writer;
+    println!(
+        "spool ingest: {writers} writers x {per_writer} messages ({total} total), ~40-byte payloads"
+    );
+    println!("  iot-cognito-relay (durable, fsync'd): {daemon_rate:>10.0} msg/s");
+    println!("  line sink (parse + answer, no storage): {sink_rate:>8.0} msg/s");
+    println!(
+        "  ratio ours / sink:                    {:>10.2}",
+        daemon_rate / sink_rate
+    );
+    println!(
+        "  daemon peak RSS: {} KiB (after start: {} KiB)",
+        rss_peak, rss_idle
+    );
+}
+
+/// `writers` connections each pipelining `per_writer` publish lines; messages/s until the last
+/// answer is in.
+fn drive(socket: &Path, writers: usize, per_writer: u64) -> f64 {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..writers)
+        .map(|w| {
+            let socket: PathBuf = socket.to_owned();
+            std::thread::spawn(move || {
+                let stream = UnixStream::connect(&socket).expect("connect");
+                let mut writer = stream.try_clone().expect("clone");
+                let sender = std::thread::spawn(move || {
+                    let mut buffer = Vec::with_capacity(64 * 1024);
+                    for n in 0..per_writer {
+                        let line = format!(
+                            "{{\"topic\":\"bench/w{w}\",\"payload\":{{\"n\":{n},\"celsius\":21.5}},\"id\":{n}}}\n"
+                        );
+                        buffer.extend_from_slice(line.as_bytes());
+                        if buffer.len() >= 60 * 1024 {
+                            writer.write_all(&buffer).expect("write");
+                            buffer.clear();
+                        }
+                    }
+                    writer.write_all(&buffer).expect("write");
+                });
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                for _ in 0..per_writer {
+                    line.clear();
+                    assert!(reader.read_line(&mut line).expect("read") > 0, "connection closed");
+                    assert!(line.contains("\"ok\":true"), "refused: {line}");
+                }
+                sender.join().expect("sender");
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.join().expect("writer");
+    }
+    (writers as u64 * per_writer) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn line_sink(stream: UnixStream) {
+    let mut writer = std::io::BufWriter::new(stream.try_clone().expect("clone"));
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                // Parse and answer with the id, as the daemon does; store nothing.
+                let id = serde_json::from_slice::<serde_json::Value>(&line)
+                    .map(|v| v["id"].clone())
+                    .unwrap_or_default();
+                let answer = format!("{}\n", serde_json::json!({"id": id, "ok": true}));
+                if writer.write_all(answer.as_bytes()).is_err() {
+                    return;
+                }
+                if reader.buffer().is_empty() && writer.flush().is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
