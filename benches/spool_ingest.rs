@@ -17,12 +17,16 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_iot-cognito-relay");
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo bench` passes --bench; under `cargo test` this is a quick smoke run.
+    let full = all.iter().any(|a| a == "--bench");
+    let args: Vec<&String> = all.iter().filter(|a| !a.starts_with('-')).collect();
     let writers: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(4);
-    let per_writer: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(50_000);
+    let default_count = if full { 50_000 } else { 1_000 };
+    let per_writer: u64 = args
+        .get(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(default_count);
     let dir = tempfile::tempdir().expect("tempdir");
 
     let sink_socket = dir.path().join("sink.sock");

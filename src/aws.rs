@@ -68,10 +68,17 @@ impl AwsCredentials {
     }
 }
 
-/// Converts an SDK timestamp; a missing or absurd expiry counts as already expired.
+/// No AWS credential lives longer than this; a later expiry is treated as this.
+const LONGEST_EXPIRY: Duration = Duration::from_secs(36 * 3600);
+
+/// Converts an SDK timestamp. A missing or pre-1970 expiry counts as already expired (the
+/// epoch itself); one absurdly far ahead is capped, so every later computation stays in range.
 pub fn to_system_time(time: Option<&aws_smithy_types::DateTime>) -> SystemTime {
+    let earliest = SystemTime::UNIX_EPOCH + Duration::from_secs(1);
+    let latest = SystemTime::now() + LONGEST_EXPIRY;
     time.and_then(|t| SystemTime::try_from(*t).ok())
-        .unwrap_or(SystemTime::UNIX_EPOCH)
+        .unwrap_or(earliest)
+        .clamp(earliest, latest)
 }
 
 /// A short, secret-free description of an SDK error, with its service error code when any.

@@ -334,6 +334,17 @@ impl Config {
                 "must start with wss:// or ws://".into(),
             ));
         }
+        let prefix = self
+            .mqtt
+            .topic_prefix
+            .replace("{identity_pool_id}", "p")
+            .replace("{identity_id}", "i");
+        if prefix.contains(['+', '#', '\0', '{', '}']) || prefix.starts_with(['$', '/']) {
+            return Err(invalid(
+                "mqtt.topic_prefix",
+                "may use {identity_pool_id} and {identity_id} but no wildcard, NUL, other braces, or leading '$' or '/'".into(),
+            ));
+        }
         if parse_mode(&self.socket.mode).is_none() {
             return Err(invalid(
                 "socket.mode",
@@ -576,6 +587,15 @@ secret_id = "eu-west-1_abc_demo-app-user"
         let err =
             load(&format!("{MINIMAL}\n[batch]\nmax_bytes = \"1MiB\"\n")).expect_err("must fail");
         assert!(err.to_string().contains("batch.max_bytes"), "{err}");
+    }
+
+    #[test]
+    fn topic_prefix_with_wildcards_is_rejected() {
+        let err = load(&format!(
+            "{MINIMAL}\n[mqtt]\ntopic_prefix = \"fleet/+/{{identity_id}}\"\n"
+        ))
+        .expect_err("must fail");
+        assert!(err.to_string().contains("mqtt.topic_prefix"), "{err}");
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub enum DaemonError {
     Socket(#[from] BindError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("the {0} stopped unexpectedly")]
+    TaskFailed(&'static str),
 }
 
 /// Runs the daemon until `shutdown` resolves, then drains for up to `shutdown.drain_timeout`.
@@ -92,15 +94,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         identity_id = identity.cached_identity_id().as_deref().unwrap_or("(none yet)"),
         "ready"
     );
-    let identity_task = tokio::spawn(identity.run());
-    let ingest_task = tokio::spawn(server.run());
+    let mut identity_task = tokio::spawn(identity.run());
+    let mut ingest_task = tokio::spawn(server.run());
     let mut publisher_task = tokio::spawn(publisher.run(stopping));
 
-    tokio::select! {
-        _ = shutdown => {}
-        result = &mut publisher_task => {
-            tracing::error!(?result, "publisher stopped unexpectedly");
-        }
+    // Each task runs until shutdown; one that ends earlier has failed, and the daemon exits
+    // non-zero so that systemd restarts it.
+    let failed = tokio::select! {
+        _ = shutdown => None,
+        result = &mut publisher_task => Some(("publisher", result)),
+        result = &mut identity_task => Some(("identity manager", result)),
+        result = &mut ingest_task => Some(("socket server", result)),
+    };
+    if let Some((task, result)) = &failed {
+        tracing::error!(
+            task,
+            ?result,
+            "a task stopped unexpectedly; stopping the daemon"
+        );
     }
 
     let _ = stopping_tx.send(true);
@@ -123,7 +134,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = std::fs::remove_file(&config.socket.path);
     let left = spool.stats().borrow().messages;
     tracing::info!(left_in_spool = left, "stopped");
-    Ok(())
+    match failed {
+        Some((task, _)) => Err(DaemonError::TaskFailed(task)),
+        None => Ok(()),
+    }
 }
 
 /// Creates the state dir (mode 0700): it holds the spool and the identity cache.

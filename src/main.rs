@@ -136,19 +136,24 @@ fn run(path: &std::path::Path) -> ExitCode {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
+/// Resolves on SIGTERM or SIGINT. SIGHUP (systemd's reload) must not kill the daemon: it is
+/// acknowledged in the log until live reload exists.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         // Without signal handlers the daemon can still be killed; it just cannot drain.
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => tracing::warn!("SIGHUP: live reload is not supported yet; restart to apply config changes"),
+        }
     }
 }
 

@@ -30,6 +30,9 @@ const RENEW_GRACE: Duration = Duration::from_secs(10);
 /// Reconnect delays: at least 1 s (IoT Core allows one connect per second per client id).
 const RECONNECT_FLOOR: Duration = Duration::from_secs(1);
 const RECONNECT_CAP: Duration = Duration::from_secs(30);
+/// A publish without PUBACK for this long means the connection is stuck: reconnect, republish.
+const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+const ACK_CHECK: Duration = Duration::from_secs(5);
 /// How long a clean disconnect may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -95,7 +98,11 @@ impl Publisher {
             if *stopping.borrow() && self.spool.stats().borrow().messages == 0 {
                 return;
             }
-            let session = self.wait_for_session().await;
+            let spool = self.spool.clone();
+            let session = tokio::select! {
+                session = self.wait_for_session() => session,
+                _ = stopped_and_empty(&mut stopping, &spool) => return,
+            };
             self.link.send_replace(LinkState::Connecting);
             let started = Instant::now();
             match self.run_connection(&session, &mut stopping).await {
@@ -117,7 +124,11 @@ impl Publisher {
                         "MQTT connection lost"
                     );
                     self.link.send_replace(LinkState::Backoff);
-                    tokio::time::sleep(delay).await;
+                    let spool = self.spool.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stopped_and_empty(&mut stopping, &spool) => return,
+                    }
                 }
             }
         }
@@ -163,6 +174,9 @@ impl Publisher {
         let age_limit = tokio::time::sleep(MAX_CONNECTION_AGE);
         tokio::pin!(age_limit);
         let mut window = Window::default();
+        let mut ended: Option<Ended> = None;
+        let mut identity_gone = false;
+        let mut ack_check = tokio::time::interval(ACK_CHECK);
         let mut cursor = 0i64;
 
         loop {
@@ -195,12 +209,12 @@ impl Publisher {
                     window.unassigned.push_back((stored.id, stored.message.qos));
                 }
             }
-            if window.outstanding() == 0 && window.connected {
+            if window.outstanding() == 0 {
                 if *stopping.borrow() && self.spool.stats().borrow().messages == 0 {
                     close(connection).await;
                     return Ended::Drained;
                 }
-                if renew_by.is_some() {
+                if window.connected && renew_by.is_some() {
                     close(connection).await;
                     return Ended::Renew;
                 }
@@ -214,12 +228,19 @@ impl Publisher {
                     loop {
                         match next {
                             Some(Ok(event)) => {
-                                if let Err(ended) = window.on_event(event, session, &self.link) {
-                                    return ended;
+                                if let Err(end) = window.on_event(event, session, &self.link) {
+                                    ended = Some(end);
+                                    break;
                                 }
                             }
-                            Some(Err(error)) => return Ended::Failed(error.to_string()),
-                            None => return Ended::Failed("event loop stopped".into()),
+                            Some(Err(error)) => {
+                                ended = Some(Ended::Failed(error.to_string()));
+                                break;
+                            }
+                            None => {
+                                ended = Some(Ended::Failed("event loop stopped".into()));
+                                break;
+                            }
                         }
                         match connection.events.try_recv() {
                             Ok(event) => next = Some(event),
@@ -237,7 +258,8 @@ impl Publisher {
                         return Ended::Drained;
                     }
                 }
-                changed = self.sessions.changed(), if renew_by.is_none() => {
+                changed = self.sessions.changed(), if renew_by.is_none() && !identity_gone => {
+                    identity_gone = changed.is_err();
                     if changed.is_ok() {
                         tracing::info!("new credentials: reconnecting with them once in-flight messages are acknowledged");
                         renew_by = Some(Instant::now() + RENEW_GRACE);
@@ -251,13 +273,22 @@ impl Publisher {
                     close(connection).await;
                     return Ended::Renew;
                 }
+                _ = ack_check.tick(), if !window.in_flight.is_empty() => {
+                    if window.oldest_in_flight().is_some_and(|sent| sent.elapsed() > ACK_TIMEOUT) {
+                        ended = Some(Ended::Failed(format!("no PUBACK within {}s", ACK_TIMEOUT.as_secs())));
+                    }
+                }
             }
+            // Acknowledged messages leave the spool even when the connection just ended.
             if !window.delivered.is_empty() {
                 let count = window.delivered.len() as u64;
                 self.spool
                     .remove(std::mem::take(&mut window.delivered))
                     .await;
                 self.counters.send_modify(|c| c.published_total += count);
+            }
+            if let Some(ended) = ended {
+                return ended;
             }
         }
     }
@@ -269,8 +300,8 @@ struct Window {
     connected: bool,
     /// Published, waiting for rumqttc to assign a packet id (it does so in request order).
     unassigned: VecDeque<(i64, Qos)>,
-    /// Packet id → spool id, waiting for PUBACK.
-    in_flight: HashMap<u16, i64>,
+    /// Packet id → (spool id, when it went out), waiting for PUBACK.
+    in_flight: HashMap<u16, (i64, Instant)>,
     /// Spool ids the broker has (QoS 1) or that went out (QoS 0): to remove from the spool.
     delivered: Vec<i64>,
 }
@@ -278,6 +309,10 @@ struct Window {
 impl Window {
     fn outstanding(&self) -> usize {
         self.unassigned.len() + self.in_flight.len()
+    }
+
+    fn oldest_in_flight(&self) -> Option<Instant> {
+        self.in_flight.values().map(|(_, sent)| *sent).min()
     }
 
     fn on_event(
@@ -303,19 +338,31 @@ impl Window {
                     match qos {
                         Qos::AtMostOnce => self.delivered.push(id),
                         Qos::AtLeastOnce => {
-                            self.in_flight.insert(pkid, id);
+                            self.in_flight.insert(pkid, (id, Instant::now()));
                         }
                     }
                 }
             }
             Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some(id) = self.in_flight.remove(&ack.pkid) {
+                if let Some((id, _)) = self.in_flight.remove(&ack.pkid) {
                     self.delivered.push(id);
                 }
             }
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// Resolves once the daemon is stopping and the spool is empty: nothing left to deliver.
+async fn stopped_and_empty(stopping: &mut watch::Receiver<bool>, spool: &Spool) {
+    loop {
+        if *stopping.borrow_and_update() && spool.stats().borrow().messages == 0 {
+            return;
+        }
+        if stopping.changed().await.is_err() {
+            return std::future::pending().await;
+        }
     }
 }
 

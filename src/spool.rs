@@ -363,8 +363,8 @@ impl Store {
                         else {
                             break;
                         };
-                        self.stats.bytes -= freed.unsigned_abs();
-                        self.stats.messages -= 1;
+                        self.stats.bytes = self.stats.bytes.saturating_sub(freed.unsigned_abs());
+                        self.stats.messages = self.stats.messages.saturating_sub(1);
                         self.stats.dropped_total += 1;
                     }
                 }
@@ -408,6 +408,7 @@ impl Store {
     }
 
     fn remove(&mut self, ids: &[i64]) {
+        let before = self.stats;
         let result = (|| -> rusqlite::Result<()> {
             let tx = self.db.transaction()?;
             {
@@ -418,14 +419,15 @@ impl Store {
                         .query_row([id], |row| row.get::<_, i64>(0))
                         .optional()?
                     {
-                        self.stats.bytes -= size.unsigned_abs();
-                        self.stats.messages -= 1;
+                        self.stats.bytes = self.stats.bytes.saturating_sub(size.unsigned_abs());
+                        self.stats.messages = self.stats.messages.saturating_sub(1);
                     }
                 }
             }
             tx.commit()
         })();
         if let Err(error) = result {
+            self.stats = before;
             // The messages stay and are sent again later: a duplicate, never a loss.
             tracing::error!(%error, "spool delete failed");
         }

@@ -32,6 +32,8 @@ const RETRY_CAP: Duration = Duration::from_secs(300);
 const MAX_LEAD_FRACTION: f64 = 0.5;
 /// Credentials that expire sooner than this on arrival are refused, never used to sign.
 const MIN_USEFUL_VALIDITY: Duration = Duration::from_secs(60);
+/// Longest single sleep before the refresh time is recomputed from the wall clock.
+const CLOCK_CHECK: Duration = Duration::from_secs(60);
 /// Never wait less than this between two refreshes.
 const MIN_REFRESH_DELAY: Duration = Duration::from_secs(5);
 
@@ -136,13 +138,12 @@ impl IdentityManager {
             match self.obtain(signed_in.take()).await {
                 Ok((standing, session)) => {
                     backoff.reset();
-                    let left = session
-                        .credentials
-                        .expires_at
+                    let expires_at = session.credentials.expires_at;
+                    let left = expires_at
                         .duration_since(SystemTime::now())
                         .unwrap_or_default();
-                    let delay =
-                        refresh_delay(left, self.config.refresh_margin, rand::rng().random());
+                    let jitter: f64 = rand::rng().random();
+                    let delay = refresh_delay(left, self.config.refresh_margin, jitter);
                     tracing::info!(
                         IDENTITY_ID = %session.identity_id,
                         expires_in_s = left.as_secs(),
@@ -156,7 +157,7 @@ impl IdentityManager {
                     });
                     self.sessions.send_replace(Some(Arc::new(session)));
                     signed_in = Some(standing);
-                    tokio::time::sleep(delay).await;
+                    self.sleep_until_refresh(expires_at, jitter).await;
                 }
                 Err((kept, error)) => {
                     signed_in = kept;
@@ -167,6 +168,23 @@ impl IdentityManager {
                     tokio::time::sleep(delay).await;
                 }
             }
+        }
+    }
+
+    /// Sleeps until the refresh is due, in steps of at most `CLOCK_CHECK`, recomputing from
+    /// the wall clock each time: a device whose clock jumps (NTP after a boot without RTC)
+    /// still refreshes in time.
+    async fn sleep_until_refresh(&self, expires_at: SystemTime, jitter: f64) {
+        loop {
+            let left = expires_at
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            let delay = refresh_delay(left, self.config.refresh_margin, jitter);
+            if delay <= CLOCK_CHECK {
+                tokio::time::sleep(delay).await;
+                return;
+            }
+            tokio::time::sleep(CLOCK_CHECK).await;
         }
     }
 

@@ -1,0 +1,206 @@
+//! The socket protocol from real clients on the real socket: every error code, hostile input,
+//! and the examples of docs/protocol.md run as written.
+
+mod harness;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+use harness::{Cloud, Daemon, numbers};
+use serde_json::Value;
+
+const ANSWER: Duration = Duration::from_secs(10);
+
+/// Sends raw bytes (newline included by the caller) and returns the one answer.
+fn answer_to(daemon: &Daemon, bytes: &[u8]) -> Value {
+    let mut client = daemon.connect();
+    client.send_raw(bytes);
+    client.read_answer(ANSWER).expect("an answer")
+}
+
+fn error_of(daemon: &Daemon, line: &str) -> String {
+    let answer = answer_to(daemon, format!("{line}\n").as_bytes());
+    assert_eq!(answer["ok"], false, "{line} → {answer}");
+    answer["error"].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn every_error_code_from_a_real_client_and_the_daemon_keeps_delivering() {
+    let cloud = Cloud::start();
+    let mut subscriber = cloud.subscribe();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, ""));
+
+    let deep = "a/b/c/d/e/f/g";
+    let long = "x".repeat(200);
+    let big_payload = format!(
+        r#"{{"topic":"t","payload":"{}","id":1}}"#,
+        "x".repeat(128 * 1024 + 1)
+    );
+    let cases: Vec<(String, &str)> = vec![
+        ("not json at all".into(), "invalid_json"),
+        ("[1,2,3]".into(), "invalid_json"),
+        (
+            r#"{"topic":"t","payload":1,"id":{"no":"objects"}}"#.into(),
+            "invalid_json",
+        ),
+        (r#"{"payload":1,"id":1}"#.into(), "missing_field"),
+        (r#"{"topic":"t","id":1}"#.into(), "missing_field"),
+        (r#"{"topic":"a/#","payload":1}"#.into(), "invalid_topic"),
+        (r#"{"topic":"a/+/b","payload":1}"#.into(), "invalid_topic"),
+        (
+            r#"{"topic":"$aws/things","payload":1}"#.into(),
+            "invalid_topic",
+        ),
+        (
+            r#"{"topic":"a\u0000b","payload":1}"#.into(),
+            "invalid_topic",
+        ),
+        (
+            r#"{"topic":"/leading","payload":1}"#.into(),
+            "invalid_topic",
+        ),
+        (
+            format!(r#"{{"topic":"{long}","payload":1}}"#),
+            "invalid_topic",
+        ),
+        (
+            format!(r#"{{"topic":"{deep}","payload":1}}"#),
+            "invalid_topic",
+        ),
+        (big_payload, "payload_too_large"),
+        (r#"{"topic":"t","payload":1,"qos":2}"#.into(), "invalid_qos"),
+    ];
+    for (line, code) in &cases {
+        assert_eq!(
+            &error_of(&daemon, line),
+            code,
+            "{}",
+            &line[..line.len().min(80)]
+        );
+    }
+    // Invalid UTF-8 and binary garbage.
+    let answer = answer_to(&daemon, b"{\"topic\":\"t\",\"payload\":\"\xff\xfe\"}\n");
+    assert_eq!(answer["error"], "invalid_json");
+    let answer = answer_to(&daemon, b"\x00\x01\x02\xff\xfe garbage \x7f\n");
+    assert_eq!(answer["error"], "invalid_json");
+    // A 1 MiB line: one line_too_long, then the connection keeps working.
+    let mut client = daemon.connect();
+    client.send_raw(&vec![b'x'; 1024 * 1024]);
+    client.send_raw(b"\n{\"topic\":\"t\",\"payload\":1,\"id\":\"after\"}\n");
+    assert_eq!(
+        client.read_answer(ANSWER).expect("answer")["error"],
+        "line_too_long"
+    );
+    assert_eq!(client.read_answer(ANSWER).expect("answer")["ok"], true);
+    // A half line, then disconnect.
+    let mut half = UnixStream::connect(&daemon.socket).expect("connect");
+    half.write_all(br#"{"topic":"t","payl"#).expect("write");
+    drop(half);
+
+    // The daemon still runs and delivers a well-formed message from another client.
+    let mut client = daemon.connect();
+    client.send_line(r#"{"topic":"still/alive","payload":{"n":7},"id":"x"}"#);
+    assert_eq!(client.read_answer(ANSWER).expect("answer")["ok"], true);
+    let received = subscriber.collect_until(Duration::from_secs(60), |r| numbers(r).contains(&7));
+    assert!(numbers(&received).contains(&7));
+    assert!(!daemon.log_text().contains("panicked"));
+}
+
+#[test]
+fn answers_keep_the_id_and_come_in_line_order() {
+    let cloud = Cloud::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, ""));
+    let mut client = daemon.connect();
+    client.send_raw(
+        concat!(
+            r#"{"topic":"t","payload":1,"id":"a"}"#,
+            "\n",
+            r##"{"topic":"#","payload":1,"id":"b"}"##,
+            "\n",
+            r#"{"topic":"t","payload":1}"#,
+            "\n",
+            r#"{"op":"status","id":"c"}"#,
+            "\n",
+            r#"{"topic":"t","payload_base64":"AAE=","id":4}"#,
+            "\n",
+        )
+        .as_bytes(),
+    );
+    let ids: Vec<Value> = (0..4)
+        .map(|_| client.read_answer(ANSWER).expect("answer")["id"].clone())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![Value::from("a"), "b".into(), "c".into(), 4.into()]
+    );
+}
+
+/// The fenced block of docs/protocol.md that follows `marker`.
+fn doc_example(marker: &str, fence: &str) -> String {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md"))
+        .expect("doc");
+    let start = doc.find(marker).expect("marker");
+    let block = &doc[start..];
+    let open = block.find(&format!("```{fence}\n")).expect("fence") + fence.len() + 4;
+    let close = open + block[open..].find("```").expect("closing fence");
+    block[open..close].to_owned()
+}
+
+#[test]
+fn docs_examples_work_as_written() {
+    let cloud = Cloud::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, ""));
+    let socket = daemon.socket.display().to_string();
+    let default = "/run/iot-cognito-relay/relay.sock";
+
+    let shell = doc_example("Shell, with", "sh")
+        .lines()
+        .take_while(|l| !l.starts_with("# or the bundled"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(default, &socket);
+    let output = Command::new("bash")
+        .args(["-c", &shell])
+        .output()
+        .expect("bash");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        stdout.trim(),
+        r#"{"id":1,"ok":true}"#,
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let python = doc_example("Python, standard library only", "python").replace(default, &socket);
+    let output = Command::new("python3")
+        .args(["-c", &python])
+        .output()
+        .expect("python3");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let mut answers = String::new();
+    let mut stream = UnixStream::connect(&daemon.socket).expect("connect");
+    stream.write_all(b"{\"op\":\"status\"}\n").expect("write");
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shutdown");
+    stream.read_to_string(&mut answers).expect("read");
+    let answer: Value = serde_json::from_str(answers.trim()).expect("status json");
+    assert_eq!(answer["ok"], true);
+    let status = &answer["status"];
+    let accepted = status["spool_messages"].as_u64().unwrap_or(0)
+        + status["published_total"].as_u64().unwrap_or(0);
+    assert_eq!(
+        accepted, 2,
+        "both examples' messages were accepted: {status}"
+    );
+}
