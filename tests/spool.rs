@@ -213,3 +213,35 @@ fn corrupt_spool_is_moved_aside_and_the_daemon_works() {
         daemon.log_text()
     );
 }
+
+#[test]
+fn sigterm_refuses_new_lines_drains_and_keeps_the_rest_for_the_next_start() {
+    let mut cloud = Cloud::start();
+    let mut subscriber = cloud.subscribe();
+    std::thread::sleep(AUTOSAVE);
+    cloud.kill_broker();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = cloud.config(dir.path(), true, "\n[shutdown]\ndrain_timeout = \"4s\"\n");
+    let mut daemon = cloud.start_daemon(&config);
+    let acked = send_many(&daemon.socket, "drain", 0..100);
+    assert_eq!(acked.len(), 100);
+
+    let mut client = daemon.connect();
+    daemon.process.signal(libc::SIGTERM);
+    daemon.wait_status("stopping", Duration::from_secs(5), |s| {
+        s["state"] == "stopping"
+    });
+    client.send_line(r#"{"topic":"drain","payload":{"n":1000},"id":1000}"#);
+    let answer = client.read_answer(Duration::from_secs(5)).expect("answer");
+    assert_eq!(answer["error"], "shutting_down", "{answer}");
+    let status = daemon
+        .process
+        .wait_timeout(Duration::from_secs(20))
+        .expect("exits after the drain time");
+    assert!(status.success(), "exit 0 after draining: {status:?}");
+
+    cloud.start_broker();
+    let daemon = cloud.start_daemon(&config);
+    collect_all(&mut subscriber, &acked);
+    daemon.wait_status("spool drained", DELIVERY_WAIT, |s| s["spool_messages"] == 0);
+}
