@@ -134,6 +134,10 @@ pub struct SocketConfig {
     pub path: PathBuf,
     /// Octal file mode, as a string so that "0660" keeps its meaning from TOML and env alike.
     pub mode: String,
+    /// When either list is non-empty, only clients whose uid or gid is listed may connect
+    /// (checked with SO_PEERCRED), on top of the socket's file mode.
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
 }
 
 impl Default for SocketConfig {
@@ -141,11 +145,20 @@ impl Default for SocketConfig {
         SocketConfig {
             path: "/run/iot-cognito-relay/relay.sock".into(),
             mode: "0660".into(),
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
         }
     }
 }
 
 impl SocketConfig {
+    /// Whether a peer with these credentials may use the socket.
+    pub fn allows(&self, uid: u32, gid: u32) -> bool {
+        (self.allowed_uids.is_empty() && self.allowed_gids.is_empty())
+            || self.allowed_uids.contains(&uid)
+            || self.allowed_gids.contains(&gid)
+    }
+
     /// The validated mode as permission bits.
     pub fn mode_bits(&self) -> u32 {
         parse_mode(&self.mode).unwrap_or(0o660)
@@ -596,6 +609,17 @@ secret_id = "eu-west-1_abc_demo-app-user"
         ))
         .expect_err("must fail");
         assert!(err.to_string().contains("mqtt.topic_prefix"), "{err}");
+    }
+
+    #[test]
+    fn allowed_ids_restrict_only_when_set() {
+        let mut socket = SocketConfig::default();
+        assert!(socket.allows(1000, 1000));
+        socket.allowed_gids = vec![42];
+        assert!(socket.allows(1000, 42));
+        assert!(!socket.allows(1000, 1000));
+        socket.allowed_uids = vec![1000];
+        assert!(socket.allows(1000, 1000));
     }
 
     #[test]

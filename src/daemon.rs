@@ -81,6 +81,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let server = IngestServer {
         listener,
+        access: config.socket.clone(),
         spool: spool.clone(),
         rules,
         status: status.clone(),

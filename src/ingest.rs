@@ -14,6 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::config::SocketConfig;
 use crate::protocol::{ErrorCode, MAX_LINE_BYTES, Rejection, Request, ok_line, parse_line};
 use crate::spool::{AppendError, Spool};
 use crate::status::StatusSource;
@@ -64,6 +65,7 @@ pub async fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
 /// Serves the socket until the daemon stops.
 pub struct IngestServer {
     pub listener: UnixListener,
+    pub access: SocketConfig,
     pub spool: Spool,
     pub rules: Arc<TopicRules>,
     pub status: StatusSource,
@@ -75,6 +77,9 @@ impl IngestServer {
         loop {
             match self.listener.accept().await {
                 Ok((stream, _)) => {
+                    if !self.admit(&stream).await {
+                        continue;
+                    }
                     let client = Client {
                         spool: self.spool.clone(),
                         rules: self.rules.clone(),
@@ -89,6 +94,37 @@ impl IngestServer {
                 }
             }
         }
+    }
+}
+
+impl IngestServer {
+    /// Logs who connected and refuses peers outside `socket.allowed_uids` / `allowed_gids`
+    /// with one error line.
+    async fn admit(&self, stream: &UnixStream) -> bool {
+        let Ok(peer) = stream.peer_cred() else {
+            return self.access.allows(u32::MAX, u32::MAX);
+        };
+        let (uid, gid) = (peer.uid(), peer.gid());
+        tracing::debug!(uid, gid, pid = peer.pid(), "client connected");
+        if self.access.allows(uid, gid) {
+            return true;
+        }
+        tracing::warn!(
+            uid,
+            gid,
+            pid = peer.pid(),
+            "refused a client not in socket.allowed_uids / allowed_gids"
+        );
+        let refusal = Rejection::new(
+            None,
+            ErrorCode::PermissionDenied,
+            format!(
+                "uid {uid} / gid {gid} may not use this socket (socket.allowed_uids, socket.allowed_gids)"
+            ),
+        );
+        let _ = tokio::time::timeout(ANSWER_GRACE, stream.writable()).await;
+        let _ = stream.try_write(refusal.to_line().as_bytes());
+        false
     }
 }
 

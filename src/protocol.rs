@@ -64,6 +64,8 @@ pub enum ErrorCode {
     InvalidQos,
     SpoolFull,
     ShuttingDown,
+    /// Beyond SPEC.md's list: a peer refused by `socket.allowed_uids` / `allowed_gids`.
+    PermissionDenied,
 }
 
 impl ErrorCode {
@@ -77,6 +79,7 @@ impl ErrorCode {
             ErrorCode::InvalidQos => "invalid_qos",
             ErrorCode::SpoolFull => "spool_full",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::PermissionDenied => "permission_denied",
         }
     }
 }

@@ -204,3 +204,43 @@ fn docs_examples_work_as_written() {
         "both examples' messages were accepted: {status}"
     );
 }
+
+#[test]
+fn peers_outside_allowed_uids_and_gids_are_refused_with_a_line() {
+    let cloud = Cloud::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The test runs as root (uid 0, gid 0): neither is allowed here.
+    let daemon = cloud.start_daemon(&with_socket_keys(
+        cloud.config(dir.path(), true, ""),
+        "allowed_uids = [4242]\nallowed_gids = [4242]\n",
+    ));
+    let mut client = daemon.connect();
+    let answer = client.read_answer(ANSWER).expect("a refusal line");
+    assert_eq!(answer["ok"], false);
+    assert_eq!(answer["error"], "permission_denied");
+    assert!(
+        answer["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("uid 0")),
+        "{answer}"
+    );
+    assert_eq!(client.read_to_end(), "", "then the connection is closed");
+    assert!(daemon.log_text().contains("refused a client"));
+
+    let other = tempfile::tempdir().expect("tempdir");
+    let allowed = cloud.start_daemon(&with_socket_keys(
+        cloud.config(other.path(), true, ""),
+        "allowed_gids = [0]\n",
+    ));
+    let mut client = allowed.connect();
+    client.send_line(r#"{"topic":"t","payload":1,"id":1}"#);
+    assert_eq!(client.read_answer(ANSWER).expect("answer")["ok"], true);
+}
+
+/// Adds keys to the `[socket]` section of a harness config.
+fn with_socket_keys(config: std::path::PathBuf, keys: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(&config).expect("config");
+    let text = text.replace("[socket]\n", &format!("[socket]\n{keys}"));
+    std::fs::write(&config, text).expect("write");
+    config
+}

@@ -472,6 +472,15 @@ impl Cloud {
                 .next_message(Duration::from_millis(500))
                 .is_some_and(|m| m.topic == "relay-test/probe")
             {
+                // The subscription must be on disk before a test kills the broker, or the
+                // restarted broker forgets it; mosquitto autosaves every second.
+                let subscribed = std::time::SystemTime::now();
+                let db = self.dir.path().join("mosquitto.db");
+                wait_for("the subscription to be saved", START_TIMEOUT, || {
+                    std::fs::metadata(&db)
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|saved| saved > subscribed)
+                });
                 return subscriber;
             }
             assert!(Instant::now() < deadline, "subscriber never became ready");
