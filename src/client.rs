@@ -35,29 +35,49 @@ fn connect(path: &Path) -> Result<UnixStream, ClientError> {
     })
 }
 
+/// How `send` turns its input into protocol lines.
+pub enum Framing {
+    /// Each input is a payload for `topic`.
+    Message { topic: String, qos: u8 },
+    /// Each input is already a protocol line; an `id` is added where missing so that every
+    /// line gets its answer.
+    Json,
+}
+
+fn protocol_line(line: &str, id: u64) -> String {
+    match serde_json::from_str::<Value>(line) {
+        Ok(Value::Object(mut object)) => {
+            object.entry("id").or_insert(id.into());
+            Value::Object(object).to_string()
+        }
+        // Sent as is: the daemon answers what is wrong with it.
+        _ => line.to_owned(),
+    }
+}
+
 /// A payload given on the command line: JSON when it parses as JSON, otherwise text.
 fn payload_value(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
 }
 
-/// Sends every payload to `topic` and waits for each answer. Returns how many were refused;
-/// each refusal is printed to stderr.
-pub fn send(
-    socket: &Path,
-    topic: &str,
-    qos: u8,
-    payloads: Payloads<'_>,
-) -> Result<u64, ClientError> {
+/// Sends every input and waits for each answer. Returns how many were refused; each refusal
+/// is printed to stderr.
+pub fn send(socket: &Path, framing: Framing, payloads: Payloads<'_>) -> Result<u64, ClientError> {
     let stream = connect(socket)?;
     let mut writer = stream.try_clone()?;
-    let topic = topic.to_owned();
     // Written by one thread while this one reads answers, so neither side's buffer fills up.
     std::thread::scope(|scope| {
         let sender = scope.spawn(move || -> Result<u64, std::io::Error> {
         let mut count = 0u64;
         let mut write = |payload: &str, count: &mut u64| -> std::io::Result<()> {
             *count += 1;
-            let line = json!({"topic": topic, "payload": payload_value(payload), "qos": qos, "id": *count});
+            let line = match &framing {
+                Framing::Message { topic, qos } => {
+                    json!({"topic": topic, "payload": payload_value(payload), "qos": qos, "id": *count})
+                        .to_string()
+                }
+                Framing::Json => protocol_line(payload, *count),
+            };
             writer.write_all(format!("{line}\n").as_bytes())
         };
         match payloads {

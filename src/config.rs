@@ -138,6 +138,44 @@ pub struct SocketConfig {
     /// (checked with SO_PEERCRED), on top of the socket's file mode.
     pub allowed_uids: Vec<u32>,
     pub allowed_gids: Vec<u32>,
+    /// Clients served at once (per socket); more wait in the listen backlog.
+    pub max_clients: u32,
+    /// A client that started a line and sent nothing more for this long is disconnected.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// Per-client publish lines per second, enforced by reading slower; 0 lifts the limit.
+    pub max_messages_per_second: u32,
+    /// Raw sockets for sensors that cannot speak JSON: every record is one message's payload.
+    pub raw: Vec<RawSocketConfig>,
+}
+
+/// One `[[socket.raw]]` entry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSocketConfig {
+    pub path: PathBuf,
+    /// The relative topic every record is published to.
+    pub topic: String,
+    /// One byte that ends a record (default newline).
+    #[serde(default = "RawSocketConfig::default_delimiter")]
+    pub delimiter: String,
+    #[serde(default = "RawSocketConfig::default_qos")]
+    pub qos: u8,
+}
+
+impl RawSocketConfig {
+    fn default_delimiter() -> String {
+        "\n".into()
+    }
+
+    fn default_qos() -> u8 {
+        1
+    }
+
+    /// The validated delimiter byte.
+    pub fn delimiter_byte(&self) -> u8 {
+        self.delimiter.as_bytes().first().copied().unwrap_or(b'\n')
+    }
 }
 
 impl Default for SocketConfig {
@@ -147,6 +185,10 @@ impl Default for SocketConfig {
             mode: "0660".into(),
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
+            max_clients: 256,
+            idle_timeout: Duration::from_secs(60),
+            max_messages_per_second: 0,
+            raw: Vec::new(),
         }
     }
 }
@@ -357,6 +399,44 @@ impl Config {
                 "mqtt.topic_prefix",
                 "may use {identity_pool_id} and {identity_id} but no wildcard, NUL, other braces, or leading '$' or '/'".into(),
             ));
+        }
+        if self.socket.max_clients == 0 {
+            return Err(invalid("socket.max_clients", "must be at least 1".into()));
+        }
+        let rules = crate::topic::TopicRules::new(&self.mqtt.topic_prefix, &pool, &self.aws.region);
+        for raw in &self.socket.raw {
+            if raw.delimiter.len() != 1 {
+                return Err(invalid(
+                    "socket.raw.delimiter",
+                    format!(
+                        "{:?} must be exactly one byte, e.g. \"\\n\" or \";\"",
+                        raw.delimiter
+                    ),
+                ));
+            }
+            if let Err(error) = rules.validate(&raw.topic) {
+                return Err(invalid(
+                    "socket.raw.topic",
+                    format!("{:?}: {error}", raw.topic),
+                ));
+            }
+            if raw.qos > 1 {
+                return Err(invalid("socket.raw.qos", "must be 0 or 1".into()));
+            }
+            if raw.path == self.socket.path
+                || self
+                    .socket
+                    .raw
+                    .iter()
+                    .filter(|r| r.path == raw.path)
+                    .count()
+                    > 1
+            {
+                return Err(invalid(
+                    "socket.raw.path",
+                    format!("{} is used by another socket", raw.path.display()),
+                ));
+            }
         }
         if parse_mode(&self.socket.mode).is_none() {
             return Err(invalid(
@@ -620,6 +700,22 @@ secret_id = "eu-west-1_abc_demo-app-user"
         assert!(!socket.allows(1000, 1000));
         socket.allowed_uids = vec![1000];
         assert!(socket.allows(1000, 1000));
+    }
+
+    #[test]
+    fn raw_sockets_are_validated() {
+        let raw = |body: &str| {
+            load(&format!(
+                "{MINIMAL}\n[[socket.raw]]\npath = \"/tmp/raw.sock\"\n{body}"
+            ))
+        };
+        let config = raw("topic = \"sensors/raw\"\ndelimiter = \";\"\n").expect("valid");
+        assert_eq!(config.socket.raw[0].delimiter_byte(), b';');
+        assert_eq!(config.socket.raw[0].qos, 1);
+        let err = raw("topic = \"a/#\"\n").expect_err("wildcard");
+        assert!(err.to_string().contains("socket.raw.topic"), "{err}");
+        let err = raw("topic = \"t\"\ndelimiter = \"ab\"\n").expect_err("two bytes");
+        assert!(err.to_string().contains("socket.raw.delimiter"), "{err}");
     }
 
     #[test]

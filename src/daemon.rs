@@ -18,6 +18,7 @@ use crate::identity::IdentityManager;
 use crate::ingest::{self, BindError, IngestServer};
 use crate::mqtt::{self, MqttSettings, TlsError};
 use crate::publisher::Publisher;
+use crate::raw::RawServer;
 use crate::spool::{self, Spool};
 use crate::status::StatusSource;
 use crate::topic::TopicRules;
@@ -50,6 +51,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     )?;
     let tls = mqtt::tls_config(&config.mqtt.ca_file)?;
     let listener = ingest::bind(&config.socket.path, config.socket.mode_bits()).await?;
+    let mut raw_listeners = Vec::new();
+    for raw in &config.socket.raw {
+        raw_listeners.push((
+            ingest::bind(&raw.path, config.socket.mode_bits()).await?,
+            raw.clone(),
+        ));
+    }
 
     let base = crate::aws::base_config(&config.aws.region, &config.aws.endpoint_url).await;
     let (identity, identity_watch) =
@@ -79,9 +87,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         spool: spool.stats(),
         counters,
     };
+    let limits = Arc::new(config.socket.clone());
+    let raw_tasks: Vec<_> = raw_listeners
+        .into_iter()
+        .map(|(listener, raw)| {
+            tokio::spawn(
+                RawServer {
+                    listener,
+                    raw,
+                    limits: limits.clone(),
+                    spool: spool.clone(),
+                    stopping: stopping.clone(),
+                }
+                .run(),
+            )
+        })
+        .collect();
     let server = IngestServer {
         listener,
-        access: config.socket.clone(),
+        limits,
         spool: spool.clone(),
         rules,
         status: status.clone(),
@@ -132,7 +156,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     ingest_task.abort();
     identity_task.abort();
+    for task in raw_tasks {
+        task.abort();
+    }
     let _ = std::fs::remove_file(&config.socket.path);
+    for raw in &config.socket.raw {
+        let _ = std::fs::remove_file(&raw.path);
+    }
     let left = spool.stats().borrow().messages;
     tracing::info!(left_in_spool = left, "stopped");
     match failed {

@@ -10,11 +10,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 use crate::config::SocketConfig;
+use crate::lines::{Next, RecordReader};
 use crate::protocol::{ErrorCode, MAX_LINE_BYTES, Rejection, Request, ok_line, parse_line};
 use crate::spool::{AppendError, Spool};
 use crate::status::StatusSource;
@@ -26,8 +28,6 @@ const ANSWER_QUEUE: usize = 1024;
 const ANSWER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Lines of one client on their way through the spool, in order.
 const PIPELINE: usize = 1024;
-/// Read buffer per client.
-const READ_BUFFER: usize = 64 * 1024;
 
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +65,8 @@ pub async fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
 /// Serves the socket until the daemon stops.
 pub struct IngestServer {
     pub listener: UnixListener,
-    pub access: SocketConfig,
+    /// Access rules and limits (`[socket]`).
+    pub limits: Arc<SocketConfig>,
     pub spool: Spool,
     pub rules: Arc<TopicRules>,
     pub status: StatusSource,
@@ -74,10 +75,15 @@ pub struct IngestServer {
 
 impl IngestServer {
     pub async fn run(self) {
+        let slots = Arc::new(Semaphore::new(self.limits.max_clients as usize));
         loop {
+            // At max_clients, further clients wait in the listen backlog until one leaves.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
             match self.listener.accept().await {
                 Ok((stream, _)) => {
-                    if !self.admit(&stream).await {
+                    if !admit(&self.limits, &stream).await {
                         continue;
                     }
                     let client = Client {
@@ -85,8 +91,12 @@ impl IngestServer {
                         rules: self.rules.clone(),
                         status: self.status.clone(),
                         stopping: self.stopping.clone(),
+                        limits: self.limits.clone(),
                     };
-                    tokio::spawn(client.serve(stream));
+                    tokio::spawn(async move {
+                        client.serve(stream).await;
+                        drop(slot);
+                    });
                 }
                 Err(error) => {
                     tracing::warn!(%error, "accept failed");
@@ -97,16 +107,16 @@ impl IngestServer {
     }
 }
 
-impl IngestServer {
-    /// Logs who connected and refuses peers outside `socket.allowed_uids` / `allowed_gids`
-    /// with one error line.
-    async fn admit(&self, stream: &UnixStream) -> bool {
+/// Logs who connected and refuses peers outside `socket.allowed_uids` / `allowed_gids` with
+/// one error line. Shared by the JSON socket and the raw sockets.
+pub async fn admit(access: &SocketConfig, stream: &UnixStream) -> bool {
+    {
         let Ok(peer) = stream.peer_cred() else {
-            return self.access.allows(u32::MAX, u32::MAX);
+            return access.allows(u32::MAX, u32::MAX);
         };
         let (uid, gid) = (peer.uid(), peer.gid());
         tracing::debug!(uid, gid, pid = peer.pid(), "client connected");
-        if self.access.allows(uid, gid) {
+        if access.allows(uid, gid) {
             return true;
         }
         tracing::warn!(
@@ -144,6 +154,7 @@ struct Client {
     rules: Arc<TopicRules>,
     status: StatusSource,
     stopping: watch::Receiver<bool>,
+    limits: Arc<SocketConfig>,
 }
 
 impl Client {
@@ -181,64 +192,50 @@ impl Client {
         let _ = writer.await;
     }
 
-    /// Reads lines of at most `MAX_LINE_BYTES`; a longer line is answered and skipped.
+    /// Reads lines of at most `MAX_LINE_BYTES` (a longer one is answered and skipped) at no
+    /// more than the per-client rate; a half line left idle ends the connection.
     async fn read_lines(
         &self,
         read_half: tokio::net::unix::OwnedReadHalf,
         pipeline: &mpsc::Sender<Pending>,
     ) {
-        let mut reader = BufReader::with_capacity(READ_BUFFER, read_half);
-        let mut line = Vec::new();
-        let mut skipping = false;
+        let mut reader =
+            RecordReader::new(read_half, b'\n', MAX_LINE_BYTES, self.limits.idle_timeout);
+        let mut pace = Pace::new(self.limits.max_messages_per_second);
         loop {
-            let buffer = match reader.fill_buf().await {
-                Ok(buffer) => buffer,
-                Err(_) => return,
-            };
-            if buffer.is_empty() {
-                // End of stream: a last line without newline still counts.
-                if !skipping && !line.is_empty() {
-                    self.handle_line(&line, pipeline).await;
+            let step = match reader.next().await {
+                Next::Record(line) => {
+                    pace.wait().await;
+                    self.handle_line(&line).await
                 }
-                return;
-            }
-            let (chunk, complete) = match buffer.iter().position(|b| *b == b'\n') {
-                Some(end) => (&buffer[..end], true),
-                None => (buffer, false),
-            };
-            let used = chunk.len() + usize::from(complete);
-            if !skipping {
-                if line.len() + chunk.len() > MAX_LINE_BYTES {
-                    skipping = true;
-                    line.clear();
+                Next::TooLong => {
                     let message = format!("line exceeds {MAX_LINE_BYTES} bytes; skipped");
-                    let rejection = Rejection::new(None, ErrorCode::LineTooLong, message);
-                    if pipeline
-                        .send(Pending::Ready(rejection.to_line()))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                } else {
-                    line.extend_from_slice(chunk);
+                    Some(Pending::Ready(
+                        Rejection::new(None, ErrorCode::LineTooLong, message).to_line(),
+                    ))
                 }
-            }
-            reader.consume(used);
-            if complete {
-                if !skipping {
-                    self.handle_line(&line, pipeline).await;
+                Next::Idle => {
+                    let message = format!(
+                        "incomplete line (no newline) idle for {}; connection closed",
+                        humantime::format_duration(self.limits.idle_timeout)
+                    );
+                    let rejection = Rejection::new(None, ErrorCode::InvalidJson, message);
+                    let _ = pipeline.send(Pending::Ready(rejection.to_line())).await;
+                    return;
                 }
-                line.clear();
-                skipping = false;
+                Next::End => return,
+            };
+            if let Some(step) = step
+                && pipeline.send(step).await.is_err()
+            {
+                return;
             }
         }
     }
 
-    async fn handle_line(&self, line: &[u8], pipeline: &mpsc::Sender<Pending>) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+    async fn handle_line(&self, line: &[u8]) -> Option<Pending> {
         if line.iter().all(u8::is_ascii_whitespace) {
-            return;
+            return None;
         }
         let step = match parse_line(line, &self.rules) {
             Ok(Request::Status { id }) => {
@@ -262,7 +259,7 @@ impl Client {
             },
             Err(rejection) => Pending::Ready(rejection.to_line()),
         };
-        let _ = pipeline.send(step).await;
+        Some(step)
     }
 }
 
@@ -278,6 +275,36 @@ async fn deliver(answers: &mpsc::Sender<String>, answer: String, deaf: bool) -> 
     tokio::time::timeout(ANSWER_GRACE, answers.send(answer))
         .await
         .is_err()
+}
+
+/// A per-client token bucket: `rate` lines per second with a burst of one second's worth,
+/// enforced by pausing the reader (the client feels it as backpressure). 0 = no limit.
+pub struct Pace {
+    interval: Option<std::time::Duration>,
+    next: Instant,
+}
+
+impl Pace {
+    pub fn new(rate: u32) -> Pace {
+        Pace {
+            interval: (rate > 0).then(|| std::time::Duration::from_secs(1) / rate),
+            next: Instant::now(),
+        }
+    }
+
+    pub async fn wait(&mut self) {
+        let Some(interval) = self.interval else {
+            return;
+        };
+        let now = Instant::now();
+        let earliest = now
+            .checked_sub(std::time::Duration::from_secs(1))
+            .unwrap_or(now);
+        self.next = self.next.max(earliest) + interval;
+        if self.next > now {
+            tokio::time::sleep_until(self.next).await;
+        }
+    }
 }
 
 fn refusal(id: Option<Value>, error: &AppendError) -> Rejection {

@@ -27,10 +27,13 @@ enum Command {
         #[arg(long, default_value = "/run/iot-cognito-relay/relay.sock")]
         socket: PathBuf,
         /// Relative topic; the daemon adds <identity_pool_id>/<identity_id>/.
-        #[arg(long)]
-        topic: String,
+        #[arg(long, required_unless_present = "json")]
+        topic: Option<String>,
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
         qos: u8,
+        /// Inputs are whole protocol lines (see docs/protocol.md) instead of payloads.
+        #[arg(long, conflicts_with_all = ["topic", "qos"])]
+        json: bool,
         /// JSON (published compact) or plain text; omit to read one message per stdin line.
         payload: Option<String>,
     },
@@ -83,8 +86,13 @@ fn main() -> ExitCode {
             socket,
             topic,
             qos,
+            json,
             payload,
         } => {
+            let framing = match topic {
+                Some(topic) if !json => client::Framing::Message { topic, qos },
+                _ => client::Framing::Json,
+            };
             let payloads = match &payload {
                 Some(text) => client::Payloads::One(text),
                 None => {
@@ -94,7 +102,7 @@ fn main() -> ExitCode {
                     client::Payloads::Lines(Box::new(std::io::BufReader::new(std::io::stdin())))
                 }
             };
-            match client::send(&socket, &topic, qos, payloads) {
+            match client::send(&socket, framing, payloads) {
                 Ok(0) => ExitCode::SUCCESS,
                 Ok(refused) => fail(EXIT_FAILURE, format!("{refused} message(s) refused")),
                 Err(error) => fail(EXIT_FAILURE, error),

@@ -5,10 +5,11 @@
 //! an `ok` answer a promise. The publisher reads in id order and removes after PUBACK.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use crate::config::OnFull;
 use crate::protocol::{Message, Qos};
@@ -19,6 +20,8 @@ pub const SPOOL_FILE: &str = "spool.db";
 const MAX_GROUP_COMMIT: usize = 4096;
 /// Commands waiting for the spool thread; a full queue makes writers wait (backpressure).
 const COMMAND_QUEUE: usize = 8192;
+/// Bytes of messages waiting for their commit, across all writers: beyond this, writers wait.
+const MAX_QUEUED_BYTES: u32 = 32 * 1024 * 1024;
 
 /// Why an append was not accepted.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -69,6 +72,8 @@ enum Command {
     Append {
         message: Message,
         done: oneshot::Sender<Result<(), AppendError>>,
+        /// The message's share of `MAX_QUEUED_BYTES`, given back once it is committed.
+        queued: OwnedSemaphorePermit,
     },
     ReadAfter {
         after: i64,
@@ -84,6 +89,7 @@ enum Command {
 #[derive(Clone)]
 pub struct Spool {
     commands: mpsc::Sender<Command>,
+    queued_bytes: Arc<Semaphore>,
     stats: watch::Receiver<SpoolStats>,
 }
 
@@ -111,7 +117,11 @@ impl Spool {
             .name("spool".into())
             .spawn(move || store.serve(receiver, stats_tx))
             .map_err(OpenError::Thread)?;
-        Ok(Spool { commands, stats })
+        Ok(Spool {
+            commands,
+            queued_bytes: Arc::new(Semaphore::new(MAX_QUEUED_BYTES as usize)),
+            stats,
+        })
     }
 
     /// Queues `message`; waits while the spool is behind (backpressure). The returned receiver
@@ -120,9 +130,21 @@ impl Spool {
         &self,
         message: Message,
     ) -> Result<oneshot::Receiver<Result<(), AppendError>>, AppendError> {
+        let size =
+            (message.topic.len() + message.payload.len()).clamp(1, MAX_QUEUED_BYTES as usize);
+        let queued = self
+            .queued_bytes
+            .clone()
+            .acquire_many_owned(size as u32)
+            .await
+            .map_err(|_| AppendError::Closed)?;
         let (done, receiver) = oneshot::channel();
         self.commands
-            .send(Command::Append { message, done })
+            .send(Command::Append {
+                message,
+                done,
+                queued,
+            })
             .await
             .map_err(|_| AppendError::Closed)?;
         Ok(receiver)
@@ -260,11 +282,23 @@ impl Store {
         let mut next = commands.blocking_recv();
         while let Some(command) = next.take() {
             match command {
-                Command::Append { message, done } => {
+                Command::Append {
+                    message,
+                    done,
+                    queued,
+                } => {
                     let mut batch = vec![(message, done)];
+                    let mut held = vec![queued];
                     while batch.len() < MAX_GROUP_COMMIT {
                         match commands.try_recv() {
-                            Ok(Command::Append { message, done }) => batch.push((message, done)),
+                            Ok(Command::Append {
+                                message,
+                                done,
+                                queued,
+                            }) => {
+                                batch.push((message, done));
+                                held.push(queued);
+                            }
                             Ok(other) => {
                                 next = Some(other);
                                 break;
@@ -273,6 +307,7 @@ impl Store {
                         }
                     }
                     self.append_batch(batch, &stats);
+                    drop(held);
                 }
                 Command::ReadAfter {
                     after,

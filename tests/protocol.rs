@@ -244,3 +244,200 @@ fn with_socket_keys(config: std::path::PathBuf, keys: &str) -> std::path::PathBu
     std::fs::write(&config, text).expect("write");
     config
 }
+
+#[test]
+fn raw_socket_turns_each_record_into_a_message() {
+    let cloud = Cloud::start();
+    let mut subscriber = cloud.subscribe();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("raw.sock");
+    let extra = format!(
+        "\n[[socket.raw]]\npath = {:?}\ntopic = \"sensors/raw\"\ndelimiter = \";\"\n",
+        raw.display().to_string()
+    );
+    let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, &extra));
+    let mut sensor = UnixStream::connect(&raw).expect("raw socket");
+    sensor
+        .write_all(b"21.5;21.6;;not json at all;")
+        .expect("write");
+    drop(sensor);
+    let received = subscriber.collect_until(Duration::from_secs(60), |r| r.len() >= 3);
+    let payloads: Vec<&str> = received.iter().map(|r| r.payload.as_str()).collect();
+    assert_eq!(
+        payloads,
+        ["21.5", "21.6", "not json at all"],
+        "{}",
+        daemon.log_text()
+    );
+    assert!(received.iter().all(|r| r.topic.ends_with("/sensors/raw")));
+}
+
+#[test]
+fn a_half_line_left_idle_is_answered_and_closed() {
+    let cloud = Cloud::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = cloud.start_daemon(&with_socket_keys(
+        cloud.config(dir.path(), true, ""),
+        "idle_timeout = \"1s\"\n",
+    ));
+    let mut client = daemon.connect();
+    client.send_raw(br#"{"topic":"t","payl"#);
+    let answer = client.read_answer(ANSWER).expect("answer");
+    assert_eq!(answer["error"], "invalid_json");
+    assert!(
+        answer["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("idle")),
+        "{answer}"
+    );
+    assert_eq!(client.read_to_end(), "");
+}
+
+fn peak_rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn many_clients_and_deaf_clients_keep_the_daemon_responsive_and_bounded() {
+    let mut cloud = Cloud::start();
+    cloud.kill_broker();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, ""));
+    let socket = daemon.socket.clone();
+
+    // 50 clients that write 2,000 messages each and never read a single answer.
+    let deaf: Vec<UnixStream> = (0..50)
+        .map(|c| {
+            let mut stream = UnixStream::connect(&socket).expect("connect");
+            let mut lines = String::new();
+            for n in 0..2000 {
+                lines.push_str(&format!(
+                    "{{\"topic\":\"deaf/{c}\",\"payload\":{{\"n\":{n}}},\"id\":{n}}}\n"
+                ));
+            }
+            stream.write_all(lines.as_bytes()).expect("write");
+            stream
+        })
+        .collect();
+
+    // 500 clients at once, each sending one message and waiting for its answer.
+    let started = std::time::Instant::now();
+    let clients: Vec<_> = (0..500)
+        .map(|c| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut stream = UnixStream::connect(&socket).expect("connect");
+                stream
+                    .write_all(
+                        format!("{{\"topic\":\"many\",\"payload\":{c},\"id\":{c}}}\n").as_bytes(),
+                    )
+                    .expect("write");
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(60)))
+                    .expect("timeout");
+                let mut answer = String::new();
+                std::io::BufRead::read_line(&mut std::io::BufReader::new(stream), &mut answer)
+                    .expect("read");
+                answer.contains("\"ok\":true")
+            })
+        })
+        .collect();
+    let accepted = clients
+        .into_iter()
+        .map(|c| c.join().unwrap_or(false))
+        .filter(|ok| *ok)
+        .count();
+    let elapsed = started.elapsed();
+    assert_eq!(
+        accepted, 500,
+        "every one of 500 concurrent clients is answered"
+    );
+
+    // The deaf clients' messages are all stored, though nobody reads their answers.
+    daemon.wait_status("every deaf message stored", Duration::from_secs(60), |s| {
+        s["spool_messages"] == 50 * 2000 + 500
+    });
+    let rss = peak_rss_kib(daemon.process.pid());
+    eprintln!(
+        "500 clients answered in {elapsed:?} beside 50 deaf clients; daemon peak RSS {rss} KiB"
+    );
+    assert!(rss < 150 * 1024, "memory stays bounded: {rss} KiB");
+    drop(deaf);
+}
+
+#[test]
+fn send_and_status_commands_end_to_end() {
+    let cloud = Cloud::start();
+    let mut subscriber = cloud.subscribe();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, ""));
+    let bin = env!("CARGO_BIN_EXE_iot-cognito-relay");
+    let socket = daemon.socket.display().to_string();
+    let run = |args: &[&str], stdin: &str| {
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("stdin");
+        child.wait_with_output().expect("output")
+    };
+
+    let one = run(
+        &["send", "--socket", &socket, "--topic", "cli", r#"{"n": 1}"#],
+        "",
+    );
+    assert_eq!(
+        one.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+    let lines = run(
+        &["send", "--socket", &socket, "--topic", "cli"],
+        "{\"n\": 2}\n{\"n\": 3}\n",
+    );
+    assert_eq!(lines.status.code(), Some(0));
+    let raw = run(
+        &["send", "--socket", &socket, "--json"],
+        "{\"topic\":\"cli\",\"payload\":{\"n\":4}}\n",
+    );
+    assert_eq!(
+        raw.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&raw.stderr)
+    );
+    let bad = run(&["send", "--socket", &socket, "--topic", "a/#", "1"], "");
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid_topic"));
+    let mixed = run(
+        &["send", "--socket", &socket, "--json"],
+        "{\"topic\":\"cli\",\"payload\":{\"n\":5}}\nnot json\n",
+    );
+    assert_eq!(mixed.status.code(), Some(1), "one of two refused");
+
+    let received = subscriber.collect_until(Duration::from_secs(60), |r| numbers(r).len() >= 5);
+    let mut got = numbers(&received);
+    got.sort_unstable();
+    assert_eq!(got, vec![1, 2, 3, 4, 5]);
+
+    let human = run(&["status", "--socket", &socket], "");
+    assert_eq!(human.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&human.stdout).contains("state:"));
+    let json = run(&["status", "--socket", &socket, "--json"], "");
+    let status: Value = serde_json::from_slice(&json.stdout).expect("status --json is JSON");
+    assert!(status["published_total"].as_u64() >= Some(5), "{status}");
+}

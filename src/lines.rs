@@ -1,0 +1,160 @@
+//! Splitting a client's byte stream into records: newline-delimited JSON on the main socket,
+//! any one-byte delimiter on raw sockets. Memory per client is bounded by the record limit.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+
+/// Read buffer per client; records may be longer and are assembled across reads.
+const READ_BUFFER: usize = 16 * 1024;
+
+/// What the stream yields next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// A whole record, without its delimiter (and without a trailing `\r` for `\n`).
+    Record(Vec<u8>),
+    /// A record exceeded the limit; it is being skipped up to its delimiter.
+    TooLong,
+    /// A record was started and then nothing arrived for the idle timeout.
+    Idle,
+    /// The peer closed (or the stream failed).
+    End,
+}
+
+/// See the module docs.
+pub struct RecordReader<R> {
+    reader: BufReader<R>,
+    record: Vec<u8>,
+    delimiter: u8,
+    max: usize,
+    idle: Duration,
+    skipping: bool,
+}
+
+impl<R: AsyncRead + Unpin> RecordReader<R> {
+    pub fn new(stream: R, delimiter: u8, max: usize, idle: Duration) -> Self {
+        RecordReader {
+            reader: BufReader::with_capacity(READ_BUFFER, stream),
+            record: Vec::new(),
+            delimiter,
+            max,
+            idle,
+            skipping: false,
+        }
+    }
+
+    pub async fn next(&mut self) -> Next {
+        loop {
+            let midway = !self.record.is_empty() || self.skipping;
+            let filled = if midway && !self.idle.is_zero() {
+                match tokio::time::timeout(self.idle, self.reader.fill_buf()).await {
+                    Ok(filled) => filled,
+                    Err(_) => {
+                        self.record.clear();
+                        self.skipping = false;
+                        return Next::Idle;
+                    }
+                }
+            } else {
+                self.reader.fill_buf().await
+            };
+            let buffer = match filled {
+                Ok(buffer) if !buffer.is_empty() => buffer,
+                _ => {
+                    // End of stream: a last record without delimiter still counts.
+                    let last = std::mem::take(&mut self.record);
+                    return if self.skipping || last.is_empty() {
+                        Next::End
+                    } else {
+                        Next::Record(last)
+                    };
+                }
+            };
+            let end = buffer.iter().position(|b| *b == self.delimiter);
+            let chunk = &buffer[..end.unwrap_or(buffer.len())];
+            let used = chunk.len() + usize::from(end.is_some());
+            let mut too_long = false;
+            if !self.skipping {
+                if self.record.len() + chunk.len() > self.max {
+                    self.skipping = true;
+                    self.record.clear();
+                    too_long = true;
+                } else {
+                    self.record.extend_from_slice(chunk);
+                }
+            }
+            self.reader.consume(used);
+            if too_long {
+                if end.is_some() {
+                    self.skipping = false;
+                }
+                return Next::TooLong;
+            }
+            if end.is_some() {
+                if self.skipping {
+                    self.skipping = false;
+                    continue;
+                }
+                let mut record = std::mem::take(&mut self.record);
+                if self.delimiter == b'\n' && record.last() == Some(&b'\r') {
+                    record.pop();
+                }
+                return Next::Record(record);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn all(input: &[u8], delimiter: u8, max: usize) -> Vec<Next> {
+        let mut reader = RecordReader::new(input, delimiter, max, Duration::ZERO);
+        let mut out = Vec::new();
+        loop {
+            let next = reader.next().await;
+            let end = next == Next::End;
+            out.push(next);
+            if end {
+                return out;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn splits_and_skips_long_records() {
+        let got = all(b"a\r\nbb\n0123456789\nc", b'\n', 5).await;
+        assert_eq!(
+            got,
+            vec![
+                Next::Record(b"a".to_vec()),
+                Next::Record(b"bb".to_vec()),
+                Next::TooLong,
+                Next::Record(b"c".to_vec()),
+                Next::End
+            ]
+        );
+        let got = all(b"1;2;;3", b';', 5).await;
+        assert_eq!(
+            got[..3],
+            [
+                Next::Record(b"1".to_vec()),
+                Next::Record(b"2".to_vec()),
+                Next::Record(vec![])
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn half_record_idles_out() {
+        let (client, server) = tokio::io::duplex(64);
+        let mut reader = RecordReader::new(server, b'\n', 100, Duration::from_millis(50));
+        use tokio::io::AsyncWriteExt;
+        let mut client = client;
+        client.write_all(b"{\"half").await.expect("write");
+        assert_eq!(reader.next().await, Next::Idle);
+        client.write_all(b"x\n").await.expect("write");
+        assert_eq!(reader.next().await, Next::Record(b"x".to_vec()));
+    }
+}

@@ -1,0 +1,89 @@
+//! Raw sockets (`[[socket.raw]]`) for sensors that cannot speak JSON, like the AWS IoT Device
+//! Client's Sensor Publish: every record (a line, or up to a configured one-byte delimiter)
+//! becomes one message's payload on the socket's fixed topic. Nothing is answered; the spool's
+//! backpressure slows the writer instead. Records over IoT Core's payload limit are skipped.
+
+use std::sync::Arc;
+
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, watch};
+
+use crate::config::{RawSocketConfig, SocketConfig};
+use crate::ingest::{Pace, admit};
+use crate::lines::{Next, RecordReader};
+use crate::protocol::{MAX_PAYLOAD_BYTES, Message, Qos};
+use crate::spool::Spool;
+
+/// Serves one raw socket until the daemon stops.
+pub struct RawServer {
+    pub listener: UnixListener,
+    pub raw: RawSocketConfig,
+    pub limits: Arc<SocketConfig>,
+    pub spool: Spool,
+    pub stopping: watch::Receiver<bool>,
+}
+
+impl RawServer {
+    pub async fn run(self) {
+        let slots = Arc::new(Semaphore::new(self.limits.max_clients as usize));
+        let this = Arc::new(self);
+        loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            match this.listener.accept().await {
+                Ok((stream, _)) => {
+                    if !admit(&this.limits, &stream).await {
+                        continue;
+                    }
+                    let server = this.clone();
+                    tokio::spawn(async move {
+                        server.serve(stream).await;
+                        drop(slot);
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn serve(&self, stream: UnixStream) {
+        let qos = Qos::from_u8(self.raw.qos).unwrap_or(Qos::AtLeastOnce);
+        let mut reader = RecordReader::new(
+            stream,
+            self.raw.delimiter_byte(),
+            MAX_PAYLOAD_BYTES,
+            self.limits.idle_timeout,
+        );
+        let mut pace = Pace::new(self.limits.max_messages_per_second);
+        loop {
+            match reader.next().await {
+                Next::Record(payload) if payload.is_empty() => {}
+                Next::Record(payload) => {
+                    if *self.stopping.borrow() {
+                        return;
+                    }
+                    pace.wait().await;
+                    let message = Message {
+                        topic: self.raw.topic.clone(),
+                        payload,
+                        qos,
+                    };
+                    if let Err(error) = self.spool.append(message).await {
+                        tracing::warn!(TOPIC = %self.raw.topic, %error, "raw socket record not stored");
+                    }
+                }
+                Next::TooLong => {
+                    tracing::warn!(
+                        TOPIC = %self.raw.topic,
+                        "raw socket record over {MAX_PAYLOAD_BYTES} bytes skipped"
+                    );
+                }
+                Next::Idle | Next::End => return,
+            }
+        }
+    }
+}
