@@ -147,6 +147,34 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn accepted_topics_fit_iot_core_once_prefixed(relative in "\\PC{0,300}") {
+            let rules = rules();
+            if rules.validate(&relative).is_ok() {
+                let full = rules.full_topic(IDENTITY, &relative);
+                proptest::prop_assert!(full.len() <= MAX_TOPIC_BYTES);
+                proptest::prop_assert!(full.matches('/').count() <= MAX_TOPIC_SLASHES);
+                proptest::prop_assert!(!full.contains(['+', '#', '\0']));
+                proptest::prop_assert!(!relative.starts_with(['/', '$']));
+            }
+        }
+
+        #[test]
+        fn wildcards_anywhere_are_refused(
+            head in "[a-z/]{0,20}", wildcard in "[+#]", tail in "[a-z/]{0,20}"
+        ) {
+            let topic = format!("{head}{wildcard}{tail}");
+            proptest::prop_assert!(rules().validate(&topic).is_err());
+        }
+
+        #[test]
+        fn plain_topics_within_limits_are_accepted(levels in proptest::collection::vec("[a-z0-9_-]{1,20}", 1..=6)) {
+            let topic = levels.join("/");
+            proptest::prop_assert_eq!(rules().validate(&topic), Ok(()));
+        }
+    }
+
     #[test]
     fn empty_prefix_publishes_relative_topic_as_is() {
         let rules = TopicRules::new("", POOL, "us-east-1");
