@@ -110,32 +110,30 @@ impl IngestServer {
 /// Logs who connected and refuses peers outside `socket.allowed_uids` / `allowed_gids` with
 /// one error line. Shared by the JSON socket and the raw sockets.
 pub async fn admit(access: &SocketConfig, stream: &UnixStream) -> bool {
-    {
-        let Ok(peer) = stream.peer_cred() else {
-            return access.allows(u32::MAX, u32::MAX);
-        };
-        let (uid, gid) = (peer.uid(), peer.gid());
-        tracing::debug!(uid, gid, pid = peer.pid(), "client connected");
-        if access.allows(uid, gid) {
-            return true;
-        }
-        tracing::warn!(
-            uid,
-            gid,
-            pid = peer.pid(),
-            "refused a client not in socket.allowed_uids / allowed_gids"
-        );
-        let refusal = Rejection::new(
-            None,
-            ErrorCode::PermissionDenied,
-            format!(
-                "uid {uid} / gid {gid} may not use this socket (socket.allowed_uids, socket.allowed_gids)"
-            ),
-        );
-        let _ = tokio::time::timeout(ANSWER_GRACE, stream.writable()).await;
-        let _ = stream.try_write(refusal.to_line().as_bytes());
-        false
+    let Ok(peer) = stream.peer_cred() else {
+        return access.allows(u32::MAX, u32::MAX);
+    };
+    let (uid, gid) = (peer.uid(), peer.gid());
+    tracing::debug!(uid, gid, pid = peer.pid(), "client connected");
+    if access.allows(uid, gid) {
+        return true;
     }
+    tracing::warn!(
+        uid,
+        gid,
+        pid = peer.pid(),
+        "refused a client not in socket.allowed_uids / allowed_gids"
+    );
+    let refusal = Rejection::new(
+        None,
+        ErrorCode::PermissionDenied,
+        format!(
+            "uid {uid} / gid {gid} may not use this socket (socket.allowed_uids, socket.allowed_gids)"
+        ),
+    );
+    let _ = tokio::time::timeout(ANSWER_GRACE, stream.writable()).await;
+    let _ = stream.try_write(refusal.to_line().as_bytes());
+    false
 }
 
 /// One step of a client's answer pipeline, kept in line order.
