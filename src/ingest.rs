@@ -284,9 +284,11 @@ pub struct Pace {
 
 impl Pace {
     pub fn new(rate: u32) -> Pace {
+        let now = Instant::now();
         Pace {
             interval: (rate > 0).then(|| std::time::Duration::from_secs(1) / rate),
-            next: Instant::now(),
+            // A new client may send its first second's worth at once.
+            next: now.checked_sub(std::time::Duration::from_secs(1)).unwrap_or(now),
         }
     }
 
@@ -311,4 +313,41 @@ fn refusal(id: Option<Value>, error: &AppendError) -> Rejection {
         AppendError::Full(_) | AppendError::Storage(_) => ErrorCode::SpoolFull,
     };
     Rejection::new(id, code, error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn pace_allows_a_one_second_burst_then_the_rate() {
+        let mut pace = Pace::new(5);
+        let started = Instant::now();
+        for _ in 0..5 {
+            pace.wait().await;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(50),
+            "the burst is free"
+        );
+        for _ in 0..10 {
+            pace.wait().await;
+        }
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= std::time::Duration::from_millis(1900),
+            "{elapsed:?}"
+        );
+        assert!(
+            elapsed <= std::time::Duration::from_millis(2100),
+            "{elapsed:?}"
+        );
+
+        let mut unlimited = Pace::new(0);
+        let started = Instant::now();
+        for _ in 0..1000 {
+            unlimited.wait().await;
+        }
+        assert_eq!(started.elapsed(), std::time::Duration::ZERO);
+    }
 }

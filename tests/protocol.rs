@@ -441,3 +441,26 @@ fn send_and_status_commands_end_to_end() {
     let status: Value = serde_json::from_slice(&json.stdout).expect("status --json is JSON");
     assert!(status["published_total"].as_u64() >= Some(5), "{status}");
 }
+
+#[test]
+fn a_second_instance_on_the_same_socket_is_refused() {
+    let cloud = Cloud::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = cloud.config(dir.path(), true, "");
+    let daemon = cloud.start_daemon(&config);
+    let output = Command::new(env!("CARGO_BIN_EXE_iot-cognito-relay"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .expect("second instance");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("another instance is already listening"),
+        "{stderr}"
+    );
+    // The first one is unharmed.
+    let mut client = daemon.connect();
+    client.send_line(r#"{"op":"status","id":1}"#);
+    assert_eq!(client.read_answer(ANSWER).expect("answer")["ok"], true);
+}
