@@ -78,6 +78,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         identity_watch.sessions.clone(),
         settings,
         rules.clone(),
+        &config.publish,
     );
     let (stopping_tx, stopping) = watch::channel(false);
     let status = StatusSource {

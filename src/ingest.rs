@@ -288,7 +288,9 @@ impl Pace {
         Pace {
             interval: (rate > 0).then(|| std::time::Duration::from_secs(1) / rate),
             // A new client may send its first second's worth at once.
-            next: now.checked_sub(std::time::Duration::from_secs(1)).unwrap_or(now),
+            next: now
+                .checked_sub(std::time::Duration::from_secs(1))
+                .unwrap_or(now),
         }
     }
 

@@ -12,6 +12,7 @@ pub mod logging;
 pub mod mqtt;
 pub mod protocol;
 pub mod publisher;
+pub mod quota;
 pub mod raw;
 pub mod retry;
 pub mod secret;

@@ -13,9 +13,11 @@ use rumqttc::{ConnectReturnCode, Event, Outgoing, Packet, QoS};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::config::PublishConfig;
 use crate::identity::Session;
 use crate::mqtt::{self, MqttSettings};
 use crate::protocol::Qos;
+use crate::quota::Quota;
 use crate::retry::Backoff;
 use crate::spool::Spool;
 use crate::status::LinkState;
@@ -63,6 +65,8 @@ pub struct Publisher {
     counters: watch::Sender<PublishCounters>,
     /// Highest spool id ever handed to a connection; ids at or below it are republishes.
     highest_sent: i64,
+    /// IoT Core's per-connection quotas, kept across reconnects.
+    quota: Quota,
 }
 
 impl Publisher {
@@ -71,6 +75,7 @@ impl Publisher {
         sessions: watch::Receiver<Option<Arc<Session>>>,
         settings: MqttSettings,
         rules: Arc<TopicRules>,
+        limits: &PublishConfig,
     ) -> (
         Publisher,
         watch::Receiver<LinkState>,
@@ -86,6 +91,10 @@ impl Publisher {
             link,
             counters,
             highest_sent: 0,
+            quota: Quota::new(
+                limits.max_publishes_per_second,
+                limits.max_bytes_per_second.0,
+            ),
         };
         (publisher, link_rx, counters_rx)
     }
@@ -175,18 +184,30 @@ impl Publisher {
         tokio::pin!(age_limit);
         let mut window = Window::default();
         let mut ended: Option<Ended> = None;
+        let mut paced_until: Option<Instant> = None;
         let mut identity_gone = false;
         let mut ack_check = tokio::time::interval(ACK_CHECK);
         let mut cursor = 0i64;
 
         loop {
             let outstanding = window.outstanding();
-            if window.connected && renew_by.is_none() && outstanding < max_in_flight {
+            if window.connected
+                && renew_by.is_none()
+                && paced_until.is_none()
+                && outstanding < max_in_flight
+            {
                 let batch = self
                     .spool
                     .read_after(cursor, max_in_flight - outstanding)
                     .await;
                 for stored in batch {
+                    let size = (stored.message.topic.len() + stored.message.payload.len()) as u64;
+                    if let Some(at) = self.quota.ready_at(size, Instant::now()) {
+                        // Over IoT Core's quota: the rest waits in the spool.
+                        paced_until = Some(at);
+                        break;
+                    }
+                    self.quota.record(size, Instant::now());
                     let topic = self
                         .rules
                         .full_topic(&session.identity_id, &stored.message.topic);
@@ -248,7 +269,10 @@ impl Publisher {
                         }
                     }
                 }
-                changed = spool_stats.changed(), if window.connected && renew_by.is_none() => {
+                _ = tokio::time::sleep_until(paced_until.unwrap_or_else(Instant::now)), if paced_until.is_some() => {
+                    paced_until = None;
+                }
+                changed = spool_stats.changed(), if window.connected && renew_by.is_none() && paced_until.is_none() => {
                     if changed.is_err() {
                         return Ended::Failed("spool closed".into());
                     }

@@ -245,3 +245,57 @@ fn sigterm_refuses_new_lines_drains_and_keeps_the_rest_for_the_next_start() {
     collect_all(&mut subscriber, &acked);
     daemon.wait_status("spool drained", DELIVERY_WAIT, |s| s["spool_messages"] == 0);
 }
+
+#[test]
+fn a_backlog_goes_out_within_the_publish_quota() {
+    let mut cloud = Cloud::start();
+    let mut subscriber = cloud.subscribe();
+    cloud.kill_broker();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = cloud.config(dir.path(), true, "");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace(
+            "max_publishes_per_second = 0",
+            "max_publishes_per_second = 50",
+        ),
+    )
+    .expect("write");
+    let daemon = cloud.start_daemon(&config);
+    let acked = send_many(&daemon.socket, "quota", 0..300);
+    assert_eq!(acked.len(), 300);
+
+    cloud.start_broker();
+    let wanted: BTreeSet<u64> = acked.iter().copied().collect();
+    let received = subscriber.collect_until(DELIVERY_WAIT, |r| {
+        numbers(r)
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+            .is_superset(&wanted)
+    });
+    assert!(numbers(&received).len() >= 300);
+    // Counted where IoT Core would count: at the broker, whose log stamps each PUBLISH it
+    // receives with the epoch second.
+    let mut per_second = std::collections::BTreeMap::<u64, usize>::new();
+    for line in cloud.broker_log().lines() {
+        if line.contains("Received PUBLISH from us-east-1:") && line.contains("/quota'") {
+            let second = line
+                .split(':')
+                .next()
+                .and_then(|t| t.trim().parse().ok())
+                .unwrap_or(0);
+            *per_second.entry(second).or_default() += 1;
+        }
+    }
+    let busiest = per_second.values().copied().max().unwrap_or(0);
+    eprintln!("quota 50/s: 300 messages, per broker second {per_second:?}");
+    assert!(
+        busiest <= 50,
+        "at most 50 publishes in any second: {per_second:?}"
+    );
+    assert!(
+        per_second.len() >= 6,
+        "300 at 50/s span at least 6 calendar seconds: {per_second:?}"
+    );
+}

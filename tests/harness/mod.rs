@@ -504,6 +504,7 @@ impl Cloud {
              [identity]\nidentity_pool_id = {pool:?}\nsecret_id = {secret:?}\n{unauth}\n\
              [mqtt]\nurl = \"wss://127.0.0.1:{WSS_PORT}/mqtt\"\nca_file = {ca:?}\n\n\
              [socket]\npath = {socket:?}\n\n[state]\ndir = {state:?}\n\n\
+             [publish]\nmax_publishes_per_second = 0\nmax_bytes_per_second = \"0\"\n\n\
              [log]\nlevel = \"debug\"\n{extra}",
             pool = self.account.identity_pool_id,
             secret = self.account.secret_id,
