@@ -7,26 +7,12 @@ mod harness;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use harness::{Cloud, Daemon, Streamer, numbers};
+use harness::{Cloud, Daemon, Streamer};
 
 const WAIT: Duration = Duration::from_secs(180);
 
-/// Waits until every acked id arrived.
 fn assert_delivered(subscriber: &mut harness::Subscriber, acked: &[u64]) {
-    let wanted: BTreeSet<u64> = acked.iter().copied().collect();
-    let mut seen = BTreeSet::new();
-    subscriber.collect_until(WAIT, |received| {
-        if let Some(last) = received.last() {
-            seen.extend(numbers(std::slice::from_ref(last)));
-        }
-        wanted.is_subset(&seen)
-    });
-    let missing: Vec<_> = wanted.difference(&seen).collect();
-    assert!(
-        missing.is_empty(),
-        "{} acked messages lost: {missing:?}",
-        missing.len()
-    );
+    subscriber.expect_all(acked, WAIT);
 }
 
 /// No secret in the daemon's log, its state dir or its status answer.

@@ -12,26 +12,8 @@ const DELIVERY_WAIT: Duration = Duration::from_secs(120);
 /// mosquitto saves its sessions every second; the subscriber's must be saved before a kill.
 const AUTOSAVE: Duration = Duration::from_millis(1500);
 
-/// Waits until every id in `acked` arrived; returns (arrivals in order, duplicate count).
 fn collect_all(subscriber: &mut harness::Subscriber, acked: &[u64]) -> (Vec<u64>, usize) {
-    let wanted: BTreeSet<u64> = acked.iter().copied().collect();
-    let mut seen = BTreeSet::new();
-    let received = subscriber.collect_until(DELIVERY_WAIT, |received| {
-        if let Some(last) = received.last() {
-            seen.extend(numbers(std::slice::from_ref(last)));
-        }
-        wanted.is_subset(&seen)
-    });
-    let arrivals = numbers(&received);
-    let unique: BTreeSet<u64> = arrivals.iter().copied().collect();
-    let missing: Vec<u64> = wanted.difference(&unique).copied().collect();
-    assert!(
-        missing.is_empty(),
-        "{} acked messages lost: {missing:?}",
-        missing.len()
-    );
-    let duplicates = arrivals.len() - unique.len();
-    (arrivals, duplicates)
+    subscriber.expect_all(acked, DELIVERY_WAIT)
 }
 
 #[test]

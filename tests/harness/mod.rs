@@ -618,6 +618,28 @@ impl Subscriber {
         })
     }
 
+    /// Waits until every `{"n": id}` in `acked` arrived (failing the test with the missing
+    /// ids otherwise); returns the arrival order and the number of duplicates.
+    pub fn expect_all(&mut self, acked: &[u64], timeout: Duration) -> (Vec<u64>, usize) {
+        let wanted: std::collections::BTreeSet<u64> = acked.iter().copied().collect();
+        let mut seen = std::collections::BTreeSet::new();
+        let received = self.collect_until(timeout, |received| {
+            if let Some(last) = received.last() {
+                seen.extend(numbers(std::slice::from_ref(last)));
+            }
+            wanted.is_subset(&seen)
+        });
+        let arrivals = numbers(&received);
+        let missing: Vec<&u64> = wanted.difference(&seen).collect();
+        assert!(
+            missing.is_empty(),
+            "{} acked messages lost: {missing:?}",
+            missing.len()
+        );
+        let duplicates = arrivals.len() - seen.len();
+        (arrivals, duplicates)
+    }
+
     /// Collects messages until `done` says so or `timeout` passes.
     pub fn collect_until(
         &mut self,
