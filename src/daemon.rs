@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::identity::IdentityManager;
 use crate::ingest::{self, BindError, IngestServer};
 use crate::mqtt::{self, MqttSettings, TlsError};
+use crate::notify;
 use crate::publisher::Publisher;
 use crate::raw::RawServer;
 use crate::spool::{self, Spool};
@@ -123,6 +124,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut identity_task = tokio::spawn(identity.run());
     let mut ingest_task = tokio::spawn(server.run());
     let mut publisher_task = tokio::spawn(publisher.run(stopping));
+    notify::ready(&status);
+    let (identity_alive, ingest_alive, publisher_alive) = (
+        identity_task.abort_handle(),
+        ingest_task.abort_handle(),
+        publisher_task.abort_handle(),
+    );
+    let supervisor = tokio::spawn(notify::supervise(
+        status.clone(),
+        spool.clone(),
+        move || {
+            !identity_alive.is_finished()
+                && !ingest_alive.is_finished()
+                && !publisher_alive.is_finished()
+        },
+    ));
 
     // Each task runs until shutdown; one that ends earlier has failed, and the daemon exits
     // non-zero so that systemd restarts it.
@@ -141,6 +157,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     let _ = stopping_tx.send(true);
+    notify::stopping();
     let pending = spool.stats().borrow().messages;
     tracing::info!(
         STATE = "stopping",
@@ -157,6 +174,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     ingest_task.abort();
     identity_task.abort();
+    supervisor.abort();
     for task in raw_tasks {
         task.abort();
     }

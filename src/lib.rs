@@ -10,6 +10,7 @@ pub mod ingest;
 pub mod lines;
 pub mod logging;
 pub mod mqtt;
+pub mod notify;
 pub mod protocol;
 pub mod publisher;
 pub mod quota;

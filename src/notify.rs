@@ -1,0 +1,81 @@
+//! systemd integration (`Type=notify`): readiness, a status line that follows the state,
+//! `STOPPING=1`, and the watchdog. Outside systemd (no `NOTIFY_SOCKET`) every call is a no-op.
+
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+
+use crate::spool::Spool;
+use crate::status::StatusSource;
+
+/// The spool thread must answer a probe within this to count as alive.
+const SPOOL_PROBE: Duration = Duration::from_secs(5);
+/// The status line is refreshed at most this often.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+
+fn send(states: &[NotifyState]) {
+    if let Err(error) = sd_notify::notify(states) {
+        tracing::warn!(%error, "cannot notify systemd");
+    }
+}
+
+/// Config valid, spool open, socket listening: the daemon accepts data from now on.
+pub fn ready(status: &StatusSource) {
+    send(&[
+        NotifyState::Ready,
+        NotifyState::Status(&status_line(status)),
+    ]);
+}
+
+pub fn stopping() {
+    send(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: delivering what is pending"),
+    ]);
+}
+
+/// `connected as us-east-1:…, 12 spooled` and the like.
+fn status_line(status: &StatusSource) -> String {
+    let now = status.snapshot();
+    let identity = now.identity_id.as_deref().unwrap_or("(no identity yet)");
+    format!(
+        "{} as {identity}, {} spooled",
+        now.state.as_str(),
+        now.spool_messages
+    )
+}
+
+/// Keeps `STATUS=` current, and pings the watchdog at half of `WATCHDOG_USEC` while `alive`
+/// says the tasks are running and the spool thread answers. Runs until the daemon stops.
+pub async fn supervise(status: StatusSource, spool: Spool, alive: impl Fn() -> bool) {
+    let watchdog = sd_notify::watchdog_enabled();
+    let tick = watchdog.map_or(STATUS_EVERY, |period| (period / 2).min(STATUS_EVERY));
+    let mut ticker = tokio::time::interval(tick);
+    let mut last_status = String::new();
+    let mut last_ping = tokio::time::Instant::now();
+    loop {
+        ticker.tick().await;
+        let line = status_line(&status);
+        if line != last_status {
+            send(&[NotifyState::Status(&line)]);
+            last_status = line;
+        }
+        let Some(period) = watchdog else { continue };
+        if last_ping.elapsed() < period / 2 {
+            continue;
+        }
+        let spool_answers =
+            tokio::time::timeout(SPOOL_PROBE.min(period), spool.read_after(i64::MAX, 1))
+                .await
+                .is_ok();
+        if alive() && spool_answers {
+            send(&[NotifyState::Watchdog]);
+            last_ping = tokio::time::Instant::now();
+        } else {
+            tracing::error!(
+                spool_answers,
+                "a task is not making progress; withholding the watchdog ping"
+            );
+        }
+    }
+}

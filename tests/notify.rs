@@ -1,0 +1,73 @@
+//! The systemd notify protocol as the daemon speaks it, read from a test `NOTIFY_SOCKET`: no
+//! systemd needed. The daemon runs offline (AWS unreachable): it must still become ready.
+
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn datagrams_for(socket: &UnixDatagram, period: Duration) -> Vec<String> {
+    let deadline = Instant::now() + period;
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(len) = socket.recv(&mut buffer) {
+            received.push(String::from_utf8_lossy(&buffer[..len]).into_owned());
+        }
+    }
+    received
+}
+
+#[test]
+fn ready_status_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[aws]\nendpoint_url = \"http://127.0.0.1:1\"\n[identity]\n\
+             identity_pool_id = \"us-east-1:00000000-0000-0000-0000-000000000000\"\n\
+             secret_id = \"offline\"\n[socket]\npath = {:?}\n[state]\ndir = {:?}\n",
+            dir.path().join("relay.sock"),
+            dir.path().join("state"),
+        ),
+    )
+    .expect("config");
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_iot-cognito-relay"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start daemon");
+
+    let started = datagrams_for(&notify, Duration::from_millis(2600));
+    let first = started.first().expect("a first notification");
+    assert!(first.contains("READY=1"), "{started:?}");
+    assert!(first.contains("STATUS="), "{started:?}");
+    assert!(
+        dir.path().join("relay.sock").exists(),
+        "ready means the socket listens"
+    );
+    let pings = started.iter().filter(|d| d.contains("WATCHDOG=1")).count();
+    assert!(
+        (3..=6).contains(&pings),
+        "a ping every half second: {started:?}"
+    );
+
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let stopping = datagrams_for(&notify, Duration::from_millis(1500));
+    assert!(
+        stopping.iter().any(|d| d.contains("STOPPING=1")),
+        "{stopping:?}"
+    );
+    let status = daemon.wait().expect("exit");
+    assert!(status.success(), "{status:?}");
+}
