@@ -11,11 +11,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
-use crate::config::Config;
+use crate::config::{Config, PublishConfig};
 use crate::identity::IdentityManager;
 use crate::ingest::{self, BindError, IngestServer};
+use crate::logging::LogControl;
 use crate::mqtt::{self, MqttSettings, TlsError};
 use crate::notify;
 use crate::publisher::Publisher;
@@ -42,8 +43,19 @@ pub enum DaemonError {
     TaskFailed(&'static str),
 }
 
+/// What the process around the daemon can do to it while it runs.
+pub struct Controls {
+    /// New configs to apply (SIGHUP): what can change live does, the rest waits for a restart.
+    pub reloads: mpsc::Receiver<Config>,
+    pub log: Option<LogControl>,
+}
+
 /// Runs the daemon until `shutdown` resolves, then drains for up to `shutdown.drain_timeout`.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+pub async fn run(
+    config: Config,
+    mut controls: Controls,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
     prepare_state_dir(&config.state.dir)?;
     let spool = Spool::open(
         &config.state.dir,
@@ -74,12 +86,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tls,
         max_in_flight: config.publish.max_in_flight,
     };
+    let (publish_limits, limits_rx) = watch::channel(config.publish.clone());
     let (publisher, link, counters) = Publisher::new(
         spool.clone(),
         identity_watch.sessions.clone(),
         settings,
         rules.clone(),
-        &config.publish,
+        limits_rx,
     );
     let (stopping_tx, stopping) = watch::channel(false);
     let status = StatusSource {
@@ -142,11 +155,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     // Each task runs until shutdown; one that ends earlier has failed, and the daemon exits
     // non-zero so that systemd restarts it.
-    let failed = tokio::select! {
-        _ = shutdown => None,
-        result = &mut publisher_task => Some(("publisher", result)),
-        result = &mut identity_task => Some(("identity manager", result)),
-        result = &mut ingest_task => Some(("socket server", result)),
+    tokio::pin!(shutdown);
+    let mut running = config.clone();
+    let failed = loop {
+        tokio::select! {
+            _ = &mut shutdown => break None,
+            Some(new) = controls.reloads.recv() => {
+                reload(&mut running, new, controls.log.as_ref(), &publish_limits);
+                notify::ready(&status);
+            }
+            result = &mut publisher_task => break Some(("publisher", result)),
+            result = &mut identity_task => break Some(("identity manager", result)),
+            result = &mut ingest_task => break Some(("socket server", result)),
+        }
     };
     if let Some((task, result)) = &failed {
         tracing::error!(
@@ -188,6 +209,57 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some((task, _)) => Err(DaemonError::TaskFailed(task)),
         None => Ok(()),
     }
+}
+
+/// Applies what can change live (log level, publish quotas) and names what waits for a restart.
+fn reload(
+    running: &mut Config,
+    new: Config,
+    log: Option<&LogControl>,
+    publish_limits: &watch::Sender<PublishConfig>,
+) {
+    notify::reloading();
+    let mut applied = Vec::new();
+    if new.log.level != running.log.level {
+        match log.map(|log| log.set_level(&new.log.level)) {
+            Some(Err(reason)) => tracing::warn!(%reason, "log.level not changed"),
+            _ => applied.push(format!(
+                "log.level {:?} -> {:?}",
+                running.log.level, new.log.level
+            )),
+        }
+    }
+    let (old, fresh) = (&running.publish, &new.publish);
+    if old.max_publishes_per_second != fresh.max_publishes_per_second
+        || old.max_bytes_per_second != fresh.max_bytes_per_second
+    {
+        applied.push(format!(
+            "publish.max_publishes_per_second {} -> {}, publish.max_bytes_per_second {} -> {}",
+            old.max_publishes_per_second,
+            fresh.max_publishes_per_second,
+            old.max_bytes_per_second,
+            fresh.max_bytes_per_second
+        ));
+        publish_limits.send_replace(fresh.clone());
+    }
+    // Everything else is compared with the live parts taken out.
+    let without_live = |config: &Config| {
+        let mut rest = config.clone();
+        rest.log = Default::default();
+        rest.publish.max_publishes_per_second = 0;
+        rest.publish.max_bytes_per_second = crate::config::ByteSize(0);
+        rest.to_redacted_toml()
+    };
+    let needs_restart = without_live(&new) != without_live(running);
+    tracing::info!(
+        changed = %if applied.is_empty() { "nothing live".to_owned() } else { applied.join("; ") },
+        needs_restart,
+        "configuration reloaded{}",
+        if needs_restart { "; other changes take effect at the next restart" } else { "" }
+    );
+    running.log = new.log.clone();
+    running.publish.max_publishes_per_second = new.publish.max_publishes_per_second;
+    running.publish.max_bytes_per_second = new.publish.max_bytes_per_second;
 }
 
 /// Creates the state dir (mode 0700): it holds the spool and the identity cache.

@@ -127,7 +127,7 @@ fn run(path: &std::path::Path) -> ExitCode {
         Ok(config) => config,
         Err(error) => return fail(EXIT_USAGE, error),
     };
-    logging::init(&config.log.level);
+    let log = logging::init(&config.log.level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -135,7 +135,16 @@ fn run(path: &std::path::Path) -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => return fail(EXIT_FAILURE, format!("cannot start the runtime: {error}")),
     };
-    match runtime.block_on(daemon::run(config, shutdown_signal())) {
+    let daemon = async {
+        let (reload_tx, reloads) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(reload_on_sighup(path.to_owned(), reload_tx));
+        let controls = daemon::Controls {
+            reloads,
+            log: Some(log),
+        };
+        daemon::run(config, controls, shutdown_signal()).await
+    };
+    match runtime.block_on(daemon) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "cannot start");
@@ -144,23 +153,41 @@ fn run(path: &std::path::Path) -> ExitCode {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT. SIGHUP (systemd's reload) must not kill the daemon: it is
-/// acknowledged in the log until live reload exists.
+/// Resolves on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+    let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
     ) else {
         // Without signal handlers the daemon can still be killed; it just cannot drain.
         return std::future::pending().await;
     };
-    loop {
-        tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
-            _ = hup.recv() => tracing::warn!("SIGHUP: live reload is not supported yet; restart to apply config changes"),
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// On SIGHUP (systemd's `reload`), reads the config file again and hands it to the daemon;
+/// a config that does not load is logged and the running one kept.
+async fn reload_on_sighup(
+    path: std::path::PathBuf,
+    reloads: tokio::sync::mpsc::Sender<config::Config>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot handle SIGHUP; reload needs a restart");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match config::Config::load(&path) {
+            Ok(config) => {
+                if reloads.send(config).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) => tracing::error!(%error, "reload failed; keeping the running config"),
         }
     }
 }

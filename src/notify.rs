@@ -27,6 +27,14 @@ pub fn ready(status: &StatusSource) {
     ]);
 }
 
+/// A reload begins (systemd 252 has no `notify-reload`: RELOADING=1 with the monotonic time).
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now]),
+        Err(error) => tracing::warn!(%error, "cannot read the monotonic clock"),
+    }
+}
+
 pub fn stopping() {
     send(&[
         NotifyState::Stopping,

@@ -67,6 +67,8 @@ pub struct Publisher {
     highest_sent: i64,
     /// IoT Core's per-connection quotas, kept across reconnects.
     quota: Quota,
+    /// The quota settings; SIGHUP may change them.
+    limits: watch::Receiver<PublishConfig>,
 }
 
 impl Publisher {
@@ -75,7 +77,7 @@ impl Publisher {
         sessions: watch::Receiver<Option<Arc<Session>>>,
         settings: MqttSettings,
         rules: Arc<TopicRules>,
-        limits: &PublishConfig,
+        limits: watch::Receiver<PublishConfig>,
     ) -> (
         Publisher,
         watch::Receiver<LinkState>,
@@ -83,6 +85,10 @@ impl Publisher {
     ) {
         let (link, link_rx) = watch::channel(LinkState::Starting);
         let (counters, counters_rx) = watch::channel(PublishCounters::default());
+        let quota = Quota::new(
+            limits.borrow().max_publishes_per_second,
+            limits.borrow().max_bytes_per_second.0,
+        );
         let publisher = Publisher {
             spool,
             sessions,
@@ -91,10 +97,8 @@ impl Publisher {
             link,
             counters,
             highest_sent: 0,
-            quota: Quota::new(
-                limits.max_publishes_per_second,
-                limits.max_bytes_per_second.0,
-            ),
+            quota,
+            limits,
         };
         (publisher, link_rx, counters_rx)
     }
@@ -200,6 +204,13 @@ impl Publisher {
                     .spool
                     .read_after(cursor, max_in_flight - outstanding)
                     .await;
+                if self.limits.has_changed().unwrap_or(false) {
+                    let limits = self.limits.borrow_and_update();
+                    self.quota.set_limits(
+                        limits.max_publishes_per_second,
+                        limits.max_bytes_per_second.0,
+                    );
+                }
                 for stored in batch {
                     let size = (stored.message.topic.len() + stored.message.payload.len()) as u64;
                     if let Some(at) = self.quota.ready_at(size, Instant::now()) {

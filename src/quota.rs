@@ -28,6 +28,12 @@ impl Quota {
         }
     }
 
+    /// New limits (SIGHUP); the last second's publishes still count against them.
+    pub fn set_limits(&mut self, max_publishes: u32, max_bytes: u64) {
+        self.max_publishes = max_publishes;
+        self.max_bytes = max_bytes;
+    }
+
     /// `None` when a publish of `size` bytes may go out at `now`, else the moment it may.
     pub fn ready_at(&mut self, size: u64, now: Instant) -> Option<Instant> {
         while let Some((at, bytes)) = self.sent.front().copied() {

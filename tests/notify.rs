@@ -17,6 +17,16 @@ fn datagrams_for(socket: &UnixDatagram, period: Duration) -> Vec<String> {
     received
 }
 
+/// Kills the daemon if the test fails before it stops it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn ready_status_watchdog_and_stopping() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -38,15 +48,19 @@ fn ready_status_watchdog_and_stopping() {
         .set_read_timeout(Some(Duration::from_millis(100)))
         .expect("timeout");
 
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_iot-cognito-relay"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env("WATCHDOG_USEC", "1000000")
-        .env_remove("RUST_LOG")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start daemon");
+    let mut daemon = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_iot-cognito-relay"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("WATCHDOG_USEC", "1000000")
+            .env_remove("RUST_LOG")
+            .stderr(std::fs::File::create(dir.path().join("daemon.log")).expect("log"))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start daemon"),
+    );
+    let daemon = &mut daemon.0;
 
     let started = datagrams_for(&notify, Duration::from_millis(2600));
     let first = started.first().expect("a first notification");
@@ -60,6 +74,40 @@ fn ready_status_watchdog_and_stopping() {
     assert!(
         (3..=6).contains(&pings),
         "a ping every half second: {started:?}"
+    );
+
+    // SIGHUP: RELOADING=1 with MONOTONIC_USEC, the live parts applied, then READY=1 again.
+    let base = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        format!("{base}[publish]\nmax_publishes_per_second = 7\n[log]\nlevel = \"debug\"\n"),
+    )
+    .expect("config");
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGHUP) };
+    let reload = datagrams_for(&notify, Duration::from_millis(1000));
+    let reloading = reload
+        .iter()
+        .position(|d| d.contains("RELOADING=1"))
+        .expect("RELOADING=1");
+    assert!(reload[reloading].contains("MONOTONIC_USEC="), "{reload:?}");
+    assert!(
+        reload[reloading..].iter().any(|d| d.contains("READY=1")),
+        "{reload:?}"
+    );
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).expect("log");
+    assert!(log.contains("configuration reloaded"), "{log}");
+    assert!(log.contains("max_publishes_per_second 100 -> 7"), "{log}");
+    assert!(log.contains(r#"log.level "info" -> "debug""#), "{log}");
+
+    // A broken config on SIGHUP is refused; the daemon keeps running on the old one.
+    std::fs::write(&config, "[identity\n").expect("config");
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(daemon.try_wait().expect("wait").is_none(), "still running");
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).expect("log");
+    assert!(
+        log.contains("reload failed; keeping the running config"),
+        "{log}"
     );
 
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
