@@ -75,33 +75,48 @@ pub struct IngestServer {
 
 impl IngestServer {
     pub async fn run(self) {
-        let slots = Arc::new(Semaphore::new(self.limits.max_clients as usize));
-        loop {
-            // At max_clients, further clients wait in the listen backlog until one leaves.
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                return;
+        let server = &self;
+        accept_clients(&self.listener, &self.limits, |stream| {
+            let client = Client {
+                spool: server.spool.clone(),
+                rules: server.rules.clone(),
+                status: server.status.clone(),
+                stopping: server.stopping.clone(),
+                limits: server.limits.clone(),
             };
-            match self.listener.accept().await {
-                Ok((stream, _)) => {
-                    if !admit(&self.limits, &stream).await {
-                        continue;
-                    }
-                    let client = Client {
-                        spool: self.spool.clone(),
-                        rules: self.rules.clone(),
-                        status: self.status.clone(),
-                        stopping: self.stopping.clone(),
-                        limits: self.limits.clone(),
-                    };
-                    tokio::spawn(async move {
-                        client.serve(stream).await;
-                        drop(slot);
-                    });
+            client.serve(stream)
+        })
+        .await;
+    }
+}
+
+/// Accepts clients until the daemon stops, for the JSON socket and the raw sockets alike: at
+/// most `max_clients` at once (the rest wait in the listen backlog), each admitted by its peer
+/// credentials, each served on its own task.
+pub async fn accept_clients<F, Fut>(listener: &UnixListener, limits: &SocketConfig, serve: F)
+where
+    F: Fn(UnixStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(limits.max_clients as usize));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                if !admit(limits, &stream).await {
+                    continue;
                 }
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
+                let client = serve(stream);
+                tokio::spawn(async move {
+                    client.await;
+                    drop(slot);
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
     }

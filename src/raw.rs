@@ -6,10 +6,10 @@
 use std::sync::Arc;
 
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use crate::config::{RawSocketConfig, SocketConfig};
-use crate::ingest::{Pace, admit};
+use crate::ingest::{Pace, accept_clients};
 use crate::lines::{Next, RecordReader};
 use crate::protocol::{MAX_PAYLOAD_BYTES, Message, Qos};
 use crate::spool::Spool;
@@ -25,29 +25,12 @@ pub struct RawServer {
 
 impl RawServer {
     pub async fn run(self) {
-        let slots = Arc::new(Semaphore::new(self.limits.max_clients as usize));
         let this = Arc::new(self);
-        loop {
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                return;
-            };
-            match this.listener.accept().await {
-                Ok((stream, _)) => {
-                    if !admit(&this.limits, &stream).await {
-                        continue;
-                    }
-                    let server = this.clone();
-                    tokio::spawn(async move {
-                        server.serve(stream).await;
-                        drop(slot);
-                    });
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            }
-        }
+        accept_clients(&this.listener, &this.limits, |stream| {
+            let server = this.clone();
+            async move { server.serve(stream).await }
+        })
+        .await;
     }
 
     async fn serve(&self, stream: UnixStream) {
