@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "../tests/harness/mod.rs"]
+mod harness;
+
 const BIN: &str = env!("CARGO_BIN_EXE_iot-cognito-relay");
 
 fn main() {
@@ -38,19 +41,10 @@ fn main() {
     });
     let sink_rate = drive(&sink_socket, writers, per_writer);
 
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[aws]\nendpoint_url = \"http://127.0.0.1:1\"\n[identity]\n\
-             identity_pool_id = \"us-east-1:00000000-0000-0000-0000-000000000000\"\n\
-             secret_id = \"bench\"\n[socket]\npath = {:?}\n[state]\ndir = {:?}\n\
-             [spool]\nmax_bytes = \"1GiB\"\n[log]\nlevel = \"error\"\n",
-            dir.path().join("relay.sock"),
-            dir.path().join("state"),
-        ),
-    )
-    .expect("config");
+    let config = harness::offline_config(
+        dir.path(),
+        "[spool]\nmax_bytes = \"1GiB\"\n[log]\nlevel = \"error\"\n",
+    );
     let mut daemon = Command::new(BIN)
         .args(["run", "--config"])
         .arg(&config)
@@ -64,9 +58,9 @@ fn main() {
         assert!(Instant::now() < deadline, "daemon did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let rss_idle = peak_rss_kib(daemon.id());
+    let rss_idle = harness::peak_rss_kib(daemon.id());
     let daemon_rate = drive(&socket, writers, per_writer);
-    let rss_peak = peak_rss_kib(daemon.id());
+    let rss_peak = harness::peak_rss_kib(daemon.id());
     let _ = daemon.kill();
     let _ = daemon.wait();
 
@@ -150,13 +144,4 @@ fn line_sink(stream: UnixStream) {
             }
         }
     }
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }

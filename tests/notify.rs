@@ -1,6 +1,8 @@
 //! The systemd notify protocol as the daemon speaks it, read from a test `NOTIFY_SOCKET`: no
 //! systemd needed. The daemon runs offline (AWS unreachable): it must still become ready.
 
+mod harness;
+
 use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -30,18 +32,7 @@ impl Drop for KillOnDrop {
 #[test]
 fn ready_status_watchdog_and_stopping() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[aws]\nendpoint_url = \"http://127.0.0.1:1\"\n[identity]\n\
-             identity_pool_id = \"us-east-1:00000000-0000-0000-0000-000000000000\"\n\
-             secret_id = \"offline\"\n[socket]\npath = {:?}\n[state]\ndir = {:?}\n",
-            dir.path().join("relay.sock"),
-            dir.path().join("state"),
-        ),
-    )
-    .expect("config");
+    let config = harness::offline_config(dir.path(), "");
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
     notify

@@ -293,15 +293,6 @@ fn a_half_line_left_idle_is_answered_and_closed() {
     assert_eq!(client.read_to_end(), "");
 }
 
-fn peak_rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn many_clients_and_deaf_clients_keep_the_daemon_responsive_and_bounded() {
     let mut cloud = Cloud::start();
@@ -362,7 +353,7 @@ fn many_clients_and_deaf_clients_keep_the_daemon_responsive_and_bounded() {
     daemon.wait_status("every deaf message stored", Duration::from_secs(60), |s| {
         s["spool_messages"] == 50 * 2000 + 500
     });
-    let rss = peak_rss_kib(daemon.process.pid());
+    let rss = harness::peak_rss_kib(daemon.process.pid() as u32);
     eprintln!(
         "500 clients answered in {elapsed:?} beside 50 deaf clients; daemon peak RSS {rss} KiB"
     );

@@ -938,3 +938,28 @@ pub fn send_many(socket: &Path, topic: &str, range: std::ops::Range<u64>) -> Vec
     sender.join().expect("writer");
     acked
 }
+
+/// A config for a daemon without any cloud (AWS unreachable): it runs offline and keeps
+/// accepting into its spool. `extra` is appended (e.g. a `[spool]` or `[log]` section).
+pub fn offline_config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("config.toml");
+    let text = format!(
+        "[aws]\nendpoint_url = \"http://127.0.0.1:1\"\n[identity]\n\
+         identity_pool_id = \"us-east-1:00000000-0000-0000-0000-000000000000\"\n\
+         secret_id = \"offline\"\n[socket]\npath = {:?}\n[state]\ndir = {:?}\n{extra}",
+        dir.join("relay.sock"),
+        dir.join("state"),
+    );
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// A process's peak resident memory (`VmHWM`), in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
