@@ -32,6 +32,8 @@ pub enum ConfigError {
         key: &'static str,
         reason: String,
     },
+    #[error("{path}: {reason}; refusing to use it")]
+    Insecure { path: PathBuf, reason: String },
 }
 
 /// The whole configuration, section by section as in SPEC.md.
@@ -318,6 +320,7 @@ impl Config {
             path: path.to_owned(),
             source,
         };
+        check_not_tamperable(path)?;
         let raw = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
             .add_source(
@@ -591,6 +594,58 @@ mod duration {
     pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&humantime::format_duration(*value).to_string())
     }
+}
+
+/// Like the Device Client, trust a config only if no other user can have written it: the file
+/// must not be writable by everyone nor belong to another ordinary user, and its directory must
+/// not let everyone replace it.
+fn check_not_tamperable(path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let insecure = |path: &Path, reason: String| ConfigError::Insecure {
+        path: path.to_owned(),
+        reason,
+    };
+    // A missing file is reported by the loader, with the usual wording.
+    let Ok(file) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    if file.mode() & 0o002 != 0 {
+        return Err(insecure(
+            path,
+            format!(
+                "writable by every user (mode {:04o}); fix with chmod o-w",
+                file.mode() & 0o7777
+            ),
+        ));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if file.uid() != 0 && file.uid() != me {
+        return Err(insecure(
+            path,
+            format!(
+                "owned by uid {}, neither root nor this process's user",
+                file.uid()
+            ),
+        ));
+    }
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if let Ok(meta) = std::fs::metadata(dir)
+        && meta.mode() & 0o002 != 0
+        && meta.mode() & 0o1000 == 0
+    {
+        return Err(insecure(
+            dir,
+            format!(
+                "the config's directory is writable by every user (mode {:04o}); fix with chmod o-w",
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, PublishConfig};
+use crate::heartbeat;
 use crate::identity::IdentityManager;
 use crate::ingest::{self, BindError, IngestServer};
 use crate::logging::LogControl;
@@ -33,6 +34,10 @@ pub enum DaemonError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "state dir {path} is writable by every user (mode {mode:04o}); refusing to use it (fix with chmod 700)"
+    )]
+    InsecureStateDir { path: String, mode: u32 },
     #[error(transparent)]
     Spool(#[from] spool::OpenError),
     #[error(transparent)]
@@ -103,9 +108,12 @@ pub async fn run(
         counters,
     };
     let limits = Arc::new(config.socket.clone());
+    let mut pulses = Vec::new();
     let raw_tasks: Vec<_> = raw_listeners
         .into_iter()
         .map(|(listener, raw)| {
+            let (heartbeat, pulse) = heartbeat::channel("raw socket server");
+            pulses.push(pulse);
             tokio::spawn(
                 RawServer {
                     listener,
@@ -113,11 +121,18 @@ pub async fn run(
                     limits: limits.clone(),
                     spool: spool.clone(),
                     stopping: stopping.clone(),
+                    heartbeat,
                 }
                 .run(),
             )
         })
         .collect();
+    let (ingest_heartbeat, pulse) = heartbeat::channel("socket server");
+    pulses.push(pulse);
+    let (identity_heartbeat, pulse) = heartbeat::channel("identity manager");
+    pulses.push(pulse);
+    let (publisher_heartbeat, pulse) = heartbeat::channel("publisher");
+    pulses.push(pulse);
     let server = IngestServer {
         listener,
         limits,
@@ -125,6 +140,7 @@ pub async fn run(
         rules,
         status: status.clone(),
         stopping: stopping.clone(),
+        heartbeat: ingest_heartbeat,
     };
 
     let stats = *spool.stats().borrow();
@@ -134,24 +150,11 @@ pub async fn run(
         identity_id = identity.cached_identity_id().as_deref().unwrap_or("(none yet)"),
         "ready"
     );
-    let mut identity_task = tokio::spawn(identity.run());
+    let mut identity_task = tokio::spawn(identity.run(identity_heartbeat));
     let mut ingest_task = tokio::spawn(server.run());
-    let mut publisher_task = tokio::spawn(publisher.run(stopping));
+    let mut publisher_task = tokio::spawn(publisher.run(stopping, publisher_heartbeat));
     notify::ready(&status);
-    let (identity_alive, ingest_alive, publisher_alive) = (
-        identity_task.abort_handle(),
-        ingest_task.abort_handle(),
-        publisher_task.abort_handle(),
-    );
-    let supervisor = tokio::spawn(notify::supervise(
-        status.clone(),
-        spool.clone(),
-        move || {
-            !identity_alive.is_finished()
-                && !ingest_alive.is_finished()
-                && !publisher_alive.is_finished()
-        },
-    ));
+    let supervisor = tokio::spawn(notify::supervise(status.clone(), spool.clone(), pulses));
 
     // Each task runs until shutdown; one that ends earlier has failed, and the daemon exits
     // non-zero so that systemd restarts it.
@@ -181,7 +184,7 @@ pub async fn run(
     notify::stopping();
     let pending = spool.stats().borrow().messages;
     tracing::info!(
-        STATE = "stopping",
+        state = "stopping",
         pending,
         drain_timeout = %humantime::format_duration(config.shutdown.drain_timeout),
         "stopping: new messages are refused; delivering what is pending"
@@ -262,12 +265,22 @@ fn reload(
     running.publish.max_bytes_per_second = new.publish.max_bytes_per_second;
 }
 
-/// Creates the state dir (mode 0700): it holds the spool and the identity cache.
+/// Creates the state dir (mode 0700): it holds the spool and the identity cache. One that every
+/// user could write to is refused: someone may have planted a spool or an identity there.
 fn prepare_state_dir(dir: &Path) -> Result<(), DaemonError> {
+    use std::os::unix::fs::MetadataExt;
     let error = |source| DaemonError::StateDir {
         path: dir.display().to_string(),
         source,
     };
+    if let Ok(meta) = std::fs::metadata(dir)
+        && meta.mode() & 0o002 != 0
+    {
+        return Err(DaemonError::InsecureStateDir {
+            path: dir.display().to_string(),
+            mode: meta.mode() & 0o7777,
+        });
+    }
     std::fs::create_dir_all(dir).map_err(error)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(error)?;
     Ok(())

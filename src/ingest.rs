@@ -16,7 +16,9 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::config::SocketConfig;
+use crate::heartbeat::Heartbeat;
 use crate::lines::{Next, RecordReader};
+use crate::logging::Repeats;
 use crate::protocol::{ErrorCode, MAX_LINE_BYTES, Rejection, Request, ok_line, parse_line};
 use crate::spool::{AppendError, Spool};
 use crate::status::StatusSource;
@@ -71,12 +73,13 @@ pub struct IngestServer {
     pub rules: Arc<TopicRules>,
     pub status: StatusSource,
     pub stopping: watch::Receiver<bool>,
+    pub heartbeat: Heartbeat,
 }
 
 impl IngestServer {
     pub async fn run(self) {
         let server = &self;
-        accept_clients(&self.listener, &self.limits, |stream| {
+        accept_clients(&self.listener, &self.limits, &self.heartbeat, |stream| {
             let client = Client {
                 spool: server.spool.clone(),
                 rules: server.rules.clone(),
@@ -92,18 +95,22 @@ impl IngestServer {
 
 /// Accepts clients until the daemon stops, for the JSON socket and the raw sockets alike: at
 /// most `max_clients` at once (the rest wait in the listen backlog), each admitted by its peer
-/// credentials, each served on its own task.
-pub async fn accept_clients<F, Fut>(listener: &UnixListener, limits: &SocketConfig, serve: F)
-where
+/// credentials, each served on its own task. Beats `heartbeat` while it waits and per client.
+pub async fn accept_clients<F, Fut>(
+    listener: &UnixListener,
+    limits: &SocketConfig,
+    heartbeat: &Heartbeat,
+    serve: F,
+) where
     F: Fn(UnixStream) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(limits.max_clients as usize));
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
+        let Ok(slot) = heartbeat.waiting(slots.clone().acquire_owned()).await else {
             return;
         };
-        match listener.accept().await {
+        match heartbeat.waiting(listener.accept()).await {
             Ok((stream, _)) => {
                 if !admit(limits, &stream).await {
                     continue;
@@ -215,17 +222,21 @@ impl Client {
         let mut reader =
             RecordReader::new(read_half, b'\n', MAX_LINE_BYTES, self.limits.idle_timeout);
         let mut pace = Pace::new(self.limits.max_messages_per_second);
+        let mut repeats = Repeats::default();
         loop {
             let step = match reader.next().await {
                 Next::Record(line) => {
                     pace.wait().await;
-                    self.handle_line(&line).await
+                    match self.handle_line(&line).await {
+                        Some(Err(rejection)) => Some(refused(rejection, &mut repeats)),
+                        Some(Ok(step)) => Some(step),
+                        None => None,
+                    }
                 }
                 Next::TooLong => {
                     let message = format!("line exceeds {MAX_LINE_BYTES} bytes; skipped");
-                    Some(Pending::Ready(
-                        Rejection::new(None, ErrorCode::LineTooLong, message).to_line(),
-                    ))
+                    let rejection = Rejection::new(None, ErrorCode::LineTooLong, message);
+                    Some(refused(rejection, &mut repeats))
                 }
                 Next::Idle => {
                     let message = format!(
@@ -246,7 +257,8 @@ impl Client {
         }
     }
 
-    async fn handle_line(&self, line: &[u8]) -> Option<Pending> {
+    /// What to answer a line with; `None` for a blank line.
+    async fn handle_line(&self, line: &[u8]) -> Option<Result<Pending, Rejection>> {
         if line.iter().all(u8::is_ascii_whitespace) {
             return None;
         }
@@ -259,20 +271,19 @@ impl Client {
                 Pending::Ready(format!("{answer}\n"))
             }
             Ok(Request::Publish { id, .. }) if *self.stopping.borrow() => {
-                let rejection = Rejection::new(
+                return Some(Err(Rejection::new(
                     id,
                     ErrorCode::ShuttingDown,
                     "the daemon is stopping; send again later",
-                );
-                Pending::Ready(rejection.to_line())
+                )));
             }
             Ok(Request::Publish { id, message }) => match self.spool.submit(message).await {
                 Ok(done) => Pending::Stored { id, done },
-                Err(error) => Pending::Ready(refusal(id, &error).to_line()),
+                Err(error) => return Some(Err(refusal(id, &error))),
             },
-            Err(rejection) => Pending::Ready(rejection.to_line()),
+            Err(rejection) => return Some(Err(rejection)),
         };
-        Some(step)
+        Some(Ok(step))
     }
 }
 
@@ -322,6 +333,20 @@ impl Pace {
             tokio::time::sleep_until(self.next).await;
         }
     }
+}
+
+/// Logs a refused line for the operator (one line per kind of refusal and client every few
+/// minutes, however fast a broken app repeats it) and turns it into the client's answer.
+fn refused(rejection: Rejection, repeats: &mut Repeats) -> Pending {
+    if let Some(held_back) = repeats.admit(rejection.code.as_str()) {
+        tracing::info!(
+            error_code = rejection.code.as_str(),
+            held_back,
+            reason = %rejection.message,
+            "message refused"
+        );
+    }
+    Pending::Ready(rejection.to_line())
 }
 
 fn refusal(id: Option<Value>, error: &AppendError) -> Rejection {

@@ -2,9 +2,11 @@
 //! only Cognito identities. See SPEC.md for the contract and README.md for the tour.
 
 pub mod aws;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod heartbeat;
 pub mod identity;
 pub mod ingest;
 pub mod lines;

@@ -1,7 +1,11 @@
-//! Log setup: human-readable lines on stderr, level from the config, `RUST_LOG` overrides.
+//! Log setup: native journald entries with structured fields when systemd sends our stderr to
+//! the journal, human-readable lines on stderr otherwise. Level from the config, `RUST_LOG`
+//! overrides, SIGHUP changes it (`LogControl`).
 
 use std::io::IsTerminal;
+use std::time::{Duration, Instant};
 
+use tracing_journald::{Priority, PriorityMappings};
 use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::reload;
@@ -10,6 +14,9 @@ use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 /// Dependencies that are chatty at info level; `RUST_LOG` can still open them up.
 const QUIET_DEPENDENCIES: &str = "aws_config=warn,aws_smithy_runtime=warn,aws_smithy_http_client=warn,rumqttc=warn,hyper=warn,rustls=warn";
+
+/// SYSLOG_IDENTIFIER of our journal entries (`journalctl -t iot-cognito-relay`).
+pub const SYSLOG_IDENTIFIER: &str = "iot-cognito-relay";
 
 /// Changes the log level of the running daemon (SIGHUP).
 pub struct LogControl {
@@ -39,21 +46,133 @@ pub fn init(level: &str) -> LogControl {
     let control_from_env = from_env.is_ok();
     let filter = from_env.unwrap_or_else(|_| level_filter(level));
     let (filter, handle) = reload::Layer::new(filter);
-    let lines = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        // Dependencies' TRACE events carry whole requests and responses (the AWS SDK logs
-        // InitiateAuth's password and the returned tokens there): never, whatever RUST_LOG says.
-        .with_filter(filter_fn(|meta| {
-            *meta.level() < tracing::Level::TRACE || meta.target().starts_with("iot_cognito_relay")
-        }));
+    // Dependencies' TRACE events carry whole requests and responses (the AWS SDK logs
+    // InitiateAuth's password and the returned tokens there): never, whatever RUST_LOG says.
+    let no_dependency_trace = filter_fn(|meta| {
+        *meta.level() < tracing::Level::TRACE || meta.target().starts_with("iot_cognito_relay")
+    });
+    let journal = stderr_is_journal()
+        .then(|| {
+            // Fields go in unprefixed and upper-cased: `identity_id` becomes IDENTITY_ID.
+            tracing_journald::layer().map(|layer| {
+                layer
+                    .with_syslog_identifier(SYSLOG_IDENTIFIER.to_owned())
+                    .with_field_prefix(None)
+                    // syslog's meaning: info is 6, not the crate's default "notice".
+                    .with_priority_mappings(PriorityMappings {
+                        info: Priority::Informational,
+                        debug: Priority::Debug,
+                        ..PriorityMappings::new()
+                    })
+            })
+        })
+        .and_then(Result::ok);
+    let output = match journal {
+        Some(journal) => journal.boxed(),
+        None => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
+            .boxed(),
+    };
     tracing_subscriber::registry()
         .with(filter)
-        .with(lines)
+        .with(output.with_filter(no_dependency_trace))
         .init();
     LogControl {
         handle,
         from_env: control_from_env,
+    }
+}
+
+/// systemd connects stderr to the journal and names that stream in `JOURNAL_STREAM`
+/// (`device:inode`); then native entries keep the structured fields. The variable is inherited,
+/// so it only counts when it still names our stderr (not when someone runs us from a unit's
+/// shell with stderr on a terminal or a file).
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(stderr) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    let Ok(meta) = std::fs::File::from(stderr).metadata() else {
+        return false;
+    };
+    stream.to_str() == Some(&format!("{}:{}", meta.dev(), meta.ino()))
+}
+
+/// How often a warning that keeps repeating unchanged is let through.
+pub const REPEAT_EVERY: Duration = Duration::from_secs(300);
+
+/// Keeps a warning that repeats (every reconnect attempt of an outage, say) from flooding the
+/// journal: a new or changed message passes at once, an identical one at most every
+/// `REPEAT_EVERY`, carrying how many were held back.
+#[derive(Debug, Default)]
+pub struct Repeats {
+    last: Option<(String, Instant)>,
+    held_back: u64,
+}
+
+impl Repeats {
+    /// `Some(held_back)` when a warning with this text should be logged now.
+    pub fn admit(&mut self, text: &str) -> Option<u64> {
+        self.admit_at(text, Instant::now())
+    }
+
+    fn admit_at(&mut self, text: &str, now: Instant) -> Option<u64> {
+        match &self.last {
+            Some((last, at)) if last == text && now.duration_since(*at) < REPEAT_EVERY => {
+                self.held_back += 1;
+                None
+            }
+            _ => {
+                self.last = Some((text.to_owned(), now));
+                Some(std::mem::take(&mut self.held_back))
+            }
+        }
+    }
+
+    /// The condition is over (connected again): the next warning passes whatever it says.
+    pub fn clear(&mut self) {
+        self.last = None;
+        self.held_back = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identical_warnings_pass_once_per_interval_with_the_count_held_back() {
+        let mut repeats = Repeats::default();
+        let start = Instant::now();
+        assert_eq!(repeats.admit_at("connection refused", start), Some(0));
+        for second in 1..=10 {
+            let at = start + Duration::from_secs(second);
+            assert_eq!(repeats.admit_at("connection refused", at), None);
+        }
+        assert_eq!(
+            repeats.admit_at("connection refused", start + REPEAT_EVERY),
+            Some(10)
+        );
+        assert_eq!(
+            repeats.admit_at("connection refused", start + REPEAT_EVERY),
+            None
+        );
+    }
+
+    #[test]
+    fn a_changed_warning_passes_at_once_and_clear_resets() {
+        let mut repeats = Repeats::default();
+        let start = Instant::now();
+        assert_eq!(repeats.admit_at("timed out", start), Some(0));
+        assert_eq!(repeats.admit_at("timed out", start), None);
+        assert_eq!(repeats.admit_at("refused", start), Some(1));
+        repeats.clear();
+        assert_eq!(repeats.admit_at("refused", start), Some(0));
     }
 }

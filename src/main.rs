@@ -1,58 +1,11 @@
 //! The command line: parses arguments and dispatches into the library.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use iot_cognito_relay::cli::{Cli, Command};
 use iot_cognito_relay::{client, config, daemon, logging, stack};
-
-/// Relays local sensor data to AWS IoT Core using only Cognito identities.
-#[derive(Parser)]
-#[command(name = "iot-cognito-relay", version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the daemon in the foreground (systemd runs this).
-    Run {
-        #[arg(long, default_value = config::DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-    },
-    /// Publish PAYLOAD, or one message per stdin line, through the daemon; waits for the acks.
-    Send {
-        #[arg(long, default_value = "/run/iot-cognito-relay/relay.sock")]
-        socket: PathBuf,
-        /// Relative topic; the daemon adds <identity_pool_id>/<identity_id>/.
-        #[arg(long, required_unless_present = "json")]
-        topic: Option<String>,
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
-        qos: u8,
-        /// Inputs are whole protocol lines (see docs/protocol.md) instead of payloads.
-        #[arg(long, conflicts_with_all = ["topic", "qos"])]
-        json: bool,
-        /// JSON (published compact) or plain text; omit to read one message per stdin line.
-        payload: Option<String>,
-    },
-    /// Show the daemon's state and counters.
-    Status {
-        #[arg(long, default_value = "/run/iot-cognito-relay/relay.sock")]
-        socket: PathBuf,
-        /// Print the raw JSON object.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Validate the config and print the effective values.
-    CheckConfig {
-        #[arg(long, default_value = config::DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-    },
-    /// Turn `aws cloudformation describe-stacks` JSON into a config.toml on stdout.
-    ConfigFromStack { file: PathBuf },
-}
 
 /// Exit codes of SPEC.md.
 const EXIT_FAILURE: u8 = 1;

@@ -5,11 +5,15 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
+use crate::heartbeat::{self, Pulse};
 use crate::spool::Spool;
 use crate::status::StatusSource;
 
 /// The spool thread must answer a probe within this to count as alive.
 const SPOOL_PROBE: Duration = Duration::from_secs(5);
+/// A task silent for longer than half the watchdog period, or this if that is shorter, counts
+/// as stuck (tasks beat at least every 2 s).
+const MIN_SILENCE_LIMIT: Duration = Duration::from_secs(5);
 /// The status line is refreshed at most this often.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 
@@ -53,9 +57,10 @@ fn status_line(status: &StatusSource) -> String {
     )
 }
 
-/// Keeps `STATUS=` current, and pings the watchdog at half of `WATCHDOG_USEC` while `alive`
-/// says the tasks are running and the spool thread answers. Runs until the daemon stops.
-pub async fn supervise(status: StatusSource, spool: Spool, alive: impl Fn() -> bool) {
+/// Keeps `STATUS=` current, and pings the watchdog at half of `WATCHDOG_USEC` while every
+/// main task has beaten recently (see `heartbeat`) and the spool thread answers a probe; a
+/// quiet task means no ping, and systemd kills and restarts the daemon. Runs until stopped.
+pub async fn supervise(status: StatusSource, spool: Spool, pulses: Vec<Pulse>) {
     let watchdog = sd_notify::watchdog_enabled();
     let tick = watchdog.map_or(STATUS_EVERY, |period| (period / 2).min(STATUS_EVERY));
     let mut ticker = tokio::time::interval(tick);
@@ -76,14 +81,16 @@ pub async fn supervise(status: StatusSource, spool: Spool, alive: impl Fn() -> b
             tokio::time::timeout(SPOOL_PROBE.min(period), spool.read_after(i64::MAX, 1))
                 .await
                 .is_ok();
-        if alive() && spool_answers {
-            send(&[NotifyState::Watchdog]);
-            last_ping = tokio::time::Instant::now();
-        } else {
-            tracing::error!(
-                spool_answers,
+        let limit = (period / 2).max(MIN_SILENCE_LIMIT);
+        match heartbeat::first_stalled(&pulses, limit, tokio::time::Instant::now()) {
+            None if spool_answers => {
+                send(&[NotifyState::Watchdog]);
+                last_ping = tokio::time::Instant::now();
+            }
+            stalled => tracing::error!(
+                stalled_task = stalled.unwrap_or("spool"),
                 "a task is not making progress; withholding the watchdog ping"
-            );
+            ),
         }
     }
 }

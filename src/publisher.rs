@@ -14,7 +14,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::PublishConfig;
+use crate::heartbeat::Heartbeat;
 use crate::identity::Session;
+use crate::logging::Repeats;
 use crate::mqtt::{self, MqttSettings};
 use crate::protocol::Qos;
 use crate::quota::Quota;
@@ -35,6 +37,8 @@ const RECONNECT_CAP: Duration = Duration::from_secs(30);
 /// A publish without PUBACK for this long means the connection is stuck: reconnect, republish.
 const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 const ACK_CHECK: Duration = Duration::from_secs(5);
+/// An idle connection still goes round its loop this often, to show the watchdog it is alive.
+const BEAT_EVERY: Duration = Duration::from_secs(2);
 /// How long a clean disconnect may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -104,43 +108,69 @@ impl Publisher {
     }
 
     /// Publishes until `stopping` turns true and everything is delivered; the caller bounds
-    /// the drain with a timeout.
-    pub async fn run(mut self, mut stopping: watch::Receiver<bool>) {
+    /// the drain with a timeout. Beats `heartbeat` each time its loops go round.
+    pub async fn run(mut self, mut stopping: watch::Receiver<bool>, heartbeat: Heartbeat) {
         let mut backoff = Backoff::new(RECONNECT_FLOOR, RECONNECT_CAP, RECONNECT_FLOOR);
+        let mut repeats = Repeats::default();
         loop {
             if *stopping.borrow() && self.spool.stats().borrow().messages == 0 {
                 return;
             }
             let spool = self.spool.clone();
-            let session = tokio::select! {
-                session = self.wait_for_session() => session,
-                _ = stopped_and_empty(&mut stopping, &spool) => return,
-            };
+            let session = heartbeat
+                .waiting(async {
+                    tokio::select! {
+                        session = self.wait_for_session() => Some(session),
+                        _ = stopped_and_empty(&mut stopping, &spool) => None,
+                    }
+                })
+                .await;
+            let Some(session) = session else { return };
             self.link.send_replace(LinkState::Connecting);
             let started = Instant::now();
-            match self.run_connection(&session, &mut stopping).await {
+            let ended = self
+                .run_connection(&session, &mut stopping, &heartbeat)
+                .await;
+            if *self.link.borrow() == LinkState::Connected {
+                // The outage (if any) is over: its next warning is news again.
+                repeats.clear();
+            }
+            match ended {
                 Ended::Drained => return,
                 Ended::Renew => {
                     backoff.reset();
                     // Keep to one connect per second per client id.
-                    tokio::time::sleep_until(started + RECONNECT_FLOOR).await;
+                    heartbeat
+                        .waiting(tokio::time::sleep_until(started + RECONNECT_FLOOR))
+                        .await;
                 }
                 Ended::Failed(error) => {
                     if started.elapsed() > RECONNECT_CAP {
                         backoff.reset();
                     }
                     let delay = backoff.next_delay();
-                    tracing::warn!(
-                        IDENTITY_ID = %session.identity_id,
-                        %error,
-                        retry_in_ms = delay.as_millis() as u64,
-                        "MQTT connection lost"
-                    );
+                    if let Some(held_back) = repeats.admit(&error) {
+                        tracing::warn!(
+                            identity_id = %session.identity_id,
+                            state = "backoff",
+                            %error,
+                            retry_in_ms = delay.as_millis() as u64,
+                            held_back,
+                            "MQTT connection lost"
+                        );
+                    }
                     self.link.send_replace(LinkState::Backoff);
                     let spool = self.spool.clone();
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stopped_and_empty(&mut stopping, &spool) => return,
+                    let stopped = heartbeat
+                        .waiting(async {
+                            tokio::select! {
+                                _ = tokio::time::sleep(delay) => false,
+                                _ = stopped_and_empty(&mut stopping, &spool) => true,
+                            }
+                        })
+                        .await;
+                    if stopped {
+                        return;
                     }
                 }
             }
@@ -166,6 +196,7 @@ impl Publisher {
         &mut self,
         session: &Session,
         stopping: &mut watch::Receiver<bool>,
+        heartbeat: &Heartbeat,
     ) -> Ended {
         let valid_for = session
             .credentials
@@ -173,7 +204,8 @@ impl Publisher {
             .duration_since(std::time::SystemTime::now())
             .unwrap_or_default();
         tracing::info!(
-            IDENTITY_ID = %session.identity_id,
+            identity_id = %session.identity_id,
+            state = "connecting",
             credentials_valid_s = valid_for.as_secs(),
             "connecting to the broker"
         );
@@ -191,9 +223,11 @@ impl Publisher {
         let mut paced_until: Option<Instant> = None;
         let mut identity_gone = false;
         let mut ack_check = tokio::time::interval(ACK_CHECK);
+        let mut beat = tokio::time::interval(BEAT_EVERY);
         let mut cursor = 0i64;
 
         loop {
+            heartbeat.beat();
             let outstanding = window.outstanding();
             if window.connected
                 && renew_by.is_none()
@@ -308,6 +342,7 @@ impl Publisher {
                     close(connection).await;
                     return Ended::Renew;
                 }
+                _ = beat.tick() => {}
                 _ = ack_check.tick(), if !window.in_flight.is_empty() => {
                     if window.oldest_in_flight().is_some_and(|sent| sent.elapsed() > ACK_TIMEOUT) {
                         ended = Some(Ended::Failed(format!("no PUBACK within {}s", ACK_TIMEOUT.as_secs())));
@@ -366,7 +401,7 @@ impl Window {
                 }
                 self.connected = true;
                 link.send_replace(LinkState::Connected);
-                tracing::info!(IDENTITY_ID = %session.identity_id, STATE = "connected", "connected to the broker");
+                tracing::info!(identity_id = %session.identity_id, state = "connected", "connected to the broker");
             }
             Event::Outgoing(Outgoing::Publish(pkid)) => {
                 if let Some((id, qos)) = self.unassigned.pop_front() {

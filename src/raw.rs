@@ -9,6 +9,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use crate::config::{RawSocketConfig, SocketConfig};
+use crate::heartbeat::Heartbeat;
 use crate::ingest::{Pace, accept_clients};
 use crate::lines::{Next, RecordReader};
 use crate::protocol::{MAX_PAYLOAD_BYTES, Message, Qos};
@@ -21,12 +22,13 @@ pub struct RawServer {
     pub limits: Arc<SocketConfig>,
     pub spool: Spool,
     pub stopping: watch::Receiver<bool>,
+    pub heartbeat: Heartbeat,
 }
 
 impl RawServer {
     pub async fn run(self) {
         let this = Arc::new(self);
-        accept_clients(&this.listener, &this.limits, |stream| {
+        accept_clients(&this.listener, &this.limits, &this.heartbeat, |stream| {
             let server = this.clone();
             async move { server.serve(stream).await }
         })
@@ -56,12 +58,12 @@ impl RawServer {
                         qos,
                     };
                     if let Err(error) = self.spool.append(message).await {
-                        tracing::warn!(TOPIC = %self.raw.topic, %error, "raw socket record not stored");
+                        tracing::warn!(topic = %self.raw.topic, %error, "raw socket record not stored");
                     }
                 }
                 Next::TooLong => {
                     tracing::warn!(
-                        TOPIC = %self.raw.topic,
+                        topic = %self.raw.topic,
                         "raw socket record over {MAX_PAYLOAD_BYTES} bytes skipped"
                     );
                 }

@@ -191,3 +191,55 @@ fn send_without_daemon_fails_with_one_line() {
     assert!(stderr.contains("/nonexistent/relay.sock"), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
 }
+
+#[test]
+fn world_writable_config_or_its_directory_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), VALID);
+    let mode = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+
+    mode(Path::new(&path), 0o666);
+    let output = run(&["check-config", "--config", &path], &[]);
+    assert_config_error(&output, &[&path, "writable by every user", "0666"]);
+
+    mode(Path::new(&path), 0o644);
+    mode(dir.path(), 0o777);
+    let output = run(&["check-config", "--config", &path], &[]);
+    assert_config_error(&output, &["directory is writable by every user", "0777"]);
+
+    // Sticky, like /tmp: others cannot replace our file, so it is accepted.
+    mode(dir.path(), 0o1777);
+    let output = run(&["check-config", "--config", &path], &[]);
+    assert!(output.status.success(), "{output:?}");
+}
+
+#[test]
+fn world_writable_state_dir_is_refused_before_anything_is_opened() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).expect("mkdir");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let config = format!(
+        "{VALID}\n[state]\ndir = {state:?}\n[socket]\npath = {:?}\n",
+        dir.path().join("relay.sock")
+    );
+    let path = write(dir.path(), &config);
+    let output = run(&["run", "--config", &path], &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("writable by every user") && stderr.contains("chmod 700"),
+        "{stderr}"
+    );
+    assert!(
+        std::fs::read_dir(&state)
+            .expect("read state dir")
+            .next()
+            .is_none(),
+        "nothing was created in the refused state dir"
+    );
+}

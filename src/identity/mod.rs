@@ -21,6 +21,8 @@ use user_pool::UserPoolTokens;
 
 use crate::aws::{AwsCredentials, describe, error_code, to_system_time};
 use crate::config::IdentityConfig;
+use crate::heartbeat::Heartbeat;
+use crate::logging::Repeats;
 use crate::retry::Backoff;
 use crate::secret::Secret;
 
@@ -130,14 +132,17 @@ impl IdentityManager {
     }
 
     /// Runs forever: sign in, publish, sleep until the refresh is due, refresh; back off on errors.
-    pub async fn run(mut self) {
+    /// Every step is a bounded wait on AWS (SDK timeouts) or a sleep, so it beats while waiting.
+    pub async fn run(mut self, heartbeat: Heartbeat) {
         let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP, Duration::from_secs(1));
         let mut signed_in: Option<SignedIn> = None;
+        let mut repeats = Repeats::default();
         loop {
             let refreshing = signed_in.is_some();
-            match self.obtain(signed_in.take()).await {
+            match heartbeat.waiting(self.obtain(signed_in.take())).await {
                 Ok((standing, session)) => {
                     backoff.reset();
+                    repeats.clear();
                     let expires_at = session.credentials.expires_at;
                     let left = expires_at
                         .duration_since(SystemTime::now())
@@ -145,7 +150,7 @@ impl IdentityManager {
                     let jitter: f64 = rand::rng().random();
                     let delay = refresh_delay(left, self.config.refresh_margin, jitter);
                     tracing::info!(
-                        IDENTITY_ID = %session.identity_id,
+                        identity_id = %session.identity_id,
                         expires_in_s = left.as_secs(),
                         next_refresh_s = delay.as_secs(),
                         "{}",
@@ -157,15 +162,25 @@ impl IdentityManager {
                     });
                     self.sessions.send_replace(Some(Arc::new(session)));
                     signed_in = Some(standing);
-                    self.sleep_until_refresh(expires_at, jitter).await;
+                    heartbeat
+                        .waiting(self.sleep_until_refresh(expires_at, jitter))
+                        .await;
                 }
                 Err((kept, error)) => {
                     signed_in = kept;
                     let delay = backoff.next_delay();
-                    tracing::warn!(%error, retry_in_s = delay.as_secs(), "identity step failed");
+                    let text = error.to_string();
+                    if let Some(held_back) = repeats.admit(&text) {
+                        tracing::warn!(
+                            error = %text,
+                            retry_in_s = delay.as_secs(),
+                            held_back,
+                            "identity step failed"
+                        );
+                    }
                     self.status
-                        .send_modify(|status| status.last_error = Some(error.to_string()));
-                    tokio::time::sleep(delay).await;
+                        .send_modify(|status| status.last_error = Some(text));
+                    heartbeat.waiting(tokio::time::sleep(delay)).await;
                 }
             }
         }
@@ -298,7 +313,7 @@ impl IdentityManager {
                 Err((Some(code), error))
                     if secret_source::IDENTITY_GONE.contains(&code.as_str()) =>
                 {
-                    tracing::warn!(IDENTITY_ID = %cached, %error, "cached identity id rejected; asking for a new one");
+                    tracing::warn!(identity_id = %cached, %error, "cached identity id rejected; asking for a new one");
                 }
                 Err((_, error)) => return Err(IdentityError::Credentials(error)),
             }
@@ -363,7 +378,7 @@ impl IdentityManager {
             .send()
             .await
             .map_err(|e| IdentityError::AttachPolicy(describe(&e)))?;
-        tracing::info!(IDENTITY_ID = %identity_id, policy = %secret.iot_policy, "attached IoT policy");
+        tracing::info!(identity_id = %identity_id, policy = %secret.iot_policy, "attached IoT policy");
         Ok(())
     }
 
