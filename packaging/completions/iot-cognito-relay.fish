@@ -1,0 +1,53 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_iot_cognito_relay_global_optspecs
+    string join \n h/help V/version
+end
+
+function __fish_iot_cognito_relay_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_iot_cognito_relay_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_iot_cognito_relay_using_subcommand
+    set -l cmd (__fish_iot_cognito_relay_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_needs_command" -s h -l help -d 'Print help'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_needs_command" -s V -l version -d 'Print version'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_needs_command" -f -a "run" -d 'Run the daemon in the foreground (systemd runs this)'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_needs_command" -f -a "send" -d 'Publish PAYLOAD, or one message per stdin line, through the daemon; waits for the acks'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_needs_command" -f -a "status" -d 'Show the daemon\'s state and counters'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_needs_command" -f -a "check-config" -d 'Validate the config and print the effective values'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_needs_command" -f -a "config-from-stack" -d 'Turn `aws cloudformation describe-stacks` JSON into a config.toml on stdout'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand run" -l config -r -F
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand run" -s h -l help -d 'Print help'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l socket -r -F
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l topic -d 'Relative topic; the daemon adds <identity_pool_id>/<identity_id>/' -r
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l qos -r
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l json -d 'Inputs are whole protocol lines (see docs/protocol.md) instead of payloads'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -s h -l help -d 'Print help'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand status" -l socket -r -F
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand status" -l json -d 'Print the raw JSON object'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand status" -s h -l help -d 'Print help'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand check-config" -l config -r -F
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand check-config" -s h -l help -d 'Print help'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand config-from-stack" -s h -l help -d 'Print help'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand help; and not __fish_seen_subcommand_from run send status check-config config-from-stack help" -f -a "run" -d 'Run the daemon in the foreground (systemd runs this)'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand help; and not __fish_seen_subcommand_from run send status check-config config-from-stack help" -f -a "send" -d 'Publish PAYLOAD, or one message per stdin line, through the daemon; waits for the acks'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand help; and not __fish_seen_subcommand_from run send status check-config config-from-stack help" -f -a "status" -d 'Show the daemon\'s state and counters'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand help; and not __fish_seen_subcommand_from run send status check-config config-from-stack help" -f -a "check-config" -d 'Validate the config and print the effective values'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand help; and not __fish_seen_subcommand_from run send status check-config config-from-stack help" -f -a "config-from-stack" -d 'Turn `aws cloudformation describe-stacks` JSON into a config.toml on stdout'
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand help; and not __fish_seen_subcommand_from run send status check-config config-from-stack help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
