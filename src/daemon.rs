@@ -98,6 +98,7 @@ pub async fn run(
         settings,
         rules.clone(),
         limits_rx,
+        &config.batch,
     );
     let (stopping_tx, stopping) = watch::channel(false);
     let status = StatusSource {

@@ -101,7 +101,10 @@ mod tests {
         heartbeat
             .waiting(tokio::time::sleep(Duration::from_secs(60)))
             .await;
-        assert_eq!(first_stalled(std::slice::from_ref(&pulse), limit, Instant::now()), None);
+        assert_eq!(
+            first_stalled(std::slice::from_ref(&pulse), limit, Instant::now()),
+            None
+        );
 
         // The same length of wait outside `waiting`: the task goes quiet.
         tokio::time::sleep(Duration::from_secs(60)).await;

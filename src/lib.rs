@@ -2,6 +2,7 @@
 //! only Cognito identities. See SPEC.md for the contract and README.md for the tour.
 
 pub mod aws;
+pub mod batch;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -13,7 +13,8 @@ use rumqttc::{ConnectReturnCode, Event, Outgoing, Packet, QoS};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::PublishConfig;
+use crate::batch::Batcher;
+use crate::config::{BatchConfig, PublishConfig};
 use crate::heartbeat::Heartbeat;
 use crate::identity::Session;
 use crate::logging::Repeats;
@@ -39,6 +40,8 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 const ACK_CHECK: Duration = Duration::from_secs(5);
 /// An idle connection still goes round its loop this often, to show the watchdog it is alive.
 const BEAT_EVERY: Duration = Duration::from_secs(2);
+/// At most this many spool messages are read at once (bounds memory when batching).
+const MAX_READ: usize = 1024;
 /// How long a clean disconnect may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -73,6 +76,10 @@ pub struct Publisher {
     quota: Quota,
     /// The quota settings; SIGHUP may change them.
     limits: watch::Receiver<PublishConfig>,
+    /// `[batch]`: how messages share publishes, and how long an open array may wait.
+    batcher: Batcher,
+    batch_size: usize,
+    linger: Duration,
 }
 
 impl Publisher {
@@ -82,6 +89,7 @@ impl Publisher {
         settings: MqttSettings,
         rules: Arc<TopicRules>,
         limits: watch::Receiver<PublishConfig>,
+        batch: &BatchConfig,
     ) -> (
         Publisher,
         watch::Receiver<LinkState>,
@@ -103,6 +111,9 @@ impl Publisher {
             highest_sent: 0,
             quota,
             limits,
+            batcher: Batcher::new(batch),
+            batch_size: batch.max_messages.max(1) as usize,
+            linger: batch.linger,
         };
         (publisher, link_rx, counters_rx)
     }
@@ -221,6 +232,9 @@ impl Publisher {
         let mut window = Window::default();
         let mut ended: Option<Ended> = None;
         let mut paced_until: Option<Instant> = None;
+        // An open array waiting for `linger`: (its first spool id, when it was first seen).
+        let mut held: Option<(i64, Instant)> = None;
+        let mut lingering_until: Option<Instant> = None;
         let mut identity_gone = false;
         let mut ack_check = tokio::time::interval(ACK_CHECK);
         let mut beat = tokio::time::interval(BEAT_EVERY);
@@ -232,12 +246,12 @@ impl Publisher {
             if window.connected
                 && renew_by.is_none()
                 && paced_until.is_none()
+                && lingering_until.is_none()
                 && outstanding < max_in_flight
             {
-                let batch = self
-                    .spool
-                    .read_after(cursor, max_in_flight - outstanding)
-                    .await;
+                let wanted = ((max_in_flight - outstanding) * self.batch_size).min(MAX_READ);
+                let read = self.spool.read_after(cursor, wanted).await;
+                let filled = read.len() == wanted;
                 if self.limits.has_changed().unwrap_or(false) {
                     let limits = self.limits.borrow_and_update();
                     self.quota.set_limits(
@@ -245,34 +259,55 @@ impl Publisher {
                         limits.max_bytes_per_second.0,
                     );
                 }
-                for stored in batch {
-                    let size = (stored.message.topic.len() + stored.message.payload.len()) as u64;
+                let planned = self.batcher.plan(read);
+                let count = planned.len();
+                for (index, outgoing) in planned.into_iter().enumerate() {
+                    // The newest array may wait up to `linger` for more readings, unless the
+                    // spool had more than we read (then more are right behind it).
+                    if index + 1 == count && outgoing.open && !filled && !self.linger.is_zero() {
+                        let first = outgoing.ids[0];
+                        let since = match held {
+                            Some((id, since)) if id == first => since,
+                            _ => held.insert((first, Instant::now())).1,
+                        };
+                        if since.elapsed() < self.linger {
+                            lingering_until = Some(since + self.linger);
+                            break;
+                        }
+                    }
+                    held = None;
+                    let size = (outgoing.topic.len() + outgoing.payload.len()) as u64;
                     if let Some(at) = self.quota.ready_at(size, Instant::now()) {
                         // Over IoT Core's quota: the rest waits in the spool.
                         paced_until = Some(at);
                         break;
                     }
                     self.quota.record(size, Instant::now());
-                    let topic = self
-                        .rules
-                        .full_topic(&session.identity_id, &stored.message.topic);
-                    let qos = match stored.message.qos {
+                    let topic = self.rules.full_topic(&session.identity_id, &outgoing.topic);
+                    let qos = match outgoing.qos {
                         Qos::AtMostOnce => QoS::AtMostOnce,
                         Qos::AtLeastOnce => QoS::AtLeastOnce,
                     };
                     if let Err(error) =
                         connection
                             .client
-                            .try_publish(topic, qos, false, stored.message.payload)
+                            .try_publish(topic, qos, false, outgoing.payload)
                     {
                         return Ended::Failed(format!("publish queue: {error}"));
                     }
-                    if stored.id <= self.highest_sent {
-                        self.counters.send_modify(|c| c.republished_total += 1);
+                    let repeated = outgoing
+                        .ids
+                        .iter()
+                        .filter(|&&id| id <= self.highest_sent)
+                        .count();
+                    if repeated > 0 {
+                        self.counters
+                            .send_modify(|c| c.republished_total += repeated as u64);
                     }
-                    self.highest_sent = self.highest_sent.max(stored.id);
-                    cursor = stored.id;
-                    window.unassigned.push_back((stored.id, stored.message.qos));
+                    let last = *outgoing.ids.last().unwrap_or(&cursor);
+                    self.highest_sent = self.highest_sent.max(last);
+                    cursor = last;
+                    window.unassigned.push_back((outgoing.ids, outgoing.qos));
                 }
             }
             if window.outstanding() == 0 {
@@ -317,10 +352,15 @@ impl Publisher {
                 _ = tokio::time::sleep_until(paced_until.unwrap_or_else(Instant::now)), if paced_until.is_some() => {
                     paced_until = None;
                 }
+                _ = tokio::time::sleep_until(lingering_until.unwrap_or_else(Instant::now)), if lingering_until.is_some() => {
+                    lingering_until = None;
+                }
                 changed = spool_stats.changed(), if window.connected && renew_by.is_none() && paced_until.is_none() => {
                     if changed.is_err() {
                         return Ended::Failed("spool closed".into());
                     }
+                    // New messages may fill the lingering array: look again.
+                    lingering_until = None;
                 }
                 changed = stopping.changed() => {
                     if changed.is_err() {
@@ -368,10 +408,11 @@ impl Publisher {
 #[derive(Default)]
 struct Window {
     connected: bool,
-    /// Published, waiting for rumqttc to assign a packet id (it does so in request order).
-    unassigned: VecDeque<(i64, Qos)>,
-    /// Packet id → (spool id, when it went out), waiting for PUBACK.
-    in_flight: HashMap<u16, (i64, Instant)>,
+    /// Published, waiting for rumqttc to assign a packet id (it does so in request order):
+    /// the spool ids each publish carries.
+    unassigned: VecDeque<(Vec<i64>, Qos)>,
+    /// Packet id → (spool ids, when it went out), waiting for PUBACK.
+    in_flight: HashMap<u16, (Vec<i64>, Instant)>,
     /// Spool ids the broker has (QoS 1) or that went out (QoS 0): to remove from the spool.
     delivered: Vec<i64>,
 }
@@ -404,18 +445,18 @@ impl Window {
                 tracing::info!(identity_id = %session.identity_id, state = "connected", "connected to the broker");
             }
             Event::Outgoing(Outgoing::Publish(pkid)) => {
-                if let Some((id, qos)) = self.unassigned.pop_front() {
+                if let Some((ids, qos)) = self.unassigned.pop_front() {
                     match qos {
-                        Qos::AtMostOnce => self.delivered.push(id),
+                        Qos::AtMostOnce => self.delivered.extend(ids),
                         Qos::AtLeastOnce => {
-                            self.in_flight.insert(pkid, (id, Instant::now()));
+                            self.in_flight.insert(pkid, (ids, Instant::now()));
                         }
                     }
                 }
             }
             Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some((id, _)) = self.in_flight.remove(&ack.pkid) {
-                    self.delivered.push(id);
+                if let Some((ids, _)) = self.in_flight.remove(&ack.pkid) {
+                    self.delivered.extend(ids);
                 }
             }
             _ => {}

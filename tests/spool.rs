@@ -281,3 +281,81 @@ fn a_backlog_goes_out_within_the_publish_quota() {
         "300 at 50/s span at least 6 calendar seconds: {per_second:?}"
     );
 }
+
+#[test]
+fn batching_packs_a_backlog_into_arrays_within_the_publish_quota() {
+    let mut cloud = Cloud::start();
+    let mut subscriber = cloud.subscribe();
+    cloud.kill_broker();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = cloud.config(
+        dir.path(),
+        true,
+        "[batch]\nmax_messages = 100\nmax_bytes = \"2KiB\"\nlinger = \"50ms\"\n",
+    );
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace(
+            "max_publishes_per_second = 0",
+            "max_publishes_per_second = 5",
+        ),
+    )
+    .expect("write");
+    let daemon = cloud.start_daemon(&config);
+    let acked = send_many(&daemon.socket, "batched", 0..1000);
+    assert_eq!(acked.len(), 1000);
+
+    cloud.start_broker();
+    let received = subscriber.collect_until(DELIVERY_WAIT, |r| numbers(r).len() >= 1000);
+    let delivered = numbers(&received);
+    assert_eq!(delivered, acked, "every reading, once, in order");
+    for publish in &received {
+        let array: Vec<serde_json::Value> =
+            serde_json::from_str(&publish.payload).expect("each publish is a JSON array");
+        assert!(array.len() <= 100, "{} readings", array.len());
+        assert!(
+            publish.payload.len() <= 2048,
+            "{} bytes",
+            publish.payload.len()
+        );
+    }
+    // "{"n":999}" is 9 bytes: a 2 KiB array holds at most 100 of them, so 1000 readings take
+    // at least 10 publishes, and at 5 publishes per second no less than 2 seconds.
+    assert!(
+        (10..=40).contains(&received.len()),
+        "{} publishes",
+        received.len()
+    );
+    let status = daemon.wait_status("all acknowledged", Duration::from_secs(10), |s| {
+        s["published_total"] == 1000
+    });
+    assert_eq!(status["spool_messages"], 0, "{status}");
+}
+
+#[test]
+fn with_batching_a_lone_reading_waits_no_longer_than_linger() {
+    let cloud = Cloud::start();
+    let mut subscriber = cloud.subscribe();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = cloud.config(
+        dir.path(),
+        true,
+        "[batch]\nmax_messages = 10\nlinger = \"300ms\"\n",
+    );
+    let daemon = cloud.start_daemon(&config);
+    daemon.wait_status("connected", Duration::from_secs(30), |s| {
+        s["state"] == "connected"
+    });
+    let sent = std::time::Instant::now();
+    assert_eq!(send_many(&daemon.socket, "lone", 0..1), vec![0]);
+    let received = subscriber
+        .next_message(Duration::from_secs(5))
+        .expect("the reading arrives");
+    let waited = sent.elapsed();
+    assert_eq!(received.payload, "[{\"n\":0}]");
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(2),
+        "held for linger, then sent: {waited:?}"
+    );
+}

@@ -828,11 +828,21 @@ fn make_certificates(dir: &Path) {
 }
 
 /// The message numbers in payloads of the form `{"n": <number>}`, in arrival order.
+/// The `n` of every reading received, in order; a batch (a JSON array) counts element by element.
 pub fn numbers(received: &[Received]) -> Vec<u64> {
-    received
+    let mut numbers = Vec::new();
+    for payload in received
         .iter()
-        .filter_map(|r| serde_json::from_str::<Value>(&r.payload).ok()?["n"].as_u64())
-        .collect()
+        .filter_map(|r| serde_json::from_str::<Value>(&r.payload).ok())
+    {
+        match payload {
+            Value::Array(readings) => {
+                numbers.extend(readings.iter().filter_map(|reading| reading["n"].as_u64()))
+            }
+            reading => numbers.extend(reading["n"].as_u64()),
+        }
+    }
+    numbers
 }
 
 /// A local app that keeps writing `{"n": i}` messages (with `id` = i) at a steady rate, one
