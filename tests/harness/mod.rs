@@ -38,7 +38,7 @@ fn repo_root() -> PathBuf {
 }
 
 /// The Python that has moto and boto3: `$RELAY_TEST_PYTHON`, else the repo's `.venv`.
-fn python() -> PathBuf {
+pub fn python() -> PathBuf {
     if let Ok(path) = std::env::var("RELAY_TEST_PYTHON") {
         return path.into();
     }
@@ -130,6 +130,21 @@ impl Namespace {
         let namespace = Namespace { name };
         run_ok(Command::new("ip").args(["-n", &namespace.name, "link", "set", "lo", "up"]));
         namespace
+    }
+
+    /// Moves the calling thread into the namespace; threads it starts afterwards are in it too
+    /// (benchmarks measure from inside, next to the broker).
+    pub fn enter(&self) {
+        let path = format!("/run/netns/{}", self.name);
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let entered =
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(
+            entered,
+            0,
+            "setns {path}: {}",
+            std::io::Error::last_os_error()
+        );
     }
 
     /// A command that runs inside the namespace.
@@ -361,14 +376,25 @@ impl Cloud {
         serde_json::from_str(self.python(&code).trim()).expect("provision output")
     }
 
-    /// Starts (or restarts) mosquitto and waits until both listeners are up.
+    /// Starts (or restarts) mosquitto and waits until both listeners are up. It logs every
+    /// packet (tests read the log).
     pub fn start_broker(&mut self) {
+        self.start_broker_logging("all");
+    }
+
+    /// Like [`Cloud::start_broker`], logging only these `log_type`s (benchmarks keep it quiet).
+    pub fn start_broker_logging(&mut self, log_types: &str) {
+        self.kill_broker();
+        let log_types: String = log_types
+            .split_whitespace()
+            .map(|kind| format!("log_type {kind}\n"))
+            .collect();
         let dir = self.dir.path();
         let log = dir.join("mosquitto.log");
         let config = format!(
             "per_listener_settings false\nallow_anonymous true\nuser root\n\
              persistence true\npersistence_location {dir}/\nautosave_interval 1\nmax_queued_messages 0\n\
-             log_dest file {log}\nlog_type all\nconnection_messages true\n\
+             log_dest file {log}\n{log_types}connection_messages true\n\
              listener {MQTT_PORT} 127.0.0.1\nprotocol mqtt\n\
              listener {WSS_PORT} 127.0.0.1\nprotocol websockets\nwebsockets_headers_size 8192\n\
              cafile {dir}/ca.crt\ncertfile {dir}/server.crt\nkeyfile {dir}/server.key\n",
@@ -672,6 +698,10 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    pub fn pid(&self) -> u32 {
+        self.process.pid() as u32
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
