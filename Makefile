@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test` (both as root on Debian).
-.PHONY: demo test deps lint audit
+.PHONY: demo test deps lint audit system-test bench
 
 demo:
 	bash scripts/demo.sh
@@ -8,10 +8,23 @@ deps:
 	bash scripts/install-test-deps.sh
 
 # The whole suite: unit, CLI and integration tests (moto + mosquitto in private network
-# namespaces), then the CloudFormation checks.
+# namespaces), the CloudFormation checks, then the .deb under a real systemd.
 test: deps
 	cargo test --all-targets
 	PATH="$(CURDIR)/.venv/bin:$$PATH" bash cloudformation/check.sh
+	$(MAKE) system-test
+
+# Builds the .deb, lints it (only initial-upload-closes-no-bugs is allowed), and runs it under
+# systemd as PID 1 of a throwaway container (tests/system/run.sh).
+system-test:
+	deb=$$(cargo deb --quiet | tail -n 1) && \
+	lintian --fail-on error,warning --suppress-tags initial-upload-closes-no-bugs "$$deb" && \
+	bash tests/system/run.sh "$$deb"
+
+# Our daemon vs an awsiotsdk relay vs bare rumqttc (benches/relay.rs); writes
+# target/relay-bench/results.json and relay-benchmark.png.
+bench: deps
+	cargo bench --bench relay
 
 lint:
 	cargo fmt --check

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need on a fresh Debian machine, skipping what is there:
-# mosquitto (+ clients), openssl, iproute2, sqlite3, libfaketime, and a Python venv (.venv)
-# with the packages of requirements-dev.txt (moto[server], boto3, cfn-lint, checkov, pytest…).
+# mosquitto (+ clients), openssl, iproute2, sqlite3, libfaketime, lintian, cargo-deb, and a
+# Python venv (.venv) with the packages of requirements-dev.txt (moto[server], boto3, cfn-lint,
+# checkov, pytest…) and bench/requirements.txt (awsiotsdk for the peer relay, matplotlib).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PACKAGES=(mosquitto mosquitto-clients openssl iproute2 sqlite3 libfaketime socat)
+PACKAGES=(mosquitto mosquitto-clients openssl iproute2 sqlite3 libfaketime socat lintian systemd util-linux)
 missing=()
 for package in "${PACKAGES[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
@@ -24,4 +25,7 @@ if [ ! -x .venv/bin/python3 ] || ! .venv/bin/python3 -c 'import moto, boto3' 2>/
         /usr/bin/python3 -m venv .venv
     fi
 fi
-.venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
+.venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt -r bench/requirements.txt
+
+# The .deb for the system test (make system-test).
+command -v cargo-deb >/dev/null || cargo install cargo-deb --locked --quiet

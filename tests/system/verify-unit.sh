@@ -5,7 +5,8 @@
 #   - `systemd-sysusers --dry-run` accepts the sysusers file.
 # verify checks that ExecStart's binary exists; when /usr/bin/iot-cognito-relay is not
 # installed, a private mount namespace overlays /usr/bin with a stand-in (a copy of
-# /bin/true) that only this check sees.
+# /bin/true) that only this check sees. It also runs man(1) for Documentation=man:...; the
+# pages in packaging/man/ are added to MANPATH for that.
 #
 #   sudo bash tests/system/verify-unit.sh [packaging/iot-cognito-relay.service]
 set -euo pipefail
@@ -17,18 +18,24 @@ failures=0
 
 echo "--- systemd-analyze verify $unit"
 verify_out=$(unshare --mount --propagation private bash -ec '
+    mount -t tmpfs icr-verify /mnt
     if [[ ! -e /usr/bin/iot-cognito-relay ]]; then
-        mount -t tmpfs icr-verify /mnt
         mkdir /mnt/upper /mnt/work
         cp /bin/true /mnt/upper/iot-cognito-relay
         mount -t overlay icr-verify -o lowerdir=/usr/bin,upperdir=/mnt/upper,workdir=/mnt/work /usr/bin
     fi
+    # Documentation=man:... pages are looked up with man(1): the package'"'"'s pages count.
+    if compgen -G "$(dirname "$1")/man/*.1" >/dev/null; then
+        mkdir -p /mnt/man/man1
+        cp "$(dirname "$1")"/man/*.1 /mnt/man/man1/
+        export MANPATH=/mnt/man:$(manpath 2>/dev/null)
+    fi
     cd "$(dirname "$1")"
     systemd-analyze verify "./$(basename "$1")"
-' verify "$unit" 2>&1) || { echo "$verify_out"; echo "FAIL  verify exited non-zero"; failures=$((failures + 1)); }
-if [[ -n $verify_out ]]; then
+' verify "$unit" 2>&1) && verify_rc=0 || verify_rc=$?
+if [[ $verify_rc -ne 0 || -n $verify_out ]]; then
     echo "$verify_out"
-    echo "FAIL  verify printed something"
+    echo "FAIL  verify: exit $verify_rc, output above"
     failures=$((failures + 1))
 else
     echo "PASS  verify: no output"
