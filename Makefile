@@ -24,7 +24,7 @@ system-test:
 # Our daemon vs an awsiotsdk relay vs bare rumqttc (benches/relay.rs); writes
 # target/relay-bench/results.json and relay-benchmark.png.
 bench: deps
-	cargo bench --bench relay
+	cargo bench --profile release --bench relay
 
 lint:
 	cargo fmt --check

@@ -12,9 +12,6 @@ use tracing_subscriber::reload;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
-/// Dependencies that are chatty at info level; `RUST_LOG` can still open them up.
-const QUIET_DEPENDENCIES: &str = "aws_config=warn,aws_smithy_runtime=warn,aws_smithy_http_client=warn,rumqttc=warn,hyper=warn,rustls=warn";
-
 /// SYSLOG_IDENTIFIER of our journal entries (`journalctl -t iot-cognito-relay`).
 pub const SYSLOG_IDENTIFIER: &str = "iot-cognito-relay";
 
@@ -36,8 +33,10 @@ impl LogControl {
     }
 }
 
+/// `log.level` is the daemon's own level; dependencies (the AWS SDK is chatty even at info)
+/// only show warnings. `RUST_LOG` can still open them up.
 fn level_filter(level: &str) -> EnvFilter {
-    EnvFilter::new(format!("{level},{QUIET_DEPENDENCIES}"))
+    EnvFilter::new(format!("warn,iot_cognito_relay={level}"))
 }
 
 /// Installs the global subscriber. Call once, before anything logs.

@@ -81,6 +81,7 @@ fn run(path: &std::path::Path) -> ExitCode {
         Err(error) => return fail(EXIT_USAGE, error),
     };
     let log = logging::init(&config.log.level);
+    daemon::limit_allocator_arenas();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

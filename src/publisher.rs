@@ -13,7 +13,7 @@ use rumqttc::{ConnectReturnCode, Event, Outgoing, Packet, QoS};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::batch::Batcher;
+use crate::batch::{self, Batcher};
 use crate::config::{BatchConfig, PublishConfig};
 use crate::heartbeat::Heartbeat;
 use crate::identity::Session;
@@ -239,6 +239,10 @@ impl Publisher {
         let mut ack_check = tokio::time::interval(ACK_CHECK);
         let mut beat = tokio::time::interval(BEAT_EVERY);
         let mut cursor = 0i64;
+        // Planned publishes not sent yet (window full, quota, linger), oldest first; all
+        // after `cursor`. `more_behind`: the spool had more than the last read took.
+        let mut ready: VecDeque<batch::Outgoing> = VecDeque::new();
+        let mut more_behind = false;
 
         loop {
             heartbeat.beat();
@@ -249,9 +253,6 @@ impl Publisher {
                 && lingering_until.is_none()
                 && outstanding < max_in_flight
             {
-                let wanted = ((max_in_flight - outstanding) * self.batch_size).min(MAX_READ);
-                let read = self.spool.read_after(cursor, wanted).await;
-                let filled = read.len() == wanted;
                 if self.limits.has_changed().unwrap_or(false) {
                     let limits = self.limits.borrow_and_update();
                     self.quota.set_limits(
@@ -259,12 +260,22 @@ impl Publisher {
                         limits.max_bytes_per_second.0,
                     );
                 }
-                let planned = self.batcher.plan(read);
-                let count = planned.len();
-                for (index, outgoing) in planned.into_iter().enumerate() {
+                // A lone open array may still grow: plan it again with what arrived since.
+                if ready.len() == 1 && ready.front().is_some_and(|o| o.open) {
+                    ready.clear();
+                }
+                if ready.is_empty() {
+                    let wanted = ((max_in_flight - outstanding) * self.batch_size).min(MAX_READ);
+                    let read = self.spool.read_after(cursor, wanted).await;
+                    more_behind = read.len() == wanted;
+                    ready.extend(self.batcher.plan(read));
+                }
+                while window.outstanding() < max_in_flight
+                    && let Some(outgoing) = ready.pop_front()
+                {
                     // The newest array may wait up to `linger` for more readings, unless the
                     // spool had more than we read (then more are right behind it).
-                    if index + 1 == count && outgoing.open && !filled && !self.linger.is_zero() {
+                    if ready.is_empty() && outgoing.open && !more_behind && !self.linger.is_zero() {
                         let first = outgoing.ids[0];
                         let since = match held {
                             Some((id, since)) if id == first => since,
@@ -272,14 +283,17 @@ impl Publisher {
                         };
                         if since.elapsed() < self.linger {
                             lingering_until = Some(since + self.linger);
+                            ready.push_front(outgoing);
                             break;
                         }
                     }
                     held = None;
                     let size = (outgoing.topic.len() + outgoing.payload.len()) as u64;
                     if let Some(at) = self.quota.ready_at(size, Instant::now()) {
-                        // Over IoT Core's quota: the rest waits in the spool.
+                        // Over IoT Core's quota: it goes first once the quota allows, with no
+                        // trip to the spool in between.
                         paced_until = Some(at);
+                        ready.push_front(outgoing);
                         break;
                     }
                     self.quota.record(size, Instant::now());

@@ -555,6 +555,12 @@ check "(7) after -P: dpkg forgot the package" \
 user=$(ct getent passwd iot-cognito-relay)
 check "(7) after -P: system user kept ($user)" test -n "$user"
 
+# Evidence for docs/operations.md: RELAY_SYSTEM_TEST_OUT=DIR keeps the journal excerpts.
+if [[ -n ${RELAY_SYSTEM_TEST_OUT:-} ]]; then
+    mkdir -p "$RELAY_SYSTEM_TEST_OUT"
+    cp "$host_dir"/*.txt "$RELAY_SYSTEM_TEST_OUT"/ 2>/dev/null || true
+fi
+
 finished=$(date +%s.%N)
 printf '\n%s: %d failure(s), %s s in all\n' "$([[ $failures == 0 ]] && echo PASS || echo FAIL)" \
     "$failures" "$(seconds "$started" "$finished")"
