@@ -315,6 +315,7 @@ impl Store {
                     reply,
                 } => {
                     let _ = reply.send(self.read_after(after, limit));
+                    self.publish_stats(&stats);
                 }
                 Command::Remove { ids } => {
                     self.remove(&ids);
@@ -419,27 +420,46 @@ impl Store {
         Ok(results)
     }
 
+    /// The next messages after `after`. A row that cannot be decoded (a damaged file) can never
+    /// be published and would hold back every message behind it: it is logged, removed and
+    /// counted as dropped, and the rest goes on.
     fn read_after(&mut self, after: i64, limit: usize) -> Vec<StoredMessage> {
-        let result = (|| -> rusqlite::Result<Vec<StoredMessage>> {
+        let mut good = Vec::new();
+        let mut broken = Vec::new();
+        let result = (|| -> rusqlite::Result<()> {
             let mut select = self.db.prepare_cached(
                 "SELECT id, topic, payload, qos FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
             )?;
-            let rows = select.query_map(params![after, limit as i64], |row| {
-                Ok(StoredMessage {
-                    id: row.get(0)?,
-                    message: Message {
+            let mut rows = select.query(params![after, limit as i64])?;
+            while let Some(row) = rows.next()? {
+                let id: i64 = row.get(0)?;
+                let message = (|| {
+                    Ok::<_, rusqlite::Error>(Message {
                         topic: row.get(1)?,
                         payload: row.get(2)?,
                         qos: Qos::from_u8(row.get(3)?).unwrap_or(Qos::AtLeastOnce),
-                    },
-                })
-            })?;
-            rows.collect()
+                    })
+                })();
+                match message {
+                    Ok(message) => good.push(StoredMessage { id, message }),
+                    Err(error) => broken.push((id, error)),
+                }
+            }
+            Ok(())
         })();
-        result.unwrap_or_else(|error| {
+        if let Err(error) = result {
             tracing::error!(%error, "spool read failed");
-            Vec::new()
-        })
+        }
+        if !broken.is_empty() {
+            for (id, error) in &broken {
+                tracing::error!(spool_id = id, %error, "undecodable spool row dropped");
+            }
+            let ids: Vec<i64> = broken.iter().map(|(id, _)| *id).collect();
+            let before = self.stats.messages;
+            self.remove(&ids);
+            self.stats.dropped_total += before - self.stats.messages;
+        }
+        good
     }
 
     fn remove(&mut self, ids: &[i64]) {
@@ -479,6 +499,31 @@ mod tests {
             payload: payload.to_vec(),
             qos: Qos::AtLeastOnce,
         }
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_row_is_dropped_and_does_not_hold_back_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("open");
+            for i in 1..=3 {
+                spool
+                    .append(message("t", format!("{i}").as_bytes()))
+                    .await
+                    .expect("append");
+            }
+        }
+        // Damage the middle row the way a bad disk might: its topic is no longer text.
+        rusqlite::Connection::open(dir.path().join(SPOOL_FILE))
+            .and_then(|db| db.execute("UPDATE messages SET topic = X'FF' WHERE id = 2", []))
+            .expect("damage a row");
+        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("reopen");
+        let stored = spool.read_after(0, 100).await;
+        let payloads: Vec<_> = stored.iter().map(|m| m.message.payload.clone()).collect();
+        assert_eq!(payloads, [b"1".to_vec(), b"3".to_vec()]);
+        let stats = *spool.stats().borrow();
+        assert_eq!((stats.messages, stats.dropped_total), (2, 1));
+        assert_eq!(spool.read_after(0, 100).await.len(), 2, "gone for good");
     }
 
     #[tokio::test]
