@@ -4,7 +4,8 @@
 //! on, every JSON payload goes out inside an array, alone or not, so consumers see one shape
 //! (IoT rule actions with `batchMode`, such as Firehose, take each element as a record).
 //! A payload that is not JSON (plain text, binary) cannot be an array element: it goes out
-//! alone and unwrapped, as without batching.
+//! alone and unwrapped, as without batching. `max_bytes` bounds arrays of two or more; a
+//! single reading larger than that still goes out as an array of one (never over 128 KiB).
 
 use serde::de::IgnoredAny;
 
@@ -40,6 +41,15 @@ impl Batcher {
 
     pub fn enabled(&self) -> bool {
         self.max_messages > 1
+    }
+
+    /// The most bytes one publish carries: `max_bytes` when batching, else IoT Core's limit.
+    pub fn max_bytes(&self) -> usize {
+        if self.enabled() {
+            self.max_bytes
+        } else {
+            MAX_PAYLOAD_BYTES
+        }
     }
 
     /// The publishes for `messages` (in spool order), in the same order.

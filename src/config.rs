@@ -36,6 +36,9 @@ pub enum ConfigError {
     Insecure { path: PathBuf, reason: String },
 }
 
+/// More readings than this in one array would not fit 128 KiB anyway (each takes 2+ bytes).
+const MAX_BATCH_MESSAGES: u32 = 65_536;
+
 /// The whole configuration, section by section as in SPEC.md.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -462,10 +465,10 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
-        if self.batch.max_messages == 0 {
+        if self.batch.max_messages == 0 || self.batch.max_messages > MAX_BATCH_MESSAGES {
             return Err(invalid(
                 "batch.max_messages",
-                "must be at least 1 (1 turns batching off)".into(),
+                format!("must be between 1 (batching off) and {MAX_BATCH_MESSAGES}"),
             ));
         }
         if self.batch.max_bytes.0 == 0 || self.batch.max_bytes.0 > MAX_PAYLOAD_BYTES {

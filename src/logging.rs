@@ -33,10 +33,15 @@ impl LogControl {
     }
 }
 
-/// `log.level` is the daemon's own level; dependencies (the AWS SDK is chatty even at info)
-/// only show warnings. `RUST_LOG` can still open them up.
+/// A bare `log.level` is the daemon's own level, and dependencies (the AWS SDK is chatty even
+/// at info) only show warnings; a level written as a filter (`info,rumqttc=debug`) is taken
+/// as it is, like `RUST_LOG`.
 fn level_filter(level: &str) -> EnvFilter {
-    EnvFilter::new(format!("warn,iot_cognito_relay={level}"))
+    if level.contains('=') || level.contains(',') {
+        EnvFilter::new(level)
+    } else {
+        EnvFilter::new(format!("warn,iot_cognito_relay={level}"))
+    }
 }
 
 /// Installs the global subscriber. Call once, before anything logs.

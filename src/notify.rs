@@ -78,7 +78,7 @@ pub async fn supervise(status: StatusSource, spool: Spool, pulses: Vec<Pulse>) {
             continue;
         }
         let spool_answers =
-            tokio::time::timeout(SPOOL_PROBE.min(period), spool.read_after(i64::MAX, 1))
+            tokio::time::timeout(SPOOL_PROBE.min(period), spool.read_after(i64::MAX, 1, 1))
                 .await
                 .is_ok();
         let limit = (period / 2).max(MIN_SILENCE_LIMIT);

@@ -40,7 +40,7 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 const ACK_CHECK: Duration = Duration::from_secs(5);
 /// An idle connection still goes round its loop this often, to show the watchdog it is alive.
 const BEAT_EVERY: Duration = Duration::from_secs(2);
-/// At most this many spool messages are read at once (bounds memory when batching).
+/// At most this many spool messages are read at once (the read is also bounded in bytes).
 const MAX_READ: usize = 1024;
 /// How long a clean disconnect may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -265,8 +265,10 @@ impl Publisher {
                     ready.clear();
                 }
                 if ready.is_empty() {
-                    let wanted = ((max_in_flight - outstanding) * self.batch_size).min(MAX_READ);
-                    let read = self.spool.read_after(cursor, wanted).await;
+                    let room = max_in_flight - outstanding;
+                    let wanted = room.saturating_mul(self.batch_size).min(MAX_READ);
+                    let budget = room.saturating_mul(self.batcher.max_bytes());
+                    let read = self.spool.read_after(cursor, wanted, budget).await;
                     more_behind = read.len() == wanted;
                     ready.extend(self.batcher.plan(read));
                 }
@@ -275,7 +277,12 @@ impl Publisher {
                 {
                     // The newest array may wait up to `linger` for more readings, unless the
                     // spool had more than we read (then more are right behind it).
-                    if ready.is_empty() && outgoing.open && !more_behind && !self.linger.is_zero() {
+                    if ready.is_empty()
+                        && outgoing.open
+                        && !more_behind
+                        && !self.linger.is_zero()
+                        && !*stopping.borrow()
+                    {
                         let first = outgoing.ids[0];
                         let since = match held {
                             Some((id, since)) if id == first => since,
@@ -287,7 +294,6 @@ impl Publisher {
                             break;
                         }
                     }
-                    held = None;
                     let size = (outgoing.topic.len() + outgoing.payload.len()) as u64;
                     if let Some(at) = self.quota.ready_at(size, Instant::now()) {
                         // Over IoT Core's quota: it goes first once the quota allows, with no
@@ -296,6 +302,7 @@ impl Publisher {
                         ready.push_front(outgoing);
                         break;
                     }
+                    held = None;
                     self.quota.record(size, Instant::now());
                     let topic = self.rules.full_topic(&session.identity_id, &outgoing.topic);
                     let qos = match outgoing.qos {

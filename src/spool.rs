@@ -78,6 +78,7 @@ enum Command {
     ReadAfter {
         after: i64,
         limit: usize,
+        max_bytes: usize,
         reply: oneshot::Sender<Vec<StoredMessage>>,
     },
     Remove {
@@ -158,12 +159,20 @@ impl Spool {
             .unwrap_or(Err(AppendError::Closed))
     }
 
-    /// Up to `limit` messages with an id above `after`, oldest first.
-    pub async fn read_after(&self, after: i64, limit: usize) -> Vec<StoredMessage> {
+    /// Up to `limit` messages with an id above `after`, oldest first, ending once their
+    /// payloads add up to `max_bytes` (the first one always comes): bounds the memory a read
+    /// takes when messages are large.
+    pub async fn read_after(
+        &self,
+        after: i64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Vec<StoredMessage> {
         let (reply, receiver) = oneshot::channel();
         let command = Command::ReadAfter {
             after,
             limit,
+            max_bytes,
             reply,
         };
         if self.commands.send(command).await.is_err() {
@@ -312,9 +321,10 @@ impl Store {
                 Command::ReadAfter {
                     after,
                     limit,
+                    max_bytes,
                     reply,
                 } => {
-                    let _ = reply.send(self.read_after(after, limit));
+                    let _ = reply.send(self.read_after(after, limit, max_bytes));
                     self.publish_stats(&stats);
                 }
                 Command::Remove { ids } => {
@@ -423,15 +433,18 @@ impl Store {
     /// The next messages after `after`. A row that cannot be decoded (a damaged file) can never
     /// be published and would hold back every message behind it: it is logged, removed and
     /// counted as dropped, and the rest goes on.
-    fn read_after(&mut self, after: i64, limit: usize) -> Vec<StoredMessage> {
+    fn read_after(&mut self, after: i64, limit: usize, max_bytes: usize) -> Vec<StoredMessage> {
         let mut good = Vec::new();
         let mut broken = Vec::new();
+        let mut bytes = 0usize;
         let result = (|| -> rusqlite::Result<()> {
             let mut select = self.db.prepare_cached(
                 "SELECT id, topic, payload, qos FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
             )?;
             let mut rows = select.query(params![after, limit as i64])?;
-            while let Some(row) = rows.next()? {
+            while bytes < max_bytes
+                && let Some(row) = rows.next()?
+            {
                 let id: i64 = row.get(0)?;
                 let message = (|| {
                     Ok::<_, rusqlite::Error>(Message {
@@ -441,7 +454,10 @@ impl Store {
                     })
                 })();
                 match message {
-                    Ok(message) => good.push(StoredMessage { id, message }),
+                    Ok(message) => {
+                        bytes += message.payload.len();
+                        good.push(StoredMessage { id, message });
+                    }
                     Err(error) => broken.push((id, error)),
                 }
             }
@@ -518,12 +534,31 @@ mod tests {
             .and_then(|db| db.execute("UPDATE messages SET topic = X'FF' WHERE id = 2", []))
             .expect("damage a row");
         let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("reopen");
-        let stored = spool.read_after(0, 100).await;
+        let stored = spool.read_after(0, 100, usize::MAX).await;
         let payloads: Vec<_> = stored.iter().map(|m| m.message.payload.clone()).collect();
         assert_eq!(payloads, [b"1".to_vec(), b"3".to_vec()]);
         let stats = *spool.stats().borrow();
         assert_eq!((stats.messages, stats.dropped_total), (2, 1));
-        assert_eq!(spool.read_after(0, 100).await.len(), 2, "gone for good");
+        assert_eq!(
+            spool.read_after(0, 100, usize::MAX).await.len(),
+            2,
+            "gone for good"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_read_ends_at_its_byte_budget_but_always_returns_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("open");
+        for payload in ["aaaa", "bbbb", "cccc"] {
+            spool
+                .append(message("t", payload.as_bytes()))
+                .await
+                .expect("append");
+        }
+        assert_eq!(spool.read_after(0, 100, 8).await.len(), 2);
+        assert_eq!(spool.read_after(0, 100, 9).await.len(), 3);
+        assert_eq!(spool.read_after(0, 100, 1).await.len(), 1);
     }
 
     #[tokio::test]
@@ -539,14 +574,14 @@ mod tests {
             }
         }
         let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("reopen");
-        let stored = spool.read_after(0, 100).await;
+        let stored = spool.read_after(0, 100, usize::MAX).await;
         let payloads: Vec<_> = stored.iter().map(|m| m.message.payload.clone()).collect();
         let expected: Vec<_> = (0..10).map(|i| format!("{i}").into_bytes()).collect();
         assert_eq!(payloads, expected);
         spool
             .remove(stored.iter().take(4).map(|m| m.id).collect())
             .await;
-        let rest = spool.read_after(0, 100).await;
+        let rest = spool.read_after(0, 100, usize::MAX).await;
         assert_eq!(rest.len(), 6);
         assert_eq!(spool.stats().borrow().messages, 6);
     }
@@ -570,7 +605,7 @@ mod tests {
         let stats = *drop_oldest.stats().borrow();
         assert_eq!(stats.messages, 2);
         assert_eq!(stats.dropped_total, 3);
-        let kept = drop_oldest.read_after(0, 10).await;
+        let kept = drop_oldest.read_after(0, 10, usize::MAX).await;
         assert_eq!(kept[0].message.payload, vec![3; 40]);
     }
 
