@@ -16,7 +16,6 @@
 //! Run: `make bench` (root; `cargo bench --profile release --bench relay`). Under `cargo test` it is a short
 //! smoke run that checks the tool works and asserts nothing about speed.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -339,17 +338,19 @@ fn quota_run(cloud: &mut Cloud, subscriber: &Subscriber, plan: &Plan) -> Value {
         // 8 KiB arrays: 63 of them fit the quota's 1.05-second window with their topics.
         "[batch]\nmax_messages = 1000\nmax_bytes = \"8KiB\"\n",
     ));
-    let text = std::fs::read_to_string(&config).expect("config");
-    let text = text
-        .replace(
-            "max_publishes_per_second = 0",
-            &format!("max_publishes_per_second = {QUOTA_PUBLISHES}"),
-        )
-        .replace(
-            "max_bytes_per_second = \"0\"",
-            "max_bytes_per_second = \"512KiB\"",
-        );
-    std::fs::write(&config, text).expect("config");
+    harness::rewrite_config(
+        &config,
+        &[
+            (
+                "max_publishes_per_second = 0",
+                &format!("max_publishes_per_second = {QUOTA_PUBLISHES}"),
+            ),
+            (
+                "max_bytes_per_second = \"0\"",
+                "max_bytes_per_second = \"512KiB\"",
+            ),
+        ],
+    );
     let daemon = cloud.start_daemon(&config);
     wait_connected(&daemon.socket);
     let log_start = cloud.broker_log().len();
@@ -383,26 +384,7 @@ fn quota_run(cloud: &mut Cloud, subscriber: &Subscriber, plan: &Plan) -> Value {
     let readings_per_s = (end.readings - base.readings) as f64 / measured;
     let bytes_per_s = (end.payload_bytes - base.payload_bytes) as f64 / measured;
 
-    let mut per_second = BTreeMap::<u64, (u64, u64)>::new();
-    for line in cloud.broker_log()[log_start..].lines() {
-        if !line.contains("Received PUBLISH from us-east-1:") {
-            continue;
-        }
-        let second = line
-            .split(':')
-            .next()
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(0);
-        let bytes: u64 = line
-            .rsplit('(')
-            .next()
-            .and_then(|t| t.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        let entry = per_second.entry(second).or_default();
-        entry.0 += 1;
-        entry.1 += bytes;
-    }
+    let per_second = harness::publishes_per_second(&cloud.broker_log()[log_start..], "bench/quota");
     let max_publishes = per_second.values().map(|v| v.0).max().unwrap_or(0);
     let max_bytes = per_second.values().map(|v| v.1).max().unwrap_or(0);
     let violations = per_second
@@ -423,12 +405,7 @@ fn quota_run(cloud: &mut Cloud, subscriber: &Subscriber, plan: &Plan) -> Value {
 
 /// The harness config, logging only warnings (debug logging would be measured too).
 fn quiet(config: PathBuf) -> PathBuf {
-    let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(
-        &config,
-        text.replace("level = \"debug\"", "level = \"warn\""),
-    )
-    .expect("config");
+    harness::rewrite_config(&config, &[("level = \"debug\"", "level = \"warn\"")]);
     config
 }
 

@@ -43,6 +43,11 @@ impl Batcher {
         self.max_messages > 1
     }
 
+    /// The most messages one publish carries (1 when batching is off).
+    pub fn max_messages(&self) -> usize {
+        self.max_messages
+    }
+
     /// The most bytes one publish carries: `max_bytes` when batching, else IoT Core's limit.
     pub fn max_bytes(&self) -> usize {
         if self.enabled() {

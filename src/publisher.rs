@@ -78,7 +78,6 @@ pub struct Publisher {
     limits: watch::Receiver<PublishConfig>,
     /// `[batch]`: how messages share publishes, and how long an open array may wait.
     batcher: Batcher,
-    batch_size: usize,
     linger: Duration,
 }
 
@@ -112,7 +111,6 @@ impl Publisher {
             quota,
             limits,
             batcher: Batcher::new(batch),
-            batch_size: batch.max_messages.max(1) as usize,
             linger: batch.linger,
         };
         (publisher, link_rx, counters_rx)
@@ -266,7 +264,9 @@ impl Publisher {
                 }
                 if ready.is_empty() {
                     let room = max_in_flight - outstanding;
-                    let wanted = room.saturating_mul(self.batch_size).min(MAX_READ);
+                    let wanted = room
+                        .saturating_mul(self.batcher.max_messages())
+                        .min(MAX_READ);
                     let budget = room.saturating_mul(self.batcher.max_bytes());
                     let read = self.spool.read_after(cursor, wanted, budget).await;
                     more_behind = read.len() == wanted;

@@ -6,7 +6,7 @@ mod harness;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use harness::{Cloud, Streamer, numbers, send_many};
+use harness::{Cloud, Streamer, numbers, publishes_per_second, rewrite_config, send_many};
 
 const DELIVERY_WAIT: Duration = Duration::from_secs(120);
 /// mosquitto saves its sessions every second; the subscriber's must be saved before a kill.
@@ -235,15 +235,13 @@ fn a_backlog_goes_out_within_the_publish_quota() {
     cloud.kill_broker();
     let dir = tempfile::tempdir().expect("tempdir");
     let config = cloud.config(dir.path(), true, "");
-    let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(
+    rewrite_config(
         &config,
-        text.replace(
+        &[(
             "max_publishes_per_second = 0",
             "max_publishes_per_second = 50",
-        ),
-    )
-    .expect("write");
+        )],
+    );
     let daemon = cloud.start_daemon(&config);
     let acked = send_many(&daemon.socket, "quota", 0..300);
     assert_eq!(acked.len(), 300);
@@ -259,17 +257,11 @@ fn a_backlog_goes_out_within_the_publish_quota() {
     assert!(numbers(&received).len() >= 300);
     // Counted where IoT Core would count: at the broker, whose log stamps each PUBLISH it
     // receives with the epoch second.
-    let mut per_second = std::collections::BTreeMap::<u64, usize>::new();
-    for line in cloud.broker_log().lines() {
-        if line.contains("Received PUBLISH from us-east-1:") && line.contains("/quota'") {
-            let second = line
-                .split(':')
-                .next()
-                .and_then(|t| t.trim().parse().ok())
-                .unwrap_or(0);
-            *per_second.entry(second).or_default() += 1;
-        }
-    }
+    let per_second: std::collections::BTreeMap<u64, u64> =
+        publishes_per_second(&cloud.broker_log(), "quota")
+            .into_iter()
+            .map(|(second, (publishes, _))| (second, publishes))
+            .collect();
     let busiest = per_second.values().copied().max().unwrap_or(0);
     eprintln!("quota 50/s: 300 messages, per broker second {per_second:?}");
     assert!(
@@ -293,15 +285,13 @@ fn batching_packs_a_backlog_into_arrays_within_the_publish_quota() {
         true,
         "[batch]\nmax_messages = 100\nmax_bytes = \"2KiB\"\nlinger = \"50ms\"\n",
     );
-    let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(
+    rewrite_config(
         &config,
-        text.replace(
+        &[(
             "max_publishes_per_second = 0",
             "max_publishes_per_second = 5",
-        ),
-    )
-    .expect("write");
+        )],
+    );
     let daemon = cloud.start_daemon(&config);
     let acked = send_many(&daemon.socket, "batched", 0..1000);
     assert_eq!(acked.len(), 1000);

@@ -994,6 +994,46 @@ pub fn offline_config(dir: &Path, extra: &str) -> PathBuf {
     path
 }
 
+/// Edits a config written by [`Cloud::config`] in place, e.g. to set the publish quotas that
+/// the harness lifts (`("max_publishes_per_second = 0", "max_publishes_per_second = 50")`).
+pub fn rewrite_config(config: &Path, replacements: &[(&str, &str)]) {
+    let mut text = std::fs::read_to_string(config).expect("read config");
+    for (from, to) in replacements {
+        assert!(text.contains(from), "{from:?} not in {}", config.display());
+        text = text.replace(from, to);
+    }
+    std::fs::write(config, text).expect("write config");
+}
+
+/// The PUBLISH packets that relays (client ids are Cognito identity ids) sent on topics ending
+/// in `topic`, per epoch second of the broker's log, as (publishes, payload bytes): counted
+/// where IoT Core would count them. `log` is `broker_log()` or a tail of it.
+pub fn publishes_per_second(log: &str, topic: &str) -> std::collections::BTreeMap<u64, (u64, u64)> {
+    let topic = format!("/{topic}'");
+    let mut per_second = std::collections::BTreeMap::<u64, (u64, u64)>::new();
+    for line in log.lines() {
+        if !line.contains("Received PUBLISH from us-east-1:") || !line.contains(&topic) {
+            continue;
+        }
+        let second = line
+            .split(':')
+            .next()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0);
+        // "... (123 bytes))"
+        let bytes: u64 = line
+            .rsplit('(')
+            .next()
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let entry = per_second.entry(second).or_default();
+        entry.0 += 1;
+        entry.1 += bytes;
+    }
+    per_second
+}
+
 /// A process's peak resident memory (`VmHWM`), in KiB.
 pub fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
