@@ -23,6 +23,7 @@ set -uo pipefail
 if [[ ${1:-} == __stage2 ]]; then
     set -e
     host_dir=$2
+    venv=$3
     ns=$host_dir/ns
     mkdir -p "$ns"
     mount -t tmpfs -o mode=0700 icr-system "$ns"
@@ -47,6 +48,13 @@ if [[ ${1:-} == __stage2 ]]; then
     mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,nosuid,noexec devpts "$root/dev/pts"
     ln -s pts/ptmx "$root/dev/ptmx"
     mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$root/dev/shm"
+    # The test's Python venv (moto, boto3), read-only at the same path as on the host (its
+    # scripts name their interpreter by absolute path). Bound explicitly: the overlay shows
+    # neither other filesystems nor the host's /tmp, where a fresh checkout (and so its .venv)
+    # may well be.
+    mkdir -p "$root$venv"
+    mount --rbind "$venv" "$root$venv"
+    mount -o remount,bind,ro "$root$venv"
     ln -s /proc/self/fd "$root/dev/fd"
     ln -s /proc/self/fd/0 "$root/dev/stdin"
     ln -s /proc/self/fd/1 "$root/dev/stdout"
@@ -111,6 +119,10 @@ self=$(readlink -f "$0")
 repo=$(cd "$(dirname "$self")/../.." && pwd)
 venv=${RELAY_TEST_VENV:-$repo/.venv}
 [[ -x $venv/bin/moto_server ]] || { echo "$0: no moto_server in $venv (see README)" >&2; exit 2; }
+# The container sees nothing of the checkout: the venv is bound in at its real path (stage 2),
+# the .deb and the provisioning script are copied in. So the checkout may live anywhere,
+# /tmp included.
+venv=$(readlink -f "$venv")
 started=$(date +%s.%N)
 
 unit=iot-cognito-relay.service
@@ -195,7 +207,7 @@ mkdir "$cgroup"
 (
     echo "$BASHPID" >"$cgroup/cgroup.procs"
     exec unshare --pid --mount --uts --net --ipc --cgroup --fork --propagation private \
-        bash "$self" __stage2 "$host_dir"
+        bash "$self" __stage2 "$host_dir" "$venv"
 ) </dev/null >>"$host_dir/console.log" 2>&1 &
 unshare_pid=$!
 for _ in $(seq 100); do
@@ -225,6 +237,8 @@ fi
 # --- the emulated cloud ----------------------------------------------------------------------
 log "starting moto and mosquitto"
 ct mkdir -p "$cloud"
+ct_env bash -ec "cat >$cloud/provision.py" <"$repo/tests/support/provision.py" ||
+    die "copy provision.py into the container"
 # A test CA and a server certificate for 127.0.0.1 / localhost, as tests/harness/mod.rs.
 ct_env bash -ec "
 cd $cloud
@@ -264,7 +278,7 @@ wait_until 30 ct grep -q ' running' "$cloud/mosquitto.log" 2>/dev/null ||
 # Provision the account like the CloudFormation template (tests/support/provision.py).
 provision() {
     ct_env AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1 \
-        "$venv/bin/python3" "$repo/tests/support/provision.py" \
+        "$venv/bin/python3" "$cloud/provision.py" \
         --endpoint http://127.0.0.1:5000 --region us-east-1 --prefix relay-test \
         >"$host_dir/account.json" 2>"$host_dir/provision.err"
 }
