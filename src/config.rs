@@ -36,6 +36,9 @@ pub enum ConfigError {
     Insecure { path: PathBuf, reason: String },
 }
 
+/// A one-byte relative topic: what `mqtt.topic_prefix` must leave room for at least.
+const SHORTEST_TOPIC: &str = "t";
+
 /// More readings than this in one array would not fit 128 KiB anyway (each takes 2+ bytes).
 const MAX_BATCH_MESSAGES: u32 = 65_536;
 
@@ -345,13 +348,27 @@ impl Config {
             key,
             reason,
         };
-        let pool = self.identity.identity_pool_id.trim().to_owned();
-        if pool.is_empty() {
+        if self.identity.identity_pool_id.trim().is_empty() {
             return Err(invalid(
                 "identity.identity_pool_id",
                 "is required (stack output CognitoIdentityPoolID)".into(),
             ));
         }
+        // Ids are used as written: a space or newline pasted along would only show up as a
+        // puzzling AWS error at the first sign-in.
+        for (key, id) in [
+            ("identity.identity_pool_id", &self.identity.identity_pool_id),
+            ("identity.secret_id", &self.identity.secret_id),
+            ("identity.unauth_role_arn", &self.identity.unauth_role_arn),
+        ] {
+            if id.contains(char::is_whitespace) {
+                return Err(invalid(
+                    key,
+                    format!("{id:?} contains whitespace; remove it"),
+                ));
+            }
+        }
+        let pool = self.identity.identity_pool_id.clone();
         let Some((pool_region, pool_uuid)) = pool.split_once(':') else {
             return Err(invalid(
                 "identity.identity_pool_id",
@@ -395,6 +412,22 @@ impl Config {
                 "must start with wss:// or ws://".into(),
             ));
         }
+        // Plain ws:// sends the presigned URL (session token included) in clear text: only to
+        // a broker on this machine (tests, a local bridge).
+        if url.starts_with("ws://") && !is_loopback_host(url_host(url)) {
+            return Err(invalid(
+                "mqtt.url",
+                format!(
+                    "ws:// (unencrypted) is allowed only to a loopback host, not {:?}; use wss://",
+                    url_host(url)
+                ),
+            ));
+        }
+        if !self.mqtt.ca_file.is_empty()
+            && let Err(error) = crate::mqtt::tls_config(&self.mqtt.ca_file)
+        {
+            return Err(invalid("mqtt.ca_file", error.to_string()));
+        }
         let prefix = self
             .mqtt
             .topic_prefix
@@ -410,6 +443,13 @@ impl Config {
             return Err(invalid("socket.max_clients", "must be at least 1".into()));
         }
         let rules = crate::topic::TopicRules::new(&self.mqtt.topic_prefix, &pool, &self.aws.region);
+        // The expanded prefix (with the longest identity id) must leave room for a topic.
+        if let Err(error) = rules.validate(SHORTEST_TOPIC) {
+            return Err(invalid(
+                "mqtt.topic_prefix",
+                format!("leaves no room for a topic under IoT Core's limits: {error}"),
+            ));
+        }
         for raw in &self.socket.raw {
             if raw.delimiter.len() != 1 {
                 return Err(invalid(
@@ -497,6 +537,26 @@ impl Config {
         shown.mqtt.url = redact_url(&shown.mqtt.url);
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
+}
+
+/// The host of a `ws://` or `wss://` URL, without brackets, port or user info.
+fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    match host_port.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => host_port.split(':').next().unwrap_or_default(),
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn parse_mode(mode: &str) -> Option<u32> {
@@ -600,8 +660,8 @@ mod duration {
 }
 
 /// Like the Device Client, trust a config only if no other user can have written it: the file
-/// must not be writable by everyone nor belong to another ordinary user, and its directory must
-/// not let everyone replace it.
+/// must not be writable by everyone or by a group other than root, nor belong to another
+/// ordinary user, and its directory must not let everyone replace it.
 fn check_not_tamperable(path: &Path) -> Result<(), ConfigError> {
     use std::os::unix::fs::MetadataExt;
     let insecure = |path: &Path, reason: String| ConfigError::Insecure {
@@ -617,6 +677,17 @@ fn check_not_tamperable(path: &Path) -> Result<(), ConfigError> {
             path,
             format!(
                 "writable by every user (mode {:04o}); fix with chmod o-w",
+                file.mode() & 0o7777
+            ),
+        ));
+    }
+    // Group members other than root could rewrite it, e.g. to point the daemon elsewhere.
+    if file.mode() & 0o020 != 0 && file.gid() != 0 {
+        return Err(insecure(
+            path,
+            format!(
+                "writable by group {} (mode {:04o}); fix with chmod g-w, or chgrp root",
+                file.gid(),
                 file.mode() & 0o7777
             ),
         ));
@@ -791,3 +862,4 @@ secret_id = "eu-west-1_abc_demo-app-user"
         assert!(shown.contains("***@127.0.0.1:5000"), "{shown}");
     }
 }
+

@@ -48,6 +48,23 @@ pub enum DaemonError {
     TaskFailed(&'static str),
 }
 
+impl DaemonError {
+    /// A fault in the config or in what it names (state dir, socket path, CA bundle), which a
+    /// restart cannot cure: `run` exits 2 for these, and the unit's `RestartPreventExitStatus=2`
+    /// stops systemd's restart loop. Anything else exits 1 and is restarted.
+    pub fn is_config_error(&self) -> bool {
+        match self {
+            DaemonError::StateDir { .. }
+            | DaemonError::InsecureStateDir { .. }
+            | DaemonError::Tls(_)
+            | DaemonError::Socket(BindError::Io { .. }) => true,
+            DaemonError::Socket(BindError::InUse(_))
+            | DaemonError::Spool(_)
+            | DaemonError::TaskFailed(_) => false,
+        }
+    }
+}
+
 /// What the process around the daemon can do to it while it runs.
 pub struct Controls {
     /// New configs to apply (SIGHUP): what can change live does, the rest waits for a restart.

@@ -102,7 +102,12 @@ fn run(path: &std::path::Path) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "cannot start");
-            fail(EXIT_FAILURE, error)
+            let code = if error.is_config_error() {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILURE
+            };
+            fail(code, error)
         }
     }
 }

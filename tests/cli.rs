@@ -1,7 +1,8 @@
 //! The command line as users meet it: exit codes and one-line errors (SPEC.md, CLI).
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_iot-cognito-relay");
 
@@ -228,9 +229,10 @@ fn world_writable_state_dir_is_refused_before_anything_is_opened() {
         dir.path().join("relay.sock")
     );
     let path = write(dir.path(), &config);
-    let output = run(&["run", "--config", &path], &[]);
+    let output = run_briefly(&["run", "--config", &path]);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    // A config-type failure: exit 2, so that RestartPreventExitStatus=2 ends the restart loop.
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("writable by every user") && stderr.contains("chmod 700"),
         "{stderr}"
@@ -242,4 +244,255 @@ fn world_writable_state_dir_is_refused_before_anything_is_opened() {
             .is_none(),
         "nothing was created in the refused state dir"
     );
+}
+
+/// Longest a `run` that must fail at start may take before the test calls it hung.
+const START_FAILURE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `run`-like, for a daemon expected to exit at start: killed (and the test failed) if it is
+/// still running after `START_FAILURE_TIMEOUT`.
+fn run_briefly(args: &[&str]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start binary");
+    let deadline = Instant::now() + START_FAILURE_TIMEOUT;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("collect output");
+            panic!(
+                "{args:?} still running after {START_FAILURE_TIMEOUT:?}; stderr: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("collect output")
+}
+
+/// A config that would run offline: state and socket in `dir`, AWS unreachable.
+fn offline(dir: &Path, extra: &str) -> String {
+    write(
+        dir,
+        &format!(
+            "{VALID}\n[aws]\nendpoint_url = \"http://127.0.0.1:1\"\n{extra}\n[socket]\npath = {:?}\n[state]\ndir = {:?}\n",
+            dir.join("relay.sock"),
+            dir.join("state"),
+        ),
+    )
+}
+
+#[test]
+fn group_writable_config_is_refused_unless_its_group_is_root() {
+    use std::os::unix::fs::PermissionsExt;
+    const NOGROUP: u32 = 65_534;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), VALID);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o664)).expect("chmod");
+    std::os::unix::fs::chown(&path, Some(0), Some(NOGROUP)).expect("chgrp (needs root)");
+    assert_config_error(
+        &run(&["check-config", "--config", &path], &[]),
+        &[&path, "writable by group 65534", "0664"],
+    );
+    assert_config_error(
+        &run_briefly(&["run", "--config", &path]),
+        &["writable by group 65534"],
+    );
+
+    // Group root may write it (root may anyway).
+    std::os::unix::fs::chown(&path, Some(0), Some(0)).expect("chgrp root");
+    let output = run(&["check-config", "--config", &path], &[]);
+    assert!(output.status.success(), "{output:?}");
+}
+
+#[test]
+fn check_config_loads_the_ca_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = |ca: &Path| {
+        write(
+            dir.path(),
+            &format!(
+                "{VALID}\n[mqtt]\nca_file = {:?}\n",
+                ca.display().to_string()
+            ),
+        )
+    };
+
+    let missing = dir.path().join("missing.pem");
+    let path = config(&missing);
+    assert_config_error(
+        &run(&["check-config", "--config", &path], &[]),
+        &["mqtt.ca_file", "missing.pem"],
+    );
+
+    let not_pem = dir.path().join("not-a-certificate.pem");
+    std::fs::write(&not_pem, "this is a key, not a certificate\n").expect("write");
+    let path = config(&not_pem);
+    assert_config_error(
+        &run(&["check-config", "--config", &path], &[]),
+        &["mqtt.ca_file", "holds no certificate"],
+    );
+
+    let broken = dir.path().join("broken.pem");
+    std::fs::write(
+        &broken,
+        "-----BEGIN CERTIFICATE-----\nMIIBnotvalidDER==\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    let path = config(&broken);
+    assert_config_error(
+        &run(&["check-config", "--config", &path], &[]),
+        &["mqtt.ca_file", "broken.pem"],
+    );
+
+    let good = dir.path().join("ca.pem");
+    let openssl = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=cli-test-ca", "-keyout"])
+        .arg(dir.path().join("ca.key"))
+        .arg("-out")
+        .arg(&good)
+        .output()
+        .expect("run openssl");
+    assert!(openssl.status.success(), "{openssl:?}");
+    let path = config(&good);
+    let output = run(&["check-config", "--config", &path], &[]);
+    assert!(output.status.success(), "{output:?}");
+}
+
+#[test]
+fn check_config_refuses_a_topic_prefix_beyond_iot_limits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (prefix, why) in [
+        // With the separator, 8 '/' before any topic: IoT Core allows 7.
+        ("a/b/c/d/e/f/{identity_pool_id}/{identity_id}", "'/'"),
+        (&*format!("{}/{{identity_id}}", "x".repeat(220)), "bytes"),
+    ] {
+        let path = write(
+            dir.path(),
+            &format!("{VALID}\n[mqtt]\ntopic_prefix = {prefix:?}\n"),
+        );
+        assert_config_error(
+            &run(&["check-config", "--config", &path], &[]),
+            &["mqtt.topic_prefix", why],
+        );
+    }
+    let path = write(
+        dir.path(),
+        &format!("{VALID}\n[mqtt]\ntopic_prefix = \"fleet/{{identity_id}}\"\n"),
+    );
+    let output = run(&["check-config", "--config", &path], &[]);
+    assert!(output.status.success(), "{output:?}");
+}
+
+#[test]
+fn check_config_refuses_whitespace_in_ids() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (key, line) in [
+        (
+            "identity.identity_pool_id",
+            "identity_pool_id = \"us-east-1:0b7c5a57-6a4f-4a62-9d36-3f1c0e3b6a11 \"",
+        ),
+        (
+            "identity.secret_id",
+            "secret_id = \"us-east-1_AbCdEfGhI_demo-app-user\\n\"",
+        ),
+        (
+            "identity.unauth_role_arn",
+            "unauth_role_arn = \"arn:aws:iam::123456789012:role/ unauth\"",
+        ),
+    ] {
+        let name = key.rsplit('.').next().expect("key name");
+        let text: String = VALID
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{name} =")))
+            .chain([line])
+            .collect::<Vec<_>>()
+            .join("\n");
+        let path = write(dir.path(), &format!("{text}\n"));
+        assert_config_error(
+            &run(&["check-config", "--config", &path], &[]),
+            &[key, "whitespace"],
+        );
+    }
+}
+
+#[test]
+fn check_config_refuses_plain_ws_to_a_remote_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for url in [
+        "ws://broker.example.com/mqtt",
+        "ws://10.0.0.7:8080/mqtt",
+        "ws://user:pw@192.0.2.1/mqtt",
+    ] {
+        let path = write(dir.path(), &format!("{VALID}\n[mqtt]\nurl = {url:?}\n"));
+        let output = run(&["check-config", "--config", &path], &[]);
+        assert_config_error(&output, &["mqtt.url", "wss://"]);
+        assert!(
+            !String::from_utf8_lossy(&output.stderr).contains("pw@"),
+            "credentials in a URL stay out of errors"
+        );
+    }
+    for url in [
+        "ws://127.0.0.1:1883/mqtt",
+        "ws://localhost/mqtt",
+        "ws://[::1]:8080/mqtt",
+        "wss://broker.example.com/mqtt",
+    ] {
+        let path = write(dir.path(), &format!("{VALID}\n[mqtt]\nurl = {url:?}\n"));
+        let output = run(&["check-config", "--config", &path], &[]);
+        assert!(output.status.success(), "{url}: {output:?}");
+    }
+}
+
+#[test]
+fn run_exits_2_when_the_state_dir_or_socket_path_cannot_be_used() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").expect("write");
+
+    // The state dir would have to be created under a regular file.
+    let path = offline(dir.path(), "");
+    let text = std::fs::read_to_string(&path).expect("read").replace(
+        &format!("{:?}", dir.path().join("state")),
+        &format!("{:?}", file.join("state")),
+    );
+    std::fs::write(&path, text).expect("write");
+    let output = run_briefly(&["run", "--config", &path]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("state dir"), "{stderr}");
+
+    // Likewise the socket.
+    let path = offline(dir.path(), "");
+    let text = std::fs::read_to_string(&path).expect("read").replace(
+        &format!("{:?}", dir.path().join("relay.sock")),
+        &format!("{:?}", file.join("relay.sock")),
+    );
+    std::fs::write(&path, text).expect("write");
+    let output = run_briefly(&["run", "--config", &path]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("relay.sock"), "{stderr}");
+}
+
+#[test]
+fn run_exits_2_on_a_broken_ca_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "no certificate here\n").expect("write");
+    let path = offline(
+        dir.path(),
+        &format!("[mqtt]\nca_file = {:?}\n", ca.display().to_string()),
+    );
+    let output = run_briefly(&["run", "--config", &path]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("ca.pem"), "{stderr}");
 }
