@@ -9,7 +9,6 @@ use tracing_journald::{Priority, PriorityMappings};
 use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::reload;
-use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 /// SYSLOG_IDENTIFIER of our journal entries (`journalctl -t iot-cognito-relay`).
@@ -79,14 +78,31 @@ pub fn init(level: &str) -> LogControl {
             .with_ansi(std::io::stderr().is_terminal())
             .boxed(),
     };
-    tracing_subscriber::registry()
+    let subscriber = tracing_subscriber::registry()
         .with(filter)
-        .with(output.with_filter(no_dependency_trace))
-        .init();
+        .with(output.with_filter(no_dependency_trace));
+    if tracing::subscriber::set_global_default(subscriber).is_ok() {
+        bridge_log_records();
+    }
     LogControl {
         handle,
         from_env: control_from_env,
     }
+}
+
+/// Most `log` records a dependency may emit: debug. Their TRACE records carry whole frames
+/// (tungstenite logs the websocket upgrade request, whose URL holds the signed session token).
+const DEPENDENCY_LOG_MAX: tracing_log::log::LevelFilter = tracing_log::log::LevelFilter::Debug;
+
+/// rumqttc, rustls and tungstenite log through the `log` crate, not tracing: their records are
+/// turned into tracing events, so the same filter applies (`RUST_LOG=rumqttc=debug`, or
+/// `log.level` on SIGHUP). The `log` side lets through up to `DEPENDENCY_LOG_MAX` whatever the
+/// level at start, or a later reload to debug would find those records already dropped.
+fn bridge_log_records() {
+    // Fails only if another logger is installed already; then that one gets the records.
+    let _ = tracing_log::LogTracer::builder()
+        .with_max_level(DEPENDENCY_LOG_MAX)
+        .init();
 }
 
 /// systemd connects stderr to the journal and names that stream in `JOURNAL_STREAM`
@@ -121,6 +137,14 @@ pub struct Repeats {
 }
 
 impl Repeats {
+    /// An empty limiter, usable in a `static`.
+    pub const fn new() -> Repeats {
+        Repeats {
+            last: None,
+            held_back: 0,
+        }
+    }
+
     /// `Some(held_back)` when a warning with this text should be logged now.
     pub fn admit(&mut self, text: &str) -> Option<u64> {
         self.admit_at(text, Instant::now())

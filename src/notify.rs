@@ -6,6 +6,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 
 use crate::heartbeat::{self, Pulse};
+use crate::logging::Repeats;
 use crate::spool::Spool;
 use crate::status::StatusSource;
 
@@ -17,9 +18,18 @@ const MIN_SILENCE_LIMIT: Duration = Duration::from_secs(5);
 /// The status line is refreshed at most this often.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 
+/// A notify socket that stopped working fails every status update and watchdog ping.
+static NOTIFY_FAILURES: std::sync::Mutex<Repeats> = std::sync::Mutex::new(Repeats::new());
+
 fn send(states: &[NotifyState]) {
     if let Err(error) = sd_notify::notify(states) {
-        tracing::warn!(%error, "cannot notify systemd");
+        let text = error.to_string();
+        let admitted = NOTIFY_FAILURES
+            .lock()
+            .map_or(Some(0), |mut repeats| repeats.admit(&text));
+        if let Some(held_back) = admitted {
+            tracing::warn!(error = %text, held_back, "cannot notify systemd");
+        }
     }
 }
 

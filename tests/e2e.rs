@@ -86,3 +86,60 @@ fn relays_with_the_enhanced_flow() {
     let expected: Vec<String> = (0..20).map(|i| format!(r#"{{"n":{i}}}"#)).collect();
     assert_eq!(payloads, expected, "{}", daemon.log_text());
 }
+
+/// rumqttc logs through the `log` crate: its records reach the daemon's log and obey the same
+/// filter as the rest, including a `log.level` changed by SIGHUP. (rumqttc logs every outgoing
+/// PUBLISH at debug as "Publish. Topic = …".)
+#[test]
+fn rumqttc_log_records_follow_the_log_filter() {
+    const RUMQTTC_PUBLISH: &str = "Publish. Topic = ";
+    let cloud = Cloud::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = cloud.config(dir.path(), false, "");
+    let mut daemon = cloud.start_daemon(&config);
+    let mut client = daemon.connect();
+    client.send_line(r#"{"topic": "log/bridge", "payload": 1, "id": 1}"#);
+    assert_eq!(
+        client.read_answer(Duration::from_secs(10)).expect("answer")["ok"],
+        true
+    );
+    daemon.wait_status("first published", WAIT, |s| s["published_total"] == 1);
+    // The harness's level "debug" is the daemon's own: dependencies stay at warn.
+    assert!(
+        !daemon.log_text().contains(RUMQTTC_PUBLISH),
+        "rumqttc's debug records must be filtered out by default:\n{}",
+        daemon.log_text()
+    );
+
+    harness::rewrite_config(
+        &config,
+        &[(
+            "level = \"debug\"",
+            "level = \"warn,iot_cognito_relay=debug,rumqttc=debug\"",
+        )],
+    );
+    daemon.process.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !daemon.log_text().contains("configuration reloaded") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    client.send_line(r#"{"topic": "log/bridge", "payload": 2, "id": 2}"#);
+    assert_eq!(
+        client.read_answer(Duration::from_secs(10)).expect("answer")["ok"],
+        true
+    );
+    daemon.wait_status("second published", WAIT, |s| s["published_total"] == 2);
+    let log = daemon.log_text();
+    let line = log
+        .lines()
+        .find(|line| line.contains(RUMQTTC_PUBLISH))
+        .unwrap_or_else(|| panic!("rumqttc=debug shows rumqttc's records:\n{log}"));
+    assert!(line.contains("/log/bridge"), "{line}");
+    assert!(line.contains("DEBUG"), "{line}");
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
+}

@@ -110,3 +110,32 @@ fn ready_status_watchdog_and_stopping() {
     let status = daemon.wait().expect("exit");
     assert!(status.success(), "{status:?}");
 }
+
+/// A notify socket that went away fails every watchdog ping (here every 0.5 s): the warning is
+/// logged once, not per ping.
+#[test]
+fn a_broken_notify_socket_is_reported_once() {
+    const WARNING: &str = "cannot notify systemd";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = harness::offline_config(dir.path(), "");
+    let log = dir.path().join("daemon.log");
+    let mut daemon = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_iot-cognito-relay"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", dir.path().join("gone.sock"))
+            .env("WATCHDOG_USEC", "1000000")
+            .env_remove("RUST_LOG")
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start daemon"),
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        daemon.0.try_wait().expect("wait").is_none(),
+        "the daemon keeps running"
+    );
+    let text = std::fs::read_to_string(&log).expect("read log");
+    assert_eq!(text.matches(WARNING).count(), 1, "{text}");
+}
