@@ -15,11 +15,13 @@ test: deps
 	$(MAKE) system-test
 
 # Builds the .deb, lints it (only initial-upload-closes-no-bugs is allowed), and runs it under
-# systemd as PID 1 of a throwaway container (tests/system/run.sh).
+# systemd as PID 1 of a throwaway container (tests/system/run.sh), from this checkout and from
+# a fresh clone under /tmp (tests/system/from-clone.sh).
 system-test:
 	deb=$$(cargo deb --quiet | tail -n 1) && \
 	lintian --fail-on error,warning --suppress-tags initial-upload-closes-no-bugs "$$deb" && \
-	bash tests/system/run.sh "$$deb"
+	bash tests/system/run.sh "$$deb" && \
+	bash tests/system/from-clone.sh "$$deb"
 
 # Our daemon vs an awsiotsdk relay vs bare rumqttc (benches/relay.rs); writes
 # target/relay-bench/results.json and relay-benchmark.png.
@@ -30,5 +32,13 @@ lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 
+# RustSec advisories: the offline database when one sits beside the repository (CI, .ci/run),
+# otherwise cargo-audit fetches the current one.
+ADVISORY_DB := $(wildcard ../shared/rustsec-advisory-db)
 audit:
-	cargo audit --db ../shared/rustsec-advisory-db --no-fetch
+	command -v cargo-audit >/dev/null || cargo install cargo-audit --locked --quiet
+ifneq ($(ADVISORY_DB),)
+	cargo audit --db $(ADVISORY_DB) --no-fetch
+else
+	cargo audit
+endif

@@ -7,9 +7,20 @@ use clap::{Parser, Subcommand};
 
 use crate::config;
 
+/// Where the man pages send readers: the documents the package installs.
+const SEE_CONFIGURATION: &str = "Every config key (type, default, validation, whether SIGHUP applies it): \
+/usr/share/doc/iot-cognito-relay/configuration.md. Operations: \
+/usr/share/doc/iot-cognito-relay/operations.md.";
+const SEE_PROTOCOL: &str = "The socket protocol, its error codes and limits: \
+/usr/share/doc/iot-cognito-relay/protocol.md.";
+
 /// Relays local sensor data to AWS IoT Core using only Cognito identities.
 #[derive(Parser)]
-#[command(name = "iot-cognito-relay", version, about)]
+#[command(name = "iot-cognito-relay", version, about, after_long_help = concat!(
+    "Config keys: /usr/share/doc/iot-cognito-relay/configuration.md. ",
+    "Socket protocol: /usr/share/doc/iot-cognito-relay/protocol.md. ",
+    "Operations: /usr/share/doc/iot-cognito-relay/operations.md."
+))]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -18,11 +29,13 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the daemon in the foreground (systemd runs this).
+    #[command(after_long_help = SEE_CONFIGURATION)]
     Run {
         #[arg(long, default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
     /// Publish PAYLOAD, or one message per stdin line, through the daemon; waits for the acks.
+    #[command(after_long_help = SEE_PROTOCOL)]
     Send {
         #[arg(long, default_value = "/run/iot-cognito-relay/relay.sock")]
         socket: PathBuf,
@@ -38,6 +51,7 @@ pub enum Command {
         payload: Option<String>,
     },
     /// Show the daemon's state and counters.
+    #[command(after_long_help = SEE_PROTOCOL)]
     Status {
         #[arg(long, default_value = "/run/iot-cognito-relay/relay.sock")]
         socket: PathBuf,
@@ -46,10 +60,12 @@ pub enum Command {
         json: bool,
     },
     /// Validate the config and print the effective values.
+    #[command(after_long_help = SEE_CONFIGURATION)]
     CheckConfig {
         #[arg(long, default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
     /// Turn `aws cloudformation describe-stacks` JSON into a config.toml on stdout.
+    #[command(after_long_help = SEE_CONFIGURATION)]
     ConfigFromStack { file: PathBuf },
 }

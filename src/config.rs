@@ -863,3 +863,110 @@ secret_id = "eu-west-1_abc_demo-app-user"
     }
 }
 
+/// docs/configuration.md and config/config.toml name every key of `Config`, and nothing else;
+/// the doc gives each key's default as `check-config` prints it.
+#[cfg(test)]
+mod docs_in_step {
+    use std::collections::BTreeMap;
+
+    use super::Config;
+
+    const DOC: &str = include_str!("../docs/configuration.md");
+    const SHIPPED: &str = include_str!("../config/config.toml");
+
+    /// Every key as `section.key` (`socket.raw.path` for array entries) with its TOML value.
+    fn keys(text: &str) -> BTreeMap<String, String> {
+        let config: Config = toml::from_str(text).expect("config parses");
+        let table = toml::Table::try_from(&config).expect("config serialises");
+        let mut keys = BTreeMap::new();
+        for (section, body) in &table {
+            for (key, value) in body.as_table().expect("section is a table") {
+                keys.insert(format!("{section}.{key}"), value.to_string());
+                if let Some(entry) = value
+                    .as_array()
+                    .and_then(|a| a.first())
+                    .and_then(|v| v.as_table())
+                {
+                    for (sub, value) in entry {
+                        keys.insert(format!("{section}.{key}.{sub}"), value.to_string());
+                    }
+                }
+            }
+        }
+        keys
+    }
+
+    /// The doc's table rows: key → default cell.
+    fn doc_rows() -> BTreeMap<String, String> {
+        DOC.lines()
+            .filter_map(|line| {
+                let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+                let key = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+                Some((key.to_owned(), cells.get(3)?.to_string()))
+            })
+            .collect()
+    }
+
+    /// config/config.toml's keys, commented out or not, as `section.key`.
+    fn shipped_keys() -> Vec<String> {
+        let mut section = String::new();
+        let mut found = Vec::new();
+        for line in SHIPPED.lines() {
+            let line = line.trim_start_matches('#').trim();
+            if let Some(name) = line.strip_prefix('[') {
+                section = name.trim_matches(['[', ']']).to_owned();
+                // `[[socket.raw]]` stands for the key `socket.raw` too.
+                if name.starts_with('[') {
+                    found.push(section.clone());
+                }
+            } else if let Some((key, _)) = line.split_once('=')
+                && !key.trim().is_empty()
+                && key
+                    .trim()
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c == '_')
+            {
+                found.push(format!("{section}.{}", key.trim()));
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn every_key_is_documented_and_shipped_and_nothing_else() {
+        let defaults = keys("");
+        let all = keys("[[socket.raw]]\npath = \"/run/raw.sock\"\ntopic = \"t\"\n");
+        let rows = doc_rows();
+        let shipped = shipped_keys();
+        let mut problems = Vec::new();
+        for key in all.keys() {
+            match (rows.get(key), defaults.get(key)) {
+                (None, default) => problems.push(format!(
+                    "docs/configuration.md: no row for `{key}` (default {})",
+                    default.map_or("none".into(), |d| format!("`{d}`"))
+                )),
+                (Some(cell), Some(default)) if !cell.contains(&format!("`{default}`")) => problems
+                    .push(format!(
+                        "docs/configuration.md: `{key}` default should read `{default}`, not {cell}"
+                    )),
+                _ => {}
+            }
+            if !shipped.contains(key) {
+                problems.push(format!("config/config.toml: `{key}` missing"));
+            }
+        }
+        for key in rows.keys() {
+            if !all.contains_key(key) {
+                problems.push(format!(
+                    "docs/configuration.md: `{key}` is not a config key"
+                ));
+            }
+        }
+        for key in &shipped {
+            if !all.contains_key(key) {
+                problems.push(format!("config/config.toml: `{key}` is not a config key"));
+            }
+        }
+        assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+    }
+}
