@@ -30,10 +30,10 @@ cross-deps:
 	bash scripts/install-cross-deps.sh
 
 # The packages of `make deb-all` run under qemu-user-static: --version and check-config on the
-# shipped config for all three, and the end-to-end demo (moto + mosquitto) with the arm64 binary.
+# shipped config for all three, and the end-to-end demo (moto + mosquitto) with the ARM binaries.
 arm-smoke: cross-deps
-	bash tests/arm/smoke.sh target/debian-all/*_amd64.deb target/debian-all/*_armhf.deb
-	bash tests/arm/smoke.sh --e2e target/debian-all/*_arm64.deb
+	bash tests/arm/smoke.sh target/debian-all/*_amd64.deb
+	bash tests/arm/smoke.sh --e2e target/debian-all/*_arm64.deb target/debian-all/*_armhf.deb
 
 # Our daemon vs an awsiotsdk relay vs bare rumqttc (benches/relay.rs); writes
 # target/relay-bench/results.json and relay-benchmark.png.
