@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test` (both as root on Debian).
-.PHONY: demo test deps lint audit system-test bench
+.PHONY: demo test deps lint audit system-test bench cross-deps deb-all arm-smoke
 
 demo:
 	bash scripts/demo.sh
@@ -22,6 +22,20 @@ system-test:
 	lintian --fail-on error,warning --suppress-tags initial-upload-closes-no-bugs "$$deb" && \
 	bash tests/system/run.sh "$$deb" && \
 	bash tests/system/from-clone.sh "$$deb"
+
+# The three packages: amd64, and arm64 + armhf cross-built (Debian's cross gcc, see
+# .cargo/config.toml), each lintian-clean; copied to target/debian-all/.
+deb-all:
+	bash scripts/deb-all.sh
+
+cross-deps:
+	bash scripts/install-cross-deps.sh
+
+# The packages of `make deb-all` run under qemu-user-static: --version and check-config on the
+# shipped config for all three, and the end-to-end demo (moto + mosquitto) with the ARM binaries.
+arm-smoke: cross-deps
+	bash tests/arm/smoke.sh target/debian-all/*_amd64.deb
+	bash tests/arm/smoke.sh --e2e target/debian-all/*_arm64.deb target/debian-all/*_armhf.deb
 
 # Our daemon vs an awsiotsdk relay vs bare rumqttc (benches/relay.rs); writes
 # target/relay-bench/results.json and relay-benchmark.png.

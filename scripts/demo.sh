@@ -4,14 +4,23 @@
 # Provisions the account like the CloudFormation template, starts the daemon, sends a few
 # readings through its socket with `iot-cognito-relay send`, prints what the broker received,
 # and cleans everything up. Needs root (network namespace); installs what is missing.
+# RELAY_BIN=path runs that binary instead of building one, RELAY_RUNNER="qemu-aarch64-static -L
+# /usr/aarch64-linux-gnu" runs it through an emulator (tests/arm/smoke.sh does both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 if [ "$(id -u)" != 0 ]; then echo "demo: run as root (it creates a network namespace)" >&2; exit 1; fi
 bash scripts/install-test-deps.sh >/dev/null
-cargo build --quiet
-BIN=$ROOT/target/debug/iot-cognito-relay
+if [ -z "${RELAY_BIN:-}" ]; then
+    cargo build --quiet
+    RELAY_BIN=$ROOT/target/debug/iot-cognito-relay
+fi
+# The runner's words, then the binary (word splitting of RELAY_RUNNER is intended).
+read -r -a BIN <<<"${RELAY_RUNNER:-}"
+BIN+=("$RELAY_BIN")
+# The daemon start and the readings' round trip take longer under emulation.
+WAIT_TENTHS=${RELAY_WAIT_TENTHS:-100}
 
 WORK=$(mktemp -d /tmp/iot-cognito-relay-demo.XXXXXX)
 NS=icr-demo-$$
@@ -78,17 +87,17 @@ CONF
 echo "   identity pool $(field identity_pool_id), secret $(field secret_id)"
 
 echo "== starting iot-cognito-relay"
-ip netns exec "$NS" env -u AWS_ENDPOINT_URL "$BIN" run --config "$WORK/config.toml" 2>"$WORK/daemon.log" & PIDS+=($!)
-for _ in $(seq 100); do [ -S "$WORK/relay.sock" ] && break; sleep 0.1; done
+ip netns exec "$NS" env -u AWS_ENDPOINT_URL "${BIN[@]}" run --config "$WORK/config.toml" 2>"$WORK/daemon.log" & PIDS+=($!)
+for _ in $(seq "$WAIT_TENTHS"); do [ -S "$WORK/relay.sock" ] && break; sleep 0.1; done
 
 ip netns exec "$NS" mosquitto_sub -h 127.0.0.1 -p 1883 -t '#' -v -C 5 -W 30 >"$WORK/received.txt" & SUB=$!
 sleep 0.5
 echo "== sending 5 readings through the socket"
 for i in 1 2 3 4 5; do echo "{\"celsius\": 2$i.5, \"reading\": $i}"; done \
-    | "$BIN" send --socket "$WORK/relay.sock" --topic sensors/temperature
+    | "${BIN[@]}" send --socket "$WORK/relay.sock" --topic sensors/temperature
 wait "$SUB" || true
 echo "== what the broker received (topic payload)"
 cat "$WORK/received.txt"
 echo "== daemon status"
-"$BIN" status --socket "$WORK/relay.sock"
+"${BIN[@]}" status --socket "$WORK/relay.sock"
 [ "$(wc -l <"$WORK/received.txt")" = 5 ] || { echo "demo: expected 5 readings; daemon log:" >&2; cat "$WORK/daemon.log" >&2; exit 1; }
