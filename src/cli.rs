@@ -49,6 +49,9 @@ pub enum Command {
         json: bool,
         /// JSON (published compact) or plain text; omit to read one message per stdin line.
         payload: Option<String>,
+        /// Give up (exit 1) when the daemon owes an answer, or does not read, for this long.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Show the daemon's state and counters.
     #[command(after_long_help = SEE_PROTOCOL)]
@@ -58,6 +61,9 @@ pub enum Command {
         /// Print the raw JSON object.
         #[arg(long)]
         json: bool,
+        /// Give up (exit 1) when the daemon has not answered within this long.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Validate the config and print the effective values.
     #[command(after_long_help = SEE_CONFIGURATION)]

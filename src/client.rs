@@ -3,6 +3,9 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -20,19 +23,44 @@ pub enum ClientError {
     Closed,
     #[error("unexpected answer from the daemon: {0}")]
     BadAnswer(String),
+    #[error("no answer from the daemon within {} (--timeout)", humantime::format_duration(*.0))]
+    Timeout(Duration),
+}
+
+/// A read or write that hit the socket's timeout.
+fn timed_out(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }
 
 /// What `send` publishes: one argument, or one message per stdin line.
-pub enum Payloads<'a> {
-    One(&'a str),
-    Lines(Box<dyn BufRead + Send + 'a>),
+pub enum Payloads {
+    One(String),
+    Lines(Box<dyn BufRead + Send>),
 }
 
-fn connect(path: &Path) -> Result<UnixStream, ClientError> {
-    UnixStream::connect(path).map_err(|source| ClientError::Connect {
-        path: path.display().to_string(),
-        source,
-    })
+/// Connects within `timeout` (a Unix socket's `connect` blocks while the daemon's listen
+/// backlog is full), then makes every read and write give up after `timeout` too.
+fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, ClientError> {
+    let (result, outcome) = std::sync::mpsc::channel();
+    let owned = path.to_owned();
+    // A blocking connect cannot be given a deadline; on timeout the thread is left behind
+    // and ends with the process.
+    std::thread::spawn(move || {
+        let _ = result.send(UnixStream::connect(owned));
+    });
+    let stream = match outcome.recv_timeout(timeout) {
+        Ok(connected) => connected.map_err(|source| ClientError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?,
+        Err(_) => return Err(ClientError::Timeout(timeout)),
+    };
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(stream)
 }
 
 /// How `send` turns its input into protocol lines.
@@ -47,7 +75,11 @@ pub enum Framing {
 fn protocol_line(line: &str, id: u64) -> String {
     match serde_json::from_str::<Value>(line) {
         Ok(Value::Object(mut object)) => {
-            object.entry("id").or_insert(id.into());
+            // `"id": null` means no id to the daemon, which then answers nothing on success.
+            let slot = object.entry("id").or_insert(Value::Null);
+            if slot.is_null() {
+                *slot = id.into();
+            }
             Value::Object(object).to_string()
         }
         // Sent as is: the daemon answers what is wrong with it.
@@ -60,14 +92,22 @@ fn payload_value(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
 }
 
-/// Sends every input and waits for each answer. Returns how many were refused; each refusal
-/// is printed to stderr.
-pub fn send(socket: &Path, framing: Framing, payloads: Payloads<'_>) -> Result<u64, ClientError> {
-    let stream = connect(socket)?;
+/// Sends every input and waits for each answer, giving up when the daemon leaves an owed
+/// answer (or a write) waiting for `timeout`. Returns how many were refused; each refusal is
+/// printed to stderr.
+pub fn send(
+    socket: &Path,
+    framing: Framing,
+    payloads: Payloads,
+    timeout: Duration,
+) -> Result<u64, ClientError> {
+    let stream = connect(socket, timeout)?;
     let mut writer = stream.try_clone()?;
+    let written = Arc::new(AtomicU64::new(0));
+    let sent_so_far = written.clone();
     // Written by one thread while this one reads answers, so neither side's buffer fills up.
-    std::thread::scope(|scope| {
-        let sender = scope.spawn(move || -> Result<u64, std::io::Error> {
+    // Not scoped: on a timeout this thread may sit in a stdin read, and must not be joined.
+    let sender = std::thread::spawn(move || -> Result<u64, std::io::Error> {
         let mut count = 0u64;
         let mut write = |payload: &str, count: &mut u64| -> std::io::Result<()> {
             *count += 1;
@@ -78,10 +118,12 @@ pub fn send(socket: &Path, framing: Framing, payloads: Payloads<'_>) -> Result<u
                 }
                 Framing::Json => protocol_line(payload, *count),
             };
-            writer.write_all(format!("{line}\n").as_bytes())
+            writer.write_all(format!("{line}\n").as_bytes())?;
+            written.store(*count, Ordering::SeqCst);
+            Ok(())
         };
         match payloads {
-            Payloads::One(text) => write(text, &mut count)?,
+            Payloads::One(text) => write(&text, &mut count)?,
             Payloads::Lines(lines) => {
                 for line in lines.lines() {
                     let line = line?;
@@ -94,12 +136,29 @@ pub fn send(socket: &Path, framing: Framing, payloads: Payloads<'_>) -> Result<u
         writer.shutdown(std::net::Shutdown::Write)?;
         Ok(count)
     });
-        let mut answers = 0u64;
-        let mut refused = 0u64;
-        for line in BufReader::new(stream).lines() {
-            let line = line?;
+    let mut answers = 0u64;
+    let mut refused = 0u64;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        match reader.read_line(&mut line) {
+            Ok(0) => break,
+            Ok(_) => {}
+            // Nothing owed yet: the input is slow, not the daemon.
+            Err(error) if timed_out(&error) && answers >= sent_so_far.load(Ordering::SeqCst) => {
+                if sender.is_finished() {
+                    break;
+                }
+                continue;
+            }
+            Err(error) if timed_out(&error) => return Err(ClientError::Timeout(timeout)),
+            Err(error) => return Err(error.into()),
+        }
+        {
+            let line = std::mem::take(&mut line);
+            let line = line.trim_end();
             let answer: Value =
-                serde_json::from_str(&line).map_err(|_| ClientError::BadAnswer(line.clone()))?;
+                serde_json::from_str(line).map_err(|_| ClientError::BadAnswer(line.to_owned()))?;
             answers += 1;
             if answer["ok"] != Value::Bool(true) {
                 refused += 1;
@@ -111,22 +170,31 @@ pub fn send(socket: &Path, framing: Framing, payloads: Payloads<'_>) -> Result<u
                 );
             }
         }
-        let sent = sender
-            .join()
-            .map_err(|_| ClientError::BadAnswer("sender thread failed".into()))??;
-        if answers < sent {
-            return Err(ClientError::Closed);
-        }
-        Ok(refused)
-    })
+    }
+    let sent = match sender.join() {
+        Ok(Err(error)) if timed_out(&error) => return Err(ClientError::Timeout(timeout)),
+        Ok(result) => result?,
+        Err(_) => return Err(ClientError::BadAnswer("sender thread failed".into())),
+    };
+    if answers < sent {
+        return Err(ClientError::Closed);
+    }
+    Ok(refused)
 }
 
-/// Asks the daemon for its status object.
-pub fn status(socket: &Path) -> Result<Value, ClientError> {
-    let mut stream = connect(socket)?;
-    stream.write_all(b"{\"op\":\"status\"}\n")?;
+/// Asks the daemon for its status object, giving up after `timeout`.
+pub fn status(socket: &Path, timeout: Duration) -> Result<Value, ClientError> {
+    let mut stream = connect(socket, timeout)?;
+    let io = |error: std::io::Error| {
+        if timed_out(&error) {
+            ClientError::Timeout(timeout)
+        } else {
+            ClientError::Io(error)
+        }
+    };
+    stream.write_all(b"{\"op\":\"status\"}\n").map_err(io)?;
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
+    BufReader::new(stream).read_line(&mut line).map_err(io)?;
     let answer: Value =
         serde_json::from_str(&line).map_err(|_| ClientError::BadAnswer(line.clone()))?;
     match answer.get("status") {

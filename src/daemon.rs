@@ -57,7 +57,8 @@ impl DaemonError {
             DaemonError::StateDir { .. }
             | DaemonError::InsecureStateDir { .. }
             | DaemonError::Tls(_)
-            | DaemonError::Socket(BindError::Io { .. }) => true,
+            | DaemonError::Socket(BindError::Io { .. })
+            | DaemonError::Socket(BindError::NotSocket(_)) => true,
             DaemonError::Socket(BindError::InUse(_))
             | DaemonError::Spool(_)
             | DaemonError::TaskFailed(_) => false,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::config::SocketConfig;
@@ -26,6 +26,13 @@ use crate::topic::TopicRules;
 
 /// Answers waiting for a slow client before newer ones are dropped.
 const ANSWER_QUEUE: usize = 1024;
+/// Bytes of answers one client may have waiting (queued or not yet written), so that a
+/// client that never reads pins at most this much, whatever its answers hold.
+const ANSWER_BYTES: usize = 64 * 1024;
+/// Pause after a failed accept (EMFILE: the pending client stays in the backlog).
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+/// Supplementary groups read for a peer at first; the kernel says when it has more.
+const PEER_GROUPS_GUESS: usize = 64;
 /// How long an answer may wait for a client that is slow to read before it counts as not reading.
 const ANSWER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Lines of one client on their way through the spool, in order.
@@ -36,6 +43,8 @@ const PIPELINE: usize = 1024;
 pub enum BindError {
     #[error("another instance is already listening on {0}")]
     InUse(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotSocket(PathBuf),
     #[error("cannot listen on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -43,18 +52,31 @@ pub enum BindError {
     },
 }
 
-/// Binds `path` with `mode`. A socket file left by a crashed run is replaced; one that still
-/// answers belongs to a running instance and is left alone.
+/// Binds `path` with `mode`. A socket file left by a crashed run (connecting is refused) is
+/// replaced. Anything else is left alone: a socket that accepts, or whose backlog is full
+/// (`EAGAIN`, a live instance under load), and any file that is not a socket.
 pub async fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
+    use std::os::unix::fs::FileTypeExt;
     let io = |source| BindError::Io {
         path: path.to_owned(),
         source,
     };
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(BindError::InUse(path.to_owned()));
+    match std::fs::symlink_metadata(path) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(io(error)),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(BindError::NotSocket(path.to_owned()));
         }
-        std::fs::remove_file(path).map_err(io)?;
+        Ok(_) => match UnixStream::connect(path).await {
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path).map_err(io)?;
+            }
+            Ok(_) => return Err(BindError::InUse(path.to_owned())),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(BindError::InUse(path.to_owned()));
+            }
+            Err(error) => return Err(io(error)),
+        },
     }
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io)?;
@@ -106,6 +128,8 @@ pub async fn accept_clients<F, Fut>(
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(limits.max_clients as usize));
+    // EMFILE and the like repeat every ACCEPT_RETRY for as long as they last.
+    let mut repeats = Repeats::default();
     loop {
         let Ok(slot) = heartbeat.waiting(slots.clone().acquire_owned()).await else {
             return;
@@ -122,22 +146,30 @@ pub async fn accept_clients<F, Fut>(
                 });
             }
             Err(error) => {
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                if let Some(held_back) = repeats.admit(&error.to_string()) {
+                    tracing::warn!(%error, held_back, "accept failed");
+                }
+                tokio::time::sleep(ACCEPT_RETRY).await;
             }
         }
     }
 }
 
 /// Logs who connected and refuses peers outside `socket.allowed_uids` / `allowed_gids` with
-/// one error line. Shared by the JSON socket and the raw sockets.
+/// one error line. A peer's supplementary groups count too (apps join the group with
+/// `usermod -aG`). Shared by the JSON socket and the raw sockets.
 pub async fn admit(access: &SocketConfig, stream: &UnixStream) -> bool {
     let Ok(peer) = stream.peer_cred() else {
         return access.allows(u32::MAX, u32::MAX);
     };
     let (uid, gid) = (peer.uid(), peer.gid());
     tracing::debug!(uid, gid, pid = peer.pid(), "client connected");
-    if access.allows(uid, gid) {
+    if access.allows(uid, gid)
+        || (!access.allowed_gids.is_empty()
+            && peer_groups(stream)
+                .iter()
+                .any(|group| access.allowed_gids.contains(group)))
+    {
         return true;
     }
     tracing::warn!(
@@ -157,6 +189,46 @@ pub async fn admit(access: &SocketConfig, stream: &UnixStream) -> bool {
     let _ = stream.try_write(refusal.to_line().as_bytes());
     false
 }
+
+/// The peer's supplementary groups as the kernel recorded them at connect (`SO_PEERGROUPS`,
+/// Linux 4.13+): unlike `/proc/<pid>/status` it cannot name another process that reused the
+/// pid, and works under `ProtectProc=`. Empty when unavailable.
+fn peer_groups(stream: &UnixStream) -> Vec<u32> {
+    use std::os::fd::AsRawFd;
+    const GID_BYTES: usize = std::mem::size_of::<libc::gid_t>();
+    let mut groups: Vec<libc::gid_t> = vec![0; PEER_GROUPS_GUESS];
+    // Twice at most: the first ERANGE tells the size the kernel needs.
+    for _ in 0..2 {
+        let mut len = (groups.len() * GID_BYTES) as libc::socklen_t;
+        // SAFETY: the buffer is `len` bytes of initialised gid_t that outlive the call; the
+        // kernel writes at most `len` bytes and sets `len` to what it wrote (or needs).
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = (len as usize).div_ceil(GID_BYTES);
+        if rc == 0 {
+            groups.truncate(needed.min(groups.len()));
+            return groups;
+        }
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::ERANGE)
+            || needed <= groups.len()
+        {
+            break;
+        }
+        groups.resize(needed, 0);
+    }
+    Vec::new()
+}
+
+/// An answer line and its share of the client's `ANSWER_BYTES`, released once written or
+/// dropped.
+type Answer = (String, OwnedSemaphorePermit);
 
 /// One step of a client's answer pipeline, kept in line order.
 enum Pending {
@@ -180,9 +252,10 @@ struct Client {
 impl Client {
     async fn serve(self, stream: UnixStream) {
         let (read_half, mut write_half) = stream.into_split();
-        let (answers, mut answer_queue) = mpsc::channel::<String>(ANSWER_QUEUE);
+        let (answers, mut answer_queue) = mpsc::channel::<Answer>(ANSWER_QUEUE);
+        let budget = Arc::new(Semaphore::new(ANSWER_BYTES));
         let writer = tokio::spawn(async move {
-            while let Some(line) = answer_queue.recv().await {
+            while let Some((line, _permit)) = answer_queue.recv().await {
                 if write_half.write_all(line.as_bytes()).await.is_err() {
                     break;
                 }
@@ -202,7 +275,7 @@ impl Client {
                     }
                 };
                 if let Some(answer) = answer {
-                    deaf = deliver(&answers, answer, deaf).await;
+                    deaf = deliver(&answers, &budget, answer, deaf).await;
                 }
             }
         });
@@ -247,6 +320,13 @@ impl Client {
                     let _ = pipeline.send(Pending::Ready(rejection.to_line())).await;
                     return;
                 }
+                Next::Silent => {
+                    tracing::debug!(
+                        idle_timeout = %humantime::format_duration(self.limits.idle_timeout),
+                        "closed a client that sent nothing for socket.idle_timeout"
+                    );
+                    return;
+                }
                 Next::End => return,
             };
             if let Some(step) = step
@@ -287,18 +367,30 @@ impl Client {
     }
 }
 
-/// Queues an answer for the client's writer. A client that reads gets its answers even in
-/// bursts (up to `ANSWER_GRACE` of waiting); one that stops reading is marked deaf and loses
-/// answers without slowing anything, until its queue has drained again.
-async fn deliver(answers: &mpsc::Sender<String>, answer: String, deaf: bool) -> bool {
-    let deaf = deaf && answers.capacity() < answers.max_capacity();
+/// Queues an answer for the client's writer, within the client's `ANSWER_BYTES` (a line
+/// larger than the whole budget takes all of it). A client that reads gets its answers even
+/// in bursts (up to `ANSWER_GRACE` of waiting); one that stops reading is marked deaf and
+/// loses answers without slowing anything, until its queue has drained again.
+async fn deliver(
+    answers: &mpsc::Sender<Answer>,
+    budget: &Arc<Semaphore>,
+    line: String,
+    deaf: bool,
+) -> bool {
+    let bytes = line.len().clamp(1, ANSWER_BYTES) as u32;
+    // Every permit back means every queued answer was written.
+    let deaf = deaf && budget.available_permits() < ANSWER_BYTES;
     if deaf {
-        let _ = answers.try_send(answer);
+        if let Ok(permit) = budget.clone().try_acquire_many_owned(bytes) {
+            let _ = answers.try_send((line, permit));
+        }
         return true;
     }
-    tokio::time::timeout(ANSWER_GRACE, answers.send(answer))
-        .await
-        .is_err()
+    let queued = async {
+        let permit = budget.clone().acquire_many_owned(bytes).await.ok()?;
+        answers.send((line, permit)).await.ok()
+    };
+    tokio::time::timeout(ANSWER_GRACE, queued).await.is_err()
 }
 
 /// A per-client token bucket: `rate` lines per second with a burst of one second's worth,

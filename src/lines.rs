@@ -17,6 +17,9 @@ pub enum Next {
     TooLong,
     /// A record was started and then nothing arrived for the idle timeout.
     Idle,
+    /// Between records, nothing arrived for the idle timeout: a connection that holds a
+    /// client slot without using it.
+    Silent,
     /// The peer closed (or the stream failed).
     End,
 }
@@ -46,9 +49,10 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
     pub async fn next(&mut self) -> Next {
         loop {
             let midway = !self.record.is_empty() || self.skipping;
-            let filled = if midway && !self.idle.is_zero() {
+            let filled = if !self.idle.is_zero() {
                 match tokio::time::timeout(self.idle, self.reader.fill_buf()).await {
                     Ok(filled) => filled,
+                    Err(_) if !midway => return Next::Silent,
                     Err(_) => {
                         self.record.clear();
                         self.skipping = false;
@@ -156,5 +160,16 @@ mod tests {
         assert_eq!(reader.next().await, Next::Idle);
         client.write_all(b"x\n").await.expect("write");
         assert_eq!(reader.next().await, Next::Record(b"x".to_vec()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_stream_idles_out_between_records() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut reader = RecordReader::new(server, b'\n', 100, Duration::from_secs(60));
+        assert_eq!(reader.next().await, Next::Silent, "nothing sent at all");
+        use tokio::io::AsyncWriteExt;
+        client.write_all(b"a\n").await.expect("write");
+        assert_eq!(reader.next().await, Next::Record(b"a".to_vec()));
+        assert_eq!(reader.next().await, Next::Silent, "nothing after a record");
     }
 }

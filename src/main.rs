@@ -41,13 +41,14 @@ fn main() -> ExitCode {
             qos,
             json,
             payload,
+            timeout,
         } => {
             let framing = match topic {
                 Some(topic) if !json => client::Framing::Message { topic, qos },
                 _ => client::Framing::Json,
             };
             let payloads = match &payload {
-                Some(text) => client::Payloads::One(text),
+                Some(text) => client::Payloads::One(text.clone()),
                 None => {
                     if std::io::stdin().is_terminal() {
                         eprintln!("reading one message per line from stdin (Ctrl-D ends)");
@@ -55,13 +56,17 @@ fn main() -> ExitCode {
                     client::Payloads::Lines(Box::new(std::io::BufReader::new(std::io::stdin())))
                 }
             };
-            match client::send(&socket, framing, payloads) {
+            match client::send(&socket, framing, payloads, timeout) {
                 Ok(0) => ExitCode::SUCCESS,
                 Ok(refused) => fail(EXIT_FAILURE, format!("{refused} message(s) refused")),
                 Err(error) => fail(EXIT_FAILURE, error),
             }
         }
-        Command::Status { socket, json } => match client::status(&socket) {
+        Command::Status {
+            socket,
+            json,
+            timeout,
+        } => match client::status(&socket, timeout) {
             Ok(status) if json => {
                 println!("{status}");
                 ExitCode::SUCCESS

@@ -13,6 +13,9 @@ use crate::topic::TopicRules;
 pub const MAX_LINE_BYTES: usize = 256 * 1024;
 /// Largest payload IoT Core accepts.
 pub const MAX_PAYLOAD_BYTES: usize = 128 * 1024;
+/// Longest `id` (a string's UTF-8 bytes, a number's text): every answer echoes it, so an
+/// unbounded one lets a client that never reads pin memory in its answer queue.
+pub const MAX_ID_BYTES: usize = 128;
 
 /// Delivery guarantee a message asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +65,7 @@ pub enum ErrorCode {
     PayloadTooLarge,
     LineTooLong,
     InvalidQos,
+    InvalidId,
     SpoolFull,
     ShuttingDown,
     /// Beyond SPEC.md's list: a peer refused by `socket.allowed_uids` / `allowed_gids`.
@@ -77,6 +81,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::LineTooLong => "line_too_long",
             ErrorCode::InvalidQos => "invalid_qos",
+            ErrorCode::InvalidId => "invalid_id",
             ErrorCode::SpoolFull => "spool_full",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::PermissionDenied => "permission_denied",
@@ -149,6 +154,21 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
     let id = match raw.id {
         None => None,
         Some(raw_id) => match serde_json::from_str::<Value>(raw_id.get()) {
+            // Answered without the id: echoing it is what must not happen.
+            Ok(Value::String(text)) if text.len() > MAX_ID_BYTES => {
+                return Err(Rejection::new(
+                    None,
+                    ErrorCode::InvalidId,
+                    format!("id is {} bytes; at most {MAX_ID_BYTES}", text.len()),
+                ));
+            }
+            Ok(Value::Number(_)) if raw_id.get().len() > MAX_ID_BYTES => {
+                return Err(Rejection::new(
+                    None,
+                    ErrorCode::InvalidId,
+                    format!("id is {} bytes; at most {MAX_ID_BYTES}", raw_id.get().len()),
+                ));
+            }
             Ok(id @ (Value::String(_) | Value::Number(_))) => Some(id),
             Ok(Value::Null) => None,
             _ => return Err(invalid_json("id must be a string or a number".into())),
@@ -370,6 +390,18 @@ mod tests {
         assert_eq!(answer["id"], 7);
         assert_eq!(answer["ok"], false);
         assert_eq!(answer["error"], "invalid_topic");
+    }
+
+    #[test]
+    fn an_id_over_128_bytes_is_invalid_id_and_not_echoed() {
+        let at_limit = format!(r#"{{"id":"{}","topic":"t","payload":1}}"#, "i".repeat(128));
+        assert!(parse(&at_limit).is_ok());
+        let over = format!(r#"{{"id":"{}","topic":"t","payload":1}}"#, "i".repeat(129));
+        let rejection = parse(&over).expect_err("rejected");
+        assert_eq!(rejection.code, ErrorCode::InvalidId);
+        assert_eq!(rejection.id, None);
+        let long_number = format!(r#"{{"id":1{},"op":"status"}}"#, "0".repeat(128));
+        assert_eq!(code(&long_number), ErrorCode::InvalidId);
     }
 
     #[test]

@@ -495,4 +495,75 @@ fn run_exits_2_on_a_broken_ca_file() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("ca.pem"), "{stderr}");
+/// Runs the binary, killing it after `limit`; `None` when it had to be killed.
+fn run_for(args: &[&str], limit: std::time::Duration) -> Option<Output> {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run binary");
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().ok().flatten().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().ok()
+}
+
+#[test]
+fn send_and_status_give_up_on_a_daemon_that_never_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("stuck.sock");
+    // A daemon that accepts and then never answers nor closes (hung, or stopped with SIGSTOP).
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    let socket = path.display().to_string();
+    let started = std::time::Instant::now();
+    let status = run_for(
+        &["status", "--socket", &socket],
+        std::time::Duration::from_secs(20),
+    )
+    .expect("status gives up by itself, with its default timeout");
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("no answer from the daemon within 10s"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+
+    let send = run_for(
+        &[
+            "send",
+            "--socket",
+            &socket,
+            "--timeout",
+            "1s",
+            "--topic",
+            "t",
+            "1",
+        ],
+        std::time::Duration::from_secs(20),
+    )
+    .expect("send gives up by itself");
+    let stderr = String::from_utf8_lossy(&send.stderr);
+    assert_eq!(send.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("no answer from the daemon within 1s"),
+        "{stderr}"
+    );
 }

@@ -455,3 +455,479 @@ fn a_second_instance_on_the_same_socket_is_refused() {
     client.send_line(r#"{"op":"status","id":1}"#);
     assert_eq!(client.read_answer(ANSWER).expect("answer")["ok"], true);
 }
+
+/// A daemon without any cloud (AWS unreachable) for the local interface alone: it accepts into
+/// its spool as a device that lost its network does. Killed on drop.
+struct Offline {
+    child: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+    socket: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl Offline {
+    /// Writes the config (`socket_keys` go into `[socket]`, `extra` at the end) and spawns.
+    fn spawn(socket_keys: &str, extra: &str) -> Offline {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Offline::spawn_in(dir, socket_keys, extra)
+    }
+
+    fn spawn_in(dir: tempfile::TempDir, socket_keys: &str, extra: &str) -> Offline {
+        let config = with_socket_keys(harness::offline_config(dir.path(), extra), socket_keys);
+        let log = dir.path().join("daemon.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_iot-cognito-relay"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("start daemon");
+        let socket = dir.path().join("relay.sock");
+        Offline {
+            child: Some(child),
+            dir,
+            socket,
+            log,
+        }
+    }
+
+    /// Spawns and waits until the socket answers.
+    fn start(socket_keys: &str, extra: &str) -> Offline {
+        let mut daemon = Offline::spawn(socket_keys, extra);
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&self.socket).is_err() {
+            assert!(
+                self.exited(Duration::ZERO).is_none(),
+                "daemon exited at start: {}",
+                self.log_text()
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no socket: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// The exit status if the daemon ends within `timeout`.
+    fn exited(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn status(&self) -> Value {
+        let mut client = harness::Client::connect(&self.socket);
+        client.send_line(r#"{"op":"status"}"#);
+        client.read_answer(ANSWER).expect("status")["status"].clone()
+    }
+}
+
+impl Drop for Offline {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn an_id_over_128_bytes_is_invalid_id_and_a_deaf_client_with_huge_ids_stays_bounded() {
+    let daemon = Offline::start("", "");
+    let mut client = harness::Client::connect(&daemon.socket);
+    let at_limit = "i".repeat(128);
+    client.send_line(&format!(r#"{{"topic":"t","payload":1,"id":"{at_limit}"}}"#));
+    let answer = client.read_answer(ANSWER).expect("answer");
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["id"], at_limit.as_str());
+    client.send_line(&format!(
+        r#"{{"topic":"t","payload":1,"id":"{}"}}"#,
+        "i".repeat(129)
+    ));
+    let answer = client.read_answer(ANSWER).expect("answer");
+    assert_eq!(answer["error"], "invalid_id", "{answer}");
+    assert!(answer.get("id").is_none(), "the long id is not echoed");
+
+    // A client that never reads, sending lines with 200 KiB ids: before, every answer echoed
+    // the id and a deaf client's queues (1,024 answers and 1,024 lines in flight) held them.
+    const LINES: usize = 600;
+    let huge = "h".repeat(200 * 1024);
+    let mut deaf = UnixStream::connect(&daemon.socket).expect("connect");
+    let writer = std::thread::spawn(move || {
+        for _ in 0..LINES {
+            let line = format!("{{\"topic\":\"a/#\",\"payload\":1,\"id\":\"{huge}\"}}\n");
+            if deaf.write_all(line.as_bytes()).is_err() {
+                break;
+            }
+        }
+        deaf
+    });
+    let deaf = writer.join().expect("writer");
+    // The daemon has read nearly all of it (the rest sits in the socket buffer) and has had
+    // time to give up on the deaf client.
+    std::thread::sleep(Duration::from_secs(3));
+    let rss = harness::peak_rss_kib(daemon.pid());
+    eprintln!(
+        "deaf client, {LINES} lines with 200 KiB ids ({} MiB written): daemon peak RSS (VmHWM) {rss} KiB",
+        LINES * 200 / 1024
+    );
+    assert!(rss < 64 * 1024, "memory stays bounded: {rss} KiB");
+    // Still serving others.
+    let mut other = harness::Client::connect(&daemon.socket);
+    other.send_line(r#"{"topic":"t","payload":2,"id":2}"#);
+    assert_eq!(other.read_answer(ANSWER).expect("answer")["ok"], true);
+    drop(deaf);
+}
+
+#[test]
+fn a_connection_that_sends_nothing_is_closed_after_idle_timeout() {
+    let daemon = Offline::start("idle_timeout = \"1s\"\nmax_clients = 2\n", "");
+    let started = std::time::Instant::now();
+    let mut silent = harness::Client::connect(&daemon.socket);
+    let mut after_a_line = harness::Client::connect(&daemon.socket);
+    after_a_line.send_line(r#"{"topic":"t","payload":1,"id":1}"#);
+    assert_eq!(
+        after_a_line.read_answer(ANSWER).expect("answer")["ok"],
+        true
+    );
+    // None at end of stream, or when the 10 s read timeout runs out (which the time tells).
+    assert_eq!(silent.read_answer(Duration::from_secs(10)), None);
+    assert_eq!(after_a_line.read_answer(Duration::from_secs(10)), None);
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(8),
+        "silent connections closed after idle_timeout: {elapsed:?}"
+    );
+    // Both slots are free again.
+    let mut next = harness::Client::connect(&daemon.socket);
+    next.send_line(r#"{"op":"status","id":"s"}"#);
+    assert_eq!(next.read_answer(ANSWER).expect("answer")["ok"], true);
+}
+
+#[test]
+fn a_file_that_is_not_a_socket_is_never_deleted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("relay.sock");
+    std::fs::write(&path, "precious").expect("write");
+    let mut daemon = Offline::spawn_in(dir, "", "");
+    let status = daemon.exited(Duration::from_secs(20));
+    let log = daemon.log_text();
+    // A path that names some other file is the operator's to fix: exit 2, no restart loop.
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(2),
+        "refuses to start: {log}"
+    );
+    assert!(log.contains("not a socket"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(daemon.dir.path().join("relay.sock")).ok(),
+        Some("precious".into())
+    );
+}
+
+#[test]
+fn a_live_socket_with_a_full_backlog_is_left_alone() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("relay.sock");
+    // A live instance under load: it listens, but its backlog is full, so connecting gives
+    // EAGAIN instead of a connection.
+    let mut live = Command::new("python3")
+        .args([
+            "-c",
+            "import socket,sys,time\n\
+             s=socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(0)\n\
+             held=[]\n\
+             while True:\n\
+             \x20   c=socket.socket(socket.AF_UNIX); c.setblocking(False)\n\
+             \x20   try: c.connect(sys.argv[1])\n\
+             \x20   except BlockingIOError: break\n\
+             \x20   held.append(c)\n\
+             print('full', flush=True); time.sleep(60)\n",
+        ])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(live.stdout.take().expect("stdout")),
+        &mut ready,
+    )
+    .expect("read");
+    assert_eq!(ready.trim(), "full");
+    let inode = std::fs::metadata(&path).expect("socket").ino();
+
+    let mut daemon = Offline::spawn_in(dir, "", "");
+    let status = daemon.exited(Duration::from_secs(20));
+    let log = daemon.log_text();
+    let _ = live.kill();
+    let _ = live.wait();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{log}");
+    assert!(
+        log.contains("another instance is already listening"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::metadata(daemon.dir.path().join("relay.sock"))
+            .map(|m| m.ino())
+            .ok(),
+        Some(inode),
+        "the live instance's socket is still there"
+    );
+}
+
+/// Throwaway system users and groups, removed on drop.
+struct Accounts {
+    users: Vec<String>,
+    groups: Vec<String>,
+}
+
+impl Accounts {
+    fn run(args: &[&str]) {
+        let status = Command::new(args[0])
+            .args(&args[1..])
+            .status()
+            .expect(args[0]);
+        assert!(status.success(), "{args:?}");
+    }
+
+    fn gid(group: &str) -> u32 {
+        let out = Command::new("getent")
+            .args(["group", group])
+            .output()
+            .expect("getent");
+        String::from_utf8_lossy(&out.stdout)
+            .split(':')
+            .nth(2)
+            .and_then(|gid| gid.trim().parse().ok())
+            .expect("gid")
+    }
+}
+
+impl Drop for Accounts {
+    fn drop(&mut self) {
+        for user in &self.users {
+            let _ = Command::new("userdel").arg(user).status();
+        }
+        for group in self.groups.iter().chain(&self.users) {
+            let _ = Command::new("groupdel")
+                .arg(group)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A status request from `user` (its own groups, as a login would set them), the answer line.
+fn status_as(user: &str, socket: &std::path::Path) -> Value {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            user,
+            "--regid",
+            user,
+            "--init-groups",
+            "/usr/bin/python3",
+            "-c",
+        ])
+        .arg(
+            "import socket,sys\n\
+             s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n\
+             try: s.sendall(b'{\"op\":\"status\",\"id\":1}\\n')\n\
+             except OSError: pass  # refused: the daemon answered and closed first\n\
+             print(s.makefile().readline(), end='')\n",
+        )
+        .arg(socket)
+        .output()
+        .expect("setpriv");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "answer to {user}: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn supplementary_groups_count_for_allowed_gids() {
+    let tag = std::process::id() % 100_000;
+    let group = format!("icr-apps-{tag}");
+    let member = format!("icr-app-{tag}");
+    let outsider = format!("icr-out-{tag}");
+    let _accounts = Accounts {
+        users: vec![member.clone(), outsider.clone()],
+        groups: vec![group.clone()],
+    };
+    Accounts::run(&["groupadd", &group]);
+    // Each user's primary group is its own; the member joins the apps group the way
+    // docs/operations.md says (usermod -aG).
+    Accounts::run(&["useradd", "-M", "-U", "-s", "/usr/sbin/nologin", &member]);
+    Accounts::run(&["useradd", "-M", "-U", "-s", "/usr/sbin/nologin", &outsider]);
+    Accounts::run(&["usermod", "-aG", &group, &member]);
+    let gid = Accounts::gid(&group);
+    assert_ne!(Accounts::gid(&member), gid);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let mut daemon = Offline::spawn_in(
+        dir,
+        &format!("mode = \"0666\"\nallowed_gids = [{gid}]\n"),
+        "",
+    );
+    daemon.wait_ready();
+    let answer = status_as(&member, &daemon.socket);
+    assert_eq!(answer["ok"], true, "{answer}\n{}", daemon.log_text());
+    let answer = status_as(&outsider, &daemon.socket);
+    assert_eq!(answer["error"], "permission_denied", "{answer}");
+}
+
+#[test]
+fn repeated_accept_errors_are_logged_once() {
+    let daemon = Offline::start("", "[log]\nlevel = \"info\"\n");
+    let pid = daemon.pid();
+    // No file descriptor left for one more client: every accept fails with EMFILE, and is
+    // retried every 100 ms while the client waits in the backlog.
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .count();
+    // The soft limit only: raising it back needs no privilege.
+    let limit = |n: usize| {
+        let status = Command::new("prlimit")
+            .args(["--pid", &pid.to_string(), &format!("--nofile={n}:")])
+            .status()
+            .expect("prlimit");
+        assert!(status.success());
+    };
+    // One below what is open now, in case a short-lived descriptor was counted.
+    limit(open.saturating_sub(1));
+    let mut waiting = harness::Client::connect(&daemon.socket);
+    std::thread::sleep(Duration::from_secs(3));
+    limit(1024);
+    waiting.send_line(r#"{"op":"status","id":1}"#);
+    assert_eq!(
+        waiting
+            .read_answer(ANSWER)
+            .expect("served once fds are back")["ok"],
+        true
+    );
+    let log = daemon.log_text();
+    let warnings = log.matches("accept failed").count();
+    assert_eq!(warnings, 1, "one line for a repeating accept error:\n{log}");
+    assert!(daemon.status()["state"].is_string());
+}
+
+/// Seconds until the offline daemon's spool holds `count` messages.
+fn until_spooled(daemon: &Offline, count: u64, started: std::time::Instant) -> f64 {
+    let deadline = started + Duration::from_secs(120);
+    while daemon.status()["spool_messages"].as_u64() < Some(count) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    started.elapsed().as_secs_f64()
+}
+
+#[test]
+fn raw_records_are_stored_about_as_fast_as_json_lines() {
+    const RECORDS: u64 = 2000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("raw.sock");
+    let mut daemon = Offline::spawn_in(
+        dir,
+        "",
+        &format!("[[socket.raw]]\npath = {raw:?}\ntopic = \"sensors/raw\"\n"),
+    );
+    daemon.wait_ready();
+
+    // The JSON socket pipelines: lines without an id, nothing answered.
+    let mut json = UnixStream::connect(&daemon.socket).expect("connect");
+    let lines: String = (0..RECORDS)
+        .map(|n| format!("{{\"topic\":\"j\",\"payload\":{n}}}\n"))
+        .collect();
+    let started = std::time::Instant::now();
+    json.write_all(lines.as_bytes()).expect("write");
+    let json_rate = RECORDS as f64 / until_spooled(&daemon, RECORDS, started);
+
+    let mut sensor = UnixStream::connect(&raw).expect("raw socket");
+    let records: String = (0..RECORDS).map(|n| format!("{n}\n")).collect();
+    let started = std::time::Instant::now();
+    sensor.write_all(records.as_bytes()).expect("write");
+    let raw_rate = RECORDS as f64 / until_spooled(&daemon, 2 * RECORDS, started);
+    eprintln!(
+        "{RECORDS} records: raw socket {raw_rate:.0} records/s, JSON socket {json_rate:.0} lines/s"
+    );
+    // Before, every raw record waited for its own fsync: a small fraction of the JSON rate.
+    assert!(
+        raw_rate > json_rate / 4.0,
+        "raw {raw_rate:.0}/s vs JSON {json_rate:.0}/s"
+    );
+}
+
+#[test]
+fn send_json_with_a_null_id_is_answered_and_exits_0() {
+    let daemon = Offline::start("", "");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_iot-cognito-relay"))
+        .args(["send", "--json", "--socket"])
+        .arg(&daemon.socket)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("send");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"{\"topic\":\"t\",\"payload\":1,\"id\":null}\n")
+        .expect("stdin");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("send --json with \"id\": null hangs");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    let _ = child
+        .stderr
+        .take()
+        .map(|mut e| e.read_to_string(&mut stderr));
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(daemon.status()["spool_messages"], 1);
+}

@@ -37,9 +37,11 @@ complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand run"
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l socket -r -F
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l topic -d 'Relative topic; the daemon adds <identity_pool_id>/<identity_id>/' -r
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l qos -r
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l timeout -d 'Give up (exit 1) when the daemon owes an answer, or does not read, for this long' -r
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l json -d 'Inputs are whole protocol lines (see docs/protocol.md) instead of payloads'
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand status" -l socket -r -F
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand status" -l timeout -d 'Give up (exit 1) when the daemon has not answered within this long' -r
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand status" -l json -d 'Print the raw JSON object'
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand status" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand check-config" -l config -r -F
