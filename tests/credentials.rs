@@ -129,7 +129,7 @@ fn refreshes_credentials_living_minutes_margin_ahead_and_loses_nothing() {
     let lead = expires_at - refreshed_at;
     eprintln!("refresh: {lead:.1} s before expiry (margin {MARGIN_S} s, lifetime {LIFETIME_S} s)");
     assert!(
-        lead >= MARGIN_S - SLACK_S && lead <= 1.5 * MARGIN_S + SLACK_S,
+        (MARGIN_S - SLACK_S..=1.5 * MARGIN_S + SLACK_S).contains(&lead),
         "refreshed {lead:.1} s before expiry; the margin is {MARGIN_S} s (+ up to half of it as jitter)"
     );
 
