@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use aws_config::{BehaviorVersion, Region, SdkConfig, timeout::TimeoutConfig};
 use aws_smithy_http_client::tls;
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::display::DisplayErrorContext;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
@@ -12,7 +13,7 @@ use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 use crate::secret::Secret;
 
 /// A whole AWS call, retries included, gives up after this long.
-const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Base SDK config without credentials: unsigned Cognito calls use it as is; calls that need
@@ -97,4 +98,48 @@ where
 /// The service error code (`NotAuthorizedException`, …) of an SDK error, if it has one.
 pub fn error_code<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> Option<&str> {
     error.code()
+}
+
+/// Service error codes that mean "try again later": throttling and the services' own failures.
+const TRANSIENT_CODES: [&str; 9] = [
+    "ThrottlingException",
+    "TooManyRequestsException",
+    "LimitExceededException",
+    "RequestLimitExceeded",
+    "ProvisionedThroughputExceededException",
+    "InternalErrorException",
+    "InternalFailure",
+    "InternalServerError",
+    "ServiceUnavailable",
+];
+
+/// Whether an error with this service error code may go away by retrying: no code (network,
+/// timeout, an unparsable answer), throttling or a service-side failure.
+pub fn is_transient_code(code: Option<&str>) -> bool {
+    code.is_none_or(|code| TRANSIENT_CODES.contains(&code))
+}
+
+/// Whether an SDK error may go away by retrying: see [`is_transient_code`]; any 5xx answer also is.
+pub fn is_transient<E: ProvideErrorMetadata>(error: &SdkError<E, HttpResponse>) -> bool {
+    match error {
+        SdkError::ServiceError(context) => {
+            context.raw().status().is_server_error() || is_transient_code(error.code())
+        }
+        SdkError::ConstructionFailure(_) => false,
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttling_and_unknown_failures_are_transient_refusals_are_not() {
+        assert!(is_transient_code(None));
+        assert!(is_transient_code(Some("TooManyRequestsException")));
+        assert!(is_transient_code(Some("InternalFailure")));
+        assert!(!is_transient_code(Some("ResourceNotFoundException")));
+        assert!(!is_transient_code(Some("InvalidParameterException")));
+    }
 }

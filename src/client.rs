@@ -210,8 +210,16 @@ pub fn format_status(status: &Value) -> String {
         Value::String(text) => text.clone(),
         other => other.to_string(),
     };
+    let skew = match status["clock_skew_s"].as_i64() {
+        Some(skew) => format!(
+            "clock:               {} s {} the server's; connections are refused: fix NTP\n",
+            skew.abs(),
+            if skew > 0 { "behind" } else { "ahead of" }
+        ),
+        None => String::new(),
+    };
     format!(
-        "state:               {}\nidentity:            {}\ncredentials expire:  {}\nlast refresh:        {}\nlast error:          {}\nspool:               {} messages, {} bytes\npublished:           {} ({} republished)\ndropped:             {}\n",
+        "state:               {}\nidentity:            {}\ncredentials expire:  {}\nlast refresh:        {}\nlast error:          {}\nspool:               {} messages, {} bytes\npublished:           {} ({} republished)\ndropped:             {}\n{skew}",
         field("state"),
         field("identity_id"),
         field("credentials_expire_at"),
@@ -223,4 +231,23 @@ pub fn format_status(status: &Value) -> String {
         field("republished_total"),
         field("dropped_total"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clock_far_off_gets_its_own_line() {
+        let skewed = serde_json::json!({"state": "backoff", "clock_skew_s": 900});
+        let text = format_status(&skewed);
+        assert!(
+            text.contains(
+                "clock:               900 s behind the server's; connections are refused: fix NTP"
+            ),
+            "{text}"
+        );
+        let fine = serde_json::json!({"state": "connected", "clock_skew_s": null});
+        assert!(!format_status(&fine).contains("clock:"));
+    }
 }

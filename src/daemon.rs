@@ -128,24 +128,22 @@ pub async fn run(
     };
     let limits = Arc::new(config.socket.clone());
     let mut pulses = Vec::new();
-    let raw_tasks: Vec<_> = raw_listeners
-        .into_iter()
-        .map(|(listener, raw)| {
-            let (heartbeat, pulse) = heartbeat::channel("raw socket server");
-            pulses.push(pulse);
-            tokio::spawn(
-                RawServer {
-                    listener,
-                    raw,
-                    limits: limits.clone(),
-                    spool: spool.clone(),
-                    stopping: stopping.clone(),
-                    heartbeat,
-                }
-                .run(),
-            )
-        })
-        .collect();
+    let mut raw_tasks = tokio::task::JoinSet::new();
+    for (listener, raw) in raw_listeners {
+        let (heartbeat, pulse) = heartbeat::channel("raw socket server");
+        pulses.push(pulse);
+        raw_tasks.spawn(
+            RawServer {
+                listener,
+                raw,
+                limits: limits.clone(),
+                spool: spool.clone(),
+                stopping: stopping.clone(),
+                heartbeat,
+            }
+            .run(),
+        );
+    }
     let (ingest_heartbeat, pulse) = heartbeat::channel("socket server");
     pulses.push(pulse);
     let (identity_heartbeat, pulse) = heartbeat::channel("identity manager");
@@ -189,6 +187,8 @@ pub async fn run(
             result = &mut publisher_task => break Some(("publisher", result)),
             result = &mut identity_task => break Some(("identity manager", result)),
             result = &mut ingest_task => break Some(("socket server", result)),
+            // Like the others: a raw socket that stops serving is a failure, not a quiet loss.
+            Some(result) = raw_tasks.join_next() => break Some(("raw socket server", result)),
         }
     };
     if let Some((task, result)) = &failed {
@@ -218,9 +218,7 @@ pub async fn run(
     ingest_task.abort();
     identity_task.abort();
     supervisor.abort();
-    for task in raw_tasks {
-        task.abort();
-    }
+    raw_tasks.abort_all();
     let _ = std::fs::remove_file(&config.socket.path);
     for raw in &config.socket.raw {
         let _ = std::fs::remove_file(&raw.path);

@@ -57,6 +57,18 @@ impl Heartbeat {
             }
         }
     }
+
+    /// Awaits `work`, a step that must finish within `limit` (e.g. an AWS call bounded by the
+    /// SDK's timeouts): beats while it is pending for up to `limit`, then goes quiet, so a step
+    /// stuck past its bound shows as a stalled task instead of looking alive forever.
+    pub async fn bounded<F: Future>(&self, limit: Duration, work: F) -> F::Output {
+        self.beat();
+        tokio::pin!(work);
+        match tokio::time::timeout(limit, self.waiting(&mut work)).await {
+            Ok(output) => output,
+            Err(_) => work.await,
+        }
+    }
 }
 
 impl Pulse {
@@ -112,5 +124,37 @@ mod tests {
             first_stalled(&[pulse], limit, Instant::now()),
             Some("ingest")
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bounded_step_beats_within_its_bound_and_goes_quiet_past_it() {
+        let (heartbeat, pulse) = channel("identity manager");
+        let limit = Duration::from_secs(10);
+        let step = Duration::from_secs(35);
+        // A slow step that finishes within its bound: alive throughout.
+        heartbeat
+            .bounded(step, tokio::time::sleep(Duration::from_secs(30)))
+            .await;
+        assert_eq!(
+            first_stalled(std::slice::from_ref(&pulse), limit, Instant::now()),
+            None
+        );
+
+        // A stuck step: the pulse goes quiet once its bound has passed.
+        let stuck = heartbeat.bounded(step, std::future::pending::<()>());
+        let watch = async {
+            tokio::time::sleep(step - Duration::from_secs(1)).await;
+            let before = first_stalled(std::slice::from_ref(&pulse), limit, Instant::now());
+            tokio::time::sleep(limit + Duration::from_secs(5)).await;
+            let after = first_stalled(std::slice::from_ref(&pulse), limit, Instant::now());
+            (before, after)
+        };
+        tokio::select! {
+            _ = stuck => panic!("a pending step cannot finish"),
+            (before, after) = watch => {
+                assert_eq!(before, None);
+                assert_eq!(after, Some("identity manager"));
+            }
+        }
     }
 }

@@ -50,6 +50,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 pub struct PublishCounters {
     pub published_total: u64,
     pub republished_total: u64,
+    /// How far the server's clock was from this device's (seconds, positive: the server is
+    /// ahead) when it last refused an upgrade with 403, if that was more than allowed.
+    pub clock_skew_s: Option<i64>,
 }
 
 /// How one connection ended.
@@ -143,6 +146,9 @@ impl Publisher {
             if *self.link.borrow() == LinkState::Connected {
                 // The outage (if any) is over: its next warning is news again.
                 repeats.clear();
+                if self.counters.borrow().clock_skew_s.is_some() {
+                    self.counters.send_modify(|c| c.clock_skew_s = None);
+                }
             }
             match ended {
                 Ended::Drained => return,
@@ -183,6 +189,28 @@ impl Publisher {
                     }
                 }
             }
+        }
+    }
+
+    /// A websocket upgrade refused with 403 while this device's clock is far off the server's:
+    /// SigV4 signatures are refused, and no retry helps until the clock is fixed. Says so once
+    /// per episode, and shows it in `status`.
+    fn diagnose_skew(&self, error: &rumqttc::ConnectionError) {
+        let Some(skew) = mqtt::refused_upgrade_skew(error, std::time::SystemTime::now()) else {
+            return;
+        };
+        if skew.abs() <= mqtt::MAX_CLOCK_SKEW_S {
+            return;
+        }
+        let first = self.counters.borrow().clock_skew_s.is_none();
+        self.counters.send_modify(|c| c.clock_skew_s = Some(skew));
+        if first {
+            tracing::error!(
+                clock_skew_s = skew,
+                "the broker refused the connection (403) and this device's clock is {} s {} the server's: signatures are dated wrong; fix NTP",
+                skew.abs(),
+                if skew > 0 { "behind" } else { "ahead of" }
+            );
         }
     }
 
@@ -356,6 +384,7 @@ impl Publisher {
                                 }
                             }
                             Some(Err(error)) => {
+                                self.diagnose_skew(&error);
                                 ended = Some(Ended::Failed(error.to_string()));
                                 break;
                             }

@@ -55,6 +55,9 @@ pub struct Status {
     pub published_total: u64,
     pub republished_total: u64,
     pub dropped_total: u64,
+    /// Seconds the server's clock is ahead of this device's (negative: behind), while upgrades
+    /// are refused (403) because of it; null otherwise.
+    pub clock_skew_s: Option<i64>,
 }
 
 /// Everything `status` reads from; cheap to clone into each client task.
@@ -73,6 +76,7 @@ impl StatusSource {
         let identity = self.identity.status.borrow().clone();
         let spool = *self.spool.borrow();
         let counters = *self.counters.borrow();
+        let link = *self.link.borrow();
         let state = if *self.stopping.borrow() {
             State::Stopping
         } else {
@@ -97,6 +101,9 @@ impl StatusSource {
             published_total: counters.published_total,
             republished_total: counters.republished_total,
             dropped_total: spool.dropped_total,
+            clock_skew_s: counters
+                .clock_skew_s
+                .filter(|_| link != LinkState::Connected),
         }
     }
 }

@@ -19,7 +19,9 @@ pub use cache::{CACHE_FILE, IdentityCache};
 pub use secret_source::DeviceSecret;
 use user_pool::UserPoolTokens;
 
-use crate::aws::{AwsCredentials, describe, error_code, to_system_time};
+use crate::aws::{
+    AwsCredentials, OPERATION_TIMEOUT, describe, error_code, is_transient_code, to_system_time,
+};
 use crate::config::IdentityConfig;
 use crate::heartbeat::Heartbeat;
 use crate::logging::Repeats;
@@ -34,8 +36,12 @@ const RETRY_CAP: Duration = Duration::from_secs(300);
 const MAX_LEAD_FRACTION: f64 = 0.5;
 /// Credentials that expire sooner than this on arrival are refused, never used to sign.
 const MIN_USEFUL_VALIDITY: Duration = Duration::from_secs(60);
-/// Longest single sleep before the refresh time is recomputed from the wall clock.
+/// Longest single sleep before the wall clock is read again: a clock that jumps (NTP after a
+/// boot without RTC) moves the refresh by at most this much.
 const CLOCK_CHECK: Duration = Duration::from_secs(60);
+/// After this many refreshes in a row that AWS refused for good (not throttling, 5xx or the
+/// network), the standing is dropped: the secret is read again and the device signs in anew.
+const NON_TRANSIENT_LIMIT: u32 = 3;
 /// Never wait less than this between two refreshes.
 const MIN_REFRESH_DELAY: Duration = Duration::from_secs(5);
 
@@ -58,6 +64,10 @@ pub enum IdentityError {
     Credentials(String),
     #[error("attaching the IoT policy: {0}")]
     AttachPolicy(String),
+    /// AWS refused a refresh step for a reason retrying will not fix (the app client or the
+    /// pool was replaced, a parameter is no longer valid).
+    #[error("refresh refused: {0}")]
+    Refused(String),
 }
 
 /// What the MQTT side needs to connect: who the device is and how to sign.
@@ -132,23 +142,29 @@ impl IdentityManager {
     }
 
     /// Runs forever: sign in, publish, sleep until the refresh is due, refresh; back off on errors.
-    /// Every step is a bounded wait on AWS (SDK timeouts) or a sleep, so it beats while waiting.
+    /// Beats between steps and while a step is within its bound (the SDK's timeouts); a step
+    /// stuck past it silences the heartbeat, and the watchdog restarts the daemon.
     pub async fn run(mut self, heartbeat: Heartbeat) {
         let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP, Duration::from_secs(1));
         let mut signed_in: Option<SignedIn> = None;
         let mut repeats = Repeats::default();
+        let mut refused_in_a_row = 0u32;
         loop {
             let refreshing = signed_in.is_some();
-            match heartbeat.waiting(self.obtain(signed_in.take())).await {
+            heartbeat.beat();
+            match self.obtain(signed_in.take(), &heartbeat).await {
                 Ok((standing, session)) => {
                     backoff.reset();
                     repeats.clear();
+                    refused_in_a_row = 0;
                     let expires_at = session.credentials.expires_at;
-                    let left = expires_at
-                        .duration_since(SystemTime::now())
-                        .unwrap_or_default();
+                    let arrived = SystemTime::now();
+                    let left = expires_at.duration_since(arrived).unwrap_or_default();
                     let jitter: f64 = rand::rng().random();
-                    let delay = refresh_delay(left, self.config.refresh_margin, jitter);
+                    // Fixed now, from the whole lifetime: recomputing it from the time left
+                    // would shrink the lead as time passes (issue 18, item 1).
+                    let due = refresh_at(arrived, expires_at, self.config.refresh_margin, jitter);
+                    let delay = due.duration_since(arrived).unwrap_or_default();
                     tracing::info!(
                         identity_id = %session.identity_id,
                         expires_in_s = left.as_secs(),
@@ -162,12 +178,23 @@ impl IdentityManager {
                     });
                     self.sessions.send_replace(Some(Arc::new(session)));
                     signed_in = Some(standing);
-                    heartbeat
-                        .waiting(self.sleep_until_refresh(expires_at, jitter))
-                        .await;
+                    heartbeat.waiting(sleep_until(due, SystemTime::now)).await;
                 }
                 Err((kept, error)) => {
                     signed_in = kept;
+                    if matches!(error, IdentityError::Refused(_)) {
+                        refused_in_a_row += 1;
+                    } else {
+                        refused_in_a_row = 0;
+                    }
+                    if refused_in_a_row >= NON_TRANSIENT_LIMIT && signed_in.is_some() {
+                        tracing::warn!(
+                            refused = refused_in_a_row,
+                            "refresh refused repeatedly; reading the secret again and signing in anew"
+                        );
+                        signed_in = None;
+                        refused_in_a_row = 0;
+                    }
                     let delay = backoff.next_delay();
                     let text = error.to_string();
                     if let Some(held_back) = repeats.admit(&text) {
@@ -186,32 +213,21 @@ impl IdentityManager {
         }
     }
 
-    /// Sleeps until the refresh is due, in steps of at most `CLOCK_CHECK`, recomputing from
-    /// the wall clock each time: a device whose clock jumps (NTP after a boot without RTC)
-    /// still refreshes in time.
-    async fn sleep_until_refresh(&self, expires_at: SystemTime, jitter: f64) {
-        loop {
-            let left = expires_at
-                .duration_since(SystemTime::now())
-                .unwrap_or_default();
-            let delay = refresh_delay(left, self.config.refresh_margin, jitter);
-            if delay <= CLOCK_CHECK {
-                tokio::time::sleep(delay).await;
-                return;
-            }
-            tokio::time::sleep(CLOCK_CHECK).await;
-        }
-    }
-
     /// One pass through the chain, reusing what is still good from `prior`. On failure, hands
     /// back the standing worth keeping: a throttled or failed call is retried from where it
     /// was, while a rejected token or password moves down the fallbacks.
     async fn obtain(
         &mut self,
         prior: Option<SignedIn>,
+        heartbeat: &Heartbeat,
     ) -> Result<(SignedIn, Session), (Option<SignedIn>, IdentityError)> {
         let standing = match prior {
-            Some(prior) => match user_pool::refresh(&self.base, &prior.secret, &prior.tokens).await
+            Some(prior) => match heartbeat
+                .bounded(
+                    step_limit(1),
+                    user_pool::refresh(&self.base, &prior.secret, &prior.tokens),
+                )
+                .await
             {
                 Ok(tokens) => SignedIn {
                     secret: prior.secret,
@@ -219,18 +235,19 @@ impl IdentityManager {
                 },
                 Err(IdentityError::RefreshRejected(reason)) => {
                     tracing::warn!(%reason, "refresh token rejected; signing in with the password");
-                    self.sign_in(Some(prior.secret))
+                    self.sign_in(Some(prior.secret), heartbeat)
                         .await
                         .map_err(|e| (None, e))?
                 }
                 Err(error) => return Err((Some(prior), error)),
             },
-            None => self.sign_in(None).await.map_err(|e| (None, e))?,
+            None => self.sign_in(None, heartbeat).await.map_err(|e| (None, e))?,
         };
-        let (identity_id, credentials) = match self.authenticated_credentials(&standing).await {
-            Ok(found) => found,
-            Err(error) => return Err((Some(standing), error)),
-        };
+        let (identity_id, credentials) =
+            match self.authenticated_credentials(&standing, heartbeat).await {
+                Ok(found) => found,
+                Err(error) => return Err((Some(standing), error)),
+            };
         if !credentials.valid_for(MIN_USEFUL_VALIDITY) {
             let error = IdentityError::Credentials(format!(
                 "received credentials that expire at {} (already expired or about to): is this device's clock right?",
@@ -239,8 +256,11 @@ impl IdentityManager {
             return Err((Some(standing), error));
         }
         if self.cache.identity_id.as_deref() != Some(identity_id.as_str()) {
-            if let Err(error) = self
-                .attach_policy(&standing.secret, &identity_id, &credentials)
+            if let Err(error) = heartbeat
+                .bounded(
+                    step_limit(1),
+                    self.attach_policy(&standing.secret, &identity_id, &credentials),
+                )
                 .await
             {
                 return Err((Some(standing), error));
@@ -258,40 +278,60 @@ impl IdentityManager {
 
     /// Steps 1-3. With a `known` secret, a rejected password means it may have been rotated:
     /// the secret is read again once.
-    async fn sign_in(&mut self, known: Option<DeviceSecret>) -> Result<SignedIn, IdentityError> {
+    async fn sign_in(
+        &mut self,
+        known: Option<DeviceSecret>,
+        heartbeat: &Heartbeat,
+    ) -> Result<SignedIn, IdentityError> {
         let had_secret = known.is_some();
         let secret = match known {
             Some(secret) => secret,
-            None => self.read_secret().await?,
+            None => self.read_secret(heartbeat).await?,
         };
-        match user_pool::sign_in(&self.base, &secret).await {
+        match heartbeat
+            .bounded(step_limit(1), user_pool::sign_in(&self.base, &secret))
+            .await
+        {
             Ok(tokens) => Ok(SignedIn { secret, tokens }),
             Err(IdentityError::PasswordRejected(reason)) if had_secret => {
                 tracing::warn!(%reason, "password rejected; reading the secret again (it may have been rotated)");
-                let secret = self.read_secret().await?;
-                let tokens = user_pool::sign_in(&self.base, &secret).await?;
+                let secret = self.read_secret(heartbeat).await?;
+                let tokens = heartbeat
+                    .bounded(step_limit(1), user_pool::sign_in(&self.base, &secret))
+                    .await?;
                 Ok(SignedIn { secret, tokens })
             }
             Err(error) => Err(error),
         }
     }
 
-    async fn read_secret(&mut self) -> Result<DeviceSecret, IdentityError> {
-        let unauth = secret_source::unauthenticated_credentials(
-            &self.base,
-            &self.config.identity_pool_id,
-            &mut self.cache.unauth_identity_id,
-            &self.config.unauth_role_arn,
-        )
-        .await?;
+    async fn read_secret(&mut self, heartbeat: &Heartbeat) -> Result<DeviceSecret, IdentityError> {
+        // GetId, GetOpenIdToken and AssumeRoleWithWebIdentity, twice for a stale cached id.
+        let unauth = heartbeat
+            .bounded(
+                step_limit(6),
+                secret_source::unauthenticated_credentials(
+                    &self.base,
+                    &self.config.identity_pool_id,
+                    &mut self.cache.unauth_identity_id,
+                    &self.config.unauth_role_arn,
+                ),
+            )
+            .await?;
         self.save_cache();
-        secret_source::fetch_device_secret(&self.base, &unauth, &self.config.secret_id).await
+        heartbeat
+            .bounded(
+                step_limit(2),
+                secret_source::fetch_device_secret(&self.base, &unauth, &self.config.secret_id),
+            )
+            .await
     }
 
     /// Step 4. A cached identity id the pool no longer accepts is replaced by a new one.
     async fn authenticated_credentials(
         &mut self,
         standing: &SignedIn,
+        heartbeat: &Heartbeat,
     ) -> Result<(String, AwsCredentials), IdentityError> {
         let pool_region = standing
             .secret
@@ -308,29 +348,40 @@ impl IdentityManager {
         )]);
         let cognito = aws_sdk_cognitoidentity::Client::new(&self.base);
         if let Some(cached) = self.cache.identity_id.clone() {
-            match self.credentials_for(&cognito, &cached, &logins).await {
+            match heartbeat
+                .bounded(
+                    step_limit(1),
+                    self.credentials_for(&cognito, &cached, &logins),
+                )
+                .await
+            {
                 Ok(credentials) => return Ok((cached, credentials)),
                 Err((Some(code), error))
                     if secret_source::IDENTITY_GONE.contains(&code.as_str()) =>
                 {
                     tracing::warn!(identity_id = %cached, %error, "cached identity id rejected; asking for a new one");
                 }
-                Err((_, error)) => return Err(IdentityError::Credentials(error)),
+                Err((code, error)) => return Err(credentials_error(code.as_deref(), error)),
             }
         }
-        let identity_id = cognito
+        let get_id = cognito
             .get_id()
             .identity_pool_id(&self.config.identity_pool_id)
             .set_logins(Some(logins.clone()))
-            .send()
+            .send();
+        let identity_id = heartbeat
+            .bounded(step_limit(1), get_id)
             .await
-            .map_err(|e| IdentityError::Credentials(describe(&e)))?
+            .map_err(|e| credentials_error(error_code(&e), describe(&e)))?
             .identity_id
             .ok_or_else(|| IdentityError::Credentials("GetId returned no id".into()))?;
-        let credentials = self
-            .credentials_for(&cognito, &identity_id, &logins)
+        let credentials = heartbeat
+            .bounded(
+                step_limit(1),
+                self.credentials_for(&cognito, &identity_id, &logins),
+            )
             .await
-            .map_err(|(_, error)| IdentityError::Credentials(error))?;
+            .map_err(|(code, error)| credentials_error(code.as_deref(), error))?;
         Ok((identity_id, credentials))
     }
 
@@ -389,6 +440,49 @@ impl IdentityManager {
     }
 }
 
+/// A failed step 4: refused for good when AWS named a reason retrying will not fix.
+fn credentials_error(code: Option<&str>, error: String) -> IdentityError {
+    if is_transient_code(code) {
+        IdentityError::Credentials(error)
+    } else {
+        IdentityError::Refused(format!("authenticated Cognito credentials: {error}"))
+    }
+}
+
+/// How long a step of `calls` AWS calls may take: each is bounded by the SDK's timeout. Past
+/// it the step is stuck, and the identity manager's heartbeat goes quiet.
+fn step_limit(calls: u32) -> Duration {
+    OPERATION_TIMEOUT * calls + STEP_SLACK
+}
+
+/// Room over the SDK's own timeout before a step counts as stuck.
+const STEP_SLACK: Duration = Duration::from_secs(5);
+
+/// When to refresh credentials that arrived at `arrived` and expire at `expires_at`: `margin`
+/// ahead of expiry (at most half the lifetime ahead), minus jitter; see [`refresh_delay`].
+pub fn refresh_at(
+    arrived: SystemTime,
+    expires_at: SystemTime,
+    margin: Duration,
+    jitter: f64,
+) -> SystemTime {
+    let lifetime = expires_at.duration_since(arrived).unwrap_or_default();
+    arrived + refresh_delay(lifetime, margin, jitter)
+}
+
+/// Sleeps until the wall clock `clock` reads `due`, in steps of at most `CLOCK_CHECK`: the
+/// instant is fixed, and only a jump of the clock (NTP after a boot without RTC) moves the
+/// wake-up, by at most `CLOCK_CHECK`.
+pub async fn sleep_until(due: SystemTime, clock: impl Fn() -> SystemTime) {
+    loop {
+        let left = due.duration_since(clock()).unwrap_or_default();
+        if left.is_zero() {
+            return;
+        }
+        tokio::time::sleep(left.min(CLOCK_CHECK)).await;
+    }
+}
+
 /// How long to wait before refreshing credentials that are valid for `left`: refresh
 /// `margin` ahead of expiry (at most half the lifetime ahead), minus a random part of up to
 /// half that lead (`jitter` in `[0, 1)`), so a fleet that booted together spreads out.
@@ -422,6 +516,121 @@ mod tests {
         assert_eq!(delay, Duration::from_secs(45));
         let jittered = refresh_delay(left, FIVE_MIN, 0.999);
         assert!(jittered >= Duration::from_secs(22) && jittered <= Duration::from_secs(45));
+    }
+
+    /// A wall clock that follows tokio's paused time, plus a jump the test can apply.
+    fn test_clock(
+        jump: &std::sync::Arc<std::sync::atomic::AtomicI64>,
+    ) -> (SystemTime, impl Fn() -> SystemTime + 'static) {
+        let start_wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let start = tokio::time::Instant::now();
+        let jump = jump.clone();
+        let clock = move || {
+            let shifted = start_wall + start.elapsed();
+            let jump = jump.load(std::sync::atomic::Ordering::SeqCst);
+            if jump >= 0 {
+                shifted + Duration::from_secs(jump.unsigned_abs())
+            } else {
+                shifted - Duration::from_secs(jump.unsigned_abs())
+            }
+        };
+        (start_wall, clock)
+    }
+
+    /// Issue 18 item 1: the refresh lands `margin` ahead of expiry (half the lifetime for
+    /// short-lived credentials), with jitter of up to half that lead, whatever the lifetime.
+    #[tokio::test(start_paused = true)]
+    async fn the_refresh_keeps_its_lead_over_the_whole_sleep() {
+        for lifetime_s in [3600u64, 900, 90] {
+            for jitter in [0.0, 0.5, 0.999] {
+                let jump = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+                let (arrived, clock) = test_clock(&jump);
+                let lifetime = Duration::from_secs(lifetime_s);
+                let expires_at = arrived + lifetime;
+                let started = tokio::time::Instant::now();
+                sleep_until(refresh_at(arrived, expires_at, FIVE_MIN, jitter), clock).await;
+                let left = lifetime.saturating_sub(started.elapsed());
+                let lead = FIVE_MIN.min(lifetime / 2);
+                assert!(
+                    left >= lead && left <= lead + lead / 2,
+                    "{lifetime_s} s credentials, jitter {jitter}: refreshed {} s before expiry, lead {} s",
+                    left.as_secs(),
+                    lead.as_secs()
+                );
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_clock_jump_forward_brings_the_refresh_forward() {
+        let jump = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let (arrived, clock) = test_clock(&jump);
+        let due = refresh_at(arrived, arrived + HOUR, FIVE_MIN, 0.0);
+        let started = tokio::time::Instant::now();
+        let sleeper = sleep_until(due, clock);
+        let jumper = async {
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            // NTP corrects a clock that was 50 minutes behind.
+            jump.store(3000, std::sync::atomic::Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            _ = sleeper => {}
+            _ = jumper => unreachable!(),
+        }
+        assert!(started.elapsed() <= Duration::from_secs(600) + CLOCK_CHECK);
+    }
+
+    /// Issue 18 item 4: an AWS call that never ends (here: a server that accepts and never
+    /// answers, and an SDK config without the timeouts `aws::base_config` sets) is a stuck
+    /// step: the identity manager's heartbeat goes quiet, so the watchdog can restart the
+    /// daemon. Before, the whole chain sat inside `Heartbeat::waiting` and beat forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_identity_step_silences_the_heartbeat() {
+        let hole = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = hole.local_addr().expect("address");
+        let http_client = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let base = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .http_client(http_client)
+            .timeout_config(aws_config::timeout::TimeoutConfig::disabled())
+            .retry_config(aws_config::retry::RetryConfig::disabled())
+            .no_credentials()
+            .endpoint_url(format!("http://{address}"))
+            .load()
+            .await;
+        let state = tempfile::tempdir().expect("tempdir");
+        let config = IdentityConfig {
+            identity_pool_id: "us-east-1:00000000-0000-0000-0000-000000000000".into(),
+            secret_id: "secret".into(),
+            ..IdentityConfig::default()
+        };
+        let (manager, _watch) = IdentityManager::new(base, config, state.path().to_owned());
+        let (heartbeat, pulse) = crate::heartbeat::channel("identity manager");
+        let task = tokio::spawn(manager.run(heartbeat));
+        let limit = Duration::from_secs(10);
+        // Within the first step's bound the manager looks alive...
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(
+            crate::heartbeat::first_stalled(
+                std::slice::from_ref(&pulse),
+                limit,
+                tokio::time::Instant::now()
+            ),
+            None
+        );
+        // ...past it, it is named stalled.
+        tokio::time::sleep(step_limit(6) + limit).await;
+        assert_eq!(
+            crate::heartbeat::first_stalled(&[pulse], limit, tokio::time::Instant::now()),
+            Some("identity manager")
+        );
+        task.abort();
+        drop(hole);
     }
 
     #[test]

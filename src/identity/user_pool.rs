@@ -5,7 +5,7 @@ use aws_sdk_cognitoidentityprovider::types::AuthFlowType;
 
 use super::IdentityError;
 use super::secret_source::DeviceSecret;
-use crate::aws::{describe, error_code};
+use crate::aws::{describe, error_code, is_transient};
 use crate::secret::Secret;
 
 /// Tokens from the user pool. The ID token opens the authenticated identity; the refresh token
@@ -59,6 +59,8 @@ pub async fn refresh(
         .await
         .map_err(|e| match error_code(&e) {
             Some("NotAuthorizedException") => IdentityError::RefreshRejected(describe(&e)),
+            // E.g. ResourceNotFoundException: the app client was replaced.
+            _ if !is_transient(&e) => IdentityError::Refused(describe(&e)),
             _ => IdentityError::SignIn(describe(&e)),
         })?;
     let result = output

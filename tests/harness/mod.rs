@@ -25,6 +25,7 @@ pub const MOTO_PORT: u16 = 5000;
 pub const WSS_PORT: u16 = 8443;
 pub const MQTT_PORT: u16 = 1883;
 pub const FAULT_PROXY_PORT: u16 = 5001;
+pub const WS_PROXY_PORT: u16 = 8444;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 /// What moto's GetCredentialsForIdentity always returns.
@@ -334,6 +335,47 @@ impl Cloud {
         proxy
     }
 
+    /// A TLS proxy in front of the broker's wss listener that logs each websocket upgrade's
+    /// signature fields and can cut connections or answer 403 (tests/support/ws_proxy.py).
+    pub fn start_ws_proxy(&self) -> WsProxy {
+        let control = self.dir.path().join("ws-proxy-mode");
+        let log = self.dir.path().join("ws-proxy.log");
+        let process = Process {
+            name: "ws_proxy",
+            child: Some(
+                self.namespace
+                    .command(python())
+                    .arg(repo_root().join("tests/support/ws_proxy.py"))
+                    .args([
+                        "--port",
+                        &WS_PROXY_PORT.to_string(),
+                        "--target-port",
+                        &WSS_PORT.to_string(),
+                    ])
+                    .arg("--cert")
+                    .arg(self.dir.path().join("server.crt"))
+                    .arg("--key")
+                    .arg(self.dir.path().join("server.key"))
+                    .arg("--control")
+                    .arg(&control)
+                    .arg("--log")
+                    .arg(&log)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start ws proxy"),
+            ),
+        };
+        self.python(&format!(
+            "import socket, time\nfor _ in range(100):\n    try:\n        socket.create_connection(('127.0.0.1', {WS_PROXY_PORT})).close(); break\n    except OSError: time.sleep(0.1)"
+        ));
+        WsProxy {
+            _process: process,
+            control,
+            log,
+        }
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{MOTO_PORT}")
     }
@@ -611,6 +653,34 @@ impl FaultProxy {
 
     /// Every request seen: `{"t": epoch seconds, "target": …, "fault": code or null}`.
     pub fn requests(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+/// The websocket proxy's switch and its log of upgrades.
+pub struct WsProxy {
+    _process: Process,
+    control: PathBuf,
+    log: PathBuf,
+}
+
+impl WsProxy {
+    /// The `mqtt.url` that goes through the proxy.
+    pub fn url(&self) -> String {
+        format!("wss://127.0.0.1:{WS_PROXY_PORT}/mqtt")
+    }
+
+    /// "pass", "cut" or "refuse403 <skew seconds>".
+    pub fn set_mode(&self, mode: &str) {
+        std::fs::write(&self.control, mode).expect("ws proxy mode");
+    }
+
+    /// Every upgrade seen: `{"t", "amz_date", "amz_expires", "access_key", "action"}`.
+    pub fn upgrades(&self) -> Vec<Value> {
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()
             .lines()

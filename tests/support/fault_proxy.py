@@ -7,8 +7,12 @@ with an error instead:
     pass       forward everything (also when the file is missing)
     throttle   HTTP 400 ThrottlingException
     error500   HTTP 500 InternalFailure
-Every request is logged to --log as one JSON line {"t": epoch, "target": ..., "fault": ...},
-so a test can count how hard the daemon retried.
+A token `lifetime=N` next to the mode (e.g. "pass lifetime=300") rewrites the `Expiration` of
+forwarded GetCredentialsForIdentity answers to now + N seconds (moto's are fixed at 90 s).
+Each such answer also gets its own AccessKeyId, so a test can tell which credentials signed
+what; the key and its expiry are logged.
+Every request is logged to --log as one JSON line {"t": epoch, "target": ..., "fault": ...,
+"access_key": ..., "expiration": ...}, so a test can count how hard the daemon retried.
 
 Usage: fault_proxy.py --port 5001 --target http://127.0.0.1:5000 --control FILE --log FILE
 """
@@ -36,12 +40,17 @@ def main():
     target = urllib.parse.urlsplit(args.target)
     log_lock = threading.Lock()
 
-    def mode():
+    def control():
         try:
             with open(args.control) as f:
-                return f.read().strip() or "pass"
+                tokens = f.read().split()
         except OSError:
-            return "pass"
+            tokens = []
+        lifetime = next((float(t.split("=", 1)[1]) for t in tokens if t.startswith("lifetime=")),
+                        None)
+        return (tokens[0] if tokens else "pass"), lifetime
+
+    issued = [0]
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -53,11 +62,13 @@ def main():
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
             amz_target = self.headers.get("X-Amz-Target", "")
-            fault = FAULTS.get(mode()) if amz_target else None
-            with log_lock, open(args.log, "a") as log:
-                log.write(json.dumps({"t": time.time(), "target": amz_target or self.path,
-                                      "fault": fault[1] if fault else None}) + "\n")
+            mode, lifetime = control()
+            fault = FAULTS.get(mode) if amz_target else None
+            entry = {"t": time.time(), "target": amz_target or self.path,
+                     "fault": fault[1] if fault else None}
             if fault:
+                with log_lock, open(args.log, "a") as log:
+                    log.write(json.dumps(entry) + "\n")
                 status, code, message = fault
                 payload = json.dumps({"__type": code, "message": message}).encode()
                 self.send_response(status)
@@ -73,6 +84,19 @@ def main():
             conn.request(self.command, self.path, body=body, headers=headers)
             response = conn.getresponse()
             data = response.read()
+            if amz_target.endswith(".GetCredentialsForIdentity") and response.status == 200:
+                answer = json.loads(data)
+                credentials = answer.get("Credentials", {})
+                with log_lock:
+                    issued[0] += 1
+                    credentials["AccessKeyId"] = "ASIAPROXY%011d" % issued[0]
+                if lifetime is not None:
+                    credentials["Expiration"] = time.time() + lifetime
+                entry["access_key"] = credentials.get("AccessKeyId")
+                entry["expiration"] = credentials.get("Expiration")
+                data = json.dumps(answer).encode()
+            with log_lock, open(args.log, "a") as log:
+                log.write(json.dumps(entry) + "\n")
             self.send_response(response.status)
             for key, value in response.getheaders():
                 if key.lower() not in ("transfer-encoding", "connection", "content-length"):
