@@ -61,6 +61,21 @@ fn main() -> ExitCode {
                 Err(error) => fail(EXIT_FAILURE, error),
             }
         }
+        Command::DeadLetters {
+            action,
+            socket,
+            json,
+        } => match client::dead_letters(&socket, action.as_str()) {
+            Ok(answer) if json => {
+                println!("{answer}");
+                ExitCode::SUCCESS
+            }
+            Ok(answer) => {
+                print!("{}", client::format_dead_letters(&answer));
+                ExitCode::SUCCESS
+            }
+            Err(error) => fail(EXIT_FAILURE, error),
+        },
         Command::Status { socket, json } => match client::status(&socket) {
             Ok(status) if json => {
                 println!("{status}");
@@ -100,10 +115,13 @@ fn run(path: &std::path::Path) -> ExitCode {
     };
     match runtime.block_on(daemon) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
+        // One line: a structured journal entry under systemd, else the plain stderr line
+        // (the log also goes to stderr then, and would say it twice).
+        Err(error) if logging::stderr_is_journal() => {
             tracing::error!(%error, "cannot start");
-            fail(EXIT_FAILURE, error)
+            ExitCode::from(EXIT_FAILURE)
         }
+        Err(error) => fail(EXIT_FAILURE, error),
     }
 }
 

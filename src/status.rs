@@ -55,6 +55,9 @@ pub struct Status {
     pub published_total: u64,
     pub republished_total: u64,
     pub dropped_total: u64,
+    /// Messages moved to the dead letters since the start, and held there now.
+    pub dead_letter_total: u64,
+    pub dead_letters: u64,
 }
 
 /// Everything `status` reads from; cheap to clone into each client task.
@@ -97,6 +100,8 @@ impl StatusSource {
             published_total: counters.published_total,
             republished_total: counters.republished_total,
             dropped_total: spool.dropped_total,
+            dead_letter_total: spool.dead_letter_total,
+            dead_letters: spool.dead_letters,
         }
     }
 }
