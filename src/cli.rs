@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config;
 
@@ -74,4 +74,36 @@ pub enum Command {
     /// Turn `aws cloudformation describe-stacks` JSON into a config.toml on stdout.
     #[command(after_long_help = SEE_CONFIGURATION)]
     ConfigFromStack { file: PathBuf },
+    /// List, requeue or purge the dead letters: messages the broker never accepted.
+    DeadLetters {
+        #[arg(value_enum, default_value_t = DeadLetterAction::List)]
+        action: DeadLetterAction,
+        #[arg(long, default_value = "/run/iot-cognito-relay/relay.sock")]
+        socket: PathBuf,
+        /// Print the daemon's raw JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// What `dead-letters` does.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeadLetterAction {
+    /// Show the newest 100 (topic, size, reason, when).
+    List,
+    /// Put them all back in the queue, behind what is waiting.
+    Requeue,
+    /// Delete them all.
+    Purge,
+}
+
+impl DeadLetterAction {
+    /// The socket protocol's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterAction::List => "list",
+            DeadLetterAction::Requeue => "requeue",
+            DeadLetterAction::Purge => "purge",
+        }
+    }
 }

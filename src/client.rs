@@ -203,6 +203,51 @@ pub fn status(socket: &Path, timeout: Duration) -> Result<Value, ClientError> {
     }
 }
 
+/// Asks the daemon to list, requeue or purge its dead letters; returns the answer object.
+pub fn dead_letters(socket: &Path, action: &str) -> Result<Value, ClientError> {
+    let mut stream = connect(socket)?;
+    let request = json!({"op": "dead_letters", "action": action});
+    stream.write_all(format!("{request}\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    let answer: Value =
+        serde_json::from_str(&line).map_err(|_| ClientError::BadAnswer(line.clone()))?;
+    if answer["ok"] == Value::Bool(true) {
+        Ok(answer)
+    } else {
+        Err(ClientError::BadAnswer(line.trim_end().to_owned()))
+    }
+}
+
+/// The human form of a `dead-letters` answer.
+pub fn format_dead_letters(answer: &Value) -> String {
+    if let Some(count) = answer["requeued"].as_u64() {
+        return format!("requeued {count} message(s)\n");
+    }
+    if let Some(count) = answer["purged"].as_u64() {
+        return format!("purged {count} message(s)\n");
+    }
+    let listed = answer["dead_letters"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if listed.is_empty() {
+        return "no dead letters\n".to_owned();
+    }
+    listed
+        .iter()
+        .map(|letter| {
+            format!(
+                "{}  {}  {} bytes  {}\n",
+                letter["at"].as_str().unwrap_or("-"),
+                letter["topic"].as_str().unwrap_or("-"),
+                letter["bytes"],
+                letter["reason"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect()
+}
+
 /// The human form of `status`.
 pub fn format_status(status: &Value) -> String {
     let field = |name: &str| match &status[name] {
@@ -219,7 +264,7 @@ pub fn format_status(status: &Value) -> String {
         None => String::new(),
     };
     format!(
-        "state:               {}\nidentity:            {}\ncredentials expire:  {}\nlast refresh:        {}\nlast error:          {}\nspool:               {} messages, {} bytes\npublished:           {} ({} republished)\ndropped:             {}\n{skew}",
+        "state:               {}\nidentity:            {}\ncredentials expire:  {}\nlast refresh:        {}\nlast error:          {}\nspool:               {} messages, {} bytes\npublished:           {} ({} republished)\ndropped:             {}\ndead letters:        {} ({} since start)\n{skew}",
         field("state"),
         field("identity_id"),
         field("credentials_expire_at"),
@@ -230,6 +275,8 @@ pub fn format_status(status: &Value) -> String {
         field("published_total"),
         field("republished_total"),
         field("dropped_total"),
+        field("dead_letters"),
+        field("dead_letter_total"),
     )
 }
 

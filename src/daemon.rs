@@ -46,7 +46,20 @@ pub enum DaemonError {
     Tls(#[from] TlsError),
     #[error("the {0} stopped unexpectedly")]
     TaskFailed(&'static str),
+    #[error(
+        "another iot-cognito-relay is already running with state dir {0} (it holds daemon.lock); not starting a second one"
+    )]
+    AlreadyRunning(String),
+    #[error("cannot lock {path}: {source}")]
+    Lock {
+        path: String,
+        source: std::io::Error,
+    },
 }
+
+/// Held (flock, exclusive) by the one daemon that uses a state dir: two publishers sharing a
+/// spool and a client id would knock each other off the broker.
+pub const LOCK_FILE: &str = "daemon.lock";
 
 impl DaemonError {
     /// A fault in the config or in what it names (state dir, socket path, CA bundle), which a
@@ -60,6 +73,8 @@ impl DaemonError {
             | DaemonError::Socket(BindError::Io { .. })
             | DaemonError::Socket(BindError::NotSocket(_)) => true,
             DaemonError::Socket(BindError::InUse(_))
+            | DaemonError::AlreadyRunning(_)
+            | DaemonError::Lock { .. }
             | DaemonError::Spool(_)
             | DaemonError::TaskFailed(_) => false,
         }
@@ -79,7 +94,8 @@ pub async fn run(
     mut controls: Controls,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    prepare_state_dir(&config.state.dir)?;
+    // Held until `run` returns; the kernel releases it if the process dies.
+    let _instance_lock = prepare_state_dir(&config.state.dir)?;
     let spool = Spool::open(
         &config.state.dir,
         config.spool.max_bytes.0,
@@ -295,7 +311,9 @@ fn reload(
 
 /// Creates the state dir (mode 0700): it holds the spool and the identity cache. One that every
 /// user could write to is refused: someone may have planted a spool or an identity there.
-fn prepare_state_dir(dir: &Path) -> Result<(), DaemonError> {
+/// Returns the instance lock; a second daemon on the same dir fails here, before it changes
+/// anything (the lock file already exists then).
+fn prepare_state_dir(dir: &Path) -> Result<std::fs::File, DaemonError> {
     use std::os::unix::fs::MetadataExt;
     let error = |source| DaemonError::StateDir {
         path: dir.display().to_string(),
@@ -310,6 +328,34 @@ fn prepare_state_dir(dir: &Path) -> Result<(), DaemonError> {
         });
     }
     std::fs::create_dir_all(dir).map_err(error)?;
+    let lock = lock_instance(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(error)?;
-    Ok(())
+    Ok(lock)
+}
+
+/// Takes the exclusive, non-blocking `flock` on `<dir>/daemon.lock`.
+fn lock_instance(dir: &Path) -> Result<std::fs::File, DaemonError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(LOCK_FILE);
+    let lock_error = |source| DaemonError::Lock {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(lock_error)?;
+    // SAFETY: flock on a file descriptor this function owns; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let error = std::io::Error::last_os_error();
+        return Err(match error.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => DaemonError::AlreadyRunning(dir.display().to_string()),
+            _ => lock_error(error),
+        });
+    }
+    Ok(file)
 }

@@ -20,7 +20,7 @@ use crate::heartbeat::Heartbeat;
 use crate::lines::{Next, RecordReader};
 use crate::logging::Repeats;
 use crate::protocol::{ErrorCode, MAX_LINE_BYTES, Rejection, Request, ok_line, parse_line};
-use crate::spool::{AppendError, Spool};
+use crate::spool::{AppendError, DeadLetterReply, Spool};
 use crate::status::StatusSource;
 use crate::topic::TopicRules;
 
@@ -345,6 +345,31 @@ impl Client {
         let step = match parse_line(line, &self.rules) {
             Ok(Request::Status { id }) => {
                 let mut answer = serde_json::json!({"ok": true, "status": self.status.snapshot()});
+                if let Some(id) = id {
+                    answer["id"] = id;
+                }
+                Pending::Ready(format!("{answer}\n"))
+            }
+            Ok(Request::DeadLetters { id, action }) => {
+                let mut answer = match self.spool.dead_letters(action).await {
+                    Ok(DeadLetterReply::Listed(listed)) => {
+                        serde_json::json!({"ok": true, "dead_letters": listed})
+                    }
+                    Ok(DeadLetterReply::Requeued(count)) => {
+                        tracing::info!(count, "dead letters requeued");
+                        serde_json::json!({"ok": true, "requeued": count})
+                    }
+                    Ok(DeadLetterReply::Purged(count)) => {
+                        tracing::info!(count, "dead letters purged");
+                        serde_json::json!({"ok": true, "purged": count})
+                    }
+                    Err(message) => serde_json::json!({
+                        "ok": false,
+                        // SPEC.md's code for a failing disk.
+                        "error": "storage_error",
+                        "message": message,
+                    }),
+                };
                 if let Some(id) = id {
                     answer["id"] = id;
                 }

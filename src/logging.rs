@@ -109,7 +109,7 @@ fn bridge_log_records() {
 /// (`device:inode`); then native entries keep the structured fields. The variable is inherited,
 /// so it only counts when it still names our stderr (not when someone runs us from a unit's
 /// shell with stderr on a terminal or a file).
-fn stderr_is_journal() -> bool {
+pub fn stderr_is_journal() -> bool {
     use std::os::fd::AsFd;
     use std::os::unix::fs::MetadataExt;
     let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {

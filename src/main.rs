@@ -62,6 +62,21 @@ fn main() -> ExitCode {
                 Err(error) => fail(EXIT_FAILURE, error),
             }
         }
+        Command::DeadLetters {
+            action,
+            socket,
+            json,
+        } => match client::dead_letters(&socket, action.as_str()) {
+            Ok(answer) if json => {
+                println!("{answer}");
+                ExitCode::SUCCESS
+            }
+            Ok(answer) => {
+                print!("{}", client::format_dead_letters(&answer));
+                ExitCode::SUCCESS
+            }
+            Err(error) => fail(EXIT_FAILURE, error),
+        },
         Command::Status {
             socket,
             json,
@@ -103,17 +118,21 @@ fn run(path: &std::path::Path) -> ExitCode {
         };
         daemon::run(config, controls, shutdown_signal()).await
     };
-    match runtime.block_on(daemon) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!(%error, "cannot start");
-            let code = if error.is_config_error() {
-                EXIT_USAGE
-            } else {
-                EXIT_FAILURE
-            };
-            fail(code, error)
-        }
+    let Err(error) = runtime.block_on(daemon) else {
+        return ExitCode::SUCCESS;
+    };
+    let code = if error.is_config_error() {
+        EXIT_USAGE
+    } else {
+        EXIT_FAILURE
+    };
+    // One line: a structured journal entry under systemd, else the plain stderr line (the log
+    // also goes to stderr then, and would say it twice).
+    if logging::stderr_is_journal() {
+        tracing::error!(%error, "cannot start");
+        ExitCode::from(code)
+    } else {
+        fail(code, error)
     }
 }
 

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::spool::DeadLetterAction;
 use crate::topic::TopicRules;
 
 /// Longest line the daemon reads; longer lines are answered `line_too_long` and skipped.
@@ -52,8 +53,18 @@ pub struct Message {
 /// What a line asks for.
 #[derive(Debug, PartialEq)]
 pub enum Request {
-    Publish { id: Option<Value>, message: Message },
-    Status { id: Option<Value> },
+    Publish {
+        id: Option<Value>,
+        message: Message,
+    },
+    Status {
+        id: Option<Value>,
+    },
+    /// `{"op":"dead_letters","action":"list|requeue|purge"}` (`list` when left out).
+    DeadLetters {
+        id: Option<Value>,
+        action: DeadLetterAction,
+    },
 }
 
 /// The error codes of SPEC.md.
@@ -139,6 +150,8 @@ struct RawLine<'a> {
     payload_base64: Option<&'a RawValue>,
     #[serde(borrow, default)]
     qos: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    action: Option<&'a RawValue>,
 }
 
 /// Parses and validates one line (without its newline).
@@ -180,10 +193,25 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
         None => {}
         Some(Ok(op)) if op == "publish" => {}
         Some(Ok(op)) if op == "status" => return Ok(Request::Status { id }),
+        Some(Ok(op)) if op == "dead_letters" => {
+            let action = match raw.action.map(|a| serde_json::from_str::<String>(a.get())) {
+                None => DeadLetterAction::List,
+                Some(Ok(action)) if action == "list" => DeadLetterAction::List,
+                Some(Ok(action)) if action == "requeue" => DeadLetterAction::Requeue,
+                Some(Ok(action)) if action == "purge" => DeadLetterAction::Purge,
+                Some(_) => {
+                    return Err(reject(
+                        ErrorCode::InvalidJson,
+                        "action must be \"list\", \"requeue\" or \"purge\"",
+                    ));
+                }
+            };
+            return Ok(Request::DeadLetters { id, action });
+        }
         Some(_) => {
             return Err(reject(
                 ErrorCode::InvalidJson,
-                "op must be \"publish\" or \"status\"",
+                "op must be \"publish\", \"status\" or \"dead_letters\"",
             ));
         }
     }
@@ -411,6 +439,28 @@ mod tests {
             Ok(Request::Status { id: None })
         );
         assert_eq!(code(r#"{"op":"reboot"}"#), ErrorCode::InvalidJson);
+    }
+
+    #[test]
+    fn dead_letters_op_takes_an_action() {
+        assert_eq!(
+            parse(r#"{"op":"dead_letters"}"#),
+            Ok(Request::DeadLetters {
+                id: None,
+                action: DeadLetterAction::List
+            })
+        );
+        assert_eq!(
+            parse(r#"{"op":"dead_letters","action":"purge","id":3}"#),
+            Ok(Request::DeadLetters {
+                id: Some(3.into()),
+                action: DeadLetterAction::Purge
+            })
+        );
+        assert_eq!(
+            code(r#"{"op":"dead_letters","action":"drop"}"#),
+            ErrorCode::InvalidJson
+        );
     }
 
     #[test]

@@ -44,6 +44,10 @@ const BEAT_EVERY: Duration = Duration::from_secs(2);
 const MAX_READ: usize = 1024;
 /// How long a clean disconnect may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// The oldest message goes to the dead letters once this many connections in a row dropped
+/// while it was out unacknowledged: IoT Core disconnects a client that publishes where its
+/// policy forbids, so such a message would otherwise hold back the queue forever.
+pub const DEAD_LETTER_STRIKES: u32 = 5;
 
 /// Delivery counters for `status`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -53,6 +57,12 @@ pub struct PublishCounters {
     /// How far the server's clock was from this device's (seconds, positive: the server is
     /// ahead) when it last refused an upgrade with 403, if that was more than allowed.
     pub clock_skew_s: Option<i64>,
+}
+
+/// The oldest message and how many connections in a row dropped while it was out.
+struct Strikes {
+    first_id: i64,
+    count: u32,
 }
 
 /// How one connection ended.
@@ -82,6 +92,10 @@ pub struct Publisher {
     /// `[batch]`: how messages share publishes, and how long an open array may wait.
     batcher: Batcher,
     linger: Duration,
+    /// See [`DEAD_LETTER_STRIKES`].
+    strikes: Option<Strikes>,
+    /// The last failed connection's oldest message went to the dead letters.
+    buried_head: bool,
 }
 
 impl Publisher {
@@ -115,6 +129,8 @@ impl Publisher {
             limits,
             batcher: Batcher::new(batch),
             linger: batch.linger,
+            strikes: None,
+            buried_head: false,
         };
         (publisher, link_rx, counters_rx)
     }
@@ -160,10 +176,18 @@ impl Publisher {
                         .await;
                 }
                 Ended::Failed(error) => {
-                    if started.elapsed() > RECONNECT_CAP {
+                    if started.elapsed() > RECONNECT_CAP || self.buried_head {
+                        // A long-lived connection, or the cause of the drops is out of the
+                        // queue now: start the delays over.
                         backoff.reset();
+                        self.buried_head = false;
                     }
-                    let delay = backoff.next_delay();
+                    let was_stopping = *stopping.borrow();
+                    let mut delay = backoff.next_delay();
+                    if was_stopping {
+                        // The drain has little time: keep trying, at IoT Core's connect rate.
+                        delay = delay.min(RECONNECT_FLOOR);
+                    }
                     if let Some(held_back) = repeats.admit(&error) {
                         tracing::warn!(
                             identity_id = %session.identity_id,
@@ -174,13 +198,18 @@ impl Publisher {
                             "MQTT connection lost"
                         );
                     }
+                    tracing::debug!(retry_in_ms = delay.as_millis() as u64, "reconnect backoff");
                     self.link.send_replace(LinkState::Backoff);
                     let spool = self.spool.clone();
                     let stopped = heartbeat
                         .waiting(async {
                             tokio::select! {
                                 _ = tokio::time::sleep(delay) => false,
-                                _ = stopped_and_empty(&mut stopping, &spool) => true,
+                                stopped = backoff_interrupted(&mut stopping, &spool, was_stopping) => {
+                                    // SIGTERM: drain at once, within one connect per second.
+                                    tokio::time::sleep_until(started + RECONNECT_FLOOR).await;
+                                    stopped
+                                }
                             }
                         })
                         .await;
@@ -269,6 +298,8 @@ impl Publisher {
         // after `cursor`. `more_behind`: the spool had more than the last read took.
         let mut ready: VecDeque<batch::Outgoing> = VecDeque::new();
         let mut more_behind = false;
+        // The first publish of this connection (the oldest message) and its full topic.
+        let mut head: Option<(Vec<i64>, String)> = None;
 
         loop {
             heartbeat.beat();
@@ -322,7 +353,16 @@ impl Publisher {
                             break;
                         }
                     }
-                    let size = (outgoing.topic.len() + outgoing.payload.len()) as u64;
+                    let topic = self.rules.full_topic(&session.identity_id, &outgoing.topic);
+                    if let Err(error) = TopicRules::check_full(&topic) {
+                        // Never accepted by IoT Core, whatever we do: out of the queue.
+                        let last = *outgoing.ids.last().unwrap_or(&cursor);
+                        self.bury(outgoing.ids, &topic, error.to_string()).await;
+                        cursor = cursor.max(last);
+                        continue;
+                    }
+                    // IoT Core counts the topic it receives, prefix included.
+                    let size = (topic.len() + outgoing.payload.len()) as u64;
                     if let Some(at) = self.quota.ready_at(size, Instant::now()) {
                         // Over IoT Core's quota: it goes first once the quota allows, with no
                         // trip to the spool in between.
@@ -332,7 +372,9 @@ impl Publisher {
                     }
                     held = None;
                     self.quota.record(size, Instant::now());
-                    let topic = self.rules.full_topic(&session.identity_id, &outgoing.topic);
+                    if head.is_none() {
+                        head = Some((outgoing.ids.clone(), topic.clone()));
+                    }
                     let qos = match outgoing.qos {
                         Qos::AtMostOnce => QoS::AtMostOnce,
                         Qos::AtLeastOnce => QoS::AtLeastOnce,
@@ -448,9 +490,52 @@ impl Publisher {
                 self.counters.send_modify(|c| c.published_total += count);
             }
             if let Some(ended) = ended {
+                if matches!(ended, Ended::Failed(_)) {
+                    self.count_strike(head.take(), &window).await;
+                }
                 return ended;
             }
         }
+    }
+}
+
+impl Publisher {
+    /// After a failed connection: another strike for the oldest message if the connection
+    /// dropped while it was out unacknowledged; the last strike moves it to the dead letters.
+    /// A connection that never published it neither counts nor breaks the row.
+    async fn count_strike(&mut self, head: Option<(Vec<i64>, String)>, window: &Window) {
+        let Some((ids, topic)) = head else { return };
+        let Some(&first_id) = ids.first() else { return };
+        if !window.holds(first_id) {
+            self.strikes = None;
+            return;
+        }
+        let count = match &self.strikes {
+            Some(strikes) if strikes.first_id == first_id => strikes.count + 1,
+            _ => 1,
+        };
+        if count < DEAD_LETTER_STRIKES {
+            self.strikes = Some(Strikes { first_id, count });
+            return;
+        }
+        self.strikes = None;
+        let reason = format!(
+            "the broker dropped the connection right after it, {count} times in a row \
+             (IoT Core does so for a publish its policy denies)"
+        );
+        self.bury(ids, &topic, reason).await;
+        self.buried_head = true;
+    }
+
+    /// Moves spool messages to the dead letters, with one journal warning.
+    async fn bury(&mut self, ids: Vec<i64>, topic: &str, reason: String) {
+        tracing::warn!(
+            topic,
+            %reason,
+            messages = ids.len(),
+            "message moved to the dead letters; `iot-cognito-relay dead-letters` lists, requeues or purges them"
+        );
+        self.spool.bury(ids, reason).await;
     }
 }
 
@@ -470,6 +555,12 @@ struct Window {
 impl Window {
     fn outstanding(&self) -> usize {
         self.unassigned.len() + self.in_flight.len()
+    }
+
+    /// Whether spool message `id` went out on this connection and is not acknowledged.
+    fn holds(&self, id: i64) -> bool {
+        self.unassigned.iter().any(|(ids, _)| ids.contains(&id))
+            || self.in_flight.values().any(|(ids, _)| ids.contains(&id))
     }
 
     fn oldest_in_flight(&self) -> Option<Instant> {
@@ -512,6 +603,28 @@ impl Window {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// Ends a reconnect backoff early: `true` once the daemon is stopping with nothing left to
+/// deliver, `false` as soon as stopping begins with messages left (the drain must try now,
+/// not after a backoff of up to 30 s that outlasts `drain_timeout`).
+async fn backoff_interrupted(
+    stopping: &mut watch::Receiver<bool>,
+    spool: &Spool,
+    was_stopping: bool,
+) -> bool {
+    loop {
+        let now_stopping = *stopping.borrow_and_update();
+        if now_stopping && spool.stats().borrow().messages == 0 {
+            return true;
+        }
+        if now_stopping && !was_stopping {
+            return false;
+        }
+        if stopping.changed().await.is_err() {
+            return std::future::pending().await;
+        }
     }
 }
 

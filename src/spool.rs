@@ -66,6 +66,9 @@ pub struct SpoolStats {
     pub dropped_total: u64,
     /// Highest id ever appended; the publisher wakes when it moves.
     pub last_id: i64,
+    /// Messages in the dead-letter table now, and moved there since the start.
+    pub dead_letters: u64,
+    pub dead_letter_total: u64,
 }
 
 enum Command {
@@ -84,6 +87,8 @@ enum Command {
     Remove {
         ids: Vec<i64>,
     },
+    /// Dead letters: see the block at the end of this file.
+    DeadLetters(DeadLetterCommand),
 }
 
 /// A cheap, cloneable handle to the spool thread.
@@ -258,6 +263,7 @@ impl Store {
              );",
         )
         .map_err(sqlite)?;
+        let dead_letters = create_dead_letters(&db).map_err(sqlite)?;
         let (messages, bytes): (i64, i64) = db
             .query_row(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages",
@@ -283,6 +289,8 @@ impl Store {
                 bytes: bytes.unsigned_abs(),
                 dropped_total: 0,
                 last_id,
+                dead_letters,
+                dead_letter_total: 0,
             },
         })
     }
@@ -331,6 +339,7 @@ impl Store {
                     self.remove(&ids);
                     self.publish_stats(&stats);
                 }
+                Command::DeadLetters(command) => self.dead_letters(command, &stats),
             }
             if next.is_none() {
                 next = commands.blocking_recv();
@@ -505,6 +514,227 @@ impl Store {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dead letters: messages the broker never accepts (it drops the connection each time the same
+// oldest message goes out, or the full topic breaks IoT Core's limits). They would hold back
+// every message behind them forever; the publisher moves them here, and an operator lists,
+// requeues or purges them (`iot-cognito-relay dead-letters`).
+
+/// Most dead letters kept; beyond it the oldest are deleted and counted in `dropped_total`.
+const MAX_DEAD_LETTERS: i64 = 1000;
+/// Most dead letters one `list` answer carries (the newest).
+pub const MAX_DEAD_LETTERS_LISTED: usize = 100;
+
+/// One dead letter as `dead-letters list` shows it (no payload: it may be binary or 128 KiB).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub topic: String,
+    pub bytes: u64,
+    pub qos: u8,
+    pub reason: String,
+    /// When it was moved here, RFC 3339.
+    pub at: String,
+}
+
+/// What an operator asks of the dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterAction {
+    List,
+    /// Back into the spool, behind everything queued.
+    Requeue,
+    Purge,
+}
+
+/// The answer to a [`DeadLetterAction`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetterReply {
+    Listed(Vec<DeadLetter>),
+    Requeued(u64),
+    Purged(u64),
+}
+
+pub enum DeadLetterCommand {
+    /// Moves spool messages into the dead-letter table (the publisher).
+    Bury {
+        ids: Vec<i64>,
+        reason: String,
+        done: oneshot::Sender<()>,
+    },
+    Operator {
+        action: DeadLetterAction,
+        reply: oneshot::Sender<Result<DeadLetterReply, String>>,
+    },
+}
+
+impl Spool {
+    /// Moves `ids` out of the queue into the dead-letter table, with the reason; returns once
+    /// done, so the next read no longer sees them.
+    pub async fn bury(&self, ids: Vec<i64>, reason: String) {
+        let (done, receiver) = oneshot::channel();
+        let command = Command::DeadLetters(DeadLetterCommand::Bury { ids, reason, done });
+        if self.commands.send(command).await.is_ok() {
+            let _ = receiver.await;
+        }
+    }
+
+    /// Lists, requeues or purges the dead letters. `Err`: the storage failed (its message).
+    pub async fn dead_letters(&self, action: DeadLetterAction) -> Result<DeadLetterReply, String> {
+        let (reply, receiver) = oneshot::channel();
+        let command = Command::DeadLetters(DeadLetterCommand::Operator { action, reply });
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| "spool is closed".to_owned())?;
+        receiver
+            .await
+            .unwrap_or_else(|_| Err("spool is closed".to_owned()))
+    }
+}
+
+/// Creates the table; returns how many dead letters it holds.
+fn create_dead_letters(db: &Connection) -> rusqlite::Result<u64> {
+    db.execute_batch(
+        "CREATE TABLE IF NOT EXISTS dead_letters (
+             id INTEGER PRIMARY KEY AUTOINCREMENT,
+             topic TEXT NOT NULL,
+             payload BLOB NOT NULL,
+             qos INTEGER NOT NULL,
+             size INTEGER NOT NULL,
+             reason TEXT NOT NULL,
+             at INTEGER NOT NULL
+         );",
+    )?;
+    let count: i64 = db.query_row("SELECT COUNT(*) FROM dead_letters", [], |row| row.get(0))?;
+    Ok(count.unsigned_abs())
+}
+
+impl Store {
+    /// Counters go out before the answer, as for appends.
+    fn dead_letters(&mut self, command: DeadLetterCommand, stats: &watch::Sender<SpoolStats>) {
+        match command {
+            DeadLetterCommand::Bury { ids, reason, done } => {
+                let before = self.stats;
+                if let Err(error) = self.bury(&ids, &reason) {
+                    self.stats = before;
+                    // The messages stay queued: tried again, never lost.
+                    tracing::error!(%error, "cannot move messages to the dead letters");
+                }
+                self.publish_stats(stats);
+                let _ = done.send(());
+            }
+            DeadLetterCommand::Operator { action, reply } => {
+                let before = self.stats;
+                let result = match action {
+                    DeadLetterAction::List => self.list_dead_letters().map(DeadLetterReply::Listed),
+                    DeadLetterAction::Requeue => {
+                        self.requeue_dead_letters().map(DeadLetterReply::Requeued)
+                    }
+                    DeadLetterAction::Purge => {
+                        self.purge_dead_letters().map(DeadLetterReply::Purged)
+                    }
+                };
+                let result = result.map_err(|error| {
+                    self.stats = before;
+                    tracing::error!(%error, "dead-letter operation failed");
+                    error.to_string()
+                });
+                self.publish_stats(stats);
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    fn bury(&mut self, ids: &[i64], reason: &str) -> rusqlite::Result<()> {
+        let at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let tx = self.db.transaction()?;
+        {
+            let mut copy = tx.prepare_cached(
+                "INSERT INTO dead_letters (topic, payload, qos, size, reason, at)
+                 SELECT topic, payload, qos, size, ?2, ?3 FROM messages WHERE id = ?1",
+            )?;
+            let mut delete =
+                tx.prepare_cached("DELETE FROM messages WHERE id = ?1 RETURNING size")?;
+            for id in ids {
+                copy.execute(params![id, reason, at as i64])?;
+                if let Some(size) = delete
+                    .query_row([id], |row| row.get::<_, i64>(0))
+                    .optional()?
+                {
+                    self.stats.bytes = self.stats.bytes.saturating_sub(size.unsigned_abs());
+                    self.stats.messages = self.stats.messages.saturating_sub(1);
+                    self.stats.dead_letters += 1;
+                    self.stats.dead_letter_total += 1;
+                }
+            }
+            let trimmed = tx.execute(
+                "DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?1",
+                [MAX_DEAD_LETTERS],
+            )?;
+            self.stats.dead_letters = self.stats.dead_letters.saturating_sub(trimmed as u64);
+            self.stats.dropped_total += trimmed as u64;
+        }
+        tx.commit()
+    }
+
+    fn list_dead_letters(&mut self) -> rusqlite::Result<Vec<DeadLetter>> {
+        let mut select = self.db.prepare_cached(
+            "SELECT id, topic, length(payload), qos, reason, at FROM dead_letters
+             ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = select.query_map([MAX_DEAD_LETTERS_LISTED as i64], |row| {
+            let at: i64 = row.get(5)?;
+            Ok(DeadLetter {
+                id: row.get(0)?,
+                topic: row.get(1)?,
+                bytes: row.get::<_, i64>(2)?.unsigned_abs(),
+                qos: row.get(3)?,
+                reason: row.get(4)?,
+                at: humantime::format_rfc3339_seconds(
+                    SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(at.unsigned_abs()),
+                )
+                .to_string(),
+            })
+        })?;
+        let mut listed: Vec<DeadLetter> = rows.collect::<rusqlite::Result<_>>()?;
+        listed.reverse();
+        Ok(listed)
+    }
+
+    fn requeue_dead_letters(&mut self) -> rusqlite::Result<u64> {
+        let tx = self.db.transaction()?;
+        let (count, bytes): (i64, i64) = tx.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM dead_letters",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        tx.execute(
+            "INSERT INTO messages (topic, payload, qos, size)
+             SELECT topic, payload, qos, size FROM dead_letters ORDER BY id",
+            [],
+        )?;
+        tx.execute("DELETE FROM dead_letters", [])?;
+        let last_id = tx.last_insert_rowid();
+        tx.commit()?;
+        if count > 0 {
+            self.stats.messages += count.unsigned_abs();
+            self.stats.bytes += bytes.unsigned_abs();
+            self.stats.last_id = self.stats.last_id.max(last_id);
+        }
+        self.stats.dead_letters = 0;
+        Ok(count.unsigned_abs())
+    }
+
+    fn purge_dead_letters(&mut self) -> rusqlite::Result<u64> {
+        let purged = self.db.execute("DELETE FROM dead_letters", [])?;
+        self.stats.dead_letters = 0;
+        Ok(purged as u64)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -620,5 +850,78 @@ mod tests {
             .filter_map(|e| e.ok())
             .any(|e| e.file_name().to_string_lossy().contains("corrupt"));
         assert!(aside, "the corrupt file must be kept for inspection");
+    }
+
+    #[tokio::test]
+    async fn dead_letters_leave_the_queue_and_can_be_requeued_or_purged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("open");
+        for payload in ["bad", "good", "bad2"] {
+            spool
+                .append(message(payload, payload.as_bytes()))
+                .await
+                .expect("append");
+        }
+        let ids: Vec<i64> = spool
+            .read_after(0, 10, usize::MAX)
+            .await
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        spool.bury(vec![ids[0]], "refused".into()).await;
+        spool.bury(vec![ids[2]], "refused again".into()).await;
+        let rest = spool.read_after(0, 10, usize::MAX).await;
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].message.topic, "good");
+        let stats = *spool.stats().borrow();
+        assert_eq!(
+            (stats.messages, stats.dead_letters, stats.dead_letter_total),
+            (1, 2, 2)
+        );
+        let Ok(DeadLetterReply::Listed(listed)) = spool.dead_letters(DeadLetterAction::List).await
+        else {
+            panic!("list")
+        };
+        let topics: Vec<_> = listed
+            .iter()
+            .map(|d| (d.topic.as_str(), d.reason.as_str()))
+            .collect();
+        assert_eq!(topics, [("bad", "refused"), ("bad2", "refused again")]);
+        drop(spool);
+
+        // Kept across restarts.
+        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("reopen");
+        assert_eq!(spool.stats().borrow().dead_letters, 2);
+        assert_eq!(
+            spool.dead_letters(DeadLetterAction::Requeue).await,
+            Ok(DeadLetterReply::Requeued(2))
+        );
+        let queued: Vec<_> = spool
+            .read_after(0, 10, usize::MAX)
+            .await
+            .into_iter()
+            .map(|m| m.message.topic)
+            .collect();
+        assert_eq!(
+            queued,
+            ["good", "bad", "bad2"],
+            "requeued behind the queue, in order"
+        );
+        let stats = *spool.stats().borrow();
+        assert_eq!((stats.messages, stats.dead_letters), (3, 0));
+
+        let ids: Vec<i64> = spool
+            .read_after(0, 10, usize::MAX)
+            .await
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        spool.bury(ids[1..].to_vec(), "refused".into()).await;
+        assert_eq!(
+            spool.dead_letters(DeadLetterAction::Purge).await,
+            Ok(DeadLetterReply::Purged(2))
+        );
+        let stats = *spool.stats().borrow();
+        assert_eq!((stats.messages, stats.dead_letters), (1, 0));
     }
 }

@@ -58,6 +58,9 @@ pub struct Status {
     /// Seconds the server's clock is ahead of this device's (negative: behind), while upgrades
     /// are refused (403) because of it; null otherwise.
     pub clock_skew_s: Option<i64>,
+    /// Messages moved to the dead letters since the start, and held there now.
+    pub dead_letter_total: u64,
+    pub dead_letters: u64,
 }
 
 /// Everything `status` reads from; cheap to clone into each client task.
@@ -104,6 +107,8 @@ impl StatusSource {
             clock_skew_s: counters
                 .clock_skew_s
                 .filter(|_| link != LinkState::Connected),
+            dead_letter_total: spool.dead_letter_total,
+            dead_letters: spool.dead_letters,
         }
     }
 }

@@ -82,6 +82,26 @@ impl TopicRules {
         Ok(())
     }
 
+    /// Checks a full topic against IoT Core's limits at publish time: the prefix is known only
+    /// then (the identity id, or a `topic_prefix` changed since the message was spooled), and
+    /// a topic IoT Core refuses would hold back the whole queue.
+    pub fn check_full(full: &str) -> Result<(), TopicError> {
+        if full.contains(['+', '#']) {
+            return Err(TopicError::Wildcard);
+        }
+        if full.contains('\0') {
+            return Err(TopicError::Nul);
+        }
+        if full.len() > MAX_TOPIC_BYTES {
+            return Err(TopicError::TooLong(full.len()));
+        }
+        let slashes = full.matches('/').count();
+        if slashes > MAX_TOPIC_SLASHES {
+            return Err(TopicError::TooDeep(slashes));
+        }
+        Ok(())
+    }
+
     /// The topic IoT Core sees for `relative`, once the identity id is known.
     pub fn full_topic(&self, identity_id: &str, relative: &str) -> String {
         let prefix = expand(&self.template, &self.identity_pool_id, identity_id);
@@ -173,6 +193,22 @@ mod tests {
             let topic = levels.join("/");
             proptest::prop_assert_eq!(rules().validate(&topic), Ok(()));
         }
+    }
+
+    #[test]
+    fn full_topics_are_checked_against_iot_limits() {
+        let full = rules().full_topic(IDENTITY, "a/b");
+        assert_eq!(TopicRules::check_full(&full), Ok(()));
+        let long = format!("{full}/{}", "x".repeat(MAX_TOPIC_BYTES));
+        assert_eq!(
+            TopicRules::check_full(&long),
+            Err(TopicError::TooLong(long.len()))
+        );
+        assert_eq!(
+            TopicRules::check_full(&format!("{full}/c/d/e/f/g")),
+            Err(TopicError::TooDeep(8))
+        );
+        assert_eq!(TopicRules::check_full("p/+/x"), Err(TopicError::Wildcard));
     }
 
     #[test]

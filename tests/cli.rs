@@ -495,6 +495,8 @@ fn run_exits_2_on_a_broken_ca_file() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("ca.pem"), "{stderr}");
+}
+
 /// Runs the binary, killing it after `limit`; `None` when it had to be killed.
 fn run_for(args: &[&str], limit: std::time::Duration) -> Option<Output> {
     let mut child = Command::new(BIN)

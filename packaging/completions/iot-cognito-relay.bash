@@ -22,6 +22,9 @@ _iot__cognito__relay() {
             iot__cognito__relay,config-from-stack)
                 cmd="iot__cognito__relay__subcmd__config__subcmd__from__subcmd__stack"
                 ;;
+            iot__cognito__relay,dead-letters)
+                cmd="iot__cognito__relay__subcmd__dead__subcmd__letters"
+                ;;
             iot__cognito__relay,help)
                 cmd="iot__cognito__relay__subcmd__help"
                 ;;
@@ -39,6 +42,9 @@ _iot__cognito__relay() {
                 ;;
             iot__cognito__relay__subcmd__help,config-from-stack)
                 cmd="iot__cognito__relay__subcmd__help__subcmd__config__subcmd__from__subcmd__stack"
+                ;;
+            iot__cognito__relay__subcmd__help,dead-letters)
+                cmd="iot__cognito__relay__subcmd__help__subcmd__dead__subcmd__letters"
                 ;;
             iot__cognito__relay__subcmd__help,help)
                 cmd="iot__cognito__relay__subcmd__help__subcmd__help"
@@ -59,7 +65,7 @@ _iot__cognito__relay() {
 
     case "${cmd}" in
         iot__cognito__relay)
-            opts="-h -V --help --version run send status check-config config-from-stack help"
+            opts="-h -V --help --version run send status check-config config-from-stack dead-letters help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -104,8 +110,26 @@ _iot__cognito__relay() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        iot__subcmd__cognito__subcmd__relay__subcmd__dead__subcmd__letters)
+            opts="-h --socket --json --help list requeue purge"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         iot__subcmd__cognito__subcmd__relay__subcmd__help)
-            opts="run send status check-config config-from-stack help"
+            opts="run send status check-config config-from-stack dead-letters help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -133,6 +157,20 @@ _iot__cognito__relay() {
             return 0
             ;;
         iot__subcmd__cognito__subcmd__relay__subcmd__help__subcmd__config__subcmd__from__subcmd__stack)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        iot__subcmd__cognito__subcmd__relay__subcmd__help__subcmd__dead__subcmd__letters)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
