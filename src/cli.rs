@@ -83,6 +83,9 @@ pub enum Command {
         /// Print the daemon's raw JSON answer.
         #[arg(long)]
         json: bool,
+        /// Give up (exit 1) when the daemon has not answered within this long.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
 }
 

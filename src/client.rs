@@ -204,12 +204,21 @@ pub fn status(socket: &Path, timeout: Duration) -> Result<Value, ClientError> {
 }
 
 /// Asks the daemon to list, requeue or purge its dead letters; returns the answer object.
-pub fn dead_letters(socket: &Path, action: &str) -> Result<Value, ClientError> {
-    let mut stream = connect(socket)?;
+pub fn dead_letters(socket: &Path, action: &str, timeout: Duration) -> Result<Value, ClientError> {
+    let mut stream = connect(socket, timeout)?;
+    let io = |error: std::io::Error| {
+        if timed_out(&error) {
+            ClientError::Timeout(timeout)
+        } else {
+            ClientError::Io(error)
+        }
+    };
     let request = json!({"op": "dead_letters", "action": action});
-    stream.write_all(format!("{request}\n").as_bytes())?;
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .map_err(io)?;
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
+    BufReader::new(stream).read_line(&mut line).map_err(io)?;
     let answer: Value =
         serde_json::from_str(&line).map_err(|_| ClientError::BadAnswer(line.clone()))?;
     if answer["ok"] == Value::Bool(true) {

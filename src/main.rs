@@ -66,7 +66,8 @@ fn main() -> ExitCode {
             action,
             socket,
             json,
-        } => match client::dead_letters(&socket, action.as_str()) {
+            timeout,
+        } => match client::dead_letters(&socket, action.as_str(), timeout) {
             Ok(answer) if json => {
                 println!("{answer}");
                 ExitCode::SUCCESS
