@@ -356,6 +356,9 @@ impl Publisher {
                                 }
                             }
                             Some(Err(error)) => {
+                                if crate::identity::is_authorization_refusal(&error) {
+                                    crate::identity::authorization_refused();
+                                }
                                 ended = Some(Ended::Failed(error.to_string()));
                                 break;
                             }

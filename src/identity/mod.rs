@@ -2,6 +2,7 @@
 //! authenticated Cognito credentials fresh. It publishes each new [`Session`] through a
 //! `watch` channel; the MQTT side signs every (re)connect with the latest one.
 
+mod attach;
 mod cache;
 mod secret_source;
 mod user_pool;
@@ -15,6 +16,7 @@ use aws_config::SdkConfig;
 use rand::Rng;
 use tokio::sync::watch;
 
+pub use attach::{authorization_refused, is_authorization_refusal};
 pub use cache::{CACHE_FILE, IdentityCache};
 pub use secret_source::DeviceSecret;
 use user_pool::UserPoolTokens;
@@ -38,6 +40,10 @@ const MIN_USEFUL_VALIDITY: Duration = Duration::from_secs(60);
 const CLOCK_CHECK: Duration = Duration::from_secs(60);
 /// Never wait less than this between two refreshes.
 const MIN_REFRESH_DELAY: Duration = Duration::from_secs(5);
+/// After attaching the policy again because IoT Core refused a connection, further refusals
+/// are ignored this long: a refusal the policy does not cure (e.g. a network outside
+/// DeviceCidrs) must not become a loop of attach calls.
+const REATTACH_MIN_INTERVAL: Duration = Duration::from_secs(300);
 
 /// Why a step of the chain failed. Texts never carry a password, token or key.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -137,6 +143,7 @@ impl IdentityManager {
         let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP, Duration::from_secs(1));
         let mut signed_in: Option<SignedIn> = None;
         let mut repeats = Repeats::default();
+        let mut last_reattach: Option<tokio::time::Instant> = None;
         loop {
             let refreshing = signed_in.is_some();
             match heartbeat.waiting(self.obtain(signed_in.take())).await {
@@ -162,9 +169,24 @@ impl IdentityManager {
                     });
                     self.sessions.send_replace(Some(Arc::new(session)));
                     signed_in = Some(standing);
-                    heartbeat
-                        .waiting(self.sleep_until_refresh(expires_at, jitter))
+                    let may_reattach =
+                        last_reattach.is_none_or(|at| at.elapsed() >= REATTACH_MIN_INTERVAL);
+                    let refused = heartbeat
+                        .waiting(async {
+                            tokio::select! {
+                                _ = self.sleep_until_refresh(expires_at, jitter) => false,
+                                _ = attach::authorization_refusal(), if may_reattach => true,
+                            }
+                        })
                         .await;
+                    if refused {
+                        // The next pass refreshes and attaches the policy again.
+                        tracing::warn!(
+                            "IoT Core refused the connection for authorization; attaching the IoT policy again"
+                        );
+                        self.cache.attached_policy = None;
+                        last_reattach = Some(tokio::time::Instant::now());
+                    }
                 }
                 Err((kept, error)) => {
                     signed_in = kept;
@@ -238,14 +260,23 @@ impl IdentityManager {
             ));
             return Err((Some(standing), error));
         }
-        if self.cache.identity_id.as_deref() != Some(identity_id.as_str()) {
-            if let Err(error) = self
-                .attach_policy(&standing.secret, &identity_id, &credentials)
-                .await
+        // Step 5 once per identity id, and again when the secret names another policy.
+        if self.cache.identity_id.as_deref() != Some(identity_id.as_str())
+            || self.cache.attached_policy.as_deref() != Some(standing.secret.iot_policy.as_str())
+        {
+            if let Err(error) = attach::attach_policy(
+                &self.base,
+                &standing.secret,
+                &identity_id,
+                &credentials,
+                &standing.tokens.id_token,
+            )
+            .await
             {
                 return Err((Some(standing), error));
             }
             self.cache.identity_id = Some(identity_id.clone());
+            self.cache.attached_policy = Some(standing.secret.iot_policy.clone());
             self.save_cache();
         }
         let session = Session {
@@ -359,27 +390,6 @@ impl IdentityManager {
             session_token: Secret::new(credentials.session_token.unwrap_or_default()),
             expires_at: to_system_time(credentials.expiration.as_ref()),
         })
-    }
-
-    /// Step 5, once per identity: the policy that lets this identity connect and publish.
-    async fn attach_policy(
-        &self,
-        secret: &DeviceSecret,
-        identity_id: &str,
-        credentials: &AwsCredentials,
-    ) -> Result<(), IdentityError> {
-        let config = aws_sdk_iot::config::Builder::from(&self.base)
-            .credentials_provider(credentials.to_sdk())
-            .build();
-        aws_sdk_iot::Client::from_conf(config)
-            .attach_policy()
-            .policy_name(&secret.iot_policy)
-            .target(identity_id)
-            .send()
-            .await
-            .map_err(|e| IdentityError::AttachPolicy(describe(&e)))?;
-        tracing::info!(identity_id = %identity_id, policy = %secret.iot_policy, "attached IoT policy");
-        Ok(())
     }
 
     fn save_cache(&self) {
