@@ -129,6 +129,7 @@ pub async fn run(
     let (publisher, link, counters) = Publisher::new(
         spool.clone(),
         identity_watch.sessions.clone(),
+        identity_watch.refusals.clone(),
         settings,
         rules.clone(),
         limits_rx,

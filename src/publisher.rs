@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use crate::batch::{self, Batcher};
 use crate::config::{BatchConfig, PublishConfig};
 use crate::heartbeat::Heartbeat;
-use crate::identity::Session;
+use crate::identity::{RefusalSignal, Session};
 use crate::logging::Repeats;
 use crate::mqtt::{self, MqttSettings};
 use crate::protocol::Qos;
@@ -79,6 +79,8 @@ enum Ended {
 pub struct Publisher {
     spool: Spool,
     sessions: watch::Receiver<Option<Arc<Session>>>,
+    /// Tells the identity manager when IoT Core refuses a connection for authorization.
+    refusals: RefusalSignal,
     settings: MqttSettings,
     rules: Arc<TopicRules>,
     link: watch::Sender<LinkState>,
@@ -102,6 +104,7 @@ impl Publisher {
     pub fn new(
         spool: Spool,
         sessions: watch::Receiver<Option<Arc<Session>>>,
+        refusals: RefusalSignal,
         settings: MqttSettings,
         rules: Arc<TopicRules>,
         limits: watch::Receiver<PublishConfig>,
@@ -120,6 +123,7 @@ impl Publisher {
         let publisher = Publisher {
             spool,
             sessions,
+            refusals,
             settings,
             rules,
             link,
@@ -427,6 +431,9 @@ impl Publisher {
                             }
                             Some(Err(error)) => {
                                 self.diagnose_skew(&error);
+                                if crate::identity::is_authorization_refusal(&error) {
+                                    self.refusals.raise();
+                                }
                                 ended = Some(Ended::Failed(error.to_string()));
                                 break;
                             }

@@ -51,7 +51,10 @@ pub fn config_from_stack(json: &str) -> Result<String, StackError> {
         get("CognitoIdentityPoolID").into(),
     );
     identity.insert("secret_id".into(), get("SecretName").into());
-    if !get("CognitoUnAuthRole").is_empty() {
+    // The classic flow only where the stack allows it (`ClassicFlow` output); stacks from
+    // before that output always allowed it.
+    let classic = matches!(outputs.get("ClassicFlow").copied(), None | Some("true"));
+    if classic && !get("CognitoUnAuthRole").is_empty() {
         identity.insert("unauth_role_arn".into(), get("CognitoUnAuthRole").into());
     }
     let mut root = toml::Table::new();
@@ -127,6 +130,26 @@ mod tests {
         assert!(text.starts_with(
             "# iot-cognito-relay config, generated from the outputs of stack demo-cognito-iot-setup"
         ));
+    }
+
+    /// Issue 14, point 5: the enhanced flow unless the stack enables the classic one.
+    #[test]
+    fn unauth_role_only_when_the_stack_allows_the_classic_flow() {
+        let render = |classic: Option<&str>| {
+            let mut outputs = vec![
+                serde_json::json!({"OutputKey": "CognitoIdentityPoolID", "OutputValue": "us-east-1:p"}),
+                serde_json::json!({"OutputKey": "SecretName", "OutputValue": "s"}),
+                serde_json::json!({"OutputKey": "CognitoUnAuthRole", "OutputValue": "arn:aws:iam::1:role/guest"}),
+            ];
+            if let Some(value) = classic {
+                outputs.push(serde_json::json!({"OutputKey": "ClassicFlow", "OutputValue": value}));
+            }
+            config_from_stack(&serde_json::Value::Array(outputs).to_string()).expect("config")
+        };
+        assert!(!render(Some("false")).contains("unauth_role_arn"));
+        assert!(render(Some("true")).contains("unauth_role_arn = \"arn:aws:iam::1:role/guest\""));
+        // A stack from before the ClassicFlow output always allowed the classic flow.
+        assert!(render(None).contains("unauth_role_arn"));
     }
 
     #[test]

@@ -17,6 +17,7 @@ def lambdas(template, tmp_path_factory):
     return {
         "presignup": cfn.load_lambda(template, "PreSignUpFunction", folder),
         "user_setup": cfn.load_lambda(template, "UserSetupFunction", folder),
+        "attach": cfn.load_lambda(template, "AttachPolicyFunction", folder),
     }
 
 

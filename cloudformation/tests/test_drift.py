@@ -50,7 +50,8 @@ def clients(moto_endpoint):
 def provisioned(moto_endpoint, clients):
     result = subprocess.run(
         [sys.executable, str(cfn.PROVISION_PATH), "--endpoint", moto_endpoint, "--region", REGION,
-         "--prefix", PREFIX],
+         "--prefix", PREFIX, "--device-cidrs", ",".join(CIDRS),
+         "--attach-function", f"{PREFIX}-attach-policy"],
         capture_output=True, text=True, timeout=120, check=True,
         env={"PATH": "/usr/bin:/bin", "AWS_CONFIG_FILE": "/dev/null",
              "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"},
@@ -88,6 +89,8 @@ def test_names_match_the_template(template, provision, provisioned, clients):
     template_client = stack.properties("CognitoUserPoolClient")
     assert client["ClientName"] == template_client["ClientName"]
     assert set(client["ExplicitAuthFlows"]) == set(template_client["ExplicitAuthFlows"])
+    assert client["ReadAttributes"] == template_client["ReadAttributes"]
+    assert client["WriteAttributes"] == template_client["WriteAttributes"]
     assert not client.get("ClientSecret")
 
     pool_description = identity.describe_identity_pool(IdentityPoolId=output["identity_pool_id"])
@@ -128,7 +131,7 @@ def test_iot_policy_topic_layout_matches_the_template(template, provision, provi
     created = clients("iot").get_policy(policyName=output["iot_policy"])
     assert created["policyName"] == template_policy["PolicyName"]
     assert json.loads(created["policyDocument"]) == template_policy["PolicyDocument"]
-    assert provision.iot_policy_document(REGION, account, output["identity_pool_id"]) == \
+    assert provision.iot_policy_document(REGION, account, output["identity_pool_id"], CIDRS) == \
         template_policy["PolicyDocument"]
 
 
@@ -145,7 +148,8 @@ def test_secret_and_user_match_what_the_template_lambda_makes(
     assert dict(provision_tags) == {
         "ClientId": output["client_id"], "UserPoolId": output["user_pool_id"],
         "IdentityPoolId": output["identity_pool_id"], "IoTEndpoint": output["iot_endpoint"],
-        "IoTPolicy": output["iot_policy"]}
+        "IoTPolicy": output["iot_policy"], "AttachFunction": f"{PREFIX}-attach-policy"}
+    assert stack.get_att("AttachPolicyFunction", "Arn").endswith(":function:" + dict(provision_tags)["AttachFunction"])
     secret = json.loads(sm.get_secret_value(SecretId=output["secret_id"])["SecretString"])
     assert secret == {output["username"]: output["password"]}
     user = idp.admin_get_user(UserPoolId=output["user_pool_id"], Username=output["username"])
@@ -171,7 +175,7 @@ def test_secret_and_user_match_what_the_template_lambda_makes(
     assert name == provision.secret_name(second_pool, PREFIX)
     lambda_tags = [(t["Key"], t["Value"]) for t in sm.describe_secret(SecretId=name)["Tags"]]
     assert [key for key, _ in lambda_tags] == [key for key, _ in provision_tags]
-    assert list(user_setup.TAG_KEYS) == [key for key, _ in provision_tags]
+    assert list(user_setup.TAG_KEYS + user_setup.OPTIONAL_TAG_KEYS) == [key for key, _ in provision_tags]
     lambda_secret = json.loads(sm.get_secret_value(SecretId=name)["SecretString"])
     assert list(lambda_secret) == list(secret)
     lambda_user = idp.admin_get_user(UserPoolId=second_pool, Username=output["username"])
@@ -189,9 +193,12 @@ def test_rust_fixture_of_the_stack_outputs_matches_the_template(template):
     assert set(outputs) == set(template["Outputs"])
     prefix = outputs["IoTPolicy"].removesuffix("-iot-policy")
     stack = cfn.Stack(template, {"Prefix": prefix, "AllowedEmailDomain": "example.com",
-                                 "DeviceCidrs": "203.0.113.0/24"},
+                                 "DeviceCidrs": "203.0.113.0/24",
+                                 "AllowClassicFlow": outputs["ClassicFlow"]},
                       region=outputs["Region"], account=outputs["CognitoUnAuthRole"].split(":")[4],
                       refs={"CognitoUserPool": outputs["SecretName"].split("_" + prefix)[0]})
     assert outputs["IoTPolicy"] == stack.output("IoTPolicy")
     assert outputs["CognitoUnAuthRole"] == stack.output("CognitoUnAuthRole")
     assert outputs["SecretName"] == stack.output("SecretName")
+    assert outputs["ClassicFlow"] == stack.output("ClassicFlow")
+    assert outputs["AttachFunction"] == stack.output("AttachFunction")

@@ -96,7 +96,7 @@ def test_auth_role_trusts_only_signed_in_identities_of_this_pool(stack):
 
 def test_auth_role_holds_only_what_the_onboarding_chain_uses(stack):
     statements = iam.role_statements(stack.properties("IAMAuthenticatedRole"))
-    assert iam.allowed_actions(statements) == {"iot:AttachPolicy", "iot:Connect", "iot:Publish"}
+    assert iam.allowed_actions(statements) == {"lambda:InvokeFunction", "iot:Connect", "iot:Publish"}
     assert all("*" not in action for s in statements for action in iam.as_list(s["Action"]))
 
 
@@ -105,7 +105,7 @@ def test_auth_role_publishes_only_under_its_own_prefix(stack):
     publish = [s for s in statements if s["Effect"] == "Allow" and s["Action"] == "iot:Publish"]
     assert [s["Resource"] for s in publish] == [
         f"arn:aws:iot:{REGION}:{ACCOUNT}:topic/{pool(stack)}/${{{SUB}}}/*"]
-    me = {SUB: ME}
+    me = {SUB: ME, "aws:SourceIp": INSIDE[0]}
     assert iam.evaluate(statements, "iot:Publish", topic(stack, ME, "sensors", "temp"), me) == iam.ALLOW
     for denied in (topic(stack, OTHER, "sensors", "temp"),
                    topic(stack, ME),
@@ -115,7 +115,8 @@ def test_auth_role_publishes_only_under_its_own_prefix(stack):
                    f"arn:aws:iot:eu-west-1:{ACCOUNT}:topic/{pool(stack)}/{ME}/a"):
         assert iam.evaluate(statements, "iot:Publish", denied, me) != iam.ALLOW, denied
     # Without a Cognito identity the variable is unset and nothing matches.
-    assert iam.evaluate(statements, "iot:Publish", topic(stack, ME, "a"), {}) != iam.ALLOW
+    assert iam.evaluate(statements, "iot:Publish", topic(stack, ME, "a"),
+                        {"aws:SourceIp": INSIDE[0]}) != iam.ALLOW
     for action in ("iot:Subscribe", "iot:Receive", "iot:RetainPublish", "iot:UpdateThingShadow"):
         assert iam.evaluate(statements, action, topic(stack, ME, "a"), me) != iam.ALLOW
 
@@ -123,27 +124,87 @@ def test_auth_role_publishes_only_under_its_own_prefix(stack):
 def test_auth_role_connects_only_as_its_own_identity(stack):
     statements = iam.role_statements(stack.properties("IAMAuthenticatedRole"))
     client = f"arn:aws:iot:{REGION}:{ACCOUNT}:client/"
-    assert iam.evaluate(statements, "iot:Connect", client + ME, {SUB: ME}) == iam.ALLOW
-    assert iam.evaluate(statements, "iot:Connect", client + OTHER, {SUB: ME}) != iam.ALLOW
-    assert iam.evaluate(statements, "iot:Connect", client + "any", {SUB: ME}) != iam.ALLOW
+    me = {SUB: ME, "aws:SourceIp": INSIDE[0]}
+    assert iam.evaluate(statements, "iot:Connect", client + ME, me) == iam.ALLOW
+    assert iam.evaluate(statements, "iot:Connect", client + OTHER, me) != iam.ALLOW
+    assert iam.evaluate(statements, "iot:Connect", client + "any", me) != iam.ALLOW
 
 
-def test_auth_role_attaches_policies_only_from_the_device_network(stack):
+# Issue 14, point 2: AttachPolicy cannot be scoped to a policy or a target, so no device holds it.
+@pytest.mark.parametrize("role", ["IAMAuthenticatedRole", "IAMUnAuthenticatedRole"])
+def test_no_device_role_holds_iot_attach_policy(stack, role):
+    statements = iam.role_statements(stack.properties(role))
+    assert "iot:AttachPolicy" not in iam.allowed_actions(statements)
+    for ip in INSIDE[:1] + OUTSIDE[:1]:
+        for target in ("*", OTHER, f"arn:aws:iot:{REGION}:{ACCOUNT}:cert/abcdef0123456789"):
+            context = {SUB: ME, "aws:SourceIp": ip}
+            assert iam.evaluate(statements, "iot:AttachPolicy", target, context) != iam.ALLOW
+
+
+def test_auth_role_may_only_invoke_the_attach_function_from_the_device_network(stack):
     statements = iam.role_statements(stack.properties("IAMAuthenticatedRole"))
-    attach = [s for s in statements if s["Effect"] == "Allow" and s["Action"] == "iot:AttachPolicy"]
-    assert len(attach) == 1
-    assert attach[0]["Condition"] == {"IpAddress": {"aws:SourceIp": CIDRS}}
+    function = stack.get_att("AttachPolicyFunction", "Arn")
+    assert function.endswith(":function:relay-test-attach-policy")
     for ip in INSIDE:
-        assert iam.evaluate(statements, "iot:AttachPolicy", "*", {SUB: ME, "aws:SourceIp": ip}) == iam.ALLOW
+        assert iam.evaluate(statements, "lambda:InvokeFunction", function,
+                            {SUB: ME, "aws:SourceIp": ip}) == iam.ALLOW
     for ip in OUTSIDE:
-        assert iam.evaluate(statements, "iot:AttachPolicy", "*", {SUB: ME, "aws:SourceIp": ip}) != iam.ALLOW
-    assert iam.evaluate(statements, "iot:AttachPolicy", "*", {SUB: ME}) != iam.ALLOW
-    # Never onto certificates or thing groups, even from inside.
+        assert iam.evaluate(statements, "lambda:InvokeFunction", function,
+                            {SUB: ME, "aws:SourceIp": ip}) != iam.ALLOW
     inside = {SUB: ME, "aws:SourceIp": INSIDE[0]}
+    for other in (stack.get_att("UserSetupFunction", "Arn"), stack.get_att("PreSignUpFunction", "Arn"),
+                  function + "-other", function.replace(REGION, "eu-west-1"), "*"):
+        assert iam.evaluate(statements, "lambda:InvokeFunction", other, inside) != iam.ALLOW
+
+
+def test_the_attach_function_role_attaches_but_never_to_certificates_or_thing_groups(stack):
+    statements = iam.role_statements(stack.properties("AttachPolicyFunctionRole"))
+    assert iam.allowed_actions(statements) == {"iot:AttachPolicy", "logs:CreateLogStream",
+                                               "logs:PutLogEvents"}
+    assert iam.evaluate(statements, "iot:AttachPolicy", ME) == iam.ALLOW
     for target in (f"arn:aws:iot:{REGION}:{ACCOUNT}:cert/abcdef0123456789",
                    f"arn:aws:iot:eu-west-1:{ACCOUNT}:cert/abcdef",
                    f"arn:aws:iot:{REGION}:{ACCOUNT}:thinggroup/all-devices"):
-        assert iam.evaluate(statements, "iot:AttachPolicy", target, inside) == iam.DENY
+        assert iam.evaluate(statements, "iot:AttachPolicy", target) == iam.DENY
+    # The function is told which policy and pool: the stack's own.
+    variables = stack.properties("AttachPolicyFunction")["Environment"]["Variables"]
+    assert variables == {"IDENTITY_POOL_ID": pool(stack),
+                         "USER_POOL_PROVIDER": stack.get_att("CognitoUserPool", "ProviderName"),
+                         "IOT_POLICY": stack.ref("CognitoIoTPolicy")}
+
+
+# Issue 14, point 1: every IoT action a device may take, in the role and in the IoT policy, is
+# bound to DeviceCidrs.
+DATA_ACTIONS = ("iot:Connect", "iot:Publish", "iot:Subscribe", "iot:Receive")
+
+
+def data_plane_documents(stack):
+    role = iam.role_statements(stack.properties("IAMAuthenticatedRole"))
+    return {"role": role,
+            "iot-policy": iam.statements(stack.properties("CognitoIoTPolicy")["PolicyDocument"])}
+
+
+def test_every_iot_action_carries_the_device_network(stack):
+    for where, statements in data_plane_documents(stack).items():
+        granted = [s for s in statements if s["Effect"] == "Allow"
+                   and any(a in DATA_ACTIONS for a in iam.as_list(s["Action"]))]
+        assert granted, where
+        for statement in granted:
+            assert statement.get("Condition") == {"IpAddress": {"aws:SourceIp": CIDRS}}, (where, statement)
+
+
+@pytest.mark.parametrize("ip", OUTSIDE + [None])
+def test_no_iot_action_from_outside_the_device_network(stack, ip):
+    context = {SUB: ME} if ip is None else {SUB: ME, "aws:SourceIp": ip}
+    resources = {"iot:Connect": f"arn:aws:iot:{REGION}:{ACCOUNT}:client/{ME}",
+                 "iot:Publish": topic(stack, ME, "a"),
+                 "iot:Subscribe": f"arn:aws:iot:{REGION}:{ACCOUNT}:topicfilter/{pool(stack)}/{ME}/a",
+                 "iot:Receive": topic(stack, ME, "a")}
+    for where, statements in data_plane_documents(stack).items():
+        for action, resource in resources.items():
+            assert iam.evaluate(statements, action, resource, context) != iam.ALLOW, (where, action)
+        inside = dict(context, **{"aws:SourceIp": INSIDE[0]})
+        assert iam.evaluate(statements, "iot:Publish", resources["iot:Publish"], inside) == iam.ALLOW
 
 
 def test_data_plane_scope_is_the_same_in_the_role_and_the_iot_policy(stack):
@@ -152,7 +213,7 @@ def test_data_plane_scope_is_the_same_in_the_role_and_the_iot_policy(stack):
     document = stack.properties("CognitoIoTPolicy")["PolicyDocument"]
 
     def scope(statements):
-        return sorted((s["Action"], s["Resource"]) for s in statements)
+        return sorted((s["Action"], s["Resource"], repr(s.get("Condition"))) for s in statements)
 
     assert scope(role) == scope(iam.statements(document))
 
@@ -164,7 +225,7 @@ def test_iot_policy_confines_each_identity_to_its_topics(stack):
     statements = iam.statements(document)
     assert all(s["Effect"] == "Allow" for s in statements)
     assert iam.allowed_actions(statements) == {"iot:Connect", "iot:Publish"}
-    me = {SUB: ME}
+    me = {SUB: ME, "aws:SourceIp": INSIDE[0]}
     assert iam.evaluate(statements, "iot:Publish", topic(stack, ME, "a", "b"), me) == iam.ALLOW
     assert iam.evaluate(statements, "iot:Publish", topic(stack, OTHER, "a"), me) != iam.ALLOW
     client = f"arn:aws:iot:{REGION}:{ACCOUNT}:client/"
@@ -209,18 +270,34 @@ def test_secret_policy_applies_to_everyone(stack):
 
 
 def test_the_cidrs_come_from_the_one_parameter(template):
-    # Both uses refer to DeviceCidrs itself, so they cannot disagree.
-    resources = template["Resources"]
-    statement = resources["SecretResourcePolicy"]["Properties"]["ResourcePolicy"]["Statement"][0]
-    assert statement["Condition"]["NotIpAddress"]["aws:SourceIp"] == {"Ref": "DeviceCidrs"}
-    auth = resources["IAMAuthenticatedRole"]["Properties"]["Policies"][0]["PolicyDocument"]
-    attach = [s for s in auth["Statement"] if s.get("Sid") == "AttachTheIoTPolicyFromTheDeviceNetwork"]
-    assert attach[0]["Condition"]["IpAddress"]["aws:SourceIp"] == {"Ref": "DeviceCidrs"}
+    # Every use refers to DeviceCidrs itself, so they cannot disagree.
+    found = []
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            if "aws:SourceIp" in node:
+                found.append(where)
+                assert node["aws:SourceIp"] == {"Ref": "DeviceCidrs"}, where
+            for key, value in node.items():
+                walk(value, where)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item, where)
+
+    for name, resource in template["Resources"].items():
+        walk(resource, name)
+    assert sorted(found) == ["CognitoIoTPolicy", "CognitoIoTPolicy", "IAMAuthenticatedRole",
+                             "IAMAuthenticatedRole", "IAMAuthenticatedRole", "SecretResourcePolicy"]
+    ipset = template["Resources"]["UserPoolDeviceNetwork"]["Properties"]
+    assert ipset["Addresses"] == {"Ref": "DeviceCidrs"}
 
 
 @pytest.mark.parametrize("value,ok", [
     ("203.0.113.0/24", True), ("198.51.100.7/32", True), ("0.0.0.0/0", True),
     ("2001:db8::/32", True), ("::/0", True), ("2001:DB8:0:0:0:0:0:1/128", True),
+    ("10.0.0.0/1", True), ("2001:db8::/1", True),
+    # "Any network" only in its canonical spelling, which the template's rule then checks.
+    ("10.0.0.0/0", False), ("203.0.113.7/0", False), ("2001:db8::/0", False), ("::1/0", False),
     ("203.0.113.0", False), ("203.0.113.0/33", False), ("256.0.0.0/8", False),
     ("203.0.113/24", False), (" 203.0.113.0/24", False), ("example.com/24", False),
     ("2001:db8::/129", False), ("", False),
@@ -257,4 +334,10 @@ def test_user_setup_role_is_scoped_to_the_pool_and_the_one_secret(stack):
         assert iam.evaluate(statements, action, "*") != iam.ALLOW
         assert iam.evaluate(statements, action, arn) != iam.ALLOW
     star = [s for s in statements if s["Resource"] == "*"]
-    assert [s["Action"] for s in star] == ["iot:DescribeEndpoint"]
+    assert [s["Action"] for s in star] == ["iot:DescribeEndpoint", "iot:DetachPolicy"]
+    policy_arn = f"arn:aws:iot:{REGION}:{ACCOUNT}:policy/relay-test-iot-policy"
+    assert iam.evaluate(statements, "iot:ListTargetsForPolicy", policy_arn) == iam.ALLOW
+    assert iam.evaluate(statements, "iot:ListTargetsForPolicy", policy_arn + "2") != iam.ALLOW
+    assert iam.evaluate(statements, "iot:DetachPolicy", ME) == iam.ALLOW
+    assert iam.evaluate(statements, "iot:DetachPolicy",
+                        f"arn:aws:iot:{REGION}:{ACCOUNT}:cert/abcdef") == iam.DENY

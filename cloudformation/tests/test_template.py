@@ -1,4 +1,5 @@
 """Template-wide rules of issue 8 that neither cfn-lint nor checkov states."""
+import json
 import re
 
 import botocore.session
@@ -10,7 +11,7 @@ import iam
 from helpers import PARAMETERS
 
 SPEC_OUTPUTS = {"CognitoIdentityPoolID", "CognitoUnAuthRole", "SecretName", "Region", "IoTEndpoint",
-                "IoTPolicy"}
+                "IoTPolicy", "ClassicFlow", "AttachFunction"}
 
 
 def resources_of(template, kind):
@@ -25,9 +26,11 @@ def test_outputs_are_the_ones_config_from_stack_reads(template, stack):
     assert stack.output("Region") == "us-east-1"
     assert stack.output("IoTEndpoint") == stack.get_att("AppUser", "IoTEndpoint")
     assert stack.output("IoTPolicy") == "relay-test-iot-policy"
+    assert stack.output("ClassicFlow") == "false"
+    assert stack.output("AttachFunction") == stack.get_att("AttachPolicyFunction", "Arn")
 
 
-@pytest.mark.parametrize("name", ["PreSignUpFunction", "UserSetupFunction"])
+@pytest.mark.parametrize("name", ["PreSignUpFunction", "UserSetupFunction", "AttachPolicyFunction"])
 def test_functions_use_a_supported_python(template, name):
     runtime = template["Resources"][name]["Properties"]["Runtime"]
     match = re.fullmatch(r"python3\.(\d+)", runtime)
@@ -37,7 +40,7 @@ def test_functions_use_a_supported_python(template, name):
 def test_every_function_logs_to_a_group_with_retention(template, stack):
     functions = resources_of(template, "AWS::Lambda::Function")
     groups = resources_of(template, "AWS::Logs::LogGroup")
-    assert len(functions) == len(groups) == 2
+    assert len(functions) == len(groups) == 3
     for name, function in functions.items():
         target = function["Properties"]["LoggingConfig"]["LogGroup"]
         assert set(target) == {"Ref"} and target["Ref"] in groups, name
@@ -98,7 +101,7 @@ def test_no_iam_policy_uses_wildcard_actions_or_negations(template):
 
     def walk(node):
         if isinstance(node, dict):
-            if "Statement" in node:
+            if "Statement" in node and "Version" in node:  # an IAM policy, not a WAF rule
                 for statement in iam.as_list(node["Statement"]):
                     check(statement)
             for value in node.values():
@@ -122,9 +125,9 @@ def test_user_setup_role_grants_exactly_the_calls_its_code_makes(template, stack
     """Every AWS call in the inline code is allowed by the role, and nothing else is granted."""
     code = template["Resources"]["UserSetupFunction"]["Properties"]["Code"]["ZipFile"]
     session = botocore.session.get_session()
-    receivers = {"idp": "cognito-idp", "sm": "secretsmanager"}  # the code's client variables
+    receivers = {"idp": "cognito-idp", "sm": "secretsmanager", "iot": "iot"}  # client variables
     calls = set()
-    for service, variable, method in re.findall(r'(?:client\("([a-z-]+)"\)|\b(idp|sm))\.(\w+)\(', code):
+    for service, variable, method in re.findall(r'(?:client\("([a-z-]+)"\)|\b(idp|sm|iot))\.(\w+)\(', code):
         service = service or receivers[variable]
         operations = {xform_name(op): op
                       for op in session.get_service_model(service).operation_names}
@@ -133,7 +136,194 @@ def test_user_setup_role_grants_exactly_the_calls_its_code_makes(template, stack
     assert calls == {"cognito-idp:AdminCreateUser", "cognito-idp:AdminSetUserPassword",
                      "cognito-idp:AdminDeleteUser", "secretsmanager:CreateSecret",
                      "secretsmanager:TagResource", "secretsmanager:UpdateSecret",
-                     "secretsmanager:DeleteSecret", "iot:DescribeEndpoint"}
+                     "secretsmanager:DeleteSecret", "iot:DescribeEndpoint",
+                     "iot:ListTargetsForPolicy", "iot:DetachPolicy"}
     statements = iam.role_statements(stack.properties("UserSetupFunctionRole"))
     granted = iam.allowed_actions(statements) - {"logs:CreateLogStream", "logs:PutLogEvents"}
     assert granted == calls
+
+
+def test_attach_function_role_grants_exactly_the_calls_its_code_makes(template, stack):
+    code = template["Resources"]["AttachPolicyFunction"]["Properties"]["Code"]["ZipFile"]
+    signed = set(re.findall(r'boto3\.client\("([a-z-]+)", config=BOTO\)\.(\w+)\(', code))
+    assert signed == {("iot", "attach_policy")}
+    # GetId is a public API: called unsigned, so it needs (and gets) no IAM permission.
+    assert 'boto3.client("cognito-identity", config=BOTO.merge(Config(signature_version=UNSIGNED)))' in code
+    statements = iam.role_statements(stack.properties("AttachPolicyFunctionRole"))
+    assert iam.allowed_actions(statements) - {"logs:CreateLogStream", "logs:PutLogEvents"} == {
+        "iot:AttachPolicy"}
+
+
+# ------------------------------------------------------------------ issue 14: safe updates
+
+@pytest.mark.parametrize("name", ["CognitoUserPool", "CognitoIdentityPool"])
+def test_pools_are_retained_on_delete_and_replacement(template, name):
+    resource = template["Resources"][name]
+    assert resource["DeletionPolicy"] == "Retain"
+    assert resource["UpdateReplacePolicy"] == "Retain"
+
+
+def test_user_pool_deletion_protection_is_on(stack):
+    assert stack.properties("CognitoUserPool")["DeletionProtection"] == "ACTIVE"
+
+
+def test_stack_policy_refuses_replacing_or_deleting_the_pools():
+    policy = json.loads((cfn.CLOUDFORMATION_DIR / "stack-policy.json").read_text())
+    denies = [s for s in policy["Statement"] if s["Effect"] == "Deny"]
+    assert len(denies) == 1
+    assert set(denies[0]["Action"]) == {"Update:Replace", "Update:Delete"}
+    assert set(denies[0]["Resource"]) == {"LogicalResourceId/CognitoUserPool",
+                                          "LogicalResourceId/CognitoIdentityPool"}
+    assert denies[0]["Principal"] == "*"
+    # Everything else stays updatable.
+    allows = [s for s in policy["Statement"] if s["Effect"] == "Allow"]
+    assert [(s["Action"], s["Resource"]) for s in allows] == [("Update:*", "*")]
+
+
+def test_custom_resource_function_is_never_retried(template, stack):
+    configs = resources_of(template, "AWS::Lambda::EventInvokeConfig")
+    assert list(configs) == ["UserSetupInvokeConfig"]
+    props = stack.properties("UserSetupInvokeConfig")
+    assert props["MaximumRetryAttempts"] == 0
+    assert props["Qualifier"] == "$LATEST"
+    assert template["Resources"]["UserSetupInvokeConfig"]["Properties"]["FunctionName"] == {
+        "Ref": "UserSetupFunction"}
+
+
+def test_guests_get_a_role_only_after_the_secret_is_network_restricted(template):
+    assert template["Resources"]["CognitoIdentityPoolRoleAttachment"]["DependsOn"] == "SecretResourcePolicy"
+
+
+def test_custom_resource_knows_the_policy_it_must_detach_on_delete(template):
+    props = template["Resources"]["AppUser"]["Properties"]
+    assert props["IoTPolicy"] == {"Ref": "CognitoIoTPolicy"}  # so CloudFormation deletes it first
+    assert props["AttachFunction"] == {"Fn::GetAtt": ["AttachPolicyFunction", "Arn"]}
+
+
+# ------------------------------------------------------------------ issue 14: logging, flows, WAF
+
+def conditional(template, condition):
+    return sorted(name for name, r in template["Resources"].items() if r.get("Condition") == condition)
+
+
+def test_iot_logging_exists_only_under_its_parameter(template):
+    assert template["Parameters"]["EnableIoTLogging"]["Default"] == "false"
+    assert conditional(template, "IoTLogging") == ["IoTLoggingConfiguration", "IoTLoggingRole"]
+    assert list(resources_of(template, "AWS::IoT::Logging")) == ["IoTLoggingConfiguration"]
+    for value, on in (("false", False), ("true", True)):
+        assert cfn.Stack(template, dict(PARAMETERS, EnableIoTLogging=value)).condition("IoTLogging") is on
+    level = template["Parameters"]["IoTLogLevel"]
+    assert set(level["AllowedValues"]) == {"ERROR", "WARN", "INFO", "DEBUG", "DISABLED"}
+    stack = cfn.Stack(template, dict(PARAMETERS, EnableIoTLogging="true", IoTLogLevel="DEBUG"))
+    props = stack.properties("IoTLoggingConfiguration")
+    assert props == {"AccountId": "123456789012", "DefaultLogLevel": "DEBUG",
+                     "RoleArn": stack.get_att("IoTLoggingRole", "Arn")}
+    role = stack.properties("IoTLoggingRole")
+    (trust,) = iam.statements(role["AssumeRolePolicyDocument"])
+    assert trust["Principal"] == {"Service": "iot.amazonaws.com"}
+    assert trust["Condition"] == {"StringEquals": {"aws:SourceAccount": "123456789012"}}
+    statements = iam.role_statements(role)
+    group = "arn:aws:logs:us-east-1:123456789012:log-group:AWSIotLogsV2:*"
+    assert iam.evaluate(statements, "logs:PutLogEvents", group) == iam.ALLOW
+    assert iam.evaluate(statements, "logs:PutLogEvents", group.replace("AWSIotLogsV2", "other")) != iam.ALLOW
+
+
+def test_classic_flow_is_off_unless_asked_for(template):
+    assert template["Parameters"]["AllowClassicFlow"]["Default"] == "false"
+    default = cfn.Stack(template, PARAMETERS)
+    assert default.properties("CognitoIdentityPool")["AllowClassicFlow"] is False
+    classic = cfn.Stack(template, dict(PARAMETERS, AllowClassicFlow="true"))
+    assert classic.properties("CognitoIdentityPool")["AllowClassicFlow"] is True
+    assert classic.output("ClassicFlow") == "true"
+
+
+def test_app_client_cannot_change_user_attributes(stack, template):
+    client = stack.properties("CognitoUserPoolClient")
+    assert client["WriteAttributes"] == ["email"]  # needed by SignUp in fleet mode, then...
+    (email,) = [a for a in stack.properties("CognitoUserPool")["Schema"] if a["Name"] == "email"]
+    assert email["Mutable"] is False  # ...immutable: UpdateUserAttributes can change nothing
+
+
+def test_user_pool_waf_is_optional_and_allows_only_device_calls(template):
+    assert template["Parameters"]["EnableUserPoolWaf"]["Default"] == "false"
+    assert conditional(template, "UserPoolWaf") == ["UserPoolDeviceNetwork", "UserPoolWebAcl",
+                                                     "UserPoolWebAclAssociation"]
+    for fleet in ("false", "true"):
+        stack = cfn.Stack(template, dict(PARAMETERS, EnableUserPoolWaf="true", AllowSelfSignUp=fleet),
+                          attributes={"UserPoolDeviceNetwork.Arn": "ipset-arn", "UserPoolWebAcl.Arn": "acl-arn"})
+        acl = stack.properties("UserPoolWebAcl")
+        assert acl["DefaultAction"] == {"Block": {}}
+        assert acl["Scope"] == "REGIONAL"
+        rate, allow = sorted(acl["Rules"], key=lambda r: r["Priority"])
+        assert rate["Action"] == {"Block": {}}
+        based = rate["Statement"]["RateBasedStatement"]
+        assert based["Limit"] == stack.parameters["WafSignUpRateLimit"]
+        assert based["ScopeDownStatement"]["ByteMatchStatement"]["SearchString"] == \
+            "AWSCognitoIdentityProviderService.SignUp"
+        assert allow["Action"] == {"Allow": {}}
+        network, target = allow["Statement"]["AndStatement"]["Statements"]
+        assert network == {"IPSetReferenceStatement": {"Arn": "ipset-arn"}}
+        assert stack.properties("UserPoolDeviceNetwork")["Addresses"] == stack.parameters["DeviceCidrs"]
+        pattern = target["RegexMatchStatement"]["RegexString"]
+        assert target["RegexMatchStatement"]["FieldToMatch"] == {"SingleHeader": {"Name": "x-amz-target"}}
+        allowed = {op for op in ("InitiateAuth", "SignUp", "DeleteUser", "ChangePassword",
+                                 "GlobalSignOut", "UpdateUserAttributes", "ForgotPassword",
+                                 "RevokeToken", "GetUser", "InitiateAuthX")
+                   if re.search(pattern, "AWSCognitoIdentityProviderService." + op)}
+        assert allowed == ({"InitiateAuth", "SignUp"} if fleet == "true" else {"InitiateAuth"})
+        association = stack.properties("UserPoolWebAclAssociation")
+        assert association == {"ResourceArn": stack.get_att("CognitoUserPool", "Arn"),
+                               "WebACLArn": "acl-arn"}
+
+
+def test_presignup_concurrency_is_capped_when_asked(template):
+    assert cfn.Stack(template, PARAMETERS).properties("PreSignUpFunction").get(
+        "ReservedConcurrentExecutions") is None
+    capped = cfn.Stack(template, dict(PARAMETERS, SignUpConcurrencyLimit="20"))
+    assert capped.properties("PreSignUpFunction")["ReservedConcurrentExecutions"] == "20"
+
+
+# ------------------------------------------------------------------ issue 14: "any network"
+
+def rule_passes(template, parameters):
+    """Evaluates the template's Rules (the functions they use) for `parameters`."""
+    stack = cfn.Stack(template, dict(PARAMETERS, **parameters))
+
+    def value(node):
+        if isinstance(node, dict) and len(node) == 1:
+            (key, arg), = node.items()
+            if key == "Fn::Contains":
+                return value(arg[1]) in value(arg[0])
+            if key == "Fn::Not":
+                return not value(arg[0])
+            if key == "Fn::Equals":
+                return str(value(arg[0])) == str(value(arg[1]))
+            if key == "Ref":
+                return stack.ref(arg)
+            raise NotImplementedError(key)
+        return node
+
+    failed = []
+    for name, rule in template["Rules"].items():
+        if "RuleCondition" in rule and not value(rule["RuleCondition"]):
+            continue
+        failed += [a["AssertDescription"] for a in rule["Assertions"] if not value(a["Assert"])]
+    return failed
+
+
+@pytest.mark.parametrize("cidrs,any_network,ok", [
+    ("203.0.113.0/24", "false", True),
+    ("0.0.0.0/0", "false", False),
+    ("203.0.113.0/24,::/0", "false", False),
+    ("0.0.0.0/0,::/0", "true", True),
+])
+def test_any_network_needs_the_explicit_parameter(template, cidrs, any_network, ok):
+    assert template["Parameters"]["AllowAnyNetwork"]["Default"] == "false"
+    failed = rule_passes(template, {"DeviceCidrs": cidrs, "AllowAnyNetwork": any_network})
+    assert (failed == []) is ok, failed
+
+
+def test_user_pool_waf_refuses_any_network(template):
+    failed = rule_passes(template, {"DeviceCidrs": "0.0.0.0/0", "AllowAnyNetwork": "true",
+                                    "EnableUserPoolWaf": "true"})
+    assert failed and "EnableUserPoolWaf" in failed[0]

@@ -123,6 +123,7 @@ def test_create_makes_the_user_the_secret_and_its_tags(cloud, invoke):
         "IdentityPoolId": cloud.identity_pool_id,
         "IoTEndpoint": data["IoTEndpoint"],
         "IoTPolicy": f"{PREFIX}-iot-policy",
+        "AttachFunction": cloud.stack.get_att("AttachPolicyFunction", "Arn"),
     }
     assert data["IoTEndpoint"].endswith(".amazonaws.com")
 
@@ -269,7 +270,7 @@ def test_update_in_place_keeps_user_and_password_and_refreshes_tags(cloud, invok
     assert answer["Data"]["SecretName"] == name
     assert cloud.tags(name)["IoTPolicy"] == "other-policy"
     assert set(cloud.tags(name)) == {"ClientId", "UserPoolId", "IdentityPoolId", "IoTEndpoint",
-                                     "IoTPolicy"}
+                                     "IoTPolicy", "AttachFunction"}
     assert cloud.sm.describe_secret(SecretId=name)["KmsKeyId"] == key_arn
     assert cloud.password(name) == password
     assert cloud.user_exists(f"{PREFIX}-app-user")
@@ -308,7 +309,49 @@ def test_failed_update_keeps_the_old_physical_id(cloud, invoke):
     assert answer["PhysicalResourceId"] == name  # never a new id: nothing gets deleted by mistake
 
 
+def identities_holding(cloud, policy, count=0):
+    """Makes `count` identities of the pool hold `policy`; returns the policy's targets."""
+    for _ in range(count):
+        identity_id = cloud.identity.get_id(IdentityPoolId=cloud.identity_pool_id)["IdentityId"]
+        cloud.iot.attach_policy(policyName=policy, target=identity_id)
+    return cloud.iot.list_targets_for_policy(policyName=policy)["targets"]
+
+
+def test_update_to_a_new_policy_detaches_the_old_one(cloud, invoke):
+    created = invoke("Create", cloud.props)
+    old = cloud.props["IoTPolicy"]
+    assert len(identities_holding(cloud, old, 2)) == 2
+    cloud.iot.create_policy(policyName="other-policy", policyDocument="{}")
+    answer = invoke("Update", dict(cloud.props, IoTPolicy="other-policy"),
+                    created["PhysicalResourceId"], cloud.props)
+    assert answer["Status"] == "SUCCESS", answer["Reason"]
+    assert identities_holding(cloud, old) == []
+    cloud.iot.delete_policy(policyName=old)  # what CloudFormation does next: it now succeeds
+
+
 # ------------------------------------------------------------------------------------ Delete
+
+def test_delete_detaches_the_iot_policy_so_it_can_be_deleted(cloud, invoke):
+    created = invoke("Create", cloud.props)
+    policy = cloud.props["IoTPolicy"]
+    assert len(identities_holding(cloud, policy, 3)) == 3
+    with pytest.raises(ClientError):  # what the stack deletion ran into before
+        cloud.iot.delete_policy(policyName=policy)
+    answer = invoke("Delete", cloud.props, created["PhysicalResourceId"])
+    assert answer["Status"] == "SUCCESS", answer["Reason"]
+    assert "left behind" not in answer["Reason"]
+    assert identities_holding(cloud, policy) == []
+    cloud.iot.delete_policy(policyName=policy)
+
+
+def test_delete_after_the_policy_is_gone_succeeds(cloud, invoke):
+    created = invoke("Create", cloud.props)
+    cloud.iot.delete_policy(policyName=cloud.props["IoTPolicy"])
+    answer = invoke("Delete", cloud.props, created["PhysicalResourceId"])
+    assert answer["Status"] == "SUCCESS"
+    assert "left behind" not in answer["Reason"]
+    assert not cloud.secret_exists(created["PhysicalResourceId"])
+
 
 def test_delete_removes_the_secret_and_the_user(cloud, invoke):
     created = invoke("Create", cloud.props)

@@ -21,6 +21,10 @@ pub struct IdentityCache {
     /// The authenticated identity: MQTT client id and topic prefix.
     #[serde(default)]
     pub identity_id: Option<String>,
+    /// The IoT policy attached to `identity_id` (the secret's `IoTPolicy` then); another name
+    /// in the secret means attaching again.
+    #[serde(default)]
+    pub attached_policy: Option<String>,
 }
 
 impl IdentityCache {
@@ -74,6 +78,7 @@ mod tests {
             identity_pool_id: "us-east-1:pool".into(),
             unauth_identity_id: Some("us-east-1:u".into()),
             identity_id: Some("us-east-1:a".into()),
+            attached_policy: Some("relay-iot-policy".into()),
         };
         cache.save(dir.path()).expect("save");
         assert_eq!(IdentityCache::load(dir.path(), "us-east-1:pool"), cache);

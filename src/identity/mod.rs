@@ -2,6 +2,7 @@
 //! authenticated Cognito credentials fresh. It publishes each new [`Session`] through a
 //! `watch` channel; the MQTT side signs every (re)connect with the latest one.
 
+mod attach;
 mod cache;
 mod secret_source;
 mod user_pool;
@@ -15,6 +16,7 @@ use aws_config::SdkConfig;
 use rand::Rng;
 use tokio::sync::watch;
 
+pub use attach::{RefusalSignal, is_authorization_refusal};
 pub use cache::{CACHE_FILE, IdentityCache};
 pub use secret_source::DeviceSecret;
 use user_pool::UserPoolTokens;
@@ -44,6 +46,10 @@ const CLOCK_CHECK: Duration = Duration::from_secs(60);
 const NON_TRANSIENT_LIMIT: u32 = 3;
 /// Never wait less than this between two refreshes.
 const MIN_REFRESH_DELAY: Duration = Duration::from_secs(5);
+/// After attaching the policy again because IoT Core refused a connection, further refusals
+/// are ignored this long: a refusal the policy does not cure (e.g. a network outside
+/// DeviceCidrs) must not become a loop of attach calls.
+const REATTACH_MIN_INTERVAL: Duration = Duration::from_secs(300);
 
 /// Why a step of the chain failed. Texts never carry a password, token or key.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -101,13 +107,16 @@ pub struct IdentityManager {
     cache: IdentityCache,
     sessions: watch::Sender<Option<Arc<Session>>>,
     status: watch::Sender<IdentityStatus>,
+    refusals: RefusalSignal,
 }
 
-/// The receiving ends the rest of the daemon holds.
+/// The ends the rest of the daemon holds.
 #[derive(Clone)]
 pub struct IdentityWatch {
     pub sessions: watch::Receiver<Option<Arc<Session>>>,
     pub status: watch::Receiver<IdentityStatus>,
+    /// For the publisher: IoT Core refused a connection for authorization.
+    pub refusals: RefusalSignal,
 }
 
 impl IdentityManager {
@@ -119,6 +128,7 @@ impl IdentityManager {
         let cache = IdentityCache::load(&state_dir, &config.identity_pool_id);
         let (sessions, sessions_rx) = watch::channel(None);
         let (status, status_rx) = watch::channel(IdentityStatus::default());
+        let refusals = RefusalSignal::default();
         let manager = IdentityManager {
             base,
             config,
@@ -126,12 +136,14 @@ impl IdentityManager {
             cache,
             sessions,
             status,
+            refusals: refusals.clone(),
         };
         (
             manager,
             IdentityWatch {
                 sessions: sessions_rx,
                 status: status_rx,
+                refusals,
             },
         )
     }
@@ -149,6 +161,7 @@ impl IdentityManager {
         let mut signed_in: Option<SignedIn> = None;
         let mut repeats = Repeats::default();
         let mut refused_in_a_row = 0u32;
+        let mut last_reattach: Option<tokio::time::Instant> = None;
         loop {
             let refreshing = signed_in.is_some();
             heartbeat.beat();
@@ -178,7 +191,24 @@ impl IdentityManager {
                     });
                     self.sessions.send_replace(Some(Arc::new(session)));
                     signed_in = Some(standing);
-                    heartbeat.waiting(sleep_until(due, SystemTime::now)).await;
+                    let may_reattach =
+                        last_reattach.is_none_or(|at| at.elapsed() >= REATTACH_MIN_INTERVAL);
+                    let refused = heartbeat
+                        .waiting(async {
+                            tokio::select! {
+                                _ = sleep_until(due, SystemTime::now) => false,
+                                _ = self.refusals.raised(), if may_reattach => true,
+                            }
+                        })
+                        .await;
+                    if refused {
+                        // The next pass refreshes and attaches the policy again.
+                        tracing::warn!(
+                            "IoT Core refused the connection for authorization; attaching the IoT policy again"
+                        );
+                        self.cache.attached_policy = None;
+                        last_reattach = Some(tokio::time::Instant::now());
+                    }
                 }
                 Err((kept, error)) => {
                     signed_in = kept;
@@ -255,17 +285,27 @@ impl IdentityManager {
             ));
             return Err((Some(standing), error));
         }
-        if self.cache.identity_id.as_deref() != Some(identity_id.as_str()) {
+        // Step 5 once per identity id, and again when the secret names another policy.
+        if self.cache.identity_id.as_deref() != Some(identity_id.as_str())
+            || self.cache.attached_policy.as_deref() != Some(standing.secret.iot_policy.as_str())
+        {
             if let Err(error) = heartbeat
                 .bounded(
                     step_limit(1),
-                    self.attach_policy(&standing.secret, &identity_id, &credentials),
+                    attach::attach_policy(
+                        &self.base,
+                        &standing.secret,
+                        &identity_id,
+                        &credentials,
+                        &standing.tokens.id_token,
+                    ),
                 )
                 .await
             {
                 return Err((Some(standing), error));
             }
             self.cache.identity_id = Some(identity_id.clone());
+            self.cache.attached_policy = Some(standing.secret.iot_policy.clone());
             self.save_cache();
         }
         let session = Session {
@@ -410,27 +450,6 @@ impl IdentityManager {
             session_token: Secret::new(credentials.session_token.unwrap_or_default()),
             expires_at: to_system_time(credentials.expiration.as_ref()),
         })
-    }
-
-    /// Step 5, once per identity: the policy that lets this identity connect and publish.
-    async fn attach_policy(
-        &self,
-        secret: &DeviceSecret,
-        identity_id: &str,
-        credentials: &AwsCredentials,
-    ) -> Result<(), IdentityError> {
-        let config = aws_sdk_iot::config::Builder::from(&self.base)
-            .credentials_provider(credentials.to_sdk())
-            .build();
-        aws_sdk_iot::Client::from_conf(config)
-            .attach_policy()
-            .policy_name(&secret.iot_policy)
-            .target(identity_id)
-            .send()
-            .await
-            .map_err(|e| IdentityError::AttachPolicy(describe(&e)))?;
-        tracing::info!(identity_id = %identity_id, policy = %secret.iot_policy, "attached IoT policy");
-        Ok(())
     }
 
     fn save_cache(&self) {

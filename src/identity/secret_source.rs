@@ -20,6 +20,8 @@ pub struct DeviceSecret {
     pub identity_pool_id: String,
     pub iot_endpoint: String,
     pub iot_policy: String,
+    /// The `AttachFunction` tag: the stack's function that attaches `iot_policy` (newer stacks).
+    pub attach_function: Option<String>,
 }
 
 /// Step 1: credentials for the unauthenticated identity (`unauth_identity_id`, cached).
@@ -183,6 +185,10 @@ fn parse_secret(
         identity_pool_id: tag("IdentityPoolId")?,
         iot_endpoint: tag("IoTEndpoint")?,
         iot_policy: tag("IoTPolicy")?,
+        attach_function: tags
+            .get("AttachFunction")
+            .filter(|value| !value.is_empty())
+            .cloned(),
     })
 }
 
@@ -209,6 +215,11 @@ mod tests {
         assert_eq!(secret.username, "dev-user");
         assert_eq!(secret.password.expose(), "pw");
         assert_eq!(secret.iot_policy, "IoTPolicy-value");
+        assert_eq!(secret.attach_function, None);
+        let mut newer = tags();
+        newer.insert("AttachFunction".into(), "arn:aws:lambda:f".into());
+        let secret = parse_secret(Secret::new(r#"{"dev-user":"pw"}"#.into()), &newer).expect("ok");
+        assert_eq!(secret.attach_function.as_deref(), Some("arn:aws:lambda:f"));
     }
 
     #[test]

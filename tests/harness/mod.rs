@@ -26,6 +26,7 @@ pub const WSS_PORT: u16 = 8443;
 pub const MQTT_PORT: u16 = 1883;
 pub const FAULT_PROXY_PORT: u16 = 5001;
 pub const WS_PROXY_PORT: u16 = 8444;
+pub const ATTACH_PROXY_PORT: u16 = 5002;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 /// What moto's GetCredentialsForIdentity always returns.
@@ -380,6 +381,50 @@ impl Cloud {
         format!("http://127.0.0.1:{MOTO_PORT}")
     }
 
+    /// Makes the account a current stack's: the secret gets the `AttachFunction` tag (as
+    /// provision.py --attach-function and the template do), and tests/support/attach_proxy.py
+    /// plays Lambda for that function, running the template's handler against moto. Start the
+    /// daemon with [`AttachProxy::config`] and [`AttachProxy::env`].
+    pub fn enable_attach_function(&self) -> AttachProxy {
+        let function = "arn:aws:lambda:us-east-1:123456789012:function:relay-test-attach-policy";
+        self.python(&format!(
+            "import boto3; boto3.client('secretsmanager').tag_resource(SecretId={secret:?}, \
+             Tags=[{{'Key': 'AttachFunction', 'Value': {function:?}}}])",
+            secret = self.account.secret_id,
+        ));
+        let log = self.dir.path().join("attach-proxy.log");
+        let process = Process {
+            name: "attach_proxy",
+            child: Some(
+                self.namespace
+                    .command(python())
+                    .arg(repo_root().join("tests/support/attach_proxy.py"))
+                    .args(["--port", &ATTACH_PROXY_PORT.to_string()])
+                    .args(["--moto", &self.endpoint()])
+                    .args(["--identity-pool-id", &self.account.identity_pool_id])
+                    .args(["--user-pool-id", &self.account.user_pool_id])
+                    .args(["--policy", &self.account.iot_policy])
+                    .arg("--log")
+                    .arg(&log)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start attach proxy"),
+            ),
+        };
+        let proxy = AttachProxy {
+            _process: process,
+            log,
+            function: function.to_owned(),
+            moto: self.endpoint(),
+        };
+        self.python(&format!(
+            "import urllib.request, time\nfor _ in range(100):\n    try:\n        urllib.request.urlopen('{}/'); break\n    except Exception: time.sleep(0.1)",
+            proxy.endpoint()
+        ));
+        proxy
+    }
+
     /// Runs a Python snippet in the namespace with boto3 pointed at moto; returns stdout.
     pub fn python(&self, code: &str) -> String {
         let deadline = Instant::now() + START_TIMEOUT;
@@ -426,6 +471,17 @@ impl Cloud {
 
     /// Like [`Cloud::start_broker`], logging only these `log_type`s (benchmarks keep it quiet).
     pub fn start_broker_logging(&mut self, log_types: &str) {
+        self.start_broker_with(log_types, true);
+    }
+
+    /// (Re)starts mosquitto refusing every client without a user name with CONNACK 5 "not
+    /// authorized": what IoT Core answers an identity without the policy, as near as mosquitto
+    /// plays it.
+    pub fn start_broker_refusing(&mut self) {
+        self.start_broker_with("all", false);
+    }
+
+    fn start_broker_with(&mut self, log_types: &str, anonymous: bool) {
         self.kill_broker();
         let log_types: String = log_types
             .split_whitespace()
@@ -434,7 +490,7 @@ impl Cloud {
         let dir = self.dir.path();
         let log = dir.join("mosquitto.log");
         let config = format!(
-            "per_listener_settings false\nallow_anonymous true\nuser root\n\
+            "per_listener_settings false\nallow_anonymous {anonymous}\nuser root\n\
              persistence true\npersistence_location {dir}/\nautosave_interval 1\nmax_queued_messages 0\n\
              log_dest file {log}\n{log_types}connection_messages true\n\
              listener {MQTT_PORT} 127.0.0.1\nprotocol mqtt\n\
@@ -587,6 +643,11 @@ impl Cloud {
 
     /// Starts the real daemon in the namespace and waits until its socket answers.
     pub fn start_daemon(&self, config: &Path) -> Daemon {
+        self.start_daemon_env(config, &[])
+    }
+
+    /// Like [`Cloud::start_daemon`], with extra environment variables.
+    pub fn start_daemon_env(&self, config: &Path, env: &[(String, String)]) -> Daemon {
         let dir = config.parent().expect("config dir").to_owned();
         let log_path = dir.join(format!(
             "daemon-{}.log",
@@ -603,6 +664,7 @@ impl Cloud {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOME", &dir)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
         let process = Process {
@@ -631,6 +693,49 @@ impl Cloud {
             std::thread::sleep(Duration::from_millis(50));
         }
         daemon
+    }
+}
+
+/// tests/support/attach_proxy.py: Lambda for the template's attach function.
+pub struct AttachProxy {
+    _process: Process,
+    log: PathBuf,
+    pub function: String,
+    moto: String,
+}
+
+impl AttachProxy {
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{ATTACH_PROXY_PORT}")
+    }
+
+    /// A daemon config in `dir` without `aws.endpoint_url`: an endpoint set in the config wins
+    /// over the SDK's per-service variables, so the endpoints come from [`AttachProxy::env`].
+    pub fn config(&self, cloud: &Cloud, dir: &Path) -> PathBuf {
+        let config = cloud.config(dir, false, "");
+        rewrite_config(
+            &config,
+            &[(&format!("endpoint_url = {:?}\n", self.moto), "")],
+        );
+        config
+    }
+
+    /// The environment that sends the daemon's Lambda calls here and every other AWS call to
+    /// moto (the SDK's `AWS_ENDPOINT_URL_<SERVICE>` and `AWS_ENDPOINT_URL`).
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL".to_owned(), self.moto.clone()),
+            ("AWS_ENDPOINT_URL_LAMBDA".to_owned(), self.endpoint()),
+        ]
+    }
+
+    /// Every invocation so far: function, payload keys, answer or error.
+    pub fn invocations(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
     }
 }
 

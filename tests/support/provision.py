@@ -6,6 +6,12 @@ the JSON it prints. cloudformation/tests/test_drift.py checks the names, tags an
 layout used here against the template, so the emulated cloud and the real one cannot drift apart.
 
 Usage: provision.py --endpoint http://127.0.0.1:PORT [--region us-east-1] [--prefix relay-test]
+                    [--device-cidrs 127.0.0.0/8,::1/128] [--attach-function NAME]
+
+--attach-function tags the secret with AttachFunction as the template does (devices then invoke
+that function instead of calling AttachPolicy). moto runs no Lambda code here: a test that uses
+it answers the invocations itself (tests/support/attach_proxy.py). Without it, the secret is that
+of an older stack and the daemon attaches the policy itself.
 """
 import argparse
 import json
@@ -15,6 +21,8 @@ import string
 import boto3
 
 PRE_SIGN_UP_EMAIL_DOMAIN = "example.com"
+# The tests' devices reach the emulated cloud over loopback.
+DEVICE_CIDRS = ["127.0.0.0/8", "::1/128"]
 
 
 def app_user_name(prefix):
@@ -26,21 +34,25 @@ def secret_name(user_pool_id, prefix):
     return f"{user_pool_id}_{app_user_name(prefix)}"
 
 
-def iot_policy_document(region, account, identity_pool_id):
-    """Each identity may connect as itself and publish under <pool>/<its identity id>/.
+def iot_policy_document(region, account, identity_pool_id, device_cidrs=None):
+    """Each identity may connect as itself and publish under <pool>/<its identity id>/, only
+    from the device network.
 
     Publish only, as in the template: the relay never subscribes (least privilege).
     """
     sub = "${cognito-identity.amazonaws.com:sub}"
     arn = f"arn:aws:iot:{region}:{account}"
+    network = {"IpAddress": {"aws:SourceIp": list(device_cidrs or DEVICE_CIDRS)}}
     return {
         "Version": "2012-10-17",
         "Statement": [
-            {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{arn}:client/{sub}"},
+            {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{arn}:client/{sub}",
+             "Condition": network},
             {
                 "Effect": "Allow",
                 "Action": "iot:Publish",
                 "Resource": f"{arn}:topic/{identity_pool_id}/{sub}/*",
+                "Condition": network,
             },
         ],
     }
@@ -52,7 +64,7 @@ def random_password():
     return core + "aA1!"
 
 
-def provision(endpoint, region, prefix):
+def provision(endpoint, region, prefix, device_cidrs=None, attach_function=None):
     session = boto3.session.Session(
         aws_access_key_id="testing", aws_secret_access_key="testing", region_name=region
     )
@@ -66,6 +78,8 @@ def provision(endpoint, region, prefix):
         UserPoolId=pool_id,
         ClientName=f"{prefix}-app-client",
         ExplicitAuthFlows=["ALLOW_USER_PASSWORD_AUTH", "ALLOW_REFRESH_TOKEN_AUTH"],
+        ReadAttributes=["email"],
+        WriteAttributes=["email"],
     )["UserPoolClient"]["ClientId"]
     username, password = app_user_name(prefix), random_password()
     idp.admin_create_user(
@@ -115,22 +129,23 @@ def provision(endpoint, region, prefix):
     policy_name = f"{prefix}-iot-policy"
     iot.create_policy(
         policyName=policy_name,
-        policyDocument=json.dumps(iot_policy_document(region, account, identity_pool_id)),
+        policyDocument=json.dumps(
+            iot_policy_document(region, account, identity_pool_id, device_cidrs)
+        ),
     )
     iot_endpoint = iot.describe_endpoint(endpointType="iot:Data-ATS")["endpointAddress"]
 
     name = secret_name(pool_id, prefix)
-    sm.create_secret(
-        Name=name,
-        SecretString=json.dumps({username: password}),
-        Tags=[
-            {"Key": "ClientId", "Value": client_id},
-            {"Key": "UserPoolId", "Value": pool_id},
-            {"Key": "IdentityPoolId", "Value": identity_pool_id},
-            {"Key": "IoTEndpoint", "Value": iot_endpoint},
-            {"Key": "IoTPolicy", "Value": policy_name},
-        ],
-    )
+    tags = [
+        {"Key": "ClientId", "Value": client_id},
+        {"Key": "UserPoolId", "Value": pool_id},
+        {"Key": "IdentityPoolId", "Value": identity_pool_id},
+        {"Key": "IoTEndpoint", "Value": iot_endpoint},
+        {"Key": "IoTPolicy", "Value": policy_name},
+    ]
+    if attach_function:
+        tags.append({"Key": "AttachFunction", "Value": attach_function})
+    sm.create_secret(Name=name, SecretString=json.dumps({username: password}), Tags=tags)
     return {
         "region": region,
         "identity_pool_id": identity_pool_id,
@@ -150,8 +165,12 @@ def main():
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--region", default="us-east-1")
     parser.add_argument("--prefix", default="relay-test")
+    parser.add_argument("--device-cidrs", default=",".join(DEVICE_CIDRS))
+    parser.add_argument("--attach-function", default=None)
     args = parser.parse_args()
-    print(json.dumps(provision(args.endpoint, args.region, args.prefix)))
+    result = provision(args.endpoint, args.region, args.prefix, args.device_cidrs.split(","),
+                       args.attach_function)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

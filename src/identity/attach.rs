@@ -1,0 +1,206 @@
+//! Step 5: the stack's IoT policy on the device's identity. When the secret has the
+//! `AttachFunction` tag, the stack's function attaches it server-side (SPEC.md, "Policy attach
+//! through the stack"): devices of such stacks hold no `iot:AttachPolicy`, which cannot be
+//! scoped to one policy or one target. Without the tag (older stacks) the device calls
+//! `AttachPolicy` itself.
+
+use aws_config::SdkConfig;
+use aws_sdk_lambda::primitives::Blob;
+use aws_sdk_lambda::types::InvocationType;
+use rumqttc::{ConnectReturnCode, ConnectionError};
+use serde::Deserialize;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use super::IdentityError;
+use super::secret_source::DeviceSecret;
+use crate::aws::{AwsCredentials, describe};
+use crate::secret::Secret;
+
+/// How much of a function error's message is repeated in our error (it is the function's own
+/// text, which names no token; the cap keeps a log line a line).
+const MAX_ERROR_CHARS: usize = 200;
+
+/// How the publisher tells the identity manager that IoT Core refused a connection for
+/// authorization (the policy may have been detached, or never attached): the manager then has
+/// the policy attached again. Cloned into both tasks by the daemon.
+#[derive(Clone, Default)]
+pub struct RefusalSignal(Arc<Notify>);
+
+impl RefusalSignal {
+    /// Reports a refusal; several before the manager looks count as one.
+    pub fn raise(&self) {
+        self.0.notify_one();
+    }
+
+    /// Resolves at the next refusal (or at once for one raised since the last wait).
+    pub(super) async fn raised(&self) {
+        self.0.notified().await;
+    }
+}
+
+/// Whether a connection error is IoT Core refusing this identity (as opposed to the network):
+/// a CONNACK "not authorized" / "bad user name or password", or the websocket upgrade answered
+/// 401/403. A connection closed without any CONNACK is not counted: a network fault looks the same.
+pub fn is_authorization_refusal(error: &ConnectionError) -> bool {
+    match error {
+        ConnectionError::ConnectionRefused(
+            ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword,
+        ) => true,
+        // tungstenite's HTTP error is not nameable here (not our dependency): its text is
+        // "HTTP error: <status>".
+        ConnectionError::Websocket(inner) => {
+            let text = inner.to_string();
+            text.starts_with("HTTP error: 401") || text.starts_with("HTTP error: 403")
+        }
+        _ => false,
+    }
+}
+
+/// The function's answer (SPEC.md).
+#[derive(Debug, Deserialize)]
+struct Answer {
+    identity_id: String,
+    policy: String,
+}
+
+/// What Lambda returns for a function error.
+#[derive(Debug, Default, Deserialize)]
+struct FunctionError {
+    #[serde(default, rename = "errorType")]
+    error_type: String,
+    #[serde(default, rename = "errorMessage")]
+    error_message: String,
+}
+
+/// Attaches `secret.iot_policy` to `identity_id`, through the stack's function when the secret
+/// names one, otherwise with `AttachPolicy`.
+pub async fn attach_policy(
+    base: &SdkConfig,
+    secret: &DeviceSecret,
+    identity_id: &str,
+    credentials: &AwsCredentials,
+    id_token: &Secret<String>,
+) -> Result<(), IdentityError> {
+    match secret.attach_function.as_deref() {
+        Some(function) => {
+            invoke_function(base, function, secret, identity_id, credentials, id_token).await
+        }
+        None => attach_directly(base, secret, identity_id, credentials).await,
+    }
+}
+
+/// `Invoke` (RequestResponse) with `{"IdToken": ...}`: the function derives the identity from
+/// the token itself and attaches the stack's policy to it.
+async fn invoke_function(
+    base: &SdkConfig,
+    function: &str,
+    secret: &DeviceSecret,
+    identity_id: &str,
+    credentials: &AwsCredentials,
+    id_token: &Secret<String>,
+) -> Result<(), IdentityError> {
+    let config = aws_sdk_lambda::config::Builder::from(base)
+        .credentials_provider(credentials.to_sdk())
+        .build();
+    let payload = serde_json::json!({ "IdToken": id_token.expose() }).to_string();
+    let output = aws_sdk_lambda::Client::from_conf(config)
+        .invoke()
+        .function_name(function)
+        .invocation_type(InvocationType::RequestResponse)
+        .payload(Blob::new(payload))
+        .send()
+        .await
+        .map_err(|e| {
+            IdentityError::AttachPolicy(format!("invoking {function}: {}", describe(&e)))
+        })?;
+    let body = output.payload.map(Blob::into_inner).unwrap_or_default();
+    if let Some(kind) = output.function_error {
+        let error: FunctionError = serde_json::from_slice(&body).unwrap_or_default();
+        let message: String = error.error_message.chars().take(MAX_ERROR_CHARS).collect();
+        return Err(IdentityError::AttachPolicy(format!(
+            "the attach function {function} failed ({kind}): {} {message}",
+            error.error_type
+        )));
+    }
+    let answer: Answer = serde_json::from_slice(&body).map_err(|_| {
+        IdentityError::AttachPolicy(format!(
+            "the attach function {function} answered something other than {{\"identity_id\", \"policy\"}}"
+        ))
+    })?;
+    if answer.policy != secret.iot_policy {
+        tracing::warn!(
+            attached = %answer.policy,
+            expected = %secret.iot_policy,
+            "the attach function attached another policy than the secret's IoTPolicy tag names"
+        );
+    }
+    if answer.identity_id != identity_id {
+        // With AWS, GetId of the same token in the same pool is this identity; a difference
+        // means the function serves another pool (or an emulator mints ids per call).
+        tracing::warn!(
+            identity_id = %identity_id,
+            attached_to = %answer.identity_id,
+            "the attach function attached the policy to another identity id"
+        );
+    }
+    tracing::info!(
+        identity_id = %identity_id,
+        policy = %answer.policy,
+        function = %function,
+        "IoT policy attached by the stack's function"
+    );
+    Ok(())
+}
+
+/// Older stacks: the device's role holds `iot:AttachPolicy`.
+async fn attach_directly(
+    base: &SdkConfig,
+    secret: &DeviceSecret,
+    identity_id: &str,
+    credentials: &AwsCredentials,
+) -> Result<(), IdentityError> {
+    let config = aws_sdk_iot::config::Builder::from(base)
+        .credentials_provider(credentials.to_sdk())
+        .build();
+    aws_sdk_iot::Client::from_conf(config)
+        .attach_policy()
+        .policy_name(&secret.iot_policy)
+        .target(identity_id)
+        .send()
+        .await
+        .map_err(|e| IdentityError::AttachPolicy(describe(&e)))?;
+    tracing::info!(identity_id = %identity_id, policy = %secret.iot_policy, "attached IoT policy");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_authorization_refusals_count() {
+        for code in [
+            ConnectReturnCode::NotAuthorized,
+            ConnectReturnCode::BadUserNamePassword,
+        ] {
+            assert!(is_authorization_refusal(
+                &ConnectionError::ConnectionRefused(code)
+            ));
+        }
+        for code in [
+            ConnectReturnCode::ServiceUnavailable,
+            ConnectReturnCode::BadClientId,
+            ConnectReturnCode::RefusedProtocolVersion,
+        ] {
+            assert!(!is_authorization_refusal(
+                &ConnectionError::ConnectionRefused(code)
+            ));
+        }
+        assert!(!is_authorization_refusal(&ConnectionError::NetworkTimeout));
+        assert!(!is_authorization_refusal(&ConnectionError::Io(
+            std::io::Error::from(std::io::ErrorKind::ConnectionReset)
+        )));
+    }
+}
