@@ -12,7 +12,7 @@ use crate::config::{RawSocketConfig, SocketConfig};
 use crate::heartbeat::Heartbeat;
 use crate::ingest::{Pace, accept_clients};
 use crate::lines::{Next, RecordReader};
-use crate::protocol::{MAX_PAYLOAD_BYTES, Message, Qos};
+use crate::protocol::{MAX_PAYLOAD_BYTES, Message, PayloadKind, Qos};
 use crate::spool::Spool;
 
 /// Serves one raw socket until the daemon stops.
@@ -56,6 +56,8 @@ impl RawServer {
                         topic: self.raw.topic.clone(),
                         payload,
                         qos,
+                        // A record is opaque bytes: never merged into a batch array.
+                        kind: PayloadKind::Binary,
                     };
                     if let Err(error) = self.spool.append(message).await {
                         tracing::warn!(topic = %self.raw.topic, %error, "raw socket record not stored");
