@@ -49,6 +49,16 @@ const VACUUM_MIN_FREE_PAGES: u64 = 256;
 const DISK_FULL_RETRIES: u32 = 4;
 /// Rows read per step while salvaging a corrupt spool.
 const SALVAGE_CHUNK: i64 = 1000;
+/// File kept next to the spool, full of zeros, holding back disk space for a full disk: in WAL
+/// mode even a DELETE must first grow the WAL (and a checkpoint the db), so on a disk with no
+/// byte free `drop-oldest` could never make room. Released when the disk is full, restored
+/// from the space the dropped messages give back.
+const RESERVE_SUFFIX: &str = ".reserve";
+/// The reserve, in multiples of the WAL's share (a checkpoint may grow the db by a whole WAL,
+/// and the deletion needs WAL frames of its own).
+const RESERVE_WALS: u64 = 2;
+/// Chunk written while restoring the reserve.
+const RESERVE_WRITE_CHUNK: usize = 64 * 1024;
 
 /// Why an append was not accepted.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -468,6 +478,8 @@ struct Store {
     /// Pages in use, as measured after the last commit.
     live_bytes: u64,
     incremental_vacuum: bool,
+    /// The disk reserve file (`RESERVE_SUFFIX`) is not there (released, or not yet written).
+    reserve_missing: bool,
     /// A write happened since idle maintenance last found nothing to do.
     dirty: bool,
     /// Pages were given back: a truncating checkpoint makes the files shrink.
@@ -569,6 +581,7 @@ impl Store {
             page_size: page_size.unsigned_abs().max(512),
             live_bytes: 0,
             incremental_vacuum: auto_vacuum == 2,
+            reserve_missing: true,
             dirty: true,
             shrunk: false,
             drop_log: Repeats::default(),
@@ -576,7 +589,47 @@ impl Store {
         };
         store.apply_wal_limit().map_err(sqlite)?;
         store.measure().map_err(sqlite)?;
+        store.restore_reserve();
         Ok(store)
+    }
+
+    fn reserve_path(&self) -> PathBuf {
+        with_suffix(&self.path, RESERVE_SUFFIX)
+    }
+
+    /// Writes the reserve file if it is missing. On failure (the disk is full) the partial file
+    /// is removed, so the reserve never takes space the spool needs; it is retried later.
+    fn restore_reserve(&mut self) {
+        if !self.reserve_missing {
+            return;
+        }
+        let want = self.wal_reserve() * RESERVE_WALS;
+        let path = self.reserve_path();
+        let written = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&path)?;
+            let chunk = vec![0u8; RESERVE_WRITE_CHUNK];
+            let mut left = want;
+            while left > 0 {
+                let n = chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                file.write_all(&chunk[..n])?;
+                left -= n as u64;
+            }
+            file.sync_all()
+        })();
+        match written {
+            Ok(()) => self.reserve_missing = false,
+            Err(error) => {
+                let _ = std::fs::remove_file(&path);
+                tracing::debug!(%error, "cannot restore the spool's disk reserve yet");
+            }
+        }
+    }
+
+    /// Gives the reserve's space back to the file system; `true` if there was one.
+    fn release_reserve(&mut self) -> bool {
+        self.reserve_missing = true;
+        std::fs::remove_file(self.reserve_path()).is_ok()
     }
 
     /// The WAL's share of `max_bytes`, in pages.
@@ -827,6 +880,7 @@ impl Store {
         };
         if !more {
             self.dirty = false;
+            self.restore_reserve();
         }
         let _ = self.measure();
         self.publish_stats(stats);
@@ -965,6 +1019,11 @@ impl Store {
         {
             attempts += 1;
             disk_full = true;
+            // The reserve's space lets the checkpoint (which may grow the db by the WAL's new
+            // pages) and the deletion write. It is restored in idle time, once vacuuming gives
+            // space back. Freed pages stay in the db here: the retried insert reuses them, so
+            // later checkpoints need no growth and the spool cycles in the space it has.
+            self.release_reserve();
             // Fold the WAL back first: the deletion then reuses its space instead of growing it.
             self.checkpoint_truncate();
             match self.drop_oldest(room, usize::MAX) {

@@ -397,7 +397,6 @@ fn fill_disk(dir: &std::path::Path) -> std::path::PathBuf {
 /// the oldest to make room and keeps answering `ok`; once the broker is back, everything acked
 /// is delivered except what was dropped, and that is exactly `dropped_total`.
 #[test]
-#[ignore = "known gap: on a full tmpfs the delete that would make room cannot grow the WAL either, so the daemon answers spool_full (0 dropped); not fixed yet"]
 fn disk_full_with_drop_oldest_makes_room_and_loses_only_what_it_counts() {
     let mut cloud = Cloud::start();
     let mut subscriber = cloud.subscribe();
