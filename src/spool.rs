@@ -1106,6 +1106,12 @@ impl Store {
                 let size = (message.topic.len() + message.payload.len()) as u64;
                 let cost = size + ROW_OVERHEAD;
                 if used + cost > self.max_bytes {
+                    // The per-row estimate runs ahead of the pages really used: measure before
+                    // refusing, or a later transaction (measured afresh) takes newer messages
+                    // after older ones were refused.
+                    used = Self::live_pages_bytes(&tx, self.page_size)? + reserve;
+                }
+                if used + cost > self.max_bytes {
                     if self.on_full == OnFull::RejectNew {
                         results.push(Err(AppendError::Full(self.max_bytes)));
                         continue;
