@@ -3,14 +3,13 @@
 //! share one publish whose payload is a JSON array of their payloads, in order. With batching
 //! on, every JSON payload goes out inside an array, alone or not, so consumers see one shape
 //! (IoT rule actions with `batchMode`, such as Firehose, take each element as a record).
-//! A payload that is not JSON (plain text, binary) cannot be an array element: it goes out
-//! alone and unwrapped, as without batching. `max_bytes` bounds arrays of two or more; a
+//! Only a payload that arrived as a JSON value (its kind, kept in the spool) is an array
+//! element: a string payload, `payload_base64`, a raw record or a row stored before kinds were
+//! kept goes out alone, byte for byte, as without batching, even when its bytes parse as JSON. `max_bytes` bounds arrays of two or more; a
 //! single reading larger than that still goes out as an array of one (never over 128 KiB).
 
-use serde::de::IgnoredAny;
-
 use crate::config::BatchConfig;
-use crate::protocol::{MAX_PAYLOAD_BYTES, Qos};
+use crate::protocol::{MAX_PAYLOAD_BYTES, PayloadKind, Qos};
 use crate::spool::StoredMessage;
 
 /// One publish: the spool ids it carries (all removed on its PUBACK) and what goes on the wire.
@@ -62,7 +61,7 @@ impl Batcher {
         let mut planned: Vec<Outgoing> = Vec::new();
         for stored in messages {
             let message = stored.message;
-            let element = self.enabled() && is_json(&message.payload);
+            let element = self.enabled() && message.kind == PayloadKind::Json;
             if !element || message.payload.len() + 2 > MAX_PAYLOAD_BYTES {
                 planned.push(Outgoing {
                     ids: vec![stored.id],
@@ -110,10 +109,6 @@ impl Batcher {
     }
 }
 
-fn is_json(payload: &[u8]) -> bool {
-    serde_json::from_slice::<IgnoredAny>(payload).is_ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,12 +116,17 @@ mod tests {
     use crate::protocol::Message;
 
     fn stored(id: i64, topic: &str, payload: &str) -> StoredMessage {
+        stored_as(id, topic, payload, PayloadKind::Json)
+    }
+
+    fn stored_as(id: i64, topic: &str, payload: &str, kind: PayloadKind) -> StoredMessage {
         StoredMessage {
             id,
             message: Message {
                 topic: topic.into(),
                 payload: payload.as_bytes().to_vec(),
                 qos: Qos::AtLeastOnce,
+                kind,
             },
         }
     }
@@ -193,8 +193,12 @@ mod tests {
     fn text_and_binary_go_alone_and_unwrapped() {
         let planned = batcher(10, 131072).plan(vec![
             stored(1, "a", "1"),
-            stored(2, "a", "not json"),
+            stored_as(2, "a", "not json", PayloadKind::Text),
             stored(3, "a", "3"),
+            // Bytes that parse as JSON, but were sent as a string and as base64.
+            stored_as(4, "a", "42", PayloadKind::Text),
+            stored_as(5, "a", "[1,2]", PayloadKind::Binary),
+            stored(6, "a", "6"),
         ]);
         assert_eq!(
             shapes(&planned),
@@ -202,6 +206,9 @@ mod tests {
                 (vec![1], "[1]".into()),
                 (vec![2], "not json".into()),
                 (vec![3], "[3]".into()),
+                (vec![4], "42".into()),
+                (vec![5], "[1,2]".into()),
+                (vec![6], "[6]".into()),
             ]
         );
     }

@@ -198,7 +198,7 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break None,
             Some(new) = controls.reloads.recv() => {
-                reload(&mut running, new, controls.log.as_ref(), &publish_limits);
+                reload(&mut running, new, controls.log.as_ref(), &publish_limits, &spool).await;
                 notify::ready(&status);
             }
             result = &mut publisher_task => break Some(("publisher", result)),
@@ -260,11 +260,12 @@ pub fn limit_allocator_arenas() {
 }
 
 /// Applies what can change live (log level, publish quotas) and names what waits for a restart.
-fn reload(
+async fn reload(
     running: &mut Config,
     new: Config,
     log: Option<&LogControl>,
     publish_limits: &watch::Sender<PublishConfig>,
+    spool: &Spool,
 ) {
     notify::reloading();
     let mut applied = Vec::new();
@@ -290,10 +291,21 @@ fn reload(
         ));
         publish_limits.send_replace(fresh.clone());
     }
+    if running.spool.max_bytes != new.spool.max_bytes || running.spool.on_full != new.spool.on_full
+    {
+        applied.push(format!(
+            "spool.max_bytes {} -> {}, spool.on_full {:?} -> {:?}",
+            running.spool.max_bytes, new.spool.max_bytes, running.spool.on_full, new.spool.on_full
+        ));
+        spool
+            .set_limits(new.spool.max_bytes.0, new.spool.on_full)
+            .await;
+    }
     // Everything else is compared with the live parts taken out.
     let without_live = |config: &Config| {
         let mut rest = config.clone();
         rest.log = Default::default();
+        rest.spool = Default::default();
         rest.publish.max_publishes_per_second = 0;
         rest.publish.max_bytes_per_second = crate::config::ByteSize(0);
         rest.to_redacted_toml()
@@ -308,6 +320,7 @@ fn reload(
     running.log = new.log.clone();
     running.publish.max_publishes_per_second = new.publish.max_publishes_per_second;
     running.publish.max_bytes_per_second = new.publish.max_bytes_per_second;
+    running.spool = new.spool.clone();
 }
 
 /// Creates the state dir (mode 0700): it holds the spool and the identity cache. One that every

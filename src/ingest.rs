@@ -469,7 +469,8 @@ fn refused(rejection: Rejection, repeats: &mut Repeats) -> Pending {
 fn refusal(id: Option<Value>, error: &AppendError) -> Rejection {
     let code = match error {
         AppendError::Closed => ErrorCode::ShuttingDown,
-        AppendError::Full(_) | AppendError::Storage(_) => ErrorCode::SpoolFull,
+        AppendError::Full(_) => ErrorCode::SpoolFull,
+        AppendError::Storage(_) => ErrorCode::StorageError,
     };
     Rejection::new(id, code, error.to_string())
 }

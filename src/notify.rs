@@ -87,10 +87,12 @@ pub async fn supervise(status: StatusSource, spool: Spool, pulses: Vec<Pulse>) {
         if last_ping.elapsed() < period / 2 {
             continue;
         }
+        // Alive, and its last operation did not fail: a failing disk gets the daemon restarted.
         let spool_answers =
             tokio::time::timeout(SPOOL_PROBE.min(period), spool.read_after(i64::MAX, 1, 1))
                 .await
-                .is_ok();
+                .is_ok_and(|read| read.is_ok())
+                && spool.stats().borrow().fault.is_none();
         let limit = (period / 2).max(MIN_SILENCE_LIMIT);
         match heartbeat::first_stalled(&pulses, limit, tokio::time::Instant::now()) {
             None if spool_answers => {

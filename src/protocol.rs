@@ -42,12 +42,44 @@ impl Qos {
     }
 }
 
+/// What a payload was when it arrived, kept in the spool: only JSON values may be merged into
+/// a batch array; text and binary go out alone, byte for byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadKind {
+    /// `payload` was a JSON value other than a string (stored as compact JSON).
+    Json,
+    /// `payload` was a JSON string (stored as its raw UTF-8 text).
+    Text,
+    /// `payload_base64`, a raw socket record, or a row from before kinds were stored.
+    Binary,
+}
+
+impl PayloadKind {
+    pub fn as_u8(self) -> u8 {
+        match self {
+            PayloadKind::Json => 0,
+            PayloadKind::Text => 1,
+            PayloadKind::Binary => 2,
+        }
+    }
+
+    /// Unknown values (and rows stored before kinds existed) are opaque bytes: sent as they are.
+    pub fn from_u8(value: Option<u8>) -> PayloadKind {
+        match value {
+            Some(0) => PayloadKind::Json,
+            Some(1) => PayloadKind::Text,
+            _ => PayloadKind::Binary,
+        }
+    }
+}
+
 /// A validated message, ready for the spool. `topic` is relative; the prefix is added at publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub topic: String,
     pub payload: Vec<u8>,
     pub qos: Qos,
+    pub kind: PayloadKind,
 }
 
 /// What a line asks for.
@@ -78,6 +110,8 @@ pub enum ErrorCode {
     InvalidQos,
     InvalidId,
     SpoolFull,
+    /// The disk failed (read-only, I/O error), as opposed to being full.
+    StorageError,
     ShuttingDown,
     /// Beyond SPEC.md's list: a peer refused by `socket.allowed_uids` / `allowed_gids`.
     PermissionDenied,
@@ -94,6 +128,7 @@ impl ErrorCode {
             ErrorCode::InvalidQos => "invalid_qos",
             ErrorCode::InvalidId => "invalid_id",
             ErrorCode::SpoolFull => "spool_full",
+            ErrorCode::StorageError => "storage_error",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::PermissionDenied => "permission_denied",
         }
@@ -225,7 +260,7 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
         .validate(&topic)
         .map_err(|e| reject(ErrorCode::InvalidTopic, &e.to_string()))?;
 
-    let payload = match (raw.payload, raw.payload_base64) {
+    let (payload, kind) = match (raw.payload, raw.payload_base64) {
         (Some(_), Some(_)) => {
             return Err(reject(
                 ErrorCode::InvalidJson,
@@ -239,8 +274,8 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
             ));
         }
         (Some(payload), None) => match serde_json::from_str::<String>(payload.get()) {
-            Ok(text) => text.into_bytes(),
-            Err(_) => compact_json(payload.get()),
+            Ok(text) => (text.into_bytes(), PayloadKind::Text),
+            Err(_) => (compact_json(payload.get()), PayloadKind::Json),
         },
         (None, Some(encoded)) => {
             let text = serde_json::from_str::<String>(encoded.get())
@@ -251,9 +286,10 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
                     &too_large(text.len() / 4 * 3),
                 ));
             }
-            base64::engine::general_purpose::STANDARD
+            let bytes = base64::engine::general_purpose::STANDARD
                 .decode(text.as_bytes())
-                .map_err(|e| reject(ErrorCode::InvalidJson, &format!("payload_base64: {e}")))?
+                .map_err(|e| reject(ErrorCode::InvalidJson, &format!("payload_base64: {e}")))?;
+            (bytes, PayloadKind::Binary)
         }
     };
     if payload.len() > MAX_PAYLOAD_BYTES {
@@ -277,6 +313,7 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
             topic,
             payload,
             qos,
+            kind,
         },
     })
 }
@@ -343,6 +380,7 @@ mod tests {
                     topic: "sensors/temp".into(),
                     payload: br#"{"c":21.5}"#.to_vec(),
                     qos: Qos::AtLeastOnce,
+                    kind: PayloadKind::Json,
                 },
             })
         );

@@ -42,6 +42,8 @@ const ACK_CHECK: Duration = Duration::from_secs(5);
 const BEAT_EVERY: Duration = Duration::from_secs(2);
 /// At most this many spool messages are read at once (the read is also bounded in bytes).
 const MAX_READ: usize = 1024;
+/// After a failed spool read, the next try comes this much later.
+const SPOOL_READ_RETRY: Duration = Duration::from_secs(1);
 /// How long a clean disconnect may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// The oldest message goes to the dead letters once this many connections in a row dropped
@@ -331,7 +333,14 @@ impl Publisher {
                         .saturating_mul(self.batcher.max_messages())
                         .min(MAX_READ);
                     let budget = room.saturating_mul(self.batcher.max_bytes());
-                    let read = self.spool.read_after(cursor, wanted, budget).await;
+                    let read = match self.spool.read_after(cursor, wanted, budget).await {
+                        Ok(read) => read,
+                        // Not an empty spool: look again shortly (the spool reports the fault).
+                        Err(_) => {
+                            paced_until = Some(Instant::now() + SPOOL_READ_RETRY);
+                            Vec::new()
+                        }
+                    };
                     more_behind = read.len() == wanted;
                     ready.extend(self.batcher.plan(read));
                 }

@@ -13,7 +13,7 @@ use crate::heartbeat::Heartbeat;
 use crate::ingest::{Pace, accept_clients};
 use crate::lines::{Next, RecordReader};
 use crate::logging::Repeats;
-use crate::protocol::{MAX_PAYLOAD_BYTES, Message, Qos};
+use crate::protocol::{MAX_PAYLOAD_BYTES, Message, PayloadKind, Qos};
 use crate::spool::{AppendError, Spool};
 
 /// Records of one client on their way into the spool: the reader goes on while earlier
@@ -87,6 +87,8 @@ impl RawServer {
                         topic: self.raw.topic.clone(),
                         payload,
                         qos,
+                        // A record is opaque bytes: never merged into a batch array.
+                        kind: PayloadKind::Binary,
                     };
                     match self.spool.submit(message).await {
                         Ok(done) => {

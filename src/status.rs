@@ -51,7 +51,11 @@ pub struct Status {
     pub last_refresh: Option<String>,
     pub last_error: Option<String>,
     pub spool_messages: u64,
+    /// What the spool takes on disk (pages in use plus the WAL).
     pub spool_bytes: u64,
+    /// `ok`, or `failing` while the spool's last operation failed (see `spool_error`).
+    pub spool_state: &'static str,
+    pub spool_error: Option<String>,
     pub published_total: u64,
     pub republished_total: u64,
     pub dropped_total: u64,
@@ -101,6 +105,12 @@ impl StatusSource {
             last_error: identity.last_error,
             spool_messages: spool.messages,
             spool_bytes: spool.bytes,
+            spool_state: if spool.fault.is_some() {
+                "failing"
+            } else {
+                "ok"
+            },
+            spool_error: spool.fault.map(|fault| fault.to_string()),
             published_total: counters.published_total,
             republished_total: counters.republished_total,
             dropped_total: spool.dropped_total,

@@ -351,3 +351,290 @@ fn with_batching_a_lone_reading_waits_no_longer_than_linger() {
         "held for linger, then sent: {waited:?}"
     );
 }
+
+/// A small file system mounted for one test (state dir), unmounted on drop even when the test
+/// fails. Needs root, as every test here.
+struct TestMount {
+    path: std::path::PathBuf,
+}
+
+impl TestMount {
+    fn mount(path: &std::path::Path, args: &[&str]) -> TestMount {
+        std::fs::create_dir_all(path).expect("mount point");
+        let status = std::process::Command::new("mount")
+            .args(args)
+            .arg(path)
+            .status()
+            .expect("mount");
+        assert!(status.success(), "mount {args:?} {}", path.display());
+        TestMount {
+            path: path.to_owned(),
+        }
+    }
+}
+
+impl Drop for TestMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// Fills the file system holding `dir` with one file until the disk says no.
+fn fill_disk(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).expect("filler");
+    let chunk = vec![0u8; 4096];
+    while file.write_all(&chunk).is_ok() {}
+    let _ = file.sync_all();
+    path
+}
+
+/// Item 6: disk full (a few MiB tmpfs as the state dir) with `drop-oldest`: the daemon drops
+/// the oldest to make room and keeps answering `ok`; once the broker is back, everything acked
+/// is delivered except what was dropped, and that is exactly `dropped_total`.
+#[test]
+fn disk_full_with_drop_oldest_makes_room_and_loses_only_what_it_counts() {
+    let mut cloud = Cloud::start();
+    let mut subscriber = cloud.subscribe();
+    std::thread::sleep(AUTOSAVE);
+    cloud.kill_broker();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let _mount = TestMount::mount(&state, &["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"]);
+    let extra = "\n[spool]\nmax_bytes = \"2MiB\"\non_full = \"drop-oldest\"\n";
+    let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, extra));
+
+    let mut acked = send_many(&daemon.socket, "disk", 0..3000);
+    assert_eq!(acked.len(), 3000);
+    let filler = fill_disk(&state);
+    acked.extend(send_many(&daemon.socket, "disk", 3000..8000));
+    let status = daemon.status();
+    eprintln!("disk full: {} acked of 8000, status {status}", acked.len());
+    assert_eq!(
+        acked.len(),
+        8000,
+        "drop-oldest keeps accepting on a full disk"
+    );
+    let dropped = status["dropped_total"].as_u64().expect("dropped_total");
+    assert!(dropped > 0, "room was made by dropping: {status}");
+    assert_eq!(
+        status["spool_state"], "ok",
+        "a full disk is not a failing disk"
+    );
+    assert!(
+        daemon.log_text().contains("disk full: dropped the oldest"),
+        "{}",
+        daemon.log_text()
+    );
+
+    std::fs::remove_file(filler).expect("space returns");
+    cloud.start_broker();
+    let newest: Vec<u64> = (dropped..8000).collect();
+    collect_all(&mut subscriber, &newest);
+    daemon.wait_status("spool drained", DELIVERY_WAIT, |s| s["spool_messages"] == 0);
+    // The dropped ones were the oldest, and only those: every other acked one arrived.
+    assert_eq!(daemon.status()["dropped_total"].as_u64(), Some(dropped));
+}
+
+/// Item 6: disk full with `reject-new` answers `spool_full`, and accepts again once space
+/// returns.
+#[test]
+fn disk_full_with_reject_new_answers_spool_full_until_space_returns() {
+    let mut cloud = Cloud::start();
+    cloud.kill_broker();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let _mount = TestMount::mount(&state, &["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"]);
+    let extra = "\n[spool]\nmax_bytes = \"2MiB\"\non_full = \"reject-new\"\n";
+    let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, extra));
+    assert_eq!(send_many(&daemon.socket, "disk", 0..100).len(), 100);
+    let filler = fill_disk(&state);
+    let mut client = daemon.connect();
+    let mut answers = Vec::new();
+    for n in 0..2000 {
+        client.send_line(&format!(
+            r#"{{"topic":"disk","payload":{{"n":{n},"pad":"{}"}},"id":{n}}}"#,
+            "x".repeat(200)
+        ));
+        let answer = client.read_answer(Duration::from_secs(10)).expect("answer");
+        if answer["ok"] != true {
+            answers.push(answer);
+            break;
+        }
+    }
+    let refused = answers.first().expect("a full disk refuses");
+    assert_eq!(refused["error"], "spool_full", "{refused}");
+    std::fs::remove_file(filler).expect("space returns");
+    client.send_line(r#"{"topic":"disk","payload":{"n":1},"id":"after"}"#);
+    let answer = client.read_answer(Duration::from_secs(10)).expect("answer");
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(daemon.status()["dropped_total"], 0);
+}
+
+/// Item 6: a disk that fails (ext4 shut down under the daemon: every I/O is EIO) is not
+/// "full": appends answer `storage_error`, `status` shows the spool failing, the journal gets
+/// one line, and the watchdog pings stop so systemd restarts the daemon.
+#[test]
+fn failing_disk_answers_storage_error_and_stops_the_watchdog() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("image");
+    let made = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&image)
+        .status()
+        .expect("mkfs.ext4");
+    assert!(made.success());
+    let image_arg = image.display().to_string();
+    let _mount = TestMount::mount(&state, &["-o", "loop", &image_arg]);
+    let config = harness::offline_config(dir.path(), "");
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let log = dir.path().join("daemon.log");
+    let mut daemon = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_iot-cognito-relay"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("WATCHDOG_USEC", "1000000")
+            .env_remove("RUST_LOG")
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start daemon"),
+    );
+    let socket = dir.path().join("relay.sock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "daemon never listened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut client = harness::Client::connect(&socket);
+    client.send_line(r#"{"topic":"t","payload":1,"id":"before"}"#);
+    let answer = client.read_answer(Duration::from_secs(10)).expect("answer");
+    assert_eq!(answer["ok"], true, "{answer}");
+    let pings = |period| {
+        let deadline = std::time::Instant::now() + period;
+        let mut buffer = [0u8; 4096];
+        let mut count = 0;
+        while std::time::Instant::now() < deadline {
+            if let Ok(len) = notify.recv(&mut buffer) {
+                count +=
+                    usize::from(String::from_utf8_lossy(&buffer[..len]).contains("WATCHDOG=1"));
+            }
+        }
+        count
+    };
+    assert!(
+        pings(Duration::from_millis(1600)) >= 2,
+        "pings while healthy"
+    );
+
+    // EXT4_IOC_SHUTDOWN (_IOR('X', 125, u32)) with EXT4_GOING_FLAGS_NOLOGFLUSH.
+    let root = std::fs::File::open(&state).expect("mount root");
+    let flags: u32 = 2;
+    let shut = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&root),
+            0x8004_587d,
+            &flags as *const u32,
+        )
+    };
+    assert_eq!(shut, 0, "shutdown: {}", std::io::Error::last_os_error());
+    for n in 0..5 {
+        client.send_line(&format!(r#"{{"topic":"t","payload":1,"id":{n}}}"#));
+        let answer = client.read_answer(Duration::from_secs(10)).expect("answer");
+        assert_eq!(answer["error"], "storage_error", "{answer}");
+    }
+    let mut status_client = harness::Client::connect(&socket);
+    status_client.send_line(r#"{"op":"status"}"#);
+    let status = status_client
+        .read_answer(Duration::from_secs(5))
+        .expect("status")["status"]
+        .clone();
+    assert_eq!(status["spool_state"], "failing", "{status}");
+    assert!(
+        status["spool_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("write failed")),
+        "{status}"
+    );
+    // A ping may already be on its way; after that, silence.
+    let _ = pings(Duration::from_millis(600));
+    assert_eq!(
+        pings(Duration::from_millis(2500)),
+        0,
+        "no watchdog ping while failing"
+    );
+    assert!(
+        daemon.0.try_wait().expect("wait").is_none(),
+        "the daemon stays up; systemd's watchdog restarts it"
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let lines = text.matches("spool storage failed").count();
+    assert_eq!(lines, 1, "one journal line, not one per message:\n{text}");
+}
+
+/// Kills the daemon if the test ends before it (the mount it uses goes after it).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Item 11: with batching on, a string payload that looks like JSON ("42") and a
+/// `payload_base64` whose bytes parse as JSON go out alone, byte for byte; JSON values are
+/// still batched.
+#[test]
+fn batching_sends_strings_and_binary_alone_byte_for_byte() {
+    let mut cloud = Cloud::start();
+    let mut subscriber = cloud.subscribe();
+    std::thread::sleep(AUTOSAVE);
+    cloud.kill_broker();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = cloud.config(
+        dir.path(),
+        true,
+        "[batch]\nmax_messages = 10\nlinger = \"0ms\"\n",
+    );
+    let daemon = cloud.start_daemon(&config);
+    let mut client = daemon.connect();
+    let lines = [
+        r#"{"topic":"kinds","payload":{"n":0},"id":0}"#,
+        // base64 of `[1,2]`
+        r#"{"topic":"kinds","payload_base64":"WzEsMl0=","id":1}"#,
+        r#"{"topic":"kinds","payload":"42","id":2}"#,
+        r#"{"topic":"kinds","payload":{"n":1},"id":3}"#,
+        r#"{"topic":"kinds","payload":{"n":2},"id":4}"#,
+    ];
+    for line in lines {
+        client.send_line(line);
+        let answer = client.read_answer(Duration::from_secs(10)).expect("answer");
+        assert_eq!(answer["ok"], true, "{answer}");
+    }
+    cloud.start_broker();
+    let received = subscriber.collect_until(DELIVERY_WAIT, |r| r.len() >= 4);
+    let payloads: Vec<&str> = received.iter().map(|r| r.payload.as_str()).collect();
+    assert_eq!(
+        payloads,
+        [r#"[{"n":0}]"#, "[1,2]", "42", r#"[{"n":1},{"n":2}]"#],
+        "only JSON values are wrapped and merged"
+    );
+}
