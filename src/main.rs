@@ -111,13 +111,16 @@ fn run(path: &std::path::Path) -> ExitCode {
         Err(error) => return fail(EXIT_FAILURE, format!("cannot start the runtime: {error}")),
     };
     let daemon = async {
+        // Every handler is in place before the daemon binds its socket (see shutdown_signal).
+        let shutdown = shutdown_signal();
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         let (reload_tx, reloads) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(reload_on_sighup(path.to_owned(), reload_tx));
+        tokio::spawn(reload_on_sighup(hangup, path.to_owned(), reload_tx));
         let controls = daemon::Controls {
             reloads,
             log: Some(log),
         };
-        daemon::run(config, controls, shutdown_signal()).await
+        daemon::run(config, controls, shutdown).await
     };
     let Err(error) = runtime.block_on(daemon) else {
         return ExitCode::SUCCESS;
@@ -138,29 +141,34 @@ fn run(path: &std::path::Path) -> ExitCode {
 }
 
 /// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// The handlers are installed at the call, before the daemon binds its socket: a SIGTERM that
+/// arrives during start-up is then a clean stop, not the default action's kill.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the daemon can still be killed; it just cannot drain.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            // Without signal handlers the daemon can still be killed; it just cannot drain.
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 
 /// On SIGHUP (systemd's `reload`), reads the config file again and hands it to the daemon;
 /// a config that does not load is logged and the running one kept.
 async fn reload_on_sighup(
+    hangup: std::io::Result<tokio::signal::unix::Signal>,
     path: std::path::PathBuf,
     reloads: tokio::sync::mpsc::Sender<config::Config>,
 ) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+    let Ok(mut hup) = hangup else {
         tracing::warn!("cannot handle SIGHUP; reload needs a restart");
         return;
     };

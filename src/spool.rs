@@ -1857,12 +1857,13 @@ mod tests {
         let ids: Vec<i64> = spool
             .read_after(0, 10, usize::MAX)
             .await
+            .expect("read")
             .iter()
             .map(|m| m.id)
             .collect();
         spool.bury(vec![ids[0]], "refused".into()).await;
         spool.bury(vec![ids[2]], "refused again".into()).await;
-        let rest = spool.read_after(0, 10, usize::MAX).await;
+        let rest = spool.read_after(0, 10, usize::MAX).await.expect("read");
         assert_eq!(rest.len(), 1);
         assert_eq!(rest[0].message.topic, "good");
         let stats = *spool.stats().borrow();
@@ -1891,6 +1892,7 @@ mod tests {
         let queued: Vec<_> = spool
             .read_after(0, 10, usize::MAX)
             .await
+            .expect("read")
             .into_iter()
             .map(|m| m.message.topic)
             .collect();
@@ -1905,6 +1907,7 @@ mod tests {
         let ids: Vec<i64> = spool
             .read_after(0, 10, usize::MAX)
             .await
+            .expect("read")
             .iter()
             .map(|m| m.id)
             .collect();
