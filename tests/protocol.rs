@@ -439,9 +439,13 @@ fn a_second_instance_on_the_same_socket_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = cloud.config(dir.path(), true, "");
     let daemon = cloud.start_daemon(&config);
+    // Another state dir, so that the socket check speaks (the same state dir is refused even
+    // earlier, by its lock: tests/publish.rs).
+    let other_state = tempfile::tempdir().expect("tempdir");
     let output = Command::new(env!("CARGO_BIN_EXE_iot-cognito-relay"))
         .args(["run", "--config"])
         .arg(&config)
+        .env("IOT_COGNITO_RELAY__STATE__DIR", other_state.path())
         .output()
         .expect("second instance");
     assert_eq!(output.status.code(), Some(1));
