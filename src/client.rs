@@ -27,6 +27,17 @@ pub enum ClientError {
     Timeout(Duration),
 }
 
+/// Maps a read or write error to the timeout it really is, or to the I/O error.
+fn io_error(timeout: Duration) -> impl Fn(std::io::Error) -> ClientError + Copy {
+    move |error| {
+        if timed_out(&error) {
+            ClientError::Timeout(timeout)
+        } else {
+            ClientError::Io(error)
+        }
+    }
+}
+
 /// A read or write that hit the socket's timeout.
 fn timed_out(error: &std::io::Error) -> bool {
     matches!(
@@ -185,13 +196,7 @@ pub fn send(
 /// Asks the daemon for its status object, giving up after `timeout`.
 pub fn status(socket: &Path, timeout: Duration) -> Result<Value, ClientError> {
     let mut stream = connect(socket, timeout)?;
-    let io = |error: std::io::Error| {
-        if timed_out(&error) {
-            ClientError::Timeout(timeout)
-        } else {
-            ClientError::Io(error)
-        }
-    };
+    let io = io_error(timeout);
     stream.write_all(b"{\"op\":\"status\"}\n").map_err(io)?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line).map_err(io)?;
@@ -206,13 +211,7 @@ pub fn status(socket: &Path, timeout: Duration) -> Result<Value, ClientError> {
 /// Asks the daemon to list, requeue or purge its dead letters; returns the answer object.
 pub fn dead_letters(socket: &Path, action: &str, timeout: Duration) -> Result<Value, ClientError> {
     let mut stream = connect(socket, timeout)?;
-    let io = |error: std::io::Error| {
-        if timed_out(&error) {
-            ClientError::Timeout(timeout)
-        } else {
-            ClientError::Io(error)
-        }
-    };
+    let io = io_error(timeout);
     let request = json!({"op": "dead_letters", "action": action});
     stream
         .write_all(format!("{request}\n").as_bytes())
