@@ -35,15 +35,6 @@ fn parse_entry(datagram: &[u8]) -> Entry {
     entry
 }
 
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn entries_for(journal: &UnixDatagram, period: Duration, into: &mut Vec<Entry>) {
     let deadline = Instant::now() + period;
     let mut buffer = vec![0u8; 256 * 1024];
@@ -87,7 +78,7 @@ fn entries_carry_the_identifier_and_structured_fields() {
 
     // A private /run with our socket where journald's would be; the rest of the system is
     // untouched.
-    let mut daemon = KillOnDrop(
+    let mut daemon = harness::KillOnDrop(
         Command::new("unshare")
             .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
             .arg(
@@ -161,7 +152,7 @@ fn without_the_journal_lines_go_to_stderr() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = harness::offline_config(dir.path(), "");
     // JOURNAL_STREAM inherited from a unit but naming another stream: not ours, so stderr.
-    let mut daemon = KillOnDrop(
+    let mut daemon = harness::KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_iot-cognito-relay"))
             .args(["run", "--config"])
             .arg(&config)

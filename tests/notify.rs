@@ -19,16 +19,6 @@ fn datagrams_for(socket: &UnixDatagram, period: Duration) -> Vec<String> {
     received
 }
 
-/// Kills the daemon if the test fails before it stops it.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn ready_status_watchdog_and_stopping() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -39,7 +29,7 @@ fn ready_status_watchdog_and_stopping() {
         .set_read_timeout(Some(Duration::from_millis(100)))
         .expect("timeout");
 
-    let mut daemon = KillOnDrop(
+    let mut daemon = harness::KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_iot-cognito-relay"))
             .args(["run", "--config"])
             .arg(&config)
@@ -119,7 +109,7 @@ fn a_broken_notify_socket_is_reported_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = harness::offline_config(dir.path(), "");
     let log = dir.path().join("daemon.log");
-    let mut daemon = KillOnDrop(
+    let mut daemon = harness::KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_iot-cognito-relay"))
             .args(["run", "--config"])
             .arg(&config)

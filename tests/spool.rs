@@ -502,7 +502,7 @@ fn failing_disk_answers_storage_error_and_stops_the_watchdog() {
         .set_read_timeout(Some(Duration::from_millis(100)))
         .expect("timeout");
     let log = dir.path().join("daemon.log");
-    let mut daemon = KillOnDrop(
+    let mut daemon = harness::KillOnDrop(
         std::process::Command::new(env!("CARGO_BIN_EXE_iot-cognito-relay"))
             .args(["run", "--config"])
             .arg(&config)
@@ -587,16 +587,6 @@ fn failing_disk_answers_storage_error_and_stops_the_watchdog() {
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let lines = text.matches("spool storage failed").count();
     assert_eq!(lines, 1, "one journal line, not one per message:\n{text}");
-}
-
-/// Kills the daemon if the test ends before it (the mount it uses goes after it).
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Item 11: with batching on, a string payload that looks like JSON ("42") and a

@@ -731,11 +731,7 @@ impl AttachProxy {
 
     /// Every invocation so far: function, payload keys, answer or error.
     pub fn invocations(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect()
+        json_lines(&self.log)
     }
 }
 
@@ -758,11 +754,7 @@ impl FaultProxy {
 
     /// Every request seen: `{"t": epoch seconds, "target": …, "fault": code or null}`.
     pub fn requests(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        json_lines(&self.log)
     }
 }
 
@@ -786,11 +778,7 @@ impl WsProxy {
 
     /// Every upgrade seen: `{"t", "amz_date", "amz_expires", "access_key", "action"}`.
     pub fn upgrades(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        json_lines(&self.log)
     }
 }
 
@@ -1217,4 +1205,23 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// A test proxy's log: one JSON object per line (a line being written is skipped).
+fn json_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+/// A child process (a daemon started by hand) killed if the test ends before it stops it.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
