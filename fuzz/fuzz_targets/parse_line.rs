@@ -2,7 +2,7 @@
 //! must respect IoT Core's limits once the topic prefix is added.
 #![no_main]
 
-use iot_cognito_relay::protocol::{MAX_PAYLOAD_BYTES, Request, parse_line};
+use iot_cognito_relay::ingest::protocol::{MAX_PAYLOAD_BYTES, Request, parse_line};
 use iot_cognito_relay::topic::{MAX_TOPIC_BYTES, MAX_TOPIC_SLASHES, TopicRules};
 use libfuzzer_sys::fuzz_target;
 

@@ -16,12 +16,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::config::SocketConfig;
-use crate::heartbeat::Heartbeat;
-use crate::lines::{Next, RecordReader};
-use crate::logging::Repeats;
-use crate::protocol::{ErrorCode, MAX_LINE_BYTES, Rejection, Request, ok_line, parse_line};
+use crate::ingest::protocol::{ErrorCode, MAX_LINE_BYTES, Rejection, Request, ok_line, parse_line};
+use crate::ingest::records::{Next, RecordReader};
+use crate::ops::heartbeat::Heartbeat;
+use crate::ops::logging::Repeats;
+use crate::ops::status::StatusSource;
 use crate::spool::{AppendError, DeadLetterReply, Spool};
-use crate::status::StatusSource;
 use crate::topic::TopicRules;
 
 /// Answers waiting for a slow client before newer ones are dropped.

@@ -424,7 +424,7 @@ impl Config {
             ));
         }
         if !self.mqtt.ca_file.is_empty()
-            && let Err(error) = crate::mqtt::tls_config(&self.mqtt.ca_file)
+            && let Err(error) = crate::publish::mqtt::tls_config(&self.mqtt.ca_file)
         {
             return Err(invalid("mqtt.ca_file", error.to_string()));
         }
@@ -871,8 +871,8 @@ mod docs_in_step {
 
     use super::Config;
 
-    const DOC: &str = include_str!("../docs/configuration.md");
-    const SHIPPED: &str = include_str!("../config/config.toml");
+    const DOC: &str = include_str!("../../docs/configuration.md");
+    const SHIPPED: &str = include_str!("../../config/config.toml");
 
     /// Every key as `section.key` (`socket.raw.path` for array entries) with its TOML value.
     fn keys(text: &str) -> BTreeMap<String, String> {

@@ -18,8 +18,8 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use crate::config::OnFull;
-use crate::logging::Repeats;
-use crate::protocol::{Message, PayloadKind, Qos};
+use crate::ingest::protocol::{Message, PayloadKind, Qos};
+use crate::ops::logging::Repeats;
 
 /// File name of the spool inside the state dir.
 pub const SPOOL_FILE: &str = "spool.db";
