@@ -102,7 +102,7 @@ impl IngestServer {
     pub async fn run(self) {
         let server = &self;
         accept_clients(&self.listener, &self.limits, &self.heartbeat, |stream| {
-            let client = Client {
+            let client = Peer {
                 spool: server.spool.clone(),
                 rules: server.rules.clone(),
                 status: server.status.clone(),
@@ -241,7 +241,7 @@ enum Pending {
     },
 }
 
-struct Client {
+struct Peer {
     spool: Spool,
     rules: Arc<TopicRules>,
     status: StatusSource,
@@ -249,7 +249,7 @@ struct Client {
     limits: Arc<SocketConfig>,
 }
 
-impl Client {
+impl Peer {
     async fn serve(self, stream: UnixStream) {
         let (read_half, mut write_half) = stream.into_split();
         let (answers, mut answer_queue) = mpsc::channel::<Answer>(ANSWER_QUEUE);
