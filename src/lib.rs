@@ -23,6 +23,7 @@ pub mod config;
 pub mod daemon;
 pub mod identity;
 pub mod ingest;
+pub mod message;
 pub mod ops;
 pub mod publish;
 pub mod retry;

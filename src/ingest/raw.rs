@@ -9,9 +9,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{RawSocketConfig, SocketConfig};
-use crate::ingest::protocol::{MAX_PAYLOAD_BYTES, Message, PayloadKind, Qos};
 use crate::ingest::records::{Next, RecordReader};
 use crate::ingest::server::{Pace, accept_clients};
+use crate::message::{MAX_PAYLOAD_BYTES, Message, PayloadKind, Qos};
 use crate::ops::heartbeat::Heartbeat;
 use crate::ops::logging::Repeats;
 use crate::spool::{AppendError, Spool};

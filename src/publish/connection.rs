@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::config::{BatchConfig, PublishConfig};
 use crate::identity::{RefusalSignal, Session};
-use crate::ingest::protocol::Qos;
+use crate::message::Qos;
 use crate::ops::heartbeat::Heartbeat;
 use crate::ops::logging::Repeats;
 use crate::ops::status::LinkState;

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::MqttConfig;
 use crate::identity::Session;
-use crate::ingest::protocol::MAX_PAYLOAD_BYTES;
+use crate::message::MAX_PAYLOAD_BYTES;
 use crate::publish::signer::{SignError, presign};
 use crate::topic::MAX_TOPIC_BYTES;
 

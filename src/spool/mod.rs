@@ -18,7 +18,7 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use crate::config::OnFull;
-use crate::ingest::protocol::{Message, PayloadKind, Qos};
+use crate::message::{Message, PayloadKind, Qos};
 use crate::ops::logging::Repeats;
 
 /// File name of the spool inside the state dir.
