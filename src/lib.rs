@@ -21,6 +21,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod downlink;
 pub mod identity;
 pub mod ingest;
 pub mod message;

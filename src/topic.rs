@@ -102,6 +102,22 @@ impl TopicRules {
         Ok(())
     }
 
+    /// What the prefix adds to a relative topic or filter, with the longest identity id:
+    /// (bytes, `/`), separator included.
+    pub fn prefix_cost(&self) -> (usize, usize) {
+        (self.prefix_len, self.prefix_slashes)
+    }
+
+    /// The prefix with its separator (`<pool>/<identity>/`), empty when there is none.
+    pub fn prefix(&self, identity_id: &str) -> String {
+        let prefix = expand(&self.template, &self.identity_pool_id, identity_id);
+        if prefix.is_empty() {
+            prefix
+        } else {
+            format!("{prefix}/")
+        }
+    }
+
     /// The topic IoT Core sees for `relative`, once the identity id is known.
     pub fn full_topic(&self, identity_id: &str, relative: &str) -> String {
         let prefix = expand(&self.template, &self.identity_pool_id, identity_id);

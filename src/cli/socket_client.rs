@@ -276,7 +276,7 @@ pub fn format_status(status: &Value) -> String {
         None => String::new(),
     };
     format!(
-        "state:               {}\nidentity:            {}\ncredentials expire:  {}\nlast refresh:        {}\nlast error:          {}\nspool:               {} messages, {} bytes\npublished:           {} ({} republished)\ndropped:             {}\ndead letters:        {} ({} since start)\n{skew}",
+        "state:               {}\nidentity:            {}\ncredentials expire:  {}\nlast refresh:        {}\nlast error:          {}\nspool:               {} messages, {} bytes\npublished:           {} ({} republished)\ndropped:             {}\ndead letters:        {} ({} since start)\ninbox:               {} messages ({} dropped)\n{skew}",
         field("state"),
         field("identity_id"),
         field("credentials_expire_at"),
@@ -289,6 +289,8 @@ pub fn format_status(status: &Value) -> String {
         field("dropped_total"),
         field("dead_letters"),
         field("dead_letter_total"),
+        field("inbox_messages"),
+        field("inbox_dropped_total"),
     )
 }
 

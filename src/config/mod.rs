@@ -3,6 +3,7 @@
 //! Every key has a sound default except the two that name the cloud side. Validation happens
 //! here, once, so the rest of the daemon can trust the values it is handed.
 
+mod downlink;
 mod trust;
 mod units;
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub use downlink::{DownlinkConfig, HealthConfig, MAX_DOWNLINK_TOPICS};
 use trust::check_not_tamperable;
 pub use units::ByteSize;
 use units::duration;
@@ -71,6 +73,10 @@ pub struct Config {
     pub batch: BatchConfig,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub downlink: DownlinkConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
     #[serde(default)]
     pub log: LogConfig,
 }
@@ -491,6 +497,8 @@ impl Config {
                 ));
             }
         }
+        self.validate_downlink(&rules)
+            .map_err(|(key, reason)| invalid(key, reason))?;
         if parse_mode(&self.socket.mode).is_none() {
             return Err(invalid(
                 "socket.mode",

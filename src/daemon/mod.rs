@@ -14,6 +14,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, PublishConfig};
+use crate::downlink::Downlink;
 use crate::identity::IdentityManager;
 use crate::ingest::raw::RawServer;
 use crate::ingest::server::{self, BindError, IngestServer};
@@ -40,6 +41,8 @@ pub enum DaemonError {
     InsecureStateDir { path: String, mode: u32 },
     #[error(transparent)]
     Spool(#[from] spool::OpenError),
+    #[error(transparent)]
+    Inbox(#[from] crate::downlink::inbox::InboxError),
     #[error(transparent)]
     Socket(#[from] BindError),
     #[error(transparent)]
@@ -76,6 +79,7 @@ impl DaemonError {
             | DaemonError::AlreadyRunning(_)
             | DaemonError::Lock { .. }
             | DaemonError::Spool(_)
+            | DaemonError::Inbox(_)
             | DaemonError::TaskFailed(_) => false,
         }
     }
@@ -101,6 +105,7 @@ pub async fn run(
         config.spool.max_bytes.0,
         config.spool.on_full,
     )?;
+    let downlink = Downlink::open(&config.state.dir, config.downlink.max_bytes.0)?;
     let tls = mqtt::tls_config(&config.mqtt.ca_file)?;
     let listener = server::bind(&config.socket.path, config.socket.mode_bits()).await?;
     let mut raw_listeners = Vec::new();
@@ -143,6 +148,7 @@ pub async fn run(
         identity: identity_watch,
         spool: spool.stats(),
         counters,
+        inbox: downlink.stats(),
     };
     let limits = Arc::new(config.socket.clone());
     let mut pulses = Vec::new();
@@ -176,6 +182,7 @@ pub async fn run(
         status: status.clone(),
         stopping: stopping.clone(),
         heartbeat: ingest_heartbeat,
+        downlink: downlink.clone(),
     };
 
     let stats = *spool.stats().borrow();

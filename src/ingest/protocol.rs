@@ -32,6 +32,17 @@ pub enum Request {
         id: Option<Value>,
         action: DeadLetterAction,
     },
+    /// `{"op":"subscribe","topics":["commands/#"]}`: inbox messages matching these filters
+    /// (relative, validated) come to this connection.
+    Subscribe {
+        id: Option<Value>,
+        topics: Vec<String>,
+    },
+    /// `{"op":"ack","seq":N}`: the app is done with message N.
+    Ack {
+        id: Option<Value>,
+        seq: i64,
+    },
 }
 
 /// The error codes of SPEC.md.
@@ -50,6 +61,9 @@ pub enum ErrorCode {
     ShuttingDown,
     /// Beyond SPEC.md's list: a peer refused by `socket.allowed_uids` / `allowed_gids`.
     PermissionDenied,
+    /// An `ack` for a seq this connection does not hold unacked (acked already, or never
+    /// delivered to it).
+    UnknownSeq,
 }
 
 impl ErrorCode {
@@ -66,6 +80,7 @@ impl ErrorCode {
             ErrorCode::StorageError => "storage_error",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::UnknownSeq => "unknown_seq",
         }
     }
 }
@@ -122,6 +137,10 @@ struct RawLine<'a> {
     qos: Option<&'a RawValue>,
     #[serde(borrow, default)]
     action: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    topics: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    seq: Option<&'a RawValue>,
 }
 
 /// Parses and validates one line (without its newline).
@@ -178,10 +197,23 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
             };
             return Ok(Request::DeadLetters { id, action });
         }
+        Some(Ok(op)) if op == "subscribe" => {
+            let topics = parse_filters(raw.topics, rules)
+                .map_err(|(code, message)| Rejection::new(id.clone(), code, message))?;
+            return Ok(Request::Subscribe { id, topics });
+        }
+        Some(Ok(op)) if op == "ack" => {
+            let seq = match raw.seq {
+                None => return Err(reject(ErrorCode::MissingField, "seq is required")),
+                Some(seq) => serde_json::from_str::<i64>(seq.get())
+                    .map_err(|_| reject(ErrorCode::InvalidJson, "seq must be an integer"))?,
+            };
+            return Ok(Request::Ack { id, seq });
+        }
         Some(_) => {
             return Err(reject(
                 ErrorCode::InvalidJson,
-                "op must be \"publish\", \"status\" or \"dead_letters\"",
+                "op must be \"publish\", \"status\", \"dead_letters\", \"subscribe\" or \"ack\"",
             ));
         }
     }
@@ -251,6 +283,36 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
             kind,
         },
     })
+}
+
+/// Most filters one `subscribe` may name (IoT Core takes 8 per SUBSCRIBE; apps need few).
+pub const MAX_SUBSCRIBE_FILTERS: usize = 16;
+
+/// A subscribe's `topics`: a non-empty array of valid relative filters.
+fn parse_filters(
+    raw: Option<&RawValue>,
+    rules: &TopicRules,
+) -> Result<Vec<String>, (ErrorCode, String)> {
+    let Some(raw) = raw else {
+        return Err((ErrorCode::MissingField, "topics is required".into()));
+    };
+    let topics = serde_json::from_str::<Vec<String>>(raw.get()).map_err(|_| {
+        (
+            ErrorCode::InvalidTopic,
+            "topics must be an array of topic filters (strings)".to_owned(),
+        )
+    })?;
+    if topics.is_empty() || topics.len() > MAX_SUBSCRIBE_FILTERS {
+        return Err((
+            ErrorCode::InvalidTopic,
+            format!("topics must name 1 to {MAX_SUBSCRIBE_FILTERS} topic filters"),
+        ));
+    }
+    for topic in &topics {
+        crate::downlink::filter::validate(rules, topic)
+            .map_err(|e| (ErrorCode::InvalidTopic, format!("{topic:?}: {e}")))?;
+    }
+    Ok(topics)
 }
 
 fn too_large(len: usize) -> String {
@@ -381,6 +443,47 @@ mod tests {
             "x".repeat(MAX_PAYLOAD_BYTES)
         );
         assert!(parse(&exact).is_ok());
+    }
+
+    #[test]
+    fn subscribe_and_ack_are_parsed_and_checked() {
+        assert_eq!(
+            parse(r#"{"op":"subscribe","topics":["commands/#","config/+"],"id":"s1"}"#),
+            Ok(Request::Subscribe {
+                id: Some("s1".into()),
+                topics: vec!["commands/#".into(), "config/+".into()],
+            })
+        );
+        assert_eq!(
+            parse(r#"{"op":"ack","seq":42}"#),
+            Ok(Request::Ack { id: None, seq: 42 })
+        );
+        assert_eq!(code(r#"{"op":"subscribe"}"#), ErrorCode::MissingField);
+        assert_eq!(
+            code(r#"{"op":"subscribe","topics":[]}"#),
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","topics":"a"}"#),
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","topics":[1]}"#),
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","topics":["a/#/b"]}"#),
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","topics":["$aws/x"]}"#),
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(code(r#"{"op":"ack"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"op":"ack","seq":"7"}"#), ErrorCode::InvalidJson);
+        assert_eq!(code(r#"{"op":"ack","seq":1.5}"#), ErrorCode::InvalidJson);
+        let rejection = parse(r#"{"op":"subscribe","topics":["+x"],"id":3}"#).expect_err("bad");
+        assert_eq!(rejection.id, Some(3.into()));
     }
 
     #[test]

@@ -16,6 +16,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::config::SocketConfig;
+use crate::downlink::hub::Subscription;
+use crate::downlink::{AckError, Downlink};
 use crate::ingest::protocol::{ErrorCode, MAX_LINE_BYTES, Rejection, Request, ok_line, parse_line};
 use crate::ingest::records::{Next, RecordReader};
 use crate::ops::heartbeat::Heartbeat;
@@ -96,6 +98,8 @@ pub struct IngestServer {
     pub status: StatusSource,
     pub stopping: watch::Receiver<bool>,
     pub heartbeat: Heartbeat,
+    /// Cloud-to-device messages for apps that subscribe.
+    pub downlink: Downlink,
 }
 
 impl IngestServer {
@@ -108,6 +112,7 @@ impl IngestServer {
                 status: server.status.clone(),
                 stopping: server.stopping.clone(),
                 limits: server.limits.clone(),
+                downlink: server.downlink.clone(),
             };
             client.serve(stream)
         })
@@ -239,6 +244,15 @@ enum Pending {
         id: Option<Value>,
         done: oneshot::Receiver<Result<(), AppendError>>,
     },
+    /// Registers the filters after queueing the answer, so the answer precedes any message.
+    Subscribe {
+        id: Option<Value>,
+        topics: Vec<String>,
+    },
+    Ack {
+        id: Option<Value>,
+        seq: i64,
+    },
 }
 
 struct Peer {
@@ -247,6 +261,7 @@ struct Peer {
     status: StatusSource,
     stopping: watch::Receiver<bool>,
     limits: Arc<SocketConfig>,
+    downlink: Downlink,
 }
 
 impl Peer {
@@ -254,13 +269,26 @@ impl Peer {
         let (read_half, mut write_half) = stream.into_split();
         let (answers, mut answer_queue) = mpsc::channel::<Answer>(ANSWER_QUEUE);
         let budget = Arc::new(Semaphore::new(ANSWER_BYTES));
+        let (subscription, mut messages) = Subscription::new(self.downlink.clone());
+        let subscription = Arc::new(subscription);
+        // Message lines are never dropped like answers: an app holds at most the dispatcher's
+        // window of them unacked, and a lost one would sit with it until it disconnects.
         let writer = tokio::spawn(async move {
-            while let Some((line, _permit)) = answer_queue.recv().await {
+            loop {
+                let line = tokio::select! {
+                    biased;
+                    answer = answer_queue.recv() => match answer {
+                        Some((line, _permit)) => line,
+                        None => break,
+                    },
+                    Some(line) = messages.recv() => line,
+                };
                 if write_half.write_all(line.as_bytes()).await.is_err() {
                     break;
                 }
             }
         });
+        let downlink_side = subscription.clone();
         let (pipeline, mut pending) = mpsc::channel::<Pending>(PIPELINE);
         let acker = tokio::spawn(async move {
             let mut deaf = false;
@@ -273,6 +301,17 @@ impl Peer {
                             Err(error) => Some(refusal(id, &error).to_line()),
                         }
                     }
+                    Pending::Subscribe { id, topics } => {
+                        if let Some(id) = &id {
+                            deaf = deliver(&answers, &budget, ok_line(id), deaf).await;
+                        }
+                        downlink_side.subscribe(topics).await;
+                        None
+                    }
+                    Pending::Ack { id, seq } => match downlink_side.ack(seq).await {
+                        Ok(()) => id.as_ref().map(ok_line),
+                        Err(error) => Some(ack_refusal(id, &error).to_line()),
+                    },
                 };
                 if let Some(answer) = answer {
                     deaf = deliver(&answers, &budget, answer, deaf).await;
@@ -282,6 +321,8 @@ impl Peer {
         self.read_lines(read_half, &pipeline).await;
         drop(pipeline);
         let _ = acker.await;
+        // Before waiting for the writer: leaving drops the hub's end of the message lines.
+        subscription.close().await;
         let _ = writer.await;
     }
 
@@ -375,6 +416,8 @@ impl Peer {
                 }
                 Pending::Ready(format!("{answer}\n"))
             }
+            Ok(Request::Subscribe { id, topics }) => Pending::Subscribe { id, topics },
+            Ok(Request::Ack { id, seq }) => Pending::Ack { id, seq },
             Ok(Request::Publish { id, .. }) if *self.stopping.borrow() => {
                 return Some(Err(Rejection::new(
                     id,
@@ -464,6 +507,15 @@ fn refused(rejection: Rejection, repeats: &mut Repeats) -> Pending {
         );
     }
     Pending::Ready(rejection.to_line())
+}
+
+fn ack_refusal(id: Option<Value>, error: &AckError) -> Rejection {
+    let code = match error {
+        AckError::UnknownSeq(_) => ErrorCode::UnknownSeq,
+        AckError::Storage(_) => ErrorCode::StorageError,
+        AckError::Closed => ErrorCode::ShuttingDown,
+    };
+    Rejection::new(id, code, error.to_string())
 }
 
 fn refusal(id: Option<Value>, error: &AppendError) -> Rejection {

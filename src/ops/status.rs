@@ -5,6 +5,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::downlink::InboxStats;
 use crate::identity::IdentityWatch;
 use crate::publish::connection::PublishCounters;
 use crate::spool::SpoolStats;
@@ -65,6 +66,10 @@ pub struct Status {
     /// Messages moved to the dead letters since the start, and held there now.
     pub dead_letter_total: u64,
     pub dead_letters: u64,
+    /// Cloud-to-device messages waiting for an app's ack, and dropped (oldest first) beyond
+    /// `downlink.max_bytes` since the start.
+    pub inbox_messages: u64,
+    pub inbox_dropped_total: u64,
 }
 
 /// Everything `status` reads from; cheap to clone into each client task.
@@ -75,6 +80,7 @@ pub struct StatusSource {
     pub identity: IdentityWatch,
     pub spool: watch::Receiver<SpoolStats>,
     pub counters: watch::Receiver<PublishCounters>,
+    pub inbox: watch::Receiver<InboxStats>,
 }
 
 impl StatusSource {
@@ -83,6 +89,7 @@ impl StatusSource {
         let identity = self.identity.status.borrow().clone();
         let spool = *self.spool.borrow();
         let counters = *self.counters.borrow();
+        let inbox = *self.inbox.borrow();
         let link = *self.link.borrow();
         let state = if *self.stopping.borrow() {
             State::Stopping
@@ -119,6 +126,8 @@ impl StatusSource {
                 .filter(|_| link != LinkState::Connected),
             dead_letter_total: spool.dead_letter_total,
             dead_letters: spool.dead_letters,
+            inbox_messages: inbox.messages,
+            inbox_dropped_total: inbox.dropped_total,
         }
     }
 }
