@@ -80,6 +80,18 @@ fn main() -> ExitCode {
             }
             Err(error) => fail(EXIT_FAILURE, error),
         },
+        Command::Subscribe {
+            socket,
+            count,
+            filters,
+        } => match client::subscribe(&socket, &filters, count, &mut std::io::stdout().lock()) {
+            Ok(_) => ExitCode::SUCCESS,
+            // A bad filter is a usage error.
+            Err(client::SubscribeError::Refused { code, message }) if code == "invalid_topic" => {
+                fail(EXIT_USAGE, format!("{code}: {message}"))
+            }
+            Err(error) => fail(EXIT_FAILURE, error),
+        },
         Command::Status {
             socket,
             json,

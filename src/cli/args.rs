@@ -74,6 +74,26 @@ pub enum Command {
     /// Turn `aws cloudformation describe-stacks` JSON into a config.toml on stdout.
     #[command(after_long_help = SEE_CONFIGURATION)]
     ConfigFromStack { file: PathBuf },
+    /// Print cloud-to-device messages matching FILTER (one JSON line each), acking each one
+    /// after it is printed.
+    ///
+    /// Each line is {"topic": T, "payload": P} (P inline when the message is JSON, a string
+    /// when it is other text) or {"topic": T, "payload_base64": B}; topics are relative to the
+    /// device prefix. A message is acked only after its line is written and flushed, so one
+    /// that is not printed (the command is killed, stdout is closed) goes to the next
+    /// subscriber: a script may see a message twice, never zero times. The daemon receives
+    /// what `[downlink] topics` subscribes to; FILTER picks from that (MQTT wildcards + and #).
+    #[command(after_long_help = SEE_PROTOCOL)]
+    Subscribe {
+        #[arg(long, default_value = "/run/iot-cognito-relay/relay.sock")]
+        socket: PathBuf,
+        /// Exit 0 after N messages (default: run until the daemon stops).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Topic filters relative to the device prefix, e.g. 'commands/#'.
+        #[arg(required = true, value_name = "FILTER")]
+        filters: Vec<String>,
+    },
     /// List, requeue or purge the dead letters: messages the broker never accepted.
     DeadLetters {
         #[arg(value_enum, default_value_t = DeadLetterAction::List)]

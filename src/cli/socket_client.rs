@@ -312,3 +312,109 @@ mod tests {
         assert!(!format_status(&fine).contains("clock:"));
     }
 }
+
+/// How long `subscribe` waits to connect and for the daemon to confirm the subscription.
+pub const SUBSCRIBE_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why `subscribe` stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    #[error(transparent)]
+    Socket(#[from] SocketClientError),
+    /// The daemon refused the request (e.g. `invalid_topic` for a bad filter).
+    #[error("{code}: {message}")]
+    Refused { code: String, message: String },
+    #[error("cannot write a message out: {0}")]
+    Output(std::io::Error),
+}
+
+/// `subscribe`: prints one JSON line per message (`topic`, and `payload` or
+/// `payload_base64`) to `out`, and acks each one only after it is written and flushed; a
+/// message not printed is not acked and comes again. Returns after `count` messages (the
+/// last ack confirmed by the daemon), or when the daemon closes the connection.
+pub fn subscribe(
+    socket: &Path,
+    filters: &[String],
+    count: Option<u64>,
+    out: &mut dyn Write,
+) -> Result<u64, SubscribeError> {
+    let mut stream = connect(socket, SUBSCRIBE_ANSWER_TIMEOUT)?;
+    let io = io_error(SUBSCRIBE_ANSWER_TIMEOUT);
+    let request = json!({"op": "subscribe", "topics": filters, "id": "subscribe"});
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .map_err(io)?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(SocketClientError::Io)?);
+    let answer = read_json(&mut reader, io)?;
+    refused(&answer)?;
+    if answer["id"] != "subscribe" {
+        return Err(SocketClientError::BadAnswer(answer.to_string()).into());
+    }
+    // Messages may be far apart: wait for them as long as it takes.
+    stream
+        .set_read_timeout(None)
+        .map_err(SocketClientError::Io)?;
+    let mut printed = 0u64;
+    let mut last_ack: Option<i64> = None;
+    loop {
+        if count.is_some_and(|count| printed >= count) && last_ack.is_none() {
+            return Ok(printed);
+        }
+        let line = match read_json(&mut reader, io) {
+            Ok(line) => line,
+            Err(SocketClientError::Closed) if count.is_none() => return Ok(printed),
+            Err(error) => return Err(error.into()),
+        };
+        if line["op"] != "message" {
+            // The answer to an ack: the last one closes a `--count` run.
+            refused(&line)?;
+            if line["id"].as_i64().is_some() && line["id"].as_i64() == last_ack {
+                last_ack = None;
+            }
+            continue;
+        }
+        if count.is_some_and(|count| printed >= count) {
+            // More than asked for: not acked, so it goes to the next subscriber.
+            continue;
+        }
+        let Some(seq) = line["seq"].as_i64() else {
+            return Err(SocketClientError::BadAnswer(line.to_string()).into());
+        };
+        let mut shown = serde_json::Map::new();
+        shown.insert("topic".into(), line["topic"].clone());
+        for key in ["payload", "payload_base64"] {
+            if let Some(value) = line.get(key) {
+                shown.insert(key.into(), value.clone());
+            }
+        }
+        writeln!(out, "{}", Value::Object(shown)).map_err(SubscribeError::Output)?;
+        out.flush().map_err(SubscribeError::Output)?;
+        printed += 1;
+        let ack = json!({"op": "ack", "seq": seq, "id": seq});
+        stream
+            .write_all(format!("{ack}\n").as_bytes())
+            .map_err(SocketClientError::Io)?;
+        last_ack = Some(seq);
+    }
+}
+
+fn read_json(
+    reader: &mut impl BufRead,
+    io: impl Fn(std::io::Error) -> SocketClientError,
+) -> Result<Value, SocketClientError> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).map_err(io)? == 0 {
+        return Err(SocketClientError::Closed);
+    }
+    serde_json::from_str(&line).map_err(|_| SocketClientError::BadAnswer(line.trim_end().into()))
+}
+
+fn refused(answer: &Value) -> Result<(), SubscribeError> {
+    if answer["ok"] == Value::Bool(false) {
+        return Err(SubscribeError::Refused {
+            code: answer["error"].as_str().unwrap_or("error").to_owned(),
+            message: answer["message"].as_str().unwrap_or_default().to_owned(),
+        });
+    }
+    Ok(())
+}
