@@ -18,11 +18,13 @@ use crate::downlink::Downlink;
 use crate::identity::IdentityManager;
 use crate::ingest::raw::RawServer;
 use crate::ingest::server::{self, BindError, IngestServer};
+use crate::ops::health::{HEALTH_QUEUE, HealthReporter};
 use crate::ops::heartbeat;
 use crate::ops::logging::LogControl;
 use crate::ops::notify;
 use crate::ops::status::StatusSource;
 use crate::publish::connection::Publisher;
+use crate::publish::inbound::Inbound;
 use crate::publish::mqtt::{self, MqttSettings, TlsError};
 use crate::spool::{self, Spool};
 use crate::topic::TopicRules;
@@ -130,6 +132,7 @@ pub async fn run(
         region: config.aws.region.clone(),
         tls,
         max_in_flight: config.publish.max_in_flight,
+        persistent_session: !config.downlink.topics.is_empty(),
     };
     let (publish_limits, limits_rx) = watch::channel(config.publish.clone());
     let (publisher, link, counters) = Publisher::new(
@@ -141,6 +144,10 @@ pub async fn run(
         limits_rx,
         &config.batch,
     );
+    let publisher = publisher.with_downlink(
+        downlink.clone(),
+        Inbound::new(rules.clone(), config.downlink.topics.clone()),
+    );
     let (stopping_tx, stopping) = watch::channel(false);
     let status = StatusSource {
         link,
@@ -150,6 +157,7 @@ pub async fn run(
         counters,
         inbox: downlink.stats(),
     };
+    let (publisher, health_task) = health_reports(publisher, &config, &status, &downlink);
     let limits = Arc::new(config.socket.clone());
     let mut pulses = Vec::new();
     let mut raw_tasks = tokio::task::JoinSet::new();
@@ -242,6 +250,9 @@ pub async fn run(
     }
     ingest_task.abort();
     identity_task.abort();
+    if let Some(task) = health_task {
+        task.abort();
+    }
     supervisor.abort();
     raw_tasks.abort_all();
     let _ = std::fs::remove_file(&config.socket.path);
@@ -254,6 +265,31 @@ pub async fn run(
         Some((task, _)) => Err(DaemonError::TaskFailed(task)),
         None => Ok(()),
     }
+}
+
+/// With `[health] interval` set: the task that makes the reports, and the publisher that
+/// sends them.
+fn health_reports(
+    publisher: Publisher,
+    config: &Config,
+    status: &StatusSource,
+    downlink: &Downlink,
+) -> (Publisher, Option<tokio::task::JoinHandle<()>>) {
+    if config.health.interval.is_zero() {
+        return (publisher, None);
+    }
+    let (reports, receiver) = mpsc::channel(HEALTH_QUEUE);
+    let reporter = HealthReporter {
+        interval: config.health.interval,
+        status: status.clone(),
+        inbox: downlink.stats(),
+        reports,
+    };
+    let task = tokio::spawn(reporter.run());
+    (
+        publisher.with_health(receiver, config.health.topic.clone()),
+        Some(task),
+    )
 }
 
 /// glibc gives each thread that meets contention its own malloc arena (up to 8 per core) and

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod connection;
 pub mod flow;
+pub mod inbound;
 pub mod mqtt;
 pub mod quota;
 pub mod signer;

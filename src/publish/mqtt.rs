@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use crate::config::MqttConfig;
 use crate::identity::Session;
 use crate::message::MAX_PAYLOAD_BYTES;
+use crate::publish::inbound::MAX_RECEIVE_BATCH;
 use crate::publish::signer::{SignError, presign};
 use crate::topic::MAX_TOPIC_BYTES;
 
@@ -83,6 +84,9 @@ pub struct MqttSettings {
     pub region: String,
     pub tls: Arc<ClientConfig>,
     pub max_in_flight: u16,
+    /// `clean_session = false`: the broker keeps the subscriptions and queues QoS 1 messages
+    /// while the daemon is away (downlink on; see `publish::inbound`).
+    pub persistent_session: bool,
 }
 
 impl MqttSettings {
@@ -130,12 +134,16 @@ pub fn connect(settings: &MqttSettings, session: &Session) -> Result<Connection,
     options
         .set_transport(transport)
         .set_keep_alive(settings.config.keep_alive)
-        // Unacknowledged messages live in the spool and are republished by the publisher.
-        .set_clean_session(true)
+        // Unacknowledged publishes live in the spool and are republished by the publisher
+        // either way; a persistent session is for what the broker sends us.
+        .set_clean_session(!settings.persistent_session)
+        // Received messages are acknowledged only once they are committed to the inbox.
+        .set_manual_acks(true)
         .set_inflight(settings.max_in_flight)
         .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
-    // The publisher never has more than max_in_flight requests outstanding, so this never fills.
-    let capacity = usize::from(settings.max_in_flight) + 8;
+    // The publisher never has more than max_in_flight publishes outstanding, nor more acks
+    // than one received batch, so this never fills.
+    let capacity = usize::from(settings.max_in_flight) + MAX_RECEIVE_BATCH + 8;
     let (client, mut event_loop) = AsyncClient::new(options, capacity);
     event_loop
         .network_options
