@@ -63,7 +63,10 @@ fn connected(daemon: &Daemon) -> String {
     let status = daemon.wait_status("the daemon to connect", CONNECT_WAIT, |s| {
         s["state"] == "connected"
     });
-    status["identity_id"].as_str().expect("identity id").to_owned()
+    status["identity_id"]
+        .as_str()
+        .expect("identity id")
+        .to_owned()
 }
 
 /// The `n` of each message's JSON payload, in order.
@@ -87,7 +90,10 @@ fn every_message_reaches_an_app_whether_the_daemon_runs_is_stopped_or_nobody_lis
             s["inbox_messages"] == 5
         });
     let mut app = device.daemon.connect();
-    assert_eq!(app.subscribe(&["commands/#"]), serde_json::json!({"id": "sub", "ok": true}));
+    assert_eq!(
+        app.subscribe(&["commands/#"]),
+        serde_json::json!({"id": "sub", "ok": true})
+    );
     let waited = app.receive_and_ack(5);
     assert_eq!(ns(&waited), (0..5).collect::<Vec<_>>(), "in arrival order");
     assert!(waited.iter().all(|m| m["topic"] == "commands/a"));
@@ -128,7 +134,9 @@ fn an_unacked_message_goes_to_the_next_subscriber_and_payloads_keep_their_kind()
     second.subscribe(&["commands/#", "config/+"]);
 
     device.send("commands/reboot", 0..1);
-    let handed = first.next_message(MESSAGE_WAIT).expect("the first subscriber gets it");
+    let handed = first
+        .next_message(MESSAGE_WAIT)
+        .expect("the first subscriber gets it");
     assert!(
         second.next_message(Duration::from_millis(300)).is_none(),
         "one app at a time"
@@ -138,14 +146,19 @@ fn an_unacked_message_goes_to_the_next_subscriber_and_payloads_keep_their_kind()
         .next_message(MESSAGE_WAIT)
         .expect("redelivered to the next subscriber");
     assert_eq!(again, handed, "same seq, topic and payload");
-    second.send_line(&format!(r#"{{"op":"ack","seq":{},"id":"a1"}}"#, again["seq"]));
+    second.send_line(&format!(
+        r#"{{"op":"ack","seq":{},"id":"a1"}}"#,
+        again["seq"]
+    ));
     let answer = second.read_answer(MESSAGE_WAIT).expect("ack answer");
     assert_eq!(answer, serde_json::json!({"id": "a1", "ok": true}));
     second.send_line(&format!(r#"{{"op":"ack","seq":{}}}"#, again["seq"]));
     let twice = second.read_answer(MESSAGE_WAIT).expect("answer");
     assert_eq!(twice["error"], "unknown_seq", "{twice}");
 
-    device.cloud.cloud_publish(&device.topic("config/mode"), &["eco".into()]);
+    device
+        .cloud
+        .cloud_publish(&device.topic("config/mode"), &["eco".into()]);
     device
         .cloud
         .cloud_publish_bytes(&device.topic("config/blob"), &[0xff, 0x00, 0x7f]);
@@ -153,7 +166,11 @@ fn an_unacked_message_goes_to_the_next_subscriber_and_payloads_keep_their_kind()
     assert_eq!(kinds[0]["topic"], "config/mode");
     assert_eq!(kinds[0]["payload"], "eco", "UTF-8 text as a string");
     assert_eq!(kinds[1]["payload_base64"], "/wB/", "binary as base64");
-    assert_eq!(handed["payload"], serde_json::json!({"n": 0}), "JSON inline");
+    assert_eq!(
+        handed["payload"],
+        serde_json::json!({"n": 0}),
+        "JSON inline"
+    );
 }
 
 #[test]
@@ -166,9 +183,18 @@ fn bad_subscribe_and_ack_requests_get_protocol_errors() {
     for (line, code) in [
         (r#"{"op":"subscribe","id":1}"#, "missing_field"),
         (r#"{"op":"subscribe","topics":[],"id":2}"#, "invalid_topic"),
-        (r#"{"op":"subscribe","topics":["a/#/b"],"id":3}"#, "invalid_topic"),
-        (r#"{"op":"subscribe","topics":["$aws/things/x"],"id":4}"#, "invalid_topic"),
-        (r#"{"op":"subscribe","topics":"commands/#","id":5}"#, "invalid_topic"),
+        (
+            r#"{"op":"subscribe","topics":["a/#/b"],"id":3}"#,
+            "invalid_topic",
+        ),
+        (
+            r#"{"op":"subscribe","topics":["$aws/things/x"],"id":4}"#,
+            "invalid_topic",
+        ),
+        (
+            r#"{"op":"subscribe","topics":"commands/#","id":5}"#,
+            "invalid_topic",
+        ),
         (r#"{"op":"ack","id":6}"#, "missing_field"),
         (r#"{"op":"ack","seq":"7","id":7}"#, "invalid_json"),
         (r#"{"op":"ack","seq":7,"id":8}"#, "unknown_seq"),
@@ -190,7 +216,11 @@ fn bad_subscribe_and_ack_requests_get_protocol_errors() {
         .arg("a/#/b")
         .output()
         .expect("run subscribe");
-    assert_eq!(output.status.code(), Some(2), "a bad filter is a usage error");
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "a bad filter is a usage error"
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("invalid_topic"), "{stderr}");
@@ -203,7 +233,14 @@ fn the_cli_and_the_documented_examples_print_and_ack() {
     let default = "/run/iot-cognito-relay/relay.sock";
 
     let cli = Command::new(BIN)
-        .args(["subscribe", "--socket", &socket, "--count", "2", "commands/#"])
+        .args([
+            "subscribe",
+            "--socket",
+            &socket,
+            "--count",
+            "2",
+            "commands/#",
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("run subscribe");
@@ -239,7 +276,10 @@ fn the_cli_and_the_documented_examples_print_and_ack() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "command x: {\"n\":2}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "command x: {\"n\":2}"
+    );
 
     device.send("commands/reboot", 7..8);
     let python = doc_example("Python: subscribe and ack", "python").replace(default, &socket);
@@ -312,9 +352,15 @@ fn health_reports_come_every_interval_and_the_first_after_an_outage_says_how_lon
 
     // An outage: nothing is spooled for it, and the first report after it says how long.
     cloud.kill_broker();
-    daemon.wait_status("the link to drop", CONNECT_WAIT, |s| s["state"] != "connected");
+    daemon.wait_status("the link to drop", CONNECT_WAIT, |s| {
+        s["state"] != "connected"
+    });
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(daemon.status()["spool_messages"], 0, "reports are never spooled");
+    assert_eq!(
+        daemon.status()["spool_messages"],
+        0,
+        "reports are never spooled"
+    );
     cloud.start_broker();
     let deadline = Instant::now() + CONNECT_WAIT;
     let after = loop {
@@ -325,7 +371,9 @@ fn health_reports_come_every_interval_and_the_first_after_an_outage_says_how_lon
             break serde_json::from_str::<Value>(&received.payload).expect("JSON");
         }
     };
-    let offline = after["offline_s"].as_u64().expect("offline_s after an outage");
+    let offline = after["offline_s"]
+        .as_u64()
+        .expect("offline_s after an outage");
     assert!((2..60).contains(&offline), "{after}");
 }
 

@@ -152,36 +152,52 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
     }
     let raw: RawLine<'_> =
         serde_json::from_slice(line).map_err(|e| invalid_json(format!("not valid JSON: {e}")))?;
+    let id = parse_id(raw.id)?;
+    match parse_op(&raw, id.clone(), rules)? {
+        Some(request) => Ok(request),
+        None => parse_publish(&raw, id, rules),
+    }
+}
 
-    let id = match raw.id {
-        None => None,
-        Some(raw_id) => match serde_json::from_str::<Value>(raw_id.get()) {
-            // Answered without the id: echoing it is what must not happen.
-            Ok(Value::String(text)) if text.len() > MAX_ID_BYTES => {
-                return Err(Rejection::new(
-                    None,
-                    ErrorCode::InvalidId,
-                    format!("id is {} bytes; at most {MAX_ID_BYTES}", text.len()),
-                ));
-            }
-            Ok(Value::Number(_)) if raw_id.get().len() > MAX_ID_BYTES => {
-                return Err(Rejection::new(
-                    None,
-                    ErrorCode::InvalidId,
-                    format!("id is {} bytes; at most {MAX_ID_BYTES}", raw_id.get().len()),
-                ));
-            }
-            Ok(id @ (Value::String(_) | Value::Number(_))) => Some(id),
-            Ok(Value::Null) => None,
-            _ => return Err(invalid_json("id must be a string or a number".into())),
-        },
+/// The request `id`: a string or number of at most `MAX_ID_BYTES`, or none.
+fn parse_id(raw_id: Option<&RawValue>) -> Result<Option<Value>, Rejection> {
+    let Some(raw_id) = raw_id else {
+        return Ok(None);
     };
-    let reject = |code, message: &str| Rejection::new(id.clone(), code, message);
+    // A too long id is answered without it: echoing it is what must not happen.
+    let too_long = |len: usize| {
+        Rejection::new(
+            None,
+            ErrorCode::InvalidId,
+            format!("id is {len} bytes; at most {MAX_ID_BYTES}"),
+        )
+    };
+    match serde_json::from_str::<Value>(raw_id.get()) {
+        Ok(Value::String(text)) if text.len() > MAX_ID_BYTES => Err(too_long(text.len())),
+        Ok(Value::Number(_)) if raw_id.get().len() > MAX_ID_BYTES => {
+            Err(too_long(raw_id.get().len()))
+        }
+        Ok(id @ (Value::String(_) | Value::Number(_))) => Ok(Some(id)),
+        Ok(Value::Null) => Ok(None),
+        _ => Err(Rejection::new(
+            None,
+            ErrorCode::InvalidJson,
+            "id must be a string or a number",
+        )),
+    }
+}
 
-    match raw.op.map(|op| serde_json::from_str::<String>(op.get())) {
-        None => {}
-        Some(Ok(op)) if op == "publish" => {}
-        Some(Ok(op)) if op == "status" => return Ok(Request::Status { id }),
+/// Every request but a publish; `None` for a publish (no `op`, or `"publish"`).
+fn parse_op(
+    raw: &RawLine<'_>,
+    id: Option<Value>,
+    rules: &TopicRules,
+) -> Result<Option<Request>, Rejection> {
+    let reject = |code, message: &str| Rejection::new(id.clone(), code, message);
+    let request = match raw.op.map(|op| serde_json::from_str::<String>(op.get())) {
+        None => return Ok(None),
+        Some(Ok(op)) if op == "publish" => return Ok(None),
+        Some(Ok(op)) if op == "status" => Request::Status { id },
         Some(Ok(op)) if op == "dead_letters" => {
             let action = match raw.action.map(|a| serde_json::from_str::<String>(a.get())) {
                 None => DeadLetterAction::List,
@@ -195,12 +211,12 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
                     ));
                 }
             };
-            return Ok(Request::DeadLetters { id, action });
+            Request::DeadLetters { id, action }
         }
         Some(Ok(op)) if op == "subscribe" => {
             let topics = parse_filters(raw.topics, rules)
-                .map_err(|(code, message)| Rejection::new(id.clone(), code, message))?;
-            return Ok(Request::Subscribe { id, topics });
+                .map_err(|(code, message)| reject(code, &message))?;
+            Request::Subscribe { id, topics }
         }
         Some(Ok(op)) if op == "ack" => {
             let seq = match raw.seq {
@@ -208,7 +224,7 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
                 Some(seq) => serde_json::from_str::<i64>(seq.get())
                     .map_err(|_| reject(ErrorCode::InvalidJson, "seq must be an integer"))?,
             };
-            return Ok(Request::Ack { id, seq });
+            Request::Ack { id, seq }
         }
         Some(_) => {
             return Err(reject(
@@ -216,8 +232,17 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
                 "op must be \"publish\", \"status\", \"dead_letters\", \"subscribe\" or \"ack\"",
             ));
         }
-    }
+    };
+    Ok(Some(request))
+}
 
+/// A publish: topic, payload and qos, each checked.
+fn parse_publish(
+    raw: &RawLine<'_>,
+    id: Option<Value>,
+    rules: &TopicRules,
+) -> Result<Request, Rejection> {
+    let reject = |code, message: &str| Rejection::new(id.clone(), code, message);
     let topic = match raw.topic {
         None => return Err(reject(ErrorCode::MissingField, "topic is required")),
         Some(topic) => serde_json::from_str::<String>(topic.get())
@@ -226,46 +251,7 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
     rules
         .validate(&topic)
         .map_err(|e| reject(ErrorCode::InvalidTopic, &e.to_string()))?;
-
-    let (payload, kind) = match (raw.payload, raw.payload_base64) {
-        (Some(_), Some(_)) => {
-            return Err(reject(
-                ErrorCode::InvalidJson,
-                "give either payload or payload_base64, not both",
-            ));
-        }
-        (None, None) => {
-            return Err(reject(
-                ErrorCode::MissingField,
-                "payload (or payload_base64) is required",
-            ));
-        }
-        (Some(payload), None) => match serde_json::from_str::<String>(payload.get()) {
-            Ok(text) => (text.into_bytes(), PayloadKind::Text),
-            Err(_) => (compact_json(payload.get()), PayloadKind::Json),
-        },
-        (None, Some(encoded)) => {
-            let text = serde_json::from_str::<String>(encoded.get())
-                .map_err(|_| reject(ErrorCode::InvalidJson, "payload_base64 must be a string"))?;
-            if text.len() / 4 * 3 > MAX_PAYLOAD_BYTES + 3 {
-                return Err(reject(
-                    ErrorCode::PayloadTooLarge,
-                    &too_large(text.len() / 4 * 3),
-                ));
-            }
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(text.as_bytes())
-                .map_err(|e| reject(ErrorCode::InvalidJson, &format!("payload_base64: {e}")))?;
-            (bytes, PayloadKind::Binary)
-        }
-    };
-    if payload.len() > MAX_PAYLOAD_BYTES {
-        return Err(reject(
-            ErrorCode::PayloadTooLarge,
-            &too_large(payload.len()),
-        ));
-    }
-
+    let (payload, kind) = parse_payload(raw).map_err(|(code, message)| reject(code, &message))?;
     let qos = match raw.qos {
         None => Qos::AtLeastOnce,
         Some(qos) => serde_json::from_str::<u8>(qos.get())
@@ -273,7 +259,6 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
             .and_then(Qos::from_u8)
             .ok_or_else(|| reject(ErrorCode::InvalidQos, "qos must be 0 or 1"))?,
     };
-
     Ok(Request::Publish {
         id,
         message: Message {
@@ -283,6 +268,47 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
             kind,
         },
     })
+}
+
+/// `payload` or `payload_base64`, decoded and within IoT Core's payload limit.
+fn parse_payload(raw: &RawLine<'_>) -> Result<(Vec<u8>, PayloadKind), (ErrorCode, String)> {
+    let (payload, kind) = match (raw.payload, raw.payload_base64) {
+        (Some(_), Some(_)) => {
+            return Err((
+                ErrorCode::InvalidJson,
+                "give either payload or payload_base64, not both".into(),
+            ));
+        }
+        (None, None) => {
+            return Err((
+                ErrorCode::MissingField,
+                "payload (or payload_base64) is required".into(),
+            ));
+        }
+        (Some(payload), None) => match serde_json::from_str::<String>(payload.get()) {
+            Ok(text) => (text.into_bytes(), PayloadKind::Text),
+            Err(_) => (compact_json(payload.get()), PayloadKind::Json),
+        },
+        (None, Some(encoded)) => {
+            let text = serde_json::from_str::<String>(encoded.get()).map_err(|_| {
+                (
+                    ErrorCode::InvalidJson,
+                    "payload_base64 must be a string".to_owned(),
+                )
+            })?;
+            if text.len() / 4 * 3 > MAX_PAYLOAD_BYTES + 3 {
+                return Err((ErrorCode::PayloadTooLarge, too_large(text.len() / 4 * 3)));
+            }
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(text.as_bytes())
+                .map_err(|e| (ErrorCode::InvalidJson, format!("payload_base64: {e}")))?;
+            (bytes, PayloadKind::Binary)
+        }
+    };
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return Err((ErrorCode::PayloadTooLarge, too_large(payload.len())));
+    }
+    Ok((payload, kind))
 }
 
 /// Most filters one `subscribe` may name (IoT Core takes 8 per SUBSCRIBE; apps need few).

@@ -86,9 +86,9 @@ impl LocalApp {
     pub fn receive_and_ack(&mut self, count: usize) -> Vec<Value> {
         (0..count)
             .map(|received| {
-                let message = self.next_message(MESSAGE_WAIT).unwrap_or_else(|| {
-                    panic!("message {} of {count} never came", received + 1)
-                });
+                let message = self
+                    .next_message(MESSAGE_WAIT)
+                    .unwrap_or_else(|| panic!("message {} of {count} never came", received + 1));
                 self.send_line(&format!(r#"{{"op":"ack","seq":{}}}"#, message["seq"]));
                 message
             })
