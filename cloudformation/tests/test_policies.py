@@ -96,13 +96,15 @@ def test_auth_role_trusts_only_signed_in_identities_of_this_pool(stack):
 
 def test_auth_role_holds_only_what_the_onboarding_chain_uses(stack):
     statements = iam.role_statements(stack.properties("IAMAuthenticatedRole"))
-    assert iam.allowed_actions(statements) == {"lambda:InvokeFunction", "iot:Connect", "iot:Publish"}
+    assert iam.allowed_actions(statements) == {"lambda:InvokeFunction", "iot:Connect", "iot:Publish",
+                                               "iot:Receive", "iot:Subscribe"}
     assert all("*" not in action for s in statements for action in iam.as_list(s["Action"]))
 
 
 def test_auth_role_publishes_only_under_its_own_prefix(stack):
     statements = iam.role_statements(stack.properties("IAMAuthenticatedRole"))
-    publish = [s for s in statements if s["Effect"] == "Allow" and s["Action"] == "iot:Publish"]
+    publish = [s for s in statements
+               if s["Effect"] == "Allow" and "iot:Publish" in iam.as_list(s["Action"])]
     assert [s["Resource"] for s in publish] == [
         f"arn:aws:iot:{REGION}:{ACCOUNT}:topic/{pool(stack)}/${{{SUB}}}/*"]
     me = {SUB: ME, "aws:SourceIp": INSIDE[0]}
@@ -117,8 +119,33 @@ def test_auth_role_publishes_only_under_its_own_prefix(stack):
     # Without a Cognito identity the variable is unset and nothing matches.
     assert iam.evaluate(statements, "iot:Publish", topic(stack, ME, "a"),
                         {"aws:SourceIp": INSIDE[0]}) != iam.ALLOW
-    for action in ("iot:Subscribe", "iot:Receive", "iot:RetainPublish", "iot:UpdateThingShadow"):
+    # Subscribe is for topic filters (below), never for topic resources.
+    for action in ("iot:Subscribe", "iot:RetainPublish", "iot:UpdateThingShadow"):
         assert iam.evaluate(statements, action, topic(stack, ME, "a"), me) != iam.ALLOW
+
+
+def topic_filter(stack, *parts):
+    return f"arn:aws:iot:{REGION}:{ACCOUNT}:topicfilter/" + "/".join([pool(stack), *parts])
+
+
+# Issue 15: the downlink. A device subscribes to filters under its own prefix and receives on
+# its own topics, in the role and in the IoT policy alike; nothing wider.
+@pytest.mark.parametrize("where", ["role", "iot-policy"])
+def test_a_device_subscribes_and_receives_only_under_its_own_prefix(stack, where):
+    statements = data_plane_documents(stack)[where]
+    me = {SUB: ME, "aws:SourceIp": INSIDE[0]}
+    for allowed in (topic_filter(stack, ME, "commands", "#"), topic_filter(stack, ME, "config", "+"),
+                    topic_filter(stack, ME, "a")):
+        assert iam.evaluate(statements, "iot:Subscribe", allowed, me) == iam.ALLOW, allowed
+    for denied in (topic_filter(stack, OTHER, "commands", "#"), topic_filter(stack, "#"),
+                   topic_filter(stack, "+", "commands"), topic_filter(stack, ME),
+                   f"arn:aws:iot:{REGION}:{ACCOUNT}:topicfilter/#",
+                   f"arn:aws:iot:{REGION}:{ACCOUNT}:topicfilter/$aws/things/x/jobs/#"):
+        assert iam.evaluate(statements, "iot:Subscribe", denied, me) != iam.ALLOW, denied
+    assert iam.evaluate(statements, "iot:Receive", topic(stack, ME, "commands", "reboot"), me) == iam.ALLOW
+    for denied in (topic(stack, OTHER, "commands", "reboot"), topic(stack, ME),
+                   f"arn:aws:iot:{REGION}:{ACCOUNT}:topic/$aws/things/x/shadow/update/accepted"):
+        assert iam.evaluate(statements, "iot:Receive", denied, me) != iam.ALLOW, denied
 
 
 def test_auth_role_connects_only_as_its_own_identity(stack):
@@ -209,11 +236,12 @@ def test_no_iot_action_from_outside_the_device_network(stack, ip):
 
 def test_data_plane_scope_is_the_same_in_the_role_and_the_iot_policy(stack):
     role = [s for s in iam.role_statements(stack.properties("IAMAuthenticatedRole"))
-            if s["Effect"] == "Allow" and s["Action"] in ("iot:Connect", "iot:Publish")]
+            if s["Effect"] == "Allow" and set(iam.as_list(s["Action"])) <= set(DATA_ACTIONS)]
     document = stack.properties("CognitoIoTPolicy")["PolicyDocument"]
 
     def scope(statements):
-        return sorted((s["Action"], s["Resource"], repr(s.get("Condition"))) for s in statements)
+        return sorted((tuple(iam.as_list(s["Action"])), s["Resource"], repr(s.get("Condition")))
+                      for s in statements)
 
     assert scope(role) == scope(iam.statements(document))
 
@@ -224,7 +252,8 @@ def test_iot_policy_confines_each_identity_to_its_topics(stack):
     document = stack.properties("CognitoIoTPolicy")["PolicyDocument"]
     statements = iam.statements(document)
     assert all(s["Effect"] == "Allow" for s in statements)
-    assert iam.allowed_actions(statements) == {"iot:Connect", "iot:Publish"}
+    assert iam.allowed_actions(statements) == {"iot:Connect", "iot:Publish", "iot:Receive",
+                                               "iot:Subscribe"}
     me = {SUB: ME, "aws:SourceIp": INSIDE[0]}
     assert iam.evaluate(statements, "iot:Publish", topic(stack, ME, "a", "b"), me) == iam.ALLOW
     assert iam.evaluate(statements, "iot:Publish", topic(stack, OTHER, "a"), me) != iam.ALLOW
@@ -286,8 +315,8 @@ def test_the_cidrs_come_from_the_one_parameter(template):
 
     for name, resource in template["Resources"].items():
         walk(resource, name)
-    assert sorted(found) == ["CognitoIoTPolicy", "CognitoIoTPolicy", "IAMAuthenticatedRole",
-                             "IAMAuthenticatedRole", "IAMAuthenticatedRole", "SecretResourcePolicy"]
+    assert sorted(found) == ["CognitoIoTPolicy"] * 3 + ["IAMAuthenticatedRole"] * 4 + [
+        "SecretResourcePolicy"]
     ipset = template["Resources"]["UserPoolDeviceNetwork"]["Properties"]
     assert ipset["Addresses"] == {"Ref": "DeviceCidrs"}
 

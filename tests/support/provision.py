@@ -38,7 +38,8 @@ def iot_policy_document(region, account, identity_pool_id, device_cidrs=None):
     """Each identity may connect as itself and publish under <pool>/<its identity id>/, only
     from the device network.
 
-    Publish only, as in the template: the relay never subscribes (least privilege).
+    As in the template: Publish and Receive on its own topics, Subscribe to its own topic
+    filters (the downlink), nothing else.
     """
     sub = "${cognito-identity.amazonaws.com:sub}"
     arn = f"arn:aws:iot:{region}:{account}"
@@ -50,8 +51,14 @@ def iot_policy_document(region, account, identity_pool_id, device_cidrs=None):
              "Condition": network},
             {
                 "Effect": "Allow",
-                "Action": "iot:Publish",
+                "Action": ["iot:Publish", "iot:Receive"],
                 "Resource": f"{arn}:topic/{identity_pool_id}/{sub}/*",
+                "Condition": network,
+            },
+            {
+                "Effect": "Allow",
+                "Action": "iot:Subscribe",
+                "Resource": f"{arn}:topicfilter/{identity_pool_id}/{sub}/*",
                 "Condition": network,
             },
         ],
