@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test` (both as root on Debian).
-.PHONY: demo test deps lint audit system-test bench cross-deps deb-all arm-smoke
+.PHONY: demo test deps lint audit system-test bench bench-downlink cross-deps deb-all arm-smoke
 
 demo:
 	bash scripts/demo.sh
@@ -41,6 +41,10 @@ arm-smoke: cross-deps
 # target/relay-bench/results.json and relay-benchmark.png.
 bench: deps
 	cargo bench --profile release --bench relay
+
+# Cloud -> app latency of the downlink (p50/p99 at 10 and 100 msg/s), outside `make test`.
+bench-downlink: deps
+	cargo bench --profile release --bench downlink_latency
 
 lint:
 	cargo fmt --check
