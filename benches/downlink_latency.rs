@@ -36,7 +36,11 @@ fn main() {
     let mut cloud = Cloud::start();
     cloud.start_broker_logging("error warning notice information");
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = cloud.config(dir.path(), true, "\n[downlink]\ntopics = [\"commands/#\"]\n");
+    let config = cloud.config(
+        dir.path(),
+        true,
+        "\n[downlink]\ntopics = [\"commands/#\"]\n",
+    );
     // The harness logs at debug; a benchmark measures the daemon, not its log.
     harness::rewrite_config(&config, &[("level = \"debug\"", "level = \"warn\"")]);
     let daemon = cloud.start_daemon(&config);
@@ -87,13 +91,7 @@ fn main() {
 }
 
 /// Sends `count` messages at `rate`; returns each one's latency in µs.
-fn run(
-    cloud: &Cloud,
-    topic: &str,
-    app: &mut harness::LocalApp,
-    rate: u32,
-    count: u64,
-) -> Vec<u64> {
+fn run(cloud: &Cloud, topic: &str, app: &mut harness::LocalApp, rate: u32, count: u64) -> Vec<u64> {
     // The publisher runs in the cloud's namespace: this binary again, in its publisher role.
     let exe = std::env::current_exe().expect("current exe");
     let mut publisher = harness::KillOnDrop(
