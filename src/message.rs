@@ -4,8 +4,9 @@
 /// Largest payload IoT Core accepts.
 pub const MAX_PAYLOAD_BYTES: usize = 128 * 1024;
 
-/// Delivery guarantee a message asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Delivery guarantee a message asks for. In a config file it is written 0 or 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "u8", into = "u8")]
 pub enum Qos {
     AtMostOnce,
     AtLeastOnce,
@@ -25,6 +26,20 @@ impl Qos {
             1 => Some(Qos::AtLeastOnce),
             _ => None,
         }
+    }
+}
+
+impl TryFrom<u8> for Qos {
+    type Error = String;
+
+    fn try_from(value: u8) -> Result<Qos, String> {
+        Qos::from_u8(value).ok_or_else(|| format!("QoS {value} must be 0 or 1"))
+    }
+}
+
+impl From<Qos> for u8 {
+    fn from(qos: Qos) -> u8 {
+        qos.as_u8()
     }
 }
 

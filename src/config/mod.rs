@@ -3,6 +3,7 @@
 //! Every key has a sound default except the two that name the cloud side. Validation happens
 //! here, once, so the rest of the daemon can trust the values it is handed.
 
+pub mod changes;
 mod trust;
 mod units;
 
@@ -12,9 +13,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::message::Qos;
+
 use trust::check_not_tamperable;
-pub use units::ByteSize;
 use units::duration;
+pub use units::{ByteSize, Delimiter, FileMode};
 
 /// Where the daemon looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/iot-cognito-relay/config.toml";
@@ -50,7 +53,7 @@ const SHORTEST_TOPIC: &str = "t";
 const MAX_BATCH_MESSAGES: u32 = 65_536;
 
 /// The whole configuration, section by section as in SPEC.md.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -75,7 +78,7 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AwsConfig {
     /// Defaults to the region prefix of `identity.identity_pool_id`.
@@ -86,7 +89,7 @@ pub struct AwsConfig {
     pub endpoint_url: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     #[serde(default)]
@@ -117,7 +120,7 @@ impl Default for IdentityConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
     /// Defaults to the secret's `IoTEndpoint` tag.
@@ -143,12 +146,12 @@ impl Default for MqttConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SocketConfig {
     pub path: PathBuf,
-    /// Octal file mode, as a string so that "0660" keeps its meaning from TOML and env alike.
-    pub mode: String,
+    /// Octal file mode of the sockets.
+    pub mode: FileMode,
     /// When either list is non-empty, only clients whose uid or gid is listed may connect
     /// (checked with SO_PEERCRED), on top of the socket's file mode.
     pub allowed_uids: Vec<u32>,
@@ -165,7 +168,7 @@ pub struct SocketConfig {
 }
 
 /// One `[[socket.raw]]` entry.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSocketConfig {
     pub path: PathBuf,
@@ -173,23 +176,18 @@ pub struct RawSocketConfig {
     pub topic: String,
     /// One byte that ends a record (default newline).
     #[serde(default = "RawSocketConfig::default_delimiter")]
-    pub delimiter: String,
+    pub delimiter: Delimiter,
     #[serde(default = "RawSocketConfig::default_qos")]
-    pub qos: u8,
+    pub qos: Qos,
 }
 
 impl RawSocketConfig {
-    fn default_delimiter() -> String {
-        "\n".into()
+    fn default_delimiter() -> Delimiter {
+        Delimiter(b'\n')
     }
 
-    fn default_qos() -> u8 {
-        1
-    }
-
-    /// The validated delimiter byte.
-    pub fn delimiter_byte(&self) -> u8 {
-        self.delimiter.as_bytes().first().copied().unwrap_or(b'\n')
+    fn default_qos() -> Qos {
+        Qos::AtLeastOnce
     }
 }
 
@@ -197,7 +195,7 @@ impl Default for SocketConfig {
     fn default() -> Self {
         SocketConfig {
             path: "/run/iot-cognito-relay/relay.sock".into(),
-            mode: "0660".into(),
+            mode: FileMode(0o660),
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
             max_clients: 256,
@@ -215,14 +213,9 @@ impl SocketConfig {
             || self.allowed_uids.contains(&uid)
             || self.allowed_gids.contains(&gid)
     }
-
-    /// The validated mode as permission bits.
-    pub fn mode_bits(&self) -> u32 {
-        parse_mode(&self.mode).unwrap_or(0o660)
-    }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
     pub dir: PathBuf,
@@ -244,7 +237,7 @@ pub enum OnFull {
     RejectNew,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolConfig {
     pub max_bytes: ByteSize,
@@ -260,7 +253,7 @@ impl Default for SpoolConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PublishConfig {
     pub max_publishes_per_second: u32,
@@ -278,7 +271,7 @@ impl Default for PublishConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
     pub max_messages: u32,
@@ -297,7 +290,7 @@ impl Default for BatchConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
     #[serde(with = "duration")]
@@ -312,7 +305,7 @@ impl Default for ShutdownConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     pub level: String,
@@ -458,23 +451,11 @@ impl Config {
             ));
         }
         for raw in &self.socket.raw {
-            if raw.delimiter.len() != 1 {
-                return Err(invalid(
-                    "socket.raw.delimiter",
-                    format!(
-                        "{:?} must be exactly one byte, e.g. \"\\n\" or \";\"",
-                        raw.delimiter
-                    ),
-                ));
-            }
             if let Err(error) = rules.validate(&raw.topic) {
                 return Err(invalid(
                     "socket.raw.topic",
                     format!("{:?}: {error}", raw.topic),
                 ));
-            }
-            if raw.qos > 1 {
-                return Err(invalid("socket.raw.qos", "must be 0 or 1".into()));
             }
             if raw.path == self.socket.path
                 || self
@@ -490,15 +471,6 @@ impl Config {
                     format!("{} is used by another socket", raw.path.display()),
                 ));
             }
-        }
-        if parse_mode(&self.socket.mode).is_none() {
-            return Err(invalid(
-                "socket.mode",
-                format!(
-                    "{:?} is not an octal file mode like \"0660\"",
-                    self.socket.mode
-                ),
-            ));
         }
         if self.spool.max_bytes.0 < MAX_PAYLOAD_BYTES {
             return Err(invalid(
@@ -566,12 +538,6 @@ fn is_loopback_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-fn parse_mode(mode: &str) -> Option<u32> {
-    u32::from_str_radix(mode.trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|bits| *bits <= 0o777)
-}
-
 /// Masks `user:password@` in a URL.
 fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -607,7 +573,7 @@ secret_id = "eu-west-1_abc_demo-app-user"
         assert_eq!(config.aws.region, "eu-west-1");
         assert_eq!(config.identity.refresh_margin, Duration::from_secs(300));
         assert_eq!(config.mqtt.keep_alive, Duration::from_secs(30));
-        assert_eq!(config.socket.mode_bits(), 0o660);
+        assert_eq!(config.socket.mode, FileMode(0o660));
         assert_eq!(config.spool.max_bytes, ByteSize(256 << 20));
         assert_eq!(config.spool.on_full, OnFull::DropOldest);
         assert_eq!(config.publish.max_publishes_per_second, 100);
@@ -701,18 +667,27 @@ secret_id = "eu-west-1_abc_demo-app-user"
             ))
         };
         let config = raw("topic = \"sensors/raw\"\ndelimiter = \";\"\n").expect("valid");
-        assert_eq!(config.socket.raw[0].delimiter_byte(), b';');
-        assert_eq!(config.socket.raw[0].qos, 1);
+        assert_eq!(config.socket.raw[0].delimiter, Delimiter(b';'));
+        assert_eq!(config.socket.raw[0].qos, Qos::AtLeastOnce);
         let err = raw("topic = \"a/#\"\n").expect_err("wildcard");
         assert!(err.to_string().contains("socket.raw.topic"), "{err}");
         let err = raw("topic = \"t\"\ndelimiter = \"ab\"\n").expect_err("two bytes");
-        assert!(err.to_string().contains("socket.raw.delimiter"), "{err}");
+        assert!(err.to_string().contains("delimiter"), "{err}");
+        assert!(err.to_string().contains("exactly one byte"), "{err}");
+        let err = raw("topic = \"t\"\nqos = 2\n").expect_err("no QoS 2");
+        assert!(err.to_string().contains("qos"), "{err}");
+        assert!(err.to_string().contains("must be 0 or 1"), "{err}");
+        let config = raw("topic = \"t\"\nqos = 0\n").expect("QoS 0");
+        assert_eq!(config.socket.raw[0].qos, Qos::AtMostOnce);
     }
 
     #[test]
     fn bad_socket_mode_is_rejected() {
         let err = load(&format!("{MINIMAL}\n[socket]\nmode = \"rw-rw----\"\n")).expect_err("fail");
         assert!(err.to_string().contains("socket.mode"), "{err}");
+        assert!(err.to_string().contains("not an octal file mode"), "{err}");
+        let config = load(&format!("{MINIMAL}\n[socket]\nmode = \"0600\"\n")).expect("valid");
+        assert_eq!(config.socket.mode, FileMode(0o600));
     }
 
     #[test]
