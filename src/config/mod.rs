@@ -424,7 +424,7 @@ impl Config {
             ));
         }
         if !self.mqtt.ca_file.is_empty()
-            && let Err(error) = crate::publish::mqtt::tls_config(&self.mqtt.ca_file)
+            && let Err(error) = crate::publish::tls::tls_config(&self.mqtt.ca_file)
         {
             return Err(invalid("mqtt.ca_file", error.to_string()));
         }

@@ -26,7 +26,8 @@ use crate::ops::logging::LogControl;
 use crate::ops::notify;
 use crate::ops::status::StatusSource;
 use crate::publish::connection::Publisher;
-use crate::publish::mqtt::{self, MqttSettings, TlsError};
+use crate::publish::mqtt::MqttSettings;
+use crate::publish::tls::{TlsError, tls_config};
 use crate::spool::{self, Spool};
 use crate::topic::TopicRules;
 use reload::{Live, reload};
@@ -131,7 +132,7 @@ impl Daemon {
             config.spool.max_bytes.0,
             config.spool.on_full,
         )?;
-        let tls = mqtt::tls_config(&config.mqtt.ca_file)?;
+        let tls = tls_config(&config.mqtt.ca_file)?;
         let listeners = bind_sockets(&config).await?;
         let base =
             crate::identity::aws::base_config(&config.aws.region, &config.aws.endpoint_url).await;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{ConnectReturnCode, Event, Outgoing, Packet, QoS};
+use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -17,7 +18,6 @@ use crate::identity::{RefusalSignal, Session};
 use crate::message::Qos;
 use crate::ops::heartbeat::Heartbeat;
 use crate::ops::logging::Repeats;
-use crate::ops::status::LinkState;
 use crate::publish::batch::Batcher;
 use crate::publish::flow::{Action, BrokerEvent, Ended, Flow, Outside, Publish};
 use crate::publish::mqtt::{self, MqttSettings};
@@ -35,6 +35,16 @@ const RECONNECT_CAP: Duration = Duration::from_secs(30);
 const BEAT_EVERY: Duration = Duration::from_secs(2);
 /// How long a clean disconnect may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Where the link to IoT Core stands (SPEC.md's `state`, minus `stopping`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkState {
+    Starting,
+    Connecting,
+    Connected,
+    Backoff,
+}
 
 /// Delivery counters for `status`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -7,3 +7,4 @@ pub mod flow;
 pub mod mqtt;
 pub mod quota;
 pub mod signer;
+pub mod tls;
