@@ -143,18 +143,17 @@ impl Daemon {
             &config.identity.identity_pool_id,
             &config.aws.region,
         ));
-        let settings = MqttSettings {
-            config: config.mqtt.clone(),
-            region: config.aws.region.clone(),
-            tls,
-            max_in_flight: config.publish.max_in_flight,
-        };
         let (publish_limits, limits) = watch::channel(config.publish.clone());
         let (publisher, link, counters) = Publisher::new(
             spool.clone(),
             identity_watch.sessions.clone(),
             identity_watch.refusals.clone(),
-            settings,
+            MqttSettings {
+                config: config.mqtt.clone(),
+                region: config.aws.region.clone(),
+                tls,
+                max_in_flight: config.publish.max_in_flight,
+            },
             rules.clone(),
             limits,
             &config.batch,
@@ -173,47 +172,16 @@ impl Daemon {
             identity_id = identity.cached_identity_id().as_deref().unwrap_or("(none yet)"),
             "ready"
         );
-        let mut tasks = Supervisor::default();
-        let mut pulses = Vec::new();
-        let mut heartbeat = |task: Task| {
-            let (heartbeat, pulse) = heartbeat::channel(task.name());
-            pulses.push(pulse);
-            heartbeat
-        };
-        let limits = Arc::new(config.socket.clone());
-        for (listener, raw) in listeners.raw {
-            let server = RawServer {
-                listener,
-                raw,
-                limits: limits.clone(),
-                spool: spool.clone(),
-                stopping: stopping.clone(),
-                heartbeat: heartbeat(Task::RawSocketServer),
-            };
-            tasks.spawn(Task::RawSocketServer, server.run());
-        }
-        let server = IngestServer {
-            listener: listeners.main,
-            limits,
-            spool: spool.clone(),
+        let parts = Parts {
+            listeners,
+            identity,
+            publisher,
             rules,
+            spool: spool.clone(),
             status: status.clone(),
-            stopping: stopping.clone(),
-            heartbeat: heartbeat(Task::SocketServer),
+            stopping,
         };
-        tasks.spawn(Task::SocketServer, server.run());
-        let identity_heartbeat = heartbeat(Task::IdentityManager);
-        tasks.spawn(Task::IdentityManager, identity.run(identity_heartbeat));
-        let publisher_heartbeat = heartbeat(Task::Publisher);
-        tasks.spawn(
-            Task::Publisher,
-            publisher.run(stopping, publisher_heartbeat),
-        );
-        notify::ready(&status);
-        tasks.spawn(
-            Task::Watchdog,
-            notify::supervise(status.clone(), spool.clone(), pulses),
-        );
+        let tasks = spawn_tasks(&config, parts);
         Ok(Daemon {
             config,
             spool,
@@ -282,6 +250,72 @@ impl Daemon {
         let left = self.spool.stats().borrow().messages;
         tracing::info!(left_in_spool = left, "stopped");
     }
+}
+
+/// What the tasks are made of, built by `Daemon::start`.
+struct Parts {
+    listeners: Listeners,
+    identity: IdentityManager,
+    publisher: Publisher,
+    rules: Arc<TopicRules>,
+    spool: Spool,
+    status: StatusSource,
+    stopping: watch::Receiver<bool>,
+}
+
+/// Starts every main task under one supervisor, each with its heartbeat for the watchdog.
+fn spawn_tasks(config: &Config, parts: Parts) -> Supervisor {
+    let Parts {
+        listeners,
+        identity,
+        publisher,
+        rules,
+        spool,
+        status,
+        stopping,
+    } = parts;
+    let mut tasks = Supervisor::default();
+    let mut pulses = Vec::new();
+    let mut heartbeat = |task: Task| {
+        let (heartbeat, pulse) = heartbeat::channel(task.name());
+        pulses.push(pulse);
+        heartbeat
+    };
+    let limits = Arc::new(config.socket.clone());
+    for (listener, raw) in listeners.raw {
+        let server = RawServer {
+            listener,
+            raw,
+            limits: limits.clone(),
+            spool: spool.clone(),
+            stopping: stopping.clone(),
+            heartbeat: heartbeat(Task::RawSocketServer),
+        };
+        tasks.spawn(Task::RawSocketServer, server.run());
+    }
+    let server = IngestServer {
+        listener: listeners.main,
+        limits,
+        spool: spool.clone(),
+        rules,
+        status: status.clone(),
+        stopping: stopping.clone(),
+        heartbeat: heartbeat(Task::SocketServer),
+    };
+    tasks.spawn(Task::SocketServer, server.run());
+    let identity_heartbeat = heartbeat(Task::IdentityManager);
+    tasks.spawn(Task::IdentityManager, identity.run(identity_heartbeat));
+    let publisher_heartbeat = heartbeat(Task::Publisher);
+    tasks.spawn(
+        Task::Publisher,
+        publisher.run(stopping, publisher_heartbeat),
+    );
+    notify::ready(&status);
+    tasks.spawn(
+        Task::Watchdog,
+        notify::supervise(status.clone(), spool.clone(), pulses),
+    );
+    tasks
 }
 
 async fn bind_sockets(config: &Config) -> Result<Listeners, DaemonError> {
