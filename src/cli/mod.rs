@@ -4,5 +4,5 @@
 pub mod args;
 pub mod commands;
 mod run;
-pub mod socket_client;
-pub mod stack_config;
+mod socket_client;
+mod stack_config;

@@ -17,7 +17,6 @@ pub struct DeviceSecret {
     pub password: Secret<String>,
     pub client_id: String,
     pub user_pool_id: String,
-    pub identity_pool_id: String,
     pub iot_endpoint: String,
     pub iot_policy: String,
     /// The `AttachFunction` tag: the stack's function that attaches `iot_policy` (newer stacks).
@@ -177,12 +176,13 @@ fn parse_secret(
             .cloned()
             .ok_or_else(|| IdentityError::SecretFormat(format!("the secret has no {key} tag")))
     };
+    // Required like the others (SPEC.md step 2), though the config names the pool already.
+    tag("IdentityPoolId")?;
     Ok(DeviceSecret {
         username,
         password: Secret::new(password),
         client_id: tag("ClientId")?,
         user_pool_id: tag("UserPoolId")?,
-        identity_pool_id: tag("IdentityPoolId")?,
         iot_endpoint: tag("IoTEndpoint")?,
         iot_policy: tag("IoTPolicy")?,
         attach_function: tags

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 pub use attach::{RefusalSignal, is_authorization_refusal};
 pub use bootstrap::DeviceSecret;
-pub use cache::{CACHE_FILE, IdentityCache};
+pub use cache::IdentityCache;
 use user_pool::UserPoolTokens;
 
 use crate::config::IdentityConfig;

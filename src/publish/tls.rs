@@ -10,10 +10,18 @@ use rustls_pki_types::pem::PemObject;
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// `mqtt.ca_file` could not be read or parsed.
     #[error("cannot read CA bundle {path}: {reason}")]
-    CaFile { path: String, reason: String },
+    CaFile {
+        /// The bundle's path.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// `mqtt.ca_file` parsed, but holds no certificate.
     #[error("CA bundle {0} holds no certificate")]
     EmptyCaFile(String),
+    /// rustls refused the setup.
     #[error("TLS setup failed: {0}")]
     Rustls(#[from] rustls::Error),
 }
