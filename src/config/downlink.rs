@@ -9,7 +9,7 @@ pub const MAX_DOWNLINK_TOPICS: usize = 50;
 /// A health report more often than this would only eat the publish quota.
 const MIN_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DownlinkConfig {
     /// Topic filters relative to the device prefix; empty: no downlink (clean session).
@@ -27,7 +27,7 @@ impl Default for DownlinkConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// 0 = no health reports.

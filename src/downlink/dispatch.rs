@@ -123,6 +123,7 @@ impl Dispatcher {
     }
 
     /// Messages in the inbox (held by an app or waiting).
+    #[cfg(test)]
     pub fn depth(&self) -> usize {
         self.queue.len()
     }

@@ -15,5 +15,5 @@ pub mod hub;
 pub mod inbox;
 pub mod render;
 
-pub use hub::{AckError, Deliveries, Downlink, ReceiveError};
-pub use inbox::{INBOX_FILE, InboxStats};
+pub use hub::{AckError, Downlink};
+pub use inbox::InboxStats;

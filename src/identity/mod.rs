@@ -19,17 +19,14 @@ use tokio::sync::watch;
 
 pub use attach::{RefusalSignal, is_authorization_refusal};
 pub use bootstrap::DeviceSecret;
-pub use cache::{CACHE_FILE, IdentityCache};
+pub use cache::IdentityCache;
 use user_pool::UserPoolTokens;
 
 use crate::config::IdentityConfig;
-use crate::identity::aws::{
-    AwsCredentials, OPERATION_TIMEOUT, describe, error_code, is_transient_code, to_system_time,
-};
+use crate::identity::aws::{AwsCredentials, AwsFailure, OPERATION_TIMEOUT};
 use crate::ops::heartbeat::Heartbeat;
 use crate::ops::logging::Repeats;
 use crate::retry::Backoff;
-use crate::secret::Secret;
 
 /// First retry after a failed sign-in waits up to this long; later ones double up to the cap.
 const RETRY_BASE: Duration = Duration::from_secs(2);
@@ -397,10 +394,10 @@ impl IdentityManager {
                 .await
             {
                 Ok(credentials) => return Ok((cached, credentials)),
-                Err((Some(code), error)) if bootstrap::IDENTITY_GONE.contains(&code.as_str()) => {
+                Err(error) if error.is_one_of(&bootstrap::IDENTITY_GONE) => {
                     tracing::warn!(identity_id = %cached, %error, "cached identity id rejected; asking for a new one");
                 }
-                Err((code, error)) => return Err(credentials_error(code.as_deref(), error)),
+                Err(error) => return Err(credentials_error(error)),
             }
         }
         let get_id = cognito
@@ -411,7 +408,7 @@ impl IdentityManager {
         let identity_id = heartbeat
             .bounded(step_limit(1), get_id)
             .await
-            .map_err(|e| credentials_error(error_code(&e), describe(&e)))?
+            .map_err(|e| credentials_error(AwsFailure::from_sdk(&e)))?
             .identity_id
             .ok_or_else(|| IdentityError::Credentials("GetId returned no id".into()))?;
         let credentials = heartbeat
@@ -420,7 +417,7 @@ impl IdentityManager {
                 self.credentials_for(&cognito, &identity_id, &logins),
             )
             .await
-            .map_err(|(code, error)| credentials_error(code.as_deref(), error))?;
+            .map_err(credentials_error)?;
         Ok((identity_id, credentials))
     }
 
@@ -429,26 +426,18 @@ impl IdentityManager {
         cognito: &aws_sdk_cognitoidentity::Client,
         identity_id: &str,
         logins: &HashMap<String, String>,
-    ) -> Result<AwsCredentials, (Option<String>, String)> {
+    ) -> Result<AwsCredentials, AwsFailure> {
         let output = cognito
             .get_credentials_for_identity()
             .identity_id(identity_id)
             .set_logins(Some(logins.clone()))
             .send()
             .await
-            .map_err(|e| (error_code(&e).map(str::to_owned), describe(&e)))?;
-        let credentials = output.credentials.ok_or_else(|| {
-            (
-                None,
-                "GetCredentialsForIdentity returned no credentials".to_owned(),
-            )
-        })?;
-        Ok(AwsCredentials {
-            access_key_id: credentials.access_key_id.unwrap_or_default(),
-            secret_access_key: Secret::new(credentials.secret_key.unwrap_or_default()),
-            session_token: Secret::new(credentials.session_token.unwrap_or_default()),
-            expires_at: to_system_time(credentials.expiration.as_ref()),
-        })
+            .map_err(|e| AwsFailure::from_sdk(&e))?;
+        let credentials = output
+            .credentials
+            .ok_or_else(|| AwsFailure::empty_answer("GetCredentialsForIdentity"))?;
+        Ok(AwsCredentials::from_cognito(credentials))
     }
 
     fn save_cache(&self) {
@@ -459,11 +448,11 @@ impl IdentityManager {
 }
 
 /// A failed step 4: refused for good when AWS named a reason retrying will not fix.
-fn credentials_error(code: Option<&str>, error: String) -> IdentityError {
-    if is_transient_code(code) {
-        IdentityError::Credentials(error)
+fn credentials_error(failure: AwsFailure) -> IdentityError {
+    if failure.is_transient() {
+        IdentityError::Credentials(failure.message)
     } else {
-        IdentityError::Refused(format!("authenticated Cognito credentials: {error}"))
+        IdentityError::Refused(format!("authenticated Cognito credentials: {failure}"))
     }
 }
 

@@ -13,7 +13,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::downlink::InboxStats;
-use crate::ops::status::{LinkState, Status, StatusSource};
+use crate::ops::status::{Status, StatusSource};
+use crate::publish::connection::LinkState;
 
 /// Reports waiting for the publisher: a newer one is dropped while one still waits.
 pub const HEALTH_QUEUE: usize = 1;

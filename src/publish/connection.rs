@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{ConnectReturnCode, Event, Outgoing, Packet, QoS, SubscribeFilter};
+use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -18,7 +19,6 @@ use crate::identity::{RefusalSignal, Session};
 use crate::message::Qos;
 use crate::ops::heartbeat::Heartbeat;
 use crate::ops::logging::Repeats;
-use crate::ops::status::LinkState;
 use crate::publish::batch::Batcher;
 use crate::publish::flow::{Action, BrokerEvent, Ended, Flow, Outside, Publish};
 use crate::publish::inbound::{Inbound, MAX_RECEIVE_BATCH, Received};
@@ -39,6 +39,16 @@ const BEAT_EVERY: Duration = Duration::from_secs(2);
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// IoT Core takes at most 8 topic filters per SUBSCRIBE.
 const FILTERS_PER_SUBSCRIBE: usize = 8;
+
+/// Where the link to IoT Core stands (SPEC.md's `state`, minus `stopping`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkState {
+    Starting,
+    Connecting,
+    Connected,
+    Backoff,
+}
 
 /// Delivery counters for `status`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -213,10 +213,6 @@ impl Flow {
         self.quota.set_limits(max_publishes, max_bytes);
     }
 
-    pub fn is_connected(&self) -> bool {
-        self.link.connected
-    }
-
     /// Whether news from the spool could change a decision now (else the loop need not wake).
     pub fn listens_to_spool(&self) -> bool {
         let link = &self.link;

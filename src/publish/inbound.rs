@@ -43,11 +43,6 @@ impl Inbound {
         Inbound { rules, filters }
     }
 
-    /// Whether the connection keeps a persistent session (downlink on).
-    pub fn persistent(&self) -> bool {
-        !self.filters.is_empty()
-    }
-
     /// The full filters to subscribe to (QoS 1) after every CONNACK.
     pub fn subscriptions(&self, identity_id: &str) -> Vec<String> {
         self.filters
@@ -85,7 +80,6 @@ mod tests {
     #[test]
     fn subscribes_under_the_device_prefix_only_when_downlink_is_on() {
         let on = inbound(&["commands/#", "config/+"]);
-        assert!(on.persistent());
         assert_eq!(
             on.subscriptions(IDENTITY),
             vec![
@@ -94,7 +88,6 @@ mod tests {
             ]
         );
         let off = inbound(&[]);
-        assert!(!off.persistent());
         assert!(off.subscriptions(IDENTITY).is_empty());
     }
 
