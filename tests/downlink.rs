@@ -26,11 +26,17 @@ struct Device {
 
 impl Device {
     fn start(topics: &[&str], extra: &str) -> Device {
+        Device::start_editing(topics, extra, &[])
+    }
+
+    /// Like `start`, with `edits` made to the harness's config first.
+    fn start_editing(topics: &[&str], extra: &str, edits: &[(&str, &str)]) -> Device {
         let mut cloud = Cloud::start();
         cloud.start_broker();
         let dir = tempfile::tempdir().expect("tempdir");
         let downlink = format!("\n[downlink]\ntopics = {topics:?}\n{extra}");
         let config = cloud.config(dir.path(), true, &downlink);
+        harness::rewrite_config(&config, edits);
         let from = cloud.broker_log().len();
         let daemon = cloud.start_daemon(&config);
         let identity_id = connected(&daemon);
@@ -127,11 +133,17 @@ fn every_message_reaches_an_app_whether_the_daemon_runs_is_stopped_or_nobody_lis
 
 #[test]
 fn an_unacked_message_goes_to_the_next_subscriber_and_payloads_keep_their_kind() {
-    let device = Device::start(&["commands/#", "config/+"], "");
+    // Silent connections are closed after idle_timeout; subscribers wait in silence.
+    let device = Device::start_editing(
+        &["commands/#", "config/+"],
+        "",
+        &[("[socket]\n", "[socket]\nidle_timeout = \"1s\"\n")],
+    );
     let mut first = device.daemon.connect();
     first.subscribe(&["commands/#"]);
     let mut second = device.daemon.connect();
     second.subscribe(&["commands/#", "config/+"]);
+    std::thread::sleep(Duration::from_millis(2500));
 
     device.send("commands/reboot", 0..1);
     let handed = first

@@ -296,6 +296,11 @@ impl Subscription {
             .await;
     }
 
+    /// Whether the connection has subscribed (its silence is then expected).
+    pub fn is_subscribed(&self) -> bool {
+        self.app.load(Ordering::Relaxed) != 0
+    }
+
     pub async fn ack(&self, seq: i64) -> Result<(), AckError> {
         match self.app.load(Ordering::Relaxed) {
             0 => Err(AckError::UnknownSeq(seq)),

@@ -322,7 +322,7 @@ impl Peer {
                 }
             }
         });
-        self.read_lines(read_half, &pipeline).await;
+        self.read_lines(read_half, &pipeline, &subscription).await;
         drop(pipeline);
         let _ = acker.await;
         // Before waiting for the writer: leaving drops the hub's end of the message lines.
@@ -336,6 +336,7 @@ impl Peer {
         &self,
         read_half: tokio::net::unix::OwnedReadHalf,
         pipeline: &mpsc::Sender<Pending>,
+        subscription: &Subscription,
     ) {
         let mut reader =
             RecordReader::new(read_half, b'\n', MAX_LINE_BYTES, self.limits.idle_timeout);
@@ -365,6 +366,8 @@ impl Peer {
                     let _ = pipeline.send(Pending::Ready(rejection.to_line())).await;
                     return;
                 }
+                // A subscriber waits for messages in silence: that is its use of the slot.
+                Next::Silent if subscription.is_subscribed() => None,
                 Next::Silent => {
                     tracing::debug!(
                         idle_timeout = %humantime::format_duration(self.limits.idle_timeout),
