@@ -59,7 +59,7 @@ fn main() {
 
     for rate in RATES {
         let count = u64::from(rate) * seconds;
-        // moto's credentials live 90 s, so the daemon renews its connection about every 45 s
+        // moto's credentials live 90 s, so the daemon renews its connection within a run
         // (hourly on AWS); messages sent meanwhile wait at the broker. Said with the figures.
         let refreshed_before = daemon.status()["last_refresh"].clone();
         let mut latencies = run(&cloud, &topic, &mut app, rate, count);
