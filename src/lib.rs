@@ -1,29 +1,34 @@
 //! iot-cognito-relay: relays what local apps write to a Unix socket into AWS IoT Core, using
 //! only Cognito identities. See SPEC.md for the contract and README.md for the tour.
+//!
+//! # Layout
+//!
+//! The folders follow one message from a local app to the broker:
+//!
+//! ```text
+//! ingest/    Unix sockets: the JSON protocol, raw sockets, record splitting
+//!   → spool/     the durable SQLite queue ("ok" means it is on disk)
+//!   → publish/   batching, IoT Core quotas, the MQTT-over-WebSockets connection, SigV4
+//!        ↑
+//! identity/  secret → user pool → Cognito credentials, refreshed ahead of expiry
+//! ```
+//!
+//! Around them: `daemon/` builds the tasks and supervises them, `config/` loads and validates
+//! the config file, `ops/` speaks to systemd and journald and reports status, `cli/` holds the
+//! command line and the commands that talk to a running daemon. `topic`, `retry` and `secret`
+//! are small rules every stage shares.
 
-pub mod aws;
-pub mod batch;
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod daemon;
-pub mod heartbeat;
 pub mod identity;
 pub mod ingest;
-pub mod lines;
-pub mod logging;
-pub mod mqtt;
-pub mod notify;
-pub mod protocol;
-pub mod publisher;
-pub mod quota;
-pub mod raw;
+pub mod message;
+pub mod ops;
+pub mod publish;
 pub mod retry;
 pub mod secret;
-pub mod signer;
 pub mod spool;
-pub mod stack;
-pub mod status;
 pub mod topic;
 
 pub use config::Config;

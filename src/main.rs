@@ -4,8 +4,10 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use iot_cognito_relay::cli::{Cli, Command};
-use iot_cognito_relay::{client, config, daemon, logging, stack};
+use iot_cognito_relay::cli::args::{Cli, Command};
+use iot_cognito_relay::cli::{socket_client as client, stack_config as stack};
+use iot_cognito_relay::ops::logging;
+use iot_cognito_relay::{config, daemon};
 
 /// Exit codes of SPEC.md.
 const EXIT_FAILURE: u8 = 1;

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use clap::CommandFactory;
 use clap_complete::Shell;
-use iot_cognito_relay::cli::Cli;
+use iot_cognito_relay::cli::args::Cli;
 
 fn generated() -> Vec<(String, Vec<u8>)> {
     // One page per subcommand, as git does: iot-cognito-relay-run(1) and so on.

@@ -544,7 +544,7 @@ impl Offline {
     }
 
     fn status(&self) -> Value {
-        let mut client = harness::Client::connect(&self.socket);
+        let mut client = harness::LocalApp::connect(&self.socket);
         client.send_line(r#"{"op":"status"}"#);
         client.read_answer(ANSWER).expect("status")["status"].clone()
     }
@@ -562,7 +562,7 @@ impl Drop for Offline {
 #[test]
 fn an_id_over_128_bytes_is_invalid_id_and_a_deaf_client_with_huge_ids_stays_bounded() {
     let daemon = Offline::start("", "");
-    let mut client = harness::Client::connect(&daemon.socket);
+    let mut client = harness::LocalApp::connect(&daemon.socket);
     let at_limit = "i".repeat(128);
     client.send_line(&format!(r#"{{"topic":"t","payload":1,"id":"{at_limit}"}}"#));
     let answer = client.read_answer(ANSWER).expect("answer");
@@ -601,7 +601,7 @@ fn an_id_over_128_bytes_is_invalid_id_and_a_deaf_client_with_huge_ids_stays_boun
     );
     assert!(rss < 64 * 1024, "memory stays bounded: {rss} KiB");
     // Still serving others.
-    let mut other = harness::Client::connect(&daemon.socket);
+    let mut other = harness::LocalApp::connect(&daemon.socket);
     other.send_line(r#"{"topic":"t","payload":2,"id":2}"#);
     assert_eq!(other.read_answer(ANSWER).expect("answer")["ok"], true);
     drop(deaf);
@@ -611,8 +611,8 @@ fn an_id_over_128_bytes_is_invalid_id_and_a_deaf_client_with_huge_ids_stays_boun
 fn a_connection_that_sends_nothing_is_closed_after_idle_timeout() {
     let daemon = Offline::start("idle_timeout = \"1s\"\nmax_clients = 2\n", "");
     let started = std::time::Instant::now();
-    let mut silent = harness::Client::connect(&daemon.socket);
-    let mut after_a_line = harness::Client::connect(&daemon.socket);
+    let mut silent = harness::LocalApp::connect(&daemon.socket);
+    let mut after_a_line = harness::LocalApp::connect(&daemon.socket);
     after_a_line.send_line(r#"{"topic":"t","payload":1,"id":1}"#);
     assert_eq!(
         after_a_line.read_answer(ANSWER).expect("answer")["ok"],
@@ -627,7 +627,7 @@ fn a_connection_that_sends_nothing_is_closed_after_idle_timeout() {
         "silent connections closed after idle_timeout: {elapsed:?}"
     );
     // Both slots are free again.
-    let mut next = harness::Client::connect(&daemon.socket);
+    let mut next = harness::LocalApp::connect(&daemon.socket);
     next.send_line(r#"{"op":"status","id":"s"}"#);
     assert_eq!(next.read_answer(ANSWER).expect("answer")["ok"], true);
 }
@@ -834,7 +834,7 @@ fn repeated_accept_errors_are_logged_once() {
     };
     // One below what is open now, in case a short-lived descriptor was counted.
     limit(open.saturating_sub(1));
-    let mut waiting = harness::Client::connect(&daemon.socket);
+    let mut waiting = harness::LocalApp::connect(&daemon.socket);
     std::thread::sleep(Duration::from_secs(3));
     limit(1024);
     waiting.send_line(r#"{"op":"status","id":1}"#);

@@ -523,7 +523,7 @@ fn failing_disk_answers_storage_error_and_stops_the_watchdog() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mut client = harness::Client::connect(&socket);
+    let mut client = harness::LocalApp::connect(&socket);
     client.send_line(r#"{"topic":"t","payload":1,"id":"before"}"#);
     let answer = client.read_answer(Duration::from_secs(10)).expect("answer");
     assert_eq!(answer["ok"], true, "{answer}");
@@ -560,7 +560,7 @@ fn failing_disk_answers_storage_error_and_stops_the_watchdog() {
         let answer = client.read_answer(Duration::from_secs(10)).expect("answer");
         assert_eq!(answer["error"], "storage_error", "{answer}");
     }
-    let mut status_client = harness::Client::connect(&socket);
+    let mut status_client = harness::LocalApp::connect(&socket);
     status_client.send_line(r#"{"op":"status"}"#);
     let status = status_client
         .read_answer(Duration::from_secs(5))

@@ -2,7 +2,8 @@
 //! must respect IoT Core's limits once the topic prefix is added.
 #![no_main]
 
-use iot_cognito_relay::protocol::{MAX_PAYLOAD_BYTES, Request, parse_line};
+use iot_cognito_relay::ingest::protocol::{Request, parse_line};
+use iot_cognito_relay::message::MAX_PAYLOAD_BYTES;
 use iot_cognito_relay::topic::{MAX_TOPIC_BYTES, MAX_TOPIC_SLASHES, TopicRules};
 use libfuzzer_sys::fuzz_target;
 
@@ -19,7 +20,7 @@ fuzz_target!(|line: &[u8]| {
             assert!(full.matches('/').count() <= MAX_TOPIC_SLASHES);
             assert!(!full.contains(['+', '#', '\0']));
         }
-        Ok(Request::Status { .. }) => {}
+        Ok(Request::Status { .. } | Request::DeadLetters { .. }) => {}
         Err(rejection) => {
             // Every refusal renders as one JSON line.
             let answer = rejection.to_line();

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use super::IdentityError;
-use super::secret_source::DeviceSecret;
-use crate::aws::{AwsCredentials, describe};
+use super::bootstrap::DeviceSecret;
+use crate::identity::aws::{AwsCredentials, describe};
 use crate::secret::Secret;
 
 /// How much of a function error's message is repeated in our error (it is the function's own

@@ -3,8 +3,9 @@
 //! `watch` channel; the MQTT side signs every (re)connect with the latest one.
 
 mod attach;
+pub mod aws;
+mod bootstrap;
 mod cache;
-mod secret_source;
 mod user_pool;
 
 use std::collections::HashMap;
@@ -17,16 +18,16 @@ use rand::Rng;
 use tokio::sync::watch;
 
 pub use attach::{RefusalSignal, is_authorization_refusal};
+pub use bootstrap::DeviceSecret;
 pub use cache::{CACHE_FILE, IdentityCache};
-pub use secret_source::DeviceSecret;
 use user_pool::UserPoolTokens;
 
-use crate::aws::{
+use crate::config::IdentityConfig;
+use crate::identity::aws::{
     AwsCredentials, OPERATION_TIMEOUT, describe, error_code, is_transient_code, to_system_time,
 };
-use crate::config::IdentityConfig;
-use crate::heartbeat::Heartbeat;
-use crate::logging::Repeats;
+use crate::ops::heartbeat::Heartbeat;
+use crate::ops::logging::Repeats;
 use crate::retry::Backoff;
 use crate::secret::Secret;
 
@@ -350,7 +351,7 @@ impl IdentityManager {
         let unauth = heartbeat
             .bounded(
                 step_limit(6),
-                secret_source::unauthenticated_credentials(
+                bootstrap::unauthenticated_credentials(
                     &self.base,
                     &self.config.identity_pool_id,
                     &mut self.cache.unauth_identity_id,
@@ -362,7 +363,7 @@ impl IdentityManager {
         heartbeat
             .bounded(
                 step_limit(2),
-                secret_source::fetch_device_secret(&self.base, &unauth, &self.config.secret_id),
+                bootstrap::fetch_device_secret(&self.base, &unauth, &self.config.secret_id),
             )
             .await
     }
@@ -396,9 +397,7 @@ impl IdentityManager {
                 .await
             {
                 Ok(credentials) => return Ok((cached, credentials)),
-                Err((Some(code), error))
-                    if secret_source::IDENTITY_GONE.contains(&code.as_str()) =>
-                {
+                Err((Some(code), error)) if bootstrap::IDENTITY_GONE.contains(&code.as_str()) => {
                     tracing::warn!(identity_id = %cached, %error, "cached identity id rejected; asking for a new one");
                 }
                 Err((code, error)) => return Err(credentials_error(code.as_deref(), error)),
@@ -629,13 +628,13 @@ mod tests {
             ..IdentityConfig::default()
         };
         let (manager, _watch) = IdentityManager::new(base, config, state.path().to_owned());
-        let (heartbeat, pulse) = crate::heartbeat::channel("identity manager");
+        let (heartbeat, pulse) = crate::ops::heartbeat::channel("identity manager");
         let task = tokio::spawn(manager.run(heartbeat));
         let limit = Duration::from_secs(10);
         // Within the first step's bound the manager looks alive...
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(
-            crate::heartbeat::first_stalled(
+            crate::ops::heartbeat::first_stalled(
                 std::slice::from_ref(&pulse),
                 limit,
                 tokio::time::Instant::now()
@@ -645,7 +644,7 @@ mod tests {
         // ...past it, it is named stalled.
         tokio::time::sleep(step_limit(6) + limit).await;
         assert_eq!(
-            crate::heartbeat::first_stalled(&[pulse], limit, tokio::time::Instant::now()),
+            crate::ops::heartbeat::first_stalled(&[pulse], limit, tokio::time::Instant::now()),
             Some("identity manager")
         );
         task.abort();

@@ -4,8 +4,8 @@ use aws_config::SdkConfig;
 use aws_sdk_cognitoidentityprovider::types::AuthFlowType;
 
 use super::IdentityError;
-use super::secret_source::DeviceSecret;
-use crate::aws::{describe, error_code, is_transient};
+use super::bootstrap::DeviceSecret;
+use crate::identity::aws::{describe, error_code, is_transient};
 use crate::secret::Secret;
 
 /// Tokens from the user pool. The ID token opens the authenticated identity; the refresh token

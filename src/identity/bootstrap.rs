@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use aws_config::SdkConfig;
 
 use super::IdentityError;
-use crate::aws::{AwsCredentials, describe, error_code, to_system_time};
+use crate::identity::aws::{AwsCredentials, describe, error_code, to_system_time};
 use crate::secret::Secret;
 
 /// Everything the secret tells a device: who to sign in as, and where.

@@ -3,11 +3,18 @@
 //! Every key has a sound default except the two that name the cloud side. Validation happens
 //! here, once, so the rest of the daemon can trust the values it is handed.
 
+mod trust;
+mod units;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use trust::check_not_tamperable;
+pub use units::ByteSize;
+use units::duration;
 
 /// Where the daemon looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/iot-cognito-relay/config.toml";
@@ -424,7 +431,7 @@ impl Config {
             ));
         }
         if !self.mqtt.ca_file.is_empty()
-            && let Err(error) = crate::mqtt::tls_config(&self.mqtt.ca_file)
+            && let Err(error) = crate::publish::mqtt::tls_config(&self.mqtt.ca_file)
         {
             return Err(invalid("mqtt.ca_file", error.to_string()));
         }
@@ -577,151 +584,6 @@ fn redact_url(url: &str) -> String {
     }
 }
 
-/// A size in bytes, written with binary units (`512KiB`, `256MiB`) or as a plain number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ByteSize(pub u64);
-
-impl ByteSize {
-    pub fn parse(text: &str) -> Result<ByteSize, String> {
-        let text = text.trim();
-        let split = text
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len());
-        let (digits, unit) = text.split_at(split);
-        let number: u64 = digits
-            .parse()
-            .map_err(|_| format!("{text:?} is not a size like \"512KiB\""))?;
-        let multiplier: u64 = match unit.trim() {
-            "" | "B" => 1,
-            "KiB" => 1 << 10,
-            "MiB" => 1 << 20,
-            "GiB" => 1 << 30,
-            other => {
-                return Err(format!(
-                    "unknown size unit {other:?} in {text:?} (use B, KiB, MiB or GiB)"
-                ));
-            }
-        };
-        number
-            .checked_mul(multiplier)
-            .map(ByteSize)
-            .ok_or_else(|| format!("{text:?} is too large"))
-    }
-}
-
-impl fmt::Display for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if self.0 >= size && self.0.is_multiple_of(size) {
-                return write!(f, "{}{unit}", self.0 / size);
-            }
-        }
-        write!(f, "{}", self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(u64),
-            Text(String),
-        }
-        match Raw::deserialize(deserializer)? {
-            Raw::Number(n) => Ok(ByteSize(n)),
-            Raw::Text(text) => ByteSize::parse(&text).map_err(serde::de::Error::custom),
-        }
-    }
-}
-
-impl Serialize for ByteSize {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.to_string())
-    }
-}
-
-/// Durations as humantime strings (`30s`, `5m`).
-mod duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text).map_err(|e| {
-            serde::de::Error::custom(format!("{text:?} is not a duration like \"30s\": {e}"))
-        })
-    }
-
-    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&humantime::format_duration(*value).to_string())
-    }
-}
-
-/// Like the Device Client, trust a config only if no other user can have written it: the file
-/// must not be writable by everyone or by a group other than root, nor belong to another
-/// ordinary user, and its directory must not let everyone replace it.
-fn check_not_tamperable(path: &Path) -> Result<(), ConfigError> {
-    use std::os::unix::fs::MetadataExt;
-    let insecure = |path: &Path, reason: String| ConfigError::Insecure {
-        path: path.to_owned(),
-        reason,
-    };
-    // A missing file is reported by the loader, with the usual wording.
-    let Ok(file) = std::fs::metadata(path) else {
-        return Ok(());
-    };
-    if file.mode() & 0o002 != 0 {
-        return Err(insecure(
-            path,
-            format!(
-                "writable by every user (mode {:04o}); fix with chmod o-w",
-                file.mode() & 0o7777
-            ),
-        ));
-    }
-    // Group members other than root could rewrite it, e.g. to point the daemon elsewhere.
-    if file.mode() & 0o020 != 0 && file.gid() != 0 {
-        return Err(insecure(
-            path,
-            format!(
-                "writable by group {} (mode {:04o}); fix with chmod g-w, or chgrp root",
-                file.gid(),
-                file.mode() & 0o7777
-            ),
-        ));
-    }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if file.uid() != 0 && file.uid() != me {
-        return Err(insecure(
-            path,
-            format!(
-                "owned by uid {}, neither root nor this process's user",
-                file.uid()
-            ),
-        ));
-    }
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    if let Ok(meta) = std::fs::metadata(dir)
-        && meta.mode() & 0o002 != 0
-        && meta.mode() & 0o1000 == 0
-    {
-        return Err(insecure(
-            dir,
-            format!(
-                "the config's directory is writable by every user (mode {:04o}); fix with chmod o-w",
-                meta.mode() & 0o7777
-            ),
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -871,8 +733,8 @@ mod docs_in_step {
 
     use super::Config;
 
-    const DOC: &str = include_str!("../docs/configuration.md");
-    const SHIPPED: &str = include_str!("../config/config.toml");
+    const DOC: &str = include_str!("../../docs/configuration.md");
+    const SHIPPED: &str = include_str!("../../config/config.toml");
 
     /// Every key as `section.key` (`socket.raw.path` for array entries) with its TOML value.
     fn keys(text: &str) -> BTreeMap<String, String> {

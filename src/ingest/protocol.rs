@@ -7,80 +7,15 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::message::{MAX_PAYLOAD_BYTES, Message, PayloadKind, Qos};
 use crate::spool::DeadLetterAction;
 use crate::topic::TopicRules;
 
 /// Longest line the daemon reads; longer lines are answered `line_too_long` and skipped.
 pub const MAX_LINE_BYTES: usize = 256 * 1024;
-/// Largest payload IoT Core accepts.
-pub const MAX_PAYLOAD_BYTES: usize = 128 * 1024;
 /// Longest `id` (a string's UTF-8 bytes, a number's text): every answer echoes it, so an
 /// unbounded one lets a client that never reads pin memory in its answer queue.
 pub const MAX_ID_BYTES: usize = 128;
-
-/// Delivery guarantee a message asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Qos {
-    AtMostOnce,
-    AtLeastOnce,
-}
-
-impl Qos {
-    pub fn as_u8(self) -> u8 {
-        match self {
-            Qos::AtMostOnce => 0,
-            Qos::AtLeastOnce => 1,
-        }
-    }
-
-    pub fn from_u8(value: u8) -> Option<Qos> {
-        match value {
-            0 => Some(Qos::AtMostOnce),
-            1 => Some(Qos::AtLeastOnce),
-            _ => None,
-        }
-    }
-}
-
-/// What a payload was when it arrived, kept in the spool: only JSON values may be merged into
-/// a batch array; text and binary go out alone, byte for byte.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PayloadKind {
-    /// `payload` was a JSON value other than a string (stored as compact JSON).
-    Json,
-    /// `payload` was a JSON string (stored as its raw UTF-8 text).
-    Text,
-    /// `payload_base64`, a raw socket record, or a row from before kinds were stored.
-    Binary,
-}
-
-impl PayloadKind {
-    pub fn as_u8(self) -> u8 {
-        match self {
-            PayloadKind::Json => 0,
-            PayloadKind::Text => 1,
-            PayloadKind::Binary => 2,
-        }
-    }
-
-    /// Unknown values (and rows stored before kinds existed) are opaque bytes: sent as they are.
-    pub fn from_u8(value: Option<u8>) -> PayloadKind {
-        match value {
-            Some(0) => PayloadKind::Json,
-            Some(1) => PayloadKind::Text,
-            _ => PayloadKind::Binary,
-        }
-    }
-}
-
-/// A validated message, ready for the spool. `topic` is relative; the prefix is added at publish.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
-    pub topic: String,
-    pub payload: Vec<u8>,
-    pub qos: Qos,
-    pub kind: PayloadKind,
-}
 
 /// What a line asks for.
 #[derive(Debug, PartialEq)]

@@ -9,7 +9,7 @@
 //! single reading larger than that still goes out as an array of one (never over 128 KiB).
 
 use crate::config::BatchConfig;
-use crate::protocol::{MAX_PAYLOAD_BYTES, PayloadKind, Qos};
+use crate::message::{MAX_PAYLOAD_BYTES, PayloadKind, Qos};
 use crate::spool::StoredMessage;
 
 /// One publish: the spool ids it carries (all removed on its PUBACK) and what goes on the wire.
@@ -113,7 +113,7 @@ impl Batcher {
 mod tests {
     use super::*;
     use crate::config::ByteSize;
-    use crate::protocol::Message;
+    use crate::message::Message;
 
     fn stored(id: i64, topic: &str, payload: &str) -> StoredMessage {
         stored_as(id, topic, payload, PayloadKind::Json)

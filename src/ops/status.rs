@@ -6,7 +6,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::identity::IdentityWatch;
-use crate::publisher::PublishCounters;
+use crate::publish::connection::PublishCounters;
 use crate::spool::SpoolStats;
 
 /// Where the link to IoT Core stands (SPEC.md's `state`, minus `stopping`).

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-use crate::heartbeat::{self, Pulse};
-use crate::logging::Repeats;
+use crate::ops::heartbeat::{self, Pulse};
+use crate::ops::logging::Repeats;
+use crate::ops::status::StatusSource;
 use crate::spool::Spool;
-use crate::status::StatusSource;
 
 /// The spool thread must answer a probe within this to count as alive.
 const SPOOL_PROBE: Duration = Duration::from_secs(5);

@@ -16,12 +16,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::config::SocketConfig;
-use crate::heartbeat::Heartbeat;
-use crate::lines::{Next, RecordReader};
-use crate::logging::Repeats;
-use crate::protocol::{ErrorCode, MAX_LINE_BYTES, Rejection, Request, ok_line, parse_line};
+use crate::ingest::protocol::{ErrorCode, MAX_LINE_BYTES, Rejection, Request, ok_line, parse_line};
+use crate::ingest::records::{Next, RecordReader};
+use crate::ops::heartbeat::Heartbeat;
+use crate::ops::logging::Repeats;
+use crate::ops::status::StatusSource;
 use crate::spool::{AppendError, DeadLetterReply, Spool};
-use crate::status::StatusSource;
 use crate::topic::TopicRules;
 
 /// Answers waiting for a slow client before newer ones are dropped.
@@ -102,7 +102,7 @@ impl IngestServer {
     pub async fn run(self) {
         let server = &self;
         accept_clients(&self.listener, &self.limits, &self.heartbeat, |stream| {
-            let client = Client {
+            let client = Peer {
                 spool: server.spool.clone(),
                 rules: server.rules.clone(),
                 status: server.status.clone(),
@@ -241,7 +241,7 @@ enum Pending {
     },
 }
 
-struct Client {
+struct Peer {
     spool: Spool,
     rules: Arc<TopicRules>,
     status: StatusSource,
@@ -249,7 +249,7 @@ struct Client {
     limits: Arc<SocketConfig>,
 }
 
-impl Client {
+impl Peer {
     async fn serve(self, stream: UnixStream) {
         let (read_half, mut write_half) = stream.into_split();
         let (answers, mut answer_queue) = mpsc::channel::<Answer>(ANSWER_QUEUE);

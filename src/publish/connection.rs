@@ -13,17 +13,17 @@ use rumqttc::{ConnectReturnCode, Event, Outgoing, Packet, QoS};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::batch::{self, Batcher};
 use crate::config::{BatchConfig, PublishConfig};
-use crate::heartbeat::Heartbeat;
 use crate::identity::{RefusalSignal, Session};
-use crate::logging::Repeats;
-use crate::mqtt::{self, MqttSettings};
-use crate::protocol::Qos;
-use crate::quota::Quota;
+use crate::message::Qos;
+use crate::ops::heartbeat::Heartbeat;
+use crate::ops::logging::Repeats;
+use crate::ops::status::LinkState;
+use crate::publish::batch::{self, Batcher};
+use crate::publish::mqtt::{self, MqttSettings};
+use crate::publish::quota::Quota;
 use crate::retry::Backoff;
 use crate::spool::Spool;
-use crate::status::LinkState;
 use crate::topic::TopicRules;
 
 /// Never sign a connect with credentials that expire sooner than this.

@@ -14,16 +14,16 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, PublishConfig};
-use crate::heartbeat;
 use crate::identity::IdentityManager;
-use crate::ingest::{self, BindError, IngestServer};
-use crate::logging::LogControl;
-use crate::mqtt::{self, MqttSettings, TlsError};
-use crate::notify;
-use crate::publisher::Publisher;
-use crate::raw::RawServer;
+use crate::ingest::raw::RawServer;
+use crate::ingest::server::{self, BindError, IngestServer};
+use crate::ops::heartbeat;
+use crate::ops::logging::LogControl;
+use crate::ops::notify;
+use crate::ops::status::StatusSource;
+use crate::publish::connection::Publisher;
+use crate::publish::mqtt::{self, MqttSettings, TlsError};
 use crate::spool::{self, Spool};
-use crate::status::StatusSource;
 use crate::topic::TopicRules;
 
 /// Why the daemon could not start.
@@ -102,16 +102,17 @@ pub async fn run(
         config.spool.on_full,
     )?;
     let tls = mqtt::tls_config(&config.mqtt.ca_file)?;
-    let listener = ingest::bind(&config.socket.path, config.socket.mode_bits()).await?;
+    let listener = server::bind(&config.socket.path, config.socket.mode_bits()).await?;
     let mut raw_listeners = Vec::new();
     for raw in &config.socket.raw {
         raw_listeners.push((
-            ingest::bind(&raw.path, config.socket.mode_bits()).await?,
+            server::bind(&raw.path, config.socket.mode_bits()).await?,
             raw.clone(),
         ));
     }
 
-    let base = crate::aws::base_config(&config.aws.region, &config.aws.endpoint_url).await;
+    let base =
+        crate::identity::aws::base_config(&config.aws.region, &config.aws.endpoint_url).await;
     let (identity, identity_watch) =
         IdentityManager::new(base, config.identity.clone(), config.state.dir.clone());
     let rules = Arc::new(TopicRules::new(

@@ -104,7 +104,7 @@ fn find_outputs(document: &Value) -> Result<(Option<String>, &Vec<Value>), Stack
 mod tests {
     use super::*;
 
-    const SAMPLE: &str = include_str!("../tests/data/describe-stacks.json");
+    const SAMPLE: &str = include_str!("../../tests/data/describe-stacks.json");
 
     #[test]
     fn renders_a_config_the_loader_accepts() {

@@ -16,8 +16,8 @@ use tokio::task::JoinHandle;
 
 use crate::config::MqttConfig;
 use crate::identity::Session;
-use crate::protocol::MAX_PAYLOAD_BYTES;
-use crate::signer::{SignError, presign};
+use crate::message::MAX_PAYLOAD_BYTES;
+use crate::publish::signer::{SignError, presign};
 use crate::topic::MAX_TOPIC_BYTES;
 
 /// Room for the fixed header, topic and packet id around the largest payload IoT Core accepts.

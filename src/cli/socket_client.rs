@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 /// Why a client command failed.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub enum SocketClientError {
     #[error("cannot connect to {path}: {source} (is the daemon running?)")]
     Connect {
         path: String,
@@ -28,12 +28,12 @@ pub enum ClientError {
 }
 
 /// Maps a read or write error to the timeout it really is, or to the I/O error.
-fn io_error(timeout: Duration) -> impl Fn(std::io::Error) -> ClientError + Copy {
+fn io_error(timeout: Duration) -> impl Fn(std::io::Error) -> SocketClientError + Copy {
     move |error| {
         if timed_out(&error) {
-            ClientError::Timeout(timeout)
+            SocketClientError::Timeout(timeout)
         } else {
-            ClientError::Io(error)
+            SocketClientError::Io(error)
         }
     }
 }
@@ -54,7 +54,7 @@ pub enum Payloads {
 
 /// Connects within `timeout` (a Unix socket's `connect` blocks while the daemon's listen
 /// backlog is full), then makes every read and write give up after `timeout` too.
-fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, ClientError> {
+fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, SocketClientError> {
     let (result, outcome) = std::sync::mpsc::channel();
     let owned = path.to_owned();
     // A blocking connect cannot be given a deadline; on timeout the thread is left behind
@@ -63,11 +63,11 @@ fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, ClientError> {
         let _ = result.send(UnixStream::connect(owned));
     });
     let stream = match outcome.recv_timeout(timeout) {
-        Ok(connected) => connected.map_err(|source| ClientError::Connect {
+        Ok(connected) => connected.map_err(|source| SocketClientError::Connect {
             path: path.display().to_string(),
             source,
         })?,
-        Err(_) => return Err(ClientError::Timeout(timeout)),
+        Err(_) => return Err(SocketClientError::Timeout(timeout)),
     };
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
@@ -111,7 +111,7 @@ pub fn send(
     framing: Framing,
     payloads: Payloads,
     timeout: Duration,
-) -> Result<u64, ClientError> {
+) -> Result<u64, SocketClientError> {
     let stream = connect(socket, timeout)?;
     let mut writer = stream.try_clone()?;
     let written = Arc::new(AtomicU64::new(0));
@@ -162,14 +162,14 @@ pub fn send(
                 }
                 continue;
             }
-            Err(error) if timed_out(&error) => return Err(ClientError::Timeout(timeout)),
+            Err(error) if timed_out(&error) => return Err(SocketClientError::Timeout(timeout)),
             Err(error) => return Err(error.into()),
         }
         {
             let line = std::mem::take(&mut line);
             let line = line.trim_end();
-            let answer: Value =
-                serde_json::from_str(line).map_err(|_| ClientError::BadAnswer(line.to_owned()))?;
+            let answer: Value = serde_json::from_str(line)
+                .map_err(|_| SocketClientError::BadAnswer(line.to_owned()))?;
             answers += 1;
             if answer["ok"] != Value::Bool(true) {
                 refused += 1;
@@ -183,33 +183,37 @@ pub fn send(
         }
     }
     let sent = match sender.join() {
-        Ok(Err(error)) if timed_out(&error) => return Err(ClientError::Timeout(timeout)),
+        Ok(Err(error)) if timed_out(&error) => return Err(SocketClientError::Timeout(timeout)),
         Ok(result) => result?,
-        Err(_) => return Err(ClientError::BadAnswer("sender thread failed".into())),
+        Err(_) => return Err(SocketClientError::BadAnswer("sender thread failed".into())),
     };
     if answers < sent {
-        return Err(ClientError::Closed);
+        return Err(SocketClientError::Closed);
     }
     Ok(refused)
 }
 
 /// Asks the daemon for its status object, giving up after `timeout`.
-pub fn status(socket: &Path, timeout: Duration) -> Result<Value, ClientError> {
+pub fn status(socket: &Path, timeout: Duration) -> Result<Value, SocketClientError> {
     let mut stream = connect(socket, timeout)?;
     let io = io_error(timeout);
     stream.write_all(b"{\"op\":\"status\"}\n").map_err(io)?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line).map_err(io)?;
     let answer: Value =
-        serde_json::from_str(&line).map_err(|_| ClientError::BadAnswer(line.clone()))?;
+        serde_json::from_str(&line).map_err(|_| SocketClientError::BadAnswer(line.clone()))?;
     match answer.get("status") {
         Some(status) if answer["ok"] == Value::Bool(true) => Ok(status.clone()),
-        _ => Err(ClientError::BadAnswer(line)),
+        _ => Err(SocketClientError::BadAnswer(line)),
     }
 }
 
 /// Asks the daemon to list, requeue or purge its dead letters; returns the answer object.
-pub fn dead_letters(socket: &Path, action: &str, timeout: Duration) -> Result<Value, ClientError> {
+pub fn dead_letters(
+    socket: &Path,
+    action: &str,
+    timeout: Duration,
+) -> Result<Value, SocketClientError> {
     let mut stream = connect(socket, timeout)?;
     let io = io_error(timeout);
     let request = json!({"op": "dead_letters", "action": action});
@@ -219,11 +223,11 @@ pub fn dead_letters(socket: &Path, action: &str, timeout: Duration) -> Result<Va
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line).map_err(io)?;
     let answer: Value =
-        serde_json::from_str(&line).map_err(|_| ClientError::BadAnswer(line.clone()))?;
+        serde_json::from_str(&line).map_err(|_| SocketClientError::BadAnswer(line.clone()))?;
     if answer["ok"] == Value::Bool(true) {
         Ok(answer)
     } else {
-        Err(ClientError::BadAnswer(line.trim_end().to_owned()))
+        Err(SocketClientError::BadAnswer(line.trim_end().to_owned()))
     }
 }
 

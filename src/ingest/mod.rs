@@ -1,0 +1,7 @@
+//! Stage 1: local apps write to Unix sockets; each record is parsed, validated and handed to
+//! the spool, and the app is answered once the spool has it.
+
+pub mod protocol;
+pub mod raw;
+pub mod records;
+pub mod server;

@@ -1,0 +1,224 @@
+//! Dead letters: messages the broker never accepts (it drops the connection each time the same
+//! oldest message goes out, or the full topic breaks IoT Core's limits). They would hold back
+//! every message behind them forever; the publisher moves them here, and an operator lists,
+//! requeues or purges them (`iot-cognito-relay dead-letters`).
+
+use super::*;
+
+/// Most dead letters kept; beyond it the oldest are deleted and counted in `dropped_total`.
+pub(super) const MAX_DEAD_LETTERS: i64 = 1000;
+/// Most dead letters one `list` answer carries (the newest).
+pub const MAX_DEAD_LETTERS_LISTED: usize = 100;
+
+/// One dead letter as `dead-letters list` shows it (no payload: it may be binary or 128 KiB).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub topic: String,
+    pub bytes: u64,
+    pub qos: u8,
+    pub reason: String,
+    /// When it was moved here, RFC 3339.
+    pub at: String,
+}
+
+/// What an operator asks of the dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterAction {
+    List,
+    /// Back into the spool, behind everything queued.
+    Requeue,
+    Purge,
+}
+
+/// The answer to a [`DeadLetterAction`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetterReply {
+    Listed(Vec<DeadLetter>),
+    Requeued(u64),
+    Purged(u64),
+}
+
+pub enum DeadLetterCommand {
+    /// Moves spool messages into the dead-letter table (the publisher).
+    Bury {
+        ids: Vec<i64>,
+        reason: String,
+        done: oneshot::Sender<()>,
+    },
+    Operator {
+        action: DeadLetterAction,
+        reply: oneshot::Sender<Result<DeadLetterReply, String>>,
+    },
+}
+
+impl Spool {
+    /// Moves `ids` out of the queue into the dead-letter table, with the reason; returns once
+    /// done, so the next read no longer sees them.
+    pub async fn bury(&self, ids: Vec<i64>, reason: String) {
+        let (done, receiver) = oneshot::channel();
+        let command = Command::DeadLetters(DeadLetterCommand::Bury { ids, reason, done });
+        if self.commands.send(command).await.is_ok() {
+            let _ = receiver.await;
+        }
+    }
+
+    /// Lists, requeues or purges the dead letters. `Err`: the storage failed (its message).
+    pub async fn dead_letters(&self, action: DeadLetterAction) -> Result<DeadLetterReply, String> {
+        let (reply, receiver) = oneshot::channel();
+        let command = Command::DeadLetters(DeadLetterCommand::Operator { action, reply });
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| "spool is closed".to_owned())?;
+        receiver
+            .await
+            .unwrap_or_else(|_| Err("spool is closed".to_owned()))
+    }
+}
+
+/// Creates the table; returns how many dead letters it holds.
+pub(super) fn create_dead_letters(db: &Connection) -> rusqlite::Result<u64> {
+    db.execute_batch(
+        "CREATE TABLE IF NOT EXISTS dead_letters (
+             id INTEGER PRIMARY KEY AUTOINCREMENT,
+             topic TEXT NOT NULL,
+             payload BLOB NOT NULL,
+             qos INTEGER NOT NULL,
+             size INTEGER NOT NULL,
+             reason TEXT NOT NULL,
+             at INTEGER NOT NULL,
+             kind INTEGER
+         );",
+    )?;
+    let count: i64 = db.query_row("SELECT COUNT(*) FROM dead_letters", [], |row| row.get(0))?;
+    Ok(count.unsigned_abs())
+}
+
+impl Store {
+    /// Counters go out before the answer, as for appends.
+    pub(super) fn dead_letters(
+        &mut self,
+        command: DeadLetterCommand,
+        stats: &watch::Sender<SpoolStats>,
+    ) {
+        // Rows moved between the tables: the on-disk size is measured again (idle time also
+        // gives freed pages back).
+        self.dirty = true;
+        match command {
+            DeadLetterCommand::Bury { ids, reason, done } => {
+                let before = self.stats;
+                if let Err(error) = self.bury(&ids, &reason) {
+                    self.stats = before;
+                    // The messages stay queued: tried again, never lost.
+                    tracing::error!(%error, "cannot move messages to the dead letters");
+                }
+                self.publish_stats(stats);
+                let _ = done.send(());
+            }
+            DeadLetterCommand::Operator { action, reply } => {
+                let before = self.stats;
+                let result = match action {
+                    DeadLetterAction::List => self.list_dead_letters().map(DeadLetterReply::Listed),
+                    DeadLetterAction::Requeue => {
+                        self.requeue_dead_letters().map(DeadLetterReply::Requeued)
+                    }
+                    DeadLetterAction::Purge => {
+                        self.purge_dead_letters().map(DeadLetterReply::Purged)
+                    }
+                };
+                let result = result.map_err(|error| {
+                    self.stats = before;
+                    tracing::error!(%error, "dead-letter operation failed");
+                    error.to_string()
+                });
+                self.publish_stats(stats);
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    pub(super) fn bury(&mut self, ids: &[i64], reason: &str) -> rusqlite::Result<()> {
+        let at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let tx = self.db.transaction()?;
+        {
+            let mut copy = tx.prepare_cached(
+                "INSERT INTO dead_letters (topic, payload, qos, size, reason, at, kind)
+                 SELECT topic, payload, qos, size, ?2, ?3, kind FROM messages WHERE id = ?1",
+            )?;
+            let mut delete =
+                tx.prepare_cached("DELETE FROM messages WHERE id = ?1 RETURNING size")?;
+            for id in ids {
+                copy.execute(params![id, reason, at as i64])?;
+                if delete
+                    .query_row([id], |row| row.get::<_, i64>(0))
+                    .optional()?
+                    .is_some()
+                {
+                    self.stats.messages = self.stats.messages.saturating_sub(1);
+                    self.stats.dead_letters += 1;
+                    self.stats.dead_letter_total += 1;
+                }
+            }
+            let trimmed = tx.execute(
+                "DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?1",
+                [MAX_DEAD_LETTERS],
+            )?;
+            self.stats.dead_letters = self.stats.dead_letters.saturating_sub(trimmed as u64);
+            self.stats.dropped_total += trimmed as u64;
+        }
+        tx.commit()
+    }
+
+    pub(super) fn list_dead_letters(&mut self) -> rusqlite::Result<Vec<DeadLetter>> {
+        let mut select = self.db.prepare_cached(
+            "SELECT id, topic, length(payload), qos, reason, at FROM dead_letters
+             ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = select.query_map([MAX_DEAD_LETTERS_LISTED as i64], |row| {
+            let at: i64 = row.get(5)?;
+            Ok(DeadLetter {
+                id: row.get(0)?,
+                topic: row.get(1)?,
+                bytes: row.get::<_, i64>(2)?.unsigned_abs(),
+                qos: row.get(3)?,
+                reason: row.get(4)?,
+                at: humantime::format_rfc3339_seconds(
+                    SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(at.unsigned_abs()),
+                )
+                .to_string(),
+            })
+        })?;
+        let mut listed: Vec<DeadLetter> = rows.collect::<rusqlite::Result<_>>()?;
+        listed.reverse();
+        Ok(listed)
+    }
+
+    pub(super) fn requeue_dead_letters(&mut self) -> rusqlite::Result<u64> {
+        let tx = self.db.transaction()?;
+        let count: i64 = tx.query_row("SELECT COUNT(*) FROM dead_letters", [], |row| row.get(0))?;
+        tx.execute(
+            "INSERT INTO messages (topic, payload, qos, size, kind)
+             SELECT topic, payload, qos, size, kind FROM dead_letters ORDER BY id",
+            [],
+        )?;
+        tx.execute("DELETE FROM dead_letters", [])?;
+        let last_id = tx.last_insert_rowid();
+        tx.commit()?;
+        if count > 0 {
+            self.stats.messages += count.unsigned_abs();
+            self.stats.last_id = self.stats.last_id.max(last_id);
+        }
+        self.stats.dead_letters = 0;
+        Ok(count.unsigned_abs())
+    }
+
+    pub(super) fn purge_dead_letters(&mut self) -> rusqlite::Result<u64> {
+        let purged = self.db.execute("DELETE FROM dead_letters", [])?;
+        self.stats.dead_letters = 0;
+        Ok(purged as u64)
+    }
+}

@@ -1,0 +1,810 @@
+//! The SQLite side of the spool, owned by the spool thread: appends with group commit,
+//! reads in id order, removal after PUBACK, the size bound, idle maintenance.
+
+use super::*;
+
+pub(super) fn is_corruption(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_error_code(),
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+    ) || matches!(error, rusqlite::Error::QueryReturnedNoRows)
+}
+
+pub(super) fn is_disk_full(error: &rusqlite::Error) -> bool {
+    error.sqlite_error_code() == Some(ErrorCode::DiskFull)
+}
+
+pub(super) fn extended_code(error: &rusqlite::Error) -> i32 {
+    match error {
+        rusqlite::Error::SqliteFailure(failure, _) => failure.extended_code,
+        _ => -1,
+    }
+}
+
+/// The SQLite side, owned by the spool thread.
+pub(super) struct Store {
+    pub(super) db: Connection,
+    pub(super) path: PathBuf,
+    pub(super) max_bytes: u64,
+    pub(super) on_full: OnFull,
+    pub(super) stats: SpoolStats,
+    pub(super) page_size: u64,
+    /// Pages in use, as measured after the last commit.
+    pub(super) live_bytes: u64,
+    pub(super) incremental_vacuum: bool,
+    /// The disk reserve file (`RESERVE_SUFFIX`) is not there (released, or not yet written).
+    pub(super) reserve_missing: bool,
+    /// A write happened since idle maintenance last found nothing to do.
+    pub(super) dirty: bool,
+    /// Pages were given back: a truncating checkpoint makes the files shrink.
+    pub(super) shrunk: bool,
+    pub(super) drop_log: Repeats,
+    pub(super) fault_log: Repeats,
+}
+
+impl Store {
+    pub(super) fn open(path: &Path, max_bytes: u64, on_full: OnFull) -> Result<Store, OpenError> {
+        let sqlite = |source| OpenError::Sqlite {
+            path: path.to_owned(),
+            source,
+        };
+        let db = Connection::open(path).map_err(sqlite)?;
+        let check: String = db
+            .query_row("PRAGMA quick_check", [], |row| row.get(0))
+            .map_err(sqlite)?;
+        if check != "ok" {
+            return Err(sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+                Some(check),
+            )));
+        }
+        // Incremental auto-vacuum lets idle time give freed pages back to the file system. It
+        // must be chosen before the first table; an older spool is converted once (VACUUM).
+        let auto_vacuum: i64 = db
+            .query_row("PRAGMA auto_vacuum", [], |row| row.get(0))
+            .map_err(sqlite)?;
+        if auto_vacuum != 2 {
+            let tables: i64 = db
+                .query_row("SELECT COUNT(*) FROM sqlite_master", [], |row| row.get(0))
+                .map_err(sqlite)?;
+            db.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+                .map_err(sqlite)?;
+            if tables > 0 {
+                tracing::info!(spool = %path.display(), "converting the spool to incremental vacuum (once)");
+                db.execute_batch("VACUUM").map_err(sqlite)?;
+            }
+        }
+        db.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sqlite)?;
+        // FULL: a committed append survives power loss, which is what `ok` promises.
+        db.pragma_update(None, "synchronous", "FULL")
+            .map_err(sqlite)?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS messages (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 topic TEXT NOT NULL,
+                 payload BLOB NOT NULL,
+                 qos INTEGER NOT NULL,
+                 size INTEGER NOT NULL
+             );",
+        )
+        .map_err(sqlite)?;
+        let dead_letters = create_dead_letters(&db).map_err(sqlite)?;
+        // The payload's kind at ingest (`PayloadKind`). Rows from older spools have none
+        // (NULL): they are sent alone, byte for byte, which never changes a payload.
+        let has_kind: bool = db
+            .query_row(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = 'kind'",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(sqlite)?;
+        if !has_kind {
+            db.execute_batch("ALTER TABLE messages ADD COLUMN kind INTEGER;")
+                .map_err(sqlite)?;
+        }
+        let messages: i64 = db
+            .query_row("SELECT COUNT(*) FROM messages", [], |row| row.get(0))
+            .map_err(sqlite)?;
+        let last_id: i64 = db
+            .query_row(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'messages'",
+                [],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(sqlite)?
+            .unwrap_or(0);
+        let page_size: i64 = db
+            .query_row("PRAGMA page_size", [], |row| row.get(0))
+            .map_err(sqlite)?;
+        let auto_vacuum: i64 = db
+            .query_row("PRAGMA auto_vacuum", [], |row| row.get(0))
+            .map_err(sqlite)?;
+        let mut store = Store {
+            db,
+            path: path.to_owned(),
+            max_bytes,
+            on_full,
+            stats: SpoolStats {
+                messages: messages.unsigned_abs(),
+                bytes: 0,
+                dropped_total: 0,
+                last_id,
+                dead_letters,
+                dead_letter_total: 0,
+                fault: None,
+            },
+            page_size: page_size.unsigned_abs().max(512),
+            live_bytes: 0,
+            incremental_vacuum: auto_vacuum == 2,
+            reserve_missing: true,
+            dirty: true,
+            shrunk: false,
+            drop_log: Repeats::default(),
+            fault_log: Repeats::default(),
+        };
+        store.apply_wal_limit().map_err(sqlite)?;
+        store.measure().map_err(sqlite)?;
+        store.restore_reserve();
+        Ok(store)
+    }
+
+    pub(super) fn reserve_path(&self) -> PathBuf {
+        with_suffix(&self.path, RESERVE_SUFFIX)
+    }
+
+    /// Writes the reserve file if it is missing. On failure (the disk is full) the partial file
+    /// is removed, so the reserve never takes space the spool needs; it is retried later.
+    pub(super) fn restore_reserve(&mut self) {
+        if !self.reserve_missing {
+            return;
+        }
+        let want = self.wal_reserve() * RESERVE_WALS;
+        let path = self.reserve_path();
+        let written = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&path)?;
+            let chunk = vec![0u8; RESERVE_WRITE_CHUNK];
+            let mut left = want;
+            while left > 0 {
+                let n = chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                file.write_all(&chunk[..n])?;
+                left -= n as u64;
+            }
+            file.sync_all()
+        })();
+        match written {
+            Ok(()) => self.reserve_missing = false,
+            Err(error) => {
+                let _ = std::fs::remove_file(&path);
+                tracing::debug!(%error, "cannot restore the spool's disk reserve yet");
+            }
+        }
+    }
+
+    /// Gives the reserve's space back to the file system; `true` if there was one.
+    pub(super) fn release_reserve(&mut self) -> bool {
+        self.reserve_missing = true;
+        std::fs::remove_file(self.reserve_path()).is_ok()
+    }
+
+    /// The WAL's share of `max_bytes`, in pages.
+    pub(super) fn wal_pages(&self) -> u64 {
+        (self.max_bytes / WAL_SHARE / self.page_size).clamp(WAL_MIN_PAGES, WAL_MAX_PAGES)
+    }
+
+    /// Bytes kept for the WAL when deciding whether a message fits.
+    pub(super) fn wal_reserve(&self) -> u64 {
+        self.wal_pages() * self.page_size
+    }
+
+    pub(super) fn apply_wal_limit(&self) -> rusqlite::Result<()> {
+        // Both fit in i64: pages are capped at WAL_MAX_PAGES, page sizes at 64 KiB.
+        let pages = self.wal_pages() as i64;
+        self.db.pragma_update(None, "wal_autocheckpoint", pages)?;
+        // A WAL grown by one big transaction is cut back to this at its next reset.
+        self.db
+            .pragma_update(None, "journal_size_limit", pages * self.page_size as i64)?;
+        Ok(())
+    }
+
+    pub(super) fn wal_file_bytes(&self) -> u64 {
+        std::fs::metadata(with_suffix(&self.path, "-wal")).map_or(0, |m| m.len())
+    }
+
+    /// Pages in use (inside a transaction: as that transaction sees them).
+    pub(super) fn live_pages_bytes(db: &Connection, page_size: u64) -> rusqlite::Result<u64> {
+        let pages: i64 = db.query_row("PRAGMA page_count", [], |row| row.get(0))?;
+        let free: i64 = db.query_row("PRAGMA freelist_count", [], |row| row.get(0))?;
+        Ok(pages.saturating_sub(free).unsigned_abs() * page_size)
+    }
+
+    /// Refreshes the on-disk figures: pages in use, and `stats.bytes` with the WAL.
+    pub(super) fn measure(&mut self) -> rusqlite::Result<()> {
+        self.live_bytes = Self::live_pages_bytes(&self.db, self.page_size)?;
+        self.stats.bytes = self.live_bytes + self.wal_file_bytes();
+        Ok(())
+    }
+
+    /// How far over `max_bytes` the spool is (pages in use plus the WAL's reserve).
+    pub(super) fn excess(&self) -> u64 {
+        (self.live_bytes + self.wal_reserve()).saturating_sub(self.max_bytes)
+    }
+
+    /// Over `max_bytes` with `drop-oldest`. The newest message stays: it was just accepted.
+    pub(super) fn must_trim(&self) -> bool {
+        self.excess() > 0 && self.on_full == OnFull::DropOldest && self.stats.messages > 1
+    }
+
+    /// Copies what reads back from the corrupt spool moved to `aside` (with its WAL) into this
+    /// fresh one, ids and order kept. Works on a copy: the moved files stay for inspection.
+    pub(super) fn salvage_from(&mut self, aside: &Path) -> Salvage {
+        let copy = with_suffix(aside, ".salvage");
+        let cleanup = |copy: &Path| {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(with_suffix(copy, suffix));
+            }
+        };
+        cleanup(&copy);
+        let copied = std::fs::copy(aside, &copy).and_then(|_| {
+            match std::fs::copy(with_suffix(aside, "-wal"), with_suffix(&copy, "-wal")) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        });
+        if let Err(error) = copied {
+            tracing::error!(%error, "cannot copy the corrupt spool to salvage it");
+            cleanup(&copy);
+            return Salvage::default();
+        }
+        let mut rows: Vec<(i64, Message)> = Vec::new();
+        let mut expected = read_salvage(&copy, &mut rows);
+        // A damaged header hides everything behind it: give the copy a sound one and retry.
+        if matches!(&expected, Err(e) if is_corruption(e)) && rows.is_empty() {
+            if let Err(error) = repair_header(&copy) {
+                tracing::warn!(%error, "cannot repair the corrupt spool's header");
+            }
+            let _ = std::fs::remove_file(with_suffix(&copy, "-shm"));
+            expected = read_salvage(&copy, &mut rows);
+        }
+        cleanup(&copy);
+        let expected = match expected {
+            Ok(count) => count,
+            Err(error) => {
+                tracing::warn!(%error, saved = rows.len(), "salvage stopped at unreadable data");
+                None
+            }
+        };
+        let saved = rows.len() as u64;
+        let stored = (|| -> rusqlite::Result<()> {
+            let tx = self.db.transaction()?;
+            {
+                let mut insert = tx.prepare(
+                    "INSERT OR IGNORE INTO messages (id, topic, payload, qos, size, kind)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?;
+                for (id, message) in &rows {
+                    insert.execute(params![
+                        id,
+                        message.topic,
+                        message.payload,
+                        message.qos.as_u8(),
+                        (message.topic.len() + message.payload.len()) as i64,
+                        message.kind.as_u8(),
+                    ])?;
+                }
+            }
+            tx.commit()
+        })();
+        if let Err(error) = stored {
+            tracing::error!(%error, "cannot store the salvaged messages");
+            return Salvage {
+                saved: 0,
+                lost: expected,
+            };
+        }
+        self.stats.messages += saved;
+        self.stats.last_id = self.stats.last_id.max(rows.last().map_or(0, |(id, _)| *id));
+        let _ = self.measure();
+        Salvage {
+            saved,
+            lost: expected.map(|total| total.saturating_sub(saved)),
+        }
+    }
+
+    pub(super) fn serve(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        stats: watch::Sender<SpoolStats>,
+    ) {
+        use tokio::sync::mpsc::error::TryRecvError;
+        let mut next: Option<Command> = None;
+        loop {
+            let command = match next.take() {
+                Some(command) => command,
+                None => match commands.try_recv() {
+                    Ok(command) => command,
+                    Err(TryRecvError::Disconnected) => return,
+                    Err(TryRecvError::Empty) => {
+                        // Idle: bounded housekeeping, then look for work again.
+                        if self.maintain(&stats) {
+                            continue;
+                        }
+                        match commands.blocking_recv() {
+                            Some(command) => command,
+                            None => return,
+                        }
+                    }
+                },
+            };
+            match command {
+                Command::Append {
+                    message,
+                    done,
+                    queued,
+                } => {
+                    let mut batch = vec![(message, done)];
+                    let mut held = vec![queued];
+                    while batch.len() < MAX_GROUP_COMMIT {
+                        match commands.try_recv() {
+                            Ok(Command::Append {
+                                message,
+                                done,
+                                queued,
+                            }) => {
+                                batch.push((message, done));
+                                held.push(queued);
+                            }
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.append_batch(batch, &stats);
+                    drop(held);
+                }
+                Command::ReadAfter {
+                    after,
+                    limit,
+                    max_bytes,
+                    reply,
+                } => {
+                    let read = self.read_after(after, limit, max_bytes);
+                    self.publish_stats(&stats);
+                    let _ = reply.send(read);
+                }
+                Command::Remove { ids } => {
+                    self.remove(&ids);
+                    self.publish_stats(&stats);
+                }
+                Command::DeadLetters(command) => self.dead_letters(command, &stats),
+                Command::SetLimits { max_bytes, on_full } => {
+                    self.max_bytes = max_bytes;
+                    self.on_full = on_full;
+                    if let Err(error) = self.apply_wal_limit() {
+                        self.record_fault(Operation::Write, &error);
+                    }
+                    self.dirty = true;
+                }
+            }
+            // Over the limit (lowered, or a commit that overshot): one bounded trim between
+            // commands, so a long trim never holds up reads, removals or the watchdog probe.
+            if self.must_trim() {
+                self.trim_chunk(&stats);
+            }
+        }
+    }
+
+    /// One step of idle housekeeping; `false` when there is nothing (more) to do.
+    pub(super) fn maintain(&mut self, stats: &watch::Sender<SpoolStats>) -> bool {
+        if self.must_trim() {
+            return self.trim_chunk(stats);
+        }
+        if !self.dirty {
+            return false;
+        }
+        let step = (|| -> rusqlite::Result<bool> {
+            let free: i64 = self
+                .db
+                .query_row("PRAGMA freelist_count", [], |row| row.get(0))?;
+            let free = free.unsigned_abs();
+            if self.incremental_vacuum
+                && free > 0
+                && (free >= VACUUM_MIN_FREE_PAGES || self.stats.messages == 0)
+            {
+                self.db
+                    .execute_batch(&format!("PRAGMA incremental_vacuum({VACUUM_CHUNK_PAGES})"))?;
+                let left: i64 = self
+                    .db
+                    .query_row("PRAGMA freelist_count", [], |row| row.get(0))?;
+                self.shrunk = true;
+                // No progress: stop rather than spin.
+                return Ok(left.unsigned_abs() < free);
+            }
+            if self.shrunk || self.wal_file_bytes() > self.wal_reserve() {
+                // Folds the WAL into the db and truncates both: the files really shrink.
+                self.db
+                    .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+                self.shrunk = false;
+            }
+            Ok(false)
+        })();
+        let more = match step {
+            Ok(more) => more,
+            Err(error) if is_disk_full(&error) => false,
+            Err(error) => {
+                self.record_fault(Operation::Write, &error);
+                false
+            }
+        };
+        if !more {
+            self.dirty = false;
+            self.restore_reserve();
+        }
+        let _ = self.measure();
+        self.publish_stats(stats);
+        more
+    }
+
+    /// Drops the oldest messages, at most one bounded chunk, to get back under `max_bytes`.
+    /// `true` when it dropped some.
+    pub(super) fn trim_chunk(&mut self, stats: &watch::Sender<SpoolStats>) -> bool {
+        let excess = self.excess();
+        let rows = TRIM_CHUNK_ROWS.min(self.stats.messages.saturating_sub(1) as usize);
+        let result = self.drop_oldest(excess.min(TRIM_CHUNK_BYTES), rows);
+        let dropped = match result {
+            Ok(dropped) => dropped,
+            Err(error) => {
+                if !is_disk_full(&error) {
+                    self.record_fault(Operation::Write, &error);
+                }
+                0
+            }
+        };
+        if dropped > 0 {
+            self.log_drops(dropped, "spool over max_bytes: dropped the oldest messages");
+        }
+        let _ = self.measure();
+        self.publish_stats(stats);
+        dropped > 0
+    }
+
+    /// Deletes oldest rows (one transaction) until their estimated size reaches `bytes` or
+    /// `max_rows` went; counts them as dropped. Returns how many.
+    pub(super) fn drop_oldest(&mut self, bytes: u64, max_rows: usize) -> rusqlite::Result<u64> {
+        let tx = self.db.transaction()?;
+        let mut dropped = 0u64;
+        let mut freed = 0u64;
+        {
+            let mut oldest = tx.prepare_cached(
+                "DELETE FROM messages WHERE id = (SELECT MIN(id) FROM messages) RETURNING size",
+            )?;
+            while freed < bytes.max(1) && (dropped as usize) < max_rows {
+                let Some(size) = oldest
+                    .query_row([], |row| row.get::<_, i64>(0))
+                    .optional()?
+                else {
+                    break;
+                };
+                freed += size.unsigned_abs() + ROW_OVERHEAD;
+                dropped += 1;
+            }
+        }
+        tx.commit()?;
+        self.stats.messages = self.stats.messages.saturating_sub(dropped);
+        self.stats.dropped_total += dropped;
+        self.wrote();
+        Ok(dropped)
+    }
+
+    pub(super) fn log_drops(&mut self, dropped: u64, text: &'static str) {
+        if let Some(held_back) = self.drop_log.admit(text) {
+            tracing::warn!(
+                dropped,
+                dropped_total = self.stats.dropped_total,
+                held_back,
+                "{text}"
+            );
+        }
+    }
+
+    /// A write committed: a write fault is over, and idle housekeeping may have work.
+    pub(super) fn wrote(&mut self) {
+        self.dirty = true;
+        if self.stats.fault.is_some() {
+            tracing::info!("spool storage works again");
+            self.stats.fault = None;
+            self.fault_log.clear();
+        }
+    }
+
+    pub(super) fn record_fault(&mut self, operation: Operation, error: &rusqlite::Error) {
+        let fault = StorageFault {
+            operation,
+            code: extended_code(error),
+        };
+        // A failed read must not replace a failed write: a later good read would clear it.
+        let keeps_write = operation == Operation::Read
+            && self
+                .stats
+                .fault
+                .is_some_and(|f| f.operation == Operation::Write);
+        if !keeps_write {
+            self.stats.fault = Some(fault);
+        }
+        // One text for every storage failure, so alternating ones are held back too.
+        const TEXT: &str = "spool storage failed";
+        if let Some(held_back) = self.fault_log.admit(TEXT) {
+            tracing::error!(
+                %error,
+                fault = %fault,
+                held_back,
+                "{TEXT}; messages are refused with storage_error and watchdog pings withheld"
+            );
+        }
+    }
+
+    /// Counters go out before any answer, so a writer that got `ok` sees its message counted.
+    pub(super) fn publish_stats(&self, stats: &watch::Sender<SpoolStats>) {
+        stats.send_if_modified(|current| {
+            let changed = *current != self.stats;
+            *current = self.stats;
+            changed
+        });
+    }
+
+    pub(super) fn append_batch(
+        &mut self,
+        batch: Vec<(Message, oneshot::Sender<Result<(), AppendError>>)>,
+        stats: &watch::Sender<SpoolStats>,
+    ) {
+        let before = self.stats;
+        let mut outcome = self.try_append_batch(&batch);
+        if outcome.is_err() {
+            self.stats = before;
+        }
+        // Disk full with drop-oldest: make room by dropping the oldest, then try again.
+        let mut room = batch
+            .iter()
+            .map(|(m, _)| (m.topic.len() + m.payload.len()) as u64 + ROW_OVERHEAD)
+            .sum::<u64>();
+        let mut attempts = 0;
+        let mut disk_full = false;
+        while let Err(error) = &outcome
+            && is_disk_full(error)
+            && self.on_full == OnFull::DropOldest
+            && attempts < DISK_FULL_RETRIES
+            && self.stats.messages > 0
+        {
+            attempts += 1;
+            disk_full = true;
+            // The reserve's space lets the checkpoint (which may grow the db by the WAL's new
+            // pages) and the deletion write. It is restored in idle time, once vacuuming gives
+            // space back. Freed pages stay in the db here: the retried insert reuses them, so
+            // later checkpoints need no growth and the spool cycles in the space it has.
+            self.release_reserve();
+            // Fold the WAL back first: the deletion then reuses its space instead of growing it.
+            self.checkpoint_truncate();
+            match self.drop_oldest(room, usize::MAX) {
+                Ok(dropped) if dropped > 0 => {}
+                _ => break,
+            }
+            self.checkpoint_truncate();
+            room = room.saturating_mul(2);
+            let kept = self.stats;
+            outcome = self.try_append_batch(&batch);
+            if outcome.is_err() {
+                self.stats = kept;
+            }
+        }
+        let results = match outcome {
+            Ok(results) => {
+                self.wrote();
+                results
+            }
+            Err(error) => {
+                let refusal = if is_disk_full(&error) {
+                    const TEXT: &str = "disk is full; refusing new messages until space is free";
+                    if let Some(held_back) = self.fault_log.admit(TEXT) {
+                        tracing::warn!(held_back, "{TEXT}");
+                    }
+                    AppendError::Full(self.stats.bytes)
+                } else {
+                    self.record_fault(Operation::Write, &error);
+                    AppendError::Storage(
+                        self.stats
+                            .fault
+                            .map_or_else(|| error.to_string(), |f| f.to_string()),
+                    )
+                };
+                vec![Err(refusal); batch.len()]
+            }
+        };
+        let dropped = self.stats.dropped_total - before.dropped_total;
+        if dropped > 0 {
+            self.log_drops(
+                dropped,
+                if disk_full {
+                    "disk full: dropped the oldest messages to make room"
+                } else {
+                    "spool full: dropped the oldest messages to make room"
+                },
+            );
+        }
+        let _ = self.measure();
+        self.publish_stats(stats);
+        for ((_, done), result) in batch.into_iter().zip(results) {
+            let _ = done.send(result);
+        }
+    }
+
+    /// Folds the WAL into the db and truncates it (errors only mean it stays as it is).
+    pub(super) fn checkpoint_truncate(&self) {
+        let _ = self
+            .db
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    }
+
+    pub(super) fn try_append_batch(
+        &mut self,
+        batch: &[(Message, oneshot::Sender<Result<(), AppendError>>)],
+    ) -> rusqlite::Result<Vec<Result<(), AppendError>>> {
+        let reserve = self.wal_reserve();
+        let tx = self.db.transaction()?;
+        let mut results = Vec::with_capacity(batch.len());
+        // Estimated pages in use plus the WAL's share, as this transaction goes.
+        let mut used = Self::live_pages_bytes(&tx, self.page_size)? + reserve;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO messages (topic, payload, qos, size, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            let mut oldest = tx.prepare_cached(
+                "DELETE FROM messages WHERE id = (SELECT MIN(id) FROM messages) RETURNING size",
+            )?;
+            for (message, _) in batch {
+                let size = (message.topic.len() + message.payload.len()) as u64;
+                let cost = size + ROW_OVERHEAD;
+                if used + cost > self.max_bytes {
+                    // The per-row estimate runs ahead of the pages really used: measure before
+                    // refusing, or a later transaction (measured afresh) takes newer messages
+                    // after older ones were refused.
+                    used = Self::live_pages_bytes(&tx, self.page_size)? + reserve;
+                }
+                if used + cost > self.max_bytes {
+                    if self.on_full == OnFull::RejectNew {
+                        results.push(Err(AppendError::Full(self.max_bytes)));
+                        continue;
+                    }
+                    // Bounded like a trim; anything left over is trimmed between commands.
+                    let mut dropped_here = 0;
+                    while used + cost > self.max_bytes && dropped_here < TRIM_CHUNK_ROWS {
+                        let Some(freed) = oldest
+                            .query_row([], |row| row.get::<_, i64>(0))
+                            .optional()?
+                        else {
+                            break;
+                        };
+                        used = used.saturating_sub(freed.unsigned_abs() + ROW_OVERHEAD);
+                        dropped_here += 1;
+                        self.stats.messages = self.stats.messages.saturating_sub(1);
+                        self.stats.dropped_total += 1;
+                    }
+                }
+                insert.execute(params![
+                    message.topic,
+                    message.payload,
+                    message.qos.as_u8(),
+                    size as i64,
+                    message.kind.as_u8(),
+                ])?;
+                used += cost;
+                self.stats.messages += 1;
+                self.stats.last_id = tx.last_insert_rowid();
+                results.push(Ok(()));
+            }
+        }
+        tx.commit()?;
+        Ok(results)
+    }
+
+    /// The next messages after `after`. A row that cannot be decoded (a damaged file) can never
+    /// be published and would hold back every message behind it: it is logged, removed and
+    /// counted as dropped, and the rest goes on. A failed query is an error (and a fault).
+    pub(super) fn read_after(
+        &mut self,
+        after: i64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredMessage>, ReadError> {
+        let mut good = Vec::new();
+        let mut broken = Vec::new();
+        let mut bytes = 0usize;
+        let result = (|| -> rusqlite::Result<()> {
+            let mut select = self.db.prepare_cached(
+                "SELECT id, topic, payload, qos, kind FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let mut rows = select.query(params![after, limit as i64])?;
+            while bytes < max_bytes
+                && let Some(row) = rows.next()?
+            {
+                let id: i64 = row.get(0)?;
+                let message = (|| {
+                    Ok::<_, rusqlite::Error>(Message {
+                        topic: row.get(1)?,
+                        payload: payload_bytes(row, 2)?,
+                        qos: Qos::from_u8(row.get(3)?).unwrap_or(Qos::AtLeastOnce),
+                        kind: PayloadKind::from_u8(row.get(4)?),
+                    })
+                })();
+                match message {
+                    Ok(message) => {
+                        bytes += message.payload.len();
+                        good.push(StoredMessage { id, message });
+                    }
+                    Err(error) => broken.push((id, error)),
+                }
+            }
+            Ok(())
+        })();
+        if let Err(error) = result {
+            self.record_fault(Operation::Read, &error);
+            return Err(ReadError::Storage(
+                self.stats
+                    .fault
+                    .map_or_else(|| error.to_string(), |f| f.to_string()),
+            ));
+        }
+        if self
+            .stats
+            .fault
+            .is_some_and(|f| f.operation == Operation::Read)
+        {
+            tracing::info!("spool reads work again");
+            self.stats.fault = None;
+            self.fault_log.clear();
+        }
+        if !broken.is_empty() {
+            for (id, error) in &broken {
+                tracing::error!(spool_id = id, %error, "undecodable spool row dropped");
+            }
+            let ids: Vec<i64> = broken.iter().map(|(id, _)| *id).collect();
+            let before = self.stats.messages;
+            self.remove(&ids);
+            self.stats.dropped_total += before - self.stats.messages;
+        }
+        Ok(good)
+    }
+
+    pub(super) fn remove(&mut self, ids: &[i64]) {
+        let before = self.stats;
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = self.db.transaction()?;
+            {
+                let mut delete =
+                    tx.prepare_cached("DELETE FROM messages WHERE id = ?1 RETURNING 1")?;
+                for id in ids {
+                    if delete
+                        .query_row([id], |row| row.get::<_, i64>(0))
+                        .optional()?
+                        .is_some()
+                    {
+                        self.stats.messages = self.stats.messages.saturating_sub(1);
+                    }
+                }
+            }
+            tx.commit()
+        })();
+        match result {
+            Ok(()) => self.wrote(),
+            Err(error) => {
+                self.stats = before;
+                // The messages stay and are sent again later: a duplicate, never a loss.
+                self.record_fault(Operation::Write, &error);
+            }
+        }
+        let _ = self.measure();
+    }
+}
