@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => match config::Config::load(&config) {
             Ok(config) => {
                 print!("{}", config.to_redacted_toml());
+                println!("{}", config.registration_note());
                 ExitCode::SUCCESS
             }
             Err(error) => fail(EXIT_USAGE, error),

@@ -276,9 +276,11 @@ pub fn format_status(status: &Value) -> String {
         None => String::new(),
     };
     format!(
-        "state:               {}\nidentity:            {}\ncredentials expire:  {}\nlast refresh:        {}\nlast error:          {}\nspool:               {} messages, {} bytes\npublished:           {} ({} republished)\ndropped:             {}\ndead letters:        {} ({} since start)\n{skew}",
+        "state:               {}\nidentity:            {}\nregistration:        {} (device {})\ncredentials expire:  {}\nlast refresh:        {}\nlast error:          {}\nspool:               {} messages, {} bytes\npublished:           {} ({} republished)\ndropped:             {}\ndead letters:        {} ({} since start)\n{skew}",
         field("state"),
         field("identity_id"),
+        field("registration_mode"),
+        field("device_name"),
         field("credentials_expire_at"),
         field("last_refresh"),
         field("last_error"),

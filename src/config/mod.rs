@@ -24,6 +24,8 @@ pub const ENV_PREFIX: &str = "IOT_COGNITO_RELAY";
 pub const MAX_PAYLOAD_BYTES: u64 = 128 * 1024;
 /// IoT Core accepts keep-alive values between 30 s and 1200 s.
 const KEEP_ALIVE_RANGE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(1200));
+/// Longest `identity.start_delay`: past an hour a device would look dead after every boot.
+const MAX_START_DELAY: Duration = Duration::from_secs(3600);
 
 /// Why a config could not be used. Every variant names the file or key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -98,11 +100,23 @@ pub struct IdentityConfig {
     pub unauth_role_arn: String,
     #[serde(with = "duration", default = "IdentityConfig::default_refresh_margin")]
     pub refresh_margin: Duration,
+    /// Fleet mode: this device's user name; empty derives one from `/etc/machine-id`.
+    #[serde(default)]
+    pub device_name: String,
+    /// Right after boot, wait a random time below this before the first sign-in.
+    #[serde(with = "duration", default = "IdentityConfig::default_start_delay")]
+    pub start_delay: Duration,
 }
 
 impl IdentityConfig {
     fn default_refresh_margin() -> Duration {
         Duration::from_secs(5 * 60)
+    }
+
+    /// Spreads the restart of about 3,000 devices within Cognito's default quotas
+    /// (docs/operations.md, "Boot storms and Cognito quotas").
+    fn default_start_delay() -> Duration {
+        Duration::from_secs(30)
     }
 }
 
@@ -113,6 +127,8 @@ impl Default for IdentityConfig {
             secret_id: String::new(),
             unauth_role_arn: String::new(),
             refresh_margin: Self::default_refresh_margin(),
+            device_name: String::new(),
+            start_delay: Self::default_start_delay(),
         }
     }
 }
@@ -348,6 +364,25 @@ impl Config {
         Ok(config)
     }
 
+    /// For `check-config`: the user name this device registers as on a self-register stack
+    /// (the mode itself is in the stack's secret, read at start; `status` shows it).
+    pub fn registration_note(&self) -> String {
+        let identity = &self.identity;
+        match crate::identity::device::device_name(
+            &identity.device_name,
+            &identity.identity_pool_id,
+        ) {
+            Ok(name) if identity.device_name.is_empty() => format!(
+                "# self-register stacks: this device registers as {name:?} (derived from {}); shared-user stacks ignore it",
+                crate::identity::device::MACHINE_ID
+            ),
+            Ok(name) => format!(
+                "# self-register stacks: this device registers as {name:?}; shared-user stacks ignore it"
+            ),
+            Err(error) => format!("# self-register stacks: {error}"),
+        }
+    }
+
     /// Checks every rule SPEC.md states and fills the defaults derived from other keys.
     fn validate(&mut self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
@@ -393,6 +428,16 @@ impl Config {
                 "identity.secret_id",
                 "is required (stack output SecretName)".into(),
             ));
+        }
+        let name = &self.identity.device_name;
+        if !name.is_empty() && crate::identity::device::validate_name(name).is_err() {
+            return Err(invalid(
+                "identity.device_name",
+                format!("{name:?} is not a device name: use 1-64 characters of A-Z a-z 0-9 . _ -"),
+            ));
+        }
+        if self.identity.start_delay > MAX_START_DELAY {
+            return Err(invalid("identity.start_delay", "must be at most 1h".into()));
         }
         if self.aws.region.is_empty() {
             self.aws.region = pool_region.to_owned();

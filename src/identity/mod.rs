@@ -6,6 +6,7 @@ mod attach;
 pub mod aws;
 mod bootstrap;
 mod cache;
+pub mod device;
 mod user_pool;
 
 use std::collections::HashMap;
@@ -19,8 +20,10 @@ use tokio::sync::watch;
 
 pub use attach::{RefusalSignal, is_authorization_refusal};
 pub use bootstrap::DeviceSecret;
+use bootstrap::Registration;
 pub use cache::{CACHE_FILE, IdentityCache};
-use user_pool::UserPoolTokens;
+use device::{DEVICE_FILE, DeviceFile};
+use user_pool::{SignUpOutcome, UserPoolTokens};
 
 use crate::config::IdentityConfig;
 use crate::identity::aws::{
@@ -51,6 +54,11 @@ const MIN_REFRESH_DELAY: Duration = Duration::from_secs(5);
 /// are ignored this long: a refusal the policy does not cure (e.g. a network outside
 /// DeviceCidrs) must not become a loop of attach calls.
 const REATTACH_MIN_INTERVAL: Duration = Duration::from_secs(300);
+/// `identity.start_delay` applies only when the system booted less than this long ago: a
+/// fleet that lost power together comes back together, a daemon restarted later does not wait.
+pub const BOOT_WINDOW: Duration = Duration::from_secs(600);
+/// Where the time since boot is read.
+const UPTIME_FILE: &str = "/proc/uptime";
 
 /// Why a step of the chain failed. Texts never carry a password, token or key.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -75,6 +83,36 @@ pub enum IdentityError {
     /// pool was replaced, a parameter is no longer valid).
     #[error("refresh refused: {0}")]
     Refused(String),
+    /// Fleet mode: `SignUp` failed in a way a retry may cure (throttling, the network).
+    #[error("registering this device: {0}")]
+    Registration(String),
+    /// Fleet mode: the pool or its pre-sign-up trigger refused the `SignUp`.
+    #[error("registration refused: {0}")]
+    RegistrationRefused(String),
+    /// Fleet mode: the name is registered and this device has no password for it.
+    #[error(
+        "device name {name} is already registered in user pool {pool} and this device holds no password for it (a re-flashed device, or a name used twice): if it is this device, remove the old user with `aws cognito-idp admin-delete-user --user-pool-id {pool} --username {name}`; otherwise set another identity.device_name"
+    )]
+    NameTaken { name: String, pool: String },
+    /// Fleet mode: the device's own password was refused: the user was disabled, signed out
+    /// or deleted by an operator.
+    #[error(
+        "the user pool refused this device's user {name} ({reason}): revoked by an operator (disabled or deleted)? See docs/operations.md"
+    )]
+    Revoked { name: String, reason: String },
+    /// Fleet mode: the device name or `device.json` cannot be used.
+    #[error("device identity: {0}")]
+    Device(String),
+}
+
+impl IdentityError {
+    /// Errors after which the device must stop using the credentials it holds.
+    fn withdraws_session(&self) -> bool {
+        matches!(
+            self,
+            IdentityError::Revoked { .. } | IdentityError::NameTaken { .. }
+        )
+    }
 }
 
 /// What the MQTT side needs to connect: who the device is and how to sign.
@@ -92,6 +130,10 @@ pub struct IdentityStatus {
     pub last_refresh: Option<SystemTime>,
     /// The last failure, already free of secrets; cleared on success.
     pub last_error: Option<String>,
+    /// `self-register` or `shared-user`, once the secret was read.
+    pub registration_mode: Option<&'static str>,
+    /// Fleet mode: this device's user name.
+    pub device_name: Option<String>,
 }
 
 /// The device's standing with the user pool, kept between refreshes.
@@ -163,6 +205,7 @@ impl IdentityManager {
         let mut repeats = Repeats::default();
         let mut refused_in_a_row = 0u32;
         let mut last_reattach: Option<tokio::time::Instant> = None;
+        self.wait_after_boot(&heartbeat).await;
         loop {
             let refreshing = signed_in.is_some();
             heartbeat.beat();
@@ -213,6 +256,11 @@ impl IdentityManager {
                 }
                 Err((kept, error)) => {
                     signed_in = kept;
+                    if error.withdraws_session() && self.sessions.borrow().is_some() {
+                        // The publisher closes its connection and waits for a new session.
+                        tracing::error!(error = %error, "this device's user was refused: stopping its connection");
+                        self.sessions.send_replace(None);
+                    }
                     if matches!(error, IdentityError::Refused(_)) {
                         refused_in_a_row += 1;
                     } else {
@@ -242,6 +290,20 @@ impl IdentityManager {
                 }
             }
         }
+    }
+
+    /// `identity.start_delay`: right after boot, a random wait before the first AWS call.
+    async fn wait_after_boot(&self, heartbeat: &Heartbeat) {
+        let jitter: f64 = rand::rng().random();
+        let delay = start_delay(read_uptime(), self.config.start_delay, jitter);
+        if delay.is_zero() {
+            return;
+        }
+        tracing::info!(
+            start_delay_s = delay.as_secs(),
+            "the system booted recently: waiting before the first sign-in, so a fleet that booted together spreads out"
+        );
+        heartbeat.waiting(tokio::time::sleep(delay)).await;
     }
 
     /// One pass through the chain, reusing what is still good from `prior`. On failure, hands
@@ -318,25 +380,44 @@ impl IdentityManager {
     }
 
     /// Steps 1-3. With a `known` secret, a rejected password means it may have been rotated:
-    /// the secret is read again once.
+    /// the secret is read again once. In fleet mode a rejected password is the device's own:
+    /// it was revoked (or, right after a `SignUp` that found the name taken, never was ours).
     async fn sign_in(
         &mut self,
         known: Option<DeviceSecret>,
         heartbeat: &Heartbeat,
     ) -> Result<SignedIn, IdentityError> {
         let had_secret = known.is_some();
-        let secret = match known {
-            Some(secret) => secret,
-            None => self.read_secret(heartbeat).await?,
+        let (secret, unconfirmed) = match known {
+            Some(secret) => (secret, false),
+            None => self.read_and_enroll(heartbeat).await?,
         };
         match heartbeat
             .bounded(step_limit(1), user_pool::sign_in(&self.base, &secret))
             .await
         {
-            Ok(tokens) => Ok(SignedIn { secret, tokens }),
+            Ok(tokens) => {
+                if unconfirmed {
+                    self.note_registered()?;
+                }
+                Ok(SignedIn { secret, tokens })
+            }
+            Err(IdentityError::PasswordRejected(reason)) if secret.registration.is_some() => {
+                Err(if unconfirmed {
+                    IdentityError::NameTaken {
+                        name: secret.username,
+                        pool: secret.user_pool_id,
+                    }
+                } else {
+                    IdentityError::Revoked {
+                        name: secret.username,
+                        reason,
+                    }
+                })
+            }
             Err(IdentityError::PasswordRejected(reason)) if had_secret => {
                 tracing::warn!(%reason, "password rejected; reading the secret again (it may have been rotated)");
-                let secret = self.read_secret(heartbeat).await?;
+                let (secret, _) = self.read_and_enroll(heartbeat).await?;
                 let tokens = heartbeat
                     .bounded(step_limit(1), user_pool::sign_in(&self.base, &secret))
                     .await?;
@@ -344,6 +425,95 @@ impl IdentityManager {
             }
             Err(error) => Err(error),
         }
+    }
+
+    /// Steps 1-2, and in fleet mode the device's own user (registered on first start). The
+    /// flag says the registration still waits for a sign-in to confirm it.
+    async fn read_and_enroll(
+        &mut self,
+        heartbeat: &Heartbeat,
+    ) -> Result<(DeviceSecret, bool), IdentityError> {
+        let mut secret = self.read_secret(heartbeat).await?;
+        let mode = secret.mode();
+        self.status
+            .send_modify(|status| status.registration_mode = Some(mode));
+        let unconfirmed = match secret.registration.clone() {
+            Some(registration) => self.enroll(&mut secret, &registration, heartbeat).await?,
+            None => false,
+        };
+        Ok((secret, unconfirmed))
+    }
+
+    /// Fleet mode: fills in the device's user from `device.json`, and on first start makes it:
+    /// a new password is written (fsynced) before `SignUp`, so no registered user is ever
+    /// without its password on disk. Later starts never call `SignUp` again.
+    async fn enroll(
+        &mut self,
+        secret: &mut DeviceSecret,
+        registration: &Registration,
+        heartbeat: &Heartbeat,
+    ) -> Result<bool, IdentityError> {
+        let device_error = |e: device::DeviceError| IdentityError::Device(e.to_string());
+        let name = device::device_name(&self.config.device_name, &self.config.identity_pool_id)
+            .map_err(device_error)?;
+        self.status
+            .send_modify(|status| status.device_name = Some(name.clone()));
+        let stored = DeviceFile::load(&self.state_dir).map_err(device_error)?;
+        let fresh = stored.is_none();
+        let mut file = match stored {
+            Some(file) if file.username != name => {
+                return Err(IdentityError::Device(format!(
+                    "{DEVICE_FILE} in the state dir holds the user {:?} but the device name is {name:?}: remove that file to register under the new name (the old user stays in the pool)",
+                    file.username
+                )));
+            }
+            Some(file) => file,
+            None => {
+                let file = DeviceFile {
+                    username: name.clone(),
+                    password: device::generate_password(),
+                    registered: false,
+                };
+                file.save(&self.state_dir).map_err(device_error)?;
+                file
+            }
+        };
+        secret.username = file.username.clone();
+        secret.password = file.password.clone();
+        if file.registered {
+            return Ok(false);
+        }
+        let outcome = heartbeat
+            .bounded(
+                step_limit(1),
+                user_pool::sign_up(&self.base, secret, registration),
+            )
+            .await?;
+        match outcome {
+            SignUpOutcome::Registered => {
+                tracing::info!(device_name = %name, "registered this device's own user");
+                file.registered = true;
+                file.save(&self.state_dir).map_err(device_error)?;
+                Ok(false)
+            }
+            SignUpOutcome::NameTaken if fresh => Err(IdentityError::NameTaken {
+                name,
+                pool: secret.user_pool_id.clone(),
+            }),
+            // An earlier start may have registered it and stopped before noting so: the
+            // sign-in with the stored password tells.
+            SignUpOutcome::NameTaken => Ok(true),
+        }
+    }
+
+    /// A sign-in proved the stored user is ours: no `SignUp` at later starts.
+    fn note_registered(&self) -> Result<(), IdentityError> {
+        let device_error = |e: device::DeviceError| IdentityError::Device(e.to_string());
+        if let Some(mut file) = DeviceFile::load(&self.state_dir).map_err(device_error)? {
+            file.registered = true;
+            file.save(&self.state_dir).map_err(device_error)?;
+        }
+        Ok(())
     }
 
     async fn read_secret(&mut self, heartbeat: &Heartbeat) -> Result<DeviceSecret, IdentityError> {
@@ -465,6 +635,22 @@ fn credentials_error(code: Option<&str>, error: String) -> IdentityError {
     } else {
         IdentityError::Refused(format!("authenticated Cognito credentials: {error}"))
     }
+}
+
+/// `identity.start_delay` after a boot: a random part (`jitter` in `[0, 1)`) of `bound` while
+/// the system has been up less than [`BOOT_WINDOW`]; nothing later or when uptime is unknown.
+pub fn start_delay(uptime: Option<Duration>, bound: Duration, jitter: f64) -> Duration {
+    match uptime {
+        Some(uptime) if uptime < BOOT_WINDOW => bound.mul_f64(jitter.clamp(0.0, 1.0)),
+        _ => Duration::ZERO,
+    }
+}
+
+/// The time since boot, from `/proc/uptime`.
+fn read_uptime() -> Option<Duration> {
+    let text = std::fs::read_to_string(UPTIME_FILE).ok()?;
+    let seconds: f64 = text.split_whitespace().next()?.parse().ok()?;
+    Duration::try_from_secs_f64(seconds).ok()
 }
 
 /// How long a step of `calls` AWS calls may take: each is bounded by the SDK's timeout. Past
@@ -649,6 +835,25 @@ mod tests {
         );
         task.abort();
         drop(hole);
+    }
+
+    #[test]
+    fn the_start_delay_applies_only_right_after_boot() {
+        let bound = Duration::from_secs(30);
+        let just_booted = Some(Duration::from_secs(20));
+        assert_eq!(
+            start_delay(just_booted, bound, 0.5),
+            Duration::from_secs(15)
+        );
+        assert!(start_delay(just_booted, bound, 0.999) < bound);
+        assert_eq!(start_delay(just_booted, bound, 0.0), Duration::ZERO);
+        assert_eq!(start_delay(Some(BOOT_WINDOW), bound, 0.5), Duration::ZERO);
+        assert_eq!(start_delay(None, bound, 0.5), Duration::ZERO);
+        assert_eq!(
+            start_delay(just_booted, Duration::ZERO, 0.5),
+            Duration::ZERO
+        );
+        assert!(read_uptime().is_some_and(|up| up > Duration::ZERO));
     }
 
     #[test]
