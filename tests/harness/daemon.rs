@@ -5,7 +5,7 @@ use super::*;
 impl Cloud {
     /// A config for a daemon in `dir`. `classic` chooses the onboarding flow.
     pub fn config(&self, dir: &Path, classic: bool, extra: &str) -> PathBuf {
-        self.config_via(dir, classic, &self.endpoint(), extra)
+        self.config_via(dir, classic, &self.daemon_endpoint(), extra)
     }
 
     /// Like [`Cloud::config`], with the AWS calls sent to `endpoint` (e.g. a fault proxy).
