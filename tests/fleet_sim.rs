@@ -184,11 +184,14 @@ fn check_messages(cloud: &Cloud, subscriber: &mut Subscriber, ids: &BTreeMap<Str
     assert_eq!(seen.len(), ids.len());
 }
 
-/// Calls per API (ok and throttled) from the Cognito proxy's log.
+/// Calls per API (ok and throttled) from the Cognito proxy's log; InitiateAuth by flow.
 fn call_counts(cloud: &Cloud) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
     let (mut all, mut throttled) = (BTreeMap::new(), BTreeMap::new());
     for call in cloud.cognito().calls() {
-        let op = call["op"].as_str().unwrap_or("?").to_owned();
+        let mut op = call["op"].as_str().unwrap_or("?").to_owned();
+        if let Some(flow) = call["flow"].as_str() {
+            op = format!("{op} {flow}");
+        }
         if call["result"] == "throttled" {
             *throttled.entry(op.clone()).or_insert(0) += 1;
         }
@@ -278,6 +281,14 @@ fn fleet_of_daemons_registers_connects_and_is_revoked_one_by_one() {
     check_messages(&cloud, &mut subscriber, &ids);
     let (calls, throttled) = call_counts(&cloud);
     assert_eq!(cloud.cognito().count("SignUp", "ok"), count);
+    // One password sign-in per device: a retry after a throttled GetId reuses its tokens.
+    let password_sign_ins = cloud
+        .cognito()
+        .calls()
+        .iter()
+        .filter(|c| c["flow"] == "USER_PASSWORD_AUTH" && c["result"] == "ok")
+        .count();
+    assert_eq!(password_sign_ins, count, "{calls:?}");
     let rss_kib: u64 = devices
         .iter()
         .map(|d| harness::rss_kib(d.daemon.pid()))

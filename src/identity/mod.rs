@@ -57,6 +57,9 @@ const REATTACH_MIN_INTERVAL: Duration = Duration::from_secs(300);
 /// `identity.start_delay` applies only when the system booted less than this long ago: a
 /// fleet that lost power together comes back together, a daemon restarted later does not wait.
 pub const BOOT_WINDOW: Duration = Duration::from_secs(600);
+/// How long user pool tokens that a failed pass obtained are used again by its retries; far
+/// inside the ID token's hour.
+const TOKEN_REUSE: Duration = Duration::from_secs(600);
 /// Where the time since boot is read.
 const UPTIME_FILE: &str = "/proc/uptime";
 
@@ -140,6 +143,32 @@ pub struct IdentityStatus {
 struct SignedIn {
     secret: DeviceSecret,
     tokens: UserPoolTokens,
+    /// Set when a pass got these tokens and then failed at a later step (e.g. `GetId`
+    /// throttled): the retry uses them again until then instead of spending another
+    /// `InitiateAuth` (itself under a quota) on new ones.
+    reusable_until: Option<tokio::time::Instant>,
+}
+
+impl SignedIn {
+    fn new(secret: DeviceSecret, tokens: UserPoolTokens) -> SignedIn {
+        SignedIn {
+            secret,
+            tokens,
+            reusable_until: None,
+        }
+    }
+
+    /// Kept after a failure past the sign-in: reusable for [`TOKEN_REUSE`] from the first one.
+    fn kept(mut self) -> SignedIn {
+        self.reusable_until
+            .get_or_insert_with(|| tokio::time::Instant::now() + TOKEN_REUSE);
+        self
+    }
+
+    fn reusable(&self) -> bool {
+        self.reusable_until
+            .is_some_and(|until| tokio::time::Instant::now() < until)
+    }
 }
 
 /// Owns the chain; see the module docs.
@@ -234,7 +263,10 @@ impl IdentityManager {
                         status.last_error = None;
                     });
                     self.sessions.send_replace(Some(Arc::new(session)));
-                    signed_in = Some(standing);
+                    signed_in = Some(SignedIn {
+                        reusable_until: None,
+                        ..standing
+                    });
                     let may_reattach =
                         last_reattach.is_none_or(|at| at.elapsed() >= REATTACH_MIN_INTERVAL);
                     let refused = heartbeat
@@ -315,6 +347,7 @@ impl IdentityManager {
         heartbeat: &Heartbeat,
     ) -> Result<(SignedIn, Session), (Option<SignedIn>, IdentityError)> {
         let standing = match prior {
+            Some(prior) if prior.reusable() => prior,
             Some(prior) => match heartbeat
                 .bounded(
                     step_limit(1),
@@ -322,10 +355,7 @@ impl IdentityManager {
                 )
                 .await
             {
-                Ok(tokens) => SignedIn {
-                    secret: prior.secret,
-                    tokens,
-                },
+                Ok(tokens) => SignedIn::new(prior.secret, tokens),
                 Err(IdentityError::RefreshRejected(reason)) => {
                     tracing::warn!(%reason, "refresh token rejected; signing in with the password");
                     self.sign_in(Some(prior.secret), heartbeat)
@@ -339,14 +369,14 @@ impl IdentityManager {
         let (identity_id, credentials) =
             match self.authenticated_credentials(&standing, heartbeat).await {
                 Ok(found) => found,
-                Err(error) => return Err((Some(standing), error)),
+                Err(error) => return Err((Some(standing.kept()), error)),
             };
         if !credentials.valid_for(MIN_USEFUL_VALIDITY) {
             let error = IdentityError::Credentials(format!(
                 "received credentials that expire at {} (already expired or about to): is this device's clock right?",
                 humantime::format_rfc3339_seconds(credentials.expires_at)
             ));
-            return Err((Some(standing), error));
+            return Err((Some(standing.kept()), error));
         }
         // Step 5 once per identity id, and again when the secret names another policy.
         if self.cache.identity_id.as_deref() != Some(identity_id.as_str())
@@ -365,7 +395,7 @@ impl IdentityManager {
                 )
                 .await
             {
-                return Err((Some(standing), error));
+                return Err((Some(standing.kept()), error));
             }
             self.cache.identity_id = Some(identity_id.clone());
             self.cache.attached_policy = Some(standing.secret.iot_policy.clone());
@@ -400,7 +430,7 @@ impl IdentityManager {
                 if unconfirmed {
                     self.note_registered()?;
                 }
-                Ok(SignedIn { secret, tokens })
+                Ok(SignedIn::new(secret, tokens))
             }
             Err(IdentityError::PasswordRejected(reason)) if secret.registration.is_some() => {
                 Err(if unconfirmed {
@@ -421,7 +451,7 @@ impl IdentityManager {
                 let tokens = heartbeat
                     .bounded(step_limit(1), user_pool::sign_in(&self.base, &secret))
                     .await?;
-                Ok(SignedIn { secret, tokens })
+                Ok(SignedIn::new(secret, tokens))
             }
             Err(error) => Err(error),
         }

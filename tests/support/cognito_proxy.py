@@ -14,9 +14,10 @@ every request to --target and adds both:
   per API (X-Amz-Target operation name), requests per second with a burst of one second's worth;
   beyond it the call is answered HTTP 400 TooManyRequestsException, as Cognito answers it.
 
-Every request is appended to --log as one JSON line {"t", "op", "result", "user"} where result is
-"ok", "throttled", "refused" or the error code moto answered; "user" only for SignUp (a device
-name; no password, code or token is ever logged).
+Every request is appended to --log as one JSON line {"t", "op", "result", "user", "flow"} where
+result is "ok", "throttled", "refused" or the error code moto answered; "user" only for SignUp (a
+device name), "flow" only for InitiateAuth (USER_PASSWORD_AUTH or REFRESH_TOKEN_AUTH). No
+password, code or token is ever logged.
 
 Usage: cognito_proxy.py --port P --target URL --log FILE [--rates SPEC]
                         [--user-pool-id ID --domain D --prefix P] [--region us-east-1]
@@ -152,6 +153,8 @@ def main():
             body = self.rfile.read(length) if length else b""
             op = self.headers.get("X-Amz-Target", "").rpartition(".")[2]
             entry = {"t": time.time(), "op": op or self.path.split("?", 1)[0]}
+            if op == "InitiateAuth":
+                entry["flow"] = auth_flow(body)
             if op and not buckets.admit(op):
                 entry["result"] = "throttled"
                 record(entry)
@@ -191,6 +194,14 @@ def main():
         do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = handle_any
 
     ThreadingHTTPServer(("127.0.0.1", args.port), Handler).serve_forever()
+
+
+def auth_flow(body):
+    try:
+        flow = json.loads(body or b"{}").get("AuthFlow")
+    except (ValueError, AttributeError):
+        return None
+    return flow if flow in ("USER_PASSWORD_AUTH", "REFRESH_TOKEN_AUTH") else None
 
 
 def error_code(headers, data):
