@@ -14,18 +14,25 @@ const UUID_LEN: usize = 36;
 /// Why a relative topic was refused; the text is shown to the local app.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TopicError {
+    /// Nothing to publish to.
     #[error("topic is empty")]
     Empty,
+    /// Wildcards are for subscriptions, not publishes.
     #[error("topic must not contain wildcards (+ or #)")]
     Wildcard,
+    /// NUL is not allowed in an MQTT topic.
     #[error("topic must not contain NUL")]
     Nul,
+    /// The prefix and its `/` come first.
     #[error("topic must not start with '/'")]
     LeadingSlash,
+    /// `$` topics are IoT Core's own.
     #[error("topic must not start with '$' (reserved topics)")]
     Reserved,
+    /// The full topic's length in bytes.
     #[error("full topic would be {0} bytes; IoT Core allows {MAX_TOPIC_BYTES}")]
     TooLong(usize),
+    /// The full topic's count of `/`.
     #[error("full topic would have {0} '/'; IoT Core allows {MAX_TOPIC_SLASHES}")]
     TooDeep(usize),
 }

@@ -113,75 +113,14 @@ pub fn send(
     timeout: Duration,
 ) -> Result<u64, SocketClientError> {
     let stream = connect(socket, timeout)?;
-    let mut writer = stream.try_clone()?;
+    let writer = stream.try_clone()?;
     let written = Arc::new(AtomicU64::new(0));
     let sent_so_far = written.clone();
     // Written by one thread while this one reads answers, so neither side's buffer fills up.
     // Not scoped: on a timeout this thread may sit in a stdin read, and must not be joined.
-    let sender = std::thread::spawn(move || -> Result<u64, std::io::Error> {
-        let mut count = 0u64;
-        let mut write = |payload: &str, count: &mut u64| -> std::io::Result<()> {
-            *count += 1;
-            let line = match &framing {
-                Framing::Message { topic, qos } => {
-                    json!({"topic": topic, "payload": payload_value(payload), "qos": qos, "id": *count})
-                        .to_string()
-                }
-                Framing::Json => protocol_line(payload, *count),
-            };
-            writer.write_all(format!("{line}\n").as_bytes())?;
-            written.store(*count, Ordering::SeqCst);
-            Ok(())
-        };
-        match payloads {
-            Payloads::One(text) => write(&text, &mut count)?,
-            Payloads::Lines(lines) => {
-                for line in lines.lines() {
-                    let line = line?;
-                    if !line.trim().is_empty() {
-                        write(&line, &mut count)?;
-                    }
-                }
-            }
-        }
-        writer.shutdown(std::net::Shutdown::Write)?;
-        Ok(count)
-    });
-    let mut answers = 0u64;
-    let mut refused = 0u64;
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    loop {
-        match reader.read_line(&mut line) {
-            Ok(0) => break,
-            Ok(_) => {}
-            // Nothing owed yet: the input is slow, not the daemon.
-            Err(error) if timed_out(&error) && answers >= sent_so_far.load(Ordering::SeqCst) => {
-                if sender.is_finished() {
-                    break;
-                }
-                continue;
-            }
-            Err(error) if timed_out(&error) => return Err(SocketClientError::Timeout(timeout)),
-            Err(error) => return Err(error.into()),
-        }
-        {
-            let line = std::mem::take(&mut line);
-            let line = line.trim_end();
-            let answer: Value = serde_json::from_str(line)
-                .map_err(|_| SocketClientError::BadAnswer(line.to_owned()))?;
-            answers += 1;
-            if answer["ok"] != Value::Bool(true) {
-                refused += 1;
-                eprintln!(
-                    "message {}: {}: {}",
-                    answer["id"],
-                    answer["error"].as_str().unwrap_or("error"),
-                    answer["message"].as_str().unwrap_or("")
-                );
-            }
-        }
-    }
+    let sender = std::thread::spawn(move || write_inputs(writer, &framing, payloads, &written));
+    let owed = || sent_so_far.load(Ordering::SeqCst);
+    let (answers, refused) = read_answers(stream, timeout, owed, || sender.is_finished())?;
     let sent = match sender.join() {
         Ok(Err(error)) if timed_out(&error) => return Err(SocketClientError::Timeout(timeout)),
         Ok(result) => result?,
@@ -191,6 +130,85 @@ pub fn send(
         return Err(SocketClientError::Closed);
     }
     Ok(refused)
+}
+
+/// Writes one protocol line per input, counting them in `written`; returns the count.
+fn write_inputs(
+    mut writer: UnixStream,
+    framing: &Framing,
+    payloads: Payloads,
+    written: &AtomicU64,
+) -> std::io::Result<u64> {
+    let mut count = 0u64;
+    let mut write = |payload: &str, count: &mut u64| -> std::io::Result<()> {
+        *count += 1;
+        let line = match framing {
+            Framing::Message { topic, qos } => {
+                json!({"topic": topic, "payload": payload_value(payload), "qos": qos, "id": *count})
+                    .to_string()
+            }
+            Framing::Json => protocol_line(payload, *count),
+        };
+        writer.write_all(format!("{line}\n").as_bytes())?;
+        written.store(*count, Ordering::SeqCst);
+        Ok(())
+    };
+    match payloads {
+        Payloads::One(text) => write(&text, &mut count)?,
+        Payloads::Lines(lines) => {
+            for line in lines.lines() {
+                let line = line?;
+                if !line.trim().is_empty() {
+                    write(&line, &mut count)?;
+                }
+            }
+        }
+    }
+    writer.shutdown(std::net::Shutdown::Write)?;
+    Ok(count)
+}
+
+/// Reads answers until the daemon closes, or until none is owed and the writer is done.
+/// Returns (answers, refused); each refusal is printed to stderr.
+fn read_answers(
+    stream: UnixStream,
+    timeout: Duration,
+    owed: impl Fn() -> u64,
+    writer_done: impl Fn() -> bool,
+) -> Result<(u64, u64), SocketClientError> {
+    let mut answers = 0u64;
+    let mut refused = 0u64;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        match reader.read_line(&mut line) {
+            Ok(0) => return Ok((answers, refused)),
+            Ok(_) => {}
+            // Nothing owed yet: the input is slow, not the daemon.
+            Err(error) if timed_out(&error) && answers >= owed() => {
+                if writer_done() {
+                    return Ok((answers, refused));
+                }
+                continue;
+            }
+            Err(error) if timed_out(&error) => return Err(SocketClientError::Timeout(timeout)),
+            Err(error) => return Err(error.into()),
+        }
+        let text = std::mem::take(&mut line);
+        let text = text.trim_end();
+        let answer: Value = serde_json::from_str(text)
+            .map_err(|_| SocketClientError::BadAnswer(text.to_owned()))?;
+        answers += 1;
+        if answer["ok"] != Value::Bool(true) {
+            refused += 1;
+            eprintln!(
+                "message {}: {}: {}",
+                answer["id"],
+                answer["error"].as_str().unwrap_or("error"),
+                answer["message"].as_str().unwrap_or("")
+            );
+        }
+    }
 }
 
 /// Asks the daemon for its status object, giving up after `timeout`.

@@ -3,8 +3,10 @@
 //! Every key has a sound default except the two that name the cloud side. Validation happens
 //! here, once, so the rest of the daemon can trust the values it is handed.
 
+pub mod changes;
 mod trust;
 mod units;
+mod validate;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -12,9 +14,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::message::Qos;
+
 use trust::check_not_tamperable;
-pub use units::ByteSize;
 use units::duration;
+pub use units::{ByteSize, Delimiter, FileMode};
 
 /// Where the daemon looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/iot-cognito-relay/config.toml";
@@ -52,7 +56,7 @@ const SHORTEST_TOPIC: &str = "t";
 const MAX_BATCH_MESSAGES: u32 = 65_536;
 
 /// The whole configuration, section by section as in SPEC.md.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -77,7 +81,7 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AwsConfig {
     /// Defaults to the region prefix of `identity.identity_pool_id`.
@@ -88,7 +92,7 @@ pub struct AwsConfig {
     pub endpoint_url: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     #[serde(default)]
@@ -133,7 +137,7 @@ impl Default for IdentityConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
     /// Defaults to the secret's `IoTEndpoint` tag.
@@ -159,12 +163,12 @@ impl Default for MqttConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SocketConfig {
     pub path: PathBuf,
-    /// Octal file mode, as a string so that "0660" keeps its meaning from TOML and env alike.
-    pub mode: String,
+    /// Octal file mode of the sockets.
+    pub mode: FileMode,
     /// When either list is non-empty, only clients whose uid or gid is listed may connect
     /// (checked with SO_PEERCRED), on top of the socket's file mode.
     pub allowed_uids: Vec<u32>,
@@ -181,7 +185,7 @@ pub struct SocketConfig {
 }
 
 /// One `[[socket.raw]]` entry.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSocketConfig {
     pub path: PathBuf,
@@ -189,23 +193,18 @@ pub struct RawSocketConfig {
     pub topic: String,
     /// One byte that ends a record (default newline).
     #[serde(default = "RawSocketConfig::default_delimiter")]
-    pub delimiter: String,
+    pub delimiter: Delimiter,
     #[serde(default = "RawSocketConfig::default_qos")]
-    pub qos: u8,
+    pub qos: Qos,
 }
 
 impl RawSocketConfig {
-    fn default_delimiter() -> String {
-        "\n".into()
+    fn default_delimiter() -> Delimiter {
+        Delimiter(b'\n')
     }
 
-    fn default_qos() -> u8 {
-        1
-    }
-
-    /// The validated delimiter byte.
-    pub fn delimiter_byte(&self) -> u8 {
-        self.delimiter.as_bytes().first().copied().unwrap_or(b'\n')
+    fn default_qos() -> Qos {
+        Qos::AtLeastOnce
     }
 }
 
@@ -213,7 +212,7 @@ impl Default for SocketConfig {
     fn default() -> Self {
         SocketConfig {
             path: "/run/iot-cognito-relay/relay.sock".into(),
-            mode: "0660".into(),
+            mode: FileMode(0o660),
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
             max_clients: 256,
@@ -231,14 +230,9 @@ impl SocketConfig {
             || self.allowed_uids.contains(&uid)
             || self.allowed_gids.contains(&gid)
     }
-
-    /// The validated mode as permission bits.
-    pub fn mode_bits(&self) -> u32 {
-        parse_mode(&self.mode).unwrap_or(0o660)
-    }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
     pub dir: PathBuf,
@@ -260,7 +254,7 @@ pub enum OnFull {
     RejectNew,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolConfig {
     pub max_bytes: ByteSize,
@@ -276,7 +270,7 @@ impl Default for SpoolConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PublishConfig {
     pub max_publishes_per_second: u32,
@@ -294,7 +288,7 @@ impl Default for PublishConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
     pub max_messages: u32,
@@ -313,7 +307,7 @@ impl Default for BatchConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
     #[serde(with = "duration")]
@@ -328,7 +322,7 @@ impl Default for ShutdownConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     pub level: String,
@@ -383,204 +377,6 @@ impl Config {
         }
     }
 
-    /// Checks every rule SPEC.md states and fills the defaults derived from other keys.
-    fn validate(&mut self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            key,
-            reason,
-        };
-        if self.identity.identity_pool_id.trim().is_empty() {
-            return Err(invalid(
-                "identity.identity_pool_id",
-                "is required (stack output CognitoIdentityPoolID)".into(),
-            ));
-        }
-        // Ids are used as written: a space or newline pasted along would only show up as a
-        // puzzling AWS error at the first sign-in.
-        for (key, id) in [
-            ("identity.identity_pool_id", &self.identity.identity_pool_id),
-            ("identity.secret_id", &self.identity.secret_id),
-            ("identity.unauth_role_arn", &self.identity.unauth_role_arn),
-        ] {
-            if id.contains(char::is_whitespace) {
-                return Err(invalid(
-                    key,
-                    format!("{id:?} contains whitespace; remove it"),
-                ));
-            }
-        }
-        let pool = self.identity.identity_pool_id.clone();
-        let Some((pool_region, pool_uuid)) = pool.split_once(':') else {
-            return Err(invalid(
-                "identity.identity_pool_id",
-                format!("{pool:?} is not of the form <region>:<uuid>"),
-            ));
-        };
-        if pool_region.is_empty() || pool_uuid.is_empty() {
-            return Err(invalid(
-                "identity.identity_pool_id",
-                format!("{pool:?} is not of the form <region>:<uuid>"),
-            ));
-        }
-        if self.identity.secret_id.trim().is_empty() {
-            return Err(invalid(
-                "identity.secret_id",
-                "is required (stack output SecretName)".into(),
-            ));
-        }
-        let name = &self.identity.device_name;
-        if !name.is_empty() && crate::identity::device::validate_name(name).is_err() {
-            return Err(invalid(
-                "identity.device_name",
-                format!("{name:?} is not a device name: use 1-64 characters of A-Z a-z 0-9 . _ -"),
-            ));
-        }
-        if self.identity.start_delay > MAX_START_DELAY {
-            return Err(invalid("identity.start_delay", "must be at most 1h".into()));
-        }
-        if self.aws.region.is_empty() {
-            self.aws.region = pool_region.to_owned();
-        }
-        let keep_alive = self.mqtt.keep_alive;
-        if keep_alive < KEEP_ALIVE_RANGE.0 || keep_alive > KEEP_ALIVE_RANGE.1 {
-            return Err(invalid(
-                "mqtt.keep_alive",
-                "must be between 30s and 20m (IoT Core's range)".into(),
-            ));
-        }
-        for (key, url) in [
-            ("aws.endpoint_url", &self.aws.endpoint_url),
-            ("mqtt.url", &self.mqtt.url),
-        ] {
-            if !url.is_empty() && !url.contains("://") {
-                return Err(invalid(key, format!("{url:?} is not a URL")));
-            }
-        }
-        let url = &self.mqtt.url;
-        if !(url.is_empty() || url.starts_with("wss://") || url.starts_with("ws://")) {
-            return Err(invalid(
-                "mqtt.url",
-                "must start with wss:// or ws://".into(),
-            ));
-        }
-        // Plain ws:// sends the presigned URL (session token included) in clear text: only to
-        // a broker on this machine (tests, a local bridge).
-        if url.starts_with("ws://") && !is_loopback_host(url_host(url)) {
-            return Err(invalid(
-                "mqtt.url",
-                format!(
-                    "ws:// (unencrypted) is allowed only to a loopback host, not {:?}; use wss://",
-                    url_host(url)
-                ),
-            ));
-        }
-        if !self.mqtt.ca_file.is_empty()
-            && let Err(error) = crate::publish::mqtt::tls_config(&self.mqtt.ca_file)
-        {
-            return Err(invalid("mqtt.ca_file", error.to_string()));
-        }
-        let prefix = self
-            .mqtt
-            .topic_prefix
-            .replace("{identity_pool_id}", "p")
-            .replace("{identity_id}", "i");
-        if prefix.contains(['+', '#', '\0', '{', '}']) || prefix.starts_with(['$', '/']) {
-            return Err(invalid(
-                "mqtt.topic_prefix",
-                "may use {identity_pool_id} and {identity_id} but no wildcard, NUL, other braces, or leading '$' or '/'".into(),
-            ));
-        }
-        if self.socket.max_clients == 0 {
-            return Err(invalid("socket.max_clients", "must be at least 1".into()));
-        }
-        let rules = crate::topic::TopicRules::new(&self.mqtt.topic_prefix, &pool, &self.aws.region);
-        // The expanded prefix (with the longest identity id) must leave room for a topic.
-        if let Err(error) = rules.validate(SHORTEST_TOPIC) {
-            return Err(invalid(
-                "mqtt.topic_prefix",
-                format!("leaves no room for a topic under IoT Core's limits: {error}"),
-            ));
-        }
-        for raw in &self.socket.raw {
-            if raw.delimiter.len() != 1 {
-                return Err(invalid(
-                    "socket.raw.delimiter",
-                    format!(
-                        "{:?} must be exactly one byte, e.g. \"\\n\" or \";\"",
-                        raw.delimiter
-                    ),
-                ));
-            }
-            if let Err(error) = rules.validate(&raw.topic) {
-                return Err(invalid(
-                    "socket.raw.topic",
-                    format!("{:?}: {error}", raw.topic),
-                ));
-            }
-            if raw.qos > 1 {
-                return Err(invalid("socket.raw.qos", "must be 0 or 1".into()));
-            }
-            if raw.path == self.socket.path
-                || self
-                    .socket
-                    .raw
-                    .iter()
-                    .filter(|r| r.path == raw.path)
-                    .count()
-                    > 1
-            {
-                return Err(invalid(
-                    "socket.raw.path",
-                    format!("{} is used by another socket", raw.path.display()),
-                ));
-            }
-        }
-        if parse_mode(&self.socket.mode).is_none() {
-            return Err(invalid(
-                "socket.mode",
-                format!(
-                    "{:?} is not an octal file mode like \"0660\"",
-                    self.socket.mode
-                ),
-            ));
-        }
-        if self.spool.max_bytes.0 < MAX_PAYLOAD_BYTES {
-            return Err(invalid(
-                "spool.max_bytes",
-                "must hold at least one full-size message (128KiB)".into(),
-            ));
-        }
-        if self.publish.max_in_flight == 0 {
-            return Err(invalid(
-                "publish.max_in_flight",
-                "must be at least 1".into(),
-            ));
-        }
-        if self.batch.max_messages == 0 || self.batch.max_messages > MAX_BATCH_MESSAGES {
-            return Err(invalid(
-                "batch.max_messages",
-                format!("must be between 1 (batching off) and {MAX_BATCH_MESSAGES}"),
-            ));
-        }
-        if self.batch.max_bytes.0 == 0 || self.batch.max_bytes.0 > MAX_PAYLOAD_BYTES {
-            return Err(invalid(
-                "batch.max_bytes",
-                "must be between 1 byte and 128KiB (IoT Core's payload limit)".into(),
-            ));
-        }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid(
-                "log.level",
-                format!(
-                    "{:?} is not a level or filter like \"info\"",
-                    self.log.level
-                ),
-            ));
-        }
-        Ok(())
-    }
-
     /// The effective config as TOML, for `check-config`. Nothing in the config is a secret by
     /// design; credentials embedded in a URL are masked all the same.
     pub fn to_redacted_toml(&self) -> String {
@@ -609,12 +405,6 @@ fn is_loopback_host(host: &str) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
-}
-
-fn parse_mode(mode: &str) -> Option<u32> {
-    u32::from_str_radix(mode.trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|bits| *bits <= 0o777)
 }
 
 /// Masks `user:password@` in a URL.
@@ -652,7 +442,7 @@ secret_id = "eu-west-1_abc_demo-app-user"
         assert_eq!(config.aws.region, "eu-west-1");
         assert_eq!(config.identity.refresh_margin, Duration::from_secs(300));
         assert_eq!(config.mqtt.keep_alive, Duration::from_secs(30));
-        assert_eq!(config.socket.mode_bits(), 0o660);
+        assert_eq!(config.socket.mode, FileMode(0o660));
         assert_eq!(config.spool.max_bytes, ByteSize(256 << 20));
         assert_eq!(config.spool.on_full, OnFull::DropOldest);
         assert_eq!(config.publish.max_publishes_per_second, 100);
@@ -746,18 +536,27 @@ secret_id = "eu-west-1_abc_demo-app-user"
             ))
         };
         let config = raw("topic = \"sensors/raw\"\ndelimiter = \";\"\n").expect("valid");
-        assert_eq!(config.socket.raw[0].delimiter_byte(), b';');
-        assert_eq!(config.socket.raw[0].qos, 1);
+        assert_eq!(config.socket.raw[0].delimiter, Delimiter(b';'));
+        assert_eq!(config.socket.raw[0].qos, Qos::AtLeastOnce);
         let err = raw("topic = \"a/#\"\n").expect_err("wildcard");
         assert!(err.to_string().contains("socket.raw.topic"), "{err}");
         let err = raw("topic = \"t\"\ndelimiter = \"ab\"\n").expect_err("two bytes");
-        assert!(err.to_string().contains("socket.raw.delimiter"), "{err}");
+        assert!(err.to_string().contains("delimiter"), "{err}");
+        assert!(err.to_string().contains("exactly one byte"), "{err}");
+        let err = raw("topic = \"t\"\nqos = 2\n").expect_err("no QoS 2");
+        assert!(err.to_string().contains("qos"), "{err}");
+        assert!(err.to_string().contains("must be 0 or 1"), "{err}");
+        let config = raw("topic = \"t\"\nqos = 0\n").expect("QoS 0");
+        assert_eq!(config.socket.raw[0].qos, Qos::AtMostOnce);
     }
 
     #[test]
     fn bad_socket_mode_is_rejected() {
         let err = load(&format!("{MINIMAL}\n[socket]\nmode = \"rw-rw----\"\n")).expect_err("fail");
         assert!(err.to_string().contains("socket.mode"), "{err}");
+        assert!(err.to_string().contains("not an octal file mode"), "{err}");
+        let config = load(&format!("{MINIMAL}\n[socket]\nmode = \"0600\"\n")).expect("valid");
+        assert_eq!(config.socket.mode, FileMode(0o600));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use aws_config::SdkConfig;
 
 use super::IdentityError;
-use crate::identity::aws::{AwsCredentials, describe, error_code, to_system_time};
+use crate::identity::aws::{AwsCredentials, AwsFailure, describe, to_system_time};
 use crate::secret::Secret;
 
 /// The secret's key that marks fleet mode.
@@ -25,7 +25,6 @@ pub struct DeviceSecret {
     pub registration: Option<Registration>,
     pub client_id: String,
     pub user_pool_id: String,
-    pub identity_pool_id: String,
     pub iot_endpoint: String,
     pub iot_policy: String,
     /// The `AttachFunction` tag: the stack's function that attaches `iot_policy` (newer stacks).
@@ -61,14 +60,14 @@ pub async fn unauthenticated_credentials(
 ) -> Result<AwsCredentials, IdentityError> {
     let cached = unauth_identity_id.is_some();
     match unauthenticated_once(base, identity_pool_id, unauth_identity_id, unauth_role_arn).await {
-        Err((Some(code), error)) if cached && IDENTITY_GONE.contains(&code.as_str()) => {
+        Err(error) if cached && error.is_one_of(&IDENTITY_GONE) => {
             tracing::warn!(%error, "cached unauthenticated identity rejected; asking for a new one");
             *unauth_identity_id = None;
             unauthenticated_once(base, identity_pool_id, unauth_identity_id, unauth_role_arn)
                 .await
-                .map_err(|(_, error)| IdentityError::Unauthenticated(error))
+                .map_err(|error| IdentityError::Unauthenticated(error.message))
         }
-        other => other.map_err(|(_, error)| IdentityError::Unauthenticated(error)),
+        other => other.map_err(|error| IdentityError::Unauthenticated(error.message)),
     }
 }
 
@@ -81,8 +80,7 @@ async fn unauthenticated_once(
     identity_pool_id: &str,
     unauth_identity_id: &mut Option<String>,
     unauth_role_arn: &str,
-) -> Result<AwsCredentials, (Option<String>, String)> {
-    let fail = |error: String| (None, error);
+) -> Result<AwsCredentials, AwsFailure> {
     let cognito = aws_sdk_cognitoidentity::Client::new(base);
     let identity_id = match unauth_identity_id {
         Some(id) => id.clone(),
@@ -92,9 +90,9 @@ async fn unauthenticated_once(
                 .identity_pool_id(identity_pool_id)
                 .send()
                 .await
-                .map_err(|e| (error_code(&e).map(str::to_owned), describe(&e)))?
+                .map_err(|e| AwsFailure::from_sdk(&e))?
                 .identity_id
-                .ok_or_else(|| fail("GetId returned no id".into()))?;
+                .ok_or_else(|| AwsFailure::empty_answer("GetId"))?;
             *unauth_identity_id = Some(id.clone());
             id
         }
@@ -105,25 +103,20 @@ async fn unauthenticated_once(
             .identity_id(&identity_id)
             .send()
             .await
-            .map_err(|e| (error_code(&e).map(str::to_owned), describe(&e)))?;
+            .map_err(|e| AwsFailure::from_sdk(&e))?;
         let credentials = output
             .credentials
-            .ok_or_else(|| fail("GetCredentialsForIdentity returned no credentials".into()))?;
-        return Ok(AwsCredentials {
-            access_key_id: credentials.access_key_id.unwrap_or_default(),
-            secret_access_key: Secret::new(credentials.secret_key.unwrap_or_default()),
-            session_token: Secret::new(credentials.session_token.unwrap_or_default()),
-            expires_at: to_system_time(credentials.expiration.as_ref()),
-        });
+            .ok_or_else(|| AwsFailure::empty_answer("GetCredentialsForIdentity"))?;
+        return Ok(AwsCredentials::from_cognito(credentials));
     }
     let token = cognito
         .get_open_id_token()
         .identity_id(&identity_id)
         .send()
         .await
-        .map_err(|e| (error_code(&e).map(str::to_owned), describe(&e)))?
+        .map_err(|e| AwsFailure::from_sdk(&e))?
         .token
-        .ok_or_else(|| fail("GetOpenIdToken returned no token".into()))?;
+        .ok_or_else(|| AwsFailure::empty_answer("GetOpenIdToken"))?;
     let sts = aws_sdk_sts::Client::new(base);
     let output = sts
         .assume_role_with_web_identity()
@@ -132,10 +125,10 @@ async fn unauthenticated_once(
         .web_identity_token(token)
         .send()
         .await
-        .map_err(|e| (error_code(&e).map(str::to_owned), describe(&e)))?;
+        .map_err(|e| AwsFailure::from_sdk(&e))?;
     let credentials = output
         .credentials
-        .ok_or_else(|| fail("AssumeRoleWithWebIdentity returned no credentials".into()))?;
+        .ok_or_else(|| AwsFailure::empty_answer("AssumeRoleWithWebIdentity"))?;
     Ok(AwsCredentials {
         access_key_id: credentials.access_key_id,
         secret_access_key: Secret::new(credentials.secret_access_key),
@@ -227,13 +220,14 @@ fn parse_secret(
     let Some((username, password)) = users.into_iter().next() else {
         return Err(IdentityError::SecretFormat("SecretString is empty".into()));
     };
+    // Required like the others (SPEC.md step 2), though the config names the pool already.
+    tag("IdentityPoolId")?;
     Ok(DeviceSecret {
         username,
         password: Secret::new(password),
         registration,
         client_id: tag("ClientId")?,
         user_pool_id: tag("UserPoolId")?,
-        identity_pool_id: tag("IdentityPoolId")?,
         iot_endpoint: tag("IoTEndpoint")?,
         iot_policy: tag("IoTPolicy")?,
         attach_function: tags

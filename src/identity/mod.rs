@@ -21,18 +21,15 @@ use tokio::sync::watch;
 pub use attach::{RefusalSignal, is_authorization_refusal};
 pub use bootstrap::DeviceSecret;
 use bootstrap::Registration;
-pub use cache::{CACHE_FILE, IdentityCache};
+pub use cache::IdentityCache;
 use device::{DEVICE_FILE, DeviceFile};
 use user_pool::{SignUpOutcome, UserPoolTokens};
 
 use crate::config::IdentityConfig;
-use crate::identity::aws::{
-    AwsCredentials, OPERATION_TIMEOUT, describe, error_code, is_transient_code, to_system_time,
-};
+use crate::identity::aws::{AwsCredentials, AwsFailure, OPERATION_TIMEOUT};
 use crate::ops::heartbeat::Heartbeat;
 use crate::ops::logging::Repeats;
 use crate::retry::Backoff;
-use crate::secret::Secret;
 
 /// First retry after a failed sign-in waits up to this long; later ones double up to the cap.
 const RETRY_BASE: Duration = Duration::from_secs(2);
@@ -171,6 +168,15 @@ impl SignedIn {
     }
 }
 
+/// What the retry loop of [`IdentityManager::run`] remembers between passes.
+struct Retries {
+    backoff: Backoff,
+    repeats: Repeats,
+    /// Refreshes in a row that AWS refused for good (see `NON_TRANSIENT_LIMIT`).
+    refused_in_a_row: u32,
+    last_reattach: Option<tokio::time::Instant>,
+}
+
 /// Owns the chain; see the module docs.
 pub struct IdentityManager {
     base: SdkConfig,
@@ -229,99 +235,126 @@ impl IdentityManager {
     /// Beats between steps and while a step is within its bound (the SDK's timeouts); a step
     /// stuck past it silences the heartbeat, and the watchdog restarts the daemon.
     pub async fn run(mut self, heartbeat: Heartbeat) {
-        let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP, Duration::from_secs(1));
+        let mut retries = Retries {
+            backoff: Backoff::new(RETRY_BASE, RETRY_CAP, Duration::from_secs(1)),
+            repeats: Repeats::default(),
+            refused_in_a_row: 0,
+            last_reattach: None,
+        };
         let mut signed_in: Option<SignedIn> = None;
-        let mut repeats = Repeats::default();
-        let mut refused_in_a_row = 0u32;
-        let mut last_reattach: Option<tokio::time::Instant> = None;
         self.wait_after_boot(&heartbeat).await;
         loop {
             let refreshing = signed_in.is_some();
             heartbeat.beat();
-            match self.obtain(signed_in.take(), &heartbeat).await {
-                Ok((standing, session)) => {
-                    backoff.reset();
-                    repeats.clear();
-                    refused_in_a_row = 0;
-                    let expires_at = session.credentials.expires_at;
-                    let arrived = SystemTime::now();
-                    let left = expires_at.duration_since(arrived).unwrap_or_default();
-                    let jitter: f64 = rand::rng().random();
-                    // Fixed now, from the whole lifetime: recomputing it from the time left
-                    // would shrink the lead as time passes (issue 18, item 1).
-                    let due = refresh_at(arrived, expires_at, self.config.refresh_margin, jitter);
-                    let delay = due.duration_since(arrived).unwrap_or_default();
-                    tracing::info!(
-                        identity_id = %session.identity_id,
-                        expires_in_s = left.as_secs(),
-                        next_refresh_s = delay.as_secs(),
-                        "{}",
-                        if refreshing { "credentials refreshed" } else { "signed in" }
-                    );
-                    self.status.send_modify(|status| {
-                        status.last_refresh = Some(SystemTime::now());
-                        status.last_error = None;
-                    });
-                    self.sessions.send_replace(Some(Arc::new(session)));
-                    signed_in = Some(SignedIn {
-                        reusable_until: None,
-                        ..standing
-                    });
-                    let may_reattach =
-                        last_reattach.is_none_or(|at| at.elapsed() >= REATTACH_MIN_INTERVAL);
-                    let refused = heartbeat
-                        .waiting(async {
-                            tokio::select! {
-                                _ = sleep_until(due, SystemTime::now) => false,
-                                _ = self.refusals.raised(), if may_reattach => true,
-                            }
-                        })
-                        .await;
-                    if refused {
-                        // The next pass refreshes and attaches the policy again.
-                        tracing::warn!(
-                            "IoT Core refused the connection for authorization; attaching the IoT policy again"
-                        );
-                        self.cache.attached_policy = None;
-                        last_reattach = Some(tokio::time::Instant::now());
-                    }
-                }
-                Err((kept, error)) => {
-                    signed_in = kept;
-                    if error.withdraws_session() && self.sessions.borrow().is_some() {
-                        // The publisher closes its connection and waits for a new session.
-                        tracing::error!(error = %error, "this device's user was refused: stopping its connection");
-                        self.sessions.send_replace(None);
-                    }
-                    if matches!(error, IdentityError::Refused(_)) {
-                        refused_in_a_row += 1;
-                    } else {
-                        refused_in_a_row = 0;
-                    }
-                    if refused_in_a_row >= NON_TRANSIENT_LIMIT && signed_in.is_some() {
-                        tracing::warn!(
-                            refused = refused_in_a_row,
-                            "refresh refused repeatedly; reading the secret again and signing in anew"
-                        );
-                        signed_in = None;
-                        refused_in_a_row = 0;
-                    }
-                    let delay = backoff.next_delay();
-                    let text = error.to_string();
-                    if let Some(held_back) = repeats.admit(&text) {
-                        tracing::warn!(
-                            error = %text,
-                            retry_in_s = delay.as_secs(),
-                            held_back,
-                            "identity step failed"
-                        );
-                    }
-                    self.status
-                        .send_modify(|status| status.last_error = Some(text));
-                    heartbeat.waiting(tokio::time::sleep(delay)).await;
-                }
-            }
+            signed_in = match self.obtain(signed_in.take(), &heartbeat).await {
+                Ok((standing, session)) => Some(
+                    self.serve(standing, session, refreshing, &mut retries, &heartbeat)
+                        .await,
+                ),
+                Err((kept, error)) => self.back_off(kept, error, &mut retries, &heartbeat).await,
+            };
         }
+    }
+
+    /// Publishes a new session, then waits until its refresh is due (or IoT Core refused a
+    /// connection for authorization: the next pass attaches the policy again).
+    async fn serve(
+        &mut self,
+        standing: SignedIn,
+        session: Session,
+        refreshing: bool,
+        retries: &mut Retries,
+        heartbeat: &Heartbeat,
+    ) -> SignedIn {
+        retries.backoff.reset();
+        retries.repeats.clear();
+        retries.refused_in_a_row = 0;
+        let expires_at = session.credentials.expires_at;
+        let arrived = SystemTime::now();
+        let left = expires_at.duration_since(arrived).unwrap_or_default();
+        let jitter: f64 = rand::rng().random();
+        // Fixed now, from the whole lifetime: recomputing it from the time left
+        // would shrink the lead as time passes (issue 18, item 1).
+        let due = refresh_at(arrived, expires_at, self.config.refresh_margin, jitter);
+        let delay = due.duration_since(arrived).unwrap_or_default();
+        tracing::info!(
+            identity_id = %session.identity_id,
+            expires_in_s = left.as_secs(),
+            next_refresh_s = delay.as_secs(),
+            "{}",
+            if refreshing { "credentials refreshed" } else { "signed in" }
+        );
+        self.status.send_modify(|status| {
+            status.last_refresh = Some(SystemTime::now());
+            status.last_error = None;
+        });
+        self.sessions.send_replace(Some(Arc::new(session)));
+        let may_reattach = retries
+            .last_reattach
+            .is_none_or(|at| at.elapsed() >= REATTACH_MIN_INTERVAL);
+        let refused = heartbeat
+            .waiting(async {
+                tokio::select! {
+                    _ = sleep_until(due, SystemTime::now) => false,
+                    _ = self.refusals.raised(), if may_reattach => true,
+                }
+            })
+            .await;
+        if refused {
+            // The next pass refreshes and attaches the policy again.
+            tracing::warn!(
+                "IoT Core refused the connection for authorization; attaching the IoT policy again"
+            );
+            self.cache.attached_policy = None;
+            retries.last_reattach = Some(tokio::time::Instant::now());
+        }
+        SignedIn {
+            reusable_until: None,
+            ..standing
+        }
+    }
+
+    /// After a failed pass: withdraws the session of a refused device, drops a standing AWS
+    /// keeps refusing, logs (repeats held back) and waits the backoff. Returns what to keep.
+    async fn back_off(
+        &mut self,
+        mut kept: Option<SignedIn>,
+        error: IdentityError,
+        retries: &mut Retries,
+        heartbeat: &Heartbeat,
+    ) -> Option<SignedIn> {
+        if error.withdraws_session() && self.sessions.borrow().is_some() {
+            // The publisher closes its connection and waits for a new session.
+            tracing::error!(error = %error, "this device's user was refused: stopping its connection");
+            self.sessions.send_replace(None);
+        }
+        if matches!(error, IdentityError::Refused(_)) {
+            retries.refused_in_a_row += 1;
+        } else {
+            retries.refused_in_a_row = 0;
+        }
+        if retries.refused_in_a_row >= NON_TRANSIENT_LIMIT && kept.is_some() {
+            tracing::warn!(
+                refused = retries.refused_in_a_row,
+                "refresh refused repeatedly; reading the secret again and signing in anew"
+            );
+            kept = None;
+            retries.refused_in_a_row = 0;
+        }
+        let delay = retries.backoff.next_delay();
+        let text = error.to_string();
+        if let Some(held_back) = retries.repeats.admit(&text) {
+            tracing::warn!(
+                error = %text,
+                retry_in_s = delay.as_secs(),
+                held_back,
+                "identity step failed"
+            );
+        }
+        self.status
+            .send_modify(|status| status.last_error = Some(text));
+        heartbeat.waiting(tokio::time::sleep(delay)).await;
+        kept
     }
 
     /// `identity.start_delay`: right after boot, a random wait before the first AWS call.
@@ -597,10 +630,10 @@ impl IdentityManager {
                 .await
             {
                 Ok(credentials) => return Ok((cached, credentials)),
-                Err((Some(code), error)) if bootstrap::IDENTITY_GONE.contains(&code.as_str()) => {
+                Err(error) if error.is_one_of(&bootstrap::IDENTITY_GONE) => {
                     tracing::warn!(identity_id = %cached, %error, "cached identity id rejected; asking for a new one");
                 }
-                Err((code, error)) => return Err(credentials_error(code.as_deref(), error)),
+                Err(error) => return Err(credentials_error(error)),
             }
         }
         let get_id = cognito
@@ -611,7 +644,7 @@ impl IdentityManager {
         let identity_id = heartbeat
             .bounded(step_limit(1), get_id)
             .await
-            .map_err(|e| credentials_error(error_code(&e), describe(&e)))?
+            .map_err(|e| credentials_error(AwsFailure::from_sdk(&e)))?
             .identity_id
             .ok_or_else(|| IdentityError::Credentials("GetId returned no id".into()))?;
         let credentials = heartbeat
@@ -620,7 +653,7 @@ impl IdentityManager {
                 self.credentials_for(&cognito, &identity_id, &logins),
             )
             .await
-            .map_err(|(code, error)| credentials_error(code.as_deref(), error))?;
+            .map_err(credentials_error)?;
         Ok((identity_id, credentials))
     }
 
@@ -629,26 +662,18 @@ impl IdentityManager {
         cognito: &aws_sdk_cognitoidentity::Client,
         identity_id: &str,
         logins: &HashMap<String, String>,
-    ) -> Result<AwsCredentials, (Option<String>, String)> {
+    ) -> Result<AwsCredentials, AwsFailure> {
         let output = cognito
             .get_credentials_for_identity()
             .identity_id(identity_id)
             .set_logins(Some(logins.clone()))
             .send()
             .await
-            .map_err(|e| (error_code(&e).map(str::to_owned), describe(&e)))?;
-        let credentials = output.credentials.ok_or_else(|| {
-            (
-                None,
-                "GetCredentialsForIdentity returned no credentials".to_owned(),
-            )
-        })?;
-        Ok(AwsCredentials {
-            access_key_id: credentials.access_key_id.unwrap_or_default(),
-            secret_access_key: Secret::new(credentials.secret_key.unwrap_or_default()),
-            session_token: Secret::new(credentials.session_token.unwrap_or_default()),
-            expires_at: to_system_time(credentials.expiration.as_ref()),
-        })
+            .map_err(|e| AwsFailure::from_sdk(&e))?;
+        let credentials = output
+            .credentials
+            .ok_or_else(|| AwsFailure::empty_answer("GetCredentialsForIdentity"))?;
+        Ok(AwsCredentials::from_cognito(credentials))
     }
 
     fn save_cache(&self) {
@@ -659,11 +684,11 @@ impl IdentityManager {
 }
 
 /// A failed step 4: refused for good when AWS named a reason retrying will not fix.
-fn credentials_error(code: Option<&str>, error: String) -> IdentityError {
-    if is_transient_code(code) {
-        IdentityError::Credentials(error)
+fn credentials_error(failure: AwsFailure) -> IdentityError {
+    if failure.is_transient() {
+        IdentityError::Credentials(failure.message)
     } else {
-        IdentityError::Refused(format!("authenticated Cognito credentials: {error}"))
+        IdentityError::Refused(format!("authenticated Cognito credentials: {failure}"))
     }
 }
 

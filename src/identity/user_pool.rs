@@ -5,7 +5,7 @@ use aws_sdk_cognitoidentityprovider::types::{AttributeType, AuthFlowType};
 
 use super::IdentityError;
 use super::bootstrap::{DeviceSecret, REGISTRATION_KEY, Registration};
-use crate::identity::aws::{describe, error_code, is_transient};
+use crate::identity::aws::{AwsFailure, describe, error_code, is_transient};
 use crate::secret::Secret;
 
 /// Tokens from the user pool. The ID token opens the authenticated identity; the refresh token
@@ -75,6 +75,14 @@ pub async fn refresh(
     })
 }
 
+/// `SignUp` errors that mean "refused", not "try again".
+const REGISTRATION_REFUSALS: [&str; 4] = [
+    "UserLambdaValidationException",
+    "NotAuthorizedException",
+    "InvalidParameterException",
+    "InvalidPasswordException",
+];
+
 /// What `SignUp` answered, where the caller must decide.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SignUpOutcome {
@@ -111,19 +119,18 @@ pub async fn sign_up(
     let output = match answer {
         Ok(output) => output,
         Err(e) => {
-            return match error_code(&e) {
-                Some("UsernameExistsException") => Ok(SignUpOutcome::NameTaken),
-                // The trigger refused (its message names the rule, never the code), or the
-                // pool takes no sign-ups: retrying with the same answer will not help until an
-                // operator acts (or rotates the code, re-read at the next attempt).
-                Some(
-                    "UserLambdaValidationException"
-                    | "NotAuthorizedException"
-                    | "InvalidParameterException"
-                    | "InvalidPasswordException",
-                ) => Err(IdentityError::RegistrationRefused(describe(&e))),
-                _ => Err(IdentityError::Registration(describe(&e))),
-            };
+            let failure = AwsFailure::from_sdk(&e);
+            if failure.is_one_of(&["UsernameExistsException"]) {
+                return Ok(SignUpOutcome::NameTaken);
+            }
+            // The trigger refused (its message names the rule, never the code), or the pool
+            // takes no sign-ups: retrying with the same answer will not help until an operator
+            // acts (or rotates the code, re-read at the next attempt).
+            return Err(if failure.is_one_of(&REGISTRATION_REFUSALS) {
+                IdentityError::RegistrationRefused(failure.message)
+            } else {
+                IdentityError::Registration(failure.message)
+            });
         }
     };
     if !output.user_confirmed {

@@ -20,16 +20,23 @@ pub const MAX_ID_BYTES: usize = 128;
 /// What a line asks for.
 #[derive(Debug, PartialEq)]
 pub enum Request {
+    /// A message to publish; `id`, when given, is echoed in the answer.
     Publish {
+        /// The app's request id (a string or a number), echoed in the answer.
         id: Option<Value>,
+        /// The validated message.
         message: Message,
     },
+    /// `{"op":"status"}`: the daemon's state and counters.
     Status {
+        /// Echoed in the answer.
         id: Option<Value>,
     },
     /// `{"op":"dead_letters","action":"list|requeue|purge"}` (`list` when left out).
     DeadLetters {
+        /// Echoed in the answer.
         id: Option<Value>,
+        /// What to do with the dead letters.
         action: DeadLetterAction,
     },
 }
@@ -37,22 +44,32 @@ pub enum Request {
 /// The error codes of SPEC.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
+    /// The line is not one JSON object.
     InvalidJson,
+    /// `topic` or the payload is missing.
     MissingField,
+    /// The topic breaks IoT Core's rules once prefixed.
     InvalidTopic,
+    /// The payload is over 128 KiB.
     PayloadTooLarge,
+    /// The line is over `MAX_LINE_BYTES`.
     LineTooLong,
+    /// `qos` is not 0 or 1.
     InvalidQos,
+    /// `id` is not a string or a number, or is too long.
     InvalidId,
+    /// The spool is at `max_bytes` under `reject-new`.
     SpoolFull,
     /// The disk failed (read-only, I/O error), as opposed to being full.
     StorageError,
+    /// The daemon is draining and takes no new messages.
     ShuttingDown,
     /// Beyond SPEC.md's list: a peer refused by `socket.allowed_uids` / `allowed_gids`.
     PermissionDenied,
 }
 
 impl ErrorCode {
+    /// The code as it appears in answers (`"invalid_topic"`).
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidJson => "invalid_json",
@@ -73,12 +90,16 @@ impl ErrorCode {
 /// A refused line: the code, a human message, and the request id when one could be read.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rejection {
+    /// The request id, when the line had a readable one.
     pub id: Option<Value>,
+    /// What is wrong, as a code.
     pub code: ErrorCode,
+    /// What is wrong, for people.
     pub message: String,
 }
 
 impl Rejection {
+    /// A refusal of the request `id` (if known).
     pub fn new(id: Option<Value>, code: ErrorCode, message: impl Into<String>) -> Rejection {
         Rejection {
             id,

@@ -13,6 +13,7 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::config::SocketConfig;
@@ -130,7 +131,10 @@ pub async fn accept_clients<F, Fut>(
     let slots = Arc::new(Semaphore::new(limits.max_clients as usize));
     // EMFILE and the like repeat every ACCEPT_RETRY for as long as they last.
     let mut repeats = Repeats::default();
+    // Owned here, so the clients end with the server (at shutdown, the supervisor stops it).
+    let mut clients = JoinSet::new();
     loop {
+        while clients.try_join_next().is_some() {}
         let Ok(slot) = heartbeat.waiting(slots.clone().acquire_owned()).await else {
             return;
         };
@@ -140,7 +144,7 @@ pub async fn accept_clients<F, Fut>(
                     continue;
                 }
                 let client = serve(stream);
-                tokio::spawn(async move {
+                clients.spawn(async move {
                     client.await;
                     drop(slot);
                 });

@@ -6,18 +6,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::identity::IdentityWatch;
-use crate::publish::connection::PublishCounters;
+use crate::publish::connection::{LinkState, PublishCounters};
 use crate::spool::SpoolStats;
-
-/// Where the link to IoT Core stands (SPEC.md's `state`, minus `stopping`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LinkState {
-    Starting,
-    Connecting,
-    Connected,
-    Backoff,
-}
 
 /// SPEC.md's `state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -9,8 +9,6 @@ use std::time::{Duration, SystemTime};
 
 use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, TlsConfiguration, Transport};
 use rustls::ClientConfig;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -22,59 +20,6 @@ use crate::topic::MAX_TOPIC_BYTES;
 
 /// Room for the fixed header, topic and packet id around the largest payload IoT Core accepts.
 const MAX_PACKET_BYTES: usize = MAX_PAYLOAD_BYTES + MAX_TOPIC_BYTES + 64;
-
-/// Why TLS could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("cannot read CA bundle {path}: {reason}")]
-    CaFile { path: String, reason: String },
-    #[error("CA bundle {0} holds no certificate")]
-    EmptyCaFile(String),
-    #[error("TLS setup failed: {0}")]
-    Rustls(#[from] rustls::Error),
-}
-
-/// The TLS client config: the built-in Amazon roots, or the operator's PEM bundle instead.
-pub fn tls_config(ca_file: &str) -> Result<Arc<ClientConfig>, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    if ca_file.is_empty() {
-        roots.extend(
-            webpki_roots::TLS_SERVER_ROOTS
-                .iter()
-                .filter(|anchor| is_amazon_root(anchor.subject.as_ref()))
-                .cloned(),
-        );
-    } else {
-        let read_error = |reason: String| TlsError::CaFile {
-            path: ca_file.to_owned(),
-            reason,
-        };
-        for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| read_error(e.to_string()))? {
-            let cert = cert.map_err(|e| read_error(e.to_string()))?;
-            roots.add(cert).map_err(|e| read_error(e.to_string()))?;
-        }
-        if roots.is_empty() {
-            return Err(TlsError::EmptyCaFile(ca_file.to_owned()));
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
-}
-
-/// IoT Core's ATS endpoints chain to the Amazon roots (and, cross-signed, to Starfield's).
-fn is_amazon_root(subject_der: &[u8]) -> bool {
-    [b"Amazon Root CA".as_slice(), b"Starfield Services Root"]
-        .iter()
-        .any(|name| {
-            subject_der
-                .windows(name.len())
-                .any(|window| window == *name)
-        })
-}
 
 /// What every connection is built from.
 #[derive(Clone)]

@@ -262,6 +262,7 @@ impl Spool {
     }
 
     /// Appends and waits until the message is durable.
+    #[cfg(test)]
     pub async fn append(&self, message: Message) -> Result<(), AppendError> {
         self.submit(message)
             .await?
