@@ -892,6 +892,43 @@ mod tests {
         drop(hole);
     }
 
+    fn standing() -> SignedIn {
+        let secret = DeviceSecret {
+            username: "gate-7".into(),
+            password: crate::secret::Secret::new("pw".into()),
+            registration: None,
+            client_id: "client".into(),
+            user_pool_id: "us-east-1_pool".into(),
+            iot_endpoint: "endpoint".into(),
+            iot_policy: "policy".into(),
+            attach_function: None,
+        };
+        let tokens = UserPoolTokens {
+            id_token: crate::secret::Secret::new("id".into()),
+            refresh_token: crate::secret::Secret::new("refresh".into()),
+        };
+        SignedIn::new(secret, tokens)
+    }
+
+    /// Issue 13: a retry after a throttled GetId uses the tokens it got again, for a bounded
+    /// time counted from the first failure, instead of spending another InitiateAuth.
+    #[tokio::test(start_paused = true)]
+    async fn tokens_of_a_failed_pass_are_reused_for_a_bounded_time() {
+        let fresh = standing();
+        assert!(
+            !fresh.reusable(),
+            "a refreshed standing is refreshed again when due"
+        );
+        let kept = fresh.kept();
+        assert!(kept.reusable());
+        tokio::time::advance(TOKEN_REUSE / 2).await;
+        // A second failure does not extend the window.
+        let kept = kept.kept();
+        assert!(kept.reusable());
+        tokio::time::advance(TOKEN_REUSE / 2).await;
+        assert!(!kept.reusable());
+    }
+
     #[test]
     fn the_start_delay_applies_only_right_after_boot() {
         let bound = Duration::from_secs(30);
