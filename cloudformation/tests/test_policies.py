@@ -7,6 +7,7 @@ import iam
 from helpers import CIDRS, PARAMETERS
 
 ACCOUNT, REGION = "123456789012", "us-east-1"
+USER_POOL = "us-east-1_AbCdEfGhI"
 SUB = "cognito-identity.amazonaws.com:sub"
 ME, OTHER = "us-east-1:0a0a0a0a-1111-2222-3333-444444444444", "us-east-1:0b0b0b0b-5555-6666-7777-888888888888"
 INSIDE = ["203.0.113.1", "203.0.113.254", "198.51.100.7", "2001:db8::1", "2001:db8:ffff::42"]
@@ -19,7 +20,8 @@ def stack(request, template):
     parameters = dict(PARAMETERS)
     if request.param:
         parameters["SecretKmsKey"] = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-    return cfn.Stack(template, parameters, region=REGION, account=ACCOUNT)
+    return cfn.Stack(template, parameters, region=REGION, account=ACCOUNT,
+                     refs={"CognitoUserPool": USER_POOL})
 
 
 def pool(stack):
@@ -339,10 +341,42 @@ def test_cidr_parameter_pattern(template, value, ok):
 
 # ------------------------------------------------------------------ the Lambda roles
 
-def test_presignup_role_can_only_write_its_logs(stack):
+def test_presignup_role_writes_its_logs_and_reads_only_the_registration_code(stack):
     statements = iam.role_statements(stack.properties("PreSignUpFunctionRole"))
-    assert iam.allowed_actions(statements) == {"logs:CreateLogStream", "logs:PutLogEvents"}
-    assert {s["Resource"] for s in statements} == {stack.get_att("PreSignUpLogGroup", "Arn")}
+    expected = {"logs:CreateLogStream", "logs:PutLogEvents", "secretsmanager:GetSecretValue"}
+    if stack.condition("UseCustomerManagedKey"):
+        expected.add("kms:Decrypt")
+    assert iam.allowed_actions(statements) == expected
+    logs = stack.get_att("PreSignUpLogGroup", "Arn")
+    assert iam.evaluate(statements, "logs:PutLogEvents", logs) == iam.ALLOW
+    arn = secret_arn(stack)
+    assert iam.evaluate(statements, "secretsmanager:GetSecretValue", arn) == iam.ALLOW
+    prefix = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:"
+    for other in (prefix + "us-east-1_AbCdEfGhI_other-app-user-AbC123",  # another stack's
+                  prefix + "us-east-1_AbCdEfGhI_relay-test-app-user-AbC123-x",
+                  prefix + "prod/database-AbC123", prefix.replace(REGION, "eu-west-1")
+                  + "eu-west-1_AbCdEfGhI_relay-test-app-user-AbC123"):
+        assert iam.evaluate(statements, "secretsmanager:GetSecretValue", other) != iam.ALLOW, other
+    for action in ("secretsmanager:DescribeSecret", "secretsmanager:PutSecretValue",
+                   "cognito-idp:AdminConfirmSignUp"):
+        assert iam.evaluate(statements, action, arn) != iam.ALLOW
+    if stack.condition("UseCustomerManagedKey"):
+        key = stack.parameters["SecretKmsKey"]
+        via = {"kms:ViaService": f"secretsmanager.{REGION}.amazonaws.com",
+               "kms:EncryptionContext:SecretARN": arn}
+        assert iam.evaluate(statements, "kms:Decrypt", key, via) == iam.ALLOW
+        assert iam.evaluate(statements, "kms:Decrypt", key, {}) != iam.ALLOW
+
+
+def test_secret_policy_lets_only_the_presignup_function_read_from_anywhere(stack):
+    statements = secret_policy(stack)
+    role = stack.get_att("PreSignUpFunctionRole", "Arn")
+    for principal in (role, stack.get_att("IAMUnAuthenticatedRole", "Arn"),
+                      f"arn:aws:iam::{ACCOUNT}:role/admin", role + "-copy"):
+        for context in ({"aws:SourceIp": "8.8.8.8"}, {}):
+            verdict = iam.evaluate(statements, "secretsmanager:GetSecretValue", secret_arn(stack),
+                                   dict(context, **{"aws:PrincipalArn": principal}))
+            assert (verdict != iam.DENY) is (principal == role), (principal, context)
 
 
 def test_user_setup_role_is_scoped_to_the_pool_and_the_one_secret(stack):

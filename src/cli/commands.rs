@@ -67,6 +67,7 @@ fn check_config(path: &Path) -> ExitCode {
     match config::Config::load(path) {
         Ok(config) => {
             print!("{}", config.to_redacted_toml());
+            println!("{}", config.registration_note());
             ExitCode::SUCCESS
         }
         Err(error) => fail(EXIT_USAGE, error),

@@ -294,9 +294,22 @@ pub fn format_status(status: &Value) -> String {
         None => String::new(),
     };
     format!(
-        "state:               {}\nidentity:            {}\ncredentials expire:  {}\nlast refresh:        {}\nlast error:          {}\nspool:               {} messages, {} bytes\npublished:           {} ({} republished)\ndropped:             {}\ndead letters:        {} ({} since start)\ninbox:               {} messages ({} dropped)\n{skew}",
+        "state:               {}
+identity:            {}
+registration:        {} (device {})
+credentials expire:  {}
+last refresh:        {}
+last error:          {}
+spool:               {} messages, {} bytes
+published:           {} ({} republished)
+dropped:             {}
+dead letters:        {} ({} since start)
+inbox:               {} messages ({} dropped)
+{skew}",
         field("state"),
         field("identity_id"),
+        field("registration_mode"),
+        field("device_name"),
         field("credentials_expire_at"),
         field("last_refresh"),
         field("last_error"),

@@ -30,6 +30,8 @@ pub const ENV_PREFIX: &str = "IOT_COGNITO_RELAY";
 pub const MAX_PAYLOAD_BYTES: u64 = 128 * 1024;
 /// IoT Core accepts keep-alive values between 30 s and 1200 s.
 const KEEP_ALIVE_RANGE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(1200));
+/// Longest `identity.start_delay`: past an hour a device would look dead after every boot.
+const MAX_START_DELAY: Duration = Duration::from_secs(3600);
 
 /// Why a config could not be used. Every variant names the file or key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -108,11 +110,23 @@ pub struct IdentityConfig {
     pub unauth_role_arn: String,
     #[serde(with = "duration", default = "IdentityConfig::default_refresh_margin")]
     pub refresh_margin: Duration,
+    /// Fleet mode: this device's user name; empty derives one from `/etc/machine-id`.
+    #[serde(default)]
+    pub device_name: String,
+    /// Right after boot, wait a random time below this before the first sign-in.
+    #[serde(with = "duration", default = "IdentityConfig::default_start_delay")]
+    pub start_delay: Duration,
 }
 
 impl IdentityConfig {
     fn default_refresh_margin() -> Duration {
         Duration::from_secs(5 * 60)
+    }
+
+    /// Spreads the restart of about 3,000 devices within Cognito's default quotas
+    /// (docs/operations.md, "Boot storms and Cognito quotas").
+    fn default_start_delay() -> Duration {
+        Duration::from_secs(30)
     }
 }
 
@@ -123,6 +137,8 @@ impl Default for IdentityConfig {
             secret_id: String::new(),
             unauth_role_arn: String::new(),
             refresh_margin: Self::default_refresh_margin(),
+            device_name: String::new(),
+            start_delay: Self::default_start_delay(),
         }
     }
 }
@@ -346,6 +362,25 @@ impl Config {
         let mut config: Config = raw.try_deserialize().map_err(load_err)?;
         config.validate(path)?;
         Ok(config)
+    }
+
+    /// For `check-config`: the user name this device registers as on a self-register stack
+    /// (the mode itself is in the stack's secret, read at start; `status` shows it).
+    pub fn registration_note(&self) -> String {
+        let identity = &self.identity;
+        match crate::identity::device::device_name(
+            &identity.device_name,
+            &identity.identity_pool_id,
+        ) {
+            Ok(name) if identity.device_name.is_empty() => format!(
+                "# self-register stacks: this device registers as {name:?} (derived from {}); shared-user stacks ignore it",
+                crate::identity::device::MACHINE_ID
+            ),
+            Ok(name) => format!(
+                "# self-register stacks: this device registers as {name:?}; shared-user stacks ignore it"
+            ),
+            Err(error) => format!("# self-register stacks: {error}"),
+        }
     }
 
     /// The effective config as TOML, for `check-config`. Nothing in the config is a secret by

@@ -18,6 +18,7 @@ impl Config {
 
     fn check(&mut self) -> Result<(), Invalid> {
         let pool_region = check_identity(&self.identity)?;
+        check_fleet(&self.identity)?;
         if self.aws.region.is_empty() {
             self.aws.region = pool_region;
         }
@@ -72,6 +73,21 @@ fn check_identity(identity: &IdentityConfig) -> Result<String, Invalid> {
         ));
     }
     Ok(pool_region.to_owned())
+}
+
+/// Fleet mode's keys: the device name's rule, a bounded start delay.
+fn check_fleet(identity: &IdentityConfig) -> Result<(), Invalid> {
+    let name = &identity.device_name;
+    if !name.is_empty() && crate::identity::device::validate_name(name).is_err() {
+        return Err((
+            "identity.device_name",
+            format!("{name:?} is not a device name: use 1-64 characters of A-Z a-z 0-9 . _ -"),
+        ));
+    }
+    if identity.start_delay > MAX_START_DELAY {
+        return Err(("identity.start_delay", "must be at most 1h".into()));
+    }
+    Ok(())
 }
 
 /// Keep-alive, URLs and the CA bundle.

@@ -140,6 +140,8 @@ mod tests {
         let status: Status = Status {
             state: crate::ops::status::State::Connected,
             identity_id: Some("us-east-1:x".into()),
+            registration_mode: Some("self-register"),
+            device_name: Some("dev-1".into()),
             credentials_expire_at: Some("2026-11-29T20:00:00Z".into()),
             last_refresh: None,
             last_error: None,

@@ -41,6 +41,10 @@ pub struct Status {
     pub credentials_expire_at: Option<String>,
     pub last_refresh: Option<String>,
     pub last_error: Option<String>,
+    /// `self-register` or `shared-user` (the stack's mode, seen in its secret); null until read.
+    pub registration_mode: Option<&'static str>,
+    /// Self-register mode: this device's user pool user name.
+    pub device_name: Option<String>,
     pub spool_messages: u64,
     /// What the spool takes on disk (pages in use plus the WAL).
     pub spool_bytes: u64,
@@ -100,6 +104,8 @@ impl StatusSource {
             credentials_expire_at: session.as_ref().map(|s| rfc3339(s.credentials.expires_at)),
             last_refresh: identity.last_refresh.map(rfc3339),
             last_error: identity.last_error,
+            registration_mode: identity.registration_mode,
+            device_name: identity.device_name,
             spool_messages: spool.messages,
             spool_bytes: spool.bytes,
             spool_state: if spool.fault.is_some() {

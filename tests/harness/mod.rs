@@ -46,6 +46,7 @@ pub const MQTT_PORT: u16 = 1883;
 pub const FAULT_PROXY_PORT: u16 = 5001;
 pub const WS_PROXY_PORT: u16 = 8444;
 pub const ATTACH_PROXY_PORT: u16 = 5002;
+pub const COGNITO_PROXY_PORT: u16 = 5003;
 pub(super) const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub(super) const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 /// What moto's GetCredentialsForIdentity always returns.
