@@ -48,6 +48,8 @@ const SHORTEST_TOPIC: &str = "t";
 
 /// More readings than this in one array would not fit 128 KiB anyway (each takes 2+ bytes).
 const MAX_BATCH_MESSAGES: u32 = 65_536;
+/// Longest `spool.commit_window`: offline, every `ok` waits this long.
+const MAX_COMMIT_WINDOW: Duration = Duration::from_secs(5);
 
 /// The whole configuration, section by section as in SPEC.md.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -249,6 +251,9 @@ pub enum OnFull {
 pub struct SpoolConfig {
     pub max_bytes: ByteSize,
     pub on_full: OnFull,
+    /// Write-behind: a message the broker acknowledges within this window is never written.
+    #[serde(with = "duration")]
+    pub commit_window: Duration,
 }
 
 impl Default for SpoolConfig {
@@ -256,6 +261,7 @@ impl Default for SpoolConfig {
         SpoolConfig {
             max_bytes: ByteSize(256 * 1024 * 1024),
             on_full: OnFull::DropOldest,
+            commit_window: Duration::from_millis(200),
         }
     }
 }
@@ -504,6 +510,15 @@ impl Config {
             return Err(invalid(
                 "spool.max_bytes",
                 "must hold at least one full-size message (128KiB)".into(),
+            ));
+        }
+        if self.spool.commit_window > MAX_COMMIT_WINDOW {
+            return Err(invalid(
+                "spool.commit_window",
+                format!(
+                    "at most {} (offline, every ok waits that long)",
+                    humantime::format_duration(MAX_COMMIT_WINDOW)
+                ),
             ));
         }
         if self.publish.max_in_flight == 0 {

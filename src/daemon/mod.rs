@@ -96,10 +96,11 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     // Held until `run` returns; the kernel releases it if the process dies.
     let _instance_lock = prepare_state_dir(&config.state.dir)?;
-    let spool = Spool::open(
+    let spool = Spool::open_with_window(
         &config.state.dir,
         config.spool.max_bytes.0,
         config.spool.on_full,
+        config.spool.commit_window,
     )?;
     let tls = mqtt::tls_config(&config.mqtt.ca_file)?;
     let listener = server::bind(&config.socket.path, config.socket.mode_bits()).await?;
@@ -237,6 +238,8 @@ pub async fn run(
     identity_task.abort();
     supervisor.abort();
     raw_tasks.abort_all();
+    // What is still held in memory (write-behind) goes to disk before the process ends.
+    spool.flush().await;
     let _ = std::fs::remove_file(&config.socket.path);
     for raw in &config.socket.raw {
         let _ = std::fs::remove_file(&raw.path);
@@ -292,14 +295,22 @@ async fn reload(
         ));
         publish_limits.send_replace(fresh.clone());
     }
-    if running.spool.max_bytes != new.spool.max_bytes || running.spool.on_full != new.spool.on_full
+    let (old, fresh) = (&running.spool, &new.spool);
+    if old.max_bytes != fresh.max_bytes
+        || old.on_full != fresh.on_full
+        || old.commit_window != fresh.commit_window
     {
         applied.push(format!(
-            "spool.max_bytes {} -> {}, spool.on_full {:?} -> {:?}",
-            running.spool.max_bytes, new.spool.max_bytes, running.spool.on_full, new.spool.on_full
+            "spool.max_bytes {} -> {}, spool.on_full {:?} -> {:?}, spool.commit_window {} -> {}",
+            old.max_bytes,
+            fresh.max_bytes,
+            old.on_full,
+            fresh.on_full,
+            humantime::format_duration(old.commit_window),
+            humantime::format_duration(fresh.commit_window)
         ));
         spool
-            .set_limits(new.spool.max_bytes.0, new.spool.on_full)
+            .set_limits(fresh.max_bytes.0, fresh.on_full, fresh.commit_window)
             .await;
     }
     // Everything else is compared with the live parts taken out.

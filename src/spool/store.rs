@@ -40,6 +40,10 @@ pub(super) struct Store {
     pub(super) shrunk: bool,
     pub(super) drop_log: Repeats,
     pub(super) fault_log: Repeats,
+    /// Accepted, not committed, not acknowledged (write-behind).
+    pub(super) pending: Pending<Waiter>,
+    /// Acknowledged rows waiting to be deleted together.
+    pub(super) removals: super::serve::Removals,
 }
 
 impl Store {
@@ -143,6 +147,8 @@ impl Store {
             shrunk: false,
             drop_log: Repeats::default(),
             fault_log: Repeats::default(),
+            pending: Pending::new(Duration::ZERO),
+            removals: Default::default(),
         };
         store.apply_wal_limit().map_err(sqlite)?;
         store.measure().map_err(sqlite)?;
@@ -313,91 +319,6 @@ impl Store {
         }
     }
 
-    pub(super) fn serve(
-        mut self,
-        mut commands: mpsc::Receiver<Command>,
-        stats: watch::Sender<SpoolStats>,
-    ) {
-        use tokio::sync::mpsc::error::TryRecvError;
-        let mut next: Option<Command> = None;
-        loop {
-            let command = match next.take() {
-                Some(command) => command,
-                None => match commands.try_recv() {
-                    Ok(command) => command,
-                    Err(TryRecvError::Disconnected) => return,
-                    Err(TryRecvError::Empty) => {
-                        // Idle: bounded housekeeping, then look for work again.
-                        if self.maintain(&stats) {
-                            continue;
-                        }
-                        match commands.blocking_recv() {
-                            Some(command) => command,
-                            None => return,
-                        }
-                    }
-                },
-            };
-            match command {
-                Command::Append {
-                    message,
-                    done,
-                    queued,
-                } => {
-                    let mut batch = vec![(message, done)];
-                    let mut held = vec![queued];
-                    while batch.len() < MAX_GROUP_COMMIT {
-                        match commands.try_recv() {
-                            Ok(Command::Append {
-                                message,
-                                done,
-                                queued,
-                            }) => {
-                                batch.push((message, done));
-                                held.push(queued);
-                            }
-                            Ok(other) => {
-                                next = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    self.append_batch(batch, &stats);
-                    drop(held);
-                }
-                Command::ReadAfter {
-                    after,
-                    limit,
-                    max_bytes,
-                    reply,
-                } => {
-                    let read = self.read_after(after, limit, max_bytes);
-                    self.publish_stats(&stats);
-                    let _ = reply.send(read);
-                }
-                Command::Remove { ids } => {
-                    self.remove(&ids);
-                    self.publish_stats(&stats);
-                }
-                Command::DeadLetters(command) => self.dead_letters(command, &stats),
-                Command::SetLimits { max_bytes, on_full } => {
-                    self.max_bytes = max_bytes;
-                    self.on_full = on_full;
-                    if let Err(error) = self.apply_wal_limit() {
-                        self.record_fault(Operation::Write, &error);
-                    }
-                    self.dirty = true;
-                }
-            }
-            // Over the limit (lowered, or a commit that overshot): one bounded trim between
-            // commands, so a long trim never holds up reads, removals or the watchdog probe.
-            if self.must_trim() {
-                self.trim_chunk(&stats);
-            }
-        }
-    }
-
     /// One step of idle housekeeping; `false` when there is nothing (more) to do.
     pub(super) fn maintain(&mut self, stats: &watch::Sender<SpoolStats>) -> bool {
         if self.must_trim() {
@@ -452,6 +373,8 @@ impl Store {
     /// Drops the oldest messages, at most one bounded chunk, to get back under `max_bytes`.
     /// `true` when it dropped some.
     pub(super) fn trim_chunk(&mut self, stats: &watch::Sender<SpoolStats>) -> bool {
+        // Acknowledged rows first: they free space, and are never counted as dropped.
+        self.flush_removals(stats);
         let excess = self.excess();
         let rows = TRIM_CHUNK_ROWS.min(self.stats.messages.saturating_sub(1) as usize);
         let result = self.drop_oldest(excess.min(TRIM_CHUNK_BYTES), rows);
@@ -556,20 +479,18 @@ impl Store {
         });
     }
 
-    pub(super) fn append_batch(
-        &mut self,
-        batch: Vec<(Message, oneshot::Sender<Result<(), AppendError>>)>,
-        stats: &watch::Sender<SpoolStats>,
-    ) {
+    /// Commits `batch` (ids given), dropping the oldest to make room on a full disk with
+    /// `drop-oldest`; one result per row, for its writer.
+    pub(super) fn append_batch(&mut self, batch: &[StoredMessage]) -> Vec<Result<(), AppendError>> {
         let before = self.stats;
-        let mut outcome = self.try_append_batch(&batch);
+        let mut outcome = self.try_append_batch(batch);
         if outcome.is_err() {
             self.stats = before;
         }
         // Disk full with drop-oldest: make room by dropping the oldest, then try again.
         let mut room = batch
             .iter()
-            .map(|(m, _)| (m.topic.len() + m.payload.len()) as u64 + ROW_OVERHEAD)
+            .map(|m| (m.message.topic.len() + m.message.payload.len()) as u64 + ROW_OVERHEAD)
             .sum::<u64>();
         let mut attempts = 0;
         let mut disk_full = false;
@@ -595,7 +516,7 @@ impl Store {
             self.checkpoint_truncate();
             room = room.saturating_mul(2);
             let kept = self.stats;
-            outcome = self.try_append_batch(&batch);
+            outcome = self.try_append_batch(batch);
             if outcome.is_err() {
                 self.stats = kept;
             }
@@ -635,10 +556,7 @@ impl Store {
             );
         }
         let _ = self.measure();
-        self.publish_stats(stats);
-        for ((_, done), result) in batch.into_iter().zip(results) {
-            let _ = done.send(result);
-        }
+        results
     }
 
     /// Folds the WAL into the db and truncates it (errors only mean it stays as it is).
@@ -650,7 +568,7 @@ impl Store {
 
     pub(super) fn try_append_batch(
         &mut self,
-        batch: &[(Message, oneshot::Sender<Result<(), AppendError>>)],
+        batch: &[StoredMessage],
     ) -> rusqlite::Result<Vec<Result<(), AppendError>>> {
         let reserve = self.wal_reserve();
         let tx = self.db.transaction()?;
@@ -659,12 +577,12 @@ impl Store {
         let mut used = Self::live_pages_bytes(&tx, self.page_size)? + reserve;
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO messages (topic, payload, qos, size, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO messages (id, topic, payload, qos, size, kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             let mut oldest = tx.prepare_cached(
                 "DELETE FROM messages WHERE id = (SELECT MIN(id) FROM messages) RETURNING size",
             )?;
-            for (message, _) in batch {
+            for StoredMessage { id, message } in batch {
                 let size = (message.topic.len() + message.payload.len()) as u64;
                 let cost = size + ROW_OVERHEAD;
                 if used + cost > self.max_bytes {
@@ -694,6 +612,7 @@ impl Store {
                     }
                 }
                 insert.execute(params![
+                    id,
                     message.topic,
                     message.payload,
                     message.qos.as_u8(),
@@ -702,7 +621,7 @@ impl Store {
                 ])?;
                 used += cost;
                 self.stats.messages += 1;
-                self.stats.last_id = tx.last_insert_rowid();
+                self.stats.last_id = self.stats.last_id.max(*id);
                 results.push(Ok(()));
             }
         }
@@ -722,15 +641,25 @@ impl Store {
         let mut good = Vec::new();
         let mut broken = Vec::new();
         let mut bytes = 0usize;
-        let result = (|| -> rusqlite::Result<()> {
+        // Acknowledged rows not deleted yet are skipped: read as many more.
+        let wanted = limit.saturating_add(self.removals.ids.len());
+        let removed = &self.removals.ids;
+        let result = (|| -> rusqlite::Result<bool> {
             let mut select = self.db.prepare_cached(
                 "SELECT id, topic, payload, qos, kind FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
             )?;
-            let mut rows = select.query(params![after, limit as i64])?;
-            while bytes < max_bytes
-                && let Some(row) = rows.next()?
-            {
+            let mut rows = select.query(params![after, wanted as i64])?;
+            let mut seen = 0usize;
+            while good.len() < limit && bytes < max_bytes {
+                let Some(row) = rows.next()? else {
+                    // Every row after `after` was seen: the held messages come next.
+                    return Ok(seen < wanted);
+                };
+                seen += 1;
                 let id: i64 = row.get(0)?;
+                if removed.contains(&id) {
+                    continue;
+                }
                 let message = (|| {
                     Ok::<_, rusqlite::Error>(Message {
                         topic: row.get(1)?,
@@ -747,15 +676,23 @@ impl Store {
                     Err(error) => broken.push((id, error)),
                 }
             }
-            Ok(())
+            Ok(false)
         })();
-        if let Err(error) = result {
-            self.record_fault(Operation::Read, &error);
-            return Err(ReadError::Storage(
-                self.stats
-                    .fault
-                    .map_or_else(|| error.to_string(), |f| f.to_string()),
-            ));
+        let disk_done = match result {
+            Ok(done) => done,
+            Err(error) => {
+                self.record_fault(Operation::Read, &error);
+                return Err(ReadError::Storage(
+                    self.stats
+                        .fault
+                        .map_or_else(|| error.to_string(), |f| f.to_string()),
+                ));
+            }
+        };
+        if disk_done {
+            // Held ids are above every row on disk: order holds across memory and disk.
+            self.pending
+                .read_after(after, limit, max_bytes, bytes, &mut good);
         }
         if self
             .stats
@@ -771,40 +708,37 @@ impl Store {
                 tracing::error!(spool_id = id, %error, "undecodable spool row dropped");
             }
             let ids: Vec<i64> = broken.iter().map(|(id, _)| *id).collect();
-            let before = self.stats.messages;
-            self.remove(&ids);
-            self.stats.dropped_total += before - self.stats.messages;
+            match self.delete_rows(&ids) {
+                Ok(deleted) => {
+                    self.stats.messages = self.stats.messages.saturating_sub(deleted);
+                    self.stats.dropped_total += deleted;
+                    self.wrote();
+                }
+                Err(error) => self.record_fault(Operation::Write, &error),
+            }
+            let _ = self.measure();
         }
         Ok(good)
     }
 
-    pub(super) fn remove(&mut self, ids: &[i64]) {
-        let before = self.stats;
-        let result = (|| -> rusqlite::Result<()> {
-            let tx = self.db.transaction()?;
-            {
-                let mut delete =
-                    tx.prepare_cached("DELETE FROM messages WHERE id = ?1 RETURNING 1")?;
-                for id in ids {
-                    if delete
-                        .query_row([id], |row| row.get::<_, i64>(0))
-                        .optional()?
-                        .is_some()
-                    {
-                        self.stats.messages = self.stats.messages.saturating_sub(1);
-                    }
+    /// Deletes rows `ids` in one transaction; how many were there. Ids already gone are
+    /// ignored.
+    pub(super) fn delete_rows(&mut self, ids: &[i64]) -> rusqlite::Result<u64> {
+        let tx = self.db.transaction()?;
+        let mut deleted = 0;
+        {
+            let mut delete = tx.prepare_cached("DELETE FROM messages WHERE id = ?1 RETURNING 1")?;
+            for id in ids {
+                if delete
+                    .query_row([id], |row| row.get::<_, i64>(0))
+                    .optional()?
+                    .is_some()
+                {
+                    deleted += 1;
                 }
             }
-            tx.commit()
-        })();
-        match result {
-            Ok(()) => self.wrote(),
-            Err(error) => {
-                self.stats = before;
-                // The messages stay and are sent again later: a duplicate, never a loss.
-                self.record_fault(Operation::Write, &error);
-            }
         }
-        let _ = self.measure();
+        tx.commit()?;
+        Ok(deleted)
     }
 }
