@@ -5,7 +5,6 @@
 //! publishes when the broker reports no session, so republishing is ours to do (duplicates are
 //! allowed, loss is not).
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +18,8 @@ use crate::message::Qos;
 use crate::ops::heartbeat::Heartbeat;
 use crate::ops::logging::Repeats;
 use crate::ops::status::LinkState;
-use crate::publish::batch::{self, Batcher};
+use crate::publish::batch::Batcher;
+use crate::publish::flow::{Action, BrokerEvent, Ended, Flow, Outside, Publish};
 use crate::publish::mqtt::{self, MqttSettings};
 use crate::publish::quota::Quota;
 use crate::retry::Backoff;
@@ -28,28 +28,13 @@ use crate::topic::TopicRules;
 
 /// Never sign a connect with credentials that expire sooner than this.
 const MIN_SIGNING_VALIDITY: Duration = Duration::from_secs(30);
-/// SigV4 websocket connections are cut after 24 hours; reconnect cleanly before that.
-const MAX_CONNECTION_AGE: Duration = Duration::from_secs(23 * 3600);
-/// A planned reconnect waits at most this long for in-flight publishes to be acknowledged.
-const RENEW_GRACE: Duration = Duration::from_secs(10);
 /// Reconnect delays: at least 1 s (IoT Core allows one connect per second per client id).
 const RECONNECT_FLOOR: Duration = Duration::from_secs(1);
 const RECONNECT_CAP: Duration = Duration::from_secs(30);
-/// A publish without PUBACK for this long means the connection is stuck: reconnect, republish.
-const ACK_TIMEOUT: Duration = Duration::from_secs(60);
-const ACK_CHECK: Duration = Duration::from_secs(5);
 /// An idle connection still goes round its loop this often, to show the watchdog it is alive.
 const BEAT_EVERY: Duration = Duration::from_secs(2);
-/// At most this many spool messages are read at once (the read is also bounded in bytes).
-const MAX_READ: usize = 1024;
-/// After a failed spool read, the next try comes this much later.
-const SPOOL_READ_RETRY: Duration = Duration::from_secs(1);
 /// How long a clean disconnect may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// The oldest message goes to the dead letters once this many connections in a row dropped
-/// while it was out unacknowledged: IoT Core disconnects a client that publishes where its
-/// policy forbids, so such a message would otherwise hold back the queue forever.
-pub const DEAD_LETTER_STRIKES: u32 = 5;
 
 /// Delivery counters for `status`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -61,22 +46,6 @@ pub struct PublishCounters {
     pub clock_skew_s: Option<i64>,
 }
 
-/// The oldest message and how many connections in a row dropped while it was out.
-struct Strikes {
-    first_id: i64,
-    count: u32,
-}
-
-/// How one connection ended.
-enum Ended {
-    /// Shutdown: the spool is empty and nothing is in flight.
-    Drained,
-    /// A planned reconnect (fresh credentials, or the 24-hour limit).
-    Renew,
-    /// The connection failed or could not be made.
-    Failed(String),
-}
-
 /// See the module docs.
 pub struct Publisher {
     spool: Spool,
@@ -84,22 +53,11 @@ pub struct Publisher {
     /// Tells the identity manager when IoT Core refuses a connection for authorization.
     refusals: RefusalSignal,
     settings: MqttSettings,
-    rules: Arc<TopicRules>,
     link: watch::Sender<LinkState>,
     counters: watch::Sender<PublishCounters>,
-    /// Highest spool id ever handed to a connection; ids at or below it are republishes.
-    highest_sent: i64,
-    /// IoT Core's per-connection quotas, kept across reconnects.
-    quota: Quota,
     /// The quota settings; SIGHUP may change them.
     limits: watch::Receiver<PublishConfig>,
-    /// `[batch]`: how messages share publishes, and how long an open array may wait.
-    batcher: Batcher,
-    linger: Duration,
-    /// See [`DEAD_LETTER_STRIKES`].
-    strikes: Option<Strikes>,
-    /// The last failed connection's oldest message went to the dead letters.
-    buried_head: bool,
+    flow: Flow,
 }
 
 impl Publisher {
@@ -122,21 +80,22 @@ impl Publisher {
             limits.borrow().max_publishes_per_second,
             limits.borrow().max_bytes_per_second.0,
         );
+        let flow = Flow::new(
+            rules,
+            Batcher::new(batch),
+            batch.linger,
+            settings.max_in_flight,
+            quota,
+        );
         let publisher = Publisher {
             spool,
             sessions,
             refusals,
             settings,
-            rules,
             link,
             counters,
-            highest_sent: 0,
-            quota,
             limits,
-            batcher: Batcher::new(batch),
-            linger: batch.linger,
-            strikes: None,
-            buried_head: false,
+            flow,
         };
         (publisher, link_rx, counters_rx)
     }
@@ -172,28 +131,19 @@ impl Publisher {
                     self.counters.send_modify(|c| c.clock_skew_s = None);
                 }
             }
-            match ended {
+            let delay = match ended {
                 Ended::Drained => return,
                 Ended::Renew => {
                     backoff.reset();
-                    // Keep to one connect per second per client id.
-                    heartbeat
-                        .waiting(tokio::time::sleep_until(started + RECONNECT_FLOOR))
-                        .await;
+                    RECONNECT_FLOOR.saturating_sub(started.elapsed())
                 }
                 Ended::Failed(error) => {
-                    if started.elapsed() > RECONNECT_CAP || self.buried_head {
+                    if started.elapsed() > RECONNECT_CAP || self.flow.take_buried_head() {
                         // A long-lived connection, or the cause of the drops is out of the
                         // queue now: start the delays over.
                         backoff.reset();
-                        self.buried_head = false;
                     }
-                    let was_stopping = *stopping.borrow();
-                    let mut delay = backoff.next_delay();
-                    if was_stopping {
-                        // The drain has little time: keep trying, at IoT Core's connect rate.
-                        delay = delay.min(RECONNECT_FLOOR);
-                    }
+                    let delay = backoff.next_delay();
                     if let Some(held_back) = repeats.admit(&error) {
                         tracing::warn!(
                             identity_id = %session.identity_id,
@@ -206,25 +156,47 @@ impl Publisher {
                     }
                     tracing::debug!(retry_in_ms = delay.as_millis() as u64, "reconnect backoff");
                     self.link.send_replace(LinkState::Backoff);
-                    let spool = self.spool.clone();
-                    let stopped = heartbeat
-                        .waiting(async {
-                            tokio::select! {
-                                _ = tokio::time::sleep(delay) => false,
-                                stopped = backoff_interrupted(&mut stopping, &spool, was_stopping) => {
-                                    // SIGTERM: drain at once, within one connect per second.
-                                    tokio::time::sleep_until(started + RECONNECT_FLOOR).await;
-                                    stopped
-                                }
-                            }
-                        })
-                        .await;
-                    if stopped {
-                        return;
-                    }
+                    delay
                 }
+            };
+            if self
+                .back_off(delay, started, &mut stopping, &heartbeat)
+                .await
+            {
+                return;
             }
         }
+    }
+
+    /// Waits `delay` before the next connect (never sooner than one second after the last
+    /// one: IoT Core's connect rate per client id). SIGTERM cuts a long wait short, so the
+    /// drain does not outlast `drain_timeout`. `true` when there is nothing left to deliver.
+    async fn back_off(
+        &mut self,
+        delay: Duration,
+        started: Instant,
+        stopping: &mut watch::Receiver<bool>,
+        heartbeat: &Heartbeat,
+    ) -> bool {
+        let was_stopping = *stopping.borrow();
+        let delay = if was_stopping {
+            // The drain has little time: keep trying, at IoT Core's connect rate.
+            delay.min(RECONNECT_FLOOR)
+        } else {
+            delay
+        };
+        let spool = self.spool.clone();
+        heartbeat
+            .waiting(async {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => false,
+                    stopped = backoff_interrupted(stopping, &spool, was_stopping) => {
+                        tokio::time::sleep_until(started + RECONNECT_FLOOR).await;
+                        stopped
+                    }
+                }
+            })
+            .await
     }
 
     /// A websocket upgrade refused with 403 while this device's clock is far off the server's:
@@ -264,6 +236,7 @@ impl Publisher {
         }
     }
 
+    /// One connection: does what the flow decides, and tells it what happened.
     async fn run_connection(
         &mut self,
         session: &Session,
@@ -285,340 +258,164 @@ impl Publisher {
             Ok(connection) => connection,
             Err(error) => return Ended::Failed(error.to_string()),
         };
-        let max_in_flight = usize::from(self.settings.max_in_flight);
+        self.flow.connect(&session.identity_id, Instant::now());
         let mut spool_stats = self.spool.stats();
-        let mut renew_by: Option<Instant> = None;
-        let age_limit = tokio::time::sleep(MAX_CONNECTION_AGE);
-        tokio::pin!(age_limit);
-        let mut window = Window::default();
-        let mut ended: Option<Ended> = None;
-        let mut paced_until: Option<Instant> = None;
-        // An open array waiting for `linger`: (its first spool id, when it was first seen).
-        let mut held: Option<(i64, Instant)> = None;
-        let mut lingering_until: Option<Instant> = None;
         let mut identity_gone = false;
-        let mut ack_check = tokio::time::interval(ACK_CHECK);
         let mut beat = tokio::time::interval(BEAT_EVERY);
-        let mut cursor = 0i64;
-        // Planned publishes not sent yet (window full, quota, linger), oldest first; all
-        // after `cursor`. `more_behind`: the spool had more than the last read took.
-        let mut ready: VecDeque<batch::Outgoing> = VecDeque::new();
-        let mut more_behind = false;
-        // The first publish of this connection (the oldest message) and its full topic.
-        let mut head: Option<(Vec<i64>, String)> = None;
-
         loop {
             heartbeat.beat();
-            let outstanding = window.outstanding();
-            if window.connected
-                && renew_by.is_none()
-                && paced_until.is_none()
-                && lingering_until.is_none()
-                && outstanding < max_in_flight
-            {
-                if self.limits.has_changed().unwrap_or(false) {
-                    let limits = self.limits.borrow_and_update();
-                    self.quota.set_limits(
-                        limits.max_publishes_per_second,
-                        limits.max_bytes_per_second.0,
-                    );
-                }
-                // A lone open array may still grow: plan it again with what arrived since.
-                if ready.len() == 1 && ready.front().is_some_and(|o| o.open) {
-                    ready.clear();
-                }
-                if ready.is_empty() {
-                    let room = max_in_flight - outstanding;
-                    let wanted = room
-                        .saturating_mul(self.batcher.max_messages())
-                        .min(MAX_READ);
-                    let budget = room.saturating_mul(self.batcher.max_bytes());
-                    let read = match self.spool.read_after(cursor, wanted, budget).await {
-                        Ok(read) => read,
-                        // Not an empty spool: look again shortly (the spool reports the fault).
-                        Err(_) => {
-                            paced_until = Some(Instant::now() + SPOOL_READ_RETRY);
-                            Vec::new()
-                        }
-                    };
-                    more_behind = read.len() == wanted;
-                    ready.extend(self.batcher.plan(read));
-                }
-                while window.outstanding() < max_in_flight
-                    && let Some(outgoing) = ready.pop_front()
-                {
-                    // The newest array may wait up to `linger` for more readings, unless the
-                    // spool had more than we read (then more are right behind it).
-                    if ready.is_empty()
-                        && outgoing.open
-                        && !more_behind
-                        && !self.linger.is_zero()
-                        && !*stopping.borrow()
-                    {
-                        let first = outgoing.ids[0];
-                        let since = match held {
-                            Some((id, since)) if id == first => since,
-                            _ => held.insert((first, Instant::now())).1,
-                        };
-                        if since.elapsed() < self.linger {
-                            lingering_until = Some(since + self.linger);
-                            ready.push_front(outgoing);
-                            break;
-                        }
-                    }
-                    let topic = self.rules.full_topic(&session.identity_id, &outgoing.topic);
-                    if let Err(error) = TopicRules::check_full(&topic) {
-                        // Never accepted by IoT Core, whatever we do: out of the queue.
-                        let last = *outgoing.ids.last().unwrap_or(&cursor);
-                        self.bury(outgoing.ids, &topic, error.to_string()).await;
-                        cursor = cursor.max(last);
-                        continue;
-                    }
-                    // IoT Core counts the topic it receives, prefix included.
-                    let size = (topic.len() + outgoing.payload.len()) as u64;
-                    if let Some(at) = self.quota.ready_at(size, Instant::now()) {
-                        // Over IoT Core's quota: it goes first once the quota allows, with no
-                        // trip to the spool in between.
-                        paced_until = Some(at);
-                        ready.push_front(outgoing);
-                        break;
-                    }
-                    held = None;
-                    self.quota.record(size, Instant::now());
-                    if head.is_none() {
-                        head = Some((outgoing.ids.clone(), topic.clone()));
-                    }
-                    let qos = match outgoing.qos {
-                        Qos::AtMostOnce => QoS::AtMostOnce,
-                        Qos::AtLeastOnce => QoS::AtLeastOnce,
-                    };
-                    if let Err(error) =
-                        connection
-                            .client
-                            .try_publish(topic, qos, false, outgoing.payload)
-                    {
-                        return Ended::Failed(format!("publish queue: {error}"));
-                    }
-                    let repeated = outgoing
-                        .ids
-                        .iter()
-                        .filter(|&&id| id <= self.highest_sent)
-                        .count();
-                    if repeated > 0 {
-                        self.counters
-                            .send_modify(|c| c.republished_total += repeated as u64);
-                    }
-                    let last = *outgoing.ids.last().unwrap_or(&cursor);
-                    self.highest_sent = self.highest_sent.max(last);
-                    cursor = last;
-                    window.unassigned.push_back((outgoing.ids, outgoing.qos));
-                }
-            }
-            if window.outstanding() == 0 {
-                if *stopping.borrow() && self.spool.stats().borrow().messages == 0 {
-                    close(connection).await;
-                    return Ended::Drained;
-                }
-                if window.connected && renew_by.is_some() {
-                    close(connection).await;
-                    return Ended::Renew;
-                }
-            }
-            let renew_deadline = renew_by.unwrap_or_else(|| Instant::now() + MAX_CONNECTION_AGE);
-
+            let wake_at = match self.act(&mut connection, stopping).await {
+                Ok(wake_at) => wake_at,
+                Err(ended) => return ended,
+            };
             tokio::select! {
                 event = connection.events.recv() => {
-                    let mut next = event;
-                    // Take whatever else is already waiting before touching the spool again.
-                    loop {
-                        match next {
-                            Some(Ok(event)) => {
-                                if let Err(end) = window.on_event(event, session, &self.link) {
-                                    ended = Some(end);
-                                    break;
-                                }
-                            }
-                            Some(Err(error)) => {
-                                self.diagnose_skew(&error);
-                                if crate::identity::is_authorization_refusal(&error) {
-                                    self.refusals.raise();
-                                }
-                                ended = Some(Ended::Failed(error.to_string()));
-                                break;
-                            }
-                            None => {
-                                ended = Some(Ended::Failed("event loop stopped".into()));
-                                break;
-                            }
-                        }
-                        match connection.events.try_recv() {
-                            Ok(event) => next = Some(event),
-                            Err(_) => break,
-                        }
+                    self.on_event(event, session);
+                    // Take whatever else is already waiting before deciding again.
+                    while let Ok(event) = connection.events.try_recv() {
+                        self.on_event(Some(event), session);
                     }
                 }
-                _ = tokio::time::sleep_until(paced_until.unwrap_or_else(Instant::now)), if paced_until.is_some() => {
-                    paced_until = None;
-                }
-                _ = tokio::time::sleep_until(lingering_until.unwrap_or_else(Instant::now)), if lingering_until.is_some() => {
-                    lingering_until = None;
-                }
-                changed = spool_stats.changed(), if window.connected && renew_by.is_none() && paced_until.is_none() => {
+                _ = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {}
+                changed = spool_stats.changed(), if self.flow.listens_to_spool() => {
                     if changed.is_err() {
                         return Ended::Failed("spool closed".into());
                     }
-                    // New messages may fill the lingering array: look again.
-                    lingering_until = None;
+                    self.flow.on_spool_changed();
                 }
                 changed = stopping.changed() => {
                     if changed.is_err() {
                         return Ended::Drained;
                     }
                 }
-                changed = self.sessions.changed(), if renew_by.is_none() && !identity_gone => {
+                changed = self.sessions.changed(), if self.flow.listens_to_credentials() && !identity_gone => {
                     identity_gone = changed.is_err();
-                    if changed.is_ok() {
+                    if changed.is_ok() && self.flow.on_new_credentials(Instant::now()) {
                         tracing::info!("new credentials: reconnecting with them once in-flight messages are acknowledged");
-                        renew_by = Some(Instant::now() + RENEW_GRACE);
                     }
-                }
-                _ = &mut age_limit, if renew_by.is_none() => {
-                    tracing::info!("connection nears the 24-hour limit; reconnecting");
-                    renew_by = Some(Instant::now() + RENEW_GRACE);
-                }
-                _ = tokio::time::sleep_until(renew_deadline), if renew_by.is_some() => {
-                    close(connection).await;
-                    return Ended::Renew;
                 }
                 _ = beat.tick() => {}
-                _ = ack_check.tick(), if !window.in_flight.is_empty() => {
-                    if window.oldest_in_flight().is_some_and(|sent| sent.elapsed() > ACK_TIMEOUT) {
-                        ended = Some(Ended::Failed(format!("no PUBACK within {}s", ACK_TIMEOUT.as_secs())));
+            }
+        }
+    }
+
+    /// Carries out the flow's actions until it waits; `Err` when the connection ended.
+    async fn act(
+        &mut self,
+        connection: &mut mqtt::Connection,
+        stopping: &watch::Receiver<bool>,
+    ) -> Result<Option<Instant>, Ended> {
+        if self.limits.has_changed().unwrap_or(false) {
+            let limits = self.limits.borrow_and_update();
+            self.flow.set_limits(
+                limits.max_publishes_per_second,
+                limits.max_bytes_per_second.0,
+            );
+        }
+        loop {
+            let outside = Outside {
+                stopping: *stopping.borrow(),
+                spool_empty: self.spool.stats().borrow().messages == 0,
+            };
+            match self.flow.next(Instant::now(), outside) {
+                Action::Read {
+                    after,
+                    max_messages,
+                    max_bytes,
+                } => match self.spool.read_after(after, max_messages, max_bytes).await {
+                    Ok(read) => self.flow.on_read(read, max_messages),
+                    Err(_) => self.flow.on_read_failed(Instant::now()),
+                },
+                Action::Publish(publish) => {
+                    if let Err(error) = send(connection, publish, &self.counters) {
+                        self.flow.fail(format!("publish queue: {error}"));
                     }
                 }
-            }
-            // Acknowledged messages leave the spool even when the connection just ended.
-            if !window.delivered.is_empty() {
-                let count = window.delivered.len() as u64;
-                self.spool
-                    .remove(std::mem::take(&mut window.delivered))
-                    .await;
-                self.counters.send_modify(|c| c.published_total += count);
-            }
-            if let Some(ended) = ended {
-                if matches!(ended, Ended::Failed(_)) {
-                    self.count_strike(head.take(), &window).await;
+                Action::Remove(ids) => {
+                    let count = ids.len() as u64;
+                    self.spool.remove(ids).await;
+                    self.counters.send_modify(|c| c.published_total += count);
                 }
-                return ended;
+                Action::Bury(burial) => {
+                    tracing::warn!(
+                        topic = %burial.topic,
+                        reason = %burial.reason,
+                        messages = burial.ids.len(),
+                        "message moved to the dead letters; `iot-cognito-relay dead-letters` lists, requeues or purges them"
+                    );
+                    self.spool.bury(burial.ids, burial.reason).await;
+                }
+                Action::End(ended) => {
+                    if !matches!(ended, Ended::Failed(_)) {
+                        close(connection).await;
+                    }
+                    return Err(ended);
+                }
+                Action::Wait(wake_at) => return Ok(wake_at),
             }
         }
     }
-}
 
-impl Publisher {
-    /// After a failed connection: another strike for the oldest message if the connection
-    /// dropped while it was out unacknowledged; the last strike moves it to the dead letters.
-    /// A connection that never published it neither counts nor breaks the row.
-    async fn count_strike(&mut self, head: Option<(Vec<i64>, String)>, window: &Window) {
-        let Some((ids, topic)) = head else { return };
-        let Some(&first_id) = ids.first() else { return };
-        if !window.holds(first_id) {
-            self.strikes = None;
-            return;
-        }
-        let count = match &self.strikes {
-            Some(strikes) if strikes.first_id == first_id => strikes.count + 1,
-            _ => 1,
-        };
-        if count < DEAD_LETTER_STRIKES {
-            self.strikes = Some(Strikes { first_id, count });
-            return;
-        }
-        self.strikes = None;
-        let reason = format!(
-            "the broker dropped the connection right after it, {count} times in a row \
-             (IoT Core does so for a publish its policy denies)"
-        );
-        self.bury(ids, &topic, reason).await;
-        self.buried_head = true;
-    }
-
-    /// Moves spool messages to the dead letters, with one journal warning.
-    async fn bury(&mut self, ids: Vec<i64>, topic: &str, reason: String) {
-        tracing::warn!(
-            topic,
-            %reason,
-            messages = ids.len(),
-            "message moved to the dead letters; `iot-cognito-relay dead-letters` lists, requeues or purges them"
-        );
-        self.spool.bury(ids, reason).await;
-    }
-}
-
-/// What one connection has sent and not yet seen acknowledged.
-#[derive(Default)]
-struct Window {
-    connected: bool,
-    /// Published, waiting for rumqttc to assign a packet id (it does so in request order):
-    /// the spool ids each publish carries.
-    unassigned: VecDeque<(Vec<i64>, Qos)>,
-    /// Packet id → (spool ids, when it went out), waiting for PUBACK.
-    in_flight: HashMap<u16, (Vec<i64>, Instant)>,
-    /// Spool ids the broker has (QoS 1) or that went out (QoS 0): to remove from the spool.
-    delivered: Vec<i64>,
-}
-
-impl Window {
-    fn outstanding(&self) -> usize {
-        self.unassigned.len() + self.in_flight.len()
-    }
-
-    /// Whether spool message `id` went out on this connection and is not acknowledged.
-    fn holds(&self, id: i64) -> bool {
-        self.unassigned.iter().any(|(ids, _)| ids.contains(&id))
-            || self.in_flight.values().any(|(ids, _)| ids.contains(&id))
-    }
-
-    fn oldest_in_flight(&self) -> Option<Instant> {
-        self.in_flight.values().map(|(_, sent)| *sent).min()
-    }
-
+    /// Tells the flow what the event loop reported; a connection error ends the connection.
     fn on_event(
         &mut self,
-        event: Event,
+        event: Option<Result<Event, rumqttc::ConnectionError>>,
         session: &Session,
-        link: &watch::Sender<LinkState>,
-    ) -> Result<(), Ended> {
+    ) {
         match event {
-            Event::Incoming(Packet::ConnAck(ack)) => {
-                if ack.code != ConnectReturnCode::Success {
-                    return Err(Ended::Failed(format!(
-                        "broker refused the connection: {:?}",
-                        ack.code
-                    )));
+            Some(Ok(event)) => {
+                let Some(event) = broker_event(event) else {
+                    return;
+                };
+                if event == BrokerEvent::Connected {
+                    self.link.send_replace(LinkState::Connected);
+                    tracing::info!(identity_id = %session.identity_id, state = "connected", "connected to the broker");
                 }
-                self.connected = true;
-                link.send_replace(LinkState::Connected);
-                tracing::info!(identity_id = %session.identity_id, state = "connected", "connected to the broker");
+                self.flow.on_broker(event, Instant::now());
             }
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
-                if let Some((ids, qos)) = self.unassigned.pop_front() {
-                    match qos {
-                        Qos::AtMostOnce => self.delivered.extend(ids),
-                        Qos::AtLeastOnce => {
-                            self.in_flight.insert(pkid, (ids, Instant::now()));
-                        }
-                    }
+            Some(Err(error)) => {
+                self.diagnose_skew(&error);
+                if crate::identity::is_authorization_refusal(&error) {
+                    self.refusals.raise();
                 }
+                self.flow.fail(error.to_string());
             }
-            Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some((ids, _)) = self.in_flight.remove(&ack.pkid) {
-                    self.delivered.extend(ids);
-                }
-            }
-            _ => {}
+            None => self.flow.fail("event loop stopped".into()),
         }
-        Ok(())
+    }
+}
+
+/// Hands one publish to the MQTT client and counts republishes.
+fn send(
+    connection: &mqtt::Connection,
+    publish: Publish,
+    counters: &watch::Sender<PublishCounters>,
+) -> Result<(), rumqttc::ClientError> {
+    let qos = match publish.qos {
+        Qos::AtMostOnce => QoS::AtMostOnce,
+        Qos::AtLeastOnce => QoS::AtLeastOnce,
+    };
+    connection
+        .client
+        .try_publish(publish.topic, qos, false, publish.payload)?;
+    if publish.republished > 0 {
+        counters.send_modify(|c| c.republished_total += publish.republished);
+    }
+    Ok(())
+}
+
+/// The part of rumqttc's events that the flow decides on.
+fn broker_event(event: Event) -> Option<BrokerEvent> {
+    match event {
+        Event::Incoming(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => {
+            Some(BrokerEvent::Connected)
+        }
+        Event::Incoming(Packet::ConnAck(ack)) => {
+            Some(BrokerEvent::Refused(format!("{:?}", ack.code)))
+        }
+        Event::Outgoing(Outgoing::Publish(packet_id)) => Some(BrokerEvent::Sent(packet_id)),
+        Event::Incoming(Packet::PubAck(ack)) => Some(BrokerEvent::Acked(ack.pkid)),
+        _ => None,
     }
 }
 
@@ -657,7 +454,7 @@ async fn stopped_and_empty(stopping: &mut watch::Receiver<bool>, spool: &Spool) 
 }
 
 /// Sends DISCONNECT and gives the event loop a moment to put it on the wire.
-async fn close(mut connection: mqtt::Connection) {
+async fn close(connection: &mut mqtt::Connection) {
     let _ = connection.client.try_disconnect();
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
         while let Some(Ok(_)) = connection.events.recv().await {}

@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod connection;
+pub mod flow;
 pub mod mqtt;
 pub mod quota;
 pub mod signer;

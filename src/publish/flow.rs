@@ -1,0 +1,1014 @@
+//! The publisher's decisions, as data: what to read from the spool, what to publish and when,
+//! what the broker has acknowledged, and when a connection ends. No I/O and no clock of its
+//! own: the connection loop (`connection.rs`) asks [`Flow::next`] what to do at `now`, does
+//! it, and reports back what happened. So linger, quotas, the in-flight window, renewal and
+//! the drain are unit-tested here without a broker, a spool or a runtime.
+//!
+//! A `Flow` lives as long as the publisher: IoT Core's quotas, the republish count and the
+//! dead-letter strikes carry over reconnects. [`Flow::connect`] starts each connection's part
+//! afresh from the oldest message still in the spool: rumqttc forgets unacknowledged
+//! publishes when the broker reports no session, so republishing is ours to do (duplicates are
+//! allowed, loss is not).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::message::Qos;
+use crate::publish::batch::{Batcher, Outgoing};
+use crate::publish::quota::Quota;
+use crate::spool::StoredMessage;
+use crate::topic::TopicRules;
+
+/// SigV4 websocket connections are cut after 24 hours; reconnect cleanly before that.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(23 * 3600);
+/// A planned reconnect waits at most this long for in-flight publishes to be acknowledged.
+pub const RENEW_GRACE: Duration = Duration::from_secs(10);
+/// A publish without PUBACK for this long means the connection is stuck: reconnect, republish.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// At most this many spool messages are read at once (the read is also bounded in bytes).
+pub const MAX_READ: usize = 1024;
+/// After a failed spool read, the next try comes this much later.
+pub const SPOOL_READ_RETRY: Duration = Duration::from_secs(1);
+/// The oldest message goes to the dead letters once this many connections in a row dropped
+/// while it was out unacknowledged: IoT Core disconnects a client that publishes where its
+/// policy forbids, so such a message would otherwise hold back the queue forever.
+pub const DEAD_LETTER_STRIKES: u32 = 5;
+
+/// How a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// Shutdown: the spool is empty and nothing is in flight.
+    Drained,
+    /// A planned reconnect (fresh credentials, or the 24-hour limit).
+    Renew,
+    /// The connection failed or could not be made.
+    Failed(String),
+}
+
+/// What the broker's side of a connection reports, as far as publishing cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerEvent {
+    /// CONNACK with success.
+    Connected,
+    /// CONNACK with an error code.
+    Refused(String),
+    /// A publish went on the wire with this packet id (ids are assigned in request order).
+    Sent(u16),
+    /// PUBACK for this packet id.
+    Acked(u16),
+}
+
+/// What the daemon's other parts say, read at each decision.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outside {
+    /// SIGTERM: drain, then end.
+    pub stopping: bool,
+    /// The spool holds no message (acknowledged ones are removed).
+    pub spool_empty: bool,
+}
+
+/// One publish for the loop to hand to the MQTT client.
+#[derive(Debug, PartialEq)]
+pub struct Publish {
+    pub topic: String,
+    pub qos: Qos,
+    pub payload: Vec<u8>,
+    /// How many of its messages went out before (on an earlier connection).
+    pub republished: u64,
+}
+
+/// Spool messages IoT Core will never accept, for the dead letters.
+#[derive(Debug, PartialEq)]
+pub struct Burial {
+    pub ids: Vec<i64>,
+    pub topic: String,
+    pub reason: String,
+}
+
+/// The next thing the loop does.
+#[derive(Debug, PartialEq)]
+pub enum Action {
+    /// Read messages after spool id `after`, then report with [`Flow::on_read`].
+    Read {
+        after: i64,
+        max_messages: usize,
+        max_bytes: usize,
+    },
+    Publish(Publish),
+    /// Acknowledged (or sent, for QoS 0): remove these from the spool.
+    Remove(Vec<i64>),
+    Bury(Burial),
+    /// Close the connection (cleanly unless `Failed`) and report how it ended.
+    End(Ended),
+    /// Nothing to do until an event, or until this moment.
+    Wait(Option<Instant>),
+}
+
+/// The oldest message and how many connections in a row dropped while it was out.
+struct Strikes {
+    first_id: i64,
+    count: u32,
+}
+
+/// See the module docs.
+pub struct Flow {
+    rules: Arc<TopicRules>,
+    batcher: Batcher,
+    linger: Duration,
+    max_in_flight: usize,
+    /// IoT Core's per-connection quotas, kept across reconnects.
+    quota: Quota,
+    /// Highest spool id ever handed to a connection; ids at or below it are republishes.
+    highest_sent: i64,
+    /// See [`DEAD_LETTER_STRIKES`].
+    strikes: Option<Strikes>,
+    /// The last failed connection's oldest message went to the dead letters.
+    buried_head: bool,
+    link: Link,
+}
+
+/// One connection's part of the flow.
+struct Link {
+    identity_id: String,
+    opened: Instant,
+    connected: bool,
+    /// Spool messages up to this id are planned or sent on this connection.
+    cursor: i64,
+    /// The spool may hold messages after `cursor` that were not read yet.
+    unread: bool,
+    /// The last read filled its limit: more are right behind.
+    more_behind: bool,
+    /// Planned publishes not sent yet (window full, quota, linger), oldest first.
+    ready: VecDeque<Outgoing>,
+    /// An open array waiting for `linger`: (its first spool id, when it was first seen).
+    held: Option<(i64, Instant)>,
+    paced_until: Option<Instant>,
+    lingering_until: Option<Instant>,
+    renew_by: Option<Instant>,
+    window: Window,
+    /// The first publish of this connection (the oldest message) and its full topic.
+    head: Option<(Vec<i64>, String)>,
+    /// A dead letter to hand out before the end it caused.
+    burial: Option<Burial>,
+    ended: Option<Ended>,
+}
+
+impl Link {
+    fn new(identity_id: &str, now: Instant) -> Link {
+        Link {
+            identity_id: identity_id.to_owned(),
+            opened: now,
+            connected: false,
+            cursor: 0,
+            unread: true,
+            more_behind: false,
+            ready: VecDeque::new(),
+            held: None,
+            paced_until: None,
+            lingering_until: None,
+            renew_by: None,
+            window: Window::default(),
+            head: None,
+            burial: None,
+            ended: None,
+        }
+    }
+}
+
+impl Flow {
+    pub fn new(
+        rules: Arc<TopicRules>,
+        batcher: Batcher,
+        linger: Duration,
+        max_in_flight: u16,
+        quota: Quota,
+    ) -> Flow {
+        Flow {
+            rules,
+            batcher,
+            linger,
+            max_in_flight: usize::from(max_in_flight.max(1)),
+            quota,
+            highest_sent: 0,
+            strikes: None,
+            buried_head: false,
+            link: Link::new("", Instant::now()),
+        }
+    }
+
+    /// A new connection for `identity_id` begins: it starts from the oldest spool message.
+    pub fn connect(&mut self, identity_id: &str, now: Instant) {
+        self.link = Link::new(identity_id, now);
+    }
+
+    /// New quota limits (SIGHUP).
+    pub fn set_limits(&mut self, max_publishes: u32, max_bytes: u64) {
+        self.quota.set_limits(max_publishes, max_bytes);
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.link.connected
+    }
+
+    /// Whether news from the spool could change a decision now (else the loop need not wake).
+    pub fn listens_to_spool(&self) -> bool {
+        let link = &self.link;
+        link.connected && link.renew_by.is_none() && link.paced_until.is_none()
+    }
+
+    /// Whether new credentials would schedule a reconnect (one is not scheduled already).
+    pub fn listens_to_credentials(&self) -> bool {
+        self.link.renew_by.is_none()
+    }
+
+    /// Whether the last connection's failure sent its oldest message to the dead letters
+    /// (then the reconnect delays start over). Reading it clears it.
+    pub fn take_buried_head(&mut self) -> bool {
+        std::mem::take(&mut self.buried_head)
+    }
+
+    /// The spool changed: new messages may be there, and may fill a lingering array.
+    pub fn on_spool_changed(&mut self) {
+        self.link.unread = true;
+        self.link.lingering_until = None;
+    }
+
+    /// New credentials: reconnect with them once in-flight publishes are acknowledged.
+    /// `false` if a reconnect was already scheduled.
+    pub fn on_new_credentials(&mut self, now: Instant) -> bool {
+        if self.link.renew_by.is_some() {
+            return false;
+        }
+        self.link.renew_by = Some(now + RENEW_GRACE);
+        true
+    }
+
+    pub fn on_read(&mut self, messages: Vec<StoredMessage>, wanted: usize) {
+        self.link.more_behind = messages.len() >= wanted;
+        self.link.unread = self.link.more_behind;
+        self.link.ready.extend(self.batcher.plan(messages));
+    }
+
+    /// Not an empty spool: look again shortly (the spool reports the fault itself).
+    pub fn on_read_failed(&mut self, now: Instant) {
+        self.link.unread = true;
+        self.link.paced_until = Some(now + SPOOL_READ_RETRY);
+    }
+
+    pub fn on_broker(&mut self, event: BrokerEvent, now: Instant) {
+        let window = &mut self.link.window;
+        match event {
+            BrokerEvent::Connected => self.link.connected = true,
+            BrokerEvent::Refused(code) => {
+                self.fail(format!("broker refused the connection: {code}"));
+            }
+            BrokerEvent::Sent(packet_id) => {
+                if let Some((ids, qos)) = window.unassigned.pop_front() {
+                    match qos {
+                        Qos::AtMostOnce => window.delivered.extend(ids),
+                        Qos::AtLeastOnce => {
+                            window.in_flight.insert(packet_id, (ids, now));
+                        }
+                    }
+                }
+            }
+            BrokerEvent::Acked(packet_id) => {
+                if let Some((ids, _)) = window.in_flight.remove(&packet_id) {
+                    window.delivered.extend(ids);
+                }
+            }
+        }
+    }
+
+    /// The connection failed (I/O, the client's queue, the event loop). The first failure
+    /// reported is the one that counts.
+    pub fn fail(&mut self, reason: String) {
+        if self.link.ended.is_some() {
+            return;
+        }
+        self.link.burial = self.strike();
+        self.link.ended = Some(Ended::Failed(reason));
+    }
+
+    /// What to do at `now`. The loop calls it until it answers `Wait`.
+    pub fn next(&mut self, now: Instant, outside: Outside) -> Action {
+        if !self.link.window.delivered.is_empty() {
+            // Acknowledged messages leave the spool even when the connection just ended.
+            return Action::Remove(std::mem::take(&mut self.link.window.delivered));
+        }
+        if let Some(burial) = self.link.burial.take() {
+            return Action::Bury(burial);
+        }
+        if let Some(ended) = self.link.ended.take() {
+            return Action::End(ended);
+        }
+        self.expire_timers(now);
+        if self.link.ended.is_some() {
+            return self.next(now, outside);
+        }
+        if self.link.renew_by.is_some_and(|by| now >= by) {
+            return Action::End(Ended::Renew);
+        }
+        if let Some(action) = self.send(now, outside) {
+            return action;
+        }
+        if self.link.window.outstanding() == 0 {
+            if outside.stopping && outside.spool_empty {
+                return Action::End(Ended::Drained);
+            }
+            if self.link.connected && self.link.renew_by.is_some() {
+                return Action::End(Ended::Renew);
+            }
+        }
+        Action::Wait(self.wake_at())
+    }
+
+    /// Deadlines that passed: pacing and linger are over, the connection's age calls for a
+    /// renewal, a publish waited too long for its PUBACK.
+    fn expire_timers(&mut self, now: Instant) {
+        let link = &mut self.link;
+        if link.paced_until.is_some_and(|at| now >= at) {
+            link.paced_until = None;
+        }
+        if link.lingering_until.is_some_and(|at| now >= at) {
+            link.lingering_until = None;
+        }
+        if link.renew_by.is_none() && now >= link.opened + MAX_CONNECTION_AGE {
+            tracing::info!("connection nears the 24-hour limit; reconnecting");
+            link.renew_by = Some(now + RENEW_GRACE);
+        }
+        if link
+            .window
+            .oldest_in_flight()
+            .is_some_and(|sent| now >= sent + ACK_TIMEOUT)
+        {
+            self.fail(format!("no PUBACK within {}s", ACK_TIMEOUT.as_secs()));
+        }
+    }
+
+    /// The next read or publish, if the connection may send now.
+    fn send(&mut self, now: Instant, outside: Outside) -> Option<Action> {
+        let link = &mut self.link;
+        if !link.connected
+            || link.renew_by.is_some()
+            || link.paced_until.is_some()
+            || link.lingering_until.is_some()
+        {
+            return None;
+        }
+        let room = self.max_in_flight.saturating_sub(link.window.outstanding());
+        if room == 0 {
+            return None;
+        }
+        // A lone open array may still grow: plan it again with what arrived since.
+        if link.unread && link.ready.len() == 1 && link.ready.front().is_some_and(|o| o.open) {
+            link.ready.clear();
+        }
+        if link.ready.is_empty() {
+            if !link.unread {
+                return None;
+            }
+            link.unread = false;
+            return Some(Action::Read {
+                after: link.cursor,
+                max_messages: room
+                    .saturating_mul(self.batcher.max_messages())
+                    .min(MAX_READ),
+                max_bytes: room.saturating_mul(self.batcher.max_bytes()),
+            });
+        }
+        self.publish_next(now, outside)
+    }
+
+    /// The oldest planned publish, unless linger, the topic rules or the quota hold it back.
+    fn publish_next(&mut self, now: Instant, outside: Outside) -> Option<Action> {
+        let link = &mut self.link;
+        let outgoing = link.ready.pop_front()?;
+        // The newest array may wait up to `linger` for more readings, unless the spool had
+        // more than we read (then more are right behind it).
+        if link.ready.is_empty()
+            && outgoing.open
+            && !link.more_behind
+            && !self.linger.is_zero()
+            && !outside.stopping
+        {
+            let first = outgoing.ids[0];
+            let since = match link.held {
+                Some((id, since)) if id == first => since,
+                _ => link.held.insert((first, now)).1,
+            };
+            if now < since + self.linger {
+                link.lingering_until = Some(since + self.linger);
+                link.ready.push_front(outgoing);
+                return None;
+            }
+        }
+        let last = *outgoing.ids.last().unwrap_or(&link.cursor);
+        let topic = self.rules.full_topic(&link.identity_id, &outgoing.topic);
+        if let Err(error) = TopicRules::check_full(&topic) {
+            // Never accepted by IoT Core, whatever we do: out of the queue.
+            link.cursor = link.cursor.max(last);
+            return Some(Action::Bury(Burial {
+                ids: outgoing.ids,
+                topic,
+                reason: error.to_string(),
+            }));
+        }
+        // IoT Core counts the topic it receives, prefix included.
+        let size = (topic.len() + outgoing.payload.len()) as u64;
+        if let Some(at) = self.quota.ready_at(size, now) {
+            // Over IoT Core's quota: it goes first once the quota allows.
+            link.paced_until = Some(at);
+            link.ready.push_front(outgoing);
+            return None;
+        }
+        link.held = None;
+        self.quota.record(size, now);
+        if link.head.is_none() {
+            link.head = Some((outgoing.ids.clone(), topic.clone()));
+        }
+        let republished = outgoing
+            .ids
+            .iter()
+            .filter(|&&id| id <= self.highest_sent)
+            .count() as u64;
+        self.highest_sent = self.highest_sent.max(last);
+        link.cursor = last;
+        link.window
+            .unassigned
+            .push_back((outgoing.ids, outgoing.qos));
+        Some(Action::Publish(Publish {
+            topic,
+            qos: outgoing.qos,
+            payload: outgoing.payload,
+            republished,
+        }))
+    }
+
+    /// The earliest deadline the flow waits for, if any.
+    fn wake_at(&self) -> Option<Instant> {
+        let link = &self.link;
+        let age = link
+            .renew_by
+            .is_none()
+            .then(|| link.opened + MAX_CONNECTION_AGE);
+        let ack = link
+            .window
+            .oldest_in_flight()
+            .map(|sent| sent + ACK_TIMEOUT);
+        [
+            link.paced_until,
+            link.lingering_until,
+            link.renew_by,
+            age,
+            ack,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// After a failure: another strike for the oldest message if the connection dropped
+    /// while it was out unacknowledged; the last strike moves it to the dead letters. A
+    /// connection that never published it neither counts nor breaks the row.
+    fn strike(&mut self) -> Option<Burial> {
+        let (ids, topic) = self.link.head.take()?;
+        let first_id = *ids.first()?;
+        if !self.link.window.holds(first_id) {
+            self.strikes = None;
+            return None;
+        }
+        let count = match &self.strikes {
+            Some(strikes) if strikes.first_id == first_id => strikes.count + 1,
+            _ => 1,
+        };
+        if count < DEAD_LETTER_STRIKES {
+            self.strikes = Some(Strikes { first_id, count });
+            return None;
+        }
+        self.strikes = None;
+        self.buried_head = true;
+        Some(Burial {
+            ids,
+            topic,
+            reason: format!(
+                "the broker dropped the connection right after it, {count} times in a row \
+                 (IoT Core does so for a publish its policy denies)"
+            ),
+        })
+    }
+}
+
+/// What one connection has sent and not yet seen acknowledged.
+#[derive(Default)]
+struct Window {
+    /// Published, waiting for a packet id (assigned in request order): the spool ids each
+    /// publish carries.
+    unassigned: VecDeque<(Vec<i64>, Qos)>,
+    /// Packet id → (spool ids, when it went out), waiting for PUBACK.
+    in_flight: HashMap<u16, (Vec<i64>, Instant)>,
+    /// Spool ids the broker has (QoS 1) or that went out (QoS 0): to remove from the spool.
+    delivered: Vec<i64>,
+}
+
+impl Window {
+    fn outstanding(&self) -> usize {
+        self.unassigned.len() + self.in_flight.len()
+    }
+
+    /// Whether spool message `id` went out on this connection and is not acknowledged.
+    fn holds(&self, id: i64) -> bool {
+        self.unassigned.iter().any(|(ids, _)| ids.contains(&id))
+            || self.in_flight.values().any(|(ids, _)| ids.contains(&id))
+    }
+
+    fn oldest_in_flight(&self) -> Option<Instant> {
+        self.in_flight.values().map(|(_, sent)| *sent).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BatchConfig, ByteSize};
+    use crate::message::{Message, PayloadKind};
+
+    const POOL: &str = "us-east-1:0b7c5a57-6a4f-4a62-9d36-3f1c0e3b6a11";
+    const IDENTITY: &str = "us-east-1:9f0e3a2b-1c4d-4e5f-8a9b-0c1d2e3f4a5b";
+    const RUNNING: Outside = Outside {
+        stopping: false,
+        spool_empty: false,
+    };
+
+    struct Setup {
+        max_in_flight: u16,
+        batch: BatchConfig,
+        quota: (u32, u64),
+    }
+
+    impl Default for Setup {
+        fn default() -> Setup {
+            Setup {
+                max_in_flight: 10,
+                batch: BatchConfig::default(),
+                quota: (0, 0),
+            }
+        }
+    }
+
+    impl Setup {
+        fn flow(self) -> Flow {
+            let rules = TopicRules::new("{identity_pool_id}/{identity_id}", POOL, "us-east-1");
+            Flow::new(
+                Arc::new(rules),
+                Batcher::new(&self.batch),
+                self.batch.linger,
+                self.max_in_flight,
+                Quota::new(self.quota.0, self.quota.1),
+            )
+        }
+    }
+
+    fn stored(id: i64, topic: &str, qos: Qos) -> StoredMessage {
+        StoredMessage {
+            id,
+            message: Message {
+                topic: topic.into(),
+                payload: format!("{{\"n\":{id}}}").into_bytes(),
+                qos,
+                kind: PayloadKind::Json,
+            },
+        }
+    }
+
+    fn spool(ids: std::ops::RangeInclusive<i64>) -> Vec<StoredMessage> {
+        ids.map(|id| stored(id, "t", Qos::AtLeastOnce)).collect()
+    }
+
+    /// Connects and answers the first read with `messages`; returns the read's limit.
+    fn connect_and_read(flow: &mut Flow, now: Instant, messages: Vec<StoredMessage>) -> usize {
+        flow.connect(IDENTITY, now);
+        assert_eq!(
+            flow.next(now, RUNNING),
+            Action::Wait(Some(now + MAX_CONNECTION_AGE))
+        );
+        flow.on_broker(BrokerEvent::Connected, now);
+        let Action::Read {
+            after: 0,
+            max_messages,
+            ..
+        } = flow.next(now, RUNNING)
+        else {
+            panic!("a new connection reads from the oldest message");
+        };
+        flow.on_read(messages, max_messages);
+        max_messages
+    }
+
+    /// Takes publishes until the flow does something else; returns them and that.
+    fn publishes(flow: &mut Flow, now: Instant, outside: Outside) -> (Vec<Publish>, Action) {
+        let mut sent = Vec::new();
+        loop {
+            match flow.next(now, outside) {
+                Action::Publish(publish) => sent.push(publish),
+                other => return (sent, other),
+            }
+        }
+    }
+
+    fn numbers(sent: &[Publish]) -> Vec<String> {
+        sent.iter()
+            .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn publishes_in_spool_order_after_connack_and_then_waits_for_acks() {
+        let mut flow = Setup::default().flow();
+        let now = Instant::now();
+        connect_and_read(&mut flow, now, spool(1..=3));
+        let (sent, then) = publishes(&mut flow, now, RUNNING);
+        assert_eq!(numbers(&sent), ["{\"n\":1}", "{\"n\":2}", "{\"n\":3}"]);
+        assert!(
+            sent.iter()
+                .all(|p| p.topic == format!("{POOL}/{IDENTITY}/t"))
+        );
+        assert!(sent.iter().all(|p| p.republished == 0));
+        // The spool had less than asked for: no second read until it changes.
+        assert_eq!(then, Action::Wait(Some(now + MAX_CONNECTION_AGE)));
+        for packet_id in 1..=3 {
+            flow.on_broker(BrokerEvent::Sent(packet_id), now);
+        }
+        assert_eq!(
+            flow.next(now, RUNNING),
+            Action::Wait(Some(now + ACK_TIMEOUT))
+        );
+        flow.on_spool_changed();
+        assert!(matches!(
+            flow.next(now, RUNNING),
+            Action::Read { after: 3, .. }
+        ));
+    }
+
+    #[test]
+    fn pubacks_remove_what_each_acknowledges_in_the_order_they_come() {
+        let mut flow = Setup::default().flow();
+        let now = Instant::now();
+        connect_and_read(&mut flow, now, spool(1..=3));
+        publishes(&mut flow, now, RUNNING);
+        for packet_id in 1..=3 {
+            flow.on_broker(BrokerEvent::Sent(packet_id), now);
+        }
+        flow.on_broker(BrokerEvent::Acked(2), now);
+        assert_eq!(flow.next(now, RUNNING), Action::Remove(vec![2]));
+        flow.on_broker(BrokerEvent::Acked(3), now);
+        flow.on_broker(BrokerEvent::Acked(1), now);
+        assert_eq!(flow.next(now, RUNNING), Action::Remove(vec![3, 1]));
+        // An unknown or repeated PUBACK removes nothing.
+        flow.on_broker(BrokerEvent::Acked(2), now);
+        assert!(matches!(flow.next(now, RUNNING), Action::Wait(_)));
+    }
+
+    #[test]
+    fn qos0_messages_leave_the_spool_once_sent() {
+        let mut flow = Setup::default().flow();
+        let now = Instant::now();
+        connect_and_read(&mut flow, now, vec![stored(1, "t", Qos::AtMostOnce)]);
+        let (sent, _) = publishes(&mut flow, now, RUNNING);
+        assert_eq!(sent[0].qos, Qos::AtMostOnce);
+        flow.on_broker(BrokerEvent::Sent(1), now);
+        assert_eq!(flow.next(now, RUNNING), Action::Remove(vec![1]));
+    }
+
+    #[test]
+    fn the_in_flight_window_bounds_reads_and_publishes() {
+        let mut flow = Setup {
+            max_in_flight: 2,
+            ..Setup::default()
+        }
+        .flow();
+        let now = Instant::now();
+        let limit = connect_and_read(&mut flow, now, spool(1..=2));
+        assert_eq!(limit, 2, "a read takes only what the window has room for");
+        let (sent, then) = publishes(&mut flow, now, RUNNING);
+        assert_eq!(sent.len(), 2);
+        assert_eq!(then, Action::Wait(Some(now + MAX_CONNECTION_AGE)));
+        flow.on_broker(BrokerEvent::Sent(1), now);
+        flow.on_broker(BrokerEvent::Sent(2), now);
+        flow.on_broker(BrokerEvent::Acked(1), now);
+        assert_eq!(flow.next(now, RUNNING), Action::Remove(vec![1]));
+        // The full read said more are behind: one slot, one more message, after id 2.
+        assert_eq!(
+            flow.next(now, RUNNING),
+            Action::Read {
+                after: 2,
+                max_messages: 1,
+                max_bytes: crate::message::MAX_PAYLOAD_BYTES,
+            }
+        );
+    }
+
+    #[test]
+    fn an_open_array_lingers_and_grows_until_linger_ends() {
+        let linger = Duration::from_millis(100);
+        let mut flow = Setup {
+            batch: BatchConfig {
+                max_messages: 10,
+                max_bytes: ByteSize(4096),
+                linger,
+            },
+            ..Setup::default()
+        }
+        .flow();
+        let t0 = Instant::now();
+        connect_and_read(&mut flow, t0, spool(1..=2));
+        assert_eq!(flow.next(t0, RUNNING), Action::Wait(Some(t0 + linger)));
+        // More arrive 40 ms later: the array is planned again with them, still lingering
+        // from when it was first seen.
+        let t1 = t0 + Duration::from_millis(40);
+        flow.on_spool_changed();
+        let Action::Read {
+            after: 0,
+            max_messages,
+            ..
+        } = flow.next(t1, RUNNING)
+        else {
+            panic!("the lone open array is read again");
+        };
+        flow.on_read(spool(1..=3), max_messages);
+        assert_eq!(flow.next(t1, RUNNING), Action::Wait(Some(t0 + linger)));
+        let (sent, _) = publishes(&mut flow, t0 + linger, RUNNING);
+        assert_eq!(numbers(&sent), ["[{\"n\":1},{\"n\":2},{\"n\":3}]"]);
+    }
+
+    #[test]
+    fn a_stopping_daemon_does_not_linger_and_ends_once_the_spool_is_empty() {
+        let mut flow = Setup {
+            batch: BatchConfig {
+                max_messages: 10,
+                max_bytes: ByteSize(4096),
+                linger: Duration::from_secs(5),
+            },
+            ..Setup::default()
+        }
+        .flow();
+        let now = Instant::now();
+        let stopping = Outside {
+            stopping: true,
+            spool_empty: false,
+        };
+        connect_and_read(&mut flow, now, spool(1..=2));
+        let (sent, then) = publishes(&mut flow, now, stopping);
+        assert_eq!(sent.len(), 1, "no linger while draining");
+        assert!(matches!(then, Action::Wait(_)));
+        flow.on_broker(BrokerEvent::Sent(1), now);
+        flow.on_broker(BrokerEvent::Acked(1), now);
+        assert_eq!(flow.next(now, stopping), Action::Remove(vec![1, 2]));
+        // Removal is not confirmed until the spool says it is empty.
+        assert!(matches!(flow.next(now, stopping), Action::Wait(_)));
+        let drained = Outside {
+            stopping: true,
+            spool_empty: true,
+        };
+        assert_eq!(flow.next(now, drained), Action::End(Ended::Drained));
+    }
+
+    #[test]
+    fn the_quota_paces_publishes_and_carries_over_a_reconnect() {
+        let mut flow = Setup {
+            quota: (2, 0),
+            ..Setup::default()
+        }
+        .flow();
+        let now = Instant::now();
+        connect_and_read(&mut flow, now, spool(1..=5));
+        let (sent, then) = publishes(&mut flow, now, RUNNING);
+        assert_eq!(sent.len(), 1, "a burst of at most quota/10, at least 1");
+        let Action::Wait(Some(paced)) = then else {
+            panic!("paced: {then:?}")
+        };
+        assert!(paced > now && paced <= now + Duration::from_secs(1));
+        // Reconnecting right away does not reset the quota's count.
+        flow.fail("dropped".into());
+        assert_eq!(
+            flow.next(now, RUNNING),
+            Action::End(Ended::Failed("dropped".into()))
+        );
+        connect_and_read(&mut flow, now, spool(1..=5));
+        let (sent, then) = publishes(&mut flow, now, RUNNING);
+        assert!(sent.is_empty());
+        assert!(matches!(then, Action::Wait(Some(at)) if at > now));
+    }
+
+    #[test]
+    fn a_reconnect_republishes_from_the_oldest_unacknowledged_message() {
+        let mut flow = Setup::default().flow();
+        let now = Instant::now();
+        connect_and_read(&mut flow, now, spool(1..=3));
+        publishes(&mut flow, now, RUNNING);
+        for packet_id in 1..=3 {
+            flow.on_broker(BrokerEvent::Sent(packet_id), now);
+        }
+        flow.on_broker(BrokerEvent::Acked(1), now);
+        flow.fail("connection reset".into());
+        assert_eq!(flow.next(now, RUNNING), Action::Remove(vec![1]));
+        assert_eq!(
+            flow.next(now, RUNNING),
+            Action::End(Ended::Failed("connection reset".into()))
+        );
+        // The spool removed 1; the next connection reads 2 and 3 again.
+        connect_and_read(&mut flow, now, spool(2..=4));
+        let (sent, _) = publishes(&mut flow, now, RUNNING);
+        assert_eq!(
+            sent.iter().map(|p| p.republished).collect::<Vec<_>>(),
+            [1, 1, 0]
+        );
+    }
+
+    #[test]
+    fn new_credentials_renew_once_in_flight_publishes_are_acknowledged() {
+        let mut flow = Setup::default().flow();
+        let now = Instant::now();
+        connect_and_read(&mut flow, now, spool(1..=1));
+        publishes(&mut flow, now, RUNNING);
+        flow.on_broker(BrokerEvent::Sent(1), now);
+        assert!(flow.on_new_credentials(now));
+        assert!(!flow.on_new_credentials(now), "one renewal at a time");
+        assert!(!flow.listens_to_spool() && !flow.listens_to_credentials());
+        flow.on_spool_changed();
+        assert_eq!(
+            flow.next(now, RUNNING),
+            Action::Wait(Some(now + RENEW_GRACE))
+        );
+        flow.on_broker(BrokerEvent::Acked(1), now);
+        assert_eq!(flow.next(now, RUNNING), Action::Remove(vec![1]));
+        assert_eq!(flow.next(now, RUNNING), Action::End(Ended::Renew));
+    }
+
+    #[test]
+    fn a_renewal_does_not_wait_past_its_grace_for_acks() {
+        let mut flow = Setup::default().flow();
+        let now = Instant::now();
+        connect_and_read(&mut flow, now, spool(1..=1));
+        publishes(&mut flow, now, RUNNING);
+        flow.on_broker(BrokerEvent::Sent(1), now);
+        flow.on_new_credentials(now);
+        assert_eq!(
+            flow.next(now + RENEW_GRACE, RUNNING),
+            Action::End(Ended::Renew)
+        );
+    }
+
+    #[test]
+    fn a_connection_renews_before_the_24_hour_limit() {
+        let mut flow = Setup::default().flow();
+        let t0 = Instant::now();
+        connect_and_read(&mut flow, t0, Vec::new());
+        assert_eq!(
+            flow.next(t0, RUNNING),
+            Action::Wait(Some(t0 + MAX_CONNECTION_AGE))
+        );
+        assert!(MAX_CONNECTION_AGE < Duration::from_secs(24 * 3600));
+        assert_eq!(
+            flow.next(t0 + MAX_CONNECTION_AGE, RUNNING),
+            Action::End(Ended::Renew)
+        );
+    }
+
+    #[test]
+    fn a_publish_without_puback_for_a_minute_fails_the_connection() {
+        let mut flow = Setup::default().flow();
+        let t0 = Instant::now();
+        connect_and_read(&mut flow, t0, spool(1..=1));
+        publishes(&mut flow, t0, RUNNING);
+        flow.on_broker(BrokerEvent::Sent(1), t0);
+        assert_eq!(flow.next(t0, RUNNING), Action::Wait(Some(t0 + ACK_TIMEOUT)));
+        assert_eq!(
+            flow.next(t0 + ACK_TIMEOUT, RUNNING),
+            Action::End(Ended::Failed("no PUBACK within 60s".into()))
+        );
+    }
+
+    #[test]
+    fn the_oldest_message_goes_to_the_dead_letters_after_the_last_strike() {
+        let mut flow = Setup::default().flow();
+        let now = Instant::now();
+        for strike in 1..=DEAD_LETTER_STRIKES {
+            connect_and_read(&mut flow, now, spool(1..=2));
+            publishes(&mut flow, now, RUNNING);
+            flow.on_broker(BrokerEvent::Sent(1), now);
+            flow.fail("connection closed by the broker".into());
+            if strike == DEAD_LETTER_STRIKES {
+                let Action::Bury(burial) = flow.next(now, RUNNING) else {
+                    panic!("buried after {strike} strikes");
+                };
+                assert_eq!(burial.ids, [1]);
+                assert_eq!(burial.topic, format!("{POOL}/{IDENTITY}/t"));
+            }
+            assert!(matches!(
+                flow.next(now, RUNNING),
+                Action::End(Ended::Failed(_))
+            ));
+        }
+        assert!(flow.take_buried_head());
+        assert!(!flow.take_buried_head());
+    }
+
+    #[test]
+    fn connections_that_fail_before_publishing_neither_count_nor_break_the_strikes() {
+        let mut flow = Setup::default().flow();
+        let now = Instant::now();
+        let strike = |flow: &mut Flow| {
+            connect_and_read(flow, now, spool(1..=1));
+            publishes(flow, now, RUNNING);
+            flow.fail("dropped".into());
+            flow.next(now, RUNNING)
+        };
+        for _ in 1..DEAD_LETTER_STRIKES {
+            assert!(matches!(strike(&mut flow), Action::End(_)));
+        }
+        // The broker is down for a while: connects fail before anything goes out.
+        for _ in 0..DEAD_LETTER_STRIKES {
+            flow.connect(IDENTITY, now);
+            flow.fail("connection refused".into());
+            assert!(matches!(flow.next(now, RUNNING), Action::End(_)));
+        }
+        assert!(matches!(strike(&mut flow), Action::Bury(_)));
+    }
+
+    #[test]
+    fn an_acknowledged_head_starts_the_strikes_over() {
+        let mut flow = Setup::default().flow();
+        let now = Instant::now();
+        for _ in 1..DEAD_LETTER_STRIKES {
+            connect_and_read(&mut flow, now, spool(1..=2));
+            publishes(&mut flow, now, RUNNING);
+            flow.fail("dropped".into());
+            flow.next(now, RUNNING);
+        }
+        connect_and_read(&mut flow, now, spool(1..=2));
+        publishes(&mut flow, now, RUNNING);
+        flow.on_broker(BrokerEvent::Sent(1), now);
+        flow.on_broker(BrokerEvent::Acked(1), now);
+        flow.fail("dropped".into());
+        assert_eq!(flow.next(now, RUNNING), Action::Remove(vec![1]));
+        assert!(matches!(flow.next(now, RUNNING), Action::End(_)));
+        assert!(!flow.take_buried_head());
+    }
+
+    #[test]
+    fn a_topic_too_long_once_prefixed_is_buried_and_the_rest_flows() {
+        let mut flow = Setup::default().flow();
+        let now = Instant::now();
+        let long = "x".repeat(200);
+        connect_and_read(
+            &mut flow,
+            now,
+            vec![
+                stored(1, &long, Qos::AtLeastOnce),
+                stored(2, "t", Qos::AtLeastOnce),
+            ],
+        );
+        let Action::Bury(burial) = flow.next(now, RUNNING) else {
+            panic!("the long topic is buried");
+        };
+        assert_eq!(burial.ids, [1]);
+        let (sent, _) = publishes(&mut flow, now, RUNNING);
+        assert_eq!(numbers(&sent), ["{\"n\":2}"]);
+    }
+
+    #[test]
+    fn a_failed_read_is_retried_shortly() {
+        let mut flow = Setup::default().flow();
+        let now = Instant::now();
+        flow.connect(IDENTITY, now);
+        flow.on_broker(BrokerEvent::Connected, now);
+        assert!(matches!(flow.next(now, RUNNING), Action::Read { .. }));
+        flow.on_read_failed(now);
+        assert_eq!(
+            flow.next(now, RUNNING),
+            Action::Wait(Some(now + SPOOL_READ_RETRY))
+        );
+        assert!(matches!(
+            flow.next(now + SPOOL_READ_RETRY, RUNNING),
+            Action::Read { after: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn a_refused_connack_ends_the_connection() {
+        let mut flow = Setup::default().flow();
+        let now = Instant::now();
+        flow.connect(IDENTITY, now);
+        flow.on_broker(BrokerEvent::Refused("NotAuthorized".into()), now);
+        assert_eq!(
+            flow.next(now, RUNNING),
+            Action::End(Ended::Failed(
+                "broker refused the connection: NotAuthorized".into()
+            ))
+        );
+    }
+}
