@@ -78,6 +78,79 @@ fn daemon_killed_mid_stream_loses_no_acked_message() {
     );
 }
 
+/// Daemon kills in the random-kill test, and the pause before each (milliseconds).
+const RANDOM_KILLS: usize = 8;
+const KILL_AFTER_MS: std::ops::Range<u64> = 300..3000;
+
+/// A small xorshift generator: the kill points are random, and the seed is printed so that a
+/// failing run can be replayed (`RELAY_TEST_SEED=...`).
+struct KillPoints(u64);
+
+impl KillPoints {
+    fn from_env() -> KillPoints {
+        let seed = std::env::var("RELAY_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            })
+            .max(1);
+        eprintln!("random kill points: RELAY_TEST_SEED={seed}");
+        KillPoints(seed)
+    }
+
+    fn next(&mut self, range: &std::ops::Range<u64>) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        range.start + self.0 % (range.end - range.start)
+    }
+}
+
+/// Issue 17: write-behind keeps the promise. A steady 10 msg/s stream; the daemon is SIGKILLed
+/// at random points, again and again, and restarted; in some rounds the broker is down too, so
+/// messages wait in memory for their commit window when the kill comes. Every message answered
+/// `ok` arrives.
+#[test]
+fn random_sigkills_of_a_steady_stream_lose_no_acked_message() {
+    let mut cloud = Cloud::start();
+    let mut subscriber = cloud.subscribe();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = cloud.config(dir.path(), true, "");
+    let mut daemon = cloud.start_daemon(&config);
+    daemon.wait_status("connected", DELIVERY_WAIT, |s| s["state"] == "connected");
+    std::thread::sleep(AUTOSAVE);
+    let mut points = KillPoints::from_env();
+    let streamer = Streamer::start(daemon.socket.clone(), "kills", 10);
+    for round in 0..RANDOM_KILLS {
+        let broker_down = round % 3 == 1;
+        if broker_down {
+            cloud.kill_broker();
+        }
+        std::thread::sleep(Duration::from_millis(points.next(&KILL_AFTER_MS)));
+        daemon.process.signal(libc::SIGKILL);
+        daemon
+            .process
+            .wait_timeout(Duration::from_secs(10))
+            .expect("killed");
+        if broker_down {
+            cloud.start_broker();
+        }
+        daemon = cloud.start_daemon(&config);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let acked = streamer.finish();
+    assert!(acked.len() > 50, "{}", acked.len());
+    let (_, duplicates) = collect_all(&mut subscriber, &acked);
+    daemon.wait_status("spool drained", DELIVERY_WAIT, |s| s["spool_messages"] == 0);
+    eprintln!(
+        "{RANDOM_KILLS} random kills: {} acked, all delivered, {duplicates} duplicates",
+        acked.len()
+    );
+}
+
 #[test]
 fn offline_boot_delivers_everything_in_order() {
     let mut cloud = Cloud::start();

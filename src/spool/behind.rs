@@ -20,6 +20,10 @@ use super::StoredMessage;
 pub(super) const MAX_HELD: usize = super::MAX_GROUP_COMMIT;
 /// Most topic + payload bytes held at once (one commit's size, in bytes).
 pub(super) const MAX_HELD_BYTES: u64 = 4 * 1024 * 1024;
+/// A held message the publisher has not read this long after it arrived is committed at once:
+/// nothing can acknowledge a message that was not sent (offline, or behind a backlog), so its
+/// window would only delay its `ok`, and a writer that waits for each `ok` would crawl.
+pub(super) const READ_GRACE: Duration = Duration::from_millis(50);
 
 /// One message accepted, not committed, not acknowledged.
 pub(super) struct Held<W> {
@@ -55,6 +59,8 @@ pub(super) struct Pending<W> {
     held: VecDeque<Held<W>>,
     bytes: u64,
     window: Duration,
+    /// Highest id the publisher has read (it reads in id order).
+    read_upto: i64,
 }
 
 impl<W> Pending<W> {
@@ -63,6 +69,7 @@ impl<W> Pending<W> {
             held: VecDeque::new(),
             bytes: 0,
             window,
+            read_upto: 0,
         }
     }
 
@@ -97,9 +104,13 @@ impl<W> Pending<W> {
         self.held.push_back(held);
     }
 
-    /// When the oldest held message's window ends; `None` when nothing is held.
+    /// When what is held must be committed: the oldest's window ends, or the oldest one not
+    /// read by the publisher outstays `READ_GRACE`. `None` when nothing is held.
     pub(super) fn commit_at(&self) -> Option<Instant> {
-        self.held.front().map(|oldest| oldest.arrived + self.window)
+        let window_end = self.held.front()?.arrived + self.window;
+        let unread = self.held.partition_point(|held| held.id <= self.read_upto);
+        let unread_end = self.held.get(unread).map(|held| held.arrived + READ_GRACE);
+        Some(unread_end.map_or(window_end, |at| at.min(window_end)))
     }
 
     /// Whether what is held must be committed now: the oldest's window is over, or as much is
@@ -142,7 +153,7 @@ impl<W> Pending<W> {
     /// Held messages not yet sent with an id above `after`, oldest first: at most `limit`, and
     /// ending once their payloads reach `max_bytes` (counting `bytes` already read).
     pub(super) fn read_after(
-        &self,
+        &mut self,
         after: i64,
         limit: usize,
         max_bytes: usize,
@@ -155,16 +166,12 @@ impl<W> Pending<W> {
                 return;
             }
             bytes += held.message.payload.len();
+            self.read_upto = self.read_upto.max(held.id);
             into.push(StoredMessage {
                 id: held.id,
                 message: held.message.clone(),
             });
         }
-    }
-
-    /// Held messages a reader would still get (QoS 0 ones that went out are not counted).
-    pub(super) fn unsent(&self) -> usize {
-        self.held.iter().filter(|held| !held.sent).count()
     }
 }
 
@@ -188,12 +195,21 @@ mod tests {
         read.iter().map(|m| m.id).collect()
     }
 
+    /// What the publisher does when it is connected: it reads what arrives at once.
+    fn read_everything<W>(pending: &mut Pending<W>) -> Vec<i64> {
+        let mut read = Vec::new();
+        pending.read_after(0, usize::MAX, usize::MAX, 0, &mut read);
+        ids(&read)
+    }
+
     #[test]
     fn a_message_acknowledged_within_the_window_is_answered_and_never_committed() {
         let start = Instant::now();
         let mut pending = Pending::new(WINDOW);
         pending.push(1, message(Qos::AtLeastOnce), start, "writer 1");
+        read_everything(&mut pending);
         pending.push(2, message(Qos::AtLeastOnce), start + WINDOW / 2, "writer 2");
+        read_everything(&mut pending);
         assert!(!pending.commit_due(start + WINDOW / 2));
         assert_eq!(pending.acknowledge(1), Acked::Delivered("writer 1"));
         // The window that counts is now the next oldest's.
@@ -209,6 +225,30 @@ mod tests {
         assert!(pending.is_empty() && pending.bytes() == 0);
         assert_eq!(pending.commit_at(), None);
         assert!(!pending.commit_due(start + WINDOW * 10));
+    }
+
+    /// Offline (or behind a backlog) nothing reads the held messages: nothing can acknowledge
+    /// them either, so they are committed after `READ_GRACE`, not after the whole window.
+    #[test]
+    fn a_message_nobody_reads_is_committed_after_the_read_grace() {
+        let start = Instant::now();
+        let mut pending = Pending::new(WINDOW);
+        pending.push(1, message(Qos::AtLeastOnce), start, ());
+        assert_eq!(pending.commit_at(), Some(start + READ_GRACE));
+        assert!(!pending.commit_due(start + READ_GRACE / 2));
+        assert!(pending.commit_due(start + READ_GRACE));
+        // Read (sent): the window counts; a newer unread one brings the commit forward.
+        assert_eq!(read_everything(&mut pending), [1]);
+        assert_eq!(pending.commit_at(), Some(start + WINDOW));
+        let later = start + Duration::from_millis(100);
+        pending.push(2, message(Qos::AtLeastOnce), later, ());
+        assert_eq!(
+            pending.commit_at(),
+            Some((later + READ_GRACE).min(start + WINDOW))
+        );
+        // After a reconnect the publisher reads from the start again: still read.
+        assert_eq!(read_everything(&mut pending), [1, 2]);
+        assert_eq!(pending.commit_at(), Some(start + WINDOW));
     }
 
     #[test]
@@ -228,7 +268,6 @@ mod tests {
         pending.push(1, message(Qos::AtMostOnce), now, "w");
         assert_eq!(pending.acknowledge(1), Acked::Sent);
         assert_eq!(pending.len(), 1, "still held: its ok waits for the commit");
-        assert_eq!(pending.unsent(), 0);
         let mut read = Vec::new();
         pending.read_after(0, 10, usize::MAX, 0, &mut read);
         assert!(read.is_empty(), "not sent twice");
@@ -266,7 +305,7 @@ mod tests {
         for id in [3, 4, 7, 9] {
             pending.push(id, message(Qos::AtLeastOnce), now, ());
         }
-        let read = |after, limit, max_bytes, bytes| {
+        let mut read = |after, limit, max_bytes, bytes| {
             let mut out = Vec::new();
             pending.read_after(after, limit, max_bytes, bytes, &mut out);
             ids(&out)

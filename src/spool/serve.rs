@@ -67,79 +67,100 @@ impl Store {
                     }
                 },
             };
-            match command {
-                Command::Append {
-                    message,
-                    done,
-                    queued,
-                } => {
-                    let mut batch = vec![(message, (done, queued))];
-                    while batch.len() + self.pending.len() < behind::MAX_HELD {
-                        match commands.try_recv() {
-                            Ok(Command::Append {
-                                message,
-                                done,
-                                queued,
-                            }) => batch.push((message, (done, queued))),
-                            Ok(other) => {
-                                next = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
+            if let Command::Append {
+                message,
+                done,
+                queued,
+            } = command
+            {
+                // Appends waiting together are held together (and with a zero window,
+                // committed together: group commit).
+                let mut batch = vec![(message, (done, queued))];
+                while batch.len() + self.pending.len() < behind::MAX_HELD {
+                    match commands.try_recv() {
+                        Ok(Command::Append {
+                            message,
+                            done,
+                            queued,
+                        }) => batch.push((message, (done, queued))),
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
                         }
+                        Err(_) => break,
                     }
-                    self.hold(batch, &stats);
                 }
-                Command::ReadAfter {
-                    after,
-                    limit,
-                    max_bytes,
-                    reply,
-                } => {
-                    let read = self.read_after(after, limit, max_bytes);
-                    self.publish_stats(&stats);
-                    let _ = reply.send(read);
-                }
-                Command::Remove { ids } => self.acknowledge(&ids, &stats),
-                Command::DeadLetters(command) => {
-                    // Buried or requeued rows must be on disk, and new ids above every held one.
-                    self.settle(&stats);
-                    self.dead_letters(command, &stats);
-                }
-                Command::SetLimits {
-                    max_bytes,
-                    on_full,
-                    commit_window,
-                } => {
-                    self.settle(&stats);
-                    self.max_bytes = max_bytes;
-                    self.on_full = on_full;
-                    self.pending.set_window(commit_window);
-                    if let Err(error) = self.apply_wal_limit() {
-                        self.record_fault(Operation::Write, &error);
-                    }
-                    self.dirty = true;
-                }
-                Command::Flush { done } => {
-                    self.settle(&stats);
-                    let _ = done.send(());
-                }
+                self.hold(batch, &stats);
+            } else {
+                self.handle(command, &stats);
             }
-            let now = Instant::now();
-            if self.pending.commit_due(now) {
-                self.commit_held(&stats);
-            }
-            if self.removals.due(now) {
-                self.flush_removals(&stats);
-            }
-            // Over the limit (lowered, or a commit that overshot): one bounded trim between
-            // commands, so a long trim never holds up reads, removals or the watchdog probe.
-            if self.must_trim() {
-                self.trim_chunk(&stats);
-            }
+            self.after_command(&stats);
         }
         // The daemon is going: what it accepted and holds goes to disk.
         self.settle(&stats);
+    }
+
+    /// Every command but appends.
+    fn handle(&mut self, command: Command, stats: &watch::Sender<SpoolStats>) {
+        match command {
+            Command::Append {
+                message,
+                done,
+                queued,
+            } => {
+                self.hold(vec![(message, (done, queued))], stats);
+            }
+            Command::ReadAfter {
+                after,
+                limit,
+                max_bytes,
+                reply,
+            } => {
+                let read = self.read_after(after, limit, max_bytes);
+                self.publish_stats(stats);
+                let _ = reply.send(read);
+            }
+            Command::Remove { ids } => self.acknowledge(&ids, stats),
+            Command::DeadLetters(command) => {
+                // Buried or requeued rows must be on disk, and new ids above every held one.
+                self.settle(stats);
+                self.dead_letters(command, stats);
+            }
+            Command::SetLimits {
+                max_bytes,
+                on_full,
+                commit_window,
+            } => {
+                self.settle(stats);
+                self.max_bytes = max_bytes;
+                self.on_full = on_full;
+                self.pending.set_window(commit_window);
+                if let Err(error) = self.apply_wal_limit() {
+                    self.record_fault(Operation::Write, &error);
+                }
+                self.dirty = true;
+            }
+            Command::Flush { done } => {
+                self.settle(stats);
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// Between commands: a due commit or deletion, and one bounded trim when over the limit
+    /// (lowered, or a commit that overshot), so a long trim never holds up reads, removals or
+    /// the watchdog probe.
+    fn after_command(&mut self, stats: &watch::Sender<SpoolStats>) {
+        let now = Instant::now();
+        if self.pending.commit_due(now) {
+            self.commit_held(stats);
+        }
+        if self.removals.due(now) {
+            self.flush_removals(stats);
+        }
+        if self.must_trim() {
+            self.trim_chunk(stats);
+        }
     }
 
     /// With no command waiting: a due commit or removal, else housekeeping. `true` if it did

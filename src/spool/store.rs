@@ -21,6 +21,87 @@ pub(super) fn extended_code(error: &rusqlite::Error) -> i32 {
     }
 }
 
+/// Settings and tables, made or brought up to date; returns the dead letters' count.
+fn prepare_schema(db: &Connection, path: &Path) -> rusqlite::Result<u64> {
+    // Incremental auto-vacuum lets idle time give freed pages back to the file system. It
+    // must be chosen before the first table; an older spool is converted once (VACUUM).
+    let auto_vacuum: i64 = db.query_row("PRAGMA auto_vacuum", [], |row| row.get(0))?;
+    let tables: i64 = db.query_row("SELECT COUNT(*) FROM sqlite_master", [], |row| row.get(0))?;
+    // The page size of a spool with messages stays (changing it rewrites the whole file);
+    // one whose queue is empty takes the new size at little cost.
+    let page_size: i64 = db.query_row("PRAGMA page_size", [], |row| row.get(0))?;
+    let resize = page_size != SPOOL_PAGE_SIZE && tables > 0 && queue_is_empty(db)?;
+    if tables == 0 {
+        db.pragma_update(None, "page_size", SPOOL_PAGE_SIZE)?;
+    }
+    if auto_vacuum != 2 || resize {
+        db.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+        if tables > 0 {
+            tracing::info!(spool = %path.display(), "converting the spool to incremental vacuum and 1 KiB pages (once)");
+            if resize {
+                // The page size of a database in WAL mode cannot change.
+                db.pragma_update(None, "journal_mode", "DELETE")?;
+                db.pragma_update(None, "page_size", SPOOL_PAGE_SIZE)?;
+            }
+            db.execute_batch("VACUUM")?;
+        }
+    }
+    db.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: a committed append survives power loss, which is what `ok` promises.
+    db.pragma_update(None, "synchronous", "FULL")?;
+    // Ids are handed out by the spool thread (write-behind holds messages before they have
+    // rows): no AUTOINCREMENT, whose sqlite_sequence row would be one more page per commit.
+    // Older spools keep theirs; `last_id` reads both.
+    db.execute_batch(
+        "CREATE TABLE IF NOT EXISTS messages (
+             id INTEGER PRIMARY KEY,
+             topic TEXT NOT NULL,
+             payload BLOB NOT NULL,
+             qos INTEGER NOT NULL,
+             size INTEGER NOT NULL
+         );",
+    )?;
+    let dead_letters = create_dead_letters(db)?;
+    // The payload's kind at ingest (`PayloadKind`). Rows from older spools have none
+    // (NULL): they are sent alone, byte for byte, which never changes a payload.
+    let has_kind: bool = db.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = 'kind'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_kind {
+        db.execute_batch("ALTER TABLE messages ADD COLUMN kind INTEGER;")?;
+    }
+    Ok(dead_letters)
+}
+
+/// Whether an existing spool's queue is empty.
+fn queue_is_empty(db: &Connection) -> rusqlite::Result<bool> {
+    let has_table: bool = db.query_row(
+        "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'messages'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_table {
+        return Ok(true);
+    }
+    db.query_row("SELECT NOT EXISTS (SELECT 1 FROM messages)", [], |row| {
+        row.get(0)
+    })
+}
+
+/// What one read found on disk.
+#[derive(Default)]
+struct DiskRead {
+    good: Vec<StoredMessage>,
+    /// Rows that cannot be decoded (a damaged file).
+    broken: Vec<(i64, rusqlite::Error)>,
+    /// Payload bytes in `good`.
+    bytes: usize,
+    /// Every row after the cursor was read: the held messages may follow.
+    done: bool,
+}
+
 /// The SQLite side, owned by the spool thread.
 pub(super) struct Store {
     pub(super) db: Connection,
@@ -62,55 +143,12 @@ impl Store {
                 Some(check),
             )));
         }
-        // Incremental auto-vacuum lets idle time give freed pages back to the file system. It
-        // must be chosen before the first table; an older spool is converted once (VACUUM).
-        let auto_vacuum: i64 = db
-            .query_row("PRAGMA auto_vacuum", [], |row| row.get(0))
-            .map_err(sqlite)?;
-        if auto_vacuum != 2 {
-            let tables: i64 = db
-                .query_row("SELECT COUNT(*) FROM sqlite_master", [], |row| row.get(0))
-                .map_err(sqlite)?;
-            db.pragma_update(None, "auto_vacuum", "INCREMENTAL")
-                .map_err(sqlite)?;
-            if tables > 0 {
-                tracing::info!(spool = %path.display(), "converting the spool to incremental vacuum (once)");
-                db.execute_batch("VACUUM").map_err(sqlite)?;
-            }
-        }
-        db.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sqlite)?;
-        // FULL: a committed append survives power loss, which is what `ok` promises.
-        db.pragma_update(None, "synchronous", "FULL")
-            .map_err(sqlite)?;
-        db.execute_batch(
-            "CREATE TABLE IF NOT EXISTS messages (
-                 id INTEGER PRIMARY KEY AUTOINCREMENT,
-                 topic TEXT NOT NULL,
-                 payload BLOB NOT NULL,
-                 qos INTEGER NOT NULL,
-                 size INTEGER NOT NULL
-             );",
-        )
-        .map_err(sqlite)?;
-        let dead_letters = create_dead_letters(&db).map_err(sqlite)?;
-        // The payload's kind at ingest (`PayloadKind`). Rows from older spools have none
-        // (NULL): they are sent alone, byte for byte, which never changes a payload.
-        let has_kind: bool = db
-            .query_row(
-                "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = 'kind'",
-                [],
-                |row| row.get(0),
-            )
-            .map_err(sqlite)?;
-        if !has_kind {
-            db.execute_batch("ALTER TABLE messages ADD COLUMN kind INTEGER;")
-                .map_err(sqlite)?;
-        }
+        let dead_letters = prepare_schema(&db, path).map_err(sqlite)?;
         let messages: i64 = db
             .query_row("SELECT COUNT(*) FROM messages", [], |row| row.get(0))
             .map_err(sqlite)?;
-        let last_id: i64 = db
+        // Dead letters use AUTOINCREMENT, so sqlite_sequence is there.
+        let sequence: i64 = db
             .query_row(
                 "SELECT seq FROM sqlite_sequence WHERE name = 'messages'",
                 [],
@@ -119,6 +157,12 @@ impl Store {
             .optional()
             .map_err(sqlite)?
             .unwrap_or(0);
+        let highest: i64 = db
+            .query_row("SELECT IFNULL(MAX(id), 0) FROM messages", [], |row| {
+                row.get(0)
+            })
+            .map_err(sqlite)?;
+        let last_id = sequence.max(highest);
         let page_size: i64 = db
             .query_row("PRAGMA page_size", [], |row| row.get(0))
             .map_err(sqlite)?;
@@ -197,7 +241,8 @@ impl Store {
 
     /// The WAL's share of `max_bytes`, in pages.
     pub(super) fn wal_pages(&self) -> u64 {
-        (self.max_bytes / WAL_SHARE / self.page_size).clamp(WAL_MIN_PAGES, WAL_MAX_PAGES)
+        (self.max_bytes / WAL_SHARE / self.page_size)
+            .clamp(WAL_MIN_PAGES, WAL_MAX_BYTES / self.page_size)
     }
 
     /// Bytes kept for the WAL when deciding whether a message fits.
@@ -206,7 +251,7 @@ impl Store {
     }
 
     pub(super) fn apply_wal_limit(&self) -> rusqlite::Result<()> {
-        // Both fit in i64: pages are capped at WAL_MAX_PAGES, page sizes at 64 KiB.
+        // Both fit in i64: the WAL is capped at WAL_MAX_BYTES.
         let pages = self.wal_pages() as i64;
         self.db.pragma_update(None, "wal_autocheckpoint", pages)?;
         // A WAL grown by one big transaction is cut back to this at its next reset.
@@ -638,48 +683,14 @@ impl Store {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<StoredMessage>, ReadError> {
-        let mut good = Vec::new();
-        let mut broken = Vec::new();
-        let mut bytes = 0usize;
-        // Acknowledged rows not deleted yet are skipped: read as many more.
-        let wanted = limit.saturating_add(self.removals.ids.len());
-        let removed = &self.removals.ids;
-        let result = (|| -> rusqlite::Result<bool> {
-            let mut select = self.db.prepare_cached(
-                "SELECT id, topic, payload, qos, kind FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
-            )?;
-            let mut rows = select.query(params![after, wanted as i64])?;
-            let mut seen = 0usize;
-            while good.len() < limit && bytes < max_bytes {
-                let Some(row) = rows.next()? else {
-                    // Every row after `after` was seen: the held messages come next.
-                    return Ok(seen < wanted);
-                };
-                seen += 1;
-                let id: i64 = row.get(0)?;
-                if removed.contains(&id) {
-                    continue;
-                }
-                let message = (|| {
-                    Ok::<_, rusqlite::Error>(Message {
-                        topic: row.get(1)?,
-                        payload: payload_bytes(row, 2)?,
-                        qos: Qos::from_u8(row.get(3)?).unwrap_or(Qos::AtLeastOnce),
-                        kind: PayloadKind::from_u8(row.get(4)?),
-                    })
-                })();
-                match message {
-                    Ok(message) => {
-                        bytes += message.payload.len();
-                        good.push(StoredMessage { id, message });
-                    }
-                    Err(error) => broken.push((id, error)),
-                }
-            }
-            Ok(false)
-        })();
-        let disk_done = match result {
-            Ok(done) => done,
+        let read = self.read_disk(after, limit, max_bytes);
+        let DiskRead {
+            mut good,
+            broken,
+            bytes,
+            done: disk_done,
+        } = match read {
+            Ok(read) => read,
             Err(error) => {
                 self.record_fault(Operation::Read, &error);
                 return Err(ReadError::Storage(
@@ -719,6 +730,46 @@ impl Store {
             let _ = self.measure();
         }
         Ok(good)
+    }
+
+    /// The rows after `after` on disk, as [`Store::read_after`] bounds them.
+    fn read_disk(&self, after: i64, limit: usize, max_bytes: usize) -> rusqlite::Result<DiskRead> {
+        let mut read = DiskRead::default();
+        // Acknowledged rows not deleted yet are skipped: read as many more.
+        let wanted = limit.saturating_add(self.removals.ids.len());
+        let mut select = self.db.prepare_cached(
+            "SELECT id, topic, payload, qos, kind FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let mut rows = select.query(params![after, wanted as i64])?;
+        let mut seen = 0usize;
+        while read.good.len() < limit && read.bytes < max_bytes {
+            let Some(row) = rows.next()? else {
+                // Every row after `after` was seen: the held messages come next.
+                read.done = seen < wanted;
+                break;
+            };
+            seen += 1;
+            let id: i64 = row.get(0)?;
+            if self.removals.ids.contains(&id) {
+                continue;
+            }
+            let message = (|| {
+                Ok::<_, rusqlite::Error>(Message {
+                    topic: row.get(1)?,
+                    payload: payload_bytes(row, 2)?,
+                    qos: Qos::from_u8(row.get(3)?).unwrap_or(Qos::AtLeastOnce),
+                    kind: PayloadKind::from_u8(row.get(4)?),
+                })
+            })();
+            match message {
+                Ok(message) => {
+                    read.bytes += message.payload.len();
+                    read.good.push(StoredMessage { id, message });
+                }
+                Err(error) => read.broken.push((id, error)),
+            }
+        }
+        Ok(read)
     }
 
     /// Deletes rows `ids` in one transaction; how many were there. Ids already gone are
