@@ -194,8 +194,16 @@ impl Store {
         for (message, waiter) in batch {
             let size = (message.topic.len() + message.payload.len()) as u64;
             if self.on_full == OnFull::RejectNew && !self.fits_held(size) {
-                refused.push(waiter);
-                continue;
+                // The per-row estimate runs ahead of the pages really used: commit what is
+                // held (its size is then measured) before refusing, or a newer message could
+                // later fit where an older one was refused.
+                if !self.pending.is_empty() {
+                    self.commit_held(stats);
+                }
+                if !self.fits_held(size) {
+                    refused.push(waiter);
+                    continue;
+                }
             }
             self.stats.last_id += 1;
             self.stats.messages += 1;
