@@ -11,6 +11,9 @@ use harness::{Cloud, Streamer, numbers, publishes_per_second, rewrite_config, se
 const DELIVERY_WAIT: Duration = Duration::from_secs(120);
 /// mosquitto saves its sessions every second; the subscriber's must be saved before a kill.
 const AUTOSAVE: Duration = Duration::from_millis(1500);
+/// Messages a streamer must get answered `ok` in the outage and crash tests for them to mean
+/// something (each waits for its answer: at the PUBACK, or at the commit when offline).
+const MIN_STREAMED: usize = 250;
 
 fn collect_all(subscriber: &mut harness::Subscriber, acked: &[u64]) -> (Vec<u64>, usize) {
     subscriber.expect_all(acked, DELIVERY_WAIT)
@@ -34,8 +37,10 @@ fn broker_killed_twice_loses_no_acked_message() {
     }
     std::thread::sleep(Duration::from_secs(3));
     let acked = streamer.finish();
+    // The streamer waits for each answer; with write-behind (issue 17) an answer comes at the
+    // PUBACK or the commit, so a debug build on a busy machine gets a few hundred through.
     assert!(
-        acked.len() > 500,
+        acked.len() > MIN_STREAMED,
         "the daemon kept accepting during the outages: {}",
         acked.len()
     );
@@ -68,7 +73,7 @@ fn daemon_killed_mid_stream_loses_no_acked_message() {
     let daemon = cloud.start_daemon(&config);
     std::thread::sleep(Duration::from_secs(3));
     let acked = streamer.finish();
-    assert!(acked.len() > 500, "{}", acked.len());
+    assert!(acked.len() > MIN_STREAMED, "{}", acked.len());
 
     let (_, duplicates) = collect_all(&mut subscriber, &acked);
     daemon.wait_status("spool drained", DELIVERY_WAIT, |s| s["spool_messages"] == 0);
