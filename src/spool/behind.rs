@@ -24,6 +24,10 @@ pub(super) const MAX_HELD_BYTES: u64 = 4 * 1024 * 1024;
 /// nothing can acknowledge a message that was not sent (offline, or behind a backlog), so its
 /// window would only delay its `ok`, and a writer that waits for each `ok` would crawl.
 pub(super) const READ_GRACE: Duration = Duration::from_millis(50);
+/// This many held messages not read by the publisher are committed at once, grace or not: a
+/// burst the publisher is not taking (offline, or a flood) gains nothing by waiting, and
+/// pipelining writers (at most 1024 unanswered lines each) would stall on the grace.
+pub(super) const MAX_UNREAD: usize = 256;
 
 /// One message accepted, not committed, not acknowledged.
 pub(super) struct Held<W> {
@@ -116,7 +120,12 @@ impl<W> Pending<W> {
     /// Whether what is held must be committed now: the oldest's window is over, or as much is
     /// held as one commit should take.
     pub(super) fn commit_due(&self, now: Instant) -> bool {
-        self.commit_at().is_some_and(|at| now >= at) || self.full()
+        self.commit_at().is_some_and(|at| now >= at) || self.full() || self.unread() >= MAX_UNREAD
+    }
+
+    /// Held messages the publisher has not read.
+    fn unread(&self) -> usize {
+        self.held.len() - self.held.partition_point(|held| held.id <= self.read_upto)
     }
 
     /// As much held as one commit takes: commit before holding more.
@@ -237,6 +246,13 @@ mod tests {
         assert_eq!(pending.commit_at(), Some(start + READ_GRACE));
         assert!(!pending.commit_due(start + READ_GRACE / 2));
         assert!(pending.commit_due(start + READ_GRACE));
+        // A burst nobody reads goes at once.
+        let mut burst = Pending::new(WINDOW);
+        for id in 1..=MAX_UNREAD as i64 {
+            assert!(!burst.commit_due(start), "{id}");
+            burst.push(id, message(Qos::AtLeastOnce), start, ());
+        }
+        assert!(burst.commit_due(start));
         // Read (sent): the window counts; a newer unread one brings the commit forward.
         assert_eq!(read_everything(&mut pending), [1]);
         assert_eq!(pending.commit_at(), Some(start + WINDOW));
@@ -283,6 +299,10 @@ mod tests {
         for id in 1..=MAX_HELD as i64 {
             assert!(!pending.commit_due(now), "{id}");
             pending.push(id, message(Qos::AtLeastOnce), now, ());
+            if id % 128 == 0 {
+                // Read (sent) as they come: only the count makes it due.
+                pending.read_after(id - 128, 128, usize::MAX, 0, &mut Vec::new());
+            }
         }
         assert!(pending.commit_due(now));
 
