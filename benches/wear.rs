@@ -141,7 +141,7 @@ impl Mode {
 fn config(cloud: &Cloud, mode: Mode, dir: &Path) -> PathBuf {
     // Warnings only: a debug line per message would be measured as wear too.
     let log = "[log]\nlevel = \"warn\"\n";
-    let config = match mode {
+    match mode {
         Mode::Connected => {
             let config = cloud.config(dir, true, "");
             harness::rewrite_config(&config, &[("level = \"debug\"", "level = \"warn\"")]);
@@ -155,8 +155,7 @@ fn config(cloud: &Cloud, mode: Mode, dir: &Path) -> PathBuf {
                 &format!("[spool]\nmax_bytes = \"1GiB\"\n{extra}\n{log}"),
             )
         }
-    };
-    config
+    }
 }
 
 /// The daemon under test, killed on drop.
