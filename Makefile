@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test` (both as root on Debian).
-.PHONY: demo test deps lint audit system-test bench cross-deps deb-all arm-smoke
+.PHONY: demo test deps lint audit system-test bench bench-downlink cross-deps deb-all arm-smoke fleet-sim
 
 demo:
 	bash scripts/demo.sh
@@ -41,6 +41,24 @@ arm-smoke: cross-deps
 # target/relay-bench/results.json and relay-benchmark.png.
 bench: deps
 	cargo bench --profile release --bench relay
+
+# Cloud -> app latency of the downlink (p50/p99 at 10 and 100 msg/s), outside `make test`.
+bench-downlink: deps
+	cargo bench --profile release --bench downlink_latency
+
+# 100 daemons of one self-register stack against one moto and one mosquitto, Cognito's quotas
+# scaled down by the proxy (tests/fleet_sim.rs; `make test` runs it with 5). Uses the release
+# binary (cargo rebuilds it only when out of date); writes target/fleet-sim/report.json and fleet-sim.png.
+# FLEET_SIM_DEVICES and FLEET_SIM_RATE_SCALE override the defaults.
+FLEET_SIM_DEVICES ?= 100
+FLEET_SIM_RATE_SCALE ?= 10
+fleet-sim: deps
+	cargo build --release --bin iot-cognito-relay
+	FLEET_SIM_DEVICES=$(FLEET_SIM_DEVICES) FLEET_SIM_RATE_SCALE=$(FLEET_SIM_RATE_SCALE) \
+	IOT_COGNITO_RELAY_TEST_BINARY=$(CURDIR)/target/release/iot-cognito-relay \
+	FLEET_SIM_OUT=$(CURDIR)/target/fleet-sim \
+	cargo test --test fleet_sim -- --nocapture
+	.venv/bin/python bench/fleet_plot.py target/fleet-sim/report.json target/fleet-sim/fleet-sim.png
 
 lint:
 	cargo fmt --check

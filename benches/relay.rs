@@ -658,7 +658,7 @@ fn ceiling_child(role: &str) {
         .expect("runtime");
     runtime.block_on(async move {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let tls = iot_cognito_relay::publish::mqtt::tls_config(&ca).expect("tls");
+        let tls = iot_cognito_relay::publish::tls::tls_config(&ca).expect("tls");
         let mut options = MqttOptions::new(
             "bench-ceiling",
             format!("wss://127.0.0.1:{WSS_PORT}/mqtt"),

@@ -6,7 +6,7 @@
 # checkov, pytest…) and bench/requirements.txt (awsiotsdk for the peer relay, matplotlib).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PACKAGES=(mosquitto mosquitto-clients openssl iproute2 sqlite3 libfaketime socat lintian systemd util-linux
+PACKAGES=(mosquitto mosquitto-clients openssl iproute2 sqlite3 libfaketime socat jq lintian systemd util-linux
     e2fsprogs passwd)
 missing=()
 for package in "${PACKAGES[@]}"; do

@@ -18,18 +18,20 @@
 //! command line and the commands that talk to a running daemon. `topic`, `retry` and `secret`
 //! are small rules every stage shares.
 
+#![warn(missing_docs)]
+
+// The public surface is what `main`, the fuzz target, the benches and the integration tests
+// use; everything else is internal to the crate.
 pub mod cli;
-pub mod config;
-pub mod daemon;
-pub mod identity;
+mod config;
+mod daemon;
+mod downlink;
+mod identity;
 pub mod ingest;
 pub mod message;
-pub mod ops;
+mod ops;
 pub mod publish;
-pub mod retry;
-pub mod secret;
-pub mod spool;
+mod retry;
+mod secret;
+mod spool;
 pub mod topic;
-
-pub use config::Config;
-pub use daemon::run;

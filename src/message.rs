@@ -4,14 +4,18 @@
 /// Largest payload IoT Core accepts.
 pub const MAX_PAYLOAD_BYTES: usize = 128 * 1024;
 
-/// Delivery guarantee a message asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Delivery guarantee a message asks for. In a config file it is written 0 or 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "u8", into = "u8")]
 pub enum Qos {
+    /// QoS 0: sent once, removed from the spool when it goes on the wire.
     AtMostOnce,
+    /// QoS 1: kept in the spool until the broker's PUBACK.
     AtLeastOnce,
 }
 
 impl Qos {
+    /// The MQTT QoS number.
     pub fn as_u8(self) -> u8 {
         match self {
             Qos::AtMostOnce => 0,
@@ -19,12 +23,27 @@ impl Qos {
         }
     }
 
+    /// `None` for anything but 0 and 1 (IoT Core has no QoS 2).
     pub fn from_u8(value: u8) -> Option<Qos> {
         match value {
             0 => Some(Qos::AtMostOnce),
             1 => Some(Qos::AtLeastOnce),
             _ => None,
         }
+    }
+}
+
+impl TryFrom<u8> for Qos {
+    type Error = String;
+
+    fn try_from(value: u8) -> Result<Qos, String> {
+        Qos::from_u8(value).ok_or_else(|| format!("QoS {value} must be 0 or 1"))
+    }
+}
+
+impl From<Qos> for u8 {
+    fn from(qos: Qos) -> u8 {
+        qos.as_u8()
     }
 }
 
@@ -41,6 +60,7 @@ pub enum PayloadKind {
 }
 
 impl PayloadKind {
+    /// How the spool stores the kind.
     pub fn as_u8(self) -> u8 {
         match self {
             PayloadKind::Json => 0,
@@ -62,8 +82,12 @@ impl PayloadKind {
 /// A validated message, ready for the spool. `topic` is relative; the prefix is added at publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
+    /// Relative topic, validated against IoT Core's limits with the prefix added.
     pub topic: String,
+    /// The bytes to publish (at most `MAX_PAYLOAD_BYTES`).
     pub payload: Vec<u8>,
+    /// Delivery guarantee.
     pub qos: Qos,
+    /// What the payload was when it arrived.
     pub kind: PayloadKind,
 }

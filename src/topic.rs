@@ -14,18 +14,25 @@ const UUID_LEN: usize = 36;
 /// Why a relative topic was refused; the text is shown to the local app.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TopicError {
+    /// Nothing to publish to.
     #[error("topic is empty")]
     Empty,
+    /// Wildcards are for subscriptions, not publishes.
     #[error("topic must not contain wildcards (+ or #)")]
     Wildcard,
+    /// NUL is not allowed in an MQTT topic.
     #[error("topic must not contain NUL")]
     Nul,
+    /// The prefix and its `/` come first.
     #[error("topic must not start with '/'")]
     LeadingSlash,
+    /// `$` topics are IoT Core's own.
     #[error("topic must not start with '$' (reserved topics)")]
     Reserved,
+    /// The full topic's length in bytes.
     #[error("full topic would be {0} bytes; IoT Core allows {MAX_TOPIC_BYTES}")]
     TooLong(usize),
+    /// The full topic's count of `/`.
     #[error("full topic would have {0} '/'; IoT Core allows {MAX_TOPIC_SLASHES}")]
     TooDeep(usize),
 }
@@ -100,6 +107,22 @@ impl TopicRules {
             return Err(TopicError::TooDeep(slashes));
         }
         Ok(())
+    }
+
+    /// What the prefix adds to a relative topic or filter, with the longest identity id:
+    /// (bytes, `/`), separator included.
+    pub fn prefix_cost(&self) -> (usize, usize) {
+        (self.prefix_len, self.prefix_slashes)
+    }
+
+    /// The prefix with its separator (`<pool>/<identity>/`), empty when there is none.
+    pub fn prefix(&self, identity_id: &str) -> String {
+        let prefix = expand(&self.template, &self.identity_pool_id, identity_id);
+        if prefix.is_empty() {
+            prefix
+        } else {
+            format!("{prefix}/")
+        }
     }
 
     /// The topic IoT Core sees for `relative`, once the identity id is known.

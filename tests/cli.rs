@@ -569,3 +569,44 @@ fn send_and_status_give_up_on_a_daemon_that_never_answers() {
         "{stderr}"
     );
 }
+
+/// Issue 13: check-config knows fleet mode's device name (derived from /etc/machine-id when
+/// not set, which the machine running the tests has) and refuses a name outside the rule.
+#[test]
+fn check_config_shows_the_device_name_and_refuses_a_bad_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), VALID);
+    let output = run(&["check-config", "--config", &path], &[]);
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    let effective: toml::Table = toml::from_str(&text).expect("still TOML");
+    assert_eq!(effective["identity"]["device_name"].as_str(), Some(""));
+    assert_eq!(effective["identity"]["start_delay"].as_str(), Some("30s"));
+    assert!(
+        text.contains("# self-register stacks: this device registers as \"dev-"),
+        "{text}"
+    );
+    assert!(text.contains("derived from /etc/machine-id"), "{text}");
+
+    let named = write(dir.path(), &format!("{VALID}device_name = \"gate-7\"\n"));
+    let output = run(&["check-config", "--config", &named], &[]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("registers as \"gate-7\""), "{text}");
+
+    for bad in ["gate 7", "gate/7", "gäte", "a@b"] {
+        let path = write(dir.path(), &format!("{VALID}device_name = {bad:?}\n"));
+        let output = run(&["check-config", "--config", &path], &[]);
+        assert_config_error(&output, &["identity.device_name", "not a device name"]);
+    }
+    let long = "x".repeat(65);
+    let path = write(dir.path(), &format!("{VALID}device_name = {long:?}\n"));
+    assert_config_error(
+        &run(&["check-config", "--config", &path], &[]),
+        &["identity.device_name"],
+    );
+    let path = write(dir.path(), &format!("{VALID}start_delay = \"2h\"\n"));
+    assert_config_error(
+        &run(&["check-config", "--config", &path], &[]),
+        &["identity.start_delay", "at most 1h"],
+    );
+}

@@ -57,7 +57,14 @@ fn man_page_and_completions_match_the_cli() {
             path.display()
         );
     }
-    for page in ["run", "send", "status", "check-config", "config-from-stack"] {
+    for page in [
+        "run",
+        "send",
+        "status",
+        "check-config",
+        "config-from-stack",
+        "subscribe",
+    ] {
         let name = format!("man/iot-cognito-relay-{page}.1");
         assert!(files.iter().any(|(file, _)| *file == name), "{name} exists");
     }

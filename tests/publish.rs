@@ -204,7 +204,7 @@ fn a_message_the_broker_always_drops_goes_to_the_dead_letters_and_the_rest_flows
 }
 
 fn publisher_strikes() -> usize {
-    iot_cognito_relay::publish::flow::DEAD_LETTER_STRIKES as usize
+    iot_cognito_relay::publish::DEAD_LETTER_STRIKES as usize
 }
 
 /// Item 8: the full topic is checked again at publish time. A `topic_prefix` made longer

@@ -9,7 +9,11 @@ import uuid
 PREFIX = "relay-test"
 DOMAIN = "example.com"
 CIDRS = ["203.0.113.0/24", "198.51.100.7/32", "2001:db8::/32"]
-PARAMETERS = {"Prefix": PREFIX, "AllowedEmailDomain": DOMAIN, "DeviceCidrs": ",".join(CIDRS)}
+# Most tests run the shared-user stack (the custom resource then also makes a user);
+# FLEET_PARAMETERS is the template's default mode.
+PARAMETERS = {"Prefix": PREFIX, "AllowedEmailDomain": DOMAIN, "DeviceCidrs": ",".join(CIDRS),
+              "RegistrationMode": "shared-user"}
+FLEET_PARAMETERS = dict(PARAMETERS, RegistrationMode="self-register")
 
 
 class ResponseRecorder:

@@ -3,7 +3,8 @@
 moto enforces neither resource policies nor aws:SourceIp (FIELD-NOTES), so the tests evaluate
 the template's policies here: Allow/Deny statements, Action/Resource wildcards (* and ?),
 policy variables such as ${cognito-identity.amazonaws.com:sub} in resources, and the condition
-operators StringEquals, StringLike, IpAddress and NotIpAddress (with ForAnyValue:). Anything
+operators StringEquals, StringLike, IpAddress, NotIpAddress, ArnEquals and ArnNotEquals (with
+ForAnyValue:). Anything
 else raises, so a policy that grows beyond this evaluator fails loudly instead of passing.
 """
 import ipaddress
@@ -60,7 +61,7 @@ def _condition_holds(condition, context):
             expected = [str(value) for value in as_list(expected)]
             if key not in context:
                 # A missing key never matches; the negated operators are then true.
-                if base.startswith("Not") or base.startswith("StringNot"):
+                if base.startswith("Not") or base.startswith("StringNot") or base.startswith("ArnNot"):
                     continue
                 return False
             actual = as_list(context[key])
@@ -72,6 +73,9 @@ def _condition_holds(condition, context):
                 ok = any(_ip_in(value, expected) for value in actual)
             elif base == "NotIpAddress":
                 ok = not any(_ip_in(value, expected) for value in actual)
+            elif base in ("ArnEquals", "ArnNotEquals"):
+                matched = any(wildcard(pattern, value) for value in actual for pattern in expected)
+                ok = matched if base == "ArnEquals" else not matched
             else:
                 raise NotImplementedError(operator)
             if not ok:

@@ -3,12 +3,15 @@
 provision.py runs through its CLI, exactly as the Rust harness runs it, against a moto server on
 127.0.0.1. What it made is read back and compared with the template evaluated for the same
 prefix, region, account and ids; the template's own user-setup Lambda then runs against the
-same server so the secrets both produce can be compared field by field.
+same server so the secrets both produce can be compared field by field. Both registration modes
+(the template's RegistrationMode, provision.py's --registration-mode) are checked.
 """
 import json
 import socket
 import subprocess
 import sys
+
+import urllib.request
 
 import boto3
 import pytest
@@ -20,7 +23,9 @@ from helpers import CIDRS, FakeContext, cfn_event
 REGION, PREFIX = "us-east-1", "drift-check"
 # The JSON the Rust harness reads: this test keeps it stable.
 PROVISION_KEYS = {"region", "identity_pool_id", "secret_id", "unauth_role_arn", "user_pool_id",
-                  "client_id", "username", "password", "iot_policy", "iot_endpoint"}
+                  "client_id", "username", "password", "iot_policy", "iot_endpoint",
+                  "registration_mode", "registration_code", "email_domain"}
+MODES = ["shared-user", "self-register"]
 
 
 def free_port():
@@ -46,12 +51,14 @@ def clients(moto_endpoint):
     return make
 
 
-@pytest.fixture(scope="module")
-def provisioned(moto_endpoint, clients):
+@pytest.fixture(scope="module", params=MODES)
+def provisioned(moto_endpoint, clients, request):
+    # One server for both modes: start each from an empty account.
+    requests_post(f"{moto_endpoint}/moto-api/reset")
     result = subprocess.run(
         [sys.executable, str(cfn.PROVISION_PATH), "--endpoint", moto_endpoint, "--region", REGION,
          "--prefix", PREFIX, "--device-cidrs", ",".join(CIDRS),
-         "--attach-function", f"{PREFIX}-attach-policy"],
+         "--attach-function", f"{PREFIX}-attach-policy", "--registration-mode", request.param],
         capture_output=True, text=True, timeout=120, check=True,
         env={"PATH": "/usr/bin:/bin", "AWS_CONFIG_FILE": "/dev/null",
              "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"},
@@ -61,10 +68,15 @@ def provisioned(moto_endpoint, clients):
     return output, account
 
 
+def requests_post(url):
+    with urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=10):
+        pass
+
+
 def template_for(template, provision_module, output, account):
     """The template evaluated with provision.py's ids and values."""
     parameters = {"Prefix": PREFIX, "AllowedEmailDomain": provision_module.PRE_SIGN_UP_EMAIL_DOMAIN,
-                  "DeviceCidrs": ",".join(CIDRS)}
+                  "DeviceCidrs": ",".join(CIDRS), "RegistrationMode": output["registration_mode"]}
     refs = {"CognitoUserPool": output["user_pool_id"],
             "CognitoUserPoolClient": output["client_id"],
             "CognitoIdentityPool": output["identity_pool_id"]}
@@ -83,7 +95,12 @@ def test_names_match_the_template(template, provision, provisioned, clients):
     idp, identity = clients("cognito-idp"), clients("cognito-identity")
 
     pool = idp.describe_user_pool(UserPoolId=output["user_pool_id"])["UserPool"]
-    assert pool["Name"] == stack.properties("CognitoUserPool")["UserPoolName"]
+    template_pool_props = stack.properties("CognitoUserPool")
+    assert pool["Name"] == template_pool_props["UserPoolName"]
+    # Self sign-up exactly in self-register mode, in both.
+    assert pool["AdminCreateUserConfig"]["AllowAdminCreateUserOnly"] is \
+        template_pool_props["AdminCreateUserConfig"]["AllowAdminCreateUserOnly"] is \
+        (output["registration_mode"] == "shared-user")
     client = idp.describe_user_pool_client(UserPoolId=output["user_pool_id"],
                                            ClientId=output["client_id"])["UserPoolClient"]
     template_client = stack.properties("CognitoUserPoolClient")
@@ -104,7 +121,10 @@ def test_names_match_the_template(template, provision, provisioned, clients):
     assert provider["ClientId"] == template_provider["ClientId"]
 
     props = stack.properties("AppUser")
-    assert output["username"] == props["UserName"] == provision.app_user_name(PREFIX)
+    assert props["RegistrationMode"] == output["registration_mode"]
+    assert props["UserName"] == provision.app_user_name(PREFIX)
+    if output["registration_mode"] == "shared-user":
+        assert output["username"] == props["UserName"]
     assert output["iot_policy"] == stack.ref("CognitoIoTPolicy")
     assert output["secret_id"] == provision.secret_name(output["user_pool_id"], PREFIX)
     assert output["secret_id"] == stack.get_att("AppUser", "SecretName")
@@ -139,28 +159,37 @@ def test_secret_and_user_match_what_the_template_lambda_makes(
         template, provision, provisioned, clients, user_setup, presignup, cfn_responses,
         moto_endpoint, aws_env, monkeypatch):
     output, account = provisioned
+    fleet = output["registration_mode"] == "self-register"
     stack = template_for(template, provision, output, account)
     sm, idp = clients("secretsmanager"), clients("cognito-idp")
 
     # What provision.py made.
     described = sm.describe_secret(SecretId=output["secret_id"])
     provision_tags = [(t["Key"], t["Value"]) for t in described["Tags"]]
-    assert dict(provision_tags) == {
+    expected_tags = {
         "ClientId": output["client_id"], "UserPoolId": output["user_pool_id"],
         "IdentityPoolId": output["identity_pool_id"], "IoTEndpoint": output["iot_endpoint"],
         "IoTPolicy": output["iot_policy"], "AttachFunction": f"{PREFIX}-attach-policy"}
+    if fleet:
+        expected_tags["EmailDomain"] = provision.PRE_SIGN_UP_EMAIL_DOMAIN
+    assert dict(provision_tags) == expected_tags
     assert stack.get_att("AttachPolicyFunction", "Arn").endswith(":function:" + dict(provision_tags)["AttachFunction"])
     secret = json.loads(sm.get_secret_value(SecretId=output["secret_id"])["SecretString"])
-    assert secret == {output["username"]: output["password"]}
-    user = idp.admin_get_user(UserPoolId=output["user_pool_id"], Username=output["username"])
-    assert user["UserStatus"] == "CONFIRMED"
-    email = {a["Name"]: a["Value"] for a in user["UserAttributes"]}["email"]
-    assert email == stack.properties("AppUser")["EmailAddress"]
-
-    # The template's pre-sign-up trigger would approve provision.py's user.
-    monkeypatch.setenv("ALLOWED_EMAIL_DOMAIN", provision.PRE_SIGN_UP_EMAIL_DOMAIN)
-    presignup.handler({"triggerSource": "PreSignUp_AdminCreateUser", "userName": output["username"],
-                       "request": {"userAttributes": {"email": email}}, "response": {}}, None)
+    app_user = stack.properties("AppUser")["UserName"]
+    if fleet:
+        assert secret == {"registration_code": output["registration_code"]}
+        assert not any(u["Username"] == app_user
+                       for u in idp.list_users(UserPoolId=output["user_pool_id"])["Users"])
+    else:
+        assert secret == {output["username"]: output["password"]}
+        user = idp.admin_get_user(UserPoolId=output["user_pool_id"], Username=output["username"])
+        assert user["UserStatus"] == "CONFIRMED"
+        email = {a["Name"]: a["Value"] for a in user["UserAttributes"]}["email"]
+        assert email == stack.properties("AppUser")["EmailAddress"]
+        # The template's pre-sign-up trigger would approve provision.py's user.
+        monkeypatch.setenv("ALLOWED_EMAIL_DOMAIN", provision.PRE_SIGN_UP_EMAIL_DOMAIN)
+        presignup.handler({"triggerSource": "PreSignUp_AdminCreateUser", "userName": output["username"],
+                           "request": {"userAttributes": {"email": email}}, "response": {}}, None)
 
     # What the template's Lambda makes for a second stack with the same prefix, same server.
     second_pool = idp.create_user_pool(PoolName=f"{PREFIX}-user-pool")["UserPool"]["Id"]
@@ -175,12 +204,19 @@ def test_secret_and_user_match_what_the_template_lambda_makes(
     assert name == provision.secret_name(second_pool, PREFIX)
     lambda_tags = [(t["Key"], t["Value"]) for t in sm.describe_secret(SecretId=name)["Tags"]]
     assert [key for key, _ in lambda_tags] == [key for key, _ in provision_tags]
-    assert list(user_setup.TAG_KEYS + user_setup.OPTIONAL_TAG_KEYS) == [key for key, _ in provision_tags]
+    assert dict(lambda_tags)["EmailDomain" if fleet else "IoTPolicy"] == dict(provision_tags)[
+        "EmailDomain" if fleet else "IoTPolicy"]
     lambda_secret = json.loads(sm.get_secret_value(SecretId=name)["SecretString"])
     assert list(lambda_secret) == list(secret)
-    lambda_user = idp.admin_get_user(UserPoolId=second_pool, Username=output["username"])
-    assert lambda_user["UserStatus"] == user["UserStatus"]
-    assert {a["Name"]: a["Value"] for a in lambda_user["UserAttributes"]}["email"] == email
+    if fleet:
+        # Same form: a URL-safe random code of the same length, and a new one per stack.
+        assert len(lambda_secret["registration_code"]) == len(secret["registration_code"]) >= 43
+        assert lambda_secret["registration_code"] != secret["registration_code"]
+        assert not any(u["Username"] == app_user for u in idp.list_users(UserPoolId=second_pool)["Users"])
+    else:
+        lambda_user = idp.admin_get_user(UserPoolId=second_pool, Username=output["username"])
+        assert lambda_user["UserStatus"] == user["UserStatus"]
+        assert {a["Name"]: a["Value"] for a in lambda_user["UserAttributes"]}["email"] == email
 
 
 def test_rust_fixture_of_the_stack_outputs_matches_the_template(template):
@@ -194,7 +230,8 @@ def test_rust_fixture_of_the_stack_outputs_matches_the_template(template):
     prefix = outputs["IoTPolicy"].removesuffix("-iot-policy")
     stack = cfn.Stack(template, {"Prefix": prefix, "AllowedEmailDomain": "example.com",
                                  "DeviceCidrs": "203.0.113.0/24",
-                                 "AllowClassicFlow": outputs["ClassicFlow"]},
+                                 "AllowClassicFlow": outputs["ClassicFlow"],
+                                 "RegistrationMode": outputs["RegistrationMode"]},
                       region=outputs["Region"], account=outputs["CognitoUnAuthRole"].split(":")[4],
                       refs={"CognitoUserPool": outputs["SecretName"].split("_" + prefix)[0]})
     assert outputs["IoTPolicy"] == stack.output("IoTPolicy")
@@ -202,3 +239,4 @@ def test_rust_fixture_of_the_stack_outputs_matches_the_template(template):
     assert outputs["SecretName"] == stack.output("SecretName")
     assert outputs["ClassicFlow"] == stack.output("ClassicFlow")
     assert outputs["AttachFunction"] == stack.output("AttachFunction")
+    assert outputs["RegistrationMode"] == stack.output("RegistrationMode")

@@ -7,6 +7,7 @@ import iam
 from helpers import CIDRS, PARAMETERS
 
 ACCOUNT, REGION = "123456789012", "us-east-1"
+USER_POOL = "us-east-1_AbCdEfGhI"
 SUB = "cognito-identity.amazonaws.com:sub"
 ME, OTHER = "us-east-1:0a0a0a0a-1111-2222-3333-444444444444", "us-east-1:0b0b0b0b-5555-6666-7777-888888888888"
 INSIDE = ["203.0.113.1", "203.0.113.254", "198.51.100.7", "2001:db8::1", "2001:db8:ffff::42"]
@@ -19,7 +20,8 @@ def stack(request, template):
     parameters = dict(PARAMETERS)
     if request.param:
         parameters["SecretKmsKey"] = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-    return cfn.Stack(template, parameters, region=REGION, account=ACCOUNT)
+    return cfn.Stack(template, parameters, region=REGION, account=ACCOUNT,
+                     refs={"CognitoUserPool": USER_POOL})
 
 
 def pool(stack):
@@ -96,13 +98,15 @@ def test_auth_role_trusts_only_signed_in_identities_of_this_pool(stack):
 
 def test_auth_role_holds_only_what_the_onboarding_chain_uses(stack):
     statements = iam.role_statements(stack.properties("IAMAuthenticatedRole"))
-    assert iam.allowed_actions(statements) == {"lambda:InvokeFunction", "iot:Connect", "iot:Publish"}
+    assert iam.allowed_actions(statements) == {"lambda:InvokeFunction", "iot:Connect", "iot:Publish",
+                                               "iot:Receive", "iot:Subscribe"}
     assert all("*" not in action for s in statements for action in iam.as_list(s["Action"]))
 
 
 def test_auth_role_publishes_only_under_its_own_prefix(stack):
     statements = iam.role_statements(stack.properties("IAMAuthenticatedRole"))
-    publish = [s for s in statements if s["Effect"] == "Allow" and s["Action"] == "iot:Publish"]
+    publish = [s for s in statements
+               if s["Effect"] == "Allow" and "iot:Publish" in iam.as_list(s["Action"])]
     assert [s["Resource"] for s in publish] == [
         f"arn:aws:iot:{REGION}:{ACCOUNT}:topic/{pool(stack)}/${{{SUB}}}/*"]
     me = {SUB: ME, "aws:SourceIp": INSIDE[0]}
@@ -117,8 +121,33 @@ def test_auth_role_publishes_only_under_its_own_prefix(stack):
     # Without a Cognito identity the variable is unset and nothing matches.
     assert iam.evaluate(statements, "iot:Publish", topic(stack, ME, "a"),
                         {"aws:SourceIp": INSIDE[0]}) != iam.ALLOW
-    for action in ("iot:Subscribe", "iot:Receive", "iot:RetainPublish", "iot:UpdateThingShadow"):
+    # Subscribe is for topic filters (below), never for topic resources.
+    for action in ("iot:Subscribe", "iot:RetainPublish", "iot:UpdateThingShadow"):
         assert iam.evaluate(statements, action, topic(stack, ME, "a"), me) != iam.ALLOW
+
+
+def topic_filter(stack, *parts):
+    return f"arn:aws:iot:{REGION}:{ACCOUNT}:topicfilter/" + "/".join([pool(stack), *parts])
+
+
+# Issue 15: the downlink. A device subscribes to filters under its own prefix and receives on
+# its own topics, in the role and in the IoT policy alike; nothing wider.
+@pytest.mark.parametrize("where", ["role", "iot-policy"])
+def test_a_device_subscribes_and_receives_only_under_its_own_prefix(stack, where):
+    statements = data_plane_documents(stack)[where]
+    me = {SUB: ME, "aws:SourceIp": INSIDE[0]}
+    for allowed in (topic_filter(stack, ME, "commands", "#"), topic_filter(stack, ME, "config", "+"),
+                    topic_filter(stack, ME, "a")):
+        assert iam.evaluate(statements, "iot:Subscribe", allowed, me) == iam.ALLOW, allowed
+    for denied in (topic_filter(stack, OTHER, "commands", "#"), topic_filter(stack, "#"),
+                   topic_filter(stack, "+", "commands"), topic_filter(stack, ME),
+                   f"arn:aws:iot:{REGION}:{ACCOUNT}:topicfilter/#",
+                   f"arn:aws:iot:{REGION}:{ACCOUNT}:topicfilter/$aws/things/x/jobs/#"):
+        assert iam.evaluate(statements, "iot:Subscribe", denied, me) != iam.ALLOW, denied
+    assert iam.evaluate(statements, "iot:Receive", topic(stack, ME, "commands", "reboot"), me) == iam.ALLOW
+    for denied in (topic(stack, OTHER, "commands", "reboot"), topic(stack, ME),
+                   f"arn:aws:iot:{REGION}:{ACCOUNT}:topic/$aws/things/x/shadow/update/accepted"):
+        assert iam.evaluate(statements, "iot:Receive", denied, me) != iam.ALLOW, denied
 
 
 def test_auth_role_connects_only_as_its_own_identity(stack):
@@ -209,11 +238,12 @@ def test_no_iot_action_from_outside_the_device_network(stack, ip):
 
 def test_data_plane_scope_is_the_same_in_the_role_and_the_iot_policy(stack):
     role = [s for s in iam.role_statements(stack.properties("IAMAuthenticatedRole"))
-            if s["Effect"] == "Allow" and s["Action"] in ("iot:Connect", "iot:Publish")]
+            if s["Effect"] == "Allow" and set(iam.as_list(s["Action"])) <= set(DATA_ACTIONS)]
     document = stack.properties("CognitoIoTPolicy")["PolicyDocument"]
 
     def scope(statements):
-        return sorted((s["Action"], s["Resource"], repr(s.get("Condition"))) for s in statements)
+        return sorted((tuple(iam.as_list(s["Action"])), s["Resource"], repr(s.get("Condition")))
+                      for s in statements)
 
     assert scope(role) == scope(iam.statements(document))
 
@@ -224,7 +254,8 @@ def test_iot_policy_confines_each_identity_to_its_topics(stack):
     document = stack.properties("CognitoIoTPolicy")["PolicyDocument"]
     statements = iam.statements(document)
     assert all(s["Effect"] == "Allow" for s in statements)
-    assert iam.allowed_actions(statements) == {"iot:Connect", "iot:Publish"}
+    assert iam.allowed_actions(statements) == {"iot:Connect", "iot:Publish", "iot:Receive",
+                                               "iot:Subscribe"}
     me = {SUB: ME, "aws:SourceIp": INSIDE[0]}
     assert iam.evaluate(statements, "iot:Publish", topic(stack, ME, "a", "b"), me) == iam.ALLOW
     assert iam.evaluate(statements, "iot:Publish", topic(stack, OTHER, "a"), me) != iam.ALLOW
@@ -286,8 +317,8 @@ def test_the_cidrs_come_from_the_one_parameter(template):
 
     for name, resource in template["Resources"].items():
         walk(resource, name)
-    assert sorted(found) == ["CognitoIoTPolicy", "CognitoIoTPolicy", "IAMAuthenticatedRole",
-                             "IAMAuthenticatedRole", "IAMAuthenticatedRole", "SecretResourcePolicy"]
+    assert sorted(found) == ["CognitoIoTPolicy"] * 3 + ["IAMAuthenticatedRole"] * 4 + [
+        "SecretResourcePolicy"]
     ipset = template["Resources"]["UserPoolDeviceNetwork"]["Properties"]
     assert ipset["Addresses"] == {"Ref": "DeviceCidrs"}
 
@@ -310,10 +341,42 @@ def test_cidr_parameter_pattern(template, value, ok):
 
 # ------------------------------------------------------------------ the Lambda roles
 
-def test_presignup_role_can_only_write_its_logs(stack):
+def test_presignup_role_writes_its_logs_and_reads_only_the_registration_code(stack):
     statements = iam.role_statements(stack.properties("PreSignUpFunctionRole"))
-    assert iam.allowed_actions(statements) == {"logs:CreateLogStream", "logs:PutLogEvents"}
-    assert {s["Resource"] for s in statements} == {stack.get_att("PreSignUpLogGroup", "Arn")}
+    expected = {"logs:CreateLogStream", "logs:PutLogEvents", "secretsmanager:GetSecretValue"}
+    if stack.condition("UseCustomerManagedKey"):
+        expected.add("kms:Decrypt")
+    assert iam.allowed_actions(statements) == expected
+    logs = stack.get_att("PreSignUpLogGroup", "Arn")
+    assert iam.evaluate(statements, "logs:PutLogEvents", logs) == iam.ALLOW
+    arn = secret_arn(stack)
+    assert iam.evaluate(statements, "secretsmanager:GetSecretValue", arn) == iam.ALLOW
+    prefix = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:"
+    for other in (prefix + "us-east-1_AbCdEfGhI_other-app-user-AbC123",  # another stack's
+                  prefix + "us-east-1_AbCdEfGhI_relay-test-app-user-AbC123-x",
+                  prefix + "prod/database-AbC123", prefix.replace(REGION, "eu-west-1")
+                  + "eu-west-1_AbCdEfGhI_relay-test-app-user-AbC123"):
+        assert iam.evaluate(statements, "secretsmanager:GetSecretValue", other) != iam.ALLOW, other
+    for action in ("secretsmanager:DescribeSecret", "secretsmanager:PutSecretValue",
+                   "cognito-idp:AdminConfirmSignUp"):
+        assert iam.evaluate(statements, action, arn) != iam.ALLOW
+    if stack.condition("UseCustomerManagedKey"):
+        key = stack.parameters["SecretKmsKey"]
+        via = {"kms:ViaService": f"secretsmanager.{REGION}.amazonaws.com",
+               "kms:EncryptionContext:SecretARN": arn}
+        assert iam.evaluate(statements, "kms:Decrypt", key, via) == iam.ALLOW
+        assert iam.evaluate(statements, "kms:Decrypt", key, {}) != iam.ALLOW
+
+
+def test_secret_policy_lets_only_the_presignup_function_read_from_anywhere(stack):
+    statements = secret_policy(stack)
+    role = stack.get_att("PreSignUpFunctionRole", "Arn")
+    for principal in (role, stack.get_att("IAMUnAuthenticatedRole", "Arn"),
+                      f"arn:aws:iam::{ACCOUNT}:role/admin", role + "-copy"):
+        for context in ({"aws:SourceIp": "8.8.8.8"}, {}):
+            verdict = iam.evaluate(statements, "secretsmanager:GetSecretValue", secret_arn(stack),
+                                   dict(context, **{"aws:PrincipalArn": principal}))
+            assert (verdict != iam.DENY) is (principal == role), (principal, context)
 
 
 def test_user_setup_role_is_scoped_to_the_pool_and_the_one_secret(stack):

@@ -57,17 +57,17 @@ LOOK_ALIKES = [
 
 
 @pytest.mark.parametrize("email", ACCEPTED)
-def test_confirms_the_allowed_domain(presignup, amazon, email):
-    event = signup_event(email)
+def test_admin_created_users_of_the_allowed_domain_pass(presignup, amazon, email):
+    event = signup_event(email, "PreSignUp_AdminCreateUser")
     result = presignup.handler(copy.deepcopy(event), None)
-    assert result["response"]["autoConfirmUser"] is True
-    assert result["response"]["autoVerifyEmail"] is False  # an address, not a mailbox
+    # Cognito ignores autoConfirmUser for AdminCreateUser (AdminSetUserPassword confirms).
+    assert result["response"]["autoConfirmUser"] is False
     assert result["request"] == event["request"]
 
 
 @pytest.mark.parametrize("email", LOOK_ALIKES)
 def test_rejects_look_alikes(presignup, amazon, email):
-    event = signup_event(email)
+    event = signup_event(email, "PreSignUp_AdminCreateUser")
     with pytest.raises(Exception) as raised:
         presignup.handler(event, None)
     # Cognito returns the message to the caller: it names the rule, not a stack trace.
@@ -89,7 +89,7 @@ def test_case_folding_cannot_forge_a_domain(presignup):
 
 @pytest.mark.parametrize("email", [None, 42, ["user@amazon.com"]])
 def test_rejects_missing_or_malformed_email(presignup, amazon, email):
-    event = signup_event(None)
+    event = signup_event(None, "PreSignUp_AdminCreateUser")
     if email is not None:
         event["request"]["userAttributes"]["email"] = email
     with pytest.raises(Exception):
@@ -99,35 +99,25 @@ def test_rejects_missing_or_malformed_email(presignup, amazon, email):
 def test_rejects_everything_without_a_configured_domain(presignup, monkeypatch):
     monkeypatch.delenv("ALLOWED_EMAIL_DOMAIN", raising=False)
     with pytest.raises(Exception):
-        presignup.handler(signup_event("user@amazon.com"), None)
+        presignup.handler(signup_event("user@amazon.com", "PreSignUp_AdminCreateUser"), None)
     monkeypatch.setenv("ALLOWED_EMAIL_DOMAIN", "")
     with pytest.raises(Exception):
-        presignup.handler(signup_event("user@"), None)
+        presignup.handler(signup_event("user@", "PreSignUp_AdminCreateUser"), None)
 
 
-def test_admin_created_users_are_checked_but_not_auto_confirmed(presignup, amazon):
-    # AdminCreateUser (the shared app user) also runs the trigger: same domain rule; Cognito
-    # ignores autoConfirmUser there (the user is confirmed by AdminSetUserPassword).
-    result = presignup.handler(signup_event("user@amazon.com", "PreSignUp_AdminCreateUser"), None)
-    assert result["response"]["autoConfirmUser"] is False
+@pytest.mark.parametrize("source", ["PreSignUp_ExternalProvider", "PreSignUp_Unknown", None, 7])
+def test_other_sign_up_sources_are_refused(presignup, amazon, source):
     with pytest.raises(Exception):
-        presignup.handler(signup_event("user@amazon.com.evil.io", "PreSignUp_AdminCreateUser"), None)
-
-
-def test_external_provider_sign_ups_follow_the_same_rule(presignup, amazon):
-    with pytest.raises(Exception):
-        presignup.handler(signup_event("user@gmail.com", "PreSignUp_ExternalProvider"), None)
-
-
-def test_tolerates_a_missing_response_object(presignup, amazon):
-    event = signup_event("user@amazon.com")
-    del event["response"]
-    assert presignup.handler(event, None)["response"]["autoConfirmUser"] is True
+        presignup.handler(signup_event("user@amazon.com", source), None)
 
 
 def test_template_wires_the_domain_parameter(stack):
     props = stack.properties("PreSignUpFunction")
-    assert props["Environment"]["Variables"] == {"ALLOWED_EMAIL_DOMAIN": DOMAIN}
+    assert props["Environment"]["Variables"] == {"ALLOWED_EMAIL_DOMAIN": DOMAIN,
+                                                 "SECRET_SUFFIX": "_relay-test-app-user"}
+    # The secret the function reads is the custom resource's: <UserPoolId><SECRET_SUFFIX>.
+    assert stack.get_att("AppUser", "SecretName") == \
+        stack.ref("CognitoUserPool") + props["Environment"]["Variables"]["SECRET_SUFFIX"]
     assert stack.properties("CognitoUserPool")["LambdaConfig"]["PreSignUp"] == stack.get_att(
         "PreSignUpFunction", "Arn")
 

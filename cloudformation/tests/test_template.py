@@ -8,10 +8,10 @@ import pytest
 
 import cfn
 import iam
-from helpers import PARAMETERS
+from helpers import FLEET_PARAMETERS, PARAMETERS
 
 SPEC_OUTPUTS = {"CognitoIdentityPoolID", "CognitoUnAuthRole", "SecretName", "Region", "IoTEndpoint",
-                "IoTPolicy", "ClassicFlow", "AttachFunction"}
+                "IoTPolicy", "ClassicFlow", "AttachFunction", "RegistrationMode"}
 
 
 def resources_of(template, kind):
@@ -28,6 +28,8 @@ def test_outputs_are_the_ones_config_from_stack_reads(template, stack):
     assert stack.output("IoTPolicy") == "relay-test-iot-policy"
     assert stack.output("ClassicFlow") == "false"
     assert stack.output("AttachFunction") == stack.get_att("AttachPolicyFunction", "Arn")
+    assert stack.output("RegistrationMode") == "shared-user"
+    assert cfn.Stack(template, FLEET_PARAMETERS).output("RegistrationMode") == "self-register"
 
 
 @pytest.mark.parametrize("name", ["PreSignUpFunction", "UserSetupFunction", "AttachPolicyFunction"])
@@ -114,9 +116,10 @@ def test_no_iam_policy_uses_wildcard_actions_or_negations(template):
 
 
 def test_user_pool_is_admin_only_unless_fleet_mode(template):
-    assert template["Parameters"]["AllowSelfSignUp"]["Default"] == "false"
-    for value, admin_only in (("false", True), ("true", False)):
-        stack = cfn.Stack(template, dict(PARAMETERS, AllowSelfSignUp=value))
+    assert template["Parameters"]["RegistrationMode"]["Default"] == "self-register"
+    assert template["Parameters"]["RegistrationMode"]["AllowedValues"] == ["self-register", "shared-user"]
+    for value, admin_only in (("shared-user", True), ("self-register", False)):
+        stack = cfn.Stack(template, dict(PARAMETERS, RegistrationMode=value))
         props = stack.properties("CognitoUserPool")
         assert props["AdminCreateUserConfig"]["AllowAdminCreateUserOnly"] is admin_only
 
@@ -249,7 +252,8 @@ def test_user_pool_waf_is_optional_and_allows_only_device_calls(template):
     assert conditional(template, "UserPoolWaf") == ["UserPoolDeviceNetwork", "UserPoolWebAcl",
                                                      "UserPoolWebAclAssociation"]
     for fleet in ("false", "true"):
-        stack = cfn.Stack(template, dict(PARAMETERS, EnableUserPoolWaf="true", AllowSelfSignUp=fleet),
+        mode = "self-register" if fleet == "true" else "shared-user"
+        stack = cfn.Stack(template, dict(PARAMETERS, EnableUserPoolWaf="true", RegistrationMode=mode),
                           attributes={"UserPoolDeviceNetwork.Arn": "ipset-arn", "UserPoolWebAcl.Arn": "acl-arn"})
         acl = stack.properties("UserPoolWebAcl")
         assert acl["DefaultAction"] == {"Block": {}}
@@ -327,3 +331,13 @@ def test_user_pool_waf_refuses_any_network(template):
     failed = rule_passes(template, {"DeviceCidrs": "0.0.0.0/0", "AllowAnyNetwork": "true",
                                     "EnableUserPoolWaf": "true"})
     assert failed and "EnableUserPoolWaf" in failed[0]
+
+
+def test_presignup_role_grants_exactly_the_calls_its_code_makes(template, stack):
+    code = template["Resources"]["PreSignUpFunction"]["Properties"]["Code"]["ZipFile"]
+    calls = set(re.findall(r'boto3\.client\("([a-z-]+)"\)\.(\w+)\(', code))
+    assert calls == {("secretsmanager", "get_secret_value")}
+    assert code.count("boto3.client(") == 1
+    statements = iam.role_statements(stack.properties("PreSignUpFunctionRole"))
+    assert iam.allowed_actions(statements) - {"logs:CreateLogStream", "logs:PutLogEvents"} == {
+        "secretsmanager:GetSecretValue"}

@@ -446,3 +446,78 @@ def test_response_delivery_is_retried(cloud, user_setup, cfn_responses):
     event = cfn_event("Delete", cloud.props, cfn_responses.url, physical_id="failed-create-x")
     user_setup.handler(event, FakeContext())
     assert [a["Status"] for a in cfn_responses.answers] == ["SUCCESS", "SUCCESS"]
+
+
+# ------------------------------------------------------------------ issue 13: self-register mode
+
+def fleet_props(cloud):
+    return dict(cloud.props, RegistrationMode="self-register")
+
+
+def test_self_register_create_makes_a_code_and_no_user(cloud, invoke, caplog):
+    props = fleet_props(cloud)
+    with caplog.at_level(logging.INFO):
+        answer = invoke("Create", props)
+    assert answer["Status"] == "SUCCESS", answer["Reason"]
+    name = cloud.secret_name()
+    assert answer["PhysicalResourceId"] == name  # the same secret name as in shared-user mode
+    value = cloud.password(name)
+    assert list(value) == ["registration_code"]
+    code = value["registration_code"]
+    assert len(code) >= 43 and set(code) <= set(string.ascii_letters + string.digits + "-_")
+    assert not cloud.user_exists(f"{PREFIX}-app-user")
+    tags = cloud.tags(name)
+    assert tags["EmailDomain"] == "example.com"
+    assert list(tags)[:5] == ["ClientId", "UserPoolId", "IdentityPoolId", "IoTEndpoint", "IoTPolicy"]
+    assert code not in caplog.text and code not in json.dumps(answer)
+    # A second stack gets another code.
+    other = cloud.idp.create_user_pool(PoolName="other")["UserPool"]["Id"]
+    second = invoke("Create", dict(props, UserPoolId=other))
+    assert cloud.password(second["PhysicalResourceId"])["registration_code"] != code
+
+
+def test_shared_user_secrets_carry_no_email_domain_tag(cloud, invoke):
+    answer = invoke("Create", cloud.props)
+    assert "EmailDomain" not in cloud.tags(answer["PhysicalResourceId"])
+
+
+def test_update_keeps_the_code_unless_the_mode_changes(cloud, invoke):
+    props = fleet_props(cloud)
+    name = invoke("Create", props)["PhysicalResourceId"]
+    code = cloud.password(name)["registration_code"]
+    # An operator's rotation (put-secret-value) survives later stack updates.
+    cloud.sm.put_secret_value(SecretId=name, SecretString=json.dumps({"registration_code": "rotated-" + "r" * 40}))
+    assert invoke("Update", dict(props, IoTPolicy=props["IoTPolicy"]), name, props)["Status"] == "SUCCESS"
+    assert cloud.password(name) == {"registration_code": "rotated-" + "r" * 40}
+    assert code != "rotated-" + "r" * 40
+
+
+def test_migrating_a_shared_user_stack_to_self_register(cloud, invoke):
+    shared = cloud.props
+    name = invoke("Create", shared)["PhysicalResourceId"]
+    # Stacks from before RegistrationMode send no such property: they are shared-user.
+    old = {k: v for k, v in shared.items() if k != "RegistrationMode"}
+    answer = invoke("Update", fleet_props(cloud), name, old)
+    assert answer["Status"] == "SUCCESS", answer["Reason"]
+    assert answer["PhysicalResourceId"] == name  # devices keep their secret_id
+    assert list(cloud.password(name)) == ["registration_code"]
+    assert cloud.tags(name)["EmailDomain"] == "example.com"
+    # The shared user stays until the operator deletes it (docs/operations.md).
+    assert cloud.user_exists(f"{PREFIX}-app-user")
+
+
+def test_going_back_to_shared_user_makes_a_working_user(cloud, invoke):
+    props = fleet_props(cloud)
+    name = invoke("Create", props)["PhysicalResourceId"]
+    answer = invoke("Update", cloud.props, name, props)
+    assert answer["Status"] == "SUCCESS", answer["Reason"]
+    secret = cloud.password(name)
+    password = secret[f"{PREFIX}-app-user"]
+    auth = cloud.idp.initiate_auth(
+        ClientId=cloud.client_id, AuthFlow="USER_PASSWORD_AUTH",
+        AuthParameters={"USERNAME": f"{PREFIX}-app-user", "PASSWORD": password})
+    assert auth["AuthenticationResult"]["IdToken"]
+    # And once more to self-register and back: the kept user gets a new password.
+    invoke("Update", props, name, cloud.props)
+    assert invoke("Update", cloud.props, name, props)["Status"] == "SUCCESS"
+    assert cloud.password(name)[f"{PREFIX}-app-user"] != password

@@ -20,7 +20,15 @@ fuzz_target!(|line: &[u8]| {
             assert!(full.matches('/').count() <= MAX_TOPIC_SLASHES);
             assert!(!full.contains(['+', '#', '\0']));
         }
-        Ok(Request::Status { .. } | Request::DeadLetters { .. }) => {}
+        Ok(Request::Subscribe { topics, .. }) => {
+            for filter in topics {
+                let full = rules.full_topic(IDENTITY, &filter);
+                assert!(full.len() <= MAX_TOPIC_BYTES);
+                assert!(full.matches('/').count() <= MAX_TOPIC_SLASHES);
+                assert!(!full.contains('\0'));
+            }
+        }
+        Ok(Request::Status { .. } | Request::DeadLetters { .. } | Request::Ack { .. }) => {}
         Err(rejection) => {
             // Every refusal renders as one JSON line.
             let answer = rejection.to_line();

@@ -37,6 +37,9 @@ _iot__cognito__relay() {
             iot__cognito__relay,status)
                 cmd="iot__cognito__relay__subcmd__status"
                 ;;
+            iot__cognito__relay,subscribe)
+                cmd="iot__cognito__relay__subcmd__subscribe"
+                ;;
             iot__cognito__relay__subcmd__help,check-config)
                 cmd="iot__cognito__relay__subcmd__help__subcmd__check__subcmd__config"
                 ;;
@@ -58,6 +61,9 @@ _iot__cognito__relay() {
             iot__cognito__relay__subcmd__help,status)
                 cmd="iot__cognito__relay__subcmd__help__subcmd__status"
                 ;;
+            iot__cognito__relay__subcmd__help,subscribe)
+                cmd="iot__cognito__relay__subcmd__help__subcmd__subscribe"
+                ;;
             *)
                 ;;
         esac
@@ -65,7 +71,7 @@ _iot__cognito__relay() {
 
     case "${cmd}" in
         iot__cognito__relay)
-            opts="-h -V --help --version run send status check-config config-from-stack dead-letters help"
+            opts="-h -V --help --version run send status check-config config-from-stack subscribe dead-letters help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -133,7 +139,7 @@ _iot__cognito__relay() {
             return 0
             ;;
         iot__subcmd__cognito__subcmd__relay__subcmd__help)
-            opts="run send status check-config config-from-stack dead-letters help"
+            opts="run send status check-config config-from-stack subscribe dead-letters help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -244,6 +250,20 @@ _iot__cognito__relay() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        iot__subcmd__cognito__subcmd__relay__subcmd__help__subcmd__subscribe)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         iot__subcmd__cognito__subcmd__relay__subcmd__run)
             opts="-h --config --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -304,6 +324,28 @@ _iot__cognito__relay() {
                     return 0
                     ;;
                 --timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        iot__subcmd__cognito__subcmd__relay__subcmd__subscribe)
+            opts="-h --socket --count --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --count)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -22,26 +22,31 @@ const SEE_PROTOCOL: &str = "The socket protocol, its error codes and limits: \
     "Operations: /usr/share/doc/iot-cognito-relay/operations.md."
 ))]
 pub struct Cli {
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The subcommands.
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the daemon in the foreground (systemd runs this).
     #[command(after_long_help = SEE_CONFIGURATION)]
     Run {
+        /// The config file.
         #[arg(long, default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
     /// Publish PAYLOAD, or one message per stdin line, through the daemon; waits for the acks.
     #[command(after_long_help = SEE_PROTOCOL)]
     Send {
+        /// The daemon's socket.
         #[arg(long, default_value = "/run/iot-cognito-relay/relay.sock")]
         socket: PathBuf,
         /// Relative topic; the daemon adds <identity_pool_id>/<identity_id>/.
         #[arg(long, required_unless_present = "json")]
         topic: Option<String>,
+        /// 1: kept until IoT Core acknowledges it; 0: sent once.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
         qos: u8,
         /// Inputs are whole protocol lines (see docs/protocol.md) instead of payloads.
@@ -56,6 +61,7 @@ pub enum Command {
     /// Show the daemon's state and counters.
     #[command(after_long_help = SEE_PROTOCOL)]
     Status {
+        /// The daemon's socket.
         #[arg(long, default_value = "/run/iot-cognito-relay/relay.sock")]
         socket: PathBuf,
         /// Print the raw JSON object.
@@ -68,16 +74,43 @@ pub enum Command {
     /// Validate the config and print the effective values.
     #[command(after_long_help = SEE_CONFIGURATION)]
     CheckConfig {
+        /// The config file.
         #[arg(long, default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
     /// Turn `aws cloudformation describe-stacks` JSON into a config.toml on stdout.
     #[command(after_long_help = SEE_CONFIGURATION)]
-    ConfigFromStack { file: PathBuf },
+    ConfigFromStack {
+        /// The saved output of `aws cloudformation describe-stacks`.
+        file: PathBuf,
+    },
+    /// Print cloud-to-device messages matching FILTER (one JSON line each), acking each one
+    /// after it is printed.
+    ///
+    /// Each line is {"topic": T, "payload": P} (P inline when the message is JSON, a string
+    /// when it is other text) or {"topic": T, "payload_base64": B}; topics are relative to the
+    /// device prefix. A message is acked only after its line is written and flushed, so one
+    /// that is not printed (the command is killed, stdout is closed) goes to the next
+    /// subscriber: a script may see a message twice, never zero times. The daemon receives
+    /// what `[downlink] topics` subscribes to; FILTER picks from that (MQTT wildcards + and #).
+    #[command(after_long_help = SEE_PROTOCOL)]
+    Subscribe {
+        /// The daemon's socket.
+        #[arg(long, default_value = "/run/iot-cognito-relay/relay.sock")]
+        socket: PathBuf,
+        /// Exit 0 after N messages (default: run until the daemon stops).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Topic filters relative to the device prefix, e.g. 'commands/#'.
+        #[arg(required = true, value_name = "FILTER")]
+        filters: Vec<String>,
+    },
     /// List, requeue or purge the dead letters: messages the broker never accepted.
     DeadLetters {
+        /// What to do with them.
         #[arg(value_enum, default_value_t = DeadLetterAction::List)]
         action: DeadLetterAction,
+        /// The daemon's socket.
         #[arg(long, default_value = "/run/iot-cognito-relay/relay.sock")]
         socket: PathBuf,
         /// Print the daemon's raw JSON answer.

@@ -113,75 +113,14 @@ pub fn send(
     timeout: Duration,
 ) -> Result<u64, SocketClientError> {
     let stream = connect(socket, timeout)?;
-    let mut writer = stream.try_clone()?;
+    let writer = stream.try_clone()?;
     let written = Arc::new(AtomicU64::new(0));
     let sent_so_far = written.clone();
     // Written by one thread while this one reads answers, so neither side's buffer fills up.
     // Not scoped: on a timeout this thread may sit in a stdin read, and must not be joined.
-    let sender = std::thread::spawn(move || -> Result<u64, std::io::Error> {
-        let mut count = 0u64;
-        let mut write = |payload: &str, count: &mut u64| -> std::io::Result<()> {
-            *count += 1;
-            let line = match &framing {
-                Framing::Message { topic, qos } => {
-                    json!({"topic": topic, "payload": payload_value(payload), "qos": qos, "id": *count})
-                        .to_string()
-                }
-                Framing::Json => protocol_line(payload, *count),
-            };
-            writer.write_all(format!("{line}\n").as_bytes())?;
-            written.store(*count, Ordering::SeqCst);
-            Ok(())
-        };
-        match payloads {
-            Payloads::One(text) => write(&text, &mut count)?,
-            Payloads::Lines(lines) => {
-                for line in lines.lines() {
-                    let line = line?;
-                    if !line.trim().is_empty() {
-                        write(&line, &mut count)?;
-                    }
-                }
-            }
-        }
-        writer.shutdown(std::net::Shutdown::Write)?;
-        Ok(count)
-    });
-    let mut answers = 0u64;
-    let mut refused = 0u64;
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    loop {
-        match reader.read_line(&mut line) {
-            Ok(0) => break,
-            Ok(_) => {}
-            // Nothing owed yet: the input is slow, not the daemon.
-            Err(error) if timed_out(&error) && answers >= sent_so_far.load(Ordering::SeqCst) => {
-                if sender.is_finished() {
-                    break;
-                }
-                continue;
-            }
-            Err(error) if timed_out(&error) => return Err(SocketClientError::Timeout(timeout)),
-            Err(error) => return Err(error.into()),
-        }
-        {
-            let line = std::mem::take(&mut line);
-            let line = line.trim_end();
-            let answer: Value = serde_json::from_str(line)
-                .map_err(|_| SocketClientError::BadAnswer(line.to_owned()))?;
-            answers += 1;
-            if answer["ok"] != Value::Bool(true) {
-                refused += 1;
-                eprintln!(
-                    "message {}: {}: {}",
-                    answer["id"],
-                    answer["error"].as_str().unwrap_or("error"),
-                    answer["message"].as_str().unwrap_or("")
-                );
-            }
-        }
-    }
+    let sender = std::thread::spawn(move || write_inputs(writer, &framing, payloads, &written));
+    let owed = || sent_so_far.load(Ordering::SeqCst);
+    let (answers, refused) = read_answers(stream, timeout, owed, || sender.is_finished())?;
     let sent = match sender.join() {
         Ok(Err(error)) if timed_out(&error) => return Err(SocketClientError::Timeout(timeout)),
         Ok(result) => result?,
@@ -191,6 +130,85 @@ pub fn send(
         return Err(SocketClientError::Closed);
     }
     Ok(refused)
+}
+
+/// Writes one protocol line per input, counting them in `written`; returns the count.
+fn write_inputs(
+    mut writer: UnixStream,
+    framing: &Framing,
+    payloads: Payloads,
+    written: &AtomicU64,
+) -> std::io::Result<u64> {
+    let mut count = 0u64;
+    let mut write = |payload: &str, count: &mut u64| -> std::io::Result<()> {
+        *count += 1;
+        let line = match framing {
+            Framing::Message { topic, qos } => {
+                json!({"topic": topic, "payload": payload_value(payload), "qos": qos, "id": *count})
+                    .to_string()
+            }
+            Framing::Json => protocol_line(payload, *count),
+        };
+        writer.write_all(format!("{line}\n").as_bytes())?;
+        written.store(*count, Ordering::SeqCst);
+        Ok(())
+    };
+    match payloads {
+        Payloads::One(text) => write(&text, &mut count)?,
+        Payloads::Lines(lines) => {
+            for line in lines.lines() {
+                let line = line?;
+                if !line.trim().is_empty() {
+                    write(&line, &mut count)?;
+                }
+            }
+        }
+    }
+    writer.shutdown(std::net::Shutdown::Write)?;
+    Ok(count)
+}
+
+/// Reads answers until the daemon closes, or until none is owed and the writer is done.
+/// Returns (answers, refused); each refusal is printed to stderr.
+fn read_answers(
+    stream: UnixStream,
+    timeout: Duration,
+    owed: impl Fn() -> u64,
+    writer_done: impl Fn() -> bool,
+) -> Result<(u64, u64), SocketClientError> {
+    let mut answers = 0u64;
+    let mut refused = 0u64;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        match reader.read_line(&mut line) {
+            Ok(0) => return Ok((answers, refused)),
+            Ok(_) => {}
+            // Nothing owed yet: the input is slow, not the daemon.
+            Err(error) if timed_out(&error) && answers >= owed() => {
+                if writer_done() {
+                    return Ok((answers, refused));
+                }
+                continue;
+            }
+            Err(error) if timed_out(&error) => return Err(SocketClientError::Timeout(timeout)),
+            Err(error) => return Err(error.into()),
+        }
+        let text = std::mem::take(&mut line);
+        let text = text.trim_end();
+        let answer: Value = serde_json::from_str(text)
+            .map_err(|_| SocketClientError::BadAnswer(text.to_owned()))?;
+        answers += 1;
+        if answer["ok"] != Value::Bool(true) {
+            refused += 1;
+            eprintln!(
+                "message {}: {}: {}",
+                answer["id"],
+                answer["error"].as_str().unwrap_or("error"),
+                answer["message"].as_str().unwrap_or("")
+            );
+        }
+    }
 }
 
 /// Asks the daemon for its status object, giving up after `timeout`.
@@ -276,9 +294,22 @@ pub fn format_status(status: &Value) -> String {
         None => String::new(),
     };
     format!(
-        "state:               {}\nidentity:            {}\ncredentials expire:  {}\nlast refresh:        {}\nlast error:          {}\nspool:               {} messages, {} bytes\npublished:           {} ({} republished)\ndropped:             {}\ndead letters:        {} ({} since start)\n{skew}",
+        "state:               {}
+identity:            {}
+registration:        {} (device {})
+credentials expire:  {}
+last refresh:        {}
+last error:          {}
+spool:               {} messages, {} bytes
+published:           {} ({} republished)
+dropped:             {}
+dead letters:        {} ({} since start)
+inbox:               {} messages ({} dropped)
+{skew}",
         field("state"),
         field("identity_id"),
+        field("registration_mode"),
+        field("device_name"),
         field("credentials_expire_at"),
         field("last_refresh"),
         field("last_error"),
@@ -289,6 +320,8 @@ pub fn format_status(status: &Value) -> String {
         field("dropped_total"),
         field("dead_letters"),
         field("dead_letter_total"),
+        field("inbox_messages"),
+        field("inbox_dropped_total"),
     )
 }
 
@@ -309,4 +342,110 @@ mod tests {
         let fine = serde_json::json!({"state": "connected", "clock_skew_s": null});
         assert!(!format_status(&fine).contains("clock:"));
     }
+}
+
+/// How long `subscribe` waits to connect and for the daemon to confirm the subscription.
+pub const SUBSCRIBE_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why `subscribe` stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    #[error(transparent)]
+    Socket(#[from] SocketClientError),
+    /// The daemon refused the request (e.g. `invalid_topic` for a bad filter).
+    #[error("{code}: {message}")]
+    Refused { code: String, message: String },
+    #[error("cannot write a message out: {0}")]
+    Output(std::io::Error),
+}
+
+/// `subscribe`: prints one JSON line per message (`topic`, and `payload` or
+/// `payload_base64`) to `out`, and acks each one only after it is written and flushed; a
+/// message not printed is not acked and comes again. Returns after `count` messages (the
+/// last ack confirmed by the daemon), or when the daemon closes the connection.
+pub fn subscribe(
+    socket: &Path,
+    filters: &[String],
+    count: Option<u64>,
+    out: &mut dyn Write,
+) -> Result<u64, SubscribeError> {
+    let mut stream = connect(socket, SUBSCRIBE_ANSWER_TIMEOUT)?;
+    let io = io_error(SUBSCRIBE_ANSWER_TIMEOUT);
+    let request = json!({"op": "subscribe", "topics": filters, "id": "subscribe"});
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .map_err(io)?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(SocketClientError::Io)?);
+    let answer = read_json(&mut reader, io)?;
+    refused(&answer)?;
+    if answer["id"] != "subscribe" {
+        return Err(SocketClientError::BadAnswer(answer.to_string()).into());
+    }
+    // Messages may be far apart: wait for them as long as it takes.
+    stream
+        .set_read_timeout(None)
+        .map_err(SocketClientError::Io)?;
+    let mut printed = 0u64;
+    let mut last_ack: Option<i64> = None;
+    loop {
+        if count.is_some_and(|count| printed >= count) && last_ack.is_none() {
+            return Ok(printed);
+        }
+        let line = match read_json(&mut reader, io) {
+            Ok(line) => line,
+            Err(SocketClientError::Closed) if count.is_none() => return Ok(printed),
+            Err(error) => return Err(error.into()),
+        };
+        if line["op"] != "message" {
+            // The answer to an ack: the last one closes a `--count` run.
+            refused(&line)?;
+            if line["id"].as_i64().is_some() && line["id"].as_i64() == last_ack {
+                last_ack = None;
+            }
+            continue;
+        }
+        if count.is_some_and(|count| printed >= count) {
+            // More than asked for: not acked, so it goes to the next subscriber.
+            continue;
+        }
+        let Some(seq) = line["seq"].as_i64() else {
+            return Err(SocketClientError::BadAnswer(line.to_string()).into());
+        };
+        let mut shown = serde_json::Map::new();
+        shown.insert("topic".into(), line["topic"].clone());
+        for key in ["payload", "payload_base64"] {
+            if let Some(value) = line.get(key) {
+                shown.insert(key.into(), value.clone());
+            }
+        }
+        writeln!(out, "{}", Value::Object(shown)).map_err(SubscribeError::Output)?;
+        out.flush().map_err(SubscribeError::Output)?;
+        printed += 1;
+        let ack = json!({"op": "ack", "seq": seq, "id": seq});
+        stream
+            .write_all(format!("{ack}\n").as_bytes())
+            .map_err(SocketClientError::Io)?;
+        last_ack = Some(seq);
+    }
+}
+
+fn read_json(
+    reader: &mut impl BufRead,
+    io: impl Fn(std::io::Error) -> SocketClientError,
+) -> Result<Value, SocketClientError> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).map_err(io)? == 0 {
+        return Err(SocketClientError::Closed);
+    }
+    serde_json::from_str(&line).map_err(|_| SocketClientError::BadAnswer(line.trim_end().into()))
+}
+
+fn refused(answer: &Value) -> Result<(), SubscribeError> {
+    if answer["ok"] == Value::Bool(false) {
+        return Err(SubscribeError::Refused {
+            code: answer["error"].as_str().unwrap_or("error").to_owned(),
+            message: answer["message"].as_str().unwrap_or_default().to_owned(),
+        });
+    }
+    Ok(())
 }

@@ -69,8 +69,25 @@ pub fn config_from_stack(json: &str) -> Result<String, StackError> {
     let origin = stack_name.map(|n| format!(" {n}")).unwrap_or_default();
     Ok(format!(
         "# iot-cognito-relay config, generated from the outputs of stack{origin}.\n\
-         # Every other key has a default; see `iot-cognito-relay check-config`.\n\n{body}"
+         # Every other key has a default; see `iot-cognito-relay check-config`.\n{}\n{body}",
+        mode_note(outputs.get("RegistrationMode").copied())
     ))
+}
+
+/// What the stack's `RegistrationMode` output means for the devices (stacks from before that
+/// output are shared-user).
+fn mode_note(mode: Option<&str>) -> &'static str {
+    match mode {
+        Some("self-register") => {
+            "# RegistrationMode self-register: every device registers its own user on first start,\n\
+             # named by identity.device_name (default: derived from /etc/machine-id). The same file\n\
+             # serves the whole fleet.\n"
+        }
+        _ => {
+            "# RegistrationMode shared-user: all devices share one user, so only one device can be\n\
+             # online at a time (one MQTT client id). See cloudformation/README.md for a fleet.\n"
+        }
+    }
 }
 
 fn find_outputs(document: &Value) -> Result<(Option<String>, &Vec<Value>), StackError> {
@@ -130,6 +147,17 @@ mod tests {
         assert!(text.starts_with(
             "# iot-cognito-relay config, generated from the outputs of stack demo-cognito-iot-setup"
         ));
+    }
+
+    /// Issue 13: the file says which mode the stack is in and what that means for the fleet.
+    #[test]
+    fn names_the_registration_mode() {
+        let text = config_from_stack(SAMPLE).expect("config");
+        assert!(text.contains("RegistrationMode self-register"), "{text}");
+        let shared = SAMPLE.replace("\"self-register\"", "\"shared-user\"");
+        let text = config_from_stack(&shared).expect("config");
+        assert!(text.contains("RegistrationMode shared-user"), "{text}");
+        assert!(text.contains("only one device"), "{text}");
     }
 
     /// Issue 14, point 5: the enhanced flow unless the stack enables the classic one.

@@ -3,8 +3,11 @@
 //! Every key has a sound default except the two that name the cloud side. Validation happens
 //! here, once, so the rest of the daemon can trust the values it is handed.
 
+pub mod changes;
+mod downlink;
 mod trust;
 mod units;
+mod validate;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -12,9 +15,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::message::Qos;
+pub use downlink::{DownlinkConfig, HealthConfig};
+
 use trust::check_not_tamperable;
-pub use units::ByteSize;
 use units::duration;
+pub use units::{ByteSize, Delimiter, FileMode};
 
 /// Where the daemon looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/iot-cognito-relay/config.toml";
@@ -24,6 +30,8 @@ pub const ENV_PREFIX: &str = "IOT_COGNITO_RELAY";
 pub const MAX_PAYLOAD_BYTES: u64 = 128 * 1024;
 /// IoT Core accepts keep-alive values between 30 s and 1200 s.
 const KEEP_ALIVE_RANGE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(1200));
+/// Longest `identity.start_delay`: past an hour a device would look dead after every boot.
+const MAX_START_DELAY: Duration = Duration::from_secs(3600);
 
 /// Why a config could not be used. Every variant names the file or key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +56,11 @@ const SHORTEST_TOPIC: &str = "t";
 
 /// More readings than this in one array would not fit 128 KiB anyway (each takes 2+ bytes).
 const MAX_BATCH_MESSAGES: u32 = 65_536;
-/// Longest `spool.commit_window`: offline, every `ok` waits this long.
+/// Longest `spool.commit_window`: a message the publisher sent waits at most this for its `ok`.
 const MAX_COMMIT_WINDOW: Duration = Duration::from_secs(5);
 
 /// The whole configuration, section by section as in SPEC.md.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -74,10 +82,14 @@ pub struct Config {
     #[serde(default)]
     pub shutdown: ShutdownConfig,
     #[serde(default)]
+    pub downlink: DownlinkConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
     pub log: LogConfig,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AwsConfig {
     /// Defaults to the region prefix of `identity.identity_pool_id`.
@@ -88,7 +100,7 @@ pub struct AwsConfig {
     pub endpoint_url: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     #[serde(default)]
@@ -100,11 +112,23 @@ pub struct IdentityConfig {
     pub unauth_role_arn: String,
     #[serde(with = "duration", default = "IdentityConfig::default_refresh_margin")]
     pub refresh_margin: Duration,
+    /// Fleet mode: this device's user name; empty derives one from `/etc/machine-id`.
+    #[serde(default)]
+    pub device_name: String,
+    /// Right after boot, wait a random time below this before the first sign-in.
+    #[serde(with = "duration", default = "IdentityConfig::default_start_delay")]
+    pub start_delay: Duration,
 }
 
 impl IdentityConfig {
     fn default_refresh_margin() -> Duration {
         Duration::from_secs(5 * 60)
+    }
+
+    /// Spreads the restart of about 3,000 devices within Cognito's default quotas
+    /// (docs/operations.md, "Boot storms and Cognito quotas").
+    fn default_start_delay() -> Duration {
+        Duration::from_secs(30)
     }
 }
 
@@ -115,11 +139,13 @@ impl Default for IdentityConfig {
             secret_id: String::new(),
             unauth_role_arn: String::new(),
             refresh_margin: Self::default_refresh_margin(),
+            device_name: String::new(),
+            start_delay: Self::default_start_delay(),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
     /// Defaults to the secret's `IoTEndpoint` tag.
@@ -145,12 +171,12 @@ impl Default for MqttConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SocketConfig {
     pub path: PathBuf,
-    /// Octal file mode, as a string so that "0660" keeps its meaning from TOML and env alike.
-    pub mode: String,
+    /// Octal file mode of the sockets.
+    pub mode: FileMode,
     /// When either list is non-empty, only clients whose uid or gid is listed may connect
     /// (checked with SO_PEERCRED), on top of the socket's file mode.
     pub allowed_uids: Vec<u32>,
@@ -167,7 +193,7 @@ pub struct SocketConfig {
 }
 
 /// One `[[socket.raw]]` entry.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSocketConfig {
     pub path: PathBuf,
@@ -175,23 +201,18 @@ pub struct RawSocketConfig {
     pub topic: String,
     /// One byte that ends a record (default newline).
     #[serde(default = "RawSocketConfig::default_delimiter")]
-    pub delimiter: String,
+    pub delimiter: Delimiter,
     #[serde(default = "RawSocketConfig::default_qos")]
-    pub qos: u8,
+    pub qos: Qos,
 }
 
 impl RawSocketConfig {
-    fn default_delimiter() -> String {
-        "\n".into()
+    fn default_delimiter() -> Delimiter {
+        Delimiter(b'\n')
     }
 
-    fn default_qos() -> u8 {
-        1
-    }
-
-    /// The validated delimiter byte.
-    pub fn delimiter_byte(&self) -> u8 {
-        self.delimiter.as_bytes().first().copied().unwrap_or(b'\n')
+    fn default_qos() -> Qos {
+        Qos::AtLeastOnce
     }
 }
 
@@ -199,7 +220,7 @@ impl Default for SocketConfig {
     fn default() -> Self {
         SocketConfig {
             path: "/run/iot-cognito-relay/relay.sock".into(),
-            mode: "0660".into(),
+            mode: FileMode(0o660),
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
             max_clients: 256,
@@ -217,14 +238,9 @@ impl SocketConfig {
             || self.allowed_uids.contains(&uid)
             || self.allowed_gids.contains(&gid)
     }
-
-    /// The validated mode as permission bits.
-    pub fn mode_bits(&self) -> u32 {
-        parse_mode(&self.mode).unwrap_or(0o660)
-    }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
     pub dir: PathBuf,
@@ -246,7 +262,7 @@ pub enum OnFull {
     RejectNew,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolConfig {
     pub max_bytes: ByteSize,
@@ -266,7 +282,7 @@ impl Default for SpoolConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PublishConfig {
     pub max_publishes_per_second: u32,
@@ -284,7 +300,7 @@ impl Default for PublishConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
     pub max_messages: u32,
@@ -303,7 +319,7 @@ impl Default for BatchConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
     #[serde(with = "duration")]
@@ -318,7 +334,7 @@ impl Default for ShutdownConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     pub level: String,
@@ -354,201 +370,23 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks every rule SPEC.md states and fills the defaults derived from other keys.
-    fn validate(&mut self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            key,
-            reason,
-        };
-        if self.identity.identity_pool_id.trim().is_empty() {
-            return Err(invalid(
-                "identity.identity_pool_id",
-                "is required (stack output CognitoIdentityPoolID)".into(),
-            ));
+    /// For `check-config`: the user name this device registers as on a self-register stack
+    /// (the mode itself is in the stack's secret, read at start; `status` shows it).
+    pub fn registration_note(&self) -> String {
+        let identity = &self.identity;
+        match crate::identity::device::device_name(
+            &identity.device_name,
+            &identity.identity_pool_id,
+        ) {
+            Ok(name) if identity.device_name.is_empty() => format!(
+                "# self-register stacks: this device registers as {name:?} (derived from {}); shared-user stacks ignore it",
+                crate::identity::device::MACHINE_ID
+            ),
+            Ok(name) => format!(
+                "# self-register stacks: this device registers as {name:?}; shared-user stacks ignore it"
+            ),
+            Err(error) => format!("# self-register stacks: {error}"),
         }
-        // Ids are used as written: a space or newline pasted along would only show up as a
-        // puzzling AWS error at the first sign-in.
-        for (key, id) in [
-            ("identity.identity_pool_id", &self.identity.identity_pool_id),
-            ("identity.secret_id", &self.identity.secret_id),
-            ("identity.unauth_role_arn", &self.identity.unauth_role_arn),
-        ] {
-            if id.contains(char::is_whitespace) {
-                return Err(invalid(
-                    key,
-                    format!("{id:?} contains whitespace; remove it"),
-                ));
-            }
-        }
-        let pool = self.identity.identity_pool_id.clone();
-        let Some((pool_region, pool_uuid)) = pool.split_once(':') else {
-            return Err(invalid(
-                "identity.identity_pool_id",
-                format!("{pool:?} is not of the form <region>:<uuid>"),
-            ));
-        };
-        if pool_region.is_empty() || pool_uuid.is_empty() {
-            return Err(invalid(
-                "identity.identity_pool_id",
-                format!("{pool:?} is not of the form <region>:<uuid>"),
-            ));
-        }
-        if self.identity.secret_id.trim().is_empty() {
-            return Err(invalid(
-                "identity.secret_id",
-                "is required (stack output SecretName)".into(),
-            ));
-        }
-        if self.aws.region.is_empty() {
-            self.aws.region = pool_region.to_owned();
-        }
-        let keep_alive = self.mqtt.keep_alive;
-        if keep_alive < KEEP_ALIVE_RANGE.0 || keep_alive > KEEP_ALIVE_RANGE.1 {
-            return Err(invalid(
-                "mqtt.keep_alive",
-                "must be between 30s and 20m (IoT Core's range)".into(),
-            ));
-        }
-        for (key, url) in [
-            ("aws.endpoint_url", &self.aws.endpoint_url),
-            ("mqtt.url", &self.mqtt.url),
-        ] {
-            if !url.is_empty() && !url.contains("://") {
-                return Err(invalid(key, format!("{url:?} is not a URL")));
-            }
-        }
-        let url = &self.mqtt.url;
-        if !(url.is_empty() || url.starts_with("wss://") || url.starts_with("ws://")) {
-            return Err(invalid(
-                "mqtt.url",
-                "must start with wss:// or ws://".into(),
-            ));
-        }
-        // Plain ws:// sends the presigned URL (session token included) in clear text: only to
-        // a broker on this machine (tests, a local bridge).
-        if url.starts_with("ws://") && !is_loopback_host(url_host(url)) {
-            return Err(invalid(
-                "mqtt.url",
-                format!(
-                    "ws:// (unencrypted) is allowed only to a loopback host, not {:?}; use wss://",
-                    url_host(url)
-                ),
-            ));
-        }
-        if !self.mqtt.ca_file.is_empty()
-            && let Err(error) = crate::publish::mqtt::tls_config(&self.mqtt.ca_file)
-        {
-            return Err(invalid("mqtt.ca_file", error.to_string()));
-        }
-        let prefix = self
-            .mqtt
-            .topic_prefix
-            .replace("{identity_pool_id}", "p")
-            .replace("{identity_id}", "i");
-        if prefix.contains(['+', '#', '\0', '{', '}']) || prefix.starts_with(['$', '/']) {
-            return Err(invalid(
-                "mqtt.topic_prefix",
-                "may use {identity_pool_id} and {identity_id} but no wildcard, NUL, other braces, or leading '$' or '/'".into(),
-            ));
-        }
-        if self.socket.max_clients == 0 {
-            return Err(invalid("socket.max_clients", "must be at least 1".into()));
-        }
-        let rules = crate::topic::TopicRules::new(&self.mqtt.topic_prefix, &pool, &self.aws.region);
-        // The expanded prefix (with the longest identity id) must leave room for a topic.
-        if let Err(error) = rules.validate(SHORTEST_TOPIC) {
-            return Err(invalid(
-                "mqtt.topic_prefix",
-                format!("leaves no room for a topic under IoT Core's limits: {error}"),
-            ));
-        }
-        for raw in &self.socket.raw {
-            if raw.delimiter.len() != 1 {
-                return Err(invalid(
-                    "socket.raw.delimiter",
-                    format!(
-                        "{:?} must be exactly one byte, e.g. \"\\n\" or \";\"",
-                        raw.delimiter
-                    ),
-                ));
-            }
-            if let Err(error) = rules.validate(&raw.topic) {
-                return Err(invalid(
-                    "socket.raw.topic",
-                    format!("{:?}: {error}", raw.topic),
-                ));
-            }
-            if raw.qos > 1 {
-                return Err(invalid("socket.raw.qos", "must be 0 or 1".into()));
-            }
-            if raw.path == self.socket.path
-                || self
-                    .socket
-                    .raw
-                    .iter()
-                    .filter(|r| r.path == raw.path)
-                    .count()
-                    > 1
-            {
-                return Err(invalid(
-                    "socket.raw.path",
-                    format!("{} is used by another socket", raw.path.display()),
-                ));
-            }
-        }
-        if parse_mode(&self.socket.mode).is_none() {
-            return Err(invalid(
-                "socket.mode",
-                format!(
-                    "{:?} is not an octal file mode like \"0660\"",
-                    self.socket.mode
-                ),
-            ));
-        }
-        if self.spool.max_bytes.0 < MAX_PAYLOAD_BYTES {
-            return Err(invalid(
-                "spool.max_bytes",
-                "must hold at least one full-size message (128KiB)".into(),
-            ));
-        }
-        if self.spool.commit_window > MAX_COMMIT_WINDOW {
-            return Err(invalid(
-                "spool.commit_window",
-                format!(
-                    "at most {} (offline, every ok waits that long)",
-                    humantime::format_duration(MAX_COMMIT_WINDOW)
-                ),
-            ));
-        }
-        if self.publish.max_in_flight == 0 {
-            return Err(invalid(
-                "publish.max_in_flight",
-                "must be at least 1".into(),
-            ));
-        }
-        if self.batch.max_messages == 0 || self.batch.max_messages > MAX_BATCH_MESSAGES {
-            return Err(invalid(
-                "batch.max_messages",
-                format!("must be between 1 (batching off) and {MAX_BATCH_MESSAGES}"),
-            ));
-        }
-        if self.batch.max_bytes.0 == 0 || self.batch.max_bytes.0 > MAX_PAYLOAD_BYTES {
-            return Err(invalid(
-                "batch.max_bytes",
-                "must be between 1 byte and 128KiB (IoT Core's payload limit)".into(),
-            ));
-        }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid(
-                "log.level",
-                format!(
-                    "{:?} is not a level or filter like \"info\"",
-                    self.log.level
-                ),
-            ));
-        }
-        Ok(())
     }
 
     /// The effective config as TOML, for `check-config`. Nothing in the config is a secret by
@@ -579,12 +417,6 @@ fn is_loopback_host(host: &str) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
-}
-
-fn parse_mode(mode: &str) -> Option<u32> {
-    u32::from_str_radix(mode.trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|bits| *bits <= 0o777)
 }
 
 /// Masks `user:password@` in a URL.
@@ -622,7 +454,7 @@ secret_id = "eu-west-1_abc_demo-app-user"
         assert_eq!(config.aws.region, "eu-west-1");
         assert_eq!(config.identity.refresh_margin, Duration::from_secs(300));
         assert_eq!(config.mqtt.keep_alive, Duration::from_secs(30));
-        assert_eq!(config.socket.mode_bits(), 0o660);
+        assert_eq!(config.socket.mode, FileMode(0o660));
         assert_eq!(config.spool.max_bytes, ByteSize(256 << 20));
         assert_eq!(config.spool.on_full, OnFull::DropOldest);
         assert_eq!(config.publish.max_publishes_per_second, 100);
@@ -716,18 +548,27 @@ secret_id = "eu-west-1_abc_demo-app-user"
             ))
         };
         let config = raw("topic = \"sensors/raw\"\ndelimiter = \";\"\n").expect("valid");
-        assert_eq!(config.socket.raw[0].delimiter_byte(), b';');
-        assert_eq!(config.socket.raw[0].qos, 1);
+        assert_eq!(config.socket.raw[0].delimiter, Delimiter(b';'));
+        assert_eq!(config.socket.raw[0].qos, Qos::AtLeastOnce);
         let err = raw("topic = \"a/#\"\n").expect_err("wildcard");
         assert!(err.to_string().contains("socket.raw.topic"), "{err}");
         let err = raw("topic = \"t\"\ndelimiter = \"ab\"\n").expect_err("two bytes");
-        assert!(err.to_string().contains("socket.raw.delimiter"), "{err}");
+        assert!(err.to_string().contains("delimiter"), "{err}");
+        assert!(err.to_string().contains("exactly one byte"), "{err}");
+        let err = raw("topic = \"t\"\nqos = 2\n").expect_err("no QoS 2");
+        assert!(err.to_string().contains("qos"), "{err}");
+        assert!(err.to_string().contains("must be 0 or 1"), "{err}");
+        let config = raw("topic = \"t\"\nqos = 0\n").expect("QoS 0");
+        assert_eq!(config.socket.raw[0].qos, Qos::AtMostOnce);
     }
 
     #[test]
     fn bad_socket_mode_is_rejected() {
         let err = load(&format!("{MINIMAL}\n[socket]\nmode = \"rw-rw----\"\n")).expect_err("fail");
         assert!(err.to_string().contains("socket.mode"), "{err}");
+        assert!(err.to_string().contains("not an octal file mode"), "{err}");
+        let config = load(&format!("{MINIMAL}\n[socket]\nmode = \"0600\"\n")).expect("valid");
+        assert_eq!(config.socket.mode, FileMode(0o600));
     }
 
     #[test]

@@ -66,6 +66,55 @@ impl Serialize for ByteSize {
     }
 }
 
+/// An octal file mode (`"0660"`), a string so that the leading zero keeps its meaning from
+/// TOML and environment overrides alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileMode(pub u32);
+
+impl FileMode {
+    pub fn parse(text: &str) -> Result<FileMode, String> {
+        u32::from_str_radix(text.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|bits| *bits <= 0o777)
+            .map(FileMode)
+            .ok_or_else(|| format!("{text:?} is not an octal file mode like \"0660\""))
+    }
+}
+
+impl<'de> Deserialize<'de> for FileMode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<FileMode, D::Error> {
+        FileMode::parse(&String::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for FileMode {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format!("{:04o}", self.0))
+    }
+}
+
+/// The one byte that ends a record on a raw socket, written as a one-character string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delimiter(pub u8);
+
+impl<'de> Deserialize<'de> for Delimiter {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Delimiter, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match text.as_bytes() {
+            [byte] => Ok(Delimiter(*byte)),
+            _ => Err(serde::de::Error::custom(format!(
+                "{text:?} must be exactly one byte, e.g. \"\\n\" or \";\""
+            ))),
+        }
+    }
+}
+
+impl Serialize for Delimiter {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&char::from(self.0).to_string())
+    }
+}
+
 /// Durations as humantime strings (`30s`, `5m`).
 pub(super) mod duration {
     use std::time::Duration;

@@ -1,4 +1,5 @@
-//! `run`: wires the tasks together and drains them on shutdown.
+//! `run`: opens what the daemon uses, starts its tasks under one supervisor, applies reloads,
+//! and drains on shutdown.
 //!
 //! ```text
 //! socket → ingest → spool → publisher → MQTT/WSS → IoT Core
@@ -6,25 +7,35 @@
 //!        identity manager (credentials via watch)
 //! ```
 
+mod reload;
+mod state_dir;
+mod supervisor;
+
 use std::future::Future;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::sync::Arc;
 
+use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{Config, PublishConfig};
+use crate::config::{Config, PublishConfig, RawSocketConfig};
+use crate::downlink::Downlink;
 use crate::identity::IdentityManager;
 use crate::ingest::raw::RawServer;
 use crate::ingest::server::{self, BindError, IngestServer};
+use crate::ops::health::{HEALTH_QUEUE, HealthReporter};
 use crate::ops::heartbeat;
 use crate::ops::logging::LogControl;
 use crate::ops::notify;
 use crate::ops::status::StatusSource;
 use crate::publish::connection::Publisher;
-use crate::publish::mqtt::{self, MqttSettings, TlsError};
+use crate::publish::inbound::Inbound;
+use crate::publish::mqtt::MqttSettings;
+use crate::publish::tls::{TlsError, tls_config};
 use crate::spool::{self, Spool};
 use crate::topic::TopicRules;
+use reload::{Live, reload};
+use state_dir::prepare_state_dir;
+use supervisor::{Supervisor, Task};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +51,8 @@ pub enum DaemonError {
     InsecureStateDir { path: String, mode: u32 },
     #[error(transparent)]
     Spool(#[from] spool::OpenError),
+    #[error(transparent)]
+    Inbox(#[from] crate::downlink::inbox::InboxError),
     #[error(transparent)]
     Socket(#[from] BindError),
     #[error(transparent)]
@@ -76,6 +89,7 @@ impl DaemonError {
             | DaemonError::AlreadyRunning(_)
             | DaemonError::Lock { .. }
             | DaemonError::Spool(_)
+            | DaemonError::Inbox(_)
             | DaemonError::TaskFailed(_) => false,
         }
     }
@@ -91,165 +105,273 @@ pub struct Controls {
 /// Runs the daemon until `shutdown` resolves, then drains for up to `shutdown.drain_timeout`.
 pub async fn run(
     config: Config,
-    mut controls: Controls,
+    controls: Controls,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    // Held until `run` returns; the kernel releases it if the process dies.
-    let _instance_lock = prepare_state_dir(&config.state.dir)?;
-    let spool = Spool::open_with_window(
-        &config.state.dir,
-        config.spool.max_bytes.0,
-        config.spool.on_full,
-        config.spool.commit_window,
-    )?;
-    let tls = mqtt::tls_config(&config.mqtt.ca_file)?;
-    let listener = server::bind(&config.socket.path, config.socket.mode_bits()).await?;
-    let mut raw_listeners = Vec::new();
-    for raw in &config.socket.raw {
-        raw_listeners.push((
-            server::bind(&raw.path, config.socket.mode_bits()).await?,
-            raw.clone(),
+    Daemon::start(config).await?.serve(controls, shutdown).await
+}
+
+/// A started daemon: what it uses is open, and its tasks run under one supervisor.
+struct Daemon {
+    config: Config,
+    spool: Spool,
+    status: StatusSource,
+    tasks: Supervisor,
+    stopping: watch::Sender<bool>,
+    publish_limits: watch::Sender<PublishConfig>,
+    /// Held until the daemon is gone; the kernel releases it if the process dies.
+    _instance_lock: std::fs::File,
+}
+
+/// The sockets, bound before any task starts: a bad path is a startup error, not a task's.
+struct Listeners {
+    main: UnixListener,
+    raw: Vec<(UnixListener, RawSocketConfig)>,
+}
+
+impl Daemon {
+    /// Opens the state dir, the spool, the TLS roots and the sockets, then starts the tasks.
+    async fn start(config: Config) -> Result<Daemon, DaemonError> {
+        let instance_lock = prepare_state_dir(&config.state.dir)?;
+        let spool = Spool::open_with_window(
+            &config.state.dir,
+            config.spool.max_bytes.0,
+            config.spool.on_full,
+            config.spool.commit_window,
+        )?;
+        let downlink = Downlink::open(&config.state.dir, config.downlink.max_bytes.0)?;
+        let tls = tls_config(&config.mqtt.ca_file)?;
+        let listeners = bind_sockets(&config).await?;
+        let base =
+            crate::identity::aws::base_config(&config.aws.region, &config.aws.endpoint_url).await;
+        let (identity, identity_watch) =
+            IdentityManager::new(base, config.identity.clone(), config.state.dir.clone());
+        let rules = Arc::new(TopicRules::new(
+            &config.mqtt.topic_prefix,
+            &config.identity.identity_pool_id,
+            &config.aws.region,
         ));
+        let (publish_limits, limits) = watch::channel(config.publish.clone());
+        let (publisher, link, counters) = Publisher::new(
+            spool.clone(),
+            identity_watch.sessions.clone(),
+            identity_watch.refusals.clone(),
+            MqttSettings {
+                config: config.mqtt.clone(),
+                region: config.aws.region.clone(),
+                tls,
+                max_in_flight: config.publish.max_in_flight,
+                persistent_session: !config.downlink.topics.is_empty(),
+            },
+            rules.clone(),
+            limits,
+            &config.batch,
+        );
+        let publisher = publisher.with_downlink(
+            downlink.clone(),
+            Inbound::new(rules.clone(), config.downlink.topics.clone()),
+        );
+        let (stopping_tx, stopping) = watch::channel(false);
+        let status = StatusSource {
+            link,
+            stopping: stopping.clone(),
+            identity: identity_watch,
+            spool: spool.stats(),
+            counters,
+            inbox: downlink.stats(),
+        };
+        tracing::info!(
+            socket = %config.socket.path.display(),
+            spool_messages = spool.stats().borrow().messages,
+            identity_id = identity.cached_identity_id().as_deref().unwrap_or("(none yet)"),
+            "ready"
+        );
+        let parts = Parts {
+            listeners,
+            identity,
+            publisher,
+            rules,
+            spool: spool.clone(),
+            status: status.clone(),
+            stopping,
+            downlink,
+        };
+        let tasks = spawn_tasks(&config, parts);
+        Ok(Daemon {
+            config,
+            spool,
+            status,
+            tasks,
+            stopping: stopping_tx,
+            publish_limits,
+            _instance_lock: instance_lock,
+        })
     }
 
-    let base =
-        crate::identity::aws::base_config(&config.aws.region, &config.aws.endpoint_url).await;
-    let (identity, identity_watch) =
-        IdentityManager::new(base, config.identity.clone(), config.state.dir.clone());
-    let rules = Arc::new(TopicRules::new(
-        &config.mqtt.topic_prefix,
-        &config.identity.identity_pool_id,
-        &config.aws.region,
-    ));
-    let settings = MqttSettings {
-        config: config.mqtt.clone(),
-        region: config.aws.region.clone(),
-        tls,
-        max_in_flight: config.publish.max_in_flight,
-    };
-    let (publish_limits, limits_rx) = watch::channel(config.publish.clone());
-    let (publisher, link, counters) = Publisher::new(
-        spool.clone(),
-        identity_watch.sessions.clone(),
-        identity_watch.refusals.clone(),
-        settings,
-        rules.clone(),
-        limits_rx,
-        &config.batch,
-    );
-    let (stopping_tx, stopping) = watch::channel(false);
-    let status = StatusSource {
-        link,
-        stopping: stopping.clone(),
-        identity: identity_watch,
-        spool: spool.stats(),
-        counters,
+    /// Serves until `shutdown` or until a task ends (a failure), then stops.
+    async fn serve(
+        mut self,
+        mut controls: Controls,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), DaemonError> {
+        tokio::pin!(shutdown);
+        let failed = loop {
+            tokio::select! {
+                _ = &mut shutdown => break None,
+                Some(new) = controls.reloads.recv() => {
+                    let live = Live {
+                        log: controls.log.as_ref(),
+                        publish_limits: &self.publish_limits,
+                        spool: &self.spool,
+                    };
+                    reload(&mut self.config, new, live).await;
+                    notify::ready(&self.status);
+                }
+                (task, result) = self.tasks.exited() => {
+                    tracing::error!(
+                        task = task.name(),
+                        ?result,
+                        "a task stopped unexpectedly; stopping the daemon"
+                    );
+                    break Some(task);
+                }
+            }
+        };
+        self.stop().await;
+        match failed {
+            Some(task) => Err(DaemonError::TaskFailed(task.name())),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses new messages, lets the publisher deliver what is pending for up to
+    /// `drain_timeout`, ends every task and removes the sockets.
+    async fn stop(self) {
+        let _ = self.stopping.send(true);
+        notify::stopping();
+        tracing::info!(
+            state = "stopping",
+            pending = self.spool.stats().borrow().messages,
+            drain_timeout = %humantime::format_duration(self.config.shutdown.drain_timeout),
+            "stopping: new messages are refused; delivering what is pending"
+        );
+        self.tasks
+            .shut_down(self.config.shutdown.drain_timeout)
+            .await;
+        // What is still held in memory (write-behind) goes to disk before the process ends.
+        self.spool.flush().await;
+        let _ = std::fs::remove_file(&self.config.socket.path);
+        for raw in &self.config.socket.raw {
+            let _ = std::fs::remove_file(&raw.path);
+        }
+        let left = self.spool.stats().borrow().messages;
+        tracing::info!(left_in_spool = left, "stopped");
+    }
+}
+
+/// What the tasks are made of, built by `Daemon::start`.
+struct Parts {
+    listeners: Listeners,
+    identity: IdentityManager,
+    publisher: Publisher,
+    rules: Arc<TopicRules>,
+    spool: Spool,
+    status: StatusSource,
+    stopping: watch::Receiver<bool>,
+    downlink: Downlink,
+}
+
+/// Starts every main task under one supervisor, each with its heartbeat for the watchdog.
+fn spawn_tasks(config: &Config, parts: Parts) -> Supervisor {
+    let Parts {
+        listeners,
+        identity,
+        publisher,
+        rules,
+        spool,
+        status,
+        stopping,
+        downlink,
+    } = parts;
+    let mut tasks = Supervisor::default();
+    let mut pulses = Vec::new();
+    let mut heartbeat = |task: Task| {
+        let (heartbeat, pulse) = heartbeat::channel(task.name());
+        pulses.push(pulse);
+        heartbeat
     };
     let limits = Arc::new(config.socket.clone());
-    let mut pulses = Vec::new();
-    let mut raw_tasks = tokio::task::JoinSet::new();
-    for (listener, raw) in raw_listeners {
-        let (heartbeat, pulse) = heartbeat::channel("raw socket server");
-        pulses.push(pulse);
-        raw_tasks.spawn(
-            RawServer {
-                listener,
-                raw,
-                limits: limits.clone(),
-                spool: spool.clone(),
-                stopping: stopping.clone(),
-                heartbeat,
-            }
-            .run(),
-        );
+    for (listener, raw) in listeners.raw {
+        let server = RawServer {
+            listener,
+            raw,
+            limits: limits.clone(),
+            spool: spool.clone(),
+            stopping: stopping.clone(),
+            heartbeat: heartbeat(Task::RawSocketServer),
+        };
+        tasks.spawn(Task::RawSocketServer, server.run());
     }
-    let (ingest_heartbeat, pulse) = heartbeat::channel("socket server");
-    pulses.push(pulse);
-    let (identity_heartbeat, pulse) = heartbeat::channel("identity manager");
-    pulses.push(pulse);
-    let (publisher_heartbeat, pulse) = heartbeat::channel("publisher");
-    pulses.push(pulse);
     let server = IngestServer {
-        listener,
+        listener: listeners.main,
         limits,
         spool: spool.clone(),
         rules,
         status: status.clone(),
         stopping: stopping.clone(),
-        heartbeat: ingest_heartbeat,
+        heartbeat: heartbeat(Task::SocketServer),
+        downlink: downlink.clone(),
     };
-
-    let stats = *spool.stats().borrow();
-    tracing::info!(
-        socket = %config.socket.path.display(),
-        spool_messages = stats.messages,
-        identity_id = identity.cached_identity_id().as_deref().unwrap_or("(none yet)"),
-        "ready"
-    );
-    let mut identity_task = tokio::spawn(identity.run(identity_heartbeat));
-    let mut ingest_task = tokio::spawn(server.run());
-    let mut publisher_task = tokio::spawn(publisher.run(stopping, publisher_heartbeat));
-    notify::ready(&status);
-    let supervisor = tokio::spawn(notify::supervise(status.clone(), spool.clone(), pulses));
-
-    // Each task runs until shutdown; one that ends earlier has failed, and the daemon exits
-    // non-zero so that systemd restarts it.
-    tokio::pin!(shutdown);
-    let mut running = config.clone();
-    let failed = loop {
-        tokio::select! {
-            _ = &mut shutdown => break None,
-            Some(new) = controls.reloads.recv() => {
-                reload(&mut running, new, controls.log.as_ref(), &publish_limits, &spool).await;
-                notify::ready(&status);
-            }
-            result = &mut publisher_task => break Some(("publisher", result)),
-            result = &mut identity_task => break Some(("identity manager", result)),
-            result = &mut ingest_task => break Some(("socket server", result)),
-            // Like the others: a raw socket that stops serving is a failure, not a quiet loss.
-            Some(result) = raw_tasks.join_next() => break Some(("raw socket server", result)),
+    tasks.spawn(Task::SocketServer, server.run());
+    let identity_heartbeat = heartbeat(Task::IdentityManager);
+    tasks.spawn(Task::IdentityManager, identity.run(identity_heartbeat));
+    let publisher = match health_reporter(config, &status, &downlink) {
+        Some((reporter, reports)) => {
+            tasks.spawn(Task::HealthReporter, reporter.run());
+            publisher.with_health(reports, config.health.topic.clone())
         }
+        None => publisher,
     };
-    if let Some((task, result)) = &failed {
-        tracing::error!(
-            task,
-            ?result,
-            "a task stopped unexpectedly; stopping the daemon"
-        );
-    }
-
-    let _ = stopping_tx.send(true);
-    notify::stopping();
-    let pending = spool.stats().borrow().messages;
-    tracing::info!(
-        state = "stopping",
-        pending,
-        drain_timeout = %humantime::format_duration(config.shutdown.drain_timeout),
-        "stopping: new messages are refused; delivering what is pending"
+    let publisher_heartbeat = heartbeat(Task::Publisher);
+    tasks.spawn(
+        Task::Publisher,
+        publisher.run(stopping, publisher_heartbeat),
     );
-    if !publisher_task.is_finished()
-        && tokio::time::timeout(config.shutdown.drain_timeout, &mut publisher_task)
-            .await
-            .is_err()
-    {
-        publisher_task.abort();
+    notify::ready(&status);
+    tasks.spawn(
+        Task::Watchdog,
+        notify::supervise(status.clone(), spool.clone(), pulses),
+    );
+    tasks
+}
+
+/// With `[health] interval` set: the reporter, and the reports it hands the publisher.
+fn health_reporter(
+    config: &Config,
+    status: &StatusSource,
+    downlink: &Downlink,
+) -> Option<(HealthReporter, mpsc::Receiver<Vec<u8>>)> {
+    if config.health.interval.is_zero() {
+        return None;
     }
-    ingest_task.abort();
-    identity_task.abort();
-    supervisor.abort();
-    raw_tasks.abort_all();
-    // What is still held in memory (write-behind) goes to disk before the process ends.
-    spool.flush().await;
-    let _ = std::fs::remove_file(&config.socket.path);
-    for raw in &config.socket.raw {
-        let _ = std::fs::remove_file(&raw.path);
+    let (reports, receiver) = mpsc::channel(HEALTH_QUEUE);
+    let reporter = HealthReporter {
+        interval: config.health.interval,
+        status: status.clone(),
+        inbox: downlink.stats(),
+        reports,
+    };
+    Some((reporter, receiver))
+}
+
+async fn bind_sockets(config: &Config) -> Result<Listeners, DaemonError> {
+    let main = server::bind(&config.socket.path, config.socket.mode.0).await?;
+    let mut raw = Vec::new();
+    for socket in &config.socket.raw {
+        let listener = server::bind(&socket.path, config.socket.mode.0).await?;
+        raw.push((listener, socket.clone()));
     }
-    let left = spool.stats().borrow().messages;
-    tracing::info!(left_in_spool = left, "stopped");
-    match failed {
-        Some((task, _)) => Err(DaemonError::TaskFailed(task)),
-        None => Ok(()),
-    }
+    Ok(Listeners { main, raw })
 }
 
 /// glibc gives each thread that meets contention its own malloc arena (up to 8 per core) and
@@ -261,127 +383,4 @@ pub fn limit_allocator_arenas() {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
-}
-
-/// Applies what can change live (log level, publish quotas) and names what waits for a restart.
-async fn reload(
-    running: &mut Config,
-    new: Config,
-    log: Option<&LogControl>,
-    publish_limits: &watch::Sender<PublishConfig>,
-    spool: &Spool,
-) {
-    notify::reloading();
-    let mut applied = Vec::new();
-    if new.log.level != running.log.level {
-        match log.map(|log| log.set_level(&new.log.level)) {
-            Some(Err(reason)) => tracing::warn!(%reason, "log.level not changed"),
-            _ => applied.push(format!(
-                "log.level {:?} -> {:?}",
-                running.log.level, new.log.level
-            )),
-        }
-    }
-    let (old, fresh) = (&running.publish, &new.publish);
-    if old.max_publishes_per_second != fresh.max_publishes_per_second
-        || old.max_bytes_per_second != fresh.max_bytes_per_second
-    {
-        applied.push(format!(
-            "publish.max_publishes_per_second {} -> {}, publish.max_bytes_per_second {} -> {}",
-            old.max_publishes_per_second,
-            fresh.max_publishes_per_second,
-            old.max_bytes_per_second,
-            fresh.max_bytes_per_second
-        ));
-        publish_limits.send_replace(fresh.clone());
-    }
-    let (old, fresh) = (&running.spool, &new.spool);
-    if old.max_bytes != fresh.max_bytes
-        || old.on_full != fresh.on_full
-        || old.commit_window != fresh.commit_window
-    {
-        applied.push(format!(
-            "spool.max_bytes {} -> {}, spool.on_full {:?} -> {:?}, spool.commit_window {} -> {}",
-            old.max_bytes,
-            fresh.max_bytes,
-            old.on_full,
-            fresh.on_full,
-            humantime::format_duration(old.commit_window),
-            humantime::format_duration(fresh.commit_window)
-        ));
-        spool
-            .set_limits(fresh.max_bytes.0, fresh.on_full, fresh.commit_window)
-            .await;
-    }
-    // Everything else is compared with the live parts taken out.
-    let without_live = |config: &Config| {
-        let mut rest = config.clone();
-        rest.log = Default::default();
-        rest.spool = Default::default();
-        rest.publish.max_publishes_per_second = 0;
-        rest.publish.max_bytes_per_second = crate::config::ByteSize(0);
-        rest.to_redacted_toml()
-    };
-    let needs_restart = without_live(&new) != without_live(running);
-    tracing::info!(
-        changed = %if applied.is_empty() { "nothing live".to_owned() } else { applied.join("; ") },
-        needs_restart,
-        "configuration reloaded{}",
-        if needs_restart { "; other changes take effect at the next restart" } else { "" }
-    );
-    running.log = new.log.clone();
-    running.publish.max_publishes_per_second = new.publish.max_publishes_per_second;
-    running.publish.max_bytes_per_second = new.publish.max_bytes_per_second;
-    running.spool = new.spool.clone();
-}
-
-/// Creates the state dir (mode 0700): it holds the spool and the identity cache. One that every
-/// user could write to is refused: someone may have planted a spool or an identity there.
-/// Returns the instance lock; a second daemon on the same dir fails here, before it changes
-/// anything (the lock file already exists then).
-fn prepare_state_dir(dir: &Path) -> Result<std::fs::File, DaemonError> {
-    use std::os::unix::fs::MetadataExt;
-    let error = |source| DaemonError::StateDir {
-        path: dir.display().to_string(),
-        source,
-    };
-    if let Ok(meta) = std::fs::metadata(dir)
-        && meta.mode() & 0o002 != 0
-    {
-        return Err(DaemonError::InsecureStateDir {
-            path: dir.display().to_string(),
-            mode: meta.mode() & 0o7777,
-        });
-    }
-    std::fs::create_dir_all(dir).map_err(error)?;
-    let lock = lock_instance(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(error)?;
-    Ok(lock)
-}
-
-/// Takes the exclusive, non-blocking `flock` on `<dir>/daemon.lock`.
-fn lock_instance(dir: &Path) -> Result<std::fs::File, DaemonError> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join(LOCK_FILE);
-    let lock_error = |source| DaemonError::Lock {
-        path: path.display().to_string(),
-        source,
-    };
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(lock_error)?;
-    // SAFETY: flock on a file descriptor this function owns; no memory is involved.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let error = std::io::Error::last_os_error();
-        return Err(match error.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => DaemonError::AlreadyRunning(dir.display().to_string()),
-            _ => lock_error(error),
-        });
-    }
-    Ok(file)
 }

@@ -69,6 +69,63 @@ impl AwsCredentials {
     }
 }
 
+impl AwsCredentials {
+    /// Cognito Identity's credentials (`GetCredentialsForIdentity`); a missing field makes
+    /// credentials AWS refuses, and a missing expiry counts as already expired.
+    pub fn from_cognito(
+        credentials: aws_sdk_cognitoidentity::types::Credentials,
+    ) -> AwsCredentials {
+        AwsCredentials {
+            access_key_id: credentials.access_key_id.unwrap_or_default(),
+            secret_access_key: Secret::new(credentials.secret_key.unwrap_or_default()),
+            session_token: Secret::new(credentials.session_token.unwrap_or_default()),
+            expires_at: to_system_time(credentials.expiration.as_ref()),
+        }
+    }
+}
+
+/// A failed AWS call: the service's error code when it sent one (what decides between
+/// retrying, starting over and giving up), and a secret-free description for the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct AwsFailure {
+    pub code: Option<String>,
+    pub message: String,
+}
+
+impl AwsFailure {
+    pub fn from_sdk<E, R>(error: &SdkError<E, R>) -> AwsFailure
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        AwsFailure {
+            code: error_code(error).map(str::to_owned),
+            message: describe(error),
+        }
+    }
+
+    /// A call that succeeded but left out what it exists to return.
+    pub fn empty_answer(what: &str) -> AwsFailure {
+        AwsFailure {
+            code: None,
+            message: format!("{what} returned nothing usable"),
+        }
+    }
+
+    /// Whether the service answered with one of `codes`.
+    pub fn is_one_of(&self, codes: &[&str]) -> bool {
+        self.code
+            .as_deref()
+            .is_some_and(|code| codes.contains(&code))
+    }
+
+    /// Whether retrying may help: see [`is_transient_code`].
+    pub fn is_transient(&self) -> bool {
+        is_transient_code(self.code.as_deref())
+    }
+}
+
 /// No AWS credential lives longer than this; a later expiry is treated as this.
 const LONGEST_EXPIRY: Duration = Duration::from_secs(36 * 3600);
 
@@ -141,5 +198,19 @@ mod tests {
         assert!(is_transient_code(Some("InternalFailure")));
         assert!(!is_transient_code(Some("ResourceNotFoundException")));
         assert!(!is_transient_code(Some("InvalidParameterException")));
+    }
+
+    #[test]
+    fn a_failure_is_sorted_by_its_service_code() {
+        let gone = AwsFailure {
+            code: Some("ResourceNotFoundException".into()),
+            message: "ResourceNotFoundException: identity not found".into(),
+        };
+        assert!(gone.is_one_of(&["NotAuthorizedException", "ResourceNotFoundException"]));
+        assert!(!gone.is_transient());
+        let empty = AwsFailure::empty_answer("GetId");
+        assert!(!empty.is_one_of(&["ResourceNotFoundException"]));
+        assert!(empty.is_transient(), "no code: worth another try");
+        assert_eq!(empty.to_string(), "GetId returned nothing usable");
     }
 }

@@ -1,27 +1,53 @@
-//! Where the device's user-pool credentials come from: today the stack's shared bootstrap
-//! secret, read with unauthenticated Cognito credentials (SPEC.md steps 1 and 2). Fleet mode
-//! (each device registering its own user) replaces this module and nothing else.
+//! The stack's bootstrap secret, read with unauthenticated Cognito credentials (SPEC.md steps 1
+//! and 2). It tells the two registration modes apart: a shared user's `{"<user>": "<password>"}`
+//! or fleet mode's `{"registration_code": "<code>"}` (each device then registers its own user,
+//! see `device.rs`).
 
 use std::collections::HashMap;
 
 use aws_config::SdkConfig;
 
 use super::IdentityError;
-use crate::identity::aws::{AwsCredentials, describe, error_code, to_system_time};
+use crate::identity::aws::{AwsCredentials, AwsFailure, describe, to_system_time};
 use crate::secret::Secret;
+
+/// The secret's key that marks fleet mode.
+pub const REGISTRATION_KEY: &str = "registration_code";
 
 /// Everything the secret tells a device: who to sign in as, and where.
 #[derive(Debug, Clone)]
 pub struct DeviceSecret {
+    /// Who to sign in as: the shared user, or in fleet mode the device's own user (filled in
+    /// from `device.json` after the secret is read; empty until then).
     pub username: String,
     pub password: Secret<String>,
+    /// Fleet mode: what `SignUp` needs. `None`: the shared-user mode.
+    pub registration: Option<Registration>,
     pub client_id: String,
     pub user_pool_id: String,
-    pub identity_pool_id: String,
     pub iot_endpoint: String,
     pub iot_policy: String,
     /// The `AttachFunction` tag: the stack's function that attaches `iot_policy` (newer stacks).
     pub attach_function: Option<String>,
+}
+
+/// Fleet mode's part of the secret.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub code: Secret<String>,
+    /// The `EmailDomain` tag: the device's e-mail is `<device name>@<domain>`.
+    pub email_domain: String,
+}
+
+impl DeviceSecret {
+    /// The mode's name as the template's `RegistrationMode` spells it.
+    pub fn mode(&self) -> &'static str {
+        if self.registration.is_some() {
+            "self-register"
+        } else {
+            "shared-user"
+        }
+    }
 }
 
 /// Step 1: credentials for the unauthenticated identity (`unauth_identity_id`, cached).
@@ -34,14 +60,14 @@ pub async fn unauthenticated_credentials(
 ) -> Result<AwsCredentials, IdentityError> {
     let cached = unauth_identity_id.is_some();
     match unauthenticated_once(base, identity_pool_id, unauth_identity_id, unauth_role_arn).await {
-        Err((Some(code), error)) if cached && IDENTITY_GONE.contains(&code.as_str()) => {
+        Err(error) if cached && error.is_one_of(&IDENTITY_GONE) => {
             tracing::warn!(%error, "cached unauthenticated identity rejected; asking for a new one");
             *unauth_identity_id = None;
             unauthenticated_once(base, identity_pool_id, unauth_identity_id, unauth_role_arn)
                 .await
-                .map_err(|(_, error)| IdentityError::Unauthenticated(error))
+                .map_err(|error| IdentityError::Unauthenticated(error.message))
         }
-        other => other.map_err(|(_, error)| IdentityError::Unauthenticated(error)),
+        other => other.map_err(|error| IdentityError::Unauthenticated(error.message)),
     }
 }
 
@@ -54,8 +80,7 @@ async fn unauthenticated_once(
     identity_pool_id: &str,
     unauth_identity_id: &mut Option<String>,
     unauth_role_arn: &str,
-) -> Result<AwsCredentials, (Option<String>, String)> {
-    let fail = |error: String| (None, error);
+) -> Result<AwsCredentials, AwsFailure> {
     let cognito = aws_sdk_cognitoidentity::Client::new(base);
     let identity_id = match unauth_identity_id {
         Some(id) => id.clone(),
@@ -65,9 +90,9 @@ async fn unauthenticated_once(
                 .identity_pool_id(identity_pool_id)
                 .send()
                 .await
-                .map_err(|e| (error_code(&e).map(str::to_owned), describe(&e)))?
+                .map_err(|e| AwsFailure::from_sdk(&e))?
                 .identity_id
-                .ok_or_else(|| fail("GetId returned no id".into()))?;
+                .ok_or_else(|| AwsFailure::empty_answer("GetId"))?;
             *unauth_identity_id = Some(id.clone());
             id
         }
@@ -78,25 +103,20 @@ async fn unauthenticated_once(
             .identity_id(&identity_id)
             .send()
             .await
-            .map_err(|e| (error_code(&e).map(str::to_owned), describe(&e)))?;
+            .map_err(|e| AwsFailure::from_sdk(&e))?;
         let credentials = output
             .credentials
-            .ok_or_else(|| fail("GetCredentialsForIdentity returned no credentials".into()))?;
-        return Ok(AwsCredentials {
-            access_key_id: credentials.access_key_id.unwrap_or_default(),
-            secret_access_key: Secret::new(credentials.secret_key.unwrap_or_default()),
-            session_token: Secret::new(credentials.session_token.unwrap_or_default()),
-            expires_at: to_system_time(credentials.expiration.as_ref()),
-        });
+            .ok_or_else(|| AwsFailure::empty_answer("GetCredentialsForIdentity"))?;
+        return Ok(AwsCredentials::from_cognito(credentials));
     }
     let token = cognito
         .get_open_id_token()
         .identity_id(&identity_id)
         .send()
         .await
-        .map_err(|e| (error_code(&e).map(str::to_owned), describe(&e)))?
+        .map_err(|e| AwsFailure::from_sdk(&e))?
         .token
-        .ok_or_else(|| fail("GetOpenIdToken returned no token".into()))?;
+        .ok_or_else(|| AwsFailure::empty_answer("GetOpenIdToken"))?;
     let sts = aws_sdk_sts::Client::new(base);
     let output = sts
         .assume_role_with_web_identity()
@@ -105,10 +125,10 @@ async fn unauthenticated_once(
         .web_identity_token(token)
         .send()
         .await
-        .map_err(|e| (error_code(&e).map(str::to_owned), describe(&e)))?;
+        .map_err(|e| AwsFailure::from_sdk(&e))?;
     let credentials = output
         .credentials
-        .ok_or_else(|| fail("AssumeRoleWithWebIdentity returned no credentials".into()))?;
+        .ok_or_else(|| AwsFailure::empty_answer("AssumeRoleWithWebIdentity"))?;
     Ok(AwsCredentials {
         access_key_id: credentials.access_key_id,
         secret_access_key: Secret::new(credentials.secret_access_key),
@@ -151,17 +171,46 @@ pub async fn fetch_device_secret(
     parse_secret(Secret::new(text), &tags)
 }
 
-/// The SecretString is `{"<username>": "<password>"}`; the tags name the cloud resources.
+/// The SecretString is `{"<username>": "<password>"}` or `{"registration_code": "<code>"}`;
+/// the tags name the cloud resources.
 fn parse_secret(
     text: Secret<String>,
     tags: &HashMap<String, String>,
 ) -> Result<DeviceSecret, IdentityError> {
     // serde's error text could quote the password, so only the shape is reported.
-    let users: HashMap<String, String> = serde_json::from_str(text.expose()).map_err(|_| {
+    let mut users: HashMap<String, String> = serde_json::from_str(text.expose()).map_err(|_| {
         IdentityError::SecretFormat(
-            "SecretString is not a JSON object {\"<username>\": \"<password>\"}".into(),
+            "SecretString is not a JSON object {\"<username>\": \"<password>\"} or {\"registration_code\": \"<code>\"}".into(),
         )
     })?;
+    let tag = |key: &str| {
+        tags.get(key)
+            .filter(|value| !value.is_empty())
+            .cloned()
+            .ok_or_else(|| IdentityError::SecretFormat(format!("the secret has no {key} tag")))
+    };
+    let registration = match users.remove(REGISTRATION_KEY) {
+        Some(code) if code.is_empty() => {
+            return Err(IdentityError::SecretFormat(
+                "the registration_code is empty".into(),
+            ));
+        }
+        Some(code) => Some(Registration {
+            code: Secret::new(code),
+            email_domain: tag("EmailDomain")?,
+        }),
+        None => None,
+    };
+    // Fleet mode: no user in the secret; the device's own is filled in later.
+    if registration.is_some() {
+        if !users.is_empty() {
+            return Err(IdentityError::SecretFormat(
+                "SecretString holds a registration_code and users; expected one or the other"
+                    .into(),
+            ));
+        }
+        users.insert(String::new(), String::new());
+    }
     if users.len() != 1 {
         return Err(IdentityError::SecretFormat(format!(
             "SecretString holds {} users; expected exactly one",
@@ -171,18 +220,14 @@ fn parse_secret(
     let Some((username, password)) = users.into_iter().next() else {
         return Err(IdentityError::SecretFormat("SecretString is empty".into()));
     };
-    let tag = |key: &str| {
-        tags.get(key)
-            .filter(|value| !value.is_empty())
-            .cloned()
-            .ok_or_else(|| IdentityError::SecretFormat(format!("the secret has no {key} tag")))
-    };
+    // Required like the others (SPEC.md step 2), though the config names the pool already.
+    tag("IdentityPoolId")?;
     Ok(DeviceSecret {
         username,
         password: Secret::new(password),
+        registration,
         client_id: tag("ClientId")?,
         user_pool_id: tag("UserPoolId")?,
-        identity_pool_id: tag("IdentityPoolId")?,
         iot_endpoint: tag("IoTEndpoint")?,
         iot_policy: tag("IoTPolicy")?,
         attach_function: tags
@@ -220,6 +265,38 @@ mod tests {
         newer.insert("AttachFunction".into(), "arn:aws:lambda:f".into());
         let secret = parse_secret(Secret::new(r#"{"dev-user":"pw"}"#.into()), &newer).expect("ok");
         assert_eq!(secret.attach_function.as_deref(), Some("arn:aws:lambda:f"));
+    }
+
+    #[test]
+    fn a_registration_code_means_fleet_mode() {
+        let mut fleet = tags();
+        fleet.insert("EmailDomain".into(), "devices.example.com".into());
+        let secret = parse_secret(
+            Secret::new(r#"{"registration_code":"c0de"}"#.into()),
+            &fleet,
+        )
+        .expect("ok");
+        let registration = secret.registration.as_ref().expect("fleet mode");
+        assert_eq!(registration.code.expose(), "c0de");
+        assert_eq!(registration.email_domain, "devices.example.com");
+        assert_eq!(secret.mode(), "self-register");
+        assert_eq!(secret.username, "");
+        let shared = parse_secret(Secret::new(r#"{"u":"pw"}"#.into()), &fleet).expect("ok");
+        assert_eq!(shared.mode(), "shared-user");
+        // Fleet mode needs the domain; a code next to a user is neither mode.
+        let err = parse_secret(
+            Secret::new(r#"{"registration_code":"c0de"}"#.into()),
+            &tags(),
+        )
+        .expect_err("no EmailDomain");
+        assert!(err.to_string().contains("EmailDomain") && !err.to_string().contains("c0de"));
+        let err = parse_secret(
+            Secret::new(r#"{"registration_code":"c0de","u":"pw"}"#.into()),
+            &fleet,
+        )
+        .expect_err("both");
+        assert!(!err.to_string().contains("c0de") && !err.to_string().contains("pw"));
+        assert!(parse_secret(Secret::new(r#"{"registration_code":""}"#.into()), &fleet).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod attach;
 pub mod aws;
 mod bootstrap;
 mod cache;
+pub mod device;
 mod user_pool;
 
 use std::collections::HashMap;
@@ -19,17 +20,16 @@ use tokio::sync::watch;
 
 pub use attach::{RefusalSignal, is_authorization_refusal};
 pub use bootstrap::DeviceSecret;
-pub use cache::{CACHE_FILE, IdentityCache};
-use user_pool::UserPoolTokens;
+use bootstrap::Registration;
+pub use cache::IdentityCache;
+use device::{DEVICE_FILE, DeviceFile};
+use user_pool::{SignUpOutcome, UserPoolTokens};
 
 use crate::config::IdentityConfig;
-use crate::identity::aws::{
-    AwsCredentials, OPERATION_TIMEOUT, describe, error_code, is_transient_code, to_system_time,
-};
+use crate::identity::aws::{AwsCredentials, AwsFailure, OPERATION_TIMEOUT};
 use crate::ops::heartbeat::Heartbeat;
 use crate::ops::logging::Repeats;
 use crate::retry::Backoff;
-use crate::secret::Secret;
 
 /// First retry after a failed sign-in waits up to this long; later ones double up to the cap.
 const RETRY_BASE: Duration = Duration::from_secs(2);
@@ -51,6 +51,14 @@ const MIN_REFRESH_DELAY: Duration = Duration::from_secs(5);
 /// are ignored this long: a refusal the policy does not cure (e.g. a network outside
 /// DeviceCidrs) must not become a loop of attach calls.
 const REATTACH_MIN_INTERVAL: Duration = Duration::from_secs(300);
+/// `identity.start_delay` applies only when the system booted less than this long ago: a
+/// fleet that lost power together comes back together, a daemon restarted later does not wait.
+pub const BOOT_WINDOW: Duration = Duration::from_secs(600);
+/// How long user pool tokens that a failed pass obtained are used again by its retries; far
+/// inside the ID token's hour.
+const TOKEN_REUSE: Duration = Duration::from_secs(600);
+/// Where the time since boot is read.
+const UPTIME_FILE: &str = "/proc/uptime";
 
 /// Why a step of the chain failed. Texts never carry a password, token or key.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -75,6 +83,36 @@ pub enum IdentityError {
     /// pool was replaced, a parameter is no longer valid).
     #[error("refresh refused: {0}")]
     Refused(String),
+    /// Fleet mode: `SignUp` failed in a way a retry may cure (throttling, the network).
+    #[error("registering this device: {0}")]
+    Registration(String),
+    /// Fleet mode: the pool or its pre-sign-up trigger refused the `SignUp`.
+    #[error("registration refused: {0}")]
+    RegistrationRefused(String),
+    /// Fleet mode: the name is registered and this device has no password for it.
+    #[error(
+        "device name {name} is already registered in user pool {pool} and this device holds no password for it (a re-flashed device, or a name used twice): if it is this device, remove the old user with `aws cognito-idp admin-delete-user --user-pool-id {pool} --username {name}`; otherwise set another identity.device_name"
+    )]
+    NameTaken { name: String, pool: String },
+    /// Fleet mode: the device's own password was refused: the user was disabled, signed out
+    /// or deleted by an operator.
+    #[error(
+        "the user pool refused this device's user {name} ({reason}): revoked by an operator (disabled or deleted)? See docs/operations.md"
+    )]
+    Revoked { name: String, reason: String },
+    /// Fleet mode: the device name or `device.json` cannot be used.
+    #[error("device identity: {0}")]
+    Device(String),
+}
+
+impl IdentityError {
+    /// Errors after which the device must stop using the credentials it holds.
+    fn withdraws_session(&self) -> bool {
+        matches!(
+            self,
+            IdentityError::Revoked { .. } | IdentityError::NameTaken { .. }
+        )
+    }
 }
 
 /// What the MQTT side needs to connect: who the device is and how to sign.
@@ -92,12 +130,51 @@ pub struct IdentityStatus {
     pub last_refresh: Option<SystemTime>,
     /// The last failure, already free of secrets; cleared on success.
     pub last_error: Option<String>,
+    /// `self-register` or `shared-user`, once the secret was read.
+    pub registration_mode: Option<&'static str>,
+    /// Fleet mode: this device's user name.
+    pub device_name: Option<String>,
 }
 
 /// The device's standing with the user pool, kept between refreshes.
 struct SignedIn {
     secret: DeviceSecret,
     tokens: UserPoolTokens,
+    /// Set when a pass got these tokens and then failed at a later step (e.g. `GetId`
+    /// throttled): the retry uses them again until then instead of spending another
+    /// `InitiateAuth` (itself under a quota) on new ones.
+    reusable_until: Option<tokio::time::Instant>,
+}
+
+impl SignedIn {
+    fn new(secret: DeviceSecret, tokens: UserPoolTokens) -> SignedIn {
+        SignedIn {
+            secret,
+            tokens,
+            reusable_until: None,
+        }
+    }
+
+    /// Kept after a failure past the sign-in: reusable for [`TOKEN_REUSE`] from the first one.
+    fn kept(mut self) -> SignedIn {
+        self.reusable_until
+            .get_or_insert_with(|| tokio::time::Instant::now() + TOKEN_REUSE);
+        self
+    }
+
+    fn reusable(&self) -> bool {
+        self.reusable_until
+            .is_some_and(|until| tokio::time::Instant::now() < until)
+    }
+}
+
+/// What the retry loop of [`IdentityManager::run`] remembers between passes.
+struct Retries {
+    backoff: Backoff,
+    repeats: Repeats,
+    /// Refreshes in a row that AWS refused for good (see `NON_TRANSIENT_LIMIT`).
+    refused_in_a_row: u32,
+    last_reattach: Option<tokio::time::Instant>,
 }
 
 /// Owns the chain; see the module docs.
@@ -158,90 +235,140 @@ impl IdentityManager {
     /// Beats between steps and while a step is within its bound (the SDK's timeouts); a step
     /// stuck past it silences the heartbeat, and the watchdog restarts the daemon.
     pub async fn run(mut self, heartbeat: Heartbeat) {
-        let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP, Duration::from_secs(1));
+        let mut retries = Retries {
+            backoff: Backoff::new(RETRY_BASE, RETRY_CAP, Duration::from_secs(1)),
+            repeats: Repeats::default(),
+            refused_in_a_row: 0,
+            last_reattach: None,
+        };
         let mut signed_in: Option<SignedIn> = None;
-        let mut repeats = Repeats::default();
-        let mut refused_in_a_row = 0u32;
-        let mut last_reattach: Option<tokio::time::Instant> = None;
+        self.wait_after_boot(&heartbeat).await;
         loop {
             let refreshing = signed_in.is_some();
             heartbeat.beat();
-            match self.obtain(signed_in.take(), &heartbeat).await {
-                Ok((standing, session)) => {
-                    backoff.reset();
-                    repeats.clear();
-                    refused_in_a_row = 0;
-                    let expires_at = session.credentials.expires_at;
-                    let arrived = SystemTime::now();
-                    let left = expires_at.duration_since(arrived).unwrap_or_default();
-                    let jitter: f64 = rand::rng().random();
-                    // Fixed now, from the whole lifetime: recomputing it from the time left
-                    // would shrink the lead as time passes (issue 18, item 1).
-                    let due = refresh_at(arrived, expires_at, self.config.refresh_margin, jitter);
-                    let delay = due.duration_since(arrived).unwrap_or_default();
-                    tracing::info!(
-                        identity_id = %session.identity_id,
-                        expires_in_s = left.as_secs(),
-                        next_refresh_s = delay.as_secs(),
-                        "{}",
-                        if refreshing { "credentials refreshed" } else { "signed in" }
-                    );
-                    self.status.send_modify(|status| {
-                        status.last_refresh = Some(SystemTime::now());
-                        status.last_error = None;
-                    });
-                    self.sessions.send_replace(Some(Arc::new(session)));
-                    signed_in = Some(standing);
-                    let may_reattach =
-                        last_reattach.is_none_or(|at| at.elapsed() >= REATTACH_MIN_INTERVAL);
-                    let refused = heartbeat
-                        .waiting(async {
-                            tokio::select! {
-                                _ = sleep_until(due, SystemTime::now) => false,
-                                _ = self.refusals.raised(), if may_reattach => true,
-                            }
-                        })
-                        .await;
-                    if refused {
-                        // The next pass refreshes and attaches the policy again.
-                        tracing::warn!(
-                            "IoT Core refused the connection for authorization; attaching the IoT policy again"
-                        );
-                        self.cache.attached_policy = None;
-                        last_reattach = Some(tokio::time::Instant::now());
-                    }
-                }
-                Err((kept, error)) => {
-                    signed_in = kept;
-                    if matches!(error, IdentityError::Refused(_)) {
-                        refused_in_a_row += 1;
-                    } else {
-                        refused_in_a_row = 0;
-                    }
-                    if refused_in_a_row >= NON_TRANSIENT_LIMIT && signed_in.is_some() {
-                        tracing::warn!(
-                            refused = refused_in_a_row,
-                            "refresh refused repeatedly; reading the secret again and signing in anew"
-                        );
-                        signed_in = None;
-                        refused_in_a_row = 0;
-                    }
-                    let delay = backoff.next_delay();
-                    let text = error.to_string();
-                    if let Some(held_back) = repeats.admit(&text) {
-                        tracing::warn!(
-                            error = %text,
-                            retry_in_s = delay.as_secs(),
-                            held_back,
-                            "identity step failed"
-                        );
-                    }
-                    self.status
-                        .send_modify(|status| status.last_error = Some(text));
-                    heartbeat.waiting(tokio::time::sleep(delay)).await;
-                }
-            }
+            signed_in = match self.obtain(signed_in.take(), &heartbeat).await {
+                Ok((standing, session)) => Some(
+                    self.serve(standing, session, refreshing, &mut retries, &heartbeat)
+                        .await,
+                ),
+                Err((kept, error)) => self.back_off(kept, error, &mut retries, &heartbeat).await,
+            };
         }
+    }
+
+    /// Publishes a new session, then waits until its refresh is due (or IoT Core refused a
+    /// connection for authorization: the next pass attaches the policy again).
+    async fn serve(
+        &mut self,
+        standing: SignedIn,
+        session: Session,
+        refreshing: bool,
+        retries: &mut Retries,
+        heartbeat: &Heartbeat,
+    ) -> SignedIn {
+        retries.backoff.reset();
+        retries.repeats.clear();
+        retries.refused_in_a_row = 0;
+        let expires_at = session.credentials.expires_at;
+        let arrived = SystemTime::now();
+        let left = expires_at.duration_since(arrived).unwrap_or_default();
+        let jitter: f64 = rand::rng().random();
+        // Fixed now, from the whole lifetime: recomputing it from the time left
+        // would shrink the lead as time passes (issue 18, item 1).
+        let due = refresh_at(arrived, expires_at, self.config.refresh_margin, jitter);
+        let delay = due.duration_since(arrived).unwrap_or_default();
+        tracing::info!(
+            identity_id = %session.identity_id,
+            expires_in_s = left.as_secs(),
+            next_refresh_s = delay.as_secs(),
+            "{}",
+            if refreshing { "credentials refreshed" } else { "signed in" }
+        );
+        self.status.send_modify(|status| {
+            status.last_refresh = Some(SystemTime::now());
+            status.last_error = None;
+        });
+        self.sessions.send_replace(Some(Arc::new(session)));
+        let may_reattach = retries
+            .last_reattach
+            .is_none_or(|at| at.elapsed() >= REATTACH_MIN_INTERVAL);
+        let refused = heartbeat
+            .waiting(async {
+                tokio::select! {
+                    _ = sleep_until(due, SystemTime::now) => false,
+                    _ = self.refusals.raised(), if may_reattach => true,
+                }
+            })
+            .await;
+        if refused {
+            // The next pass refreshes and attaches the policy again.
+            tracing::warn!(
+                "IoT Core refused the connection for authorization; attaching the IoT policy again"
+            );
+            self.cache.attached_policy = None;
+            retries.last_reattach = Some(tokio::time::Instant::now());
+        }
+        SignedIn {
+            reusable_until: None,
+            ..standing
+        }
+    }
+
+    /// After a failed pass: withdraws the session of a refused device, drops a standing AWS
+    /// keeps refusing, logs (repeats held back) and waits the backoff. Returns what to keep.
+    async fn back_off(
+        &mut self,
+        mut kept: Option<SignedIn>,
+        error: IdentityError,
+        retries: &mut Retries,
+        heartbeat: &Heartbeat,
+    ) -> Option<SignedIn> {
+        if error.withdraws_session() && self.sessions.borrow().is_some() {
+            // The publisher closes its connection and waits for a new session.
+            tracing::error!(error = %error, "this device's user was refused: stopping its connection");
+            self.sessions.send_replace(None);
+        }
+        if matches!(error, IdentityError::Refused(_)) {
+            retries.refused_in_a_row += 1;
+        } else {
+            retries.refused_in_a_row = 0;
+        }
+        if retries.refused_in_a_row >= NON_TRANSIENT_LIMIT && kept.is_some() {
+            tracing::warn!(
+                refused = retries.refused_in_a_row,
+                "refresh refused repeatedly; reading the secret again and signing in anew"
+            );
+            kept = None;
+            retries.refused_in_a_row = 0;
+        }
+        let delay = retries.backoff.next_delay();
+        let text = error.to_string();
+        if let Some(held_back) = retries.repeats.admit(&text) {
+            tracing::warn!(
+                error = %text,
+                retry_in_s = delay.as_secs(),
+                held_back,
+                "identity step failed"
+            );
+        }
+        self.status
+            .send_modify(|status| status.last_error = Some(text));
+        heartbeat.waiting(tokio::time::sleep(delay)).await;
+        kept
+    }
+
+    /// `identity.start_delay`: right after boot, a random wait before the first AWS call.
+    async fn wait_after_boot(&self, heartbeat: &Heartbeat) {
+        let jitter: f64 = rand::rng().random();
+        let delay = start_delay(read_uptime(), self.config.start_delay, jitter);
+        if delay.is_zero() {
+            return;
+        }
+        tracing::info!(
+            start_delay_s = delay.as_secs(),
+            "the system booted recently: waiting before the first sign-in, so a fleet that booted together spreads out"
+        );
+        heartbeat.waiting(tokio::time::sleep(delay)).await;
     }
 
     /// One pass through the chain, reusing what is still good from `prior`. On failure, hands
@@ -253,6 +380,7 @@ impl IdentityManager {
         heartbeat: &Heartbeat,
     ) -> Result<(SignedIn, Session), (Option<SignedIn>, IdentityError)> {
         let standing = match prior {
+            Some(prior) if prior.reusable() => prior,
             Some(prior) => match heartbeat
                 .bounded(
                     step_limit(1),
@@ -260,10 +388,7 @@ impl IdentityManager {
                 )
                 .await
             {
-                Ok(tokens) => SignedIn {
-                    secret: prior.secret,
-                    tokens,
-                },
+                Ok(tokens) => SignedIn::new(prior.secret, tokens),
                 Err(IdentityError::RefreshRejected(reason)) => {
                     tracing::warn!(%reason, "refresh token rejected; signing in with the password");
                     self.sign_in(Some(prior.secret), heartbeat)
@@ -277,14 +402,14 @@ impl IdentityManager {
         let (identity_id, credentials) =
             match self.authenticated_credentials(&standing, heartbeat).await {
                 Ok(found) => found,
-                Err(error) => return Err((Some(standing), error)),
+                Err(error) => return Err((Some(standing.kept()), error)),
             };
         if !credentials.valid_for(MIN_USEFUL_VALIDITY) {
             let error = IdentityError::Credentials(format!(
                 "received credentials that expire at {} (already expired or about to): is this device's clock right?",
                 humantime::format_rfc3339_seconds(credentials.expires_at)
             ));
-            return Err((Some(standing), error));
+            return Err((Some(standing.kept()), error));
         }
         // Step 5 once per identity id, and again when the secret names another policy.
         if self.cache.identity_id.as_deref() != Some(identity_id.as_str())
@@ -303,7 +428,7 @@ impl IdentityManager {
                 )
                 .await
             {
-                return Err((Some(standing), error));
+                return Err((Some(standing.kept()), error));
             }
             self.cache.identity_id = Some(identity_id.clone());
             self.cache.attached_policy = Some(standing.secret.iot_policy.clone());
@@ -318,32 +443,140 @@ impl IdentityManager {
     }
 
     /// Steps 1-3. With a `known` secret, a rejected password means it may have been rotated:
-    /// the secret is read again once.
+    /// the secret is read again once. In fleet mode a rejected password is the device's own:
+    /// it was revoked (or, right after a `SignUp` that found the name taken, never was ours).
     async fn sign_in(
         &mut self,
         known: Option<DeviceSecret>,
         heartbeat: &Heartbeat,
     ) -> Result<SignedIn, IdentityError> {
         let had_secret = known.is_some();
-        let secret = match known {
-            Some(secret) => secret,
-            None => self.read_secret(heartbeat).await?,
+        let (secret, unconfirmed) = match known {
+            Some(secret) => (secret, false),
+            None => self.read_and_enroll(heartbeat).await?,
         };
         match heartbeat
             .bounded(step_limit(1), user_pool::sign_in(&self.base, &secret))
             .await
         {
-            Ok(tokens) => Ok(SignedIn { secret, tokens }),
+            Ok(tokens) => {
+                if unconfirmed {
+                    self.note_registered()?;
+                }
+                Ok(SignedIn::new(secret, tokens))
+            }
+            Err(IdentityError::PasswordRejected(reason)) if secret.registration.is_some() => {
+                Err(if unconfirmed {
+                    IdentityError::NameTaken {
+                        name: secret.username,
+                        pool: secret.user_pool_id,
+                    }
+                } else {
+                    IdentityError::Revoked {
+                        name: secret.username,
+                        reason,
+                    }
+                })
+            }
             Err(IdentityError::PasswordRejected(reason)) if had_secret => {
                 tracing::warn!(%reason, "password rejected; reading the secret again (it may have been rotated)");
-                let secret = self.read_secret(heartbeat).await?;
+                let (secret, _) = self.read_and_enroll(heartbeat).await?;
                 let tokens = heartbeat
                     .bounded(step_limit(1), user_pool::sign_in(&self.base, &secret))
                     .await?;
-                Ok(SignedIn { secret, tokens })
+                Ok(SignedIn::new(secret, tokens))
             }
             Err(error) => Err(error),
         }
+    }
+
+    /// Steps 1-2, and in fleet mode the device's own user (registered on first start). The
+    /// flag says the registration still waits for a sign-in to confirm it.
+    async fn read_and_enroll(
+        &mut self,
+        heartbeat: &Heartbeat,
+    ) -> Result<(DeviceSecret, bool), IdentityError> {
+        let mut secret = self.read_secret(heartbeat).await?;
+        let mode = secret.mode();
+        self.status
+            .send_modify(|status| status.registration_mode = Some(mode));
+        let unconfirmed = match secret.registration.clone() {
+            Some(registration) => self.enroll(&mut secret, &registration, heartbeat).await?,
+            None => false,
+        };
+        Ok((secret, unconfirmed))
+    }
+
+    /// Fleet mode: fills in the device's user from `device.json`, and on first start makes it:
+    /// a new password is written (fsynced) before `SignUp`, so no registered user is ever
+    /// without its password on disk. Later starts never call `SignUp` again.
+    async fn enroll(
+        &mut self,
+        secret: &mut DeviceSecret,
+        registration: &Registration,
+        heartbeat: &Heartbeat,
+    ) -> Result<bool, IdentityError> {
+        let device_error = |e: device::DeviceError| IdentityError::Device(e.to_string());
+        let name = device::device_name(&self.config.device_name, &self.config.identity_pool_id)
+            .map_err(device_error)?;
+        self.status
+            .send_modify(|status| status.device_name = Some(name.clone()));
+        let stored = DeviceFile::load(&self.state_dir).map_err(device_error)?;
+        let fresh = stored.is_none();
+        let mut file = match stored {
+            Some(file) if file.username != name => {
+                return Err(IdentityError::Device(format!(
+                    "{DEVICE_FILE} in the state dir holds the user {:?} but the device name is {name:?}: remove that file to register under the new name (the old user stays in the pool)",
+                    file.username
+                )));
+            }
+            Some(file) => file,
+            None => {
+                let file = DeviceFile {
+                    username: name.clone(),
+                    password: device::generate_password(),
+                    registered: false,
+                };
+                file.save(&self.state_dir).map_err(device_error)?;
+                file
+            }
+        };
+        secret.username = file.username.clone();
+        secret.password = file.password.clone();
+        if file.registered {
+            return Ok(false);
+        }
+        let outcome = heartbeat
+            .bounded(
+                step_limit(1),
+                user_pool::sign_up(&self.base, secret, registration),
+            )
+            .await?;
+        match outcome {
+            SignUpOutcome::Registered => {
+                tracing::info!(device_name = %name, "registered this device's own user");
+                file.registered = true;
+                file.save(&self.state_dir).map_err(device_error)?;
+                Ok(false)
+            }
+            SignUpOutcome::NameTaken if fresh => Err(IdentityError::NameTaken {
+                name,
+                pool: secret.user_pool_id.clone(),
+            }),
+            // An earlier start may have registered it and stopped before noting so: the
+            // sign-in with the stored password tells.
+            SignUpOutcome::NameTaken => Ok(true),
+        }
+    }
+
+    /// A sign-in proved the stored user is ours: no `SignUp` at later starts.
+    fn note_registered(&self) -> Result<(), IdentityError> {
+        let device_error = |e: device::DeviceError| IdentityError::Device(e.to_string());
+        if let Some(mut file) = DeviceFile::load(&self.state_dir).map_err(device_error)? {
+            file.registered = true;
+            file.save(&self.state_dir).map_err(device_error)?;
+        }
+        Ok(())
     }
 
     async fn read_secret(&mut self, heartbeat: &Heartbeat) -> Result<DeviceSecret, IdentityError> {
@@ -397,10 +630,10 @@ impl IdentityManager {
                 .await
             {
                 Ok(credentials) => return Ok((cached, credentials)),
-                Err((Some(code), error)) if bootstrap::IDENTITY_GONE.contains(&code.as_str()) => {
+                Err(error) if error.is_one_of(&bootstrap::IDENTITY_GONE) => {
                     tracing::warn!(identity_id = %cached, %error, "cached identity id rejected; asking for a new one");
                 }
-                Err((code, error)) => return Err(credentials_error(code.as_deref(), error)),
+                Err(error) => return Err(credentials_error(error)),
             }
         }
         let get_id = cognito
@@ -411,7 +644,7 @@ impl IdentityManager {
         let identity_id = heartbeat
             .bounded(step_limit(1), get_id)
             .await
-            .map_err(|e| credentials_error(error_code(&e), describe(&e)))?
+            .map_err(|e| credentials_error(AwsFailure::from_sdk(&e)))?
             .identity_id
             .ok_or_else(|| IdentityError::Credentials("GetId returned no id".into()))?;
         let credentials = heartbeat
@@ -420,7 +653,7 @@ impl IdentityManager {
                 self.credentials_for(&cognito, &identity_id, &logins),
             )
             .await
-            .map_err(|(code, error)| credentials_error(code.as_deref(), error))?;
+            .map_err(credentials_error)?;
         Ok((identity_id, credentials))
     }
 
@@ -429,26 +662,18 @@ impl IdentityManager {
         cognito: &aws_sdk_cognitoidentity::Client,
         identity_id: &str,
         logins: &HashMap<String, String>,
-    ) -> Result<AwsCredentials, (Option<String>, String)> {
+    ) -> Result<AwsCredentials, AwsFailure> {
         let output = cognito
             .get_credentials_for_identity()
             .identity_id(identity_id)
             .set_logins(Some(logins.clone()))
             .send()
             .await
-            .map_err(|e| (error_code(&e).map(str::to_owned), describe(&e)))?;
-        let credentials = output.credentials.ok_or_else(|| {
-            (
-                None,
-                "GetCredentialsForIdentity returned no credentials".to_owned(),
-            )
-        })?;
-        Ok(AwsCredentials {
-            access_key_id: credentials.access_key_id.unwrap_or_default(),
-            secret_access_key: Secret::new(credentials.secret_key.unwrap_or_default()),
-            session_token: Secret::new(credentials.session_token.unwrap_or_default()),
-            expires_at: to_system_time(credentials.expiration.as_ref()),
-        })
+            .map_err(|e| AwsFailure::from_sdk(&e))?;
+        let credentials = output
+            .credentials
+            .ok_or_else(|| AwsFailure::empty_answer("GetCredentialsForIdentity"))?;
+        Ok(AwsCredentials::from_cognito(credentials))
     }
 
     fn save_cache(&self) {
@@ -459,12 +684,28 @@ impl IdentityManager {
 }
 
 /// A failed step 4: refused for good when AWS named a reason retrying will not fix.
-fn credentials_error(code: Option<&str>, error: String) -> IdentityError {
-    if is_transient_code(code) {
-        IdentityError::Credentials(error)
+fn credentials_error(failure: AwsFailure) -> IdentityError {
+    if failure.is_transient() {
+        IdentityError::Credentials(failure.message)
     } else {
-        IdentityError::Refused(format!("authenticated Cognito credentials: {error}"))
+        IdentityError::Refused(format!("authenticated Cognito credentials: {failure}"))
     }
+}
+
+/// `identity.start_delay` after a boot: a random part (`jitter` in `[0, 1)`) of `bound` while
+/// the system has been up less than [`BOOT_WINDOW`]; nothing later or when uptime is unknown.
+pub fn start_delay(uptime: Option<Duration>, bound: Duration, jitter: f64) -> Duration {
+    match uptime {
+        Some(uptime) if uptime < BOOT_WINDOW => bound.mul_f64(jitter.clamp(0.0, 1.0)),
+        _ => Duration::ZERO,
+    }
+}
+
+/// The time since boot, from `/proc/uptime`.
+fn read_uptime() -> Option<Duration> {
+    let text = std::fs::read_to_string(UPTIME_FILE).ok()?;
+    let seconds: f64 = text.split_whitespace().next()?.parse().ok()?;
+    Duration::try_from_secs_f64(seconds).ok()
 }
 
 /// How long a step of `calls` AWS calls may take: each is bounded by the SDK's timeout. Past
@@ -649,6 +890,62 @@ mod tests {
         );
         task.abort();
         drop(hole);
+    }
+
+    fn standing() -> SignedIn {
+        let secret = DeviceSecret {
+            username: "gate-7".into(),
+            password: crate::secret::Secret::new("pw".into()),
+            registration: None,
+            client_id: "client".into(),
+            user_pool_id: "us-east-1_pool".into(),
+            iot_endpoint: "endpoint".into(),
+            iot_policy: "policy".into(),
+            attach_function: None,
+        };
+        let tokens = UserPoolTokens {
+            id_token: crate::secret::Secret::new("id".into()),
+            refresh_token: crate::secret::Secret::new("refresh".into()),
+        };
+        SignedIn::new(secret, tokens)
+    }
+
+    /// Issue 13: a retry after a throttled GetId uses the tokens it got again, for a bounded
+    /// time counted from the first failure, instead of spending another InitiateAuth.
+    #[tokio::test(start_paused = true)]
+    async fn tokens_of_a_failed_pass_are_reused_for_a_bounded_time() {
+        let fresh = standing();
+        assert!(
+            !fresh.reusable(),
+            "a refreshed standing is refreshed again when due"
+        );
+        let kept = fresh.kept();
+        assert!(kept.reusable());
+        tokio::time::advance(TOKEN_REUSE / 2).await;
+        // A second failure does not extend the window.
+        let kept = kept.kept();
+        assert!(kept.reusable());
+        tokio::time::advance(TOKEN_REUSE / 2).await;
+        assert!(!kept.reusable());
+    }
+
+    #[test]
+    fn the_start_delay_applies_only_right_after_boot() {
+        let bound = Duration::from_secs(30);
+        let just_booted = Some(Duration::from_secs(20));
+        assert_eq!(
+            start_delay(just_booted, bound, 0.5),
+            Duration::from_secs(15)
+        );
+        assert!(start_delay(just_booted, bound, 0.999) < bound);
+        assert_eq!(start_delay(just_booted, bound, 0.0), Duration::ZERO);
+        assert_eq!(start_delay(Some(BOOT_WINDOW), bound, 0.5), Duration::ZERO);
+        assert_eq!(start_delay(None, bound, 0.5), Duration::ZERO);
+        assert_eq!(
+            start_delay(just_booted, Duration::ZERO, 0.5),
+            Duration::ZERO
+        );
+        assert!(read_uptime().is_some_and(|up| up > Duration::ZERO));
     }
 
     #[test]

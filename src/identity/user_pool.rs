@@ -1,11 +1,11 @@
 //! Step 3 (and its refresh): signing in to the Cognito user pool.
 
 use aws_config::SdkConfig;
-use aws_sdk_cognitoidentityprovider::types::AuthFlowType;
+use aws_sdk_cognitoidentityprovider::types::{AttributeType, AuthFlowType};
 
 use super::IdentityError;
-use super::bootstrap::DeviceSecret;
-use crate::identity::aws::{describe, error_code, is_transient};
+use super::bootstrap::{DeviceSecret, REGISTRATION_KEY, Registration};
+use crate::identity::aws::{AwsFailure, describe, error_code, is_transient};
 use crate::secret::Secret;
 
 /// Tokens from the user pool. The ID token opens the authenticated identity; the refresh token
@@ -73,4 +73,70 @@ pub async fn refresh(
             .map(Secret::new)
             .unwrap_or_else(|| tokens.refresh_token.clone()),
     })
+}
+
+/// `SignUp` errors that mean "refused", not "try again".
+const REGISTRATION_REFUSALS: [&str; 4] = [
+    "UserLambdaValidationException",
+    "NotAuthorizedException",
+    "InvalidParameterException",
+    "InvalidPasswordException",
+];
+
+/// What `SignUp` answered, where the caller must decide.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SignUpOutcome {
+    /// The user exists and is confirmed.
+    Registered,
+    /// `UsernameExistsException`: the name is registered already (by this device earlier, or
+    /// by another).
+    NameTaken,
+}
+
+/// Fleet mode: `SignUp` of the device's own user (`secret.username` / `secret.password`) with
+/// the e-mail `<name>@<EmailDomain>` and the registration code in the client metadata, which
+/// the stack's pre-sign-up trigger checks.
+pub async fn sign_up(
+    base: &SdkConfig,
+    secret: &DeviceSecret,
+    registration: &Registration,
+) -> Result<SignUpOutcome, IdentityError> {
+    let client = aws_sdk_cognitoidentityprovider::Client::new(base);
+    let email = AttributeType::builder()
+        .name("email")
+        .value(format!("{}@{}", secret.username, registration.email_domain))
+        .build()
+        .map_err(|e| IdentityError::Registration(e.to_string()))?;
+    let answer = client
+        .sign_up()
+        .client_id(&secret.client_id)
+        .username(&secret.username)
+        .password(secret.password.expose())
+        .user_attributes(email)
+        .client_metadata(REGISTRATION_KEY, registration.code.expose())
+        .send()
+        .await;
+    let output = match answer {
+        Ok(output) => output,
+        Err(e) => {
+            let failure = AwsFailure::from_sdk(&e);
+            if failure.is_one_of(&["UsernameExistsException"]) {
+                return Ok(SignUpOutcome::NameTaken);
+            }
+            // The trigger refused (its message names the rule, never the code), or the pool
+            // takes no sign-ups: retrying with the same answer will not help until an operator
+            // acts (or rotates the code, re-read at the next attempt).
+            return Err(if failure.is_one_of(&REGISTRATION_REFUSALS) {
+                IdentityError::RegistrationRefused(failure.message)
+            } else {
+                IdentityError::Registration(failure.message)
+            });
+        }
+    };
+    if !output.user_confirmed {
+        return Err(IdentityError::RegistrationRefused(
+            "the user pool registered the device but did not confirm it: is the stack's pre-sign-up trigger attached?".into(),
+        ));
+    }
+    Ok(SignUpOutcome::Registered)
 }

@@ -2,6 +2,6 @@
 //! the spool, and the app is answered once the spool has it.
 
 pub mod protocol;
-pub mod raw;
-pub mod records;
-pub mod server;
+pub(crate) mod raw;
+pub(crate) mod records;
+pub(crate) mod server;

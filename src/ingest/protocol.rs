@@ -20,39 +20,74 @@ pub const MAX_ID_BYTES: usize = 128;
 /// What a line asks for.
 #[derive(Debug, PartialEq)]
 pub enum Request {
+    /// A message to publish; `id`, when given, is echoed in the answer.
     Publish {
+        /// The app's request id (a string or a number), echoed in the answer.
         id: Option<Value>,
+        /// The validated message.
         message: Message,
     },
+    /// `{"op":"status"}`: the daemon's state and counters.
     Status {
+        /// Echoed in the answer.
         id: Option<Value>,
     },
     /// `{"op":"dead_letters","action":"list|requeue|purge"}` (`list` when left out).
     DeadLetters {
+        /// Echoed in the answer.
         id: Option<Value>,
+        /// What to do with the dead letters.
         action: DeadLetterAction,
+    },
+    /// `{"op":"subscribe","topics":["commands/#"]}`: inbox messages matching these filters
+    /// (relative, validated) come to this connection.
+    Subscribe {
+        /// Echoed in the answer.
+        id: Option<Value>,
+        /// Topic filters relative to the device prefix, each valid.
+        topics: Vec<String>,
+    },
+    /// `{"op":"ack","seq":N}`: the app is done with message N.
+    Ack {
+        /// Echoed in the answer.
+        id: Option<Value>,
+        /// The `seq` of a message line this connection received.
+        seq: i64,
     },
 }
 
 /// The error codes of SPEC.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
+    /// The line is not one JSON object.
     InvalidJson,
+    /// `topic` or the payload is missing.
     MissingField,
+    /// The topic breaks IoT Core's rules once prefixed.
     InvalidTopic,
+    /// The payload is over 128 KiB.
     PayloadTooLarge,
+    /// The line is over `MAX_LINE_BYTES`.
     LineTooLong,
+    /// `qos` is not 0 or 1.
     InvalidQos,
+    /// `id` is not a string or a number, or is too long.
     InvalidId,
+    /// The spool is at `max_bytes` under `reject-new`.
     SpoolFull,
     /// The disk failed (read-only, I/O error), as opposed to being full.
     StorageError,
+    /// The daemon is draining and takes no new messages.
     ShuttingDown,
     /// Beyond SPEC.md's list: a peer refused by `socket.allowed_uids` / `allowed_gids`.
     PermissionDenied,
+    /// An `ack` for a seq this connection does not hold unacked (acked already, or never
+    /// delivered to it).
+    UnknownSeq,
 }
 
 impl ErrorCode {
+    /// The code as it appears in answers (`"invalid_topic"`).
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidJson => "invalid_json",
@@ -66,6 +101,7 @@ impl ErrorCode {
             ErrorCode::StorageError => "storage_error",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::UnknownSeq => "unknown_seq",
         }
     }
 }
@@ -73,12 +109,16 @@ impl ErrorCode {
 /// A refused line: the code, a human message, and the request id when one could be read.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rejection {
+    /// The request id, when the line had a readable one.
     pub id: Option<Value>,
+    /// What is wrong, as a code.
     pub code: ErrorCode,
+    /// What is wrong, for people.
     pub message: String,
 }
 
 impl Rejection {
+    /// A refusal of the request `id` (if known).
     pub fn new(id: Option<Value>, code: ErrorCode, message: impl Into<String>) -> Rejection {
         Rejection {
             id,
@@ -122,6 +162,10 @@ struct RawLine<'a> {
     qos: Option<&'a RawValue>,
     #[serde(borrow, default)]
     action: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    topics: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    seq: Option<&'a RawValue>,
 }
 
 /// Parses and validates one line (without its newline).
@@ -133,36 +177,52 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
     }
     let raw: RawLine<'_> =
         serde_json::from_slice(line).map_err(|e| invalid_json(format!("not valid JSON: {e}")))?;
+    let id = parse_id(raw.id)?;
+    match parse_op(&raw, id.clone(), rules)? {
+        Some(request) => Ok(request),
+        None => parse_publish(&raw, id, rules),
+    }
+}
 
-    let id = match raw.id {
-        None => None,
-        Some(raw_id) => match serde_json::from_str::<Value>(raw_id.get()) {
-            // Answered without the id: echoing it is what must not happen.
-            Ok(Value::String(text)) if text.len() > MAX_ID_BYTES => {
-                return Err(Rejection::new(
-                    None,
-                    ErrorCode::InvalidId,
-                    format!("id is {} bytes; at most {MAX_ID_BYTES}", text.len()),
-                ));
-            }
-            Ok(Value::Number(_)) if raw_id.get().len() > MAX_ID_BYTES => {
-                return Err(Rejection::new(
-                    None,
-                    ErrorCode::InvalidId,
-                    format!("id is {} bytes; at most {MAX_ID_BYTES}", raw_id.get().len()),
-                ));
-            }
-            Ok(id @ (Value::String(_) | Value::Number(_))) => Some(id),
-            Ok(Value::Null) => None,
-            _ => return Err(invalid_json("id must be a string or a number".into())),
-        },
+/// The request `id`: a string or number of at most `MAX_ID_BYTES`, or none.
+fn parse_id(raw_id: Option<&RawValue>) -> Result<Option<Value>, Rejection> {
+    let Some(raw_id) = raw_id else {
+        return Ok(None);
     };
-    let reject = |code, message: &str| Rejection::new(id.clone(), code, message);
+    // A too long id is answered without it: echoing it is what must not happen.
+    let too_long = |len: usize| {
+        Rejection::new(
+            None,
+            ErrorCode::InvalidId,
+            format!("id is {len} bytes; at most {MAX_ID_BYTES}"),
+        )
+    };
+    match serde_json::from_str::<Value>(raw_id.get()) {
+        Ok(Value::String(text)) if text.len() > MAX_ID_BYTES => Err(too_long(text.len())),
+        Ok(Value::Number(_)) if raw_id.get().len() > MAX_ID_BYTES => {
+            Err(too_long(raw_id.get().len()))
+        }
+        Ok(id @ (Value::String(_) | Value::Number(_))) => Ok(Some(id)),
+        Ok(Value::Null) => Ok(None),
+        _ => Err(Rejection::new(
+            None,
+            ErrorCode::InvalidJson,
+            "id must be a string or a number",
+        )),
+    }
+}
 
-    match raw.op.map(|op| serde_json::from_str::<String>(op.get())) {
-        None => {}
-        Some(Ok(op)) if op == "publish" => {}
-        Some(Ok(op)) if op == "status" => return Ok(Request::Status { id }),
+/// Every request but a publish; `None` for a publish (no `op`, or `"publish"`).
+fn parse_op(
+    raw: &RawLine<'_>,
+    id: Option<Value>,
+    rules: &TopicRules,
+) -> Result<Option<Request>, Rejection> {
+    let reject = |code, message: &str| Rejection::new(id.clone(), code, message);
+    let request = match raw.op.map(|op| serde_json::from_str::<String>(op.get())) {
+        None => return Ok(None),
+        Some(Ok(op)) if op == "publish" => return Ok(None),
+        Some(Ok(op)) if op == "status" => Request::Status { id },
         Some(Ok(op)) if op == "dead_letters" => {
             let action = match raw.action.map(|a| serde_json::from_str::<String>(a.get())) {
                 None => DeadLetterAction::List,
@@ -176,16 +236,38 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
                     ));
                 }
             };
-            return Ok(Request::DeadLetters { id, action });
+            Request::DeadLetters { id, action }
+        }
+        Some(Ok(op)) if op == "subscribe" => {
+            let topics = parse_filters(raw.topics, rules)
+                .map_err(|(code, message)| reject(code, &message))?;
+            Request::Subscribe { id, topics }
+        }
+        Some(Ok(op)) if op == "ack" => {
+            let seq = match raw.seq {
+                None => return Err(reject(ErrorCode::MissingField, "seq is required")),
+                Some(seq) => serde_json::from_str::<i64>(seq.get())
+                    .map_err(|_| reject(ErrorCode::InvalidJson, "seq must be an integer"))?,
+            };
+            Request::Ack { id, seq }
         }
         Some(_) => {
             return Err(reject(
                 ErrorCode::InvalidJson,
-                "op must be \"publish\", \"status\" or \"dead_letters\"",
+                "op must be \"publish\", \"status\", \"dead_letters\", \"subscribe\" or \"ack\"",
             ));
         }
-    }
+    };
+    Ok(Some(request))
+}
 
+/// A publish: topic, payload and qos, each checked.
+fn parse_publish(
+    raw: &RawLine<'_>,
+    id: Option<Value>,
+    rules: &TopicRules,
+) -> Result<Request, Rejection> {
+    let reject = |code, message: &str| Rejection::new(id.clone(), code, message);
     let topic = match raw.topic {
         None => return Err(reject(ErrorCode::MissingField, "topic is required")),
         Some(topic) => serde_json::from_str::<String>(topic.get())
@@ -194,46 +276,7 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
     rules
         .validate(&topic)
         .map_err(|e| reject(ErrorCode::InvalidTopic, &e.to_string()))?;
-
-    let (payload, kind) = match (raw.payload, raw.payload_base64) {
-        (Some(_), Some(_)) => {
-            return Err(reject(
-                ErrorCode::InvalidJson,
-                "give either payload or payload_base64, not both",
-            ));
-        }
-        (None, None) => {
-            return Err(reject(
-                ErrorCode::MissingField,
-                "payload (or payload_base64) is required",
-            ));
-        }
-        (Some(payload), None) => match serde_json::from_str::<String>(payload.get()) {
-            Ok(text) => (text.into_bytes(), PayloadKind::Text),
-            Err(_) => (compact_json(payload.get()), PayloadKind::Json),
-        },
-        (None, Some(encoded)) => {
-            let text = serde_json::from_str::<String>(encoded.get())
-                .map_err(|_| reject(ErrorCode::InvalidJson, "payload_base64 must be a string"))?;
-            if text.len() / 4 * 3 > MAX_PAYLOAD_BYTES + 3 {
-                return Err(reject(
-                    ErrorCode::PayloadTooLarge,
-                    &too_large(text.len() / 4 * 3),
-                ));
-            }
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(text.as_bytes())
-                .map_err(|e| reject(ErrorCode::InvalidJson, &format!("payload_base64: {e}")))?;
-            (bytes, PayloadKind::Binary)
-        }
-    };
-    if payload.len() > MAX_PAYLOAD_BYTES {
-        return Err(reject(
-            ErrorCode::PayloadTooLarge,
-            &too_large(payload.len()),
-        ));
-    }
-
+    let (payload, kind) = parse_payload(raw).map_err(|(code, message)| reject(code, &message))?;
     let qos = match raw.qos {
         None => Qos::AtLeastOnce,
         Some(qos) => serde_json::from_str::<u8>(qos.get())
@@ -241,7 +284,6 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
             .and_then(Qos::from_u8)
             .ok_or_else(|| reject(ErrorCode::InvalidQos, "qos must be 0 or 1"))?,
     };
-
     Ok(Request::Publish {
         id,
         message: Message {
@@ -251,6 +293,77 @@ pub fn parse_line(line: &[u8], rules: &TopicRules) -> Result<Request, Rejection>
             kind,
         },
     })
+}
+
+/// `payload` or `payload_base64`, decoded and within IoT Core's payload limit.
+fn parse_payload(raw: &RawLine<'_>) -> Result<(Vec<u8>, PayloadKind), (ErrorCode, String)> {
+    let (payload, kind) = match (raw.payload, raw.payload_base64) {
+        (Some(_), Some(_)) => {
+            return Err((
+                ErrorCode::InvalidJson,
+                "give either payload or payload_base64, not both".into(),
+            ));
+        }
+        (None, None) => {
+            return Err((
+                ErrorCode::MissingField,
+                "payload (or payload_base64) is required".into(),
+            ));
+        }
+        (Some(payload), None) => match serde_json::from_str::<String>(payload.get()) {
+            Ok(text) => (text.into_bytes(), PayloadKind::Text),
+            Err(_) => (compact_json(payload.get()), PayloadKind::Json),
+        },
+        (None, Some(encoded)) => {
+            let text = serde_json::from_str::<String>(encoded.get()).map_err(|_| {
+                (
+                    ErrorCode::InvalidJson,
+                    "payload_base64 must be a string".to_owned(),
+                )
+            })?;
+            if text.len() / 4 * 3 > MAX_PAYLOAD_BYTES + 3 {
+                return Err((ErrorCode::PayloadTooLarge, too_large(text.len() / 4 * 3)));
+            }
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(text.as_bytes())
+                .map_err(|e| (ErrorCode::InvalidJson, format!("payload_base64: {e}")))?;
+            (bytes, PayloadKind::Binary)
+        }
+    };
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return Err((ErrorCode::PayloadTooLarge, too_large(payload.len())));
+    }
+    Ok((payload, kind))
+}
+
+/// Most filters one `subscribe` may name (IoT Core takes 8 per SUBSCRIBE; apps need few).
+pub const MAX_SUBSCRIBE_FILTERS: usize = 16;
+
+/// A subscribe's `topics`: a non-empty array of valid relative filters.
+fn parse_filters(
+    raw: Option<&RawValue>,
+    rules: &TopicRules,
+) -> Result<Vec<String>, (ErrorCode, String)> {
+    let Some(raw) = raw else {
+        return Err((ErrorCode::MissingField, "topics is required".into()));
+    };
+    let topics = serde_json::from_str::<Vec<String>>(raw.get()).map_err(|_| {
+        (
+            ErrorCode::InvalidTopic,
+            "topics must be an array of topic filters (strings)".to_owned(),
+        )
+    })?;
+    if topics.is_empty() || topics.len() > MAX_SUBSCRIBE_FILTERS {
+        return Err((
+            ErrorCode::InvalidTopic,
+            format!("topics must name 1 to {MAX_SUBSCRIBE_FILTERS} topic filters"),
+        ));
+    }
+    for topic in &topics {
+        crate::downlink::filter::validate(rules, topic)
+            .map_err(|e| (ErrorCode::InvalidTopic, format!("{topic:?}: {e}")))?;
+    }
+    Ok(topics)
 }
 
 fn too_large(len: usize) -> String {
@@ -381,6 +494,47 @@ mod tests {
             "x".repeat(MAX_PAYLOAD_BYTES)
         );
         assert!(parse(&exact).is_ok());
+    }
+
+    #[test]
+    fn subscribe_and_ack_are_parsed_and_checked() {
+        assert_eq!(
+            parse(r#"{"op":"subscribe","topics":["commands/#","config/+"],"id":"s1"}"#),
+            Ok(Request::Subscribe {
+                id: Some("s1".into()),
+                topics: vec!["commands/#".into(), "config/+".into()],
+            })
+        );
+        assert_eq!(
+            parse(r#"{"op":"ack","seq":42}"#),
+            Ok(Request::Ack { id: None, seq: 42 })
+        );
+        assert_eq!(code(r#"{"op":"subscribe"}"#), ErrorCode::MissingField);
+        assert_eq!(
+            code(r#"{"op":"subscribe","topics":[]}"#),
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","topics":"a"}"#),
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","topics":[1]}"#),
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","topics":["a/#/b"]}"#),
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","topics":["$aws/x"]}"#),
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(code(r#"{"op":"ack"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"op":"ack","seq":"7"}"#), ErrorCode::InvalidJson);
+        assert_eq!(code(r#"{"op":"ack","seq":1.5}"#), ErrorCode::InvalidJson);
+        let rejection = parse(r#"{"op":"subscribe","topics":["+x"],"id":3}"#).expect_err("bad");
+        assert_eq!(rejection.id, Some(3.into()));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::{RawSocketConfig, SocketConfig};
 use crate::ingest::records::{Next, RecordReader};
 use crate::ingest::server::{Pace, accept_clients};
-use crate::message::{MAX_PAYLOAD_BYTES, Message, PayloadKind, Qos};
+use crate::message::{MAX_PAYLOAD_BYTES, Message, PayloadKind};
 use crate::ops::heartbeat::Heartbeat;
 use crate::ops::logging::Repeats;
 use crate::spool::{AppendError, Spool};
@@ -67,10 +67,10 @@ impl RawServer {
         pipeline: &mpsc::Sender<oneshot::Receiver<Result<(), AppendError>>>,
         repeats: &Mutex<Repeats>,
     ) {
-        let qos = Qos::from_u8(self.raw.qos).unwrap_or(Qos::AtLeastOnce);
+        let qos = self.raw.qos;
         let mut reader = RecordReader::new(
             stream,
-            self.raw.delimiter_byte(),
+            self.raw.delimiter.0,
             MAX_PAYLOAD_BYTES,
             self.limits.idle_timeout,
         );

@@ -13,9 +13,12 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::config::SocketConfig;
+use crate::downlink::hub::Subscription;
+use crate::downlink::{AckError, Downlink};
 use crate::ingest::protocol::{ErrorCode, MAX_LINE_BYTES, Rejection, Request, ok_line, parse_line};
 use crate::ingest::records::{Next, RecordReader};
 use crate::ops::heartbeat::Heartbeat;
@@ -96,6 +99,8 @@ pub struct IngestServer {
     pub status: StatusSource,
     pub stopping: watch::Receiver<bool>,
     pub heartbeat: Heartbeat,
+    /// Cloud-to-device messages for apps that subscribe.
+    pub downlink: Downlink,
 }
 
 impl IngestServer {
@@ -108,6 +113,7 @@ impl IngestServer {
                 status: server.status.clone(),
                 stopping: server.stopping.clone(),
                 limits: server.limits.clone(),
+                downlink: server.downlink.clone(),
             };
             client.serve(stream)
         })
@@ -130,7 +136,10 @@ pub async fn accept_clients<F, Fut>(
     let slots = Arc::new(Semaphore::new(limits.max_clients as usize));
     // EMFILE and the like repeat every ACCEPT_RETRY for as long as they last.
     let mut repeats = Repeats::default();
+    // Owned here, so the clients end with the server (at shutdown, the supervisor stops it).
+    let mut clients = JoinSet::new();
     loop {
+        while clients.try_join_next().is_some() {}
         let Ok(slot) = heartbeat.waiting(slots.clone().acquire_owned()).await else {
             return;
         };
@@ -140,7 +149,7 @@ pub async fn accept_clients<F, Fut>(
                     continue;
                 }
                 let client = serve(stream);
-                tokio::spawn(async move {
+                clients.spawn(async move {
                     client.await;
                     drop(slot);
                 });
@@ -239,6 +248,15 @@ enum Pending {
         id: Option<Value>,
         done: oneshot::Receiver<Result<(), AppendError>>,
     },
+    /// Registers the filters after queueing the answer, so the answer precedes any message.
+    Subscribe {
+        id: Option<Value>,
+        topics: Vec<String>,
+    },
+    Ack {
+        id: Option<Value>,
+        seq: i64,
+    },
 }
 
 struct Peer {
@@ -247,6 +265,7 @@ struct Peer {
     status: StatusSource,
     stopping: watch::Receiver<bool>,
     limits: Arc<SocketConfig>,
+    downlink: Downlink,
 }
 
 impl Peer {
@@ -254,13 +273,26 @@ impl Peer {
         let (read_half, mut write_half) = stream.into_split();
         let (answers, mut answer_queue) = mpsc::channel::<Answer>(ANSWER_QUEUE);
         let budget = Arc::new(Semaphore::new(ANSWER_BYTES));
+        let (subscription, mut messages) = Subscription::new(self.downlink.clone());
+        let subscription = Arc::new(subscription);
+        // Message lines are never dropped like answers: an app holds at most the dispatcher's
+        // window of them unacked, and a lost one would sit with it until it disconnects.
         let writer = tokio::spawn(async move {
-            while let Some((line, _permit)) = answer_queue.recv().await {
+            loop {
+                let line = tokio::select! {
+                    biased;
+                    answer = answer_queue.recv() => match answer {
+                        Some((line, _permit)) => line,
+                        None => break,
+                    },
+                    Some(line) = messages.recv() => line,
+                };
                 if write_half.write_all(line.as_bytes()).await.is_err() {
                     break;
                 }
             }
         });
+        let downlink_side = subscription.clone();
         let (pipeline, mut pending) = mpsc::channel::<Pending>(PIPELINE);
         let acker = tokio::spawn(async move {
             let mut deaf = false;
@@ -273,15 +305,28 @@ impl Peer {
                             Err(error) => Some(refusal(id, &error).to_line()),
                         }
                     }
+                    Pending::Subscribe { id, topics } => {
+                        if let Some(id) = &id {
+                            deaf = deliver(&answers, &budget, ok_line(id), deaf).await;
+                        }
+                        downlink_side.subscribe(topics).await;
+                        None
+                    }
+                    Pending::Ack { id, seq } => match downlink_side.ack(seq).await {
+                        Ok(()) => id.as_ref().map(ok_line),
+                        Err(error) => Some(ack_refusal(id, &error).to_line()),
+                    },
                 };
                 if let Some(answer) = answer {
                     deaf = deliver(&answers, &budget, answer, deaf).await;
                 }
             }
         });
-        self.read_lines(read_half, &pipeline).await;
+        self.read_lines(read_half, &pipeline, &subscription).await;
         drop(pipeline);
         let _ = acker.await;
+        // Before waiting for the writer: leaving drops the hub's end of the message lines.
+        subscription.close().await;
         let _ = writer.await;
     }
 
@@ -291,6 +336,7 @@ impl Peer {
         &self,
         read_half: tokio::net::unix::OwnedReadHalf,
         pipeline: &mpsc::Sender<Pending>,
+        subscription: &Subscription,
     ) {
         let mut reader =
             RecordReader::new(read_half, b'\n', MAX_LINE_BYTES, self.limits.idle_timeout);
@@ -320,6 +366,8 @@ impl Peer {
                     let _ = pipeline.send(Pending::Ready(rejection.to_line())).await;
                     return;
                 }
+                // A subscriber waits for messages in silence: that is its use of the slot.
+                Next::Silent if subscription.is_subscribed() => None,
                 Next::Silent => {
                     tracing::debug!(
                         idle_timeout = %humantime::format_duration(self.limits.idle_timeout),
@@ -375,6 +423,8 @@ impl Peer {
                 }
                 Pending::Ready(format!("{answer}\n"))
             }
+            Ok(Request::Subscribe { id, topics }) => Pending::Subscribe { id, topics },
+            Ok(Request::Ack { id, seq }) => Pending::Ack { id, seq },
             Ok(Request::Publish { id, .. }) if *self.stopping.borrow() => {
                 return Some(Err(Rejection::new(
                     id,
@@ -464,6 +514,15 @@ fn refused(rejection: Rejection, repeats: &mut Repeats) -> Pending {
         );
     }
     Pending::Ready(rejection.to_line())
+}
+
+fn ack_refusal(id: Option<Value>, error: &AckError) -> Rejection {
+    let code = match error {
+        AckError::UnknownSeq(_) => ErrorCode::UnknownSeq,
+        AckError::Storage(_) => ErrorCode::StorageError,
+        AckError::Closed => ErrorCode::ShuttingDown,
+    };
+    Rejection::new(id, code, error.to_string())
 }
 
 fn refusal(id: Option<Value>, error: &AppendError) -> Rejection {

@@ -5,19 +5,10 @@ use std::time::SystemTime;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::downlink::InboxStats;
 use crate::identity::IdentityWatch;
-use crate::publish::connection::PublishCounters;
+use crate::publish::connection::{LinkState, PublishCounters};
 use crate::spool::SpoolStats;
-
-/// Where the link to IoT Core stands (SPEC.md's `state`, minus `stopping`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LinkState {
-    Starting,
-    Connecting,
-    Connected,
-    Backoff,
-}
 
 /// SPEC.md's `state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -50,6 +41,10 @@ pub struct Status {
     pub credentials_expire_at: Option<String>,
     pub last_refresh: Option<String>,
     pub last_error: Option<String>,
+    /// `self-register` or `shared-user` (the stack's mode, seen in its secret); null until read.
+    pub registration_mode: Option<&'static str>,
+    /// Self-register mode: this device's user pool user name.
+    pub device_name: Option<String>,
     pub spool_messages: u64,
     /// What the spool takes on disk (pages in use plus the WAL).
     pub spool_bytes: u64,
@@ -65,6 +60,10 @@ pub struct Status {
     /// Messages moved to the dead letters since the start, and held there now.
     pub dead_letter_total: u64,
     pub dead_letters: u64,
+    /// Cloud-to-device messages waiting for an app's ack, and dropped (oldest first) beyond
+    /// `downlink.max_bytes` since the start.
+    pub inbox_messages: u64,
+    pub inbox_dropped_total: u64,
 }
 
 /// Everything `status` reads from; cheap to clone into each client task.
@@ -75,6 +74,7 @@ pub struct StatusSource {
     pub identity: IdentityWatch,
     pub spool: watch::Receiver<SpoolStats>,
     pub counters: watch::Receiver<PublishCounters>,
+    pub inbox: watch::Receiver<InboxStats>,
 }
 
 impl StatusSource {
@@ -83,6 +83,7 @@ impl StatusSource {
         let identity = self.identity.status.borrow().clone();
         let spool = *self.spool.borrow();
         let counters = *self.counters.borrow();
+        let inbox = *self.inbox.borrow();
         let link = *self.link.borrow();
         let state = if *self.stopping.borrow() {
             State::Stopping
@@ -103,6 +104,8 @@ impl StatusSource {
             credentials_expire_at: session.as_ref().map(|s| rfc3339(s.credentials.expires_at)),
             last_refresh: identity.last_refresh.map(rfc3339),
             last_error: identity.last_error,
+            registration_mode: identity.registration_mode,
+            device_name: identity.device_name,
             spool_messages: spool.messages,
             spool_bytes: spool.bytes,
             spool_state: if spool.fault.is_some() {
@@ -119,6 +122,8 @@ impl StatusSource {
                 .filter(|_| link != LinkState::Connected),
             dead_letter_total: spool.dead_letter_total,
             dead_letters: spool.dead_letters,
+            inbox_messages: inbox.messages,
+            inbox_dropped_total: inbox.dropped_total,
         }
     }
 }

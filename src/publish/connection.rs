@@ -8,18 +8,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{ConnectReturnCode, Event, Outgoing, Packet, QoS};
-use tokio::sync::watch;
+use rumqttc::{ConnectReturnCode, Event, Outgoing, Packet, QoS, SubscribeFilter};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::config::{BatchConfig, PublishConfig};
+use crate::downlink::Downlink;
 use crate::identity::{RefusalSignal, Session};
 use crate::message::Qos;
 use crate::ops::heartbeat::Heartbeat;
 use crate::ops::logging::Repeats;
-use crate::ops::status::LinkState;
 use crate::publish::batch::Batcher;
 use crate::publish::flow::{Action, BrokerEvent, Ended, Flow, Outside, Publish};
+use crate::publish::inbound::{Inbound, MAX_RECEIVE_BATCH, Received};
 use crate::publish::mqtt::{self, MqttSettings};
 use crate::publish::quota::Quota;
 use crate::retry::Backoff;
@@ -35,6 +37,18 @@ const RECONNECT_CAP: Duration = Duration::from_secs(30);
 const BEAT_EVERY: Duration = Duration::from_secs(2);
 /// How long a clean disconnect may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// IoT Core takes at most 8 topic filters per SUBSCRIBE.
+const FILTERS_PER_SUBSCRIBE: usize = 8;
+
+/// Where the link to IoT Core stands (SPEC.md's `state`, minus `stopping`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkState {
+    Starting,
+    Connecting,
+    Connected,
+    Backoff,
+}
 
 /// Delivery counters for `status`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -58,6 +72,14 @@ pub struct Publisher {
     /// The quota settings; SIGHUP may change them.
     limits: watch::Receiver<PublishConfig>,
     flow: Flow,
+    /// Cloud-to-device: where received messages go, and what to subscribe to.
+    downlink: Option<(Downlink, Inbound)>,
+    /// Received on this connection, waiting to be stored and then acknowledged.
+    received: Vec<rumqttc::Publish>,
+    /// A CONNACK arrived: subscribe (its session-present flag, for the log).
+    must_subscribe: Option<bool>,
+    /// Health reports to publish (never spooled) and their relative topic.
+    health: Option<(mpsc::Receiver<Vec<u8>>, String)>,
 }
 
 impl Publisher {
@@ -96,8 +118,24 @@ impl Publisher {
             counters,
             limits,
             flow,
+            downlink: None,
+            received: Vec::new(),
+            must_subscribe: None,
+            health: None,
         };
         (publisher, link_rx, counters_rx)
+    }
+
+    /// Receives what IoT Core sends to `inbound`'s filters into `downlink`'s inbox.
+    pub fn with_downlink(mut self, downlink: Downlink, inbound: Inbound) -> Publisher {
+        self.downlink = Some((downlink, inbound));
+        self
+    }
+
+    /// Publishes the health reports from `reports` to the relative `topic`.
+    pub fn with_health(mut self, reports: mpsc::Receiver<Vec<u8>>, topic: String) -> Publisher {
+        self.health = Some((reports, topic));
+        self
     }
 
     /// Publishes until `stopping` turns true and everything is delivered; the caller bounds
@@ -259,6 +297,10 @@ impl Publisher {
             Err(error) => return Ended::Failed(error.to_string()),
         };
         self.flow.connect(&session.identity_id, Instant::now());
+        // Packet ids belong to their connection: what the last one left unacknowledged the
+        // broker sends again.
+        self.received.clear();
+        self.must_subscribe = None;
         let mut spool_stats = self.spool.stats();
         let mut identity_gone = false;
         let mut beat = tokio::time::interval(BEAT_EVERY);
@@ -274,6 +316,13 @@ impl Publisher {
                     // Take whatever else is already waiting before deciding again.
                     while let Ok(event) = connection.events.try_recv() {
                         self.on_event(Some(event), session);
+                    }
+                    self.subscribe_and_store(&connection, session).await;
+                }
+                Some(report) = next_report(&mut self.health) => {
+                    let topic = self.health.as_ref().map(|(_, topic)| topic.clone()).unwrap_or_default();
+                    if !self.flow.offer_unspooled(topic, report) {
+                        tracing::debug!("health report dropped: not connected");
                     }
                 }
                 _ = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {}
@@ -363,7 +412,13 @@ impl Publisher {
         session: &Session,
     ) {
         match event {
+            Some(Ok(Event::Incoming(Packet::Publish(publish)))) => self.received.push(publish),
             Some(Ok(event)) => {
+                if let Event::Incoming(Packet::ConnAck(ack)) = &event
+                    && ack.code == ConnectReturnCode::Success
+                {
+                    self.must_subscribe = Some(ack.session_present);
+                }
                 let Some(event) = broker_event(event) else {
                     return;
                 };
@@ -382,6 +437,74 @@ impl Publisher {
             }
             None => self.flow.fail("event loop stopped".into()),
         }
+    }
+}
+
+impl Publisher {
+    /// After a CONNACK: subscribes to the downlink filters. Then commits what was received to
+    /// the inbox and only then acknowledges it to the broker; a failed commit ends the
+    /// connection unacknowledged, and the broker sends the messages again.
+    async fn subscribe_and_store(&mut self, connection: &mqtt::Connection, session: &Session) {
+        let Some((downlink, inbound)) = &self.downlink else {
+            // Nothing subscribed, so nothing should come; acknowledge any stray message.
+            for publish in std::mem::take(&mut self.received) {
+                let _ = connection.client.try_ack(&publish);
+            }
+            return;
+        };
+        if let Some(session_present) = self.must_subscribe.take() {
+            let filters = inbound.subscriptions(&session.identity_id);
+            tracing::info!(
+                session_present,
+                filters = filters.len(),
+                "subscribing to the downlink topics"
+            );
+            for chunk in filters.chunks(FILTERS_PER_SUBSCRIBE) {
+                let chunk = chunk
+                    .iter()
+                    .map(|filter| SubscribeFilter::new(filter.clone(), QoS::AtLeastOnce));
+                if let Err(error) = connection.client.try_subscribe_many(chunk) {
+                    self.flow.fail(format!("subscribe: {error}"));
+                    return;
+                }
+            }
+        }
+        while !self.received.is_empty() {
+            let take = self.received.len().min(MAX_RECEIVE_BATCH);
+            let batch: Vec<rumqttc::Publish> = self.received.drain(..take).collect();
+            let mut messages = Vec::with_capacity(batch.len());
+            for publish in &batch {
+                let topic = &publish.topic;
+                match inbound.classify(&session.identity_id, topic) {
+                    Received::Store(relative) => {
+                        messages.push((relative, publish.payload.to_vec()))
+                    }
+                    Received::Foreign => {
+                        tracing::warn!(%topic, "received a message outside this device's prefix; dropped")
+                    }
+                }
+            }
+            if let Err(error) = downlink.receive(messages).await {
+                self.received.clear();
+                self.flow.fail(format!("inbox: {error}"));
+                return;
+            }
+            for publish in &batch {
+                if let Err(error) = connection.client.try_ack(publish) {
+                    self.received.clear();
+                    self.flow.fail(format!("ack queue: {error}"));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The next health report, if reports are on (otherwise never).
+async fn next_report(health: &mut Option<(mpsc::Receiver<Vec<u8>>, String)>) -> Option<Vec<u8>> {
+    match health {
+        Some((reports, _)) => reports.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -154,6 +154,9 @@ struct Link {
     /// A dead letter to hand out before the end it caused.
     burial: Option<Burial>,
     ended: Option<Ended>,
+    /// A message that is not in the spool (the health report): (relative topic, payload).
+    /// Sent QoS 0 ahead of the spool when the quota allows; gone with the connection.
+    unspooled: Option<(String, Vec<u8>)>,
 }
 
 impl Link {
@@ -174,6 +177,7 @@ impl Link {
             head: None,
             burial: None,
             ended: None,
+            unspooled: None,
         }
     }
 }
@@ -209,10 +213,6 @@ impl Flow {
         self.quota.set_limits(max_publishes, max_bytes);
     }
 
-    pub fn is_connected(&self) -> bool {
-        self.link.connected
-    }
-
     /// Whether news from the spool could change a decision now (else the loop need not wake).
     pub fn listens_to_spool(&self) -> bool {
         let link = &self.link;
@@ -228,6 +228,17 @@ impl Flow {
     /// (then the reconnect delays start over). Reading it clears it.
     pub fn take_buried_head(&mut self) -> bool {
         std::mem::take(&mut self.buried_head)
+    }
+
+    /// A message to publish once (QoS 0) on this connection, never spooled: the health report.
+    /// A newer one replaces one still waiting; the connection's end drops it. `false` when
+    /// not connected (then it is dropped at once: a stale report is noise).
+    pub fn offer_unspooled(&mut self, topic: String, payload: Vec<u8>) -> bool {
+        if !self.link.connected || self.link.ended.is_some() {
+            return false;
+        }
+        self.link.unspooled = Some((topic, payload));
+        true
     }
 
     /// The spool changed: new messages may be there, and may fill a lingering array.
@@ -362,6 +373,26 @@ impl Flow {
         let room = self.max_in_flight.saturating_sub(link.window.outstanding());
         if room == 0 {
             return None;
+        }
+        if let Some((relative, payload)) = link.unspooled.take() {
+            let topic = self.rules.full_topic(&link.identity_id, &relative);
+            let size = (topic.len() + payload.len()) as u64;
+            if let Some(at) = self.quota.ready_at(size, now) {
+                link.paced_until = Some(at);
+                link.unspooled = Some((relative, payload));
+                return None;
+            }
+            self.quota.record(size, now);
+            // Tracked like any publish: packet ids are matched to requests in order.
+            link.window
+                .unassigned
+                .push_back((Vec::new(), Qos::AtMostOnce));
+            return Some(Action::Publish(Publish {
+                topic,
+                qos: Qos::AtMostOnce,
+                payload,
+                republished: 0,
+            }));
         }
         // A lone open array may still grow: plan it again with what arrived since.
         if link.unread && link.ready.len() == 1 && link.ready.front().is_some_and(|o| o.open) {
@@ -623,6 +654,46 @@ mod tests {
         sent.iter()
             .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
             .collect()
+    }
+
+    #[test]
+    fn an_unspooled_report_goes_first_within_the_quota_and_never_outlives_its_connection() {
+        let mut flow = Setup {
+            quota: (1, 0),
+            ..Setup::default()
+        }
+        .flow();
+        let now = Instant::now();
+        flow.connect(IDENTITY, now);
+        assert!(
+            !flow.offer_unspooled("health".into(), b"{}".to_vec()),
+            "not before CONNACK"
+        );
+        connect_and_read(&mut flow, now, spool(1..=3));
+        assert!(flow.offer_unspooled("health".into(), b"{\"a\":1}".to_vec()));
+        let (sent, _) = publishes(&mut flow, now, RUNNING);
+        assert_eq!(
+            sent.len(),
+            1,
+            "one publish per second, and the report takes it"
+        );
+        assert_eq!(sent[0].topic, format!("{POOL}/{IDENTITY}/health"));
+        assert_eq!(sent[0].qos, Qos::AtMostOnce);
+        let second = now + Duration::from_millis(1100);
+        let (sent, _) = publishes(&mut flow, second, RUNNING);
+        assert_eq!(numbers(&sent), ["{\"n\":1}"]);
+        // Its packet id does not shift the spool messages' ids.
+        flow.on_broker(BrokerEvent::Sent(0), second);
+        flow.on_broker(BrokerEvent::Sent(1), second);
+        flow.on_broker(BrokerEvent::Acked(1), second);
+        assert_eq!(flow.next(second, RUNNING), Action::Remove(vec![1]));
+        // Over the quota it waits; a new connection drops it.
+        assert!(flow.offer_unspooled("health".into(), b"{}".to_vec()));
+        assert!(matches!(flow.next(now, RUNNING), Action::Wait(_)));
+        let later = now + Duration::from_secs(5);
+        connect_and_read(&mut flow, later, spool(2..=3));
+        let (sent, _) = publishes(&mut flow, later, RUNNING);
+        assert_eq!(numbers(&sent), ["{\"n\":2}"], "the report was dropped");
     }
 
     #[test]

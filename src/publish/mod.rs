@@ -1,9 +1,13 @@
 //! Stage 3: moves spooled messages to IoT Core over MQTT-over-WebSockets, within its quotas,
 //! and removes each one from the spool only after the broker acknowledged it.
 
-pub mod batch;
-pub mod connection;
-pub mod flow;
-pub mod mqtt;
-pub mod quota;
-pub mod signer;
+pub(crate) mod batch;
+pub(crate) mod connection;
+mod flow;
+pub(crate) mod inbound;
+pub(crate) mod mqtt;
+pub(crate) mod quota;
+mod signer;
+pub mod tls;
+
+pub use flow::DEAD_LETTER_STRIKES;

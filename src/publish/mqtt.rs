@@ -9,72 +9,18 @@ use std::time::{Duration, SystemTime};
 
 use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, TlsConfiguration, Transport};
 use rustls::ClientConfig;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::config::MqttConfig;
 use crate::identity::Session;
 use crate::message::MAX_PAYLOAD_BYTES;
+use crate::publish::inbound::MAX_RECEIVE_BATCH;
 use crate::publish::signer::{SignError, presign};
 use crate::topic::MAX_TOPIC_BYTES;
 
 /// Room for the fixed header, topic and packet id around the largest payload IoT Core accepts.
 const MAX_PACKET_BYTES: usize = MAX_PAYLOAD_BYTES + MAX_TOPIC_BYTES + 64;
-
-/// Why TLS could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("cannot read CA bundle {path}: {reason}")]
-    CaFile { path: String, reason: String },
-    #[error("CA bundle {0} holds no certificate")]
-    EmptyCaFile(String),
-    #[error("TLS setup failed: {0}")]
-    Rustls(#[from] rustls::Error),
-}
-
-/// The TLS client config: the built-in Amazon roots, or the operator's PEM bundle instead.
-pub fn tls_config(ca_file: &str) -> Result<Arc<ClientConfig>, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    if ca_file.is_empty() {
-        roots.extend(
-            webpki_roots::TLS_SERVER_ROOTS
-                .iter()
-                .filter(|anchor| is_amazon_root(anchor.subject.as_ref()))
-                .cloned(),
-        );
-    } else {
-        let read_error = |reason: String| TlsError::CaFile {
-            path: ca_file.to_owned(),
-            reason,
-        };
-        for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| read_error(e.to_string()))? {
-            let cert = cert.map_err(|e| read_error(e.to_string()))?;
-            roots.add(cert).map_err(|e| read_error(e.to_string()))?;
-        }
-        if roots.is_empty() {
-            return Err(TlsError::EmptyCaFile(ca_file.to_owned()));
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
-}
-
-/// IoT Core's ATS endpoints chain to the Amazon roots (and, cross-signed, to Starfield's).
-fn is_amazon_root(subject_der: &[u8]) -> bool {
-    [b"Amazon Root CA".as_slice(), b"Starfield Services Root"]
-        .iter()
-        .any(|name| {
-            subject_der
-                .windows(name.len())
-                .any(|window| window == *name)
-        })
-}
 
 /// What every connection is built from.
 #[derive(Clone)]
@@ -83,6 +29,9 @@ pub struct MqttSettings {
     pub region: String,
     pub tls: Arc<ClientConfig>,
     pub max_in_flight: u16,
+    /// `clean_session = false`: the broker keeps the subscriptions and queues QoS 1 messages
+    /// while the daemon is away (downlink on; see `publish::inbound`).
+    pub persistent_session: bool,
 }
 
 impl MqttSettings {
@@ -130,12 +79,16 @@ pub fn connect(settings: &MqttSettings, session: &Session) -> Result<Connection,
     options
         .set_transport(transport)
         .set_keep_alive(settings.config.keep_alive)
-        // Unacknowledged messages live in the spool and are republished by the publisher.
-        .set_clean_session(true)
+        // Unacknowledged publishes live in the spool and are republished by the publisher
+        // either way; a persistent session is for what the broker sends us.
+        .set_clean_session(!settings.persistent_session)
+        // Received messages are acknowledged only once they are committed to the inbox.
+        .set_manual_acks(true)
         .set_inflight(settings.max_in_flight)
         .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
-    // The publisher never has more than max_in_flight requests outstanding, so this never fills.
-    let capacity = usize::from(settings.max_in_flight) + 8;
+    // The publisher never has more than max_in_flight publishes outstanding, nor more acks
+    // than one received batch, so this never fills.
+    let capacity = usize::from(settings.max_in_flight) + MAX_RECEIVE_BATCH + 8;
     let (client, mut event_loop) = AsyncClient::new(options, capacity);
     event_loop
         .network_options

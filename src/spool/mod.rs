@@ -226,6 +226,7 @@ impl Spool {
     /// Opens (or creates) the spool in `dir`. A corrupt file is moved aside with its WAL, what
     /// reads back from it is salvaged into a fresh spool; never fatal.
     /// Without write-behind (a zero commit window): every `ok` waits for its commit.
+    #[cfg(test)]
     pub fn open(dir: &Path, max_bytes: u64, on_full: OnFull) -> Result<Spool, OpenError> {
         Spool::open_with_window(dir, max_bytes, on_full, Duration::ZERO)
     }
@@ -308,6 +309,7 @@ impl Spool {
     }
 
     /// Appends and waits until the message is durable (or acknowledged).
+    #[cfg(test)]
     pub async fn append(&self, message: Message) -> Result<(), AppendError> {
         self.submit(message)
             .await?

@@ -3,7 +3,7 @@
 use super::*;
 
 /// What provision.py created in moto.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize)]
 pub struct Account {
     pub region: String,
     pub identity_pool_id: String,
@@ -11,10 +11,26 @@ pub struct Account {
     pub unauth_role_arn: String,
     pub user_pool_id: String,
     pub client_id: String,
+    /// The shared user; empty in self-register mode.
+    #[serde(deserialize_with = "null_as_empty")]
     pub username: String,
+    #[serde(deserialize_with = "null_as_empty")]
     pub password: String,
     pub iot_policy: String,
     pub iot_endpoint: String,
+    /// `shared-user` or `self-register` (the template's RegistrationMode).
+    #[serde(default)]
+    pub registration_mode: String,
+    /// Self-register mode: the secret's code; empty otherwise.
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub registration_code: String,
+    #[serde(default)]
+    pub email_domain: String,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    use serde::Deserialize;
+    Option::<String>::deserialize(d).map(Option::unwrap_or_default)
 }
 
 /// moto + mosquitto in a private namespace, with a provisioned account.
@@ -23,6 +39,8 @@ pub struct Cloud {
     pub account: Account,
     pub ca_file: PathBuf,
     pub(super) broker: Option<Process>,
+    /// Self-register mode: Cognito's trigger and quotas in front of moto; daemons go through it.
+    pub(super) cognito: Option<CognitoProxy>,
     pub(super) moto: Process,
     // Dropped last: the processes above must be gone before the namespace is deleted.
     pub namespace: Namespace,
@@ -35,6 +53,19 @@ impl Cloud {
 
     /// `faketime`: moto runs under libfaketime, its clock offset set by [`Cloud::set_moto_clock`].
     pub fn start_with(faketime: bool) -> Cloud {
+        Cloud::start_in_mode(faketime, "shared-user")
+    }
+
+    /// A self-register (fleet mode) account; every daemon's AWS calls go through
+    /// tests/support/cognito_proxy.py, which plays the template's pre-sign-up trigger and
+    /// answers TooManyRequestsException beyond `rates` (e.g. "SignUp=2,GetId=5"; "" = none).
+    pub fn start_fleet(rates: &str) -> Cloud {
+        let mut cloud = Cloud::start_in_mode(false, "self-register");
+        cloud.cognito = Some(cloud.start_cognito_proxy(rates));
+        cloud
+    }
+
+    fn start_in_mode(faketime: bool, mode: &str) -> Cloud {
         assert!(
             unsafe { libc::geteuid() } == 0,
             "integration tests need root for network namespaces (run `make test` as root)"
@@ -65,25 +96,15 @@ impl Cloud {
         };
         let mut cloud = Cloud {
             ca_file: dir.path().join("ca.crt"),
-            account: Account {
-                region: String::new(),
-                identity_pool_id: String::new(),
-                secret_id: String::new(),
-                unauth_role_arn: String::new(),
-                user_pool_id: String::new(),
-                client_id: String::new(),
-                username: String::new(),
-                password: String::new(),
-                iot_policy: String::new(),
-                iot_endpoint: String::new(),
-            },
+            account: Account::default(),
             dir,
             broker: None,
+            cognito: None,
             moto,
             namespace,
         };
         cloud.start_broker();
-        cloud.account = cloud.provision();
+        cloud.account = cloud.provision(mode);
         cloud
     }
 
@@ -95,6 +116,21 @@ impl Cloud {
 
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{MOTO_PORT}")
+    }
+
+    /// Where daemons send their AWS calls: the Cognito proxy in fleet mode, moto otherwise.
+    pub fn daemon_endpoint(&self) -> String {
+        match &self.cognito {
+            Some(proxy) => proxy.endpoint(),
+            None => self.endpoint(),
+        }
+    }
+
+    /// The Cognito proxy of [`Cloud::start_fleet`].
+    pub fn cognito(&self) -> &CognitoProxy {
+        self.cognito
+            .as_ref()
+            .expect("a fleet cloud (Cloud::start_fleet)")
     }
 
     /// Runs a Python snippet in the namespace with boto3 pointed at moto; returns stdout.
@@ -124,26 +160,36 @@ impl Cloud {
         }
     }
 
-    pub(super) fn provision(&self) -> Account {
+    pub(super) fn provision(&self, mode: &str) -> Account {
         let script = repo_root().join("tests/support/provision.py");
         let code = format!(
             "import json, sys; sys.path.insert(0, {dir:?}); import provision; \
-             print(json.dumps(provision.provision({endpoint:?}, 'us-east-1', 'relay-test')))",
+             print(json.dumps(provision.provision({endpoint:?}, 'us-east-1', 'relay-test', \
+             mode={mode:?})))",
             dir = script.parent().expect("dir").display().to_string(),
             endpoint = self.endpoint(),
         );
         serde_json::from_str(self.python(&code).trim()).expect("provision output")
     }
 
-    /// Fails when any text holds a secret of this account: the user's password, moto's
-    /// Cognito secret key and session token (fixed values), or a JWT (ID/refresh token).
+    /// Fails when any text holds a secret of this account: the shared user's password or the
+    /// registration code, moto's Cognito secret key and session token (fixed values), or a JWT
+    /// (ID/refresh token).
     pub fn assert_no_secrets(&self, what: &str, text: &str) {
-        for (name, secret) in [
+        self.assert_none_of(what, text, &[]);
+    }
+
+    /// [`Cloud::assert_no_secrets`] plus `more` (e.g. a device's own password).
+    pub fn assert_none_of(&self, what: &str, text: &str, more: &[(&str, &str)]) {
+        let known = [
             ("password", self.account.password.as_str()),
+            ("registration code", self.account.registration_code.as_str()),
             ("secret access key", MOTO_SECRET_KEY),
             ("session token", MOTO_SESSION_TOKEN),
             ("JWT", "eyJ"),
-        ] {
+        ];
+        // An empty value is a secret this mode does not have.
+        for (name, secret) in known.iter().chain(more).filter(|(_, s)| !s.is_empty()) {
             assert!(!text.contains(secret), "{what} leaks the {name}");
         }
     }

@@ -5,7 +5,7 @@ use super::*;
 impl Cloud {
     /// A config for a daemon in `dir`. `classic` chooses the onboarding flow.
     pub fn config(&self, dir: &Path, classic: bool, extra: &str) -> PathBuf {
-        self.config_via(dir, classic, &self.endpoint(), extra)
+        self.config_via(dir, classic, &self.daemon_endpoint(), extra)
     }
 
     /// Like [`Cloud::config`], with the AWS calls sent to `endpoint` (e.g. a fault proxy).
@@ -46,9 +46,7 @@ impl Cloud {
             NAMESPACE_COUNTER.fetch_add(1, Ordering::SeqCst)
         ));
         let log = std::fs::File::create(&log_path).expect("daemon log");
-        let mut command = self
-            .namespace
-            .command(env!("CARGO_BIN_EXE_iot-cognito-relay"));
+        let mut command = self.namespace.command(daemon_binary());
         command
             .arg("run")
             .arg("--config")
@@ -86,6 +84,14 @@ impl Cloud {
         }
         daemon
     }
+}
+
+/// The binary under test: this build's, or `IOT_COGNITO_RELAY_TEST_BINARY` (`make fleet-sim`
+/// runs a release build this way without rebuilding the test profile in release).
+pub fn daemon_binary() -> PathBuf {
+    std::env::var_os("IOT_COGNITO_RELAY_TEST_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_iot-cognito-relay")))
 }
 
 /// The daemon under test.

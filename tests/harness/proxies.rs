@@ -128,6 +128,87 @@ impl Cloud {
     }
 }
 
+impl Cloud {
+    /// tests/support/cognito_proxy.py in front of moto (see [`Cloud::start_fleet`]).
+    pub(super) fn start_cognito_proxy(&self, rates: &str) -> CognitoProxy {
+        let log = self.dir.path().join("cognito-proxy.log");
+        let stderr = std::fs::File::create(self.dir.path().join("cognito-proxy.err")).expect("log");
+        let process = Process {
+            name: "cognito_proxy",
+            child: Some(
+                self.namespace
+                    .command(python())
+                    .arg(repo_root().join("tests/support/cognito_proxy.py"))
+                    .args(["--port", &COGNITO_PROXY_PORT.to_string()])
+                    .args(["--target", &self.endpoint()])
+                    .args(["--rates", rates])
+                    .args(["--user-pool-id", &self.account.user_pool_id])
+                    .args(["--domain", &self.account.email_domain])
+                    .arg("--log")
+                    .arg(&log)
+                    .stdout(Stdio::null())
+                    .stderr(stderr)
+                    .spawn()
+                    .expect("start cognito proxy"),
+            ),
+        };
+        let proxy = CognitoProxy {
+            _process: process,
+            log,
+        };
+        self.python(&format!(
+            "import urllib.request, time\nfor _ in range(100):\n    try:\n        urllib.request.urlopen('{}/moto-api/'); break\n    except Exception: time.sleep(0.1)",
+            proxy.endpoint()
+        ));
+        proxy
+    }
+
+    /// What an operator does to revoke one device (docs/operations.md): disable its user and
+    /// sign it out everywhere (its refresh tokens stop working).
+    pub fn revoke_device(&self, device_name: &str) {
+        self.python(&format!(
+            "import boto3; c = boto3.client('cognito-idp'); \
+             c.admin_disable_user(UserPoolId={pool:?}, Username={device_name:?}); \
+             c.admin_user_global_sign_out(UserPoolId={pool:?}, Username={device_name:?})",
+            pool = self.account.user_pool_id,
+        ));
+    }
+
+    /// The recovery command for a re-flashed device (docs/operations.md).
+    pub fn delete_device_user(&self, device_name: &str) {
+        self.python(&format!(
+            "import boto3; boto3.client('cognito-idp').admin_delete_user(\
+             UserPoolId={pool:?}, Username={device_name:?})",
+            pool = self.account.user_pool_id,
+        ));
+    }
+}
+
+/// tests/support/cognito_proxy.py: the pre-sign-up trigger and Cognito's rate quotas.
+pub struct CognitoProxy {
+    pub(super) _process: Process,
+    pub(super) log: PathBuf,
+}
+
+impl CognitoProxy {
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{COGNITO_PROXY_PORT}")
+    }
+
+    /// Every call so far: {"t", "op", "result", "user"}.
+    pub fn calls(&self) -> Vec<Value> {
+        json_lines(&self.log)
+    }
+
+    /// How many `op` calls had `result` (e.g. "SignUp", "ok").
+    pub fn count(&self, op: &str, result: &str) -> usize {
+        self.calls()
+            .iter()
+            .filter(|c| c["op"] == op && c["result"] == result)
+            .count()
+    }
+}
+
 /// tests/support/attach_proxy.py: Lambda for the template's attach function.
 pub struct AttachProxy {
     pub(super) _process: Process,

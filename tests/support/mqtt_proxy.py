@@ -134,10 +134,12 @@ def main():
                     wait = at - time.monotonic()
                     if wait > 0:
                         await asyncio.sleep(wait)
-                    up_writer.write(data)
-                    await up_writer.drain()
+                    # Logged as it goes out, before the broker can deliver it: a test that
+                    # saw a message at the subscriber finds it in this log.
                     for topic, size in found:
                         log.write(json.dumps({"t": time.time(), "topic": topic, "bytes": size}) + "\n")
+                    up_writer.write(data)
+                    await up_writer.drain()
             except Exception:
                 close()
 

@@ -7,16 +7,23 @@ layout used here against the template, so the emulated cloud and the real one ca
 
 Usage: provision.py --endpoint http://127.0.0.1:PORT [--region us-east-1] [--prefix relay-test]
                     [--device-cidrs 127.0.0.0/8,::1/128] [--attach-function NAME]
+                    [--registration-mode shared-user|self-register]
 
 --attach-function tags the secret with AttachFunction as the template does (devices then invoke
 that function instead of calling AttachPolicy). moto runs no Lambda code here: a test that uses
 it answers the invocations itself (tests/support/attach_proxy.py). Without it, the secret is that
 of an older stack and the daemon attaches the policy itself.
+
+--registration-mode self-register (the template's RegistrationMode) makes no shared user: the
+secret holds {"registration_code": ...} and the EmailDomain tag, and the pool allows SignUp. moto
+runs no pre-sign-up trigger: tests/support/cognito_proxy.py plays it with the template's handler.
 """
 import argparse
 import json
 import secrets
 import string
+
+SHARED, FLEET = "shared-user", "self-register"
 
 import boto3
 
@@ -38,7 +45,8 @@ def iot_policy_document(region, account, identity_pool_id, device_cidrs=None):
     """Each identity may connect as itself and publish under <pool>/<its identity id>/, only
     from the device network.
 
-    Publish only, as in the template: the relay never subscribes (least privilege).
+    As in the template: Publish and Receive on its own topics, Subscribe to its own topic
+    filters (the downlink), nothing else.
     """
     sub = "${cognito-identity.amazonaws.com:sub}"
     arn = f"arn:aws:iot:{region}:{account}"
@@ -50,8 +58,14 @@ def iot_policy_document(region, account, identity_pool_id, device_cidrs=None):
              "Condition": network},
             {
                 "Effect": "Allow",
-                "Action": "iot:Publish",
+                "Action": ["iot:Publish", "iot:Receive"],
                 "Resource": f"{arn}:topic/{identity_pool_id}/{sub}/*",
+                "Condition": network,
+            },
+            {
+                "Effect": "Allow",
+                "Action": "iot:Subscribe",
+                "Resource": f"{arn}:topicfilter/{identity_pool_id}/{sub}/*",
                 "Condition": network,
             },
         ],
@@ -64,7 +78,11 @@ def random_password():
     return core + "aA1!"
 
 
-def provision(endpoint, region, prefix, device_cidrs=None, attach_function=None):
+def registration_code():
+    return secrets.token_urlsafe(32)  # as the template's custom resource makes it
+
+
+def provision(endpoint, region, prefix, device_cidrs=None, attach_function=None, mode=SHARED):
     session = boto3.session.Session(
         aws_access_key_id="testing", aws_secret_access_key="testing", region_name=region
     )
@@ -73,7 +91,11 @@ def provision(endpoint, region, prefix, device_cidrs=None, attach_function=None)
     iot, sm, sts = client("iot"), client("secretsmanager"), client("sts")
     account = sts.get_caller_identity()["Account"]
 
-    pool_id = idp.create_user_pool(PoolName=f"{prefix}-user-pool")["UserPool"]["Id"]
+    pool_id = idp.create_user_pool(
+        PoolName=f"{prefix}-user-pool",
+        AdminCreateUserConfig={"AllowAdminCreateUserOnly": mode != FLEET},
+        UsernameConfiguration={"CaseSensitive": False},
+    )["UserPool"]["Id"]
     client_id = idp.create_user_pool_client(
         UserPoolId=pool_id,
         ClientName=f"{prefix}-app-client",
@@ -81,16 +103,20 @@ def provision(endpoint, region, prefix, device_cidrs=None, attach_function=None)
         ReadAttributes=["email"],
         WriteAttributes=["email"],
     )["UserPoolClient"]["ClientId"]
-    username, password = app_user_name(prefix), random_password()
-    idp.admin_create_user(
-        UserPoolId=pool_id,
-        Username=username,
-        UserAttributes=[{"Name": "email", "Value": f"{username}@{PRE_SIGN_UP_EMAIL_DOMAIN}"}],
-        MessageAction="SUPPRESS",
-    )
-    idp.admin_set_user_password(
-        UserPoolId=pool_id, Username=username, Password=password, Permanent=True
-    )
+    username, password, code = app_user_name(prefix), None, None
+    if mode == FLEET:
+        code = registration_code()
+    else:
+        password = random_password()
+        idp.admin_create_user(
+            UserPoolId=pool_id,
+            Username=username,
+            UserAttributes=[{"Name": "email", "Value": f"{username}@{PRE_SIGN_UP_EMAIL_DOMAIN}"}],
+            MessageAction="SUPPRESS",
+        )
+        idp.admin_set_user_password(
+            UserPoolId=pool_id, Username=username, Password=password, Permanent=True
+        )
 
     identity_pool_id = identity.create_identity_pool(
         IdentityPoolName=f"{prefix.replace('-', '_')}_identity_pool",
@@ -145,7 +171,12 @@ def provision(endpoint, region, prefix, device_cidrs=None, attach_function=None)
     ]
     if attach_function:
         tags.append({"Key": "AttachFunction", "Value": attach_function})
-    sm.create_secret(Name=name, SecretString=json.dumps({username: password}), Tags=tags)
+    if mode == FLEET:
+        tags.append({"Key": "EmailDomain", "Value": PRE_SIGN_UP_EMAIL_DOMAIN})
+        value = {"registration_code": code}
+    else:
+        value = {username: password}
+    sm.create_secret(Name=name, SecretString=json.dumps(value), Tags=tags)
     return {
         "region": region,
         "identity_pool_id": identity_pool_id,
@@ -153,10 +184,13 @@ def provision(endpoint, region, prefix, device_cidrs=None, attach_function=None)
         "unauth_role_arn": unauth_role_arn,
         "user_pool_id": pool_id,
         "client_id": client_id,
-        "username": username,
+        "username": username if mode == SHARED else None,
         "password": password,
         "iot_policy": policy_name,
         "iot_endpoint": iot_endpoint,
+        "registration_mode": mode,
+        "registration_code": code,
+        "email_domain": PRE_SIGN_UP_EMAIL_DOMAIN,
     }
 
 
@@ -167,9 +201,10 @@ def main():
     parser.add_argument("--prefix", default="relay-test")
     parser.add_argument("--device-cidrs", default=",".join(DEVICE_CIDRS))
     parser.add_argument("--attach-function", default=None)
+    parser.add_argument("--registration-mode", choices=(SHARED, FLEET), default=SHARED)
     args = parser.parse_args()
     result = provision(args.endpoint, args.region, args.prefix, args.device_cidrs.split(","),
-                       args.attach_function)
+                       args.attach_function, args.registration_mode)
     print(json.dumps(result))
 
 

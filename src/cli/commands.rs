@@ -1,0 +1,148 @@
+//! What each command does, from parsed arguments to an exit code.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::cli::args::Command;
+use crate::cli::{run, socket_client as client, stack_config as stack};
+use crate::config;
+
+/// Exit codes of SPEC.md.
+pub(crate) const EXIT_FAILURE: u8 = 1;
+pub(crate) const EXIT_USAGE: u8 = 2;
+
+/// Runs one command to its end and says how it went (SPEC.md's exit codes).
+pub fn dispatch(command: Command) -> ExitCode {
+    match command {
+        Command::Run { config } => run::run_daemon(&config),
+        Command::CheckConfig { config } => check_config(&config),
+        Command::ConfigFromStack { file } => config_from_stack(&file),
+        Command::Send {
+            socket,
+            topic,
+            qos,
+            json,
+            payload,
+            timeout,
+        } => {
+            let framing = match topic {
+                Some(topic) if !json => client::Framing::Message { topic, qos },
+                _ => client::Framing::Json,
+            };
+            send(&socket, framing, payload, timeout)
+        }
+        Command::DeadLetters {
+            action,
+            socket,
+            json,
+            timeout,
+        } => print_answer(
+            client::dead_letters(&socket, action.as_str(), timeout),
+            json,
+            client::format_dead_letters,
+        ),
+        Command::Subscribe {
+            socket,
+            count,
+            filters,
+        } => subscribe(&socket, &filters, count),
+        Command::Status {
+            socket,
+            json,
+            timeout,
+        } => print_answer(
+            client::status(&socket, timeout),
+            json,
+            client::format_status,
+        ),
+    }
+}
+
+/// Prints the effective config, secrets masked; exit 2 when it does not load.
+fn check_config(path: &Path) -> ExitCode {
+    match config::Config::load(path) {
+        Ok(config) => {
+            print!("{}", config.to_redacted_toml());
+            println!("{}", config.registration_note());
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(EXIT_USAGE, error),
+    }
+}
+
+/// Prints a config.toml built from `describe-stacks` output.
+fn config_from_stack(file: &Path) -> ExitCode {
+    let converted = std::fs::read_to_string(file)
+        .map_err(|error| error.to_string())
+        .and_then(|text| stack::config_from_stack(&text).map_err(|error| error.to_string()));
+    match converted {
+        Ok(config) => {
+            print!("{config}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(EXIT_USAGE, format!("{}: {error}", file.display())),
+    }
+}
+
+/// Sends `payload`, or one message per stdin line, and waits for every answer.
+fn send(
+    socket: &Path,
+    framing: client::Framing,
+    payload: Option<String>,
+    timeout: Duration,
+) -> ExitCode {
+    let payloads = match payload {
+        Some(text) => client::Payloads::One(text),
+        None => {
+            if std::io::stdin().is_terminal() {
+                eprintln!("reading one message per line from stdin (Ctrl-D ends)");
+            }
+            client::Payloads::Lines(Box::new(std::io::BufReader::new(std::io::stdin())))
+        }
+    };
+    match client::send(socket, framing, payloads, timeout) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(refused) => fail(EXIT_FAILURE, format!("{refused} message(s) refused")),
+        Err(error) => fail(EXIT_FAILURE, error),
+    }
+}
+
+/// Prints messages matching `filters` and acks each after printing; a bad filter exits 2.
+fn subscribe(socket: &Path, filters: &[String], count: Option<u64>) -> ExitCode {
+    match client::subscribe(socket, filters, count, &mut std::io::stdout().lock()) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(client::SubscribeError::Refused { code, message }) if code == "invalid_topic" => {
+            fail(EXIT_USAGE, format!("{code}: {message}"))
+        }
+        Err(error) => fail(EXIT_FAILURE, error),
+    }
+}
+
+/// The daemon's answer as JSON (`--json`) or formatted for people.
+fn print_answer(
+    answer: Result<Value, client::SocketClientError>,
+    json: bool,
+    format: fn(&Value) -> String,
+) -> ExitCode {
+    match answer {
+        Ok(answer) if json => {
+            println!("{answer}");
+            ExitCode::SUCCESS
+        }
+        Ok(answer) => {
+            print!("{}", format(&answer));
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(EXIT_FAILURE, error),
+    }
+}
+
+/// One line on stderr naming the program, and the exit code.
+pub(crate) fn fail(code: u8, error: impl std::fmt::Display) -> ExitCode {
+    eprintln!("iot-cognito-relay: {error}");
+    ExitCode::from(code)
+}

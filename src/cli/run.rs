@@ -1,0 +1,99 @@
+//! `run`: the daemon in the foreground, as systemd starts it: the runtime, signal handlers
+//! (SIGTERM/SIGINT stop, SIGHUP reloads) and the exit code of a failed start.
+
+use std::process::ExitCode;
+
+use crate::cli::commands::{EXIT_FAILURE, EXIT_USAGE, fail};
+use crate::config;
+use crate::daemon;
+use crate::ops::logging;
+
+/// Loads the config, runs the daemon until a signal stops it, and maps a failure to an exit
+/// code (2 for what a restart cannot cure).
+pub fn run_daemon(path: &std::path::Path) -> ExitCode {
+    let config = match config::Config::load(path) {
+        Ok(config) => config,
+        Err(error) => return fail(EXIT_USAGE, error),
+    };
+    let log = logging::init(&config.log.level);
+    daemon::limit_allocator_arenas();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(EXIT_FAILURE, format!("cannot start the runtime: {error}")),
+    };
+    let daemon = async {
+        // Every handler is in place before the daemon binds its socket (see shutdown_signal).
+        let shutdown = shutdown_signal();
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+        let (reload_tx, reloads) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(reload_on_sighup(hangup, path.to_owned(), reload_tx));
+        let controls = daemon::Controls {
+            reloads,
+            log: Some(log),
+        };
+        daemon::run(config, controls, shutdown).await
+    };
+    let Err(error) = runtime.block_on(daemon) else {
+        return ExitCode::SUCCESS;
+    };
+    let code = if error.is_config_error() {
+        EXIT_USAGE
+    } else {
+        EXIT_FAILURE
+    };
+    // One line: a structured journal entry under systemd, else the plain stderr line (the log
+    // also goes to stderr then, and would say it twice).
+    if logging::stderr_is_journal() {
+        tracing::error!(%error, "cannot start");
+        ExitCode::from(code)
+    } else {
+        fail(code, error)
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+/// The handlers are installed at the call, before the daemon binds its socket: a SIGTERM that
+/// arrives during start-up is then a clean stop, not the default action's kill.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let handlers = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            // Without signal handlers the daemon can still be killed; it just cannot drain.
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+}
+
+/// On SIGHUP (systemd's `reload`), reads the config file again and hands it to the daemon;
+/// a config that does not load is logged and the running one kept.
+async fn reload_on_sighup(
+    hangup: std::io::Result<tokio::signal::unix::Signal>,
+    path: std::path::PathBuf,
+    reloads: tokio::sync::mpsc::Sender<config::Config>,
+) {
+    let Ok(mut hup) = hangup else {
+        tracing::warn!("cannot handle SIGHUP; reload needs a restart");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match config::Config::load(&path) {
+            Ok(config) => {
+                if reloads.send(config).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) => tracing::error!(%error, "reload failed; keeping the running config"),
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! TLS for the broker connection: which roots are trusted. Apart from the connection so that
+//! config validation can check a CA bundle without depending on the MQTT side.
+
+use std::sync::Arc;
+
+use rustls::ClientConfig;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+/// Why TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// `mqtt.ca_file` could not be read or parsed.
+    #[error("cannot read CA bundle {path}: {reason}")]
+    CaFile {
+        /// The bundle's path.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// `mqtt.ca_file` parsed, but holds no certificate.
+    #[error("CA bundle {0} holds no certificate")]
+    EmptyCaFile(String),
+    /// rustls refused the setup.
+    #[error("TLS setup failed: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The TLS client config: the built-in Amazon roots, or the operator's PEM bundle instead.
+pub fn tls_config(ca_file: &str) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    if ca_file.is_empty() {
+        roots.extend(
+            webpki_roots::TLS_SERVER_ROOTS
+                .iter()
+                .filter(|anchor| is_amazon_root(anchor.subject.as_ref()))
+                .cloned(),
+        );
+    } else {
+        let read_error = |reason: String| TlsError::CaFile {
+            path: ca_file.to_owned(),
+            reason,
+        };
+        for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| read_error(e.to_string()))? {
+            let cert = cert.map_err(|e| read_error(e.to_string()))?;
+            roots.add(cert).map_err(|e| read_error(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(TlsError::EmptyCaFile(ca_file.to_owned()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// IoT Core's ATS endpoints chain to the Amazon roots (and, cross-signed, to Starfield's).
+fn is_amazon_root(subject_der: &[u8]) -> bool {
+    [b"Amazon Root CA".as_slice(), b"Starfield Services Root"]
+        .iter()
+        .any(|name| {
+            subject_der
+                .windows(name.len())
+                .any(|window| window == *name)
+        })
+}
