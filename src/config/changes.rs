@@ -1,6 +1,8 @@
 //! What a reload (SIGHUP) changes, as typed values. The daemon applies the live ones and names
 //! the rest as waiting for a restart, in one match (`daemon/reload.rs`).
 
+use std::time::Duration;
+
 use super::{ByteSize, Config, OnFull};
 
 /// One difference between the running config and a reloaded one.
@@ -13,10 +15,12 @@ pub enum Change {
         max_publishes_per_second: u32,
         max_bytes_per_second: ByteSize,
     },
-    /// Applies live: a lower `max_bytes` with `drop-oldest` trims in bounded steps.
+    /// Applies live: a lower `max_bytes` with `drop-oldest` trims in bounded steps; a new
+    /// `commit_window` holds the next messages (what is held is committed first).
     SpoolLimits {
         max_bytes: ByteSize,
         on_full: OnFull,
+        commit_window: Duration,
     },
     /// A key (or a section's keys) that takes effect at the next start.
     NeedsRestart(&'static str),
@@ -60,6 +64,7 @@ pub fn changes(old: &Config, new: &Config) -> Vec<Change> {
         changes.push(Change::SpoolLimits {
             max_bytes: spool.max_bytes,
             on_full: spool.on_full,
+            commit_window: spool.commit_window,
         });
     }
     let restart = [
@@ -121,6 +126,7 @@ mod tests {
                 &[Change::SpoolLimits {
                     max_bytes: ByteSize(256 * 1024 * 1024),
                     on_full: OnFull::RejectNew,
+                    commit_window: Duration::from_millis(200),
                 }],
             ),
             (

@@ -56,6 +56,8 @@ const SHORTEST_TOPIC: &str = "t";
 
 /// More readings than this in one array would not fit 128 KiB anyway (each takes 2+ bytes).
 const MAX_BATCH_MESSAGES: u32 = 65_536;
+/// Longest `spool.commit_window`: a message the publisher sent waits at most this for its `ok`.
+const MAX_COMMIT_WINDOW: Duration = Duration::from_secs(5);
 
 /// The whole configuration, section by section as in SPEC.md.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -265,6 +267,9 @@ pub enum OnFull {
 pub struct SpoolConfig {
     pub max_bytes: ByteSize,
     pub on_full: OnFull,
+    /// Write-behind: a message the broker acknowledges within this window is never written.
+    #[serde(with = "duration")]
+    pub commit_window: Duration,
 }
 
 impl Default for SpoolConfig {
@@ -272,6 +277,7 @@ impl Default for SpoolConfig {
         SpoolConfig {
             max_bytes: ByteSize(256 * 1024 * 1024),
             on_full: OnFull::DropOldest,
+            commit_window: Duration::from_millis(200),
         }
     }
 }

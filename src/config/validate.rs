@@ -188,6 +188,15 @@ fn check_limits(config: &Config) -> Result<(), Invalid> {
             "must hold at least one full-size message (128KiB)".into(),
         ));
     }
+    if config.spool.commit_window > MAX_COMMIT_WINDOW {
+        return Err((
+            "spool.commit_window",
+            format!(
+                "at most {} (a sent message waits that long for its ok)",
+                humantime::format_duration(MAX_COMMIT_WINDOW)
+            ),
+        ));
+    }
     if config.publish.max_in_flight == 0 {
         return Err(("publish.max_in_flight", "must be at least 1".into()));
     }

@@ -133,10 +133,11 @@ impl Daemon {
     /// Opens the state dir, the spool, the TLS roots and the sockets, then starts the tasks.
     async fn start(config: Config) -> Result<Daemon, DaemonError> {
         let instance_lock = prepare_state_dir(&config.state.dir)?;
-        let spool = Spool::open(
+        let spool = Spool::open_with_window(
             &config.state.dir,
             config.spool.max_bytes.0,
             config.spool.on_full,
+            config.spool.commit_window,
         )?;
         let downlink = Downlink::open(&config.state.dir, config.downlink.max_bytes.0)?;
         let tls = tls_config(&config.mqtt.ca_file)?;
@@ -257,6 +258,8 @@ impl Daemon {
         self.tasks
             .shut_down(self.config.shutdown.drain_timeout)
             .await;
+        // What is still held in memory (write-behind) goes to disk before the process ends.
+        self.spool.flush().await;
         let _ = std::fs::remove_file(&self.config.socket.path);
         for raw in &self.config.socket.raw {
             let _ = std::fs::remove_file(&raw.path);

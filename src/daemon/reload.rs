@@ -36,12 +36,21 @@ pub async fn reload(running: &mut Config, new: Config, live: Live<'_>) {
                 ));
                 live.publish_limits.send_replace(new.publish.clone());
             }
-            Change::SpoolLimits { max_bytes, on_full } => {
+            Change::SpoolLimits {
+                max_bytes,
+                on_full,
+                commit_window,
+            } => {
                 applied.push(format!(
-                    "spool.max_bytes {} -> {max_bytes}, spool.on_full {:?} -> {on_full:?}",
-                    running.spool.max_bytes, running.spool.on_full
+                    "spool.max_bytes {} -> {max_bytes}, spool.on_full {:?} -> {on_full:?}, spool.commit_window {} -> {}",
+                    running.spool.max_bytes,
+                    running.spool.on_full,
+                    humantime::format_duration(running.spool.commit_window),
+                    humantime::format_duration(commit_window)
                 ));
-                live.spool.set_limits(max_bytes.0, on_full).await;
+                live.spool
+                    .set_limits(max_bytes.0, on_full, commit_window)
+                    .await;
             }
             Change::NeedsRestart(key) => waiting.push(key),
         }

@@ -200,10 +200,13 @@ impl Store {
     pub(super) fn requeue_dead_letters(&mut self) -> rusqlite::Result<u64> {
         let tx = self.db.transaction()?;
         let count: i64 = tx.query_row("SELECT COUNT(*) FROM dead_letters", [], |row| row.get(0))?;
+        // Ids after every id handed out, also those of messages acknowledged from memory and
+        // never written (the publisher's cursor may be past them).
         tx.execute(
-            "INSERT INTO messages (topic, payload, qos, size, kind)
-             SELECT topic, payload, qos, size, kind FROM dead_letters ORDER BY id",
-            [],
+            "INSERT INTO messages (id, topic, payload, qos, size, kind)
+             SELECT ?1 + ROW_NUMBER() OVER (ORDER BY id), topic, payload, qos, size, kind
+             FROM dead_letters ORDER BY id",
+            [self.stats.last_id],
         )?;
         tx.execute("DELETE FROM dead_letters", [])?;
         let last_id = tx.last_insert_rowid();

@@ -1,8 +1,12 @@
-//! The durable spool: every message answered `ok` is in here until the broker acknowledged it.
+//! The durable spool: every message answered `ok` is on disk here, or acknowledged by the broker.
 //!
-//! SQLite in WAL mode, owned by one thread. Appends arriving together share one transaction and
-//! one fsync (group commit); their senders are told only after that commit, which is what makes
-//! an `ok` answer a promise. The publisher reads in id order and removes after PUBACK.
+//! SQLite in WAL mode, owned by one thread. Write-behind (`behind.rs`, `spool.commit_window`):
+//! an accepted message is held in memory and handed to the publisher at once; what the broker
+//! has not acknowledged when the window ends is committed, everything held in one transaction
+//! with one fsync. A sender is told `ok` at the commit or at the PUBACK, whichever comes first,
+//! which is what makes an `ok` answer a promise. The publisher reads in id order (disk, then
+//! memory) and removes after PUBACK; removals of committed rows are gathered and deleted
+//! together without an fsync of their own (a lost deletion only means a duplicate).
 //!
 //! Size: `max_bytes` bounds what the spool really takes on disk, its pages in use plus the WAL
 //! (kept to an eighth of `max_bytes` by checkpoints). Pages freed by delivery are given back to
@@ -10,16 +14,20 @@
 //! Over the limit (a lowered `max_bytes`) with `drop-oldest`, the oldest are dropped in bounded
 //! chunks between other work, so the spool thread never stalls for long.
 
+mod behind;
 mod dead_letters;
 mod salvage;
+mod serve;
 mod store;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+
+use behind::{Acked, Pending};
 
 use crate::config::OnFull;
 use crate::message::{Message, PayloadKind, Qos};
@@ -44,7 +52,11 @@ const ROW_OVERHEAD: u64 = 32;
 const WAL_SHARE: u64 = 8;
 /// ...within these bounds, in pages.
 const WAL_MIN_PAGES: u64 = 4;
-const WAL_MAX_PAGES: u64 = 1000;
+const WAL_MAX_BYTES: u64 = 4000 * 1024;
+/// Page size of new (and emptied) spools. Every commit writes whole pages to the WAL, and
+/// flash wears by the 4 KiB pages the kernel writes back: 1 KiB pages make a small commit
+/// touch one or two of them instead of three (issue 17, measured in docs/benchmarks.md).
+const SPOOL_PAGE_SIZE: i64 = 1024;
 /// One trim transaction (over `max_bytes`) drops at most this many rows or bytes: each stays
 /// short, so the spool thread answers the publisher and the watchdog probe in between.
 const TRIM_CHUNK_ROWS: usize = 1000;
@@ -55,6 +67,10 @@ const VACUUM_CHUNK_PAGES: u64 = 256;
 const VACUUM_MIN_FREE_PAGES: u64 = 256;
 /// Disk full with `drop-oldest`: how many times to drop (twice as much each time) and retry.
 const DISK_FULL_RETRIES: u32 = 4;
+/// Acknowledged rows deleted together: at most this many wait...
+const REMOVE_BATCH: usize = 1024;
+/// ...and for at most this long (reads skip them meanwhile).
+const REMOVE_DELAY: Duration = Duration::from_secs(1);
 /// Rows read per step while salvaging a corrupt spool.
 const SALVAGE_CHUNK: i64 = 1000;
 /// File kept next to the spool, full of zeros, holding back disk space for a full disk: in WAL
@@ -184,8 +200,19 @@ enum Command {
     SetLimits {
         max_bytes: u64,
         on_full: OnFull,
+        commit_window: Duration,
+    },
+    /// Commits what is held and deletes what was acknowledged, then answers.
+    Flush {
+        done: oneshot::Sender<()>,
     },
 }
+
+/// Who waits for a held message's answer: the sender, and its share of `MAX_QUEUED_BYTES`.
+type Waiter = (
+    oneshot::Sender<Result<(), AppendError>>,
+    OwnedSemaphorePermit,
+);
 
 /// A cheap, cloneable handle to the spool thread.
 #[derive(Clone)]
@@ -198,7 +225,19 @@ pub struct Spool {
 impl Spool {
     /// Opens (or creates) the spool in `dir`. A corrupt file is moved aside with its WAL, what
     /// reads back from it is salvaged into a fresh spool; never fatal.
+    /// Without write-behind (a zero commit window): every `ok` waits for its commit.
+    #[cfg(test)]
     pub fn open(dir: &Path, max_bytes: u64, on_full: OnFull) -> Result<Spool, OpenError> {
+        Spool::open_with_window(dir, max_bytes, on_full, Duration::ZERO)
+    }
+
+    /// Like [`Spool::open`], holding messages up to `commit_window` before committing them.
+    pub fn open_with_window(
+        dir: &Path,
+        max_bytes: u64,
+        on_full: OnFull,
+        commit_window: Duration,
+    ) -> Result<Spool, OpenError> {
         let path = dir.join(SPOOL_FILE);
         let store = match Store::open(&path, max_bytes, on_full) {
             Ok(store) => store,
@@ -222,11 +261,18 @@ impl Spool {
             }
             Err(other) => return Err(other),
         };
+        let mut store = store;
+        store.pending.set_window(commit_window);
+        // The spool thread's clock for the commit window.
+        let clock = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(OpenError::Thread)?;
         let (stats_tx, stats) = watch::channel(store.stats);
         let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
         std::thread::Builder::new()
             .name("spool".into())
-            .spawn(move || store.serve(receiver, stats_tx))
+            .spawn(move || store.serve(receiver, stats_tx, clock))
             .map_err(OpenError::Thread)?;
         Ok(Spool {
             commands,
@@ -236,7 +282,8 @@ impl Spool {
     }
 
     /// Queues `message`; waits while the spool is behind (backpressure). The returned receiver
-    /// resolves once the message is durable or refused.
+    /// resolves once the message is durable (committed, or acknowledged by the broker) or
+    /// refused.
     pub async fn submit(
         &self,
         message: Message,
@@ -261,7 +308,7 @@ impl Spool {
         Ok(receiver)
     }
 
-    /// Appends and waits until the message is durable.
+    /// Appends and waits until the message is durable (or acknowledged).
     #[cfg(test)]
     pub async fn append(&self, message: Message) -> Result<(), AppendError> {
         self.submit(message)
@@ -302,11 +349,23 @@ impl Spool {
 
     /// New `max_bytes` / `on_full` (SIGHUP). A lower limit with `drop-oldest` trims the oldest
     /// in bounded chunks.
-    pub async fn set_limits(&self, max_bytes: u64, on_full: OnFull) {
+    pub async fn set_limits(&self, max_bytes: u64, on_full: OnFull, commit_window: Duration) {
         let _ = self
             .commands
-            .send(Command::SetLimits { max_bytes, on_full })
+            .send(Command::SetLimits {
+                max_bytes,
+                on_full,
+                commit_window,
+            })
             .await;
+    }
+
+    /// Commits every message held in memory (shutdown: nothing accepted is left behind).
+    pub async fn flush(&self) {
+        let (done, receiver) = oneshot::channel();
+        if self.commands.send(Command::Flush { done }).await.is_ok() {
+            let _ = receiver.await;
+        }
     }
 
     /// Counters after the latest change.
@@ -325,6 +384,13 @@ mod tests {
             payload: payload.to_vec(),
             qos: Qos::AtLeastOnce,
             kind: PayloadKind::Json,
+        }
+    }
+
+    fn stored(id: i64, payload: &str) -> StoredMessage {
+        StoredMessage {
+            id,
+            message: message("t", payload.as_bytes()),
         }
     }
 
@@ -358,6 +424,184 @@ mod tests {
         })
         .await
         .expect("spool counters never got there")
+    }
+
+    /// A window long enough that nothing in these tests reaches it by accident.
+    const LONG_WINDOW: Duration = Duration::from_secs(30);
+
+    /// Rows really on disk, read past the spool (its own connection, committed data only).
+    fn rows_on_disk(dir: &Path) -> i64 {
+        Connection::open(dir.join(SPOOL_FILE))
+            .and_then(|db| db.query_row("SELECT COUNT(*) FROM messages", [], |row| row.get(0)))
+            .expect("count rows")
+    }
+
+    /// Issue 17: a message the broker acknowledges within the window is read from memory,
+    /// answered `ok` at the acknowledgement and never written.
+    #[tokio::test]
+    async fn write_behind_answers_at_the_ack_and_never_writes_an_acked_message() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open_with_window(dir.path(), 1 << 20, OnFull::DropOldest, LONG_WINDOW)
+            .expect("open");
+        let mut answer = spool.submit(message("t", b"1")).await.expect("queued");
+        let read = read_all(&spool).await;
+        assert_eq!(read.len(), 1, "handed to the publisher at once");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut answer)
+                .await
+                .is_err(),
+            "no ok before it is durable or acknowledged"
+        );
+        spool.remove(vec![read[0].id]).await;
+        let answered = tokio::time::timeout(Duration::from_secs(5), answer).await;
+        assert_eq!(answered.expect("answered at the ack"), Ok(Ok(())));
+        spool.flush().await;
+        assert_eq!(rows_on_disk(dir.path()), 0, "never written");
+        assert_eq!(spool.stats().borrow().messages, 0);
+        assert!(read_all(&spool).await.is_empty());
+    }
+
+    /// Issue 17: what is not acknowledged when the window ends is committed, all of it in one
+    /// go, and only then answered `ok`; reads go on in id order from disk into memory.
+    #[tokio::test]
+    async fn write_behind_commits_what_the_window_left_and_keeps_the_order() {
+        const WINDOW: Duration = Duration::from_millis(300);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool =
+            Spool::open_with_window(dir.path(), 1 << 20, OnFull::DropOldest, WINDOW).expect("open");
+        let started = std::time::Instant::now();
+        let first = spool.submit(message("t", b"1")).await.expect("queued");
+        let second = spool.submit(message("t", b"2")).await.expect("queued");
+        // Read (sent) at once, never acknowledged.
+        assert_eq!(read_all(&spool).await.len(), 2);
+        assert_eq!(first.await, Ok(Ok(())));
+        assert_eq!(second.await, Ok(Ok(())));
+        assert!(started.elapsed() >= WINDOW, "{:?}", started.elapsed());
+        assert_eq!(rows_on_disk(dir.path()), 2, "committed");
+        // Held again, behind the committed ones; one committed row is acknowledged (its
+        // deletion waits to be batched): reads skip it and go on into memory in order.
+        let third = spool.submit(message("t", b"3")).await.expect("queued");
+        spool.remove(vec![1]).await;
+        let ids: Vec<i64> = read_all(&spool).await.iter().map(|m| m.id).collect();
+        assert_eq!(ids, [2, 3]);
+        assert_eq!(
+            spool
+                .read_after(2, 10, usize::MAX)
+                .await
+                .expect("read")
+                .len(),
+            1
+        );
+        assert_eq!(spool.stats().borrow().messages, 2);
+        assert_eq!(third.await, Ok(Ok(())));
+        spool.flush().await;
+        assert_eq!(
+            rows_on_disk(dir.path()),
+            2,
+            "row 1 deleted, row 3 committed"
+        );
+    }
+
+    /// Issue 17: QoS 0 has no PUBACK: going out is not an acknowledgement, its `ok` still
+    /// waits for the commit (and it is not sent twice).
+    #[tokio::test]
+    async fn write_behind_qos0_is_answered_only_once_committed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open_with_window(dir.path(), 1 << 20, OnFull::DropOldest, LONG_WINDOW)
+            .expect("open");
+        let mut m = message("t", b"0");
+        m.qos = Qos::AtMostOnce;
+        let mut answer = spool.submit(m).await.expect("queued");
+        let id = read_all(&spool).await[0].id;
+        spool.remove(vec![id]).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut answer)
+                .await
+                .is_err()
+        );
+        assert!(read_all(&spool).await.is_empty(), "not sent again");
+        assert_eq!(spool.stats().borrow().messages, 0, "delivered");
+        spool.flush().await;
+        assert_eq!(answer.await, Ok(Ok(())));
+    }
+
+    /// Issue 17: with `reject-new`, a message that cannot fit is refused when it arrives, not
+    /// after it went out from memory.
+    #[tokio::test]
+    async fn write_behind_reject_new_refuses_before_holding() {
+        const LIMIT: u64 = 256 * 1024;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open_with_window(dir.path(), LIMIT, OnFull::RejectNew, LONG_WINDOW)
+            .expect("open");
+        // Accepted ones are committed after READ_GRACE (nothing reads them here); the first
+        // refusal comes at once.
+        let mut accepted = 0;
+        let refused = loop {
+            let answer = spool
+                .submit(message("t", &[0; 1000]))
+                .await
+                .expect("queued");
+            if let Ok(Ok(Err(refused))) =
+                tokio::time::timeout(Duration::from_millis(20), answer).await
+            {
+                break refused;
+            }
+            accepted += 1;
+            assert!(accepted < 300, "never refused");
+        };
+        assert_eq!(refused, AppendError::Full(LIMIT));
+        assert_eq!(
+            read_all(&spool).await.len(),
+            accepted,
+            "the refused one is not read"
+        );
+    }
+
+    fn page_size(dir: &Path) -> i64 {
+        Connection::open(dir.join(SPOOL_FILE))
+            .and_then(|db| db.query_row("PRAGMA page_size", [], |row| row.get(0)))
+            .expect("page size")
+    }
+
+    /// Issue 17: small pages for new spools and for old ones whose queue is empty (a commit
+    /// then writes less); an old spool with messages keeps its pages, and its ids go on.
+    #[tokio::test]
+    async fn spools_take_small_pages_when_it_costs_nothing() {
+        let fresh = tempfile::tempdir().expect("tempdir");
+        drop(Spool::open(fresh.path(), 1 << 20, OnFull::DropOldest).expect("open"));
+        assert_eq!(page_size(fresh.path()), SPOOL_PAGE_SIZE);
+
+        let old = |rows: &str| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let db = Connection::open(dir.path().join(SPOOL_FILE)).expect("old spool");
+            db.pragma_update(None, "journal_mode", "WAL").expect("wal");
+            db.execute_batch(&format!(
+                "CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
+                     payload BLOB NOT NULL, qos INTEGER NOT NULL, size INTEGER NOT NULL);
+                 {rows}"
+            ))
+            .expect("old rows");
+            assert_eq!(page_size(dir.path()), 4096);
+            dir
+        };
+        let emptied = old(
+            "INSERT INTO messages (topic, payload, qos, size) VALUES ('t', X'31', 1, 2);
+             DELETE FROM messages;",
+        );
+        let spool = Spool::open(emptied.path(), 1 << 20, OnFull::DropOldest).expect("open");
+        spool.append(message("t", b"2")).await.expect("append");
+        assert_eq!(
+            read_all(&spool).await[0].id,
+            2,
+            "ids go on after the old sequence"
+        );
+        assert_eq!(page_size(emptied.path()), SPOOL_PAGE_SIZE);
+
+        let busy =
+            old("INSERT INTO messages (topic, payload, qos, size) VALUES ('t', X'31', 1, 2);");
+        let spool = Spool::open(busy.path(), 1 << 20, OnFull::DropOldest).expect("open");
+        assert_eq!(read_all(&spool).await.len(), 1);
+        assert_eq!(page_size(busy.path()), 4096);
     }
 
     #[tokio::test]
@@ -448,10 +692,12 @@ mod tests {
             let payload = [&i.to_be_bytes()[..], &[0; 996]].concat();
             assert_eq!(drop_oldest.append(message("t", &payload)).await, Ok(()));
         }
+        // The counters after a read: a trim may follow the last commit (over the limit),
+        // and the read comes after it.
+        let kept = read_all(&drop_oldest).await;
         let stats = *drop_oldest.stats().borrow();
         assert!(stats.messages < 260, "{stats:?}");
         assert_eq!(stats.messages + stats.dropped_total, 1000);
-        let kept = read_all(&drop_oldest).await;
         assert_eq!(kept.len() as u64, stats.messages);
         assert_eq!(
             kept.last().expect("kept").message.payload[..4],
@@ -532,7 +778,9 @@ mod tests {
         }
         let before = *spool.stats().borrow();
         assert_eq!(before.messages, 20_000);
-        spool.set_limits(1 << 20, OnFull::DropOldest).await;
+        spool
+            .set_limits(1 << 20, OnFull::DropOldest, Duration::ZERO)
+            .await;
         let mut slowest = std::time::Duration::ZERO;
         let mut steps = std::collections::BTreeSet::new();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -621,20 +869,15 @@ mod tests {
             // Spool: dropping a Spool does not wait for its thread to close the connection, and
             // a WAL still holding page 1 would hide the corrupt header below.
             let mut store = Store::open(&path, 1 << 20, OnFull::DropOldest).expect("store");
-            let (done, _) = oneshot::channel();
-            store
-                .try_append_batch(&[(message("t", b"1"), done)])
-                .expect("commit");
+            store.try_append_batch(&[stored(1, "1")]).expect("commit");
         }
         assert!(
             !with_suffix(&path, "-wal").exists(),
             "the WAL was checkpointed and removed on close"
         );
         let mut store = Store::open(&path, 1 << 20, OnFull::DropOldest).expect("store");
-        let (done, _) = oneshot::channel();
-        let (done2, _) = oneshot::channel();
         store
-            .try_append_batch(&[(message("t", b"2"), done), (message("t", b"3"), done2)])
+            .try_append_batch(&[stored(2, "2"), stored(3, "3")])
             .expect("commit");
         // Killed: the connection never closes, so nothing is checkpointed.
         std::mem::forget(store);

@@ -21,6 +21,87 @@ pub(super) fn extended_code(error: &rusqlite::Error) -> i32 {
     }
 }
 
+/// Settings and tables, made or brought up to date; returns the dead letters' count.
+fn prepare_schema(db: &Connection, path: &Path) -> rusqlite::Result<u64> {
+    // Incremental auto-vacuum lets idle time give freed pages back to the file system. It
+    // must be chosen before the first table; an older spool is converted once (VACUUM).
+    let auto_vacuum: i64 = db.query_row("PRAGMA auto_vacuum", [], |row| row.get(0))?;
+    let tables: i64 = db.query_row("SELECT COUNT(*) FROM sqlite_master", [], |row| row.get(0))?;
+    // The page size of a spool with messages stays (changing it rewrites the whole file);
+    // one whose queue is empty takes the new size at little cost.
+    let page_size: i64 = db.query_row("PRAGMA page_size", [], |row| row.get(0))?;
+    let resize = page_size != SPOOL_PAGE_SIZE && tables > 0 && queue_is_empty(db)?;
+    if tables == 0 {
+        db.pragma_update(None, "page_size", SPOOL_PAGE_SIZE)?;
+    }
+    if auto_vacuum != 2 || resize {
+        db.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+        if tables > 0 {
+            tracing::info!(spool = %path.display(), "converting the spool to incremental vacuum and 1 KiB pages (once)");
+            if resize {
+                // The page size of a database in WAL mode cannot change.
+                db.pragma_update(None, "journal_mode", "DELETE")?;
+                db.pragma_update(None, "page_size", SPOOL_PAGE_SIZE)?;
+            }
+            db.execute_batch("VACUUM")?;
+        }
+    }
+    db.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: a committed append survives power loss, which is what `ok` promises.
+    db.pragma_update(None, "synchronous", "FULL")?;
+    // Ids are handed out by the spool thread (write-behind holds messages before they have
+    // rows): no AUTOINCREMENT, whose sqlite_sequence row would be one more page per commit.
+    // Older spools keep theirs; `last_id` reads both.
+    db.execute_batch(
+        "CREATE TABLE IF NOT EXISTS messages (
+             id INTEGER PRIMARY KEY,
+             topic TEXT NOT NULL,
+             payload BLOB NOT NULL,
+             qos INTEGER NOT NULL,
+             size INTEGER NOT NULL
+         );",
+    )?;
+    let dead_letters = create_dead_letters(db)?;
+    // The payload's kind at ingest (`PayloadKind`). Rows from older spools have none
+    // (NULL): they are sent alone, byte for byte, which never changes a payload.
+    let has_kind: bool = db.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = 'kind'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_kind {
+        db.execute_batch("ALTER TABLE messages ADD COLUMN kind INTEGER;")?;
+    }
+    Ok(dead_letters)
+}
+
+/// Whether an existing spool's queue is empty.
+fn queue_is_empty(db: &Connection) -> rusqlite::Result<bool> {
+    let has_table: bool = db.query_row(
+        "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'messages'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_table {
+        return Ok(true);
+    }
+    db.query_row("SELECT NOT EXISTS (SELECT 1 FROM messages)", [], |row| {
+        row.get(0)
+    })
+}
+
+/// What one read found on disk.
+#[derive(Default)]
+struct DiskRead {
+    good: Vec<StoredMessage>,
+    /// Rows that cannot be decoded (a damaged file).
+    broken: Vec<(i64, rusqlite::Error)>,
+    /// Payload bytes in `good`.
+    bytes: usize,
+    /// Every row after the cursor was read: the held messages may follow.
+    done: bool,
+}
+
 /// The SQLite side, owned by the spool thread.
 pub(super) struct Store {
     pub(super) db: Connection,
@@ -40,6 +121,10 @@ pub(super) struct Store {
     pub(super) shrunk: bool,
     pub(super) drop_log: Repeats,
     pub(super) fault_log: Repeats,
+    /// Accepted, not committed, not acknowledged (write-behind).
+    pub(super) pending: Pending<Waiter>,
+    /// Acknowledged rows waiting to be deleted together.
+    pub(super) removals: super::serve::Removals,
 }
 
 impl Store {
@@ -58,55 +143,12 @@ impl Store {
                 Some(check),
             )));
         }
-        // Incremental auto-vacuum lets idle time give freed pages back to the file system. It
-        // must be chosen before the first table; an older spool is converted once (VACUUM).
-        let auto_vacuum: i64 = db
-            .query_row("PRAGMA auto_vacuum", [], |row| row.get(0))
-            .map_err(sqlite)?;
-        if auto_vacuum != 2 {
-            let tables: i64 = db
-                .query_row("SELECT COUNT(*) FROM sqlite_master", [], |row| row.get(0))
-                .map_err(sqlite)?;
-            db.pragma_update(None, "auto_vacuum", "INCREMENTAL")
-                .map_err(sqlite)?;
-            if tables > 0 {
-                tracing::info!(spool = %path.display(), "converting the spool to incremental vacuum (once)");
-                db.execute_batch("VACUUM").map_err(sqlite)?;
-            }
-        }
-        db.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sqlite)?;
-        // FULL: a committed append survives power loss, which is what `ok` promises.
-        db.pragma_update(None, "synchronous", "FULL")
-            .map_err(sqlite)?;
-        db.execute_batch(
-            "CREATE TABLE IF NOT EXISTS messages (
-                 id INTEGER PRIMARY KEY AUTOINCREMENT,
-                 topic TEXT NOT NULL,
-                 payload BLOB NOT NULL,
-                 qos INTEGER NOT NULL,
-                 size INTEGER NOT NULL
-             );",
-        )
-        .map_err(sqlite)?;
-        let dead_letters = create_dead_letters(&db).map_err(sqlite)?;
-        // The payload's kind at ingest (`PayloadKind`). Rows from older spools have none
-        // (NULL): they are sent alone, byte for byte, which never changes a payload.
-        let has_kind: bool = db
-            .query_row(
-                "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = 'kind'",
-                [],
-                |row| row.get(0),
-            )
-            .map_err(sqlite)?;
-        if !has_kind {
-            db.execute_batch("ALTER TABLE messages ADD COLUMN kind INTEGER;")
-                .map_err(sqlite)?;
-        }
+        let dead_letters = prepare_schema(&db, path).map_err(sqlite)?;
         let messages: i64 = db
             .query_row("SELECT COUNT(*) FROM messages", [], |row| row.get(0))
             .map_err(sqlite)?;
-        let last_id: i64 = db
+        // Dead letters use AUTOINCREMENT, so sqlite_sequence is there.
+        let sequence: i64 = db
             .query_row(
                 "SELECT seq FROM sqlite_sequence WHERE name = 'messages'",
                 [],
@@ -115,6 +157,12 @@ impl Store {
             .optional()
             .map_err(sqlite)?
             .unwrap_or(0);
+        let highest: i64 = db
+            .query_row("SELECT IFNULL(MAX(id), 0) FROM messages", [], |row| {
+                row.get(0)
+            })
+            .map_err(sqlite)?;
+        let last_id = sequence.max(highest);
         let page_size: i64 = db
             .query_row("PRAGMA page_size", [], |row| row.get(0))
             .map_err(sqlite)?;
@@ -143,6 +191,8 @@ impl Store {
             shrunk: false,
             drop_log: Repeats::default(),
             fault_log: Repeats::default(),
+            pending: Pending::new(Duration::ZERO),
+            removals: Default::default(),
         };
         store.apply_wal_limit().map_err(sqlite)?;
         store.measure().map_err(sqlite)?;
@@ -191,7 +241,8 @@ impl Store {
 
     /// The WAL's share of `max_bytes`, in pages.
     pub(super) fn wal_pages(&self) -> u64 {
-        (self.max_bytes / WAL_SHARE / self.page_size).clamp(WAL_MIN_PAGES, WAL_MAX_PAGES)
+        (self.max_bytes / WAL_SHARE / self.page_size)
+            .clamp(WAL_MIN_PAGES, WAL_MAX_BYTES / self.page_size)
     }
 
     /// Bytes kept for the WAL when deciding whether a message fits.
@@ -200,7 +251,7 @@ impl Store {
     }
 
     pub(super) fn apply_wal_limit(&self) -> rusqlite::Result<()> {
-        // Both fit in i64: pages are capped at WAL_MAX_PAGES, page sizes at 64 KiB.
+        // Both fit in i64: the WAL is capped at WAL_MAX_BYTES.
         let pages = self.wal_pages() as i64;
         self.db.pragma_update(None, "wal_autocheckpoint", pages)?;
         // A WAL grown by one big transaction is cut back to this at its next reset.
@@ -313,91 +364,6 @@ impl Store {
         }
     }
 
-    pub(super) fn serve(
-        mut self,
-        mut commands: mpsc::Receiver<Command>,
-        stats: watch::Sender<SpoolStats>,
-    ) {
-        use tokio::sync::mpsc::error::TryRecvError;
-        let mut next: Option<Command> = None;
-        loop {
-            let command = match next.take() {
-                Some(command) => command,
-                None => match commands.try_recv() {
-                    Ok(command) => command,
-                    Err(TryRecvError::Disconnected) => return,
-                    Err(TryRecvError::Empty) => {
-                        // Idle: bounded housekeeping, then look for work again.
-                        if self.maintain(&stats) {
-                            continue;
-                        }
-                        match commands.blocking_recv() {
-                            Some(command) => command,
-                            None => return,
-                        }
-                    }
-                },
-            };
-            match command {
-                Command::Append {
-                    message,
-                    done,
-                    queued,
-                } => {
-                    let mut batch = vec![(message, done)];
-                    let mut held = vec![queued];
-                    while batch.len() < MAX_GROUP_COMMIT {
-                        match commands.try_recv() {
-                            Ok(Command::Append {
-                                message,
-                                done,
-                                queued,
-                            }) => {
-                                batch.push((message, done));
-                                held.push(queued);
-                            }
-                            Ok(other) => {
-                                next = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    self.append_batch(batch, &stats);
-                    drop(held);
-                }
-                Command::ReadAfter {
-                    after,
-                    limit,
-                    max_bytes,
-                    reply,
-                } => {
-                    let read = self.read_after(after, limit, max_bytes);
-                    self.publish_stats(&stats);
-                    let _ = reply.send(read);
-                }
-                Command::Remove { ids } => {
-                    self.remove(&ids);
-                    self.publish_stats(&stats);
-                }
-                Command::DeadLetters(command) => self.dead_letters(command, &stats),
-                Command::SetLimits { max_bytes, on_full } => {
-                    self.max_bytes = max_bytes;
-                    self.on_full = on_full;
-                    if let Err(error) = self.apply_wal_limit() {
-                        self.record_fault(Operation::Write, &error);
-                    }
-                    self.dirty = true;
-                }
-            }
-            // Over the limit (lowered, or a commit that overshot): one bounded trim between
-            // commands, so a long trim never holds up reads, removals or the watchdog probe.
-            if self.must_trim() {
-                self.trim_chunk(&stats);
-            }
-        }
-    }
-
     /// One step of idle housekeeping; `false` when there is nothing (more) to do.
     pub(super) fn maintain(&mut self, stats: &watch::Sender<SpoolStats>) -> bool {
         if self.must_trim() {
@@ -452,6 +418,8 @@ impl Store {
     /// Drops the oldest messages, at most one bounded chunk, to get back under `max_bytes`.
     /// `true` when it dropped some.
     pub(super) fn trim_chunk(&mut self, stats: &watch::Sender<SpoolStats>) -> bool {
+        // Acknowledged rows first: they free space, and are never counted as dropped.
+        self.flush_removals(stats);
         let excess = self.excess();
         let rows = TRIM_CHUNK_ROWS.min(self.stats.messages.saturating_sub(1) as usize);
         let result = self.drop_oldest(excess.min(TRIM_CHUNK_BYTES), rows);
@@ -556,20 +524,18 @@ impl Store {
         });
     }
 
-    pub(super) fn append_batch(
-        &mut self,
-        batch: Vec<(Message, oneshot::Sender<Result<(), AppendError>>)>,
-        stats: &watch::Sender<SpoolStats>,
-    ) {
+    /// Commits `batch` (ids given), dropping the oldest to make room on a full disk with
+    /// `drop-oldest`; one result per row, for its writer.
+    pub(super) fn append_batch(&mut self, batch: &[StoredMessage]) -> Vec<Result<(), AppendError>> {
         let before = self.stats;
-        let mut outcome = self.try_append_batch(&batch);
+        let mut outcome = self.try_append_batch(batch);
         if outcome.is_err() {
             self.stats = before;
         }
         // Disk full with drop-oldest: make room by dropping the oldest, then try again.
         let mut room = batch
             .iter()
-            .map(|(m, _)| (m.topic.len() + m.payload.len()) as u64 + ROW_OVERHEAD)
+            .map(|m| (m.message.topic.len() + m.message.payload.len()) as u64 + ROW_OVERHEAD)
             .sum::<u64>();
         let mut attempts = 0;
         let mut disk_full = false;
@@ -595,7 +561,7 @@ impl Store {
             self.checkpoint_truncate();
             room = room.saturating_mul(2);
             let kept = self.stats;
-            outcome = self.try_append_batch(&batch);
+            outcome = self.try_append_batch(batch);
             if outcome.is_err() {
                 self.stats = kept;
             }
@@ -635,10 +601,7 @@ impl Store {
             );
         }
         let _ = self.measure();
-        self.publish_stats(stats);
-        for ((_, done), result) in batch.into_iter().zip(results) {
-            let _ = done.send(result);
-        }
+        results
     }
 
     /// Folds the WAL into the db and truncates it (errors only mean it stays as it is).
@@ -650,7 +613,7 @@ impl Store {
 
     pub(super) fn try_append_batch(
         &mut self,
-        batch: &[(Message, oneshot::Sender<Result<(), AppendError>>)],
+        batch: &[StoredMessage],
     ) -> rusqlite::Result<Vec<Result<(), AppendError>>> {
         let reserve = self.wal_reserve();
         let tx = self.db.transaction()?;
@@ -659,12 +622,12 @@ impl Store {
         let mut used = Self::live_pages_bytes(&tx, self.page_size)? + reserve;
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO messages (topic, payload, qos, size, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO messages (id, topic, payload, qos, size, kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             let mut oldest = tx.prepare_cached(
                 "DELETE FROM messages WHERE id = (SELECT MIN(id) FROM messages) RETURNING size",
             )?;
-            for (message, _) in batch {
+            for StoredMessage { id, message } in batch {
                 let size = (message.topic.len() + message.payload.len()) as u64;
                 let cost = size + ROW_OVERHEAD;
                 if used + cost > self.max_bytes {
@@ -694,6 +657,7 @@ impl Store {
                     }
                 }
                 insert.execute(params![
+                    id,
                     message.topic,
                     message.payload,
                     message.qos.as_u8(),
@@ -702,7 +666,7 @@ impl Store {
                 ])?;
                 used += cost;
                 self.stats.messages += 1;
-                self.stats.last_id = tx.last_insert_rowid();
+                self.stats.last_id = self.stats.last_id.max(*id);
                 results.push(Ok(()));
             }
         }
@@ -719,43 +683,27 @@ impl Store {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<StoredMessage>, ReadError> {
-        let mut good = Vec::new();
-        let mut broken = Vec::new();
-        let mut bytes = 0usize;
-        let result = (|| -> rusqlite::Result<()> {
-            let mut select = self.db.prepare_cached(
-                "SELECT id, topic, payload, qos, kind FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
-            )?;
-            let mut rows = select.query(params![after, limit as i64])?;
-            while bytes < max_bytes
-                && let Some(row) = rows.next()?
-            {
-                let id: i64 = row.get(0)?;
-                let message = (|| {
-                    Ok::<_, rusqlite::Error>(Message {
-                        topic: row.get(1)?,
-                        payload: payload_bytes(row, 2)?,
-                        qos: Qos::from_u8(row.get(3)?).unwrap_or(Qos::AtLeastOnce),
-                        kind: PayloadKind::from_u8(row.get(4)?),
-                    })
-                })();
-                match message {
-                    Ok(message) => {
-                        bytes += message.payload.len();
-                        good.push(StoredMessage { id, message });
-                    }
-                    Err(error) => broken.push((id, error)),
-                }
+        let read = self.read_disk(after, limit, max_bytes);
+        let DiskRead {
+            mut good,
+            broken,
+            bytes,
+            done: disk_done,
+        } = match read {
+            Ok(read) => read,
+            Err(error) => {
+                self.record_fault(Operation::Read, &error);
+                return Err(ReadError::Storage(
+                    self.stats
+                        .fault
+                        .map_or_else(|| error.to_string(), |f| f.to_string()),
+                ));
             }
-            Ok(())
-        })();
-        if let Err(error) = result {
-            self.record_fault(Operation::Read, &error);
-            return Err(ReadError::Storage(
-                self.stats
-                    .fault
-                    .map_or_else(|| error.to_string(), |f| f.to_string()),
-            ));
+        };
+        if disk_done {
+            // Held ids are above every row on disk: order holds across memory and disk.
+            self.pending
+                .read_after(after, limit, max_bytes, bytes, &mut good);
         }
         if self
             .stats
@@ -771,40 +719,77 @@ impl Store {
                 tracing::error!(spool_id = id, %error, "undecodable spool row dropped");
             }
             let ids: Vec<i64> = broken.iter().map(|(id, _)| *id).collect();
-            let before = self.stats.messages;
-            self.remove(&ids);
-            self.stats.dropped_total += before - self.stats.messages;
+            match self.delete_rows(&ids) {
+                Ok(deleted) => {
+                    self.stats.messages = self.stats.messages.saturating_sub(deleted);
+                    self.stats.dropped_total += deleted;
+                    self.wrote();
+                }
+                Err(error) => self.record_fault(Operation::Write, &error),
+            }
+            let _ = self.measure();
         }
         Ok(good)
     }
 
-    pub(super) fn remove(&mut self, ids: &[i64]) {
-        let before = self.stats;
-        let result = (|| -> rusqlite::Result<()> {
-            let tx = self.db.transaction()?;
-            {
-                let mut delete =
-                    tx.prepare_cached("DELETE FROM messages WHERE id = ?1 RETURNING 1")?;
-                for id in ids {
-                    if delete
-                        .query_row([id], |row| row.get::<_, i64>(0))
-                        .optional()?
-                        .is_some()
-                    {
-                        self.stats.messages = self.stats.messages.saturating_sub(1);
-                    }
-                }
+    /// The rows after `after` on disk, as [`Store::read_after`] bounds them.
+    fn read_disk(&self, after: i64, limit: usize, max_bytes: usize) -> rusqlite::Result<DiskRead> {
+        let mut read = DiskRead::default();
+        // Acknowledged rows not deleted yet are skipped: read as many more.
+        let wanted = limit.saturating_add(self.removals.ids.len());
+        let mut select = self.db.prepare_cached(
+            "SELECT id, topic, payload, qos, kind FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let mut rows = select.query(params![after, wanted as i64])?;
+        let mut seen = 0usize;
+        while read.good.len() < limit && read.bytes < max_bytes {
+            let Some(row) = rows.next()? else {
+                // Every row after `after` was seen: the held messages come next.
+                read.done = seen < wanted;
+                break;
+            };
+            seen += 1;
+            let id: i64 = row.get(0)?;
+            if self.removals.ids.contains(&id) {
+                continue;
             }
-            tx.commit()
-        })();
-        match result {
-            Ok(()) => self.wrote(),
-            Err(error) => {
-                self.stats = before;
-                // The messages stay and are sent again later: a duplicate, never a loss.
-                self.record_fault(Operation::Write, &error);
+            let message = (|| {
+                Ok::<_, rusqlite::Error>(Message {
+                    topic: row.get(1)?,
+                    payload: payload_bytes(row, 2)?,
+                    qos: Qos::from_u8(row.get(3)?).unwrap_or(Qos::AtLeastOnce),
+                    kind: PayloadKind::from_u8(row.get(4)?),
+                })
+            })();
+            match message {
+                Ok(message) => {
+                    read.bytes += message.payload.len();
+                    read.good.push(StoredMessage { id, message });
+                }
+                Err(error) => read.broken.push((id, error)),
             }
         }
-        let _ = self.measure();
+        Ok(read)
+    }
+
+    /// Deletes rows `ids` in one transaction; how many were there. Ids already gone are
+    /// ignored.
+    pub(super) fn delete_rows(&mut self, ids: &[i64]) -> rusqlite::Result<u64> {
+        let tx = self.db.transaction()?;
+        let mut deleted = 0;
+        {
+            let mut delete = tx.prepare_cached("DELETE FROM messages WHERE id = ?1 RETURNING 1")?;
+            for id in ids {
+                if delete
+                    .query_row([id], |row| row.get::<_, i64>(0))
+                    .optional()?
+                    .is_some()
+                {
+                    deleted += 1;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(deleted)
     }
 }
