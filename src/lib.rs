@@ -7,10 +7,11 @@
 //!
 //! ```text
 //! ingest/    Unix sockets: the JSON protocol, raw sockets, record splitting
-//!   → spool/     the durable SQLite queue ("ok" means it is on disk)
+//!   → spool/     the durable queue ("ok" means on disk, or acknowledged by IoT Core)
 //!   → publish/   batching, IoT Core quotas, the MQTT-over-WebSockets connection, SigV4
 //!        ↑
 //! identity/  secret → user pool → Cognito credentials, refreshed ahead of expiry
+//! downlink/  the way back: IoT Core → inbox → subscribed local apps
 //! ```
 //!
 //! Around them: `daemon/` builds the tasks and supervises them, `config/` loads and validates
