@@ -177,7 +177,7 @@ fn bench_daemon(cloud: &Cloud, subscriber: &Subscriber, plan: &Plan) -> (System,
     let dir = tempfile::tempdir().expect("tempdir");
     let config = quiet(cloud.config(dir.path(), true, ""));
     let daemon = cloud.start_daemon(&config);
-    wait_connected(&daemon.socket);
+    harness::wait_connected(&daemon.socket);
     let pid = daemon.pid();
     let system = measure(
         "iot-cognito-relay",
@@ -352,7 +352,7 @@ fn quota_run(cloud: &mut Cloud, subscriber: &Subscriber, plan: &Plan) -> Value {
         ],
     );
     let daemon = cloud.start_daemon(&config);
-    wait_connected(&daemon.socket);
+    harness::wait_connected(&daemon.socket);
     let log_start = cloud.broker_log().len();
 
     subscriber.reset();
@@ -407,23 +407,6 @@ fn quota_run(cloud: &mut Cloud, subscriber: &Subscriber, plan: &Plan) -> Value {
 fn quiet(config: PathBuf) -> PathBuf {
     harness::rewrite_config(&config, &[("level = \"debug\"", "level = \"warn\"")]);
     config
-}
-
-fn wait_connected(socket: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut stream = UnixStream::connect(socket).expect("socket");
-        stream.write_all(b"{\"op\":\"status\"}\n").expect("status");
-        let mut line = String::new();
-        BufReader::new(&stream)
-            .read_line(&mut line)
-            .expect("answer");
-        if line.contains("\"state\":\"connected\"") {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never connected: {line}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn now_ns() -> u64 {

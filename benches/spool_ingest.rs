@@ -10,7 +10,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -39,7 +38,7 @@ fn main() {
             std::thread::spawn(move || line_sink(stream));
         }
     });
-    let sink_rate = drive(&sink_socket, writers, per_writer);
+    let sink_rate = harness::pipeline_publishes(&sink_socket, writers, per_writer);
 
     let config = harness::offline_config(
         dir.path(),
@@ -59,7 +58,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let rss_idle = harness::peak_rss_kib(daemon.id());
-    let daemon_rate = drive(&socket, writers, per_writer);
+    let daemon_rate = harness::pipeline_publishes(&socket, writers, per_writer);
     let rss_peak = harness::peak_rss_kib(daemon.id());
     let _ = daemon.kill();
     let _ = daemon.wait();
@@ -78,47 +77,6 @@ fn main() {
         "  daemon peak RSS: {} KiB (after start: {} KiB)",
         rss_peak, rss_idle
     );
-}
-
-/// `writers` connections each pipelining `per_writer` publish lines; messages/s until the last
-/// answer is in.
-fn drive(socket: &Path, writers: usize, per_writer: u64) -> f64 {
-    let started = Instant::now();
-    let handles: Vec<_> = (0..writers)
-        .map(|w| {
-            let socket: PathBuf = socket.to_owned();
-            std::thread::spawn(move || {
-                let stream = UnixStream::connect(&socket).expect("connect");
-                let mut writer = stream.try_clone().expect("clone");
-                let sender = std::thread::spawn(move || {
-                    let mut buffer = Vec::with_capacity(64 * 1024);
-                    for n in 0..per_writer {
-                        let line = format!(
-                            "{{\"topic\":\"bench/w{w}\",\"payload\":{{\"n\":{n},\"celsius\":21.5}},\"id\":{n}}}\n"
-                        );
-                        buffer.extend_from_slice(line.as_bytes());
-                        if buffer.len() >= 60 * 1024 {
-                            writer.write_all(&buffer).expect("write");
-                            buffer.clear();
-                        }
-                    }
-                    writer.write_all(&buffer).expect("write");
-                });
-                let mut reader = BufReader::new(stream);
-                let mut line = String::new();
-                for _ in 0..per_writer {
-                    line.clear();
-                    assert!(reader.read_line(&mut line).expect("read") > 0, "connection closed");
-                    assert!(line.contains("\"ok\":true"), "refused: {line}");
-                }
-                sender.join().expect("sender");
-            })
-        })
-        .collect();
-    for handle in handles {
-        handle.join().expect("writer");
-    }
-    (writers as u64 * per_writer) as f64 / started.elapsed().as_secs_f64()
 }
 
 fn line_sink(stream: UnixStream) {

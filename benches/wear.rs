@@ -80,7 +80,7 @@ fn main() {
         let dir = tempfile::tempdir().expect("tempdir");
         let daemon = start(&cloud, &daemon_bin, &config(&cloud, mode, dir.path()));
         if mode == Mode::Connected {
-            wait_connected(&daemon.socket);
+            harness::wait_connected(&daemon.socket);
         }
         for (rate, seconds) in RATES.iter().zip(plan.seconds) {
             let run = paced_run(&daemon, *rate, seconds);
@@ -102,7 +102,7 @@ fn main() {
             &daemon_bin,
             &config(&cloud, Mode::Offline, dir.path()),
         );
-        drive(&daemon.socket, plan.ingest_writers, plan.ingest_per_writer)
+        harness::pipeline_publishes(&daemon.socket, plan.ingest_writers, plan.ingest_per_writer)
     };
     println!("durable ingest: {ingest:.0} msg/s");
 
@@ -196,23 +196,6 @@ fn start(cloud: &Cloud, bin: &Path, config: &Path) -> Daemon {
         std::thread::sleep(Duration::from_millis(50));
     }
     daemon
-}
-
-fn wait_connected(socket: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut stream = UnixStream::connect(socket).expect("socket");
-        stream.write_all(b"{\"op\":\"status\"}\n").expect("status");
-        let mut line = String::new();
-        BufReader::new(&stream)
-            .read_line(&mut line)
-            .expect("answer");
-        if line.contains("\"state\":\"connected\"") {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never connected: {line}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The daemon's (process-wide, all threads) storage writes so far, in bytes.
@@ -364,7 +347,8 @@ fn profile_flood(daemon: &Daemon, dir: &Path, plan: &Plan) {
         .expect("perf record (apt-get install linux-perf)");
     std::thread::sleep(Duration::from_millis(500));
     let cpu_before = cpu_seconds(pid);
-    let rate = drive(&daemon.socket, plan.ingest_writers, plan.ingest_per_writer);
+    let rate =
+        harness::pipeline_publishes(&daemon.socket, plan.ingest_writers, plan.ingest_per_writer);
     let cpu = cpu_seconds(pid) - cpu_before;
     unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
     let _ = perf.wait();
@@ -400,47 +384,6 @@ fn cpu_seconds(pid: u32) -> f64 {
         .get(11..13)
         .map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
     ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
-/// `writers` connections each pipelining `per_writer` publish lines; messages/s until the last
-/// `ok` is in.
-fn drive(socket: &Path, writers: usize, per_writer: u64) -> f64 {
-    let started = Instant::now();
-    let handles: Vec<_> = (0..writers)
-        .map(|w| {
-            let socket = socket.to_owned();
-            std::thread::spawn(move || {
-                let stream = UnixStream::connect(&socket).expect("connect");
-                let mut writer = stream.try_clone().expect("clone");
-                let sender = std::thread::spawn(move || {
-                    let mut buffer = Vec::with_capacity(64 * 1024);
-                    for n in 0..per_writer {
-                        let line = format!(
-                            "{{\"topic\":\"bench/w{w}\",\"payload\":{{\"n\":{n},\"celsius\":21.5}},\"id\":{n}}}\n"
-                        );
-                        buffer.extend_from_slice(line.as_bytes());
-                        if buffer.len() >= 60 * 1024 {
-                            writer.write_all(&buffer).expect("write");
-                            buffer.clear();
-                        }
-                    }
-                    writer.write_all(&buffer).expect("write");
-                });
-                let mut reader = BufReader::new(stream);
-                let mut line = String::new();
-                for _ in 0..per_writer {
-                    line.clear();
-                    assert!(reader.read_line(&mut line).expect("read") > 0, "connection closed");
-                    assert!(line.contains("\"ok\":true"), "refused: {line}");
-                }
-                sender.join().expect("sender");
-            })
-        })
-        .collect();
-    for handle in handles {
-        handle.join().expect("writer");
-    }
-    (writers as u64 * per_writer) as f64 / started.elapsed().as_secs_f64()
 }
 
 fn percentiles(samples: &[f64]) -> (f64, f64) {

@@ -277,7 +277,7 @@ fn the_cli_and_the_documented_examples_print_and_ack() {
             s["inbox_messages"] == 1
         });
 
-    let shell = doc_example("Shell: act on commands", "sh").replace(default, &socket);
+    let shell = harness::doc_example("Shell: act on commands", "sh").replace(default, &socket);
     let output = Command::new("bash")
         .args(["-c", &shell])
         .env("PATH", path_with_binary())
@@ -294,7 +294,8 @@ fn the_cli_and_the_documented_examples_print_and_ack() {
     );
 
     device.send("commands/reboot", 7..8);
-    let python = doc_example("Python: subscribe and ack", "python").replace(default, &socket);
+    let python =
+        harness::doc_example("Python: subscribe and ack", "python").replace(default, &socket);
     let output = Command::new("python3")
         .args(["-c", &python])
         .output()
@@ -387,17 +388,6 @@ fn health_reports_come_every_interval_and_the_first_after_an_outage_says_how_lon
         .as_u64()
         .expect("offline_s after an outage");
     assert!((2..60).contains(&offline), "{after}");
-}
-
-/// The fenced block of docs/protocol.md that follows `marker`.
-fn doc_example(marker: &str, fence: &str) -> String {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md"))
-        .expect("doc");
-    let start = doc.find(marker).expect("marker");
-    let block = &doc[start..];
-    let open = block.find(&format!("```{fence}\n")).expect("fence") + fence.len() + 4;
-    let close = open + block[open..].find("```").expect("closing fence");
-    block[open..close].to_owned()
 }
 
 /// PATH with the binary under test first, so the docs' `iot-cognito-relay` is this build.

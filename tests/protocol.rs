@@ -139,17 +139,6 @@ fn answers_keep_the_id_and_come_in_line_order() {
     );
 }
 
-/// The fenced block of docs/protocol.md that follows `marker`.
-fn doc_example(marker: &str, fence: &str) -> String {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md"))
-        .expect("doc");
-    let start = doc.find(marker).expect("marker");
-    let block = &doc[start..];
-    let open = block.find(&format!("```{fence}\n")).expect("fence") + fence.len() + 4;
-    let close = open + block[open..].find("```").expect("closing fence");
-    block[open..close].to_owned()
-}
-
 #[test]
 fn docs_examples_work_as_written() {
     let cloud = Cloud::start();
@@ -158,7 +147,7 @@ fn docs_examples_work_as_written() {
     let socket = daemon.socket.display().to_string();
     let default = "/run/iot-cognito-relay/relay.sock";
 
-    let shell = doc_example("Shell, with", "sh")
+    let shell = harness::doc_example("Shell, with", "sh")
         .lines()
         .take_while(|l| !l.starts_with("# or the bundled"))
         .collect::<Vec<_>>()
@@ -176,7 +165,8 @@ fn docs_examples_work_as_written() {
         String::from_utf8_lossy(&output.stderr)
     );
 
-    let python = doc_example("Python, standard library only", "python").replace(default, &socket);
+    let python =
+        harness::doc_example("Python, standard library only", "python").replace(default, &socket);
     let output = Command::new("python3")
         .args(["-c", &python])
         .output()

@@ -84,6 +84,26 @@ impl AwsCredentials {
     }
 }
 
+/// `GetCredentialsForIdentity` for `identity_id`: unauthenticated without `logins`,
+/// authenticated with the user pool's ID token in them.
+pub async fn credentials_for_identity(
+    cognito: &aws_sdk_cognitoidentity::Client,
+    identity_id: &str,
+    logins: Option<std::collections::HashMap<String, String>>,
+) -> Result<AwsCredentials, AwsFailure> {
+    let output = cognito
+        .get_credentials_for_identity()
+        .identity_id(identity_id)
+        .set_logins(logins)
+        .send()
+        .await
+        .map_err(|e| AwsFailure::from_sdk(&e))?;
+    let credentials = output
+        .credentials
+        .ok_or_else(|| AwsFailure::empty_answer("GetCredentialsForIdentity"))?;
+    Ok(AwsCredentials::from_cognito(credentials))
+}
+
 /// A failed AWS call: the service's error code when it sent one (what decides between
 /// retrying, starting over and giving up), and a secret-free description for the log.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use aws_config::SdkConfig;
 
 use super::IdentityError;
-use crate::identity::aws::{AwsCredentials, AwsFailure, describe, to_system_time};
+use crate::identity::aws::{
+    AwsCredentials, AwsFailure, credentials_for_identity, describe, to_system_time,
+};
 use crate::secret::Secret;
 
 /// The secret's key that marks fleet mode.
@@ -98,16 +100,7 @@ async fn unauthenticated_once(
         }
     };
     if unauth_role_arn.is_empty() {
-        let output = cognito
-            .get_credentials_for_identity()
-            .identity_id(&identity_id)
-            .send()
-            .await
-            .map_err(|e| AwsFailure::from_sdk(&e))?;
-        let credentials = output
-            .credentials
-            .ok_or_else(|| AwsFailure::empty_answer("GetCredentialsForIdentity"))?;
-        return Ok(AwsCredentials::from_cognito(credentials));
+        return credentials_for_identity(&cognito, &identity_id, None).await;
     }
     let token = cognito
         .get_open_id_token()

@@ -26,7 +26,9 @@ use device::{DEVICE_FILE, DeviceFile};
 use user_pool::{SignUpOutcome, UserPoolTokens};
 
 use crate::config::IdentityConfig;
-use crate::identity::aws::{AwsCredentials, AwsFailure, OPERATION_TIMEOUT};
+use crate::identity::aws::{
+    AwsCredentials, AwsFailure, OPERATION_TIMEOUT, credentials_for_identity,
+};
 use crate::ops::heartbeat::Heartbeat;
 use crate::ops::logging::Repeats;
 use crate::retry::Backoff;
@@ -663,17 +665,7 @@ impl IdentityManager {
         identity_id: &str,
         logins: &HashMap<String, String>,
     ) -> Result<AwsCredentials, AwsFailure> {
-        let output = cognito
-            .get_credentials_for_identity()
-            .identity_id(identity_id)
-            .set_logins(Some(logins.clone()))
-            .send()
-            .await
-            .map_err(|e| AwsFailure::from_sdk(&e))?;
-        let credentials = output
-            .credentials
-            .ok_or_else(|| AwsFailure::empty_answer("GetCredentialsForIdentity"))?;
-        Ok(AwsCredentials::from_cognito(credentials))
+        credentials_for_identity(cognito, identity_id, Some(logins.clone())).await
     }
 
     fn save_cache(&self) {

@@ -98,6 +98,17 @@ pub(super) fn repair_header(copy: &Path) -> std::io::Result<()> {
     std::fs::write(copy, db)
 }
 
+/// A message from a row selected as `id, topic, payload, qos, kind`. An unknown QoS number
+/// (a row written by hand or another tool) is kept at least once: never dropped unasked.
+pub(super) fn row_message(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
+    Ok(Message {
+        topic: row.get(1)?,
+        payload: payload_bytes(row, 2)?,
+        qos: Qos::from_u8(row.get(3)?).unwrap_or(Qos::AtLeastOnce),
+        kind: PayloadKind::from_u8(row.get(4)?),
+    })
+}
+
 /// A payload's bytes. The column is declared BLOB, but SQLite keeps whatever type was written:
 /// a TEXT value (written by hand or by another tool) is the same bytes and must not be dropped.
 pub(super) fn payload_bytes(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Vec<u8>> {
@@ -135,14 +146,7 @@ pub(super) fn read_salvage(
         while let Some(row) = query.next()? {
             any = true;
             after = row.get(0)?;
-            let message = (|| {
-                Ok::<_, rusqlite::Error>(Message {
-                    topic: row.get(1)?,
-                    payload: payload_bytes(row, 2)?,
-                    qos: Qos::from_u8(row.get(3)?).unwrap_or(Qos::AtLeastOnce),
-                    kind: PayloadKind::from_u8(row.get(4)?),
-                })
-            })();
+            let message = row_message(row);
             // An undecodable row is lost; the ones after it are still worth reading.
             if let Ok(message) = message {
                 rows.push((after, message));

@@ -753,14 +753,7 @@ impl Store {
             if self.removals.ids.contains(&id) {
                 continue;
             }
-            let message = (|| {
-                Ok::<_, rusqlite::Error>(Message {
-                    topic: row.get(1)?,
-                    payload: payload_bytes(row, 2)?,
-                    qos: Qos::from_u8(row.get(3)?).unwrap_or(Qos::AtLeastOnce),
-                    kind: PayloadKind::from_u8(row.get(4)?),
-                })
-            })();
+            let message = row_message(row);
             match message {
                 Ok(message) => {
                     read.bytes += message.payload.len();

@@ -145,3 +145,73 @@ pub fn send_many(socket: &Path, topic: &str, range: std::ops::Range<u64>) -> Vec
     sender.join().expect("writer");
     acked
 }
+
+/// `writers` connections each pipelining `per_writer` publish lines; messages/s until the last
+/// `ok` is in.
+pub fn pipeline_publishes(socket: &Path, writers: usize, per_writer: u64) -> f64 {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..writers)
+        .map(|w| {
+            let socket = socket.to_owned();
+            std::thread::spawn(move || {
+                let stream = UnixStream::connect(&socket).expect("connect");
+                let mut writer = stream.try_clone().expect("clone");
+                let sender = std::thread::spawn(move || {
+                    let mut buffer = Vec::with_capacity(64 * 1024);
+                    for n in 0..per_writer {
+                        let line = format!(
+                            "{{\"topic\":\"bench/w{w}\",\"payload\":{{\"n\":{n},\"celsius\":21.5}},\"id\":{n}}}\n"
+                        );
+                        buffer.extend_from_slice(line.as_bytes());
+                        if buffer.len() >= 60 * 1024 {
+                            writer.write_all(&buffer).expect("write");
+                            buffer.clear();
+                        }
+                    }
+                    writer.write_all(&buffer).expect("write");
+                });
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                for _ in 0..per_writer {
+                    line.clear();
+                    assert!(reader.read_line(&mut line).expect("read") > 0, "connection closed");
+                    assert!(line.contains("\"ok\":true"), "refused: {line}");
+                }
+                sender.join().expect("sender");
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.join().expect("writer");
+    }
+    (writers as u64 * per_writer) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Waits (up to a minute) until the daemon's `status` says `connected`.
+pub fn wait_connected(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut stream = UnixStream::connect(socket).expect("socket");
+        stream.write_all(b"{\"op\":\"status\"}\n").expect("status");
+        let mut line = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut line)
+            .expect("answer");
+        if line.contains("\"state\":\"connected\"") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never connected: {line}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The fenced block of docs/protocol.md that follows `marker`.
+pub fn doc_example(marker: &str, fence: &str) -> String {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md"))
+        .expect("doc");
+    let start = doc.find(marker).expect("marker");
+    let block = &doc[start..];
+    let open = block.find(&format!("```{fence}\n")).expect("fence") + fence.len() + 4;
+    let close = open + block[open..].find("```").expect("closing fence");
+    block[open..close].to_owned()
+}
