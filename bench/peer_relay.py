@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Peer relay for the benchmark: what a fleet operator could write with the AWS IoT Device SDK
-for Python v2 (`awsiotsdk`, on top of `awscrt`) instead of running iot-cognito-relay.
+for Python v2 (`awsiotsdk`, on top of `awscrt`) instead of running iot-cognito-relay, written
+as lean as a careful awscrt relay can be.
 
 It speaks the same socket protocol as the daemon (SPEC.md, "Socket protocol"): newline-delimited
 JSON on a Unix stream socket, one object per line,
@@ -8,24 +9,34 @@ JSON on a Unix stream socket, one object per line,
 and publishes each message to PREFIX + "/" + topic over MQTT 3.1.1 over WebSockets with SigV4
 (mqtt_connection_builder.websockets_with_default_aws_signing), QoS 1 by default.
 
-Design (see bench/README section in the report for the reasoning):
+Design, and why each choice is the cheap one:
 - Answers: `{"id":..,"ok":true}` is sent once the broker PUBACKed the message (QoS 1) — the
   strongest promise a relay without a disk spool can make. `--ack queued` answers as soon as
   the message is handed to the CRT instead (in memory only: lost on a crash).
+- Event loop: uvloop when installed (bench/requirements.txt has it), else asyncio's own. Each
+  client is an `asyncio.Protocol`: bytes arrive in `data_received`, no stream reader, no task
+  and no await per chunk.
 - In-flight bound: at most --max-in-flight publishes are unacknowledged at once. A client
-  whose line would exceed the bound simply is not read further (asyncio semaphore), so the
-  back-pressure reaches the writer through the socket; the event loop never blocks.
-- Concurrency: one asyncio event loop (main thread) owns the socket server and all clients; the
-  CRT runs its own event-loop thread for TLS/WebSocket/MQTT. PUBACK completions arrive on the
-  CRT thread and are handed to the asyncio loop in batches (one wake-up per batch, not one per
-  message), where permits are released and answers are written, one write per client per batch.
+  whose next line finds no free permit stops being read (`pause_reading`) and keeps the lines
+  it has; a PUBACK resumes it. Back-pressure reaches the writer through the socket, and the
+  event loop never blocks.
+- Per message: one orjson parse, topics checked once and remembered, one `publish()`, and the
+  done callback is a bound method (no closure); the message's client and id ride on the future.
+- Completions arrive on the CRT's event-loop thread; they are queued and handed to the asyncio
+  loop in batches (one wake-up per batch, not one per message), where permits are released and
+  answers are written, one write per client per batch.
+- The CRT thread keeps its Python thread state. CPython makes a thread state for a foreign
+  thread at every callback and frees it after, and 3.11 maps and unmaps a 16 KiB frame stack
+  each time: measured, that was over half of the relay's CPU per message. Taking the GIL state
+  once more on that thread, and never giving it back, keeps one thread state for the thread's
+  life (PyGILState_Ensure, public C API, through ctypes).
 - clean_session=False: with a clean session the CRT fails every unacknowledged publish when the
   connection drops (AWS_ERROR_MQTT_CANCELLED_FOR_CLEAN_SESSION); with a persistent session it
   keeps them and re-sends them after its automatic reconnect, which is what an at-least-once
   relay wants. (AWS IoT Core supports persistent sessions; the relay never subscribes, so the
   session holds no subscriptions and the broker queues nothing for it.)
-- SIGTERM/SIGINT: stop accepting and reading, answer lines already read but not yet published
-  with `shutting_down`, wait (up to --drain-timeout) for every outstanding PUBACK, answer, then
+- SIGTERM/SIGINT: stop accepting and reading, answer lines read but not yet published with
+  `shutting_down`, wait (up to --drain-timeout) for every outstanding PUBACK, answer, then
   disconnect and exit 0.
 
 Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN (static
@@ -40,20 +51,29 @@ import asyncio
 import base64
 import binascii
 import collections
+import ctypes
 import json
 import os
 import signal
 import sys
+import threading
 import time
 
 from awscrt import auth, mqtt
 from awsiot import mqtt_connection_builder
 
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - asyncio's own loop
+    uvloop = None
+
 MAX_LINE = 256 * 1024
 MAX_PAYLOAD = 128 * 1024
-READ_CHUNK = 256 * 1024
 # A client that does not read its answers loses them once this much is buffered for it.
 MAX_ANSWER_BUFFER = 4 * 1024 * 1024
+# Checked topics remembered (devices use a handful; a client inventing topics only costs checks).
+TOPIC_CACHE = 4096
+QOS = {1: mqtt.QoS.AT_LEAST_ONCE, 0: mqtt.QoS.AT_MOST_ONCE}
 
 # The standard library's JSON, with its objects made once: json.dumps() with non-default
 # arguments builds a new JSONEncoder on every call.
@@ -61,9 +81,9 @@ _std_decode = json.JSONDecoder().decode
 _std_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 try:
-    # orjson (if installed; bench/requirements.txt has it) is about 4x faster on this path.
-    # Whatever it refuses (integers beyond 64 bits, NaN, ...) goes to the standard library,
-    # so the accepted input and the output are the same either way.
+    # orjson (bench/requirements.txt has it) is about 4x faster on this path. Whatever it
+    # refuses (integers beyond 64 bits, NaN, ...) goes to the standard library, so the accepted
+    # input and the output are the same either way.
     import orjson
 
     def _loads(line):
@@ -85,19 +105,15 @@ except ImportError:  # pragma: no cover - the plain standard library path
         return _std_encode(value).encode()
 
 
-def _dumps(value):
-    return _std_encode(value)
-
-
 def log(message):
     print(f"peer_relay: {message}", file=sys.stderr, flush=True)
 
 
 def error_answer(id_json, code, message):
     if id_json is None:
-        return ('{"ok":false,"error":"%s","message":%s}\n' % (code, _dumps(message))).encode()
+        return ('{"ok":false,"error":"%s","message":%s}\n' % (code, _std_encode(message))).encode()
     return ('{"id":%s,"ok":false,"error":"%s","message":%s}\n'
-            % (id_json, code, _dumps(message))).encode()
+            % (id_json, code, _std_encode(message))).encode()
 
 
 def topic_error(full_topic, topic):
@@ -114,199 +130,124 @@ def topic_error(full_topic, topic):
     return None
 
 
-class Client:
-    """One connected socket client: its writer, and how many of its messages await a PUBACK."""
+class Client(asyncio.Protocol):
+    """One connected socket client: the lines it sent that wait for a permit, and how many of
+    its messages await a PUBACK."""
 
-    __slots__ = ("writer", "transport", "pending", "reading")
-
-    def __init__(self, writer):
-        self.writer = writer
-        self.transport = writer.transport
+    def __init__(self, relay):
+        self.relay = relay
+        self.transport = None
+        self.partial = b""  # the start of a line whose newline has not arrived
+        self.discarding = False  # inside a line longer than MAX_LINE
+        self.lines = collections.deque()  # complete lines not yet published
         self.pending = 0  # published, not yet completed
-        self.reading = True
+        self.reading = True  # until EOF
+        self.paused = False
+
+    # ---- asyncio.Protocol ----
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.relay.clients.add(self)
+
+    def data_received(self, data):
+        if self.discarding:
+            cut = data.find(b"\n")
+            if cut < 0:
+                return
+            data = data[cut + 1:]
+            self.discarding = False
+        if self.partial:
+            data = self.partial + data
+        lines = data.split(b"\n")
+        self.partial = lines.pop()
+        if len(self.partial) > MAX_LINE:
+            self.partial = b""
+            self.discarding = True
+            self.send(error_answer(None, "line_too_long", "line longer than 256 KiB"))
+        if self.lines:
+            self.lines.extend(lines)
+        else:
+            self.lines = collections.deque(lines)
+        self.work()
+
+    def eof_received(self):
+        self.reading = False
+        self.close_when_done()
+        return True  # keep the transport open for the answers still to come
+
+    def connection_lost(self, exc):
+        self.reading = False
+        self.lines.clear()
+        self.relay.clients.discard(self)
+
+    # ---- relaying ----
+
+    def work(self):
+        """Publishes this client's lines while permits last; pauses reading when they run out."""
+        relay = self.relay
+        lines = self.lines
+        answers = []
+        while lines:
+            if relay.free == 0:
+                if not self.paused and not self.transport.is_closing():
+                    self.transport.pause_reading()
+                    self.paused = True
+                relay.waiting.append(self)
+                break
+            answer = relay.relay_line(self, lines.popleft())
+            if answer is not None:
+                answers.append(answer)
+        else:
+            if self.paused and not relay.stopping:
+                self.paused = False
+                self.transport.resume_reading()
+        if answers:
+            self.send(b"".join(answers))
+        self.close_when_done()
 
     def send(self, data):
-        if self.transport.is_closing():
+        transport = self.transport
+        if transport.is_closing():
             return
-        if self.transport.get_write_buffer_size() > MAX_ANSWER_BUFFER:
+        if transport.get_write_buffer_size() > MAX_ANSWER_BUFFER:
             return  # the client does not read its answers: it loses them, nothing else
-        self.writer.write(data)
+        transport.write(data)
 
     def close_when_done(self):
         # After its EOF a client may still wait for answers (e.g. `nc -N`): close only once
         # every message it sent has completed.
-        if not self.reading and self.pending == 0 and not self.transport.is_closing():
-            self.writer.close()
+        if not self.reading and not self.lines and self.pending == 0 \
+                and not self.transport.is_closing():
+            self.transport.close()
 
 
 class Relay:
     def __init__(self, args, connection):
         self.args = args
-        self.connection = connection
+        self.publish = connection.publish
         self.prefix = args.topic_prefix.rstrip("/") + "/"
         self.ack_on_puback = args.ack == "puback"
         self.loop = asyncio.get_running_loop()
-        # The in-flight bound: free permits, and the readers waiting for one.
-        self.free = args.max_in_flight
-        self.waiters = collections.deque()
+        self.free = args.max_in_flight  # permits of the in-flight bound
+        self.waiting = collections.deque()  # clients paused for a permit
         self.outstanding = 0
         self.idle = asyncio.Event()
         self.idle.set()
         self.stopping = False
-        self.tasks = set()
         self.clients = set()
-        # Completions handed over from the CRT thread: (client, id_json, future).
+        self.topics = {}  # topic -> full topic, or an error text
+        # Completed futures handed over from the CRT thread.
         self.done = collections.deque()
         self.wakeup_pending = False
+        self.crt_thread_pinned = False
         self.published = 0
         self.failed = 0
 
-    # ---- the in-flight bound ----
+    # ---- one line ----
 
-    async def wait_for_permit(self):
-        while self.free == 0:
-            waiter = self.loop.create_future()
-            self.waiters.append(waiter)
-            await waiter
-
-    def release(self, count):
-        self.free += count
-        waiters = self.waiters
-        while count and waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                count -= 1
-
-    # ---- completions (CRT thread -> asyncio loop) ----
-
-    def on_complete(self, client, id_bytes, future):
-        # Runs on the CRT event-loop thread (or inline if the future is already done).
-        self.done.append((client, id_bytes, future))
-        if not self.wakeup_pending:
-            self.wakeup_pending = True
-            self.loop.call_soon_threadsafe(self.drain_done)
-
-    def drain_done(self):
-        # Clear the flag before popping: a completion appended after this point schedules
-        # another drain, so none is ever left behind.
-        self.wakeup_pending = False
-        done = self.done
-        batches = {}
-        count = 0
-        while True:
-            try:
-                client, id_bytes, future = done.popleft()
-            except IndexError:
-                break
-            count += 1
-            client.pending -= 1
-            error = future.exception()
-            if error is None:
-                self.published += 1
-                if id_bytes is not None and self.ack_on_puback:
-                    answers = batches.get(client)
-                    if answers is None:
-                        answers = batches[client] = []
-                    answers.append(b'{"id":%s,"ok":true}\n' % id_bytes)
-            else:
-                self.failed += 1
-                if id_bytes is not None and self.ack_on_puback:
-                    batches.setdefault(client, []).append(
-                        error_answer(id_bytes.decode(), "publish_failed", str(error)))
-                else:
-                    log(f"publish failed: {error}")
-            if client.pending == 0 and not client.reading:
-                batches.setdefault(client, [])
-        for client, answers in batches.items():
-            if answers:
-                client.send(b"".join(answers))
-            self.settle(client)
-        if count:
-            self.outstanding -= count
-            self.release(count)
-            if self.outstanding == 0:
-                self.idle.set()
-
-    # ---- socket clients ----
-
-    async def handle_client(self, reader, writer):
-        task = asyncio.current_task()
-        self.tasks.add(task)
-        client = Client(writer)
-        self.clients.add(client)
-        pending = b""
-        discarding = False  # inside a line longer than MAX_LINE
-        lines = []
-        index = 0
-        try:
-            while not self.stopping:
-                chunk = await reader.read(READ_CHUNK)
-                if not chunk:
-                    break
-                if discarding:
-                    cut = chunk.find(b"\n")
-                    if cut < 0:
-                        continue
-                    chunk = chunk[cut + 1:]
-                    discarding = False
-                lines = (pending + chunk).split(b"\n") if pending else chunk.split(b"\n")
-                pending = lines.pop()
-                if len(pending) > MAX_LINE:
-                    pending = b""
-                    discarding = True
-                    client.send(error_answer(None, "line_too_long", "line longer than 256 KiB"))
-                answers = []
-                for index, line in enumerate(lines):
-                    request = self.parse(line)
-                    if request.__class__ is bytes:  # an immediate answer
-                        answers.append(request)
-                        continue
-                    if request is None:
-                        continue
-                    if self.free == 0:
-                        if answers:  # answer what we have before waiting
-                            client.send(b"".join(answers))
-                            answers = []
-                        await self.wait_for_permit()
-                    answer = self.publish(client, request)
-                    if answer is not None:
-                        answers.append(answer)
-                index = len(lines)
-                if answers:
-                    client.send(b"".join(answers))
-        except asyncio.CancelledError:
-            # Stopping: the lines read but not published are answered, not dropped silently.
-            answers = []
-            for line in lines[index:]:
-                answers.append(error_answer(self.peek_id(line), "shutting_down",
-                                            "the relay is stopping"))
-            if answers:
-                client.send(b"".join(answers))
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self.tasks.discard(task)
-            client.reading = False
-            self.settle(client)
-
-    def settle(self, client):
-        client.close_when_done()
-        if client.transport.is_closing():
-            self.clients.discard(client)
-
-    @staticmethod
-    def peek_id(line):
-        try:
-            value = _loads(line)
-            if isinstance(value, dict) and "id" in value:
-                return _dumps(value["id"])
-        except ValueError:
-            pass
-        return None
-
-    def parse(self, line):
-        """Returns (full_topic, payload, qos, id_bytes), an answer (bytes), or None."""
+    def relay_line(self, client, line):
+        """Publishes one line (a permit is free); returns an answer to send now, or None."""
         if len(line) > MAX_LINE:
             return error_answer(None, "line_too_long", "line longer than 256 KiB")
         try:
@@ -323,7 +264,7 @@ class Relay:
             if id_value.__class__ is int:
                 id_json = str(id_value)
             elif id_value.__class__ is str or id_value.__class__ is float:
-                id_json = _dumps(id_value)
+                id_json = _std_encode(id_value)
             else:
                 return error_answer(None, "invalid_json", "id must be a string or a number")
         if message.get("op") == "status":
@@ -333,10 +274,11 @@ class Relay:
             return error_answer(id_json, "missing_field", "topic is required")
         if topic.__class__ is not str:
             return error_answer(id_json, "invalid_topic", "topic must be a string")
-        full_topic = self.prefix + topic
-        problem = topic_error(full_topic, topic)
-        if problem:
-            return error_answer(id_json, "invalid_topic", problem)
+        full_topic = self.topics.get(topic)
+        if full_topic is None:
+            full_topic = self.check_topic(topic)
+        if full_topic.__class__ is bytes:
+            return error_answer(id_json, "invalid_topic", full_topic.decode())
         if "payload" in message:
             payload = message["payload"]
             if payload.__class__ is str:
@@ -353,29 +295,34 @@ class Relay:
         if len(payload) > MAX_PAYLOAD:
             return error_answer(id_json, "payload_too_large", "payload larger than 128 KiB")
         qos = message.get("qos", 1)
-        if qos == 1 and qos.__class__ is int:
-            qos = mqtt.QoS.AT_LEAST_ONCE
-        elif qos == 0 and qos.__class__ is int:
-            qos = mqtt.QoS.AT_MOST_ONCE
-        else:
+        qos = QOS.get(qos) if qos.__class__ is int else None
+        if qos is None:
             return error_answer(id_json, "invalid_qos", "qos must be 0 or 1")
         if self.stopping:
             return error_answer(id_json, "shutting_down", "the relay is stopping")
-        return full_topic, payload, qos, (id_json.encode() if id_json is not None else None)
 
-    def publish(self, client, request):
-        """Hands one message to the CRT (a permit is free); returns an answer or None."""
-        full_topic, payload, qos, id_bytes = request
         self.free -= 1
+        if self.outstanding == 0:
+            self.idle.clear()
         self.outstanding += 1
-        self.idle.clear()
         client.pending += 1
-        future, _packet_id = self.connection.publish(full_topic, payload, qos)
-        future.add_done_callback(
-            lambda f, c=client, i=id_bytes: self.on_complete(c, i, f))
-        if id_bytes is not None and not self.ack_on_puback:
-            return b'{"id":%s,"ok":true}\n' % id_bytes
+        future, _packet_id = self.publish(full_topic, payload, qos)
+        future.relay_client = client
+        future.relay_id = id_json
+        future.add_done_callback(self.on_complete)
+        if id_json is not None and not self.ack_on_puback:
+            return b'{"id":%s,"ok":true}\n' % id_json.encode()
         return None
+
+    def check_topic(self, topic):
+        """The full topic (str), or what is wrong with it (bytes); remembered either way."""
+        full_topic = self.prefix + topic
+        problem = topic_error(full_topic, topic)
+        result = full_topic if problem is None else problem.encode()
+        if len(self.topics) >= TOPIC_CACHE:
+            self.topics.clear()
+        self.topics[topic] = result
+        return result
 
     def status_answer(self):
         status = {
@@ -384,31 +331,100 @@ class Relay:
             "published_total": self.published,
             "dropped_total": self.failed,
         }
-        return (_dumps({"ok": True, "status": status}) + "\n").encode()
+        return _dumps_bytes({"ok": True, "status": status}) + b"\n"
+
+    # ---- completions (CRT thread -> asyncio loop) ----
+
+    def on_complete(self, future):
+        # Runs on the CRT event-loop thread (or inline if the future is already done).
+        if not self.crt_thread_pinned and threading.current_thread() is not threading.main_thread():
+            ctypes.pythonapi.PyGILState_Ensure()  # never released: see the module docstring
+            self.crt_thread_pinned = True
+        self.done.append(future)
+        if not self.wakeup_pending:
+            self.wakeup_pending = True
+            self.loop.call_soon_threadsafe(self.drain_done)
+
+    def drain_done(self):
+        # Clear the flag before popping: a completion appended after this point schedules
+        # another drain, so none is ever left behind.
+        self.wakeup_pending = False
+        done = self.done
+        batches = {}
+        count = 0
+        while done:
+            future = done.popleft()
+            count += 1
+            client = future.relay_client
+            client.pending -= 1
+            id_json = future.relay_id
+            error = future.exception()
+            if error is None:
+                self.published += 1
+                answer = None
+                if id_json is not None and self.ack_on_puback:
+                    answer = b'{"id":%s,"ok":true}\n' % id_json.encode()
+            else:
+                self.failed += 1
+                answer = None
+                if id_json is not None and self.ack_on_puback:
+                    answer = error_answer(id_json, "publish_failed", str(error))
+                else:
+                    log(f"publish failed: {error}")
+            answers = batches.get(client)
+            if answers is None:
+                answers = batches[client] = []
+            if answer is not None:
+                answers.append(answer)
+        for client, answers in batches.items():
+            if answers:
+                client.send(b"".join(answers))
+            client.close_when_done()
+        if count:
+            self.outstanding -= count
+            self.free += count
+            if self.outstanding == 0:
+                self.idle.set()
+            waiting = self.waiting
+            while waiting and self.free:
+                waiting.popleft().work()
 
     # ---- shutdown ----
 
     async def stop(self, server):
         self.stopping = True
         server.close()
-        for task in list(self.tasks):
-            task.cancel()
-        if self.tasks:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.waiting.clear()
+        for client in list(self.clients):
+            if not client.transport.is_closing():
+                client.transport.pause_reading()
+            # Lines read but not published are answered, not dropped silently.
+            answers = [error_answer(self.peek_id(line), "shutting_down", "the relay is stopping")
+                       for line in client.lines if line.strip()]
+            client.lines.clear()
+            client.reading = False
+            if answers:
+                client.send(b"".join(answers))
+            client.close_when_done()
         try:
             await asyncio.wait_for(self.idle.wait(), self.args.drain_timeout)
         except asyncio.TimeoutError:
             log(f"{self.outstanding} publishes still unacknowledged after "
                 f"{self.args.drain_timeout}s; exiting anyway")
-        # Flush the last answers before the loop goes away.
         for client in list(self.clients):
             if not client.transport.is_closing():
-                client.writer.close()
-        for client in list(self.clients):
-            try:
-                await asyncio.wait_for(client.writer.wait_closed(), 2)
-            except (asyncio.TimeoutError, ConnectionError, OSError):
-                pass
+                client.transport.close()
+        await asyncio.sleep(0)  # let the transports flush their last answers
+
+    @staticmethod
+    def peek_id(line):
+        try:
+            value = _loads(line)
+            if isinstance(value, dict) and "id" in value:
+                return _std_encode(value["id"])
+        except ValueError:
+            pass
+        return None
 
 
 def parse_args():
@@ -471,15 +487,15 @@ async def main():
     except Exception as error:  # noqa: BLE001 - any connect failure is fatal here
         log(f"cannot connect to {args.endpoint}:{args.port}: {error}")
         return 1
-    log(f"connected to {args.endpoint}:{args.port} in {time.monotonic() - started:.2f}s")
+    log(f"connected to {args.endpoint}:{args.port} in {time.monotonic() - started:.2f}s"
+        f" ({'uvloop' if uvloop else 'asyncio'} event loop)")
 
     relay = Relay(args, connection)
     try:
         os.unlink(args.socket)
     except FileNotFoundError:
         pass
-    server = await asyncio.start_unix_server(relay.handle_client, path=args.socket,
-                                             limit=MAX_LINE + 1, backlog=512)
+    server = await loop.create_unix_server(lambda: Client(relay), path=args.socket, backlog=512)
     print("ready", flush=True)
 
     await stop_requested.wait()
@@ -499,4 +515,4 @@ async def main():
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(uvloop.run(main()) if uvloop else asyncio.run(main()))
