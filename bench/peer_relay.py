@@ -22,6 +22,8 @@ Design, and why each choice is the cheap one:
   event loop never blocks.
 - Per message: one orjson parse, topics checked once and remembered, one `publish()`, and the
   done callback is a bound method (no closure); the message's client and id ride on the future.
+- The cycle collector is tuned for a relay: objects made at start are frozen out of its way,
+  and it runs every 100,000 allocations instead of 700.
 - Completions arrive on the CRT's event-loop thread; they are queued and handed to the asyncio
   loop in batches (one wake-up per batch, not one per message), where permits are released and
   answers are written, one write per client per batch.
@@ -52,6 +54,7 @@ import base64
 import binascii
 import collections
 import ctypes
+import gc
 import json
 import os
 import signal
@@ -496,6 +499,11 @@ async def main():
     except FileNotFoundError:
         pass
     server = await loop.create_unix_server(lambda: Client(relay), path=args.socket, backlog=512)
+    # Each message makes a few container objects (the CRT's future and its lock): with the
+    # default threshold the cycle collector ran every few hundred messages, over every object
+    # made at start. Those are frozen out of its way, and it runs a hundred times less often.
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
     print("ready", flush=True)
 
     await stop_requested.wait()
