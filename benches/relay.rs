@@ -188,9 +188,9 @@ fn bench_daemon(cloud: &Cloud, subscriber: &Subscriber, plan: &Plan) -> (System,
         "bench/ours",
     );
     // Idle: connected, nothing to send. No polling loop may burn CPU here.
-    let before = cpu_seconds(pid);
+    let before = harness::cpu_seconds(pid);
     std::thread::sleep(Duration::from_secs(plan.idle_seconds));
-    let idle = cpu_seconds(pid) - before;
+    let idle = harness::cpu_seconds(pid) - before;
     (system, idle)
 }
 
@@ -291,7 +291,15 @@ fn measure(
 ) -> System {
     let total = plan.writers as u64 * plan.per_writer;
     subscriber.reset();
-    let cpu_before = cpu_seconds(pid);
+    // RELAY_PROFILE=DIR: the flood under `perf record`, reported by stage in DIR/<topic>.txt.
+    let profile = std::env::var_os("RELAY_PROFILE").map(|dir| {
+        let slug = topic.replace('/', "-");
+        (
+            harness::Profile::start(pid, Path::new(&dir), &slug),
+            Path::new(&dir).join(slug + ".txt"),
+        )
+    });
+    let cpu_before = harness::cpu_seconds(pid);
     let started = Instant::now();
     let writers: Vec<_> = (0..plan.writers)
         .map(|w| {
@@ -306,7 +314,15 @@ fn measure(
     }
     subscriber.wait_for(total, DELIVERY_TIMEOUT);
     let elapsed = started.elapsed();
-    let cpu = cpu_seconds(pid) - cpu_before;
+    let cpu = harness::cpu_seconds(pid) - cpu_before;
+    if let Some((profile, report)) = profile {
+        let summary = format!(
+            "{name}: flood of {total} messages, {:.1} us CPU per message\n",
+            cpu / total as f64 * 1e6
+        );
+        std::fs::write(&report, summary + &profile.finish()).expect("write profile");
+        println!("profile: {}", report.display());
+    }
 
     subscriber.reset();
     paced_writer(socket, topic, plan.latency_seconds);
@@ -444,21 +460,6 @@ fn paced_writer(socket: &Path, topic: &str, seconds: u64) {
         );
         stream.write_all(line.as_bytes()).expect("write");
     }
-}
-
-/// A process's CPU time so far (user + system), in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields
-        .get(11..13)
-        .map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
-    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 struct KillOnDrop(Child);

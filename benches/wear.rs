@@ -330,60 +330,24 @@ fn paced_writer(socket: &Path, rate: u32, count: u64) -> Vec<f64> {
     latencies
 }
 
-/// `WEAR_PROFILE=DIR`: a connected flood under `perf record` (CPU by thread, by library and by
-/// function where the binary has symbols); its CPU per message from `/proc/PID/stat`.
+/// `WEAR_PROFILE=DIR`: a connected flood under `perf record`, reported by stage; its CPU per
+/// message from `/proc/PID/stat`.
 fn profile_flood(daemon: &Daemon, dir: &Path, plan: &Plan) {
-    std::fs::create_dir_all(dir).expect("profile dir");
     let pid = daemon.child.id();
-    let data = dir.join("perf.data");
-    let mut perf = Command::new("perf")
-        .args(["record", "-F", "1999", "-g", "-o"])
-        .arg(&data)
-        .arg("-p")
-        .arg(pid.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("perf record (apt-get install linux-perf)");
-    std::thread::sleep(Duration::from_millis(500));
-    let cpu_before = cpu_seconds(pid);
+    let profile = harness::Profile::start(pid, dir, "wear-flood");
+    let cpu_before = harness::cpu_seconds(pid);
     let rate =
         harness::pipeline_publishes(&daemon.socket, plan.ingest_writers, plan.ingest_per_writer);
-    let cpu = cpu_seconds(pid) - cpu_before;
-    unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
-    let _ = perf.wait();
+    let cpu = harness::cpu_seconds(pid) - cpu_before;
     let total = plan.ingest_writers as u64 * plan.ingest_per_writer;
     let summary = format!(
         "connected flood: {total} messages, {rate:.0} msg/s answered ok, {:.1} us CPU per message\n",
         cpu / total as f64 * 1e6
     );
     print!("{summary}");
-    let mut report = summary;
-    for sort in ["comm", "comm,dso", "sym"] {
-        let out = Command::new("perf")
-            .args(["report", "--stdio", "--no-children", "--percent-limit", "1"])
-            .args(["-g", "none", "--sort", sort, "-i"])
-            .arg(&data)
-            .output()
-            .expect("perf report");
-        report.push_str(&String::from_utf8_lossy(&out.stdout));
-    }
+    let report = summary + &profile.finish();
     std::fs::write(dir.join("report.txt"), report).expect("write report");
     println!("profile: {}", dir.join("report.txt").display());
-}
-
-/// A process's CPU time so far (user + system), in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields
-        .get(11..13)
-        .map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
-    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 fn percentiles(samples: &[f64]) -> (f64, f64) {

@@ -19,6 +19,7 @@ mod daemon;
 mod downlink;
 mod namespace;
 mod process;
+mod profile;
 mod proxies;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -38,6 +39,7 @@ pub use daemon::*;
 pub use downlink::*;
 pub use namespace::*;
 pub use process::*;
+pub use profile::*;
 pub use proxies::*;
 
 pub const MOTO_PORT: u16 = 5000;
