@@ -63,6 +63,8 @@ const TRIM_CHUNK_ROWS: usize = 1000;
 const TRIM_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 /// Pages given back per idle vacuum step (bounded for the same reason).
 const VACUUM_CHUNK_PAGES: u64 = 256;
+/// Idle maintenance waits until no message came and no write committed for this long.
+const MAINTAIN_WHEN_QUIET: Duration = Duration::from_secs(2);
 /// Free pages worth a vacuum while messages remain (an empty spool is always compacted).
 const VACUUM_MIN_FREE_PAGES: u64 = 256;
 /// Disk full with `drop-oldest`: how many times to drop (twice as much each time) and retry.
@@ -732,6 +734,13 @@ mod tests {
             stats.bytes,
             files_bytes(dir.path())
         );
+    }
+
+    #[test]
+    fn acknowledged_ids_are_deleted_by_runs() {
+        assert_eq!(store::runs(&[]), vec![]);
+        assert_eq!(store::runs(&[7, 1, 2, 3, 8, 2]), vec![(1, 3), (7, 8)]);
+        assert_eq!(store::runs(&[5, 9]), vec![(5, 5), (9, 9)]);
     }
 
     /// Item 7: after a backlog drains, idle time gives the pages back: the files shrink.

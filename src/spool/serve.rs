@@ -15,7 +15,8 @@ enum Woken {
     Closed,
 }
 
-/// Acknowledged rows still on disk, deleted together later (`REMOVE_BATCH`, `REMOVE_DELAY`).
+/// Acknowledged rows still on disk, deleted together later (`REMOVE_BATCH`, `REMOVE_DELAY`),
+/// in the next commit's transaction or, if none comes first, in one of their own.
 #[derive(Default)]
 pub(super) struct Removals {
     pub(super) ids: BTreeSet<i64>,
@@ -55,10 +56,14 @@ impl Store {
                         if self.idle_step(&stats) {
                             continue;
                         }
-                        let deadline = [self.pending.commit_at(), self.removals.deadline()]
-                            .into_iter()
-                            .flatten()
-                            .min();
+                        let deadline = [
+                            self.pending.commit_at(),
+                            self.removals.deadline(),
+                            self.maintenance_at(),
+                        ]
+                        .into_iter()
+                        .flatten()
+                        .min();
                         match wait(&clock, &mut commands, deadline) {
                             Woken::Command(command) => command,
                             Woken::Timeout => continue,
@@ -190,6 +195,7 @@ impl Store {
     /// With `reject-new`, one that would not fit on disk is refused now, before it is sent.
     fn hold(&mut self, batch: Vec<(Message, Waiter)>, stats: &watch::Sender<SpoolStats>) {
         let now = Instant::now();
+        self.last_traffic = now;
         let mut refused = Vec::new();
         for (message, waiter) in batch {
             let size = (message.topic.len() + message.payload.len()) as u64;
@@ -250,9 +256,8 @@ impl Store {
     }
 
     /// Writes everything held in one transaction (one fsync) and answers its writers.
+    /// Acknowledged rows waiting to be deleted go in the same transaction.
     pub(super) fn commit_held(&mut self, stats: &watch::Sender<SpoolStats>) {
-        // Deletions first: a drop-oldest inside the commit then never counts a row twice.
-        self.flush_removals(stats);
         let held = self.pending.take();
         let counted = held.iter().filter(|h| !h.sent).count() as u64;
         // Counted while held; the commit counts the rows it writes.
@@ -280,34 +285,12 @@ impl Store {
         }
     }
 
-    /// Deletes the acknowledged rows in one transaction without an fsync of its own: losing
-    /// it to a power cut only sends those messages again (the next commit's fsync covers it).
+    /// Deletes the acknowledged rows when no commit is coming to take them along.
     pub(super) fn flush_removals(&mut self, stats: &watch::Sender<SpoolStats>) {
         if self.removals.ids.is_empty() {
             return;
         }
-        let removals = std::mem::take(&mut self.removals);
-        let ids: Vec<i64> = removals.ids.into_iter().collect();
-        let deleted = (|| -> rusqlite::Result<u64> {
-            self.db.pragma_update(None, "synchronous", "NORMAL")?;
-            let deleted = self.delete_rows(&ids);
-            // FULL again before anything else commits: an `ok` is a promise.
-            self.db.pragma_update(None, "synchronous", "FULL")?;
-            deleted
-        })();
-        match deleted {
-            Ok(deleted) => {
-                // Rows already gone (dropped meanwhile) were counted off twice.
-                self.stats.messages += ids.len() as u64 - deleted.min(ids.len() as u64);
-                self.wrote();
-            }
-            Err(error) => {
-                // The messages stay and are sent again later: a duplicate, never a loss.
-                self.stats.messages += ids.len() as u64;
-                self.record_fault(Operation::Write, &error);
-                let _ = self.db.pragma_update(None, "synchronous", "FULL");
-            }
-        }
+        self.delete_removals();
         let _ = self.measure();
         self.publish_stats(stats);
     }

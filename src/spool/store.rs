@@ -117,6 +117,9 @@ pub(super) struct Store {
     pub(super) reserve_missing: bool,
     /// A write happened since idle maintenance last found nothing to do.
     pub(super) dirty: bool,
+    /// When a message last came or a write last committed: maintenance waits for
+    /// `MAINTAIN_WHEN_QUIET` after it.
+    pub(super) last_traffic: Instant,
     /// Pages were given back: a truncating checkpoint makes the files shrink.
     pub(super) shrunk: bool,
     pub(super) drop_log: Repeats,
@@ -188,6 +191,7 @@ impl Store {
             incremental_vacuum: auto_vacuum == 2,
             reserve_missing: true,
             dirty: true,
+            last_traffic: Instant::now(),
             shrunk: false,
             drop_log: Repeats::default(),
             fault_log: Repeats::default(),
@@ -266,8 +270,13 @@ impl Store {
 
     /// Pages in use (inside a transaction: as that transaction sees them).
     pub(super) fn live_pages_bytes(db: &Connection, page_size: u64) -> rusqlite::Result<u64> {
-        let pages: i64 = db.query_row("PRAGMA page_count", [], |row| row.get(0))?;
-        let free: i64 = db.query_row("PRAGMA freelist_count", [], |row| row.get(0))?;
+        // Asked at every commit: prepared once.
+        let pages: i64 = db
+            .prepare_cached("PRAGMA page_count")?
+            .query_row([], |row| row.get(0))?;
+        let free: i64 = db
+            .prepare_cached("PRAGMA freelist_count")?
+            .query_row([], |row| row.get(0))?;
         Ok(pages.saturating_sub(free).unsigned_abs() * page_size)
     }
 
@@ -369,7 +378,7 @@ impl Store {
         if self.must_trim() {
             return self.trim_chunk(stats);
         }
-        if !self.dirty {
+        if self.maintenance_at().is_none_or(|at| Instant::now() < at) {
             return false;
         }
         let step = (|| -> rusqlite::Result<bool> {
@@ -413,6 +422,15 @@ impl Store {
         let _ = self.measure();
         self.publish_stats(stats);
         more
+    }
+
+    /// When idle maintenance (vacuum, truncating checkpoint) may run: once no message came
+    /// and no write committed for `MAINTAIN_WHEN_QUIET`. Each step waits for an fsync, and a
+    /// message arriving meanwhile would wait behind it; pages given back while messages flow
+    /// are only taken again by the next commits. `None`: nothing to do.
+    pub(super) fn maintenance_at(&self) -> Option<Instant> {
+        self.dirty
+            .then_some(self.last_traffic + MAINTAIN_WHEN_QUIET)
     }
 
     /// Drops the oldest messages, at most one bounded chunk, to get back under `max_bytes`.
@@ -482,6 +500,7 @@ impl Store {
     /// A write committed: a write fault is over, and idle housekeeping may have work.
     pub(super) fn wrote(&mut self) {
         self.dirty = true;
+        self.last_traffic = Instant::now();
         if self.stats.fault.is_some() {
             tracing::info!("spool storage works again");
             self.stats.fault = None;
@@ -554,6 +573,8 @@ impl Store {
             self.release_reserve();
             // Fold the WAL back first: the deletion then reuses its space instead of growing it.
             self.checkpoint_truncate();
+            // Acknowledged rows first: they free space, and are never counted as dropped.
+            self.delete_removals();
             match self.drop_oldest(room, usize::MAX) {
                 Ok(dropped) if dropped > 0 => {}
                 _ => break,
@@ -617,6 +638,10 @@ impl Store {
     ) -> rusqlite::Result<Vec<Result<(), AppendError>>> {
         let reserve = self.wal_reserve();
         let tx = self.db.transaction()?;
+        // Acknowledged rows go in the same transaction, first: no commit of their own, and a
+        // drop-oldest below never counts one of them as dropped.
+        let removed: Vec<i64> = self.removals.ids.iter().copied().collect();
+        let deleted = delete_in(&tx, &removed)?;
         let mut results = Vec::with_capacity(batch.len());
         // Estimated pages in use plus the WAL's share, as this transaction goes.
         let mut used = Self::live_pages_bytes(&tx, self.page_size)? + reserve;
@@ -671,6 +696,9 @@ impl Store {
             }
         }
         tx.commit()?;
+        // Rows already gone (dropped meanwhile) were counted off twice.
+        self.stats.messages += removed.len() as u64 - deleted.min(removed.len() as u64);
+        self.removals = Default::default();
         Ok(results)
     }
 
@@ -737,15 +765,17 @@ impl Store {
         let mut read = DiskRead::default();
         // Acknowledged rows not deleted yet are skipped: read as many more.
         let wanted = limit.saturating_add(self.removals.ids.len());
+        // No `LIMIT ?`: SQLite plans a bound LIMIT by its value, so it would compile the
+        // statement again at every read. Rows come one step at a time; stepping stops early.
         let mut select = self.db.prepare_cached(
-            "SELECT id, topic, payload, qos, kind FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
+            "SELECT id, topic, payload, qos, kind FROM messages WHERE id > ?1 ORDER BY id",
         )?;
-        let mut rows = select.query(params![after, wanted as i64])?;
+        let mut rows = select.query(params![after])?;
         let mut seen = 0usize;
-        while read.good.len() < limit && read.bytes < max_bytes {
+        while read.good.len() < limit && read.bytes < max_bytes && seen < wanted {
             let Some(row) = rows.next()? else {
                 // Every row after `after` was seen: the held messages come next.
-                read.done = seen < wanted;
+                read.done = true;
                 break;
             };
             seen += 1;
@@ -765,24 +795,62 @@ impl Store {
         Ok(read)
     }
 
+    /// Deletes the gathered acknowledged rows in a transaction of their own. On a failure
+    /// they are counted back and forgotten: sent again later, a duplicate, never a loss.
+    pub(super) fn delete_removals(&mut self) {
+        if self.removals.ids.is_empty() {
+            return;
+        }
+        let removals = std::mem::take(&mut self.removals);
+        let ids: Vec<i64> = removals.ids.into_iter().collect();
+        match self.delete_rows(&ids) {
+            Ok(deleted) => {
+                // Rows already gone (dropped meanwhile) were counted off twice.
+                self.stats.messages += ids.len() as u64 - deleted.min(ids.len() as u64);
+                self.wrote();
+            }
+            Err(error) => {
+                self.stats.messages += ids.len() as u64;
+                self.record_fault(Operation::Write, &error);
+            }
+        }
+    }
+
     /// Deletes rows `ids` in one transaction; how many were there. Ids already gone are
     /// ignored.
     pub(super) fn delete_rows(&mut self, ids: &[i64]) -> rusqlite::Result<u64> {
         let tx = self.db.transaction()?;
-        let mut deleted = 0;
-        {
-            let mut delete = tx.prepare_cached("DELETE FROM messages WHERE id = ?1 RETURNING 1")?;
-            for id in ids {
-                if delete
-                    .query_row([id], |row| row.get::<_, i64>(0))
-                    .optional()?
-                    .is_some()
-                {
-                    deleted += 1;
-                }
-            }
-        }
+        let deleted = delete_in(&tx, ids)?;
         tx.commit()?;
         Ok(deleted)
     }
+}
+
+/// Deletes rows `ids` inside the caller's transaction, one statement per run of consecutive
+/// ids (acknowledged rows mostly come in runs); how many were there.
+fn delete_in(db: &Connection, ids: &[i64]) -> rusqlite::Result<u64> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let mut delete = db.prepare_cached("DELETE FROM messages WHERE id BETWEEN ?1 AND ?2")?;
+    let mut deleted = 0;
+    for (first, last) in runs(ids) {
+        deleted += delete.execute(params![first, last])? as u64;
+    }
+    Ok(deleted)
+}
+
+/// `ids` as runs of consecutive ids, in order: [7, 1, 2, 3, 8] is 1..=3 and 7..=8.
+pub(super) fn runs(ids: &[i64]) -> Vec<(i64, i64)> {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut runs: Vec<(i64, i64)> = Vec::new();
+    for id in sorted {
+        match runs.last_mut() {
+            Some((_, last)) if *last + 1 == id => *last = id,
+            _ => runs.push((id, id)),
+        }
+    }
+    runs
 }
