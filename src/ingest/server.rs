@@ -278,18 +278,31 @@ impl Peer {
         // Message lines are never dropped like answers: an app holds at most the dispatcher's
         // window of them unacked, and a lost one would sit with it until it disconnects.
         let writer = tokio::spawn(async move {
+            let mut out = Vec::new();
+            let mut written = Vec::new();
             loop {
-                let line = tokio::select! {
+                tokio::select! {
                     biased;
                     answer = answer_queue.recv() => match answer {
-                        Some((line, _permit)) => line,
+                        Some((line, permit)) => {
+                            out.extend_from_slice(line.as_bytes());
+                            written.push(permit);
+                        }
                         None => break,
                     },
-                    Some(line) = messages.recv() => line,
+                    Some(line) = messages.recv() => out.extend_from_slice(line.as_bytes()),
                 };
-                if write_half.write_all(line.as_bytes()).await.is_err() {
+                // Answers already queued go in the same write: a pipelining app's burst of
+                // `ok`s costs one syscall, not one each. (The budget bounds the batch.)
+                while let Ok((line, permit)) = answer_queue.try_recv() {
+                    out.extend_from_slice(line.as_bytes());
+                    written.push(permit);
+                }
+                if write_half.write_all(&out).await.is_err() {
                     break;
                 }
+                out.clear();
+                written.clear();
             }
         });
         let downlink_side = subscription.clone();
