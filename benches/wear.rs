@@ -102,7 +102,21 @@ fn main() {
             &daemon_bin,
             &config(&cloud, Mode::Offline, dir.path()),
         );
-        harness::pipeline_publishes(&daemon.socket, plan.ingest_writers, plan.ingest_per_writer)
+        // WEAR_PROFILE also profiles this offline flood: the durable ingest path alone.
+        let profile = std::env::var_os("WEAR_PROFILE")
+            .map(|dir| harness::Profile::start(daemon.child.id(), Path::new(&dir), "ingest"));
+        let rate = harness::pipeline_publishes(
+            &daemon.socket,
+            plan.ingest_writers,
+            plan.ingest_per_writer,
+        );
+        if let (Some(profile), Some(dir)) = (profile, std::env::var_os("WEAR_PROFILE")) {
+            let report = Path::new(&dir).join("ingest.txt");
+            let summary = format!("offline durable ingest: {rate:.0} msg/s\n");
+            std::fs::write(&report, summary + &profile.finish()).expect("write report");
+            println!("profile: {}", report.display());
+        }
+        rate
     };
     println!("durable ingest: {ingest:.0} msg/s");
 
