@@ -417,7 +417,10 @@ class Relay:
         for client in list(self.clients):
             if not client.transport.is_closing():
                 client.transport.close()
-        await asyncio.sleep(0)  # let the transports flush their last answers
+        # A transport closes once its last answers are written (then connection_lost).
+        deadline = time.monotonic() + 2
+        while self.clients and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     @staticmethod
     def peek_id(line):
