@@ -278,37 +278,14 @@ fn the_cli_and_the_documented_examples_print_and_ack() {
         });
 
     let shell = harness::doc_example("Shell: act on commands", "sh").replace(default, &socket);
-    let output = Command::new("bash")
-        .args(["-c", &shell])
-        .env("PATH", path_with_binary())
-        .output()
-        .expect("bash");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&output.stdout).trim(),
-        "command x: {\"n\":2}"
-    );
+    let stdout = harness::run_example("bash", &shell, Some(&path_with_binary()));
+    assert_eq!(stdout.trim(), "command x: {\"n\":2}");
 
     device.send("commands/reboot", 7..8);
     let python =
         harness::doc_example("Python: subscribe and ack", "python").replace(default, &socket);
-    let output = Command::new("python3")
-        .args(["-c", &python])
-        .output()
-        .expect("python3");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&output.stdout).trim(),
-        "commands/reboot {'n': 7}"
-    );
+    let stdout = harness::run_example("python3", &python, None);
+    assert_eq!(stdout.trim(), "commands/reboot {'n': 7}");
     device
         .daemon
         .wait_status("both acked", MESSAGE_WAIT, |s| s["inbox_messages"] == 0);

@@ -167,15 +167,7 @@ fn docs_examples_work_as_written() {
 
     let python =
         harness::doc_example("Python, standard library only", "python").replace(default, &socket);
-    let output = Command::new("python3")
-        .args(["-c", &python])
-        .output()
-        .expect("python3");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    harness::run_example("python3", &python, None);
 
     let mut answers = String::new();
     let mut stream = UnixStream::connect(&daemon.socket).expect("connect");

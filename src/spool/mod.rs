@@ -431,11 +431,17 @@ mod tests {
     /// A window long enough that nothing in these tests reaches it by accident.
     const LONG_WINDOW: Duration = Duration::from_secs(30);
 
-    /// Rows really on disk, read past the spool (its own connection, committed data only).
-    fn rows_on_disk(dir: &Path) -> i64 {
+    /// One figure of the spool file, read past the spool (its own connection, committed data
+    /// only).
+    fn on_disk(dir: &Path, sql: &str) -> i64 {
         Connection::open(dir.join(SPOOL_FILE))
-            .and_then(|db| db.query_row("SELECT COUNT(*) FROM messages", [], |row| row.get(0)))
-            .expect("count rows")
+            .and_then(|db| db.query_row(sql, [], |row| row.get(0)))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Rows really on disk.
+    fn rows_on_disk(dir: &Path) -> i64 {
+        on_disk(dir, "SELECT COUNT(*) FROM messages")
     }
 
     /// Issue 17: a message the broker acknowledges within the window is read from memory,
@@ -560,9 +566,7 @@ mod tests {
     }
 
     fn page_size(dir: &Path) -> i64 {
-        Connection::open(dir.join(SPOOL_FILE))
-            .and_then(|db| db.query_row("PRAGMA page_size", [], |row| row.get(0)))
-            .expect("page size")
+        on_disk(dir, "PRAGMA page_size")
     }
 
     /// Issue 17: small pages for new spools and for old ones whose queue is empty (a commit

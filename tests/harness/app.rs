@@ -205,6 +205,25 @@ pub fn wait_connected(socket: &Path) {
     }
 }
 
+/// Runs a docs example as `program -c script` (with `PATH` set when given), asserts it exits 0
+/// (its stderr in the message) and returns its stdout.
+pub fn run_example(program: &str, script: &str, path: Option<&str>) -> String {
+    let mut command = Command::new(program);
+    command.args(["-c", script]);
+    if let Some(path) = path {
+        command.env("PATH", path);
+    }
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// The fenced block of docs/protocol.md that follows `marker`.
 pub fn doc_example(marker: &str, fence: &str) -> String {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md"))
