@@ -541,27 +541,43 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let spool = Spool::open_with_window(dir.path(), LIMIT, OnFull::RejectNew, LONG_WINDOW)
             .expect("open");
-        // Accepted ones are committed after READ_GRACE (nothing reads them here); the first
-        // refusal comes at once.
-        let mut accepted = 0;
-        let refused = loop {
-            let answer = spool
-                .submit(message("t", &[0; 1000]))
+        // More than the limit holds; every answer is awaited (accepted ones are committed
+        // after READ_GRACE, nothing reads them here), so a slow machine cannot blur the count.
+        let mut answers = Vec::new();
+        for _ in 0..300 {
+            answers.push(
+                spool
+                    .submit(message("t", &[0; 1000]))
+                    .await
+                    .expect("queued"),
+            );
+        }
+        let mut outcomes = Vec::new();
+        for answer in answers {
+            let outcome = tokio::time::timeout(Duration::from_secs(10), answer)
                 .await
-                .expect("queued");
-            if let Ok(Ok(Err(refused))) =
-                tokio::time::timeout(Duration::from_millis(20), answer).await
-            {
-                break refused;
-            }
-            accepted += 1;
-            assert!(accepted < 300, "never refused");
-        };
-        assert_eq!(refused, AppendError::Full(LIMIT));
+                .expect("answered")
+                .expect("answer sent");
+            outcomes.push(outcome);
+        }
+        let accepted = outcomes
+            .iter()
+            .take_while(|outcome| outcome.is_ok())
+            .count();
+        assert!(
+            accepted > 0 && accepted < outcomes.len(),
+            "{accepted} accepted"
+        );
+        assert!(
+            outcomes[accepted..]
+                .iter()
+                .all(|outcome| *outcome == Err(AppendError::Full(LIMIT))),
+            "once full, every later one is refused as full"
+        );
         assert_eq!(
             read_all(&spool).await.len(),
             accepted,
-            "the refused one is not read"
+            "the refused ones are not read"
         );
     }
 
