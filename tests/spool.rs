@@ -208,7 +208,8 @@ fn full_spool_reject_new_answers_spool_full() {
     );
     let status = daemon.status();
     assert_eq!(status["spool_messages"], acked.len() as u64);
-    assert!(status["spool_bytes"].as_u64().expect("bytes") <= 128 * 1024);
+    let bytes = status["spool_bytes"].as_u64().expect("bytes");
+    assert!(bytes <= 128 * 1024, "{bytes} bytes: {status}");
     assert_eq!(status["dropped_total"], 0);
 
     let mut client = daemon.connect();

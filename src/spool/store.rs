@@ -622,6 +622,12 @@ impl Store {
             );
         }
         let _ = self.measure();
+        // At the limit, a WAL grown past its share by this commit would keep the spool over
+        // `max_bytes` on disk until idle maintenance: fold it back now.
+        if self.stats.bytes > self.max_bytes {
+            self.checkpoint_truncate();
+            let _ = self.measure();
+        }
         results
     }
 
