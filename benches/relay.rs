@@ -80,6 +80,12 @@ fn main() {
     cloud.start_broker_logging("error warning notice information");
     cloud.namespace.enter();
     let subscriber = Subscriber::start();
+    // RELAY_BENCH_ONLY=quota: the quota run alone, for work on the publisher's pacing.
+    if std::env::var("RELAY_BENCH_ONLY").as_deref() == Ok("quota") {
+        let quota = quota_run(&mut cloud, &subscriber, &plan);
+        println!("quota run: {quota}");
+        return;
+    }
 
     let (ours, idle) = bench_daemon(&cloud, &subscriber, &plan);
     let systems = vec![
@@ -431,6 +437,7 @@ fn quota_run(cloud: &mut Cloud, subscriber: &Subscriber, plan: &Plan) -> Value {
         "max_publishes_in_a_second": max_publishes,
         "max_payload_bytes_in_a_second": max_bytes,
         "seconds_over_a_quota": violations,
+        "publishes_per_broker_second": per_second.values().map(|v| v.0).collect::<Vec<_>>(),
     })
 }
 

@@ -5,6 +5,8 @@
 //! publishes when the broker reports no session, so republishing is ours to do (duplicates are
 //! allowed, loss is not).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +27,7 @@ use crate::publish::inbound::{Inbound, MAX_RECEIVE_BATCH, Received};
 use crate::publish::mqtt::{self, MqttSettings};
 use crate::publish::quota::Quota;
 use crate::retry::Backoff;
-use crate::spool::Spool;
+use crate::spool::{ReadError, Spool, StoredMessage};
 use crate::topic::TopicRules;
 
 /// Never sign a connect with credentials that expire sooner than this.
@@ -39,6 +41,11 @@ const BEAT_EVERY: Duration = Duration::from_secs(2);
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// IoT Core takes at most 8 topic filters per SUBSCRIBE.
 const FILTERS_PER_SUBSCRIBE: usize = 8;
+
+/// A spool read the flow asked for, running while the loop publishes and waits; it ends with
+/// the messages and how many were asked for.
+type PendingRead =
+    Pin<Box<dyn Future<Output = (Result<Vec<StoredMessage>, ReadError>, usize)> + Send>>;
 
 /// Where the link to IoT Core stands (SPEC.md's `state`, minus `stopping`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -304,9 +311,10 @@ impl Publisher {
         let mut spool_stats = self.spool.stats();
         let mut identity_gone = false;
         let mut beat = tokio::time::interval(BEAT_EVERY);
+        let mut reading: Option<PendingRead> = None;
         loop {
             heartbeat.beat();
-            let wake_at = match self.act(&mut connection, stopping).await {
+            let wake_at = match self.act(&mut connection, &mut reading, stopping).await {
                 Ok(wake_at) => wake_at,
                 Err(ended) => return ended,
             };
@@ -325,6 +333,10 @@ impl Publisher {
                         tracing::debug!("health report dropped: not connected");
                     }
                 }
+                (read, wanted) = read_done(&mut reading) => match read {
+                    Ok(read) => self.flow.on_read(read, wanted),
+                    Err(_) => self.flow.on_read_failed(Instant::now()),
+                },
                 _ = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {}
                 changed = spool_stats.changed(), if self.flow.listens_to_spool() => {
                     if changed.is_err() {
@@ -352,6 +364,7 @@ impl Publisher {
     async fn act(
         &mut self,
         connection: &mut mqtt::Connection,
+        reading: &mut Option<PendingRead>,
         stopping: &watch::Receiver<bool>,
     ) -> Result<Option<Instant>, Ended> {
         if self.limits.has_changed().unwrap_or(false) {
@@ -371,10 +384,13 @@ impl Publisher {
                     after,
                     max_messages,
                     max_bytes,
-                } => match self.spool.read_after(after, max_messages, max_bytes).await {
-                    Ok(read) => self.flow.on_read(read, max_messages),
-                    Err(_) => self.flow.on_read_failed(Instant::now()),
-                },
+                } => {
+                    let spool = self.spool.clone();
+                    *reading = Some(Box::pin(async move {
+                        let read = spool.read_after(after, max_messages, max_bytes).await;
+                        (read, max_messages)
+                    }));
+                }
                 Action::Publish(publish) => {
                     if let Err(error) = send(connection, publish, &self.counters) {
                         self.flow.fail(format!("publish queue: {error}"));
@@ -382,7 +398,7 @@ impl Publisher {
                 }
                 Action::Remove(ids) => {
                     let count = ids.len() as u64;
-                    self.spool.remove(ids).await;
+                    self.spool.remove(ids);
                     self.counters.send_modify(|c| c.published_total += count);
                 }
                 Action::Bury(burial) => {
@@ -501,6 +517,18 @@ impl Publisher {
 }
 
 /// The next health report, if reports are on (otherwise never).
+/// The running read's result; never, when none runs.
+async fn read_done(
+    reading: &mut Option<PendingRead>,
+) -> (Result<Vec<StoredMessage>, ReadError>, usize) {
+    let Some(read) = reading.as_mut() else {
+        return std::future::pending().await;
+    };
+    let done = read.await;
+    *reading = None;
+    done
+}
+
 async fn next_report(health: &mut Option<(mpsc::Receiver<Vec<u8>>, String)>) -> Option<Vec<u8>> {
     match health {
         Some((reports, _)) => reports.recv().await,

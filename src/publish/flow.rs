@@ -29,7 +29,7 @@ pub const RENEW_GRACE: Duration = Duration::from_secs(10);
 /// A publish without PUBACK for this long means the connection is stuck: reconnect, republish.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// At most this many spool messages are read at once (the read is also bounded in bytes).
-pub const MAX_READ: usize = 1024;
+pub const MAX_READ: usize = 4096;
 /// After a failed spool read, the next try comes this much later.
 pub const SPOOL_READ_RETRY: Duration = Duration::from_secs(1);
 /// The oldest message goes to the dead letters once this many connections in a row dropped
@@ -141,6 +141,13 @@ struct Link {
     unread: bool,
     /// The last read filled its limit: more are right behind.
     more_behind: bool,
+    /// A read is out; what it brings comes after every planned publish.
+    reading: bool,
+    /// No read before this moment (the last one failed).
+    read_retry_at: Option<Instant>,
+    /// How many publishes the last read planned: the next read goes out once half of that
+    /// is left (see [`Flow::read_ahead`]).
+    last_read_plans: usize,
     /// Planned publishes not sent yet (window full, quota, linger), oldest first.
     ready: VecDeque<Outgoing>,
     /// An open array waiting for `linger`: (its first spool id, when it was first seen).
@@ -168,6 +175,9 @@ impl Link {
             cursor: 0,
             unread: true,
             more_behind: false,
+            reading: false,
+            read_retry_at: None,
+            last_read_plans: 0,
             ready: VecDeque::new(),
             held: None,
             paced_until: None,
@@ -213,10 +223,11 @@ impl Flow {
         self.quota.set_limits(max_publishes, max_bytes);
     }
 
-    /// Whether news from the spool could change a decision now (else the loop need not wake).
+    /// Whether news from the spool could change a decision now (else the loop need not wake):
+    /// while paced, only if it would start a read ahead.
     pub fn listens_to_spool(&self) -> bool {
         let link = &self.link;
-        link.connected && link.renew_by.is_none() && link.paced_until.is_none()
+        link.connected && link.renew_by.is_none() && (link.paced_until.is_none() || !link.unread)
     }
 
     /// Whether new credentials would schedule a reconnect (one is not scheduled already).
@@ -258,15 +269,22 @@ impl Flow {
     }
 
     pub fn on_read(&mut self, messages: Vec<StoredMessage>, wanted: usize) {
-        self.link.more_behind = messages.len() >= wanted;
-        self.link.unread = self.link.more_behind;
-        self.link.ready.extend(self.batcher.plan(messages));
+        let link = &mut self.link;
+        link.reading = false;
+        link.more_behind = messages.len() >= wanted;
+        // News that came while the read was out is kept: it may be after what was read.
+        link.unread |= link.more_behind;
+        let planned = self.batcher.plan(messages);
+        link.last_read_plans = planned.len();
+        link.ready.extend(planned);
     }
 
-    /// Not an empty spool: look again shortly (the spool reports the fault itself).
+    /// Not an empty spool: look again shortly (the spool reports the fault itself). What is
+    /// planned still goes out.
     pub fn on_read_failed(&mut self, now: Instant) {
+        self.link.reading = false;
         self.link.unread = true;
-        self.link.paced_until = Some(now + SPOOL_READ_RETRY);
+        self.link.read_retry_at = Some(now + SPOOL_READ_RETRY);
     }
 
     pub fn on_broker(&mut self, event: BrokerEvent, now: Instant) {
@@ -347,6 +365,9 @@ impl Flow {
         if link.lingering_until.is_some_and(|at| now >= at) {
             link.lingering_until = None;
         }
+        if link.read_retry_at.is_some_and(|at| now >= at) {
+            link.read_retry_at = None;
+        }
         if link.renew_by.is_none() && now >= link.opened + MAX_CONNECTION_AGE {
             tracing::info!("connection nears the 24-hour limit; reconnecting");
             link.renew_by = Some(now + RENEW_GRACE);
@@ -362,12 +383,14 @@ impl Flow {
 
     /// The next read or publish, if the connection may send now.
     fn send(&mut self, now: Instant, outside: Outside) -> Option<Action> {
+        if !self.link.connected || self.link.renew_by.is_some() {
+            return None;
+        }
+        if let Some(read) = self.read_ahead() {
+            return Some(read);
+        }
         let link = &mut self.link;
-        if !link.connected
-            || link.renew_by.is_some()
-            || link.paced_until.is_some()
-            || link.lingering_until.is_some()
-        {
+        if link.paced_until.is_some() || link.lingering_until.is_some() {
             return None;
         }
         let room = self.max_in_flight.saturating_sub(link.window.outstanding());
@@ -394,24 +417,41 @@ impl Flow {
                 republished: 0,
             }));
         }
-        // A lone open array may still grow: plan it again with what arrived since.
-        if link.unread && link.ready.len() == 1 && link.ready.front().is_some_and(|o| o.open) {
-            link.ready.clear();
-        }
-        if link.ready.is_empty() {
-            if !link.unread {
-                return None;
-            }
-            link.unread = false;
-            return Some(Action::Read {
-                after: link.cursor,
-                max_messages: room
-                    .saturating_mul(self.batcher.max_messages())
-                    .min(MAX_READ),
-                max_bytes: room.saturating_mul(self.batcher.max_bytes()),
-            });
-        }
         self.publish_next(now, outside)
+    }
+
+    /// A read once the planned publishes run down to half of what the last read planned (or
+    /// to one), while they still go out: its time (the spool thread may be committing a
+    /// flood) overlaps pacing and acknowledgements instead of stopping the publishes. At most
+    /// a read and a half is planned at once.
+    fn read_ahead(&mut self) -> Option<Action> {
+        let link = &mut self.link;
+        if link.reading
+            || !link.unread
+            || link.read_retry_at.is_some()
+            || link.ready.len() > (link.last_read_plans / 2).max(1)
+        {
+            return None;
+        }
+        // An open array at the end may still grow: it is planned again with what comes.
+        if link.ready.back().is_some_and(|o| o.open) {
+            link.ready.pop_back();
+        }
+        let after = link
+            .ready
+            .back()
+            .and_then(|o| o.ids.last().copied())
+            .unwrap_or(link.cursor);
+        link.unread = false;
+        link.reading = true;
+        Some(Action::Read {
+            after,
+            max_messages: self
+                .max_in_flight
+                .saturating_mul(self.batcher.max_messages())
+                .min(MAX_READ),
+            max_bytes: self.max_in_flight.saturating_mul(self.batcher.max_bytes()),
+        })
     }
 
     /// The oldest planned publish, unless linger, the topic rules or the quota hold it back.
@@ -493,6 +533,7 @@ impl Flow {
         [
             link.paced_until,
             link.lingering_until,
+            link.read_retry_at,
             link.renew_by,
             age,
             ack,
@@ -754,8 +795,10 @@ mod tests {
         assert_eq!(flow.next(now, RUNNING), Action::Remove(vec![1]));
     }
 
+    /// The window bounds what is out; a read goes ahead of it once half of what the last read
+    /// planned is left, so the next publishes are ready when an acknowledgement makes room.
     #[test]
-    fn the_in_flight_window_bounds_reads_and_publishes() {
+    fn the_in_flight_window_bounds_publishes_and_reads_go_ahead_of_it() {
         let mut flow = Setup {
             max_in_flight: 2,
             ..Setup::default()
@@ -763,23 +806,118 @@ mod tests {
         .flow();
         let now = Instant::now();
         let limit = connect_and_read(&mut flow, now, spool(1..=2));
-        assert_eq!(limit, 2, "a read takes only what the window has room for");
+        assert_eq!(limit, 2, "a read takes what the window holds");
         let (sent, then) = publishes(&mut flow, now, RUNNING);
-        assert_eq!(sent.len(), 2);
-        assert_eq!(then, Action::Wait(Some(now + MAX_CONNECTION_AGE)));
+        assert_eq!(numbers(&sent), ["{\"n\":1}"]);
+        // The full read said more are behind; one of its two is left: read after it.
+        let read_ahead = Action::Read {
+            after: 2,
+            max_messages: 2,
+            max_bytes: 2 * crate::message::MAX_PAYLOAD_BYTES,
+        };
+        assert_eq!(then, read_ahead);
+        assert_eq!(
+            flow.next(now, RUNNING),
+            Action::Publish(Publish {
+                topic: format!("{POOL}/{IDENTITY}/t"),
+                qos: Qos::AtLeastOnce,
+                payload: b"{\"n\":2}".to_vec(),
+                republished: 0,
+            }),
+            "publishes go on while the read is out"
+        );
+        flow.on_read(spool(3..=4), 2);
+        assert_eq!(
+            flow.next(now, RUNNING),
+            Action::Wait(Some(now + MAX_CONNECTION_AGE)),
+            "the window is full"
+        );
         flow.on_broker(BrokerEvent::Sent(1), now);
         flow.on_broker(BrokerEvent::Sent(2), now);
         flow.on_broker(BrokerEvent::Acked(1), now);
         assert_eq!(flow.next(now, RUNNING), Action::Remove(vec![1]));
-        // The full read said more are behind: one slot, one more message, after id 2.
+        let (sent, then) = publishes(&mut flow, now, RUNNING);
+        assert_eq!(numbers(&sent), ["{\"n\":3}"], "one slot, one publish");
         assert_eq!(
-            flow.next(now, RUNNING),
+            then,
             Action::Read {
-                after: 2,
-                max_messages: 1,
-                max_bytes: crate::message::MAX_PAYLOAD_BYTES,
+                after: 4,
+                max_messages: 2,
+                max_bytes: 2 * crate::message::MAX_PAYLOAD_BYTES,
             }
         );
+    }
+
+    /// While the quota holds the next publish back, the read after it goes out: its time
+    /// overlaps the pacing instead of adding to it (docs/benchmarks.md, "Quota run").
+    #[test]
+    fn a_read_goes_out_while_the_quota_paces() {
+        let mut flow = Setup {
+            quota: (1, 0),
+            ..Setup::default()
+        }
+        .flow();
+        let now = Instant::now();
+        connect_and_read(&mut flow, now, spool(1..=2));
+        flow.on_spool_changed();
+        let (sent, then) = publishes(&mut flow, now, RUNNING);
+        assert_eq!(numbers(&sent), ["{\"n\":1}"]);
+        let Action::Read { after: 2, .. } = then else {
+            panic!("expected a read after 2 while paced, got {then:?}");
+        };
+        flow.on_read(spool(3..=3), 10);
+        let Action::Wait(Some(paced)) = flow.next(now, RUNNING) else {
+            panic!("paced");
+        };
+        assert!(paced > now && paced <= now + Duration::from_millis(1050));
+        let (sent, _) = publishes(&mut flow, paced, RUNNING);
+        assert_eq!(numbers(&sent), ["{\"n\":2}"]);
+    }
+
+    /// A message that arrives while a read is out may be after what it read: the next read
+    /// still comes.
+    #[test]
+    fn news_during_a_read_is_not_lost() {
+        let mut flow = Setup::default().flow();
+        let now = Instant::now();
+        flow.connect(IDENTITY, now);
+        flow.on_broker(BrokerEvent::Connected, now);
+        let Action::Read { after: 0, .. } = flow.next(now, RUNNING) else {
+            panic!("a read");
+        };
+        flow.on_spool_changed();
+        flow.on_read(spool(1..=1), 10);
+        let then = flow.next(now, RUNNING);
+        let Action::Read { after: 1, .. } = then else {
+            panic!("expected a read after 1, got {then:?}");
+        };
+        let (sent, _) = publishes(&mut flow, now, RUNNING);
+        assert_eq!(numbers(&sent), ["{\"n\":1}"]);
+    }
+
+    /// A failed read does not stop what is planned; the read is tried again after
+    /// `SPOOL_READ_RETRY`.
+    #[test]
+    fn a_failed_read_is_retried_later_and_planned_publishes_go_on() {
+        let mut flow = Setup {
+            max_in_flight: 2,
+            ..Setup::default()
+        }
+        .flow();
+        let now = Instant::now();
+        connect_and_read(&mut flow, now, spool(1..=2));
+        let (sent, then) = publishes(&mut flow, now, RUNNING);
+        assert_eq!(numbers(&sent), ["{\"n\":1}"]);
+        let Action::Read { after: 2, .. } = then else {
+            panic!("a read ahead");
+        };
+        flow.on_read_failed(now);
+        let (sent, then) = publishes(&mut flow, now, RUNNING);
+        assert_eq!(numbers(&sent), ["{\"n\":2}"]);
+        assert_eq!(then, Action::Wait(Some(now + SPOOL_READ_RETRY)));
+        let Action::Read { after: 2, .. } = flow.next(now + SPOOL_READ_RETRY, RUNNING) else {
+            panic!("the read again");
+        };
     }
 
     #[test]

@@ -190,6 +190,17 @@ mod tests {
     /// Sends as fast as the quota allows for `seconds` of (paused) tokio time, sleeping until
     /// each `ready_at` as the publisher does; returns the send times and sizes.
     async fn simulate(quota: &mut Quota, size: u64, seconds: u64) -> Vec<(Instant, u64)> {
+        simulate_late(quota, size, seconds, Duration::ZERO).await
+    }
+
+    /// Like [`simulate`], waking `late` after each `ready_at`, as a real timer and a busy
+    /// runtime do.
+    async fn simulate_late(
+        quota: &mut Quota,
+        size: u64,
+        seconds: u64,
+        late: Duration,
+    ) -> Vec<(Instant, u64)> {
         let start = Instant::now();
         let mut sent = Vec::new();
         while Instant::now() < start + Duration::from_secs(seconds) {
@@ -201,7 +212,7 @@ mod tests {
                 }
                 Some(at) => {
                     assert!(at > now, "ready_at must move forward");
-                    tokio::time::sleep_until(at).await;
+                    tokio::time::sleep_until(at + late).await;
                 }
             }
         }
@@ -342,6 +353,25 @@ mod tests {
         for _ in 0..10_000 {
             assert_eq!(quota.ready_at(128 * 1024, now), None);
             quota.record(128 * 1024, now);
+        }
+    }
+
+    /// A publisher woken late (a real timer, a busy runtime) still gets the quota's rate:
+    /// lateness is not carried into the next publish's slot.
+    #[tokio::test(start_paused = true)]
+    async fn waking_late_costs_no_throughput() {
+        const SIZE: u64 = 8 * 1024;
+        const SECONDS: u64 = 20;
+        let ideal = (SECONDS * 512 * 1024) as f64 / WINDOW.as_secs_f64() / SIZE as f64;
+        for late_ms in [1, 5] {
+            let mut quota = Quota::new(100, 512 * 1024);
+            let late = Duration::from_millis(late_ms);
+            let sent = simulate_late(&mut quota, SIZE, SECONDS, late).await;
+            assert!(
+                sent.len() as f64 >= 0.99 * ideal,
+                "{} publishes of {ideal:.0} waking {late_ms} ms late",
+                sent.len()
+            );
         }
     }
 }

@@ -20,6 +20,12 @@ use super::StoredMessage;
 pub(super) const MAX_HELD: usize = super::MAX_GROUP_COMMIT;
 /// Most topic + payload bytes held at once (one commit's size, in bytes).
 pub(super) const MAX_HELD_BYTES: u64 = 4 * 1024 * 1024;
+/// While a read waits, commits are put off (the publisher drains the spool; an fsync ahead of
+/// its read would hold the drain up), up to this many held messages: the command queue's worth
+/// behind one full commit.
+pub(super) const MAX_DEFERRED_HELD: usize = MAX_HELD + super::COMMAND_QUEUE;
+/// The same bound in topic + payload bytes.
+pub(super) const MAX_DEFERRED_HELD_BYTES: u64 = 4 * MAX_HELD_BYTES;
 /// A held message the publisher has not read this long after it arrived is committed at once:
 /// nothing can acknowledge a message that was not sent (offline, or behind a backlog), so its
 /// window would only delay its `ok`, and a writer that waits for each `ok` would crawl.
@@ -131,6 +137,11 @@ impl<W> Pending<W> {
     /// As much held as one commit takes: commit before holding more.
     pub(super) fn full(&self) -> bool {
         self.held.len() >= MAX_HELD || self.bytes >= MAX_HELD_BYTES
+    }
+
+    /// So much held that even a waiting read does not put the commit off any longer.
+    pub(super) fn overfull(&self) -> bool {
+        self.held.len() >= MAX_DEFERRED_HELD || self.bytes >= MAX_DEFERRED_HELD_BYTES
     }
 
     /// The broker acknowledged `id` (QoS 1), or a QoS 0 `id` went out.

@@ -10,6 +10,8 @@ use super::*;
 /// How a wait for the next command ended.
 enum Woken {
     Command(Command),
+    /// Acknowledged ids.
+    Removed(Vec<i64>),
     /// A deadline (commit window, removal delay) came first.
     Timeout,
     Closed,
@@ -38,18 +40,38 @@ impl Removals {
     }
 }
 
+/// What reaches the spool thread: commands in order, and acknowledged ids ahead of them.
+pub(super) struct Inbox {
+    pub(super) commands: mpsc::Receiver<Command>,
+    pub(super) removals: mpsc::UnboundedReceiver<Vec<i64>>,
+    /// Reads queued and not yet answered (counted up by `Spool::read_after`).
+    pub(super) reads_waiting: Arc<AtomicUsize>,
+}
+
+impl Inbox {
+    /// A read is queued behind the commands in hand: they are held, not committed, until it
+    /// is answered (an fsync ahead of it would stall the publisher, which drains the spool),
+    /// unless that would hold too much.
+    fn read_first(&self, pending: &Pending<Waiter>) -> bool {
+        self.reads_waiting.load(Ordering::Acquire) > 0 && !pending.overfull()
+    }
+}
+
 impl Store {
     pub(super) fn serve(
         mut self,
-        mut commands: mpsc::Receiver<Command>,
+        mut inbox: Inbox,
         stats: watch::Sender<SpoolStats>,
         clock: tokio::runtime::Runtime,
     ) {
         let mut next: Option<Command> = None;
         loop {
+            while let Ok(ids) = inbox.removals.try_recv() {
+                self.acknowledge(&ids, &stats);
+            }
             let command = match next.take() {
                 Some(command) => command,
-                None => match commands.try_recv() {
+                None => match inbox.commands.try_recv() {
                     Ok(command) => command,
                     Err(TryRecvError::Disconnected) => break,
                     Err(TryRecvError::Empty) => {
@@ -64,8 +86,13 @@ impl Store {
                         .into_iter()
                         .flatten()
                         .min();
-                        match wait(&clock, &mut commands, deadline) {
+                        match wait(&clock, &mut inbox, deadline) {
                             Woken::Command(command) => command,
+                            Woken::Removed(ids) => {
+                                self.acknowledge(&ids, &stats);
+                                self.after_command(&stats);
+                                continue;
+                            }
                             Woken::Timeout => continue,
                             Woken::Closed => break,
                         }
@@ -81,8 +108,10 @@ impl Store {
                 // Appends waiting together are held together (and with a zero window,
                 // committed together: group commit).
                 let mut batch = vec![(message, (done, queued))];
-                while batch.len() + self.pending.len() < behind::MAX_HELD {
-                    match commands.try_recv() {
+                while batch.len() + self.pending.len() < behind::MAX_HELD
+                    || (inbox.read_first(&self.pending) && batch.len() < COMMAND_QUEUE)
+                {
+                    match inbox.commands.try_recv() {
                         Ok(Command::Append {
                             message,
                             done,
@@ -97,11 +126,20 @@ impl Store {
                 }
                 self.hold(batch, &stats);
             } else {
+                let read = matches!(command, Command::ReadAfter { .. });
                 self.handle(command, &stats);
+                if read {
+                    inbox.reads_waiting.fetch_sub(1, Ordering::AcqRel);
+                }
             }
-            self.after_command(&stats);
+            if !inbox.read_first(&self.pending) {
+                self.after_command(&stats);
+            }
         }
-        // The daemon is going: what it accepted and holds goes to disk.
+        // The daemon is going: what the broker has is answered, the rest goes to disk.
+        while let Ok(ids) = inbox.removals.try_recv() {
+            self.acknowledge(&ids, &stats);
+        }
         self.settle(&stats);
     }
 
@@ -125,7 +163,6 @@ impl Store {
                 self.publish_stats(stats);
                 let _ = reply.send(read);
             }
-            Command::Remove { ids } => self.acknowledge(&ids, stats),
             Command::DeadLetters(command) => {
                 // Buried or requeued rows must be on disk, and new ids above every held one.
                 self.settle(stats);
@@ -152,9 +189,9 @@ impl Store {
         }
     }
 
-    /// Between commands: a due commit or deletion, and one bounded trim when over the limit
-    /// (lowered, or a commit that overshot), so a long trim never holds up reads, removals or
-    /// the watchdog probe.
+    /// Between commands, unless a read waits: a due commit or deletion, and one bounded trim
+    /// when over the limit (lowered, or a commit that overshot), so a long trim never holds up
+    /// reads, removals or the watchdog probe.
     fn after_command(&mut self, stats: &watch::Sender<SpoolStats>) {
         let now = Instant::now();
         if self.pending.commit_due(now) {
@@ -296,23 +333,20 @@ impl Store {
     }
 }
 
-/// The next command, or `Timeout` at `deadline`.
-fn wait(
-    clock: &tokio::runtime::Runtime,
-    commands: &mut mpsc::Receiver<Command>,
-    deadline: Option<Instant>,
-) -> Woken {
-    let Some(deadline) = deadline else {
-        return commands
-            .blocking_recv()
-            .map_or(Woken::Closed, Woken::Command);
-    };
+/// The next command or removal, or `Timeout` at `deadline`.
+fn wait(clock: &tokio::runtime::Runtime, inbox: &mut Inbox, deadline: Option<Instant>) -> Woken {
     clock.block_on(async {
-        let at = tokio::time::Instant::from_std(deadline);
-        match tokio::time::timeout_at(at, commands.recv()).await {
-            Ok(Some(command)) => Woken::Command(command),
-            Ok(None) => Woken::Closed,
-            Err(_) => Woken::Timeout,
+        let deadline = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            Some(ids) = inbox.removals.recv() => Woken::Removed(ids),
+            command = inbox.commands.recv() => command.map_or(Woken::Closed, Woken::Command),
+            () = deadline => Woken::Timeout,
         }
     })
 }
