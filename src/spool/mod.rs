@@ -276,11 +276,10 @@ impl Spool {
         let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
         let (removals, removed) = mpsc::unbounded_channel();
         let reads_waiting = Arc::new(AtomicUsize::new(0));
-        let waiting = reads_waiting.clone();
         let inbox = Inbox {
             commands: receiver,
             removals: removed,
-            reads_waiting: waiting,
+            reads_waiting: reads_waiting.clone(),
         };
         std::thread::Builder::new()
             .name("spool".into())

@@ -213,15 +213,7 @@ pub fn run_example(program: &str, script: &str, path: Option<&str>) -> String {
     if let Some(path) = path {
         command.env("PATH", path);
     }
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    super::process::run_ok(&mut command)
 }
 
 /// The fenced block of docs/protocol.md that follows `marker`.
