@@ -51,10 +51,9 @@ pub fn config_from_stack(json: &str) -> Result<String, StackError> {
         get("CognitoIdentityPoolID").into(),
     );
     identity.insert("secret_id".into(), get("SecretName").into());
-    // The classic flow only where the stack allows it (`ClassicFlow` output); stacks from
-    // before that output always allowed it.
-    let classic = matches!(outputs.get("ClassicFlow").copied(), None | Some("true"));
-    if classic && !get("CognitoUnAuthRole").is_empty() {
+    // Always the basic (classic) flow for the guest step: enhanced-flow guest credentials are
+    // scoped down to a session policy without Secrets Manager, so they cannot read the secret.
+    if !get("CognitoUnAuthRole").is_empty() {
         identity.insert("unauth_role_arn".into(), get("CognitoUnAuthRole").into());
     }
     let mut root = toml::Table::new();
@@ -69,9 +68,23 @@ pub fn config_from_stack(json: &str) -> Result<String, StackError> {
     let origin = stack_name.map(|n| format!(" {n}")).unwrap_or_default();
     Ok(format!(
         "# iot-cognito-relay config, generated from the outputs of stack{origin}.\n\
-         # Every other key has a default; see `iot-cognito-relay check-config`.\n{}\n{body}",
-        mode_note(outputs.get("RegistrationMode").copied())
+         # Every other key has a default; see `iot-cognito-relay check-config`.\n{}{}\n{body}",
+        mode_note(outputs.get("RegistrationMode").copied()),
+        flow_note(outputs.get("ClassicFlow").copied()),
     ))
+}
+
+/// A stack whose identity pool refuses the basic flow cannot onboard devices: say so where the
+/// user reads the config.
+fn flow_note(classic_flow: Option<&str>) -> &'static str {
+    match classic_flow {
+        Some("false") => {
+            "\n# WARNING: this stack's identity pool does not allow the basic (classic) flow, which\n\
+             # devices need to read the bootstrap secret: update the stack with the current\n\
+             # template (docs/operations.md, \"Migrating an existing stack\"), then start the daemon."
+        }
+        _ => "",
+    }
 }
 
 /// What the stack's `RegistrationMode` output means for the devices (stacks from before that
@@ -160,9 +173,9 @@ mod tests {
         assert!(text.contains("only one device"), "{text}");
     }
 
-    /// Issue 14, point 5: the enhanced flow unless the stack enables the classic one.
+    /// The guest step always takes the basic flow: enhanced-flow guests cannot read the secret.
     #[test]
-    fn unauth_role_only_when_the_stack_allows_the_classic_flow() {
+    fn unauth_role_always_and_a_warning_for_a_stack_without_the_basic_flow() {
         let render = |classic: Option<&str>| {
             let mut outputs = vec![
                 serde_json::json!({"OutputKey": "CognitoIdentityPoolID", "OutputValue": "us-east-1:p"}),
@@ -174,10 +187,21 @@ mod tests {
             }
             config_from_stack(&serde_json::Value::Array(outputs).to_string()).expect("config")
         };
-        assert!(!render(Some("false")).contains("unauth_role_arn"));
-        assert!(render(Some("true")).contains("unauth_role_arn = \"arn:aws:iam::1:role/guest\""));
-        // A stack from before the ClassicFlow output always allowed the classic flow.
-        assert!(render(None).contains("unauth_role_arn"));
+        for classic in [Some("false"), Some("true"), None] {
+            let text = render(classic);
+            assert!(
+                text.contains("unauth_role_arn = \"arn:aws:iam::1:role/guest\""),
+                "{text}"
+            );
+            assert_eq!(
+                text.contains("WARNING"),
+                classic == Some("false"),
+                "{classic:?}: {text}"
+            );
+        }
+        // The warning stays a comment: the config still parses.
+        let text = render(Some("false"));
+        assert!(text.parse::<toml::Table>().is_ok(), "{text}");
     }
 
     #[test]

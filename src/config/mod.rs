@@ -56,6 +56,8 @@ const SHORTEST_TOPIC: &str = "t";
 
 /// More readings than this in one array would not fit 128 KiB anyway (each takes 2+ bytes).
 const MAX_BATCH_MESSAGES: u32 = 65_536;
+/// IoT Core's limit of unacknowledged QoS 1 publishes per connection.
+const MAX_IN_FLIGHT: u16 = 100;
 /// Longest `spool.commit_window`: a message the publisher sent waits at most this for its `ok`.
 const MAX_COMMIT_WINDOW: Duration = Duration::from_secs(5);
 
@@ -560,6 +562,17 @@ secret_id = "eu-west-1_abc_demo-app-user"
         assert!(err.to_string().contains("must be 0 or 1"), "{err}");
         let config = raw("topic = \"t\"\nqos = 0\n").expect("QoS 0");
         assert_eq!(config.socket.raw[0].qos, Qos::AtMostOnce);
+    }
+
+    #[test]
+    fn max_in_flight_is_capped_at_iot_cores_limit() {
+        let in_flight = |n: u32| load(&format!("{MINIMAL}\n[publish]\nmax_in_flight = {n}\n"));
+        assert_eq!(in_flight(100).expect("valid").publish.max_in_flight, 100);
+        for bad in [0, 101, 1000] {
+            let err = in_flight(bad).expect_err("out of range");
+            assert!(err.to_string().contains("publish.max_in_flight"), "{err}");
+            assert!(err.to_string().contains("between 1 and 100"), "{err}");
+        }
     }
 
     #[test]

@@ -197,8 +197,13 @@ fn check_limits(config: &Config) -> Result<(), Invalid> {
             ),
         ));
     }
-    if config.publish.max_in_flight == 0 {
-        return Err(("publish.max_in_flight", "must be at least 1".into()));
+    if config.publish.max_in_flight == 0 || config.publish.max_in_flight > MAX_IN_FLIGHT {
+        return Err((
+            "publish.max_in_flight",
+            format!(
+                "must be between 1 and {MAX_IN_FLIGHT} (IoT Core takes at most {MAX_IN_FLIGHT} unacknowledged QoS 1 publishes per connection)"
+            ),
+        ));
     }
     if config.batch.max_messages == 0 || config.batch.max_messages > MAX_BATCH_MESSAGES {
         return Err((

@@ -170,6 +170,7 @@ impl Daemon {
         let publisher = publisher.with_downlink(
             downlink.clone(),
             Inbound::new(rules.clone(), config.downlink.topics.clone()),
+            &config.state.dir,
         );
         let (stopping_tx, stopping) = watch::channel(false);
         let status = StatusSource {

@@ -9,7 +9,7 @@ use aws_config::SdkConfig;
 
 use super::IdentityError;
 use crate::identity::aws::{
-    AwsCredentials, AwsFailure, credentials_for_identity, describe, to_system_time,
+    AwsCredentials, AwsFailure, credentials_for_identity, describe, error_code, to_system_time,
 };
 use crate::secret::Secret;
 
@@ -145,13 +145,13 @@ pub async fn fetch_device_secret(
         .secret_id(secret_id)
         .send()
         .await
-        .map_err(|e| IdentityError::Secret(describe(&e)))?;
+        .map_err(|e| secret_error(&e))?;
     let described = client
         .describe_secret()
         .secret_id(secret_id)
         .send()
         .await
-        .map_err(|e| IdentityError::Secret(describe(&e)))?;
+        .map_err(|e| secret_error(&e))?;
     let tags: HashMap<String, String> = described
         .tags
         .unwrap_or_default()
@@ -162,6 +162,19 @@ pub async fn fetch_device_secret(
         .secret_string
         .ok_or_else(|| IdentityError::SecretFormat("the secret has no SecretString".into()))?;
     parse_secret(Secret::new(text), &tags)
+}
+
+/// A refused secret read, told apart by the service's error code.
+fn secret_error<E, R>(error: &aws_sdk_secretsmanager::error::SdkError<E, R>) -> IdentityError
+where
+    E: aws_sdk_secretsmanager::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    if error_code(error) == Some("AccessDeniedException") {
+        IdentityError::SecretDenied(describe(error))
+    } else {
+        IdentityError::Secret(describe(error))
+    }
 }
 
 /// The SecretString is `{"<username>": "<password>"}` or `{"registration_code": "<code>"}`;

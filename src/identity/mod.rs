@@ -69,6 +69,15 @@ pub enum IdentityError {
     Unauthenticated(String),
     #[error("reading the bootstrap secret: {0}")]
     Secret(String),
+    /// Enhanced-flow guest credentials were denied the secret: AWS scopes them down to a
+    /// managed session policy without Secrets Manager. Only the basic flow can read it.
+    #[error(
+        "reading the bootstrap secret: access denied to guest credentials of Cognito's enhanced flow ({0}); AWS scopes those down with the session policy AmazonCognitoUnAuthedIdentitiesSessionPolicy, which allows no Secrets Manager action. Fix: set identity.unauth_role_arn to the stack's CognitoUnAuthRole output (the basic flow; update the stack first if its identity pool does not allow that flow), or regenerate the config with `iot-cognito-relay config-from-stack`"
+    )]
+    GuestScopedDown(String),
+    /// AccessDeniedException on the secret; read_secret says which flow it was.
+    #[error("reading the bootstrap secret: {0}")]
+    SecretDenied(String),
     #[error("bootstrap secret is malformed: {0}")]
     SecretFormat(String),
     #[error("user pool rejected the password: {0}")]
@@ -136,6 +145,10 @@ pub struct IdentityStatus {
     pub registration_mode: Option<&'static str>,
     /// Fleet mode: this device's user name.
     pub device_name: Option<String>,
+    /// When IoT Core's refusals last made the device attach its IoT policy again, and how
+    /// often that happened since the start.
+    pub policy_reattached_at: Option<SystemTime>,
+    pub policy_reattaches_total: u64,
 }
 
 /// The device's standing with the user pool, kept between refreshes.
@@ -303,12 +316,18 @@ impl IdentityManager {
             })
             .await;
         if refused {
-            // The next pass refreshes and attaches the policy again.
+            // The next pass refreshes (a fresh ID token for the attach function) and attaches
+            // the policy again; forgotten on disk too, so a restart attaches it as well.
             tracing::warn!(
-                "IoT Core refused the connection for authorization; attaching the IoT policy again"
+                "IoT Core refused this identity's connections: attaching the IoT policy again"
             );
             self.cache.attached_policy = None;
+            self.save_cache();
             retries.last_reattach = Some(tokio::time::Instant::now());
+            self.status.send_modify(|status| {
+                status.policy_reattached_at = Some(SystemTime::now());
+                status.policy_reattaches_total += 1;
+            });
         }
         SignedIn {
             reusable_until: None,
@@ -601,6 +620,13 @@ impl IdentityManager {
                 bootstrap::fetch_device_secret(&self.base, &unauth, &self.config.secret_id),
             )
             .await
+            .map_err(|error| match error {
+                IdentityError::SecretDenied(reason) if self.config.unauth_role_arn.is_empty() => {
+                    IdentityError::GuestScopedDown(reason)
+                }
+                IdentityError::SecretDenied(reason) => IdentityError::Secret(reason),
+                other => other,
+            })
     }
 
     /// Step 4. A cached identity id the pool no longer accepts is replaced by a new one.

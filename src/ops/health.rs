@@ -157,6 +157,8 @@ mod tests {
             dead_letters: 2,
             inbox_messages: 0,
             inbox_dropped_total: 0,
+            policy_reattached_at: None,
+            policy_reattaches_total: 0,
         };
         let inbox = InboxStats {
             messages: 4,

@@ -64,6 +64,10 @@ pub struct Status {
     /// `downlink.max_bytes` since the start.
     pub inbox_messages: u64,
     pub inbox_dropped_total: u64,
+    /// When IoT Core's refusals (connections closed right after CONNECT, or refused) last
+    /// made the device attach its IoT policy again; null if never since the start.
+    pub policy_reattached_at: Option<String>,
+    pub policy_reattaches_total: u64,
 }
 
 /// Everything `status` reads from; cheap to clone into each client task.
@@ -124,6 +128,8 @@ impl StatusSource {
             dead_letters: spool.dead_letters,
             inbox_messages: inbox.messages,
             inbox_dropped_total: inbox.dropped_total,
+            policy_reattached_at: identity.policy_reattached_at.map(rfc3339),
+            policy_reattaches_total: identity.policy_reattaches_total,
         }
     }
 }

@@ -10,7 +10,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{ConnectReturnCode, Event, Outgoing, Packet, QoS, SubscribeFilter};
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+
+use rumqttc::{
+    ConnectReturnCode, Event, Outgoing, Packet, QoS, SubscribeFilter, SubscribeReasonCode,
+};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -22,8 +27,12 @@ use crate::message::Qos;
 use crate::ops::heartbeat::Heartbeat;
 use crate::ops::logging::Repeats;
 use crate::publish::batch::Batcher;
-use crate::publish::flow::{Action, BrokerEvent, Ended, Flow, Outside, Publish};
-use crate::publish::inbound::{Inbound, MAX_RECEIVE_BATCH, Received};
+use crate::publish::flow::{
+    Action, BrokerEvent, Ended, Failure, Flow, Outside, Publish, REATTACH_AFTER_CLOSES,
+};
+use crate::publish::inbound::{
+    HELD_FILTERS_FILE, HeldFilters, Inbound, MAX_RECEIVE_BATCH, Received,
+};
 use crate::publish::mqtt::{self, MqttSettings};
 use crate::publish::quota::Quota;
 use crate::retry::Backoff;
@@ -83,8 +92,14 @@ pub struct Publisher {
     downlink: Option<(Downlink, Inbound)>,
     /// Received on this connection, waiting to be stored and then acknowledged.
     received: Vec<rumqttc::Publish>,
-    /// A CONNACK arrived: subscribe (its session-present flag, for the log).
+    /// A CONNACK arrived: subscribe (its session-present flag).
     must_subscribe: Option<bool>,
+    /// The filters the broker's session holds, and the file that remembers them.
+    held: HeldFilters,
+    held_path: Option<PathBuf>,
+    /// SUBSCRIBE requests not yet on the wire, then by packet id until their SUBACK.
+    subscribing: VecDeque<Vec<String>>,
+    subscribed: HashMap<u16, Vec<String>>,
     /// Health reports to publish (never spooled) and their relative topic.
     health: Option<(mpsc::Receiver<Vec<u8>>, String)>,
 }
@@ -128,13 +143,26 @@ impl Publisher {
             downlink: None,
             received: Vec::new(),
             must_subscribe: None,
+            held: HeldFilters::default(),
+            held_path: None,
+            subscribing: VecDeque::new(),
+            subscribed: HashMap::new(),
             health: None,
         };
         (publisher, link_rx, counters_rx)
     }
 
-    /// Receives what IoT Core sends to `inbound`'s filters into `downlink`'s inbox.
-    pub fn with_downlink(mut self, downlink: Downlink, inbound: Inbound) -> Publisher {
+    /// Receives what IoT Core sends to `inbound`'s filters into `downlink`'s inbox; the
+    /// filters the broker's session holds are remembered in `state_dir`.
+    pub fn with_downlink(
+        mut self,
+        downlink: Downlink,
+        inbound: Inbound,
+        state_dir: &Path,
+    ) -> Publisher {
+        let path = state_dir.join(HELD_FILTERS_FILE);
+        self.held = HeldFilters::load(&path);
+        self.held_path = Some(path);
         self.downlink = Some((downlink, inbound));
         self
     }
@@ -183,6 +211,14 @@ impl Publisher {
                     RECONNECT_FLOOR.saturating_sub(started.elapsed())
                 }
                 Ended::Failed(error) => {
+                    if self.flow.take_reattach_due() {
+                        tracing::warn!(
+                            identity_id = %session.identity_id,
+                            closes = REATTACH_AFTER_CLOSES,
+                            "IoT Core closed the connection right after CONNECT {REATTACH_AFTER_CLOSES} times in a row (what it does when no attached IoT policy allows iot:Connect): attaching the IoT policy again"
+                        );
+                        self.refusals.raise();
+                    }
                     if started.elapsed() > RECONNECT_CAP || self.flow.take_buried_head() {
                         // A long-lived connection, or the cause of the drops is out of the
                         // queue now: start the delays over.
@@ -308,6 +344,8 @@ impl Publisher {
         // broker sends again.
         self.received.clear();
         self.must_subscribe = None;
+        self.subscribing.clear();
+        self.subscribed.clear();
         let mut spool_stats = self.spool.stats();
         let mut identity_gone = false;
         let mut beat = tokio::time::interval(BEAT_EVERY);
@@ -393,7 +431,8 @@ impl Publisher {
                 }
                 Action::Publish(publish) => {
                     if let Err(error) = send(connection, publish, &self.counters) {
-                        self.flow.fail(format!("publish queue: {error}"));
+                        self.flow
+                            .fail(format!("publish queue: {error}"), Failure::Other);
                     }
                 }
                 Action::Remove(ids) => {
@@ -429,6 +468,13 @@ impl Publisher {
     ) {
         match event {
             Some(Ok(Event::Incoming(Packet::Publish(publish)))) => self.received.push(publish),
+            Some(Ok(Event::Outgoing(Outgoing::Subscribe(packet_id)))) => {
+                // Packet ids are assigned in request order.
+                if let Some(filters) = self.subscribing.pop_front() {
+                    self.subscribed.insert(packet_id, filters);
+                }
+            }
+            Some(Ok(Event::Incoming(Packet::SubAck(ack)))) => self.on_suback(&ack),
             Some(Ok(event)) => {
                 if let Event::Incoming(Packet::ConnAck(ack)) = &event
                     && ack.code == ConnectReturnCode::Success
@@ -449,14 +495,35 @@ impl Publisher {
                 if crate::identity::is_authorization_refusal(&error) {
                     self.refusals.raise();
                 }
-                self.flow.fail(error.to_string());
+                self.flow.fail(error.to_string(), mqtt::failure(&error));
             }
-            None => self.flow.fail("event loop stopped".into()),
+            None => self.flow.fail("event loop stopped".into(), Failure::Other),
         }
     }
 }
 
 impl Publisher {
+    /// A SUBACK: granted filters are held by the session from now on (remembered on disk);
+    /// a refused one (the IoT policy denies it) is said in the log.
+    fn on_suback(&mut self, ack: &rumqttc::SubAck) {
+        let Some(filters) = self.subscribed.remove(&ack.pkid) else {
+            return;
+        };
+        let granted: Vec<bool> = ack
+            .return_codes
+            .iter()
+            .map(|code| matches!(code, SubscribeReasonCode::Success(_)))
+            .collect();
+        for filter in self.held.on_suback(&filters, &granted) {
+            tracing::warn!(%filter, "the broker refused this downlink subscription (SUBACK failure: the IoT policy does not allow it); nothing will arrive on it");
+        }
+        if let Some(path) = &self.held_path
+            && let Err(error) = self.held.save(path)
+        {
+            tracing::warn!(%error, path = %path.display(), "cannot remember the subscribed filters; the next start subscribes to them again");
+        }
+    }
+
     /// After a CONNACK: subscribes to the downlink filters. Then commits what was received to
     /// the inbox and only then acknowledges it to the broker; a failed commit ends the
     /// connection unacknowledged, and the broker sends the messages again.
@@ -469,18 +536,24 @@ impl Publisher {
             return;
         };
         if let Some(session_present) = self.must_subscribe.take() {
-            let filters = inbound.subscriptions(&session.identity_id);
+            let wanted = inbound.subscriptions(&session.identity_id);
+            let filters = self
+                .held
+                .after_connack(&session.identity_id, &wanted, session_present);
             tracing::info!(
                 session_present,
                 filters = filters.len(),
-                "subscribing to the downlink topics"
+                held = wanted.len() - filters.len(),
+                "subscribing to the downlink topics the session does not hold"
             );
             for chunk in filters.chunks(FILTERS_PER_SUBSCRIBE) {
+                self.subscribing.push_back(chunk.to_vec());
                 let chunk = chunk
                     .iter()
                     .map(|filter| SubscribeFilter::new(filter.clone(), QoS::AtLeastOnce));
                 if let Err(error) = connection.client.try_subscribe_many(chunk) {
-                    self.flow.fail(format!("subscribe: {error}"));
+                    self.flow
+                        .fail(format!("subscribe: {error}"), Failure::Other);
                     return;
                 }
             }
@@ -502,13 +575,14 @@ impl Publisher {
             }
             if let Err(error) = downlink.receive(messages).await {
                 self.received.clear();
-                self.flow.fail(format!("inbox: {error}"));
+                self.flow.fail(format!("inbox: {error}"), Failure::Other);
                 return;
             }
             for publish in &batch {
                 if let Err(error) = connection.client.try_ack(publish) {
                     self.received.clear();
-                    self.flow.fail(format!("ack queue: {error}"));
+                    self.flow
+                        .fail(format!("ack queue: {error}"), Failure::Other);
                     return;
                 }
             }

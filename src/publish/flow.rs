@@ -32,10 +32,15 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_READ: usize = 4096;
 /// After a failed spool read, the next try comes this much later.
 pub const SPOOL_READ_RETRY: Duration = Duration::from_secs(1);
-/// The oldest message goes to the dead letters once this many connections in a row dropped
-/// while it was out unacknowledged: IoT Core disconnects a client that publishes where its
-/// policy forbids, so such a message would otherwise hold back the queue forever.
+/// The oldest message goes to the dead letters once the broker closed this many connections
+/// in a row while it was out unacknowledged: IoT Core disconnects a client that publishes
+/// where its policy forbids, so such a message would otherwise hold back the queue forever.
 pub const DEAD_LETTER_STRIKES: u32 = 5;
+/// After the broker closed this many connections in a row right after CONNECT (no CONNACK),
+/// the policy attachment is taken as lost and attached again. That close is IoT Core's only
+/// answer to an identity no attached policy lets connect; one or two can be a broker-side
+/// restart, three at growing delays (1, 2, 4 s) are not.
+pub const REATTACH_AFTER_CLOSES: u32 = 3;
 
 /// How a connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +51,17 @@ pub enum Ended {
     Renew,
     /// The connection failed or could not be made.
     Failed(String),
+}
+
+/// How a connection failed, as far as the strikes and the policy attachment care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The broker closed an MQTT connection it had let in (TCP, TLS and the websocket upgrade
+    /// went through). Before the CONNACK it is IoT Core's answer to an identity that no
+    /// attached policy lets connect; after it, to a publish its policy denies.
+    Closed,
+    /// The network, TLS, the upgrade, a timeout, a local error: says nothing of the policy.
+    Other,
 }
 
 /// What the broker's side of a connection reports, as far as publishing cares.
@@ -125,6 +141,14 @@ pub struct Flow {
     highest_sent: i64,
     /// See [`DEAD_LETTER_STRIKES`].
     strikes: Option<Strikes>,
+    /// The oldest message of a connection the broker closed while it was out: a strike once
+    /// the next CONNACK shows the policy is still attached (until then the close may have
+    /// been the attachment's fault, not the message's).
+    unconfirmed_strike: Option<(Vec<i64>, String)>,
+    /// Connections in a row the broker closed before its CONNACK (see [`REATTACH_AFTER_CLOSES`]).
+    closed_before_connack: u32,
+    /// The policy attachment looks lost: attach it again.
+    reattach_due: bool,
     /// The last failed connection's oldest message went to the dead letters.
     buried_head: bool,
     link: Link,
@@ -208,6 +232,9 @@ impl Flow {
             quota,
             highest_sent: 0,
             strikes: None,
+            unconfirmed_strike: None,
+            closed_before_connack: 0,
+            reattach_due: false,
             buried_head: false,
             link: Link::new("", Instant::now()),
         }
@@ -235,7 +262,13 @@ impl Flow {
         self.link.renew_by.is_none()
     }
 
-    /// Whether the last connection's failure sent its oldest message to the dead letters
+    /// Whether the broker's closes say the policy attachment is lost, so it should be
+    /// attached again. Reading it clears it.
+    pub fn take_reattach_due(&mut self) -> bool {
+        std::mem::take(&mut self.reattach_due)
+    }
+
+    /// Whether a strike since the last read sent the oldest message to the dead letters
     /// (then the reconnect delays start over). Reading it clears it.
     pub fn take_buried_head(&mut self) -> bool {
         std::mem::take(&mut self.buried_head)
@@ -290,9 +323,18 @@ impl Flow {
     pub fn on_broker(&mut self, event: BrokerEvent, now: Instant) {
         let window = &mut self.link.window;
         match event {
-            BrokerEvent::Connected => self.link.connected = true,
+            BrokerEvent::Connected => {
+                self.link.connected = true;
+                self.closed_before_connack = 0;
+                if let Some((ids, topic)) = self.unconfirmed_strike.take() {
+                    self.link.burial = self.strike(ids, topic);
+                }
+            }
             BrokerEvent::Refused(code) => {
-                self.fail(format!("broker refused the connection: {code}"));
+                self.fail(
+                    format!("broker refused the connection: {code}"),
+                    Failure::Other,
+                );
             }
             BrokerEvent::Sent(packet_id) => {
                 if let Some((ids, qos)) = window.unassigned.pop_front() {
@@ -313,12 +355,25 @@ impl Flow {
     }
 
     /// The connection failed (I/O, the client's queue, the event loop). The first failure
-    /// reported is the one that counts.
-    pub fn fail(&mut self, reason: String) {
+    /// reported is the one that counts. Only the broker's closes count against the oldest
+    /// message or the policy attachment: never a timeout, a slow link or a local error.
+    pub fn fail(&mut self, reason: String, failure: Failure) {
         if self.link.ended.is_some() {
             return;
         }
-        self.link.burial = self.strike();
+        match failure {
+            Failure::Closed if !self.link.connected => {
+                // The identity was turned away: the attachment is in doubt, not the message.
+                self.unconfirmed_strike = None;
+                self.closed_before_connack += 1;
+                if self.closed_before_connack >= REATTACH_AFTER_CLOSES {
+                    self.closed_before_connack = 0;
+                    self.reattach_due = true;
+                }
+            }
+            Failure::Closed => self.unconfirmed_strike = self.closed_on_head(),
+            Failure::Other => {}
+        }
         self.link.ended = Some(Ended::Failed(reason));
     }
 
@@ -377,7 +432,10 @@ impl Flow {
             .oldest_in_flight()
             .is_some_and(|sent| now >= sent + ACK_TIMEOUT)
         {
-            self.fail(format!("no PUBACK within {}s", ACK_TIMEOUT.as_secs()));
+            self.fail(
+                format!("no PUBACK within {}s", ACK_TIMEOUT.as_secs()),
+                Failure::Other,
+            );
         }
     }
 
@@ -543,16 +601,21 @@ impl Flow {
         .min()
     }
 
-    /// After a failure: another strike for the oldest message if the connection dropped
-    /// while it was out unacknowledged; the last strike moves it to the dead letters. A
-    /// connection that never published it neither counts nor breaks the row.
-    fn strike(&mut self) -> Option<Burial> {
+    /// The broker closed the connection: its oldest message, if it was out unacknowledged. An
+    /// acknowledged one breaks the row of strikes; a connection that never published it
+    /// neither counts nor breaks the row.
+    fn closed_on_head(&mut self) -> Option<(Vec<i64>, String)> {
         let (ids, topic) = self.link.head.take()?;
-        let first_id = *ids.first()?;
-        if !self.link.window.holds(first_id) {
+        if !self.link.window.holds(*ids.first()?) {
             self.strikes = None;
             return None;
         }
+        Some((ids, topic))
+    }
+
+    /// Another strike for the oldest message; the last one moves it to the dead letters.
+    fn strike(&mut self, ids: Vec<i64>, topic: String) -> Option<Burial> {
+        let first_id = *ids.first()?;
         let count = match &self.strikes {
             Some(strikes) if strikes.first_id == first_id => strikes.count + 1,
             _ => 1,
@@ -1001,7 +1064,7 @@ mod tests {
         };
         assert!(paced > now && paced <= now + Duration::from_secs(1));
         // Reconnecting right away does not reset the quota's count.
-        flow.fail("dropped".into());
+        flow.fail("dropped".into(), Failure::Other);
         assert_eq!(
             flow.next(now, RUNNING),
             Action::End(Ended::Failed("dropped".into()))
@@ -1022,7 +1085,7 @@ mod tests {
             flow.on_broker(BrokerEvent::Sent(packet_id), now);
         }
         flow.on_broker(BrokerEvent::Acked(1), now);
-        flow.fail("connection reset".into());
+        flow.fail("connection reset".into(), Failure::Closed);
         assert_eq!(flow.next(now, RUNNING), Action::Remove(vec![1]));
         assert_eq!(
             flow.next(now, RUNNING),
@@ -1101,28 +1164,65 @@ mod tests {
         );
     }
 
+    /// One connection that published message 1 and was closed by the broker (`failure`).
+    fn publish_head_then(flow: &mut Flow, now: Instant, failure: Failure) {
+        connect_and_read(flow, now, spool(1..=2));
+        publishes(flow, now, RUNNING);
+        flow.on_broker(BrokerEvent::Sent(1), now);
+        flow.fail("closed".into(), failure);
+        assert!(matches!(
+            flow.next(now, RUNNING),
+            Action::End(Ended::Failed(_))
+        ));
+    }
+
     #[test]
-    fn the_oldest_message_goes_to_the_dead_letters_after_the_last_strike() {
+    fn the_oldest_message_goes_to_the_dead_letters_once_the_last_strike_is_confirmed() {
         let mut flow = Setup::default().flow();
         let now = Instant::now();
-        for strike in 1..=DEAD_LETTER_STRIKES {
+        for _ in 0..DEAD_LETTER_STRIKES {
+            publish_head_then(&mut flow, now, Failure::Closed);
+        }
+        assert!(!flow.take_buried_head());
+        // The next CONNACK shows the policy is attached: the close was the message's fault.
+        flow.connect(IDENTITY, now);
+        flow.on_broker(BrokerEvent::Connected, now);
+        let Action::Bury(burial) = flow.next(now, RUNNING) else {
+            panic!("buried after {DEAD_LETTER_STRIKES} strikes");
+        };
+        assert_eq!(burial.ids, [1]);
+        assert_eq!(burial.topic, format!("{POOL}/{IDENTITY}/t"));
+        assert!(matches!(
+            flow.next(now, RUNNING),
+            Action::Read { after: 0, .. }
+        ));
+        assert!(flow.take_buried_head());
+        assert!(!flow.take_buried_head());
+    }
+
+    /// A slow or flaky link: timeouts and local errors never count against a message.
+    #[test]
+    fn timeouts_and_local_errors_never_strike() {
+        let mut flow = Setup::default().flow();
+        let t0 = Instant::now();
+        for round in 0..3 * DEAD_LETTER_STRIKES {
+            let now = t0 + ACK_TIMEOUT * round;
             connect_and_read(&mut flow, now, spool(1..=2));
             publishes(&mut flow, now, RUNNING);
             flow.on_broker(BrokerEvent::Sent(1), now);
-            flow.fail("connection closed by the broker".into());
-            if strike == DEAD_LETTER_STRIKES {
-                let Action::Bury(burial) = flow.next(now, RUNNING) else {
-                    panic!("buried after {strike} strikes");
-                };
-                assert_eq!(burial.ids, [1]);
-                assert_eq!(burial.topic, format!("{POOL}/{IDENTITY}/t"));
+            if round % 2 == 0 {
+                assert_eq!(
+                    flow.next(now + ACK_TIMEOUT, RUNNING),
+                    Action::End(Ended::Failed("no PUBACK within 60s".into()))
+                );
+            } else {
+                flow.fail("Flush timeout".into(), Failure::Other);
+                assert!(matches!(flow.next(now, RUNNING), Action::End(_)));
             }
-            assert!(matches!(
-                flow.next(now, RUNNING),
-                Action::End(Ended::Failed(_))
-            ));
         }
-        assert!(flow.take_buried_head());
+        flow.connect(IDENTITY, t0);
+        flow.on_broker(BrokerEvent::Connected, t0);
+        assert!(matches!(flow.next(t0, RUNNING), Action::Read { .. }));
         assert!(!flow.take_buried_head());
     }
 
@@ -1130,22 +1230,71 @@ mod tests {
     fn connections_that_fail_before_publishing_neither_count_nor_break_the_strikes() {
         let mut flow = Setup::default().flow();
         let now = Instant::now();
-        let strike = |flow: &mut Flow| {
-            connect_and_read(flow, now, spool(1..=1));
-            publishes(flow, now, RUNNING);
-            flow.fail("dropped".into());
-            flow.next(now, RUNNING)
-        };
         for _ in 1..DEAD_LETTER_STRIKES {
-            assert!(matches!(strike(&mut flow), Action::End(_)));
+            publish_head_then(&mut flow, now, Failure::Closed);
         }
-        // The broker is down for a while: connects fail before anything goes out.
+        // The network is down for a while: connects fail before anything goes out.
         for _ in 0..DEAD_LETTER_STRIKES {
             flow.connect(IDENTITY, now);
-            flow.fail("connection refused".into());
+            flow.fail("connection refused".into(), Failure::Other);
             assert!(matches!(flow.next(now, RUNNING), Action::End(_)));
         }
-        assert!(matches!(strike(&mut flow), Action::Bury(_)));
+        publish_head_then(&mut flow, now, Failure::Closed);
+        flow.connect(IDENTITY, now);
+        flow.on_broker(BrokerEvent::Connected, now);
+        assert!(matches!(flow.next(now, RUNNING), Action::Bury(_)));
+    }
+
+    /// The policy was detached while connected: the publish that found it out is not blamed.
+    #[test]
+    fn a_close_after_connect_puts_the_attachment_in_doubt_and_drops_the_pending_strike() {
+        let mut flow = Setup::default().flow();
+        let now = Instant::now();
+        for _ in 0..DEAD_LETTER_STRIKES - 1 {
+            publish_head_then(&mut flow, now, Failure::Closed);
+        }
+        // The last strike would bury it, but the next connection is closed before its CONNACK.
+        publish_head_then(&mut flow, now, Failure::Closed);
+        flow.connect(IDENTITY, now);
+        flow.fail("connection closed by peer".into(), Failure::Closed);
+        assert!(matches!(flow.next(now, RUNNING), Action::End(_)));
+        flow.connect(IDENTITY, now);
+        flow.on_broker(BrokerEvent::Connected, now);
+        assert!(matches!(flow.next(now, RUNNING), Action::Read { .. }));
+        assert!(!flow.take_buried_head());
+    }
+
+    #[test]
+    fn closes_before_connack_in_a_row_call_for_attaching_the_policy_again() {
+        let mut flow = Setup::default().flow();
+        let now = Instant::now();
+        let closed_after_connect = |flow: &mut Flow| {
+            flow.connect(IDENTITY, now);
+            flow.fail("connection closed by peer".into(), Failure::Closed);
+            assert!(matches!(flow.next(now, RUNNING), Action::End(_)));
+        };
+        // A CONNACK in between starts the count over; network faults do not count.
+        for _ in 1..REATTACH_AFTER_CLOSES {
+            closed_after_connect(&mut flow);
+        }
+        flow.connect(IDENTITY, now);
+        flow.on_broker(BrokerEvent::Connected, now);
+        for _ in 1..REATTACH_AFTER_CLOSES {
+            closed_after_connect(&mut flow);
+            flow.connect(IDENTITY, now);
+            flow.fail("connection refused".into(), Failure::Other);
+            assert!(!flow.take_reattach_due());
+        }
+        closed_after_connect(&mut flow);
+        assert!(flow.take_reattach_due());
+        assert!(!flow.take_reattach_due());
+        // Another row is needed for the next call.
+        for _ in 1..REATTACH_AFTER_CLOSES {
+            closed_after_connect(&mut flow);
+        }
+        assert!(!flow.take_reattach_due());
+        closed_after_connect(&mut flow);
+        assert!(flow.take_reattach_due());
     }
 
     #[test]
@@ -1153,18 +1302,18 @@ mod tests {
         let mut flow = Setup::default().flow();
         let now = Instant::now();
         for _ in 1..DEAD_LETTER_STRIKES {
-            connect_and_read(&mut flow, now, spool(1..=2));
-            publishes(&mut flow, now, RUNNING);
-            flow.fail("dropped".into());
-            flow.next(now, RUNNING);
+            publish_head_then(&mut flow, now, Failure::Closed);
         }
         connect_and_read(&mut flow, now, spool(1..=2));
         publishes(&mut flow, now, RUNNING);
         flow.on_broker(BrokerEvent::Sent(1), now);
         flow.on_broker(BrokerEvent::Acked(1), now);
-        flow.fail("dropped".into());
+        flow.fail("dropped".into(), Failure::Closed);
         assert_eq!(flow.next(now, RUNNING), Action::Remove(vec![1]));
         assert!(matches!(flow.next(now, RUNNING), Action::End(_)));
+        flow.connect(IDENTITY, now);
+        flow.on_broker(BrokerEvent::Connected, now);
+        assert!(matches!(flow.next(now, RUNNING), Action::Read { .. }));
         assert!(!flow.take_buried_head());
     }
 

@@ -6,16 +6,26 @@
 //! `[downlink] topics` is set, so the broker queues QoS 1 messages while the daemon reconnects
 //! or is stopped. rumqttc's event loop is built afresh for each connection, so it has no
 //! session state of its own to resume: the broker redelivers what it sent unacknowledged, and
-//! our unacknowledged publishes are republished from the spool as always. Subscribing again
-//! after every CONNACK costs one packet and covers a broker that lost the session
-//! (`session_present = false`, e.g. IoT Core's session expiry).
+//! our unacknowledged publishes are republished from the spool as always. A CONNACK without
+//! the session (`session_present = false`, e.g. IoT Core's session expiry) means subscribing
+//! to every filter; one with it, only to filters the session does not hold yet ([`HeldFilters`]:
+//! IoT Core's Device Advisor fails a client that subscribes again to a session it resumed).
 //!
 //! Acks are manual: a received batch is committed to the inbox first and only then
 //! acknowledged (at least once into the device; a crash in between means a redelivery).
 
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::topic::TopicRules;
+
+/// The file in the state dir that remembers [`HeldFilters`].
+pub const HELD_FILTERS_FILE: &str = "subscriptions.json";
 
 /// Received messages stored in one inbox transaction at most (the broker's in-flight window
 /// bounds it anyway: IoT Core sends at most 100 unacknowledged QoS 1 messages).
@@ -58,6 +68,71 @@ impl Inbound {
             Some(relative) if !relative.is_empty() => Received::Store(relative.to_owned()),
             _ => Received::Foreign,
         }
+    }
+}
+
+/// The full filters the broker's persistent session holds for one client id (granted in a
+/// SUBACK), kept on disk so that a restart that finds the session does not subscribe again.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldFilters {
+    identity_id: String,
+    filters: BTreeSet<String>,
+}
+
+impl HeldFilters {
+    /// What `path` remembers; nothing (so: subscribe to everything) if it is missing or bad.
+    pub fn load(path: &Path) -> HeldFilters {
+        std::fs::read(path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    /// Writes atomically (temp file + rename), mode 0600.
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let temp = path.with_extension("json.tmp");
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temp)?;
+        file.write_all(&serde_json::to_vec(self)?)?;
+        file.sync_all()?;
+        std::fs::rename(&temp, path)
+    }
+
+    /// After a CONNACK for `identity_id`: the filters of `wanted` to subscribe to. A broker
+    /// without the session, or another client id, holds nothing.
+    pub fn after_connack(
+        &mut self,
+        identity_id: &str,
+        wanted: &[String],
+        session_present: bool,
+    ) -> Vec<String> {
+        if !session_present || self.identity_id != identity_id {
+            self.identity_id = identity_id.to_owned();
+            self.filters.clear();
+        }
+        wanted
+            .iter()
+            .filter(|filter| !self.filters.contains(*filter))
+            .cloned()
+            .collect()
+    }
+
+    /// A SUBACK for `filters`, `granted[i]` for each: the granted ones are held now. Returns
+    /// the refused ones.
+    pub fn on_suback(&mut self, filters: &[String], granted: &[bool]) -> Vec<String> {
+        let mut refused = Vec::new();
+        for (filter, &ok) in filters.iter().zip(granted) {
+            if ok {
+                self.filters.insert(filter.clone());
+            } else {
+                refused.push(filter.clone());
+            }
+        }
+        refused
     }
 }
 
@@ -106,5 +181,49 @@ mod tests {
             inbound.classify(IDENTITY, &format!("{POOL}/{IDENTITY}/")),
             Received::Foreign
         );
+    }
+
+    #[test]
+    fn a_resumed_session_subscribes_only_to_filters_it_does_not_hold() {
+        let wanted = |list: &[&str]| list.iter().map(|f| f.to_string()).collect::<Vec<_>>();
+        let mut held = HeldFilters::default();
+        let first = held.after_connack(IDENTITY, &wanted(&["a/#", "b"]), false);
+        assert_eq!(first, ["a/#", "b"]);
+        assert_eq!(held.on_suback(&first, &[true, false]), ["b"]);
+        // The session is back: only what it does not hold (the refused one, a new filter).
+        assert_eq!(
+            held.after_connack(IDENTITY, &wanted(&["a/#", "b", "c"]), true),
+            ["b", "c"]
+        );
+        // The broker lost the session, or this is another client id: everything again.
+        assert_eq!(
+            held.after_connack(IDENTITY, &wanted(&["a/#"]), false),
+            ["a/#"]
+        );
+        held.on_suback(&wanted(&["a/#"]), &[true]);
+        assert_eq!(
+            held.after_connack("other", &wanted(&["a/#"]), true),
+            ["a/#"]
+        );
+    }
+
+    #[test]
+    fn held_filters_survive_a_restart_and_a_bad_file_means_subscribing_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(HELD_FILTERS_FILE);
+        assert_eq!(HeldFilters::load(&path), HeldFilters::default());
+        let mut held = HeldFilters::default();
+        let filters = held.after_connack(IDENTITY, &["a/#".to_string()], false);
+        held.on_suback(&filters, &[true]);
+        held.save(&path).expect("save");
+        let mut loaded = HeldFilters::load(&path);
+        assert_eq!(loaded, held);
+        assert!(
+            loaded
+                .after_connack(IDENTITY, &["a/#".to_string()], true)
+                .is_empty()
+        );
+        std::fs::write(&path, "{not json").expect("write");
+        assert_eq!(HeldFilters::load(&path), HeldFilters::default());
     }
 }

@@ -7,7 +7,9 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, MqttOptions, StateError, TlsConfiguration, Transport,
+};
 use rustls::ClientConfig;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -15,6 +17,7 @@ use tokio::task::JoinHandle;
 use crate::config::MqttConfig;
 use crate::identity::Session;
 use crate::message::MAX_PAYLOAD_BYTES;
+use crate::publish::flow::Failure;
 use crate::publish::inbound::MAX_RECEIVE_BATCH;
 use crate::publish::signer::{SignError, presign};
 use crate::topic::MAX_TOPIC_BYTES;
@@ -110,6 +113,31 @@ pub fn connect(settings: &MqttSettings, session: &Session) -> Result<Connection,
     })
 }
 
+/// Whether the broker closed a connection it had let in (see [`Failure`]). TCP, TLS and the
+/// websocket upgrade fail with their own errors; once the MQTT stream runs, rumqttc reports
+/// the peer's close as an aborted stream or an I/O error of the byte stream under it.
+pub fn failure(error: &ConnectionError) -> Failure {
+    use std::io::ErrorKind;
+    let closed = match error {
+        ConnectionError::MqttState(StateError::ConnectionAborted) => true,
+        ConnectionError::MqttState(
+            StateError::Io(io) | StateError::Deserialization(rumqttc::mqttbytes::Error::Io(io)),
+        ) => matches!(
+            io.kind(),
+            ErrorKind::UnexpectedEof
+                | ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe
+        ),
+        _ => false,
+    };
+    if closed {
+        Failure::Closed
+    } else {
+        Failure::Other
+    }
+}
+
 /// TCP + TLS + websocket upgrade must finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -164,6 +192,35 @@ mod tests {
             .body(None)
             .expect("response");
         ConnectionError::Websocket(tungstenite::Error::Http(response))
+    }
+
+    #[test]
+    fn only_a_close_of_the_running_mqtt_stream_counts_as_the_brokers() {
+        use std::io::{Error, ErrorKind};
+        let io = |kind: ErrorKind| Error::new(kind, "test");
+        let closed = [
+            ConnectionError::MqttState(StateError::ConnectionAborted),
+            ConnectionError::MqttState(StateError::Io(io(ErrorKind::ConnectionReset))),
+            ConnectionError::MqttState(StateError::Deserialization(rumqttc::mqttbytes::Error::Io(
+                io(ErrorKind::UnexpectedEof),
+            ))),
+        ];
+        for error in &closed {
+            assert_eq!(failure(error), Failure::Closed, "{error}");
+        }
+        let other = [
+            // TCP refused, the upgrade refused, timeouts, a missing PINGRESP.
+            ConnectionError::Io(io(ErrorKind::ConnectionRefused)),
+            ConnectionError::Io(io(ErrorKind::ConnectionReset)),
+            refused("Sun, 29 Nov 2026 15:10:00 GMT"),
+            ConnectionError::NetworkTimeout,
+            ConnectionError::FlushTimeout,
+            ConnectionError::MqttState(StateError::AwaitPingResp),
+            ConnectionError::MqttState(StateError::Io(io(ErrorKind::TimedOut))),
+        ];
+        for error in &other {
+            assert_eq!(failure(error), Failure::Other, "{error}");
+        }
     }
 
     #[test]

@@ -310,6 +310,10 @@ else
     cat "$host_dir/dpkg-i.log"
     die "dpkg -i"
 fi
+# The AWS SDK's HTTPS client trusts the system's store (/etc/ssl/certs), so the package must
+# bring it: without ca-certificates every AWS call fails TLS on a minimal image.
+depends=$(dpkg-deb --field "$deb" Depends)
+check "(0) Depends names ca-certificates ($depends)" grep -qw ca-certificates <<<"$depends"
 check "(0) the unit is enabled ($(ct systemctl is-enabled "$unit" 2>&1))" \
     test "$(ct systemctl is-enabled "$unit" 2>&1)" = enabled
 has_account() { ct id iot-cognito-relay >/dev/null 2>&1 && ct getent group iot-cognito-relay >/dev/null; }
