@@ -60,6 +60,14 @@ fleet-sim: deps
 	cargo test --test fleet_sim -- --nocapture
 	.venv/bin/python bench/fleet_plot.py target/fleet-sim/report.json target/fleet-sim/fleet-sim.png
 
+# Smoke test on a real AWS account, never run by CI (docs/operations.md, "Smoke test on a real
+# AWS account"): needs AWS credentials and a region (environment or profile); deploys a throwaway
+# stack, runs the daemon from target/release against it, checks delivery and that a detached IoT
+# policy heals, deletes everything. AWS_SMOKE_ARGS passes options: --dry-run, --keep, --update-from FILE.
+.PHONY: aws-smoke
+aws-smoke:
+	$(if $(wildcard .venv/bin/python3),.venv/bin/python3,python3) scripts/aws-smoke.py $(AWS_SMOKE_ARGS)
+
 lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
