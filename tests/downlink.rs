@@ -116,16 +116,26 @@ fn every_message_reaches_an_app_whether_the_daemon_runs_is_stopped_or_nobody_lis
             s["inbox_messages"] == 0
         });
 
-    // Stopped: the broker queues for the persistent session; the restarted daemon gets it.
+    // Stopped: the broker queues for the persistent session; the restarted daemon gets it,
+    // and does not subscribe again to what the resumed session holds (IoT Core's Device
+    // Advisor fails a client that does).
     assert!(device.daemon.stop().success());
     assert!(app.next_message(Duration::from_millis(200)).is_none());
     device.send("commands/c", 25..30);
+    let from = device.cloud.broker_log().len();
     device.daemon = device.cloud.start_daemon(&device.config);
     connected(&device.daemon);
     let mut app = device.daemon.connect();
     app.subscribe(&["commands/#"]);
     let queued = app.receive_and_ack(5);
     assert_eq!(ns(&queued), (25..30).collect::<Vec<_>>());
+    let log = device.cloud.broker_log();
+    let since_restart = &log[from..];
+    assert!(
+        since_restart.contains("New client connected from")
+            && !since_restart.contains(&format!("Received SUBSCRIBE from {}", device.identity_id)),
+        "subscribed again to a resumed session:\n{since_restart}"
+    );
     device
         .daemon
         .wait_status("nothing left", MESSAGE_WAIT, |s| s["inbox_messages"] == 0);

@@ -293,6 +293,13 @@ pub fn format_status(status: &Value) -> String {
         ),
         None => String::new(),
     };
+    let reattached = match status["policy_reattached_at"].as_str() {
+        Some(at) => format!(
+            "policy:              attached again at {at} ({} times since start): IoT Core turned this identity away\n",
+            field("policy_reattaches_total")
+        ),
+        None => String::new(),
+    };
     format!(
         "state:               {}
 identity:            {}
@@ -305,7 +312,7 @@ published:           {} ({} republished)
 dropped:             {}
 dead letters:        {} ({} since start)
 inbox:               {} messages ({} dropped)
-{skew}",
+{skew}{reattached}",
         field("state"),
         field("identity_id"),
         field("registration_mode"),

@@ -81,7 +81,7 @@ fn flow_note(classic_flow: Option<&str>) -> &'static str {
         Some("false") => {
             "\n# WARNING: this stack's identity pool does not allow the basic (classic) flow, which\n\
              # devices need to read the bootstrap secret: update the stack with the current\n\
-             # template (docs/operations.md, \"Migrating an existing stack\"), then start the daemon."
+             # template (docs/operations.md, \"Updating the stack\"), then start the daemon."
         }
         _ => "",
     }
