@@ -72,13 +72,24 @@ def load_provision():
 _SUB_VARIABLE = re.compile(r"\$\{([^}]*)\}")
 
 
+def generated_name(stack_name, logical_id, limit=64):
+    """The physical name CloudFormation gives a resource without a name property:
+    <stack name>-<logical id>-<12 random characters>, the first two shortened to fit `limit`."""
+    suffix = "-AbCdEf123456"
+    room = limit - len(suffix) - 1
+    stack_part = stack_name[:max(room - len(logical_id), room // 2)]
+    logical_part = logical_id[:room - len(stack_part)]
+    return f"{stack_part}-{logical_part}{suffix}"
+
+
 class Stack:
     """A template with parameter values and physical ids: evaluates intrinsic functions."""
 
     def __init__(self, template, parameters=None, region="us-east-1", account="123456789012",
-                 refs=None, attributes=None):
+                 refs=None, attributes=None, partition="aws", stack_name="test-stack"):
         self.template = template
-        self.region, self.account = region, account
+        self.region, self.account, self.partition = region, account, partition
+        self.stack_name = stack_name
         self.parameters = {}
         for name, spec in template.get("Parameters", {}).items():
             value = (parameters or {}).get(name, spec.get("Default"))
@@ -88,8 +99,8 @@ class Stack:
                 value = value.split(",")
             self.parameters[name] = value if isinstance(value, list) else str(value)
         self.pseudo = {
-            "AWS::Region": region, "AWS::AccountId": account, "AWS::Partition": "aws",
-            "AWS::StackName": "test-stack", "AWS::URLSuffix": "amazonaws.com",
+            "AWS::Region": region, "AWS::AccountId": account, "AWS::Partition": partition,
+            "AWS::StackName": stack_name, "AWS::URLSuffix": "amazonaws.com",
             "AWS::NoValue": NO_VALUE,
         }
         self.refs = dict(refs or {})
@@ -122,6 +133,8 @@ class Stack:
             "AWS::Logs::LogGroup": "LogGroupName", "AWS::Lambda::Function": "FunctionName",
         }
         if resource["Type"] in named:
+            if named[resource["Type"]] not in props:
+                return generated_name(self.stack_name, name)
             return self.eval(props[named[resource["Type"]]])
         return f"<{name}>"
 
@@ -132,7 +145,7 @@ class Stack:
         resource = self.template["Resources"][logical_id]
         kind, region, account = resource["Type"], self.region, self.account
         if kind == "AWS::IAM::Role" and attribute == "Arn":
-            return f"arn:aws:iam::{account}:role/{self.ref(logical_id)}"
+            return f"arn:{self.partition}:iam::{account}:role/{self.ref(logical_id)}"
         if kind == "AWS::Lambda::Function" and attribute == "Arn":
             return f"arn:aws:lambda:{region}:{account}:function:{self.ref(logical_id)}"
         if kind == "AWS::Logs::LogGroup" and attribute == "Arn":

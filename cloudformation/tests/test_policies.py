@@ -1,5 +1,8 @@
 """Static tests of the template's policies: moto enforces neither IAM conditions nor resource
 policies, so each policy is evaluated here (iam.py) for the requests that matter."""
+import json
+import re
+
 import pytest
 
 import cfn
@@ -107,8 +110,8 @@ def test_auth_role_publishes_only_under_its_own_prefix(stack):
     statements = iam.role_statements(stack.properties("IAMAuthenticatedRole"))
     publish = [s for s in statements
                if s["Effect"] == "Allow" and "iot:Publish" in iam.as_list(s["Action"])]
-    assert [s["Resource"] for s in publish] == [
-        f"arn:aws:iot:{REGION}:{ACCOUNT}:topic/{pool(stack)}/${{{SUB}}}/*"]
+    (topics,) = [[r for r in iam.as_list(s["Resource"]) if ":topic/" in r] for s in publish]
+    assert topics == [f"arn:aws:iot:{REGION}:{ACCOUNT}:topic/{pool(stack)}/${{{SUB}}}/*"]
     me = {SUB: ME, "aws:SourceIp": INSIDE[0]}
     assert iam.evaluate(statements, "iot:Publish", topic(stack, ME, "sensors", "temp"), me) == iam.ALLOW
     for denied in (topic(stack, OTHER, "sensors", "temp"),
@@ -121,8 +124,8 @@ def test_auth_role_publishes_only_under_its_own_prefix(stack):
     # Without a Cognito identity the variable is unset and nothing matches.
     assert iam.evaluate(statements, "iot:Publish", topic(stack, ME, "a"),
                         {"aws:SourceIp": INSIDE[0]}) != iam.ALLOW
-    # Subscribe is for topic filters (below), never for topic resources.
-    for action in ("iot:Subscribe", "iot:RetainPublish", "iot:UpdateThingShadow"):
+    # Nothing beyond plain publishing on its topics (Subscribe is asked on topic filters, below).
+    for action in ("iot:RetainPublish", "iot:UpdateThingShadow", "iot:GetRetainedMessage"):
         assert iam.evaluate(statements, action, topic(stack, ME, "a"), me) != iam.ALLOW
 
 
@@ -202,8 +205,10 @@ def test_the_attach_function_role_attaches_but_never_to_certificates_or_thing_gr
                          "IOT_POLICY": stack.ref("CognitoIoTPolicy")}
 
 
-# Issue 14, point 1: every IoT action a device may take, in the role and in the IoT policy, is
-# bound to DeviceCidrs.
+# Every IoT action a device may take is allowed by the role and by the IoT policy (IoT Core
+# requires both). The network (DeviceCidrs) is checked in the IoT policy, where AWS documents
+# aws:SourceIp for IoT Core; it is not documented for IAM policies that IoT Core evaluates, so the
+# role's IoT statement has none (a condition key that is never set would deny everything).
 DATA_ACTIONS = ("iot:Connect", "iot:Publish", "iot:Subscribe", "iot:Receive")
 
 
@@ -213,13 +218,17 @@ def data_plane_documents(stack):
             "iot-policy": iam.statements(stack.properties("CognitoIoTPolicy")["PolicyDocument"])}
 
 
-def test_every_iot_action_carries_the_device_network(stack):
-    for where, statements in data_plane_documents(stack).items():
-        granted = [s for s in statements if s["Effect"] == "Allow"
-                   and any(a in DATA_ACTIONS for a in iam.as_list(s["Action"]))]
-        assert granted, where
-        for statement in granted:
-            assert statement.get("Condition") == {"IpAddress": {"aws:SourceIp": CIDRS}}, (where, statement)
+def granting(statements):
+    return [s for s in statements if s["Effect"] == "Allow"
+            and any(a in DATA_ACTIONS for a in iam.as_list(s["Action"]))]
+
+
+def test_the_iot_policy_carries_the_device_network_and_the_role_does_not(stack):
+    documents = data_plane_documents(stack)
+    (statement,) = granting(documents["iot-policy"])
+    assert statement["Condition"] == {"IpAddress": {"aws:SourceIp": CIDRS}}
+    (statement,) = granting(documents["role"])
+    assert "Condition" not in statement
 
 
 @pytest.mark.parametrize("ip", OUTSIDE + [None])
@@ -229,23 +238,90 @@ def test_no_iot_action_from_outside_the_device_network(stack, ip):
                  "iot:Publish": topic(stack, ME, "a"),
                  "iot:Subscribe": f"arn:aws:iot:{REGION}:{ACCOUNT}:topicfilter/{pool(stack)}/{ME}/a",
                  "iot:Receive": topic(stack, ME, "a")}
-    for where, statements in data_plane_documents(stack).items():
-        for action, resource in resources.items():
-            assert iam.evaluate(statements, action, resource, context) != iam.ALLOW, (where, action)
+    documents = data_plane_documents(stack)
+    for action, resource in resources.items():
+        # Both must allow: the IoT policy refuses, so IoT Core refuses.
+        assert iam.evaluate(documents["iot-policy"], action, resource, context) != iam.ALLOW, action
+        assert iam.evaluate(documents["role"], action, resource, context) == iam.ALLOW, action
         inside = dict(context, **{"aws:SourceIp": INSIDE[0]})
-        assert iam.evaluate(statements, "iot:Publish", resources["iot:Publish"], inside) == iam.ALLOW
+        assert iam.evaluate(documents["iot-policy"], action, resource, inside) == iam.ALLOW, action
 
 
 def test_data_plane_scope_is_the_same_in_the_role_and_the_iot_policy(stack):
-    role = [s for s in iam.role_statements(stack.properties("IAMAuthenticatedRole"))
-            if s["Effect"] == "Allow" and set(iam.as_list(s["Action"])) <= set(DATA_ACTIONS)]
-    document = stack.properties("CognitoIoTPolicy")["PolicyDocument"]
+    documents = data_plane_documents(stack)
+    (role,), (policy,) = granting(documents["role"]), granting(documents["iot-policy"])
+    assert sorted(iam.as_list(role["Action"])) == sorted(iam.as_list(policy["Action"])) == sorted(DATA_ACTIONS)
+    assert iam.as_list(role["Resource"]) == iam.as_list(policy["Resource"])
 
-    def scope(statements):
-        return sorted((tuple(iam.as_list(s["Action"])), s["Resource"], repr(s.get("Condition")))
-                      for s in statements)
 
-    assert scope(role) == scope(iam.statements(document))
+def three_statement_iot_policy(stack):
+    """The IoT policy as it was, with DeviceCidrs in each of three statements."""
+    arn, me = f"arn:aws:iot:{REGION}:{ACCOUNT}", f"${{{SUB}}}"
+    network = {"IpAddress": {"aws:SourceIp": CIDRS}}
+    return [
+        {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{arn}:client/{me}", "Condition": network},
+        {"Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"],
+         "Resource": f"{arn}:topic/{pool(stack)}/{me}/*", "Condition": network},
+        {"Effect": "Allow", "Action": "iot:Subscribe",
+         "Resource": f"{arn}:topicfilter/{pool(stack)}/{me}/*", "Condition": network},
+    ]
+
+
+# The resource kind IoT Core authorizes each action on (AWS IoT Core's actions reference).
+REQUEST_KIND = {"iot:Connect": "client", "iot:Publish": "topic", "iot:Receive": "topic",
+                "iot:RetainPublish": "topic", "iot:GetRetainedMessage": "topic",
+                "iot:Subscribe": "topicfilter", "iot:UpdateThingShadow": "thing",
+                "iot:DeleteThingShadow": "thing"}
+KINDS = ("client", "topic", "topicfilter", "thing", "thinggroup", "cert", "rolealias", "policy")
+
+
+def resource_names(stack):
+    return [ME, OTHER, f"{pool(stack)}/{ME}/a", f"{pool(stack)}/{ME}/a/b", f"{pool(stack)}/{ME}",
+            f"{pool(stack)}/{OTHER}/a", f"{pool(stack)}/{ME}/#", f"{pool(stack)}/+/a", "#",
+            f"filter/{pool(stack)}/{ME}/a", f"{pool(stack)}/{ME}/commands/+",
+            "$aws/things/x/shadow/update", f"/{pool(stack)}/{ME}/a"]
+
+
+def test_one_statement_allows_exactly_what_the_three_did(stack):
+    """IoT Core asks each action on its own resource kind (Connect on client/, Publish and Receive
+    on topic/, Subscribe on topicfilter/): for every such request one statement with all actions
+    and all resources decides as the three statements, one per kind, did."""
+    merged = iam.statements(stack.properties("CognitoIoTPolicy")["PolicyDocument"])
+    old = three_statement_iot_policy(stack)
+    base = f"arn:aws:iot:{REGION}:{ACCOUNT}"
+    compared, allowed = 0, []
+    for action, kind in REQUEST_KIND.items():
+        for name in resource_names(stack):
+            for ip in (INSIDE[0], OUTSIDE[0]):
+                context = {SUB: ME, "aws:SourceIp": ip}
+                resource = f"{base}:{kind}/{name}"
+                verdict = iam.evaluate(merged, action, resource, context)
+                assert verdict == iam.evaluate(old, action, resource, context), (action, resource, ip)
+                compared += 1
+                if verdict == iam.ALLOW:
+                    allowed.append((action, kind, name, ip))
+    assert compared == len(REQUEST_KIND) * len(resource_names(stack)) * 2
+    # Only its own client id and what is under its own prefix, only from inside.
+    assert allowed
+    for action, kind, name, ip in allowed:
+        assert ip == INSIDE[0] and action in DATA_ACTIONS, (action, kind, name, ip)
+        assert name == ME if kind == "client" else name.startswith(f"{pool(stack)}/{ME}/"), name
+    assert {action for action, *_ in allowed} == set(DATA_ACTIONS)
+    assert iam.evaluate(merged, "iot:Subscribe", f"{base}:topicfilter/{pool(stack)}/{ME}/#",
+                        {SUB: ME, "aws:SourceIp": INSIDE[0]}) == iam.ALLOW
+
+
+def test_each_resource_of_the_statement_matches_one_kind_only(stack):
+    """Why merging is safe: a client/ pattern never matches a topic/ or topicfilter/ ARN and so on,
+    so an action can only be allowed on the kind it was allowed on before."""
+    (statement,) = iam.statements(stack.properties("CognitoIoTPolicy")["PolicyDocument"])
+    base = f"arn:aws:iot:{REGION}:{ACCOUNT}"
+    for pattern in statement["Resource"]:
+        own = pattern[len(base) + 1:].split("/", 1)[0]
+        matched = {kind for kind in KINDS for name in resource_names(stack)
+                   if iam.evaluate([dict(statement, Resource=pattern, Condition={})], "iot:Connect",
+                                   f"{base}:{kind}/{name}", {SUB: ME}) == iam.ALLOW}
+        assert matched == {own}, pattern
 
 
 # ------------------------------------------------------------------ IoT policy
@@ -317,8 +393,7 @@ def test_the_cidrs_come_from_the_one_parameter(template):
 
     for name, resource in template["Resources"].items():
         walk(resource, name)
-    assert sorted(found) == ["CognitoIoTPolicy"] * 3 + ["IAMAuthenticatedRole"] * 4 + [
-        "SecretResourcePolicy"]
+    assert sorted(found) == ["CognitoIoTPolicy", "IAMAuthenticatedRole", "SecretResourcePolicy"]
     ipset = template["Resources"]["UserPoolDeviceNetwork"]["Properties"]
     assert ipset["Addresses"] == {"Ref": "DeviceCidrs"}
 
@@ -332,9 +407,12 @@ def test_the_cidrs_come_from_the_one_parameter(template):
     ("203.0.113.0", False), ("203.0.113.0/33", False), ("256.0.0.0/8", False),
     ("203.0.113/24", False), (" 203.0.113.0/24", False), ("example.com/24", False),
     ("2001:db8::/129", False), ("", False),
+    # IPv6: at most 8 groups of at most 4 hex digits (at most 43 characters with the prefix).
+    ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128", True), ("::1/128", True), ("fe80::/10", True),
+    ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128", False), ("2001:0db80::/32", False),
+    ("0000:0000:0000:0000:0000:0000:0000:00000/128", False), (":::::::::::/64", False),
 ])
 def test_cidr_parameter_pattern(template, value, ok):
-    import re
     pattern = template["Parameters"]["DeviceCidrs"]["AllowedPattern"]
     assert (re.fullmatch(pattern, value) is not None) is ok
 
@@ -397,10 +475,55 @@ def test_user_setup_role_is_scoped_to_the_pool_and_the_one_secret(stack):
         assert iam.evaluate(statements, action, "*") != iam.ALLOW
         assert iam.evaluate(statements, action, arn) != iam.ALLOW
     star = [s for s in statements if s["Resource"] == "*"]
-    assert [s["Action"] for s in star] == ["iot:DescribeEndpoint", "iot:DetachPolicy"]
-    policy_arn = f"arn:aws:iot:{REGION}:{ACCOUNT}:policy/relay-test-iot-policy"
-    assert iam.evaluate(statements, "iot:ListTargetsForPolicy", policy_arn) == iam.ALLOW
-    assert iam.evaluate(statements, "iot:ListTargetsForPolicy", policy_arn + "2") != iam.ALLOW
-    assert iam.evaluate(statements, "iot:DetachPolicy", ME) == iam.ALLOW
-    assert iam.evaluate(statements, "iot:DetachPolicy",
-                        f"arn:aws:iot:{REGION}:{ACCOUNT}:cert/abcdef") == iam.DENY
+    assert [s["Action"] for s in star] == ["iot:DescribeEndpoint"]
+    # The IoT policy is retained on delete: the function neither lists nor detaches its targets.
+    for action in ("iot:DetachPolicy", "iot:ListTargetsForPolicy", "iot:DeletePolicy"):
+        assert iam.evaluate(statements, action, "*") != iam.ALLOW
+        assert iam.evaluate(statements, action, ME) != iam.ALLOW
+
+
+# ------------------------------------------------------------------ IoT policy size
+
+# IoT refuses policy documents over 2,048 characters (whitespace not counted). DeviceCidrs is
+# written once; the documented maximum holds for the longest CIDR the parameter accepts and the
+# longest partition, region, account, identity pool id and Prefix.
+IOT_POLICY_LIMIT = 2048
+MAX_DEVICE_CIDRS = 31
+LONGEST_CIDR = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128"  # 43 characters
+LONGEST_PARTITION = "aws-us-gov"  # 10 characters
+LONGEST_REGION = "us-isof-south-1"  # 15 characters, no region name is longer
+
+
+def iot_policy_characters(template, cidrs):
+    stack = cfn.Stack(template, dict(PARAMETERS, Prefix="p" * 32, DeviceCidrs=",".join(cidrs)),
+                      region=LONGEST_REGION, account="999999999999", partition=LONGEST_PARTITION,
+                      refs={"CognitoIdentityPool": f"{LONGEST_REGION}:ffffffff-ffff-ffff-ffff-ffffffffffff"})
+    document = stack.properties("CognitoIoTPolicy")["PolicyDocument"]
+    assert document["Statement"][0]["Condition"]["IpAddress"]["aws:SourceIp"] == list(cidrs)
+    return len("".join(json.dumps(document).split()))
+
+
+def test_the_longest_cidr_is_the_longest_the_parameter_accepts(template):
+    pattern = template["Parameters"]["DeviceCidrs"]["AllowedPattern"]
+    assert re.fullmatch(pattern, LONGEST_CIDR)
+    assert len(LONGEST_CIDR) == 43
+    for longer in ("f" + LONGEST_CIDR, LONGEST_CIDR.replace(":", "::", 1), "255.255.255.255/320"):
+        assert not re.fullmatch(pattern, longer), longer
+
+
+def test_the_maximum_number_of_device_networks_fits_the_iot_policy_limit(template):
+    at_max = iot_policy_characters(template, [LONGEST_CIDR] * MAX_DEVICE_CIDRS)
+    one_more = iot_policy_characters(template, [LONGEST_CIDR] * (MAX_DEVICE_CIDRS + 1))
+    print(f"IoT policy at {MAX_DEVICE_CIDRS} CIDRs: {at_max} characters; at {MAX_DEVICE_CIDRS + 1}: {one_more}")
+    assert at_max <= IOT_POLICY_LIMIT < one_more
+    # The documented maximum is the one computed here.
+    description = " ".join(template["Parameters"]["DeviceCidrs"]["Description"].split())
+    assert f"At most {MAX_DEVICE_CIDRS} " in description
+    readme = " ".join((cfn.CLOUDFORMATION_DIR / "README.md").read_text().split())
+    assert f"at most {MAX_DEVICE_CIDRS} networks" in readme
+
+
+def test_ipv4_networks_count_no_more_than_ipv6_ones(template):
+    mixed = ["255.255.255.255/32", LONGEST_CIDR] * (MAX_DEVICE_CIDRS // 2) + ["10.0.0.0/8"]
+    assert len(mixed) == MAX_DEVICE_CIDRS
+    assert iot_policy_characters(template, mixed) <= IOT_POLICY_LIMIT

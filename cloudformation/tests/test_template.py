@@ -26,7 +26,7 @@ def test_outputs_are_the_ones_config_from_stack_reads(template, stack):
     assert stack.output("Region") == "us-east-1"
     assert stack.output("IoTEndpoint") == stack.get_att("AppUser", "IoTEndpoint")
     assert stack.output("IoTPolicy") == "relay-test-iot-policy"
-    assert stack.output("ClassicFlow") == "false"
+    assert stack.output("ClassicFlow") == "true"  # config-from-stack then writes unauth_role_arn
     assert stack.output("AttachFunction") == stack.get_att("AttachPolicyFunction", "Arn")
     assert stack.output("RegistrationMode") == "shared-user"
     assert cfn.Stack(template, FLEET_PARAMETERS).output("RegistrationMode") == "self-register"
@@ -79,7 +79,7 @@ def test_secret_is_encrypted_with_the_parameterised_key(template, stack):
 
 def test_template_fits_a_direct_upload():
     # `aws cloudformation deploy` without an S3 bucket accepts at most 51,200 bytes.
-    assert cfn.TEMPLATE_PATH.stat().st_size < 51_200
+    assert cfn.TEMPLATE_PATH.stat().st_size <= 51_200
 
 
 def test_every_checkov_skip_has_a_written_reason(template):
@@ -139,8 +139,7 @@ def test_user_setup_role_grants_exactly_the_calls_its_code_makes(template, stack
     assert calls == {"cognito-idp:AdminCreateUser", "cognito-idp:AdminSetUserPassword",
                      "cognito-idp:AdminDeleteUser", "secretsmanager:CreateSecret",
                      "secretsmanager:TagResource", "secretsmanager:UpdateSecret",
-                     "secretsmanager:DeleteSecret", "iot:DescribeEndpoint",
-                     "iot:ListTargetsForPolicy", "iot:DetachPolicy"}
+                     "secretsmanager:DeleteSecret", "iot:DescribeEndpoint"}
     statements = iam.role_statements(stack.properties("UserSetupFunctionRole"))
     granted = iam.allowed_actions(statements) - {"logs:CreateLogStream", "logs:PutLogEvents"}
     assert granted == calls
@@ -197,10 +196,52 @@ def test_guests_get_a_role_only_after_the_secret_is_network_restricted(template)
     assert template["Resources"]["CognitoIdentityPoolRoleAttachment"]["DependsOn"] == "SecretResourcePolicy"
 
 
-def test_custom_resource_knows_the_policy_it_must_detach_on_delete(template):
+def test_custom_resource_tags_the_secret_with_the_policy_and_the_attach_function(template):
     props = template["Resources"]["AppUser"]["Properties"]
-    assert props["IoTPolicy"] == {"Ref": "CognitoIoTPolicy"}  # so CloudFormation deletes it first
+    assert props["IoTPolicy"] == {"Ref": "CognitoIoTPolicy"}
     assert props["AttachFunction"] == {"Fn::GetAtt": ["AttachPolicyFunction", "Arn"]}
+
+
+def test_iot_policy_is_retained_on_delete_and_replacement(template):
+    """Deleting needs every attachment detached first (10,000 devices: far more than one Lambda
+    run) and IoT can refuse deleting a just-detached policy for minutes. Retained, the stack
+    deletes in one go; without the stack's roles the policy grants nothing (IoT Core checks the
+    role too); cloudformation/README.md documents its cleanup."""
+    policy = template["Resources"]["CognitoIoTPolicy"]
+    assert policy["DeletionPolicy"] == "Retain"
+    assert policy["UpdateReplacePolicy"] == "Retain"
+    # Nothing of the stack detaches or deletes IoT policies any more.
+    for name in ("UserSetupFunction", "AttachPolicyFunction"):
+        code = template["Resources"][name]["Properties"]["Code"]["ZipFile"]
+        assert "detach_policy" not in code and "delete_policy" not in code, name
+
+
+# ------------------------------------------------------------------ IAM names: one account, many regions
+
+def test_no_iam_role_has_a_fixed_name(template):
+    """IAM names are account-wide: a fixed RoleName fails the same Prefix in a second region.
+    CloudFormation names the roles <stack>-<logical id>-<random>, at most 64 characters."""
+    roles = resources_of(template, "AWS::IAM::Role")
+    assert len(roles) == 6
+    for name, role in roles.items():
+        assert "RoleName" not in role["Properties"], name
+        assert "Path" not in role["Properties"], name
+    # The 128-character maximum stack name still gives names within IAM's 64.
+    stack = cfn.Stack(template, dict(PARAMETERS, Prefix="p" * 32), stack_name="s" * 128)
+    for name in roles:
+        assert len(stack.ref(name)) <= 64
+    assert cfn.Stack(template, PARAMETERS, region="eu-west-1").get_att("IAMAuthenticatedRole", "Arn") \
+        .startswith("arn:aws:iam::123456789012:role/test-stack-IAMAuthenticatedRole-")
+
+
+def test_device_roles_replaced_by_the_renaming_are_kept_for_running_devices(template):
+    # The first update from a template with fixed role names replaces the roles. Devices hold
+    # credentials of (and, for guests, the ARN of) the old ones: kept until the migration
+    # deletes them (docs/operations.md).
+    for name in ("IAMUnAuthenticatedRole", "IAMAuthenticatedRole"):
+        role = template["Resources"][name]
+        assert role["UpdateReplacePolicy"] == "Retain", name
+        assert role["DeletionPolicy"] == "Delete", name
 
 
 # ------------------------------------------------------------------ issue 14: logging, flows, WAF
@@ -231,13 +272,32 @@ def test_iot_logging_exists_only_under_its_parameter(template):
     assert iam.evaluate(statements, "logs:PutLogEvents", group.replace("AWSIotLogsV2", "other")) != iam.ALLOW
 
 
-def test_classic_flow_is_off_unless_asked_for(template):
-    assert template["Parameters"]["AllowClassicFlow"]["Default"] == "false"
-    default = cfn.Stack(template, PARAMETERS)
-    assert default.properties("CognitoIdentityPool")["AllowClassicFlow"] is False
-    classic = cfn.Stack(template, dict(PARAMETERS, AllowClassicFlow="true"))
-    assert classic.properties("CognitoIdentityPool")["AllowClassicFlow"] is True
-    assert classic.output("ClassicFlow") == "true"
+@pytest.mark.parametrize("value", [None, "false", "true"])
+def test_the_basic_flow_is_always_allowed(template, value):
+    """Enhanced-flow guest credentials carry Cognito's session policy, which allows no Secrets
+    Manager action: guests read the secret through the basic flow, whatever AllowClassicFlow
+    says (an update keeps a parameter's stored value, so a new default would not reach old
+    stacks)."""
+    parameters = dict(PARAMETERS) if value is None else dict(PARAMETERS, AllowClassicFlow=value)
+    stack = cfn.Stack(template, parameters)
+    assert stack.properties("CognitoIdentityPool")["AllowClassicFlow"] is True
+    assert stack.properties("CognitoIdentityPool")["AllowUnauthenticatedIdentities"] is True
+    assert stack.output("ClassicFlow") == "true"
+    assert rule_passes(template, parameters) == []
+
+
+def test_the_old_allow_classic_flow_parameter_is_kept_and_ignored(template):
+    # `update-stack --parameters ParameterKey=AllowClassicFlow,UsePreviousValue=true` fails on a
+    # template without the parameter: it stays, and decides nothing.
+    parameter = template["Parameters"]["AllowClassicFlow"]
+    assert "Ignored" in parameter["Description"]
+    used_in = [name for name, resource in template["Resources"].items()
+               if "AllowClassicFlow" in json.dumps(resource).replace('"AllowClassicFlow": true', "")]
+    assert used_in == []
+    assert "AllowClassicFlow" not in json.dumps(template["Conditions"])
+    assert "AllowClassicFlow" not in json.dumps(template["Outputs"])
+    assert rule_passes(template, {"AllowClassicFlow": "maybe"}) == [
+        template["Rules"]["AllowClassicFlowIsIgnored"]["Assertions"][0]["AssertDescription"]]
 
 
 def test_app_client_cannot_change_user_attributes(stack, template):
