@@ -2,6 +2,8 @@
 
 mod harness;
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use harness::Cloud;
@@ -9,12 +11,63 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn relay_one(classic: bool) {
-    let cloud = Cloud::start();
+/// The template's default stack, as `describe-stacks` shows its outputs for this account.
+fn stack_outputs(cloud: &Cloud) -> String {
+    let account = &cloud.account;
+    let outputs: Vec<Value> = [
+        ("CognitoIdentityPoolID", account.identity_pool_id.as_str()),
+        ("CognitoUnAuthRole", account.unauth_role_arn.as_str()),
+        ("SecretName", account.secret_id.as_str()),
+        ("Region", account.region.as_str()),
+        ("IoTEndpoint", account.iot_endpoint.as_str()),
+        ("IoTPolicy", account.iot_policy.as_str()),
+        ("ClassicFlow", "true"),
+        ("RegistrationMode", "shared-user"),
+    ]
+    .iter()
+    .map(|(key, value)| serde_json::json!({"OutputKey": key, "OutputValue": value}))
+    .collect();
+    serde_json::json!({"Stacks": [{"StackName": "relay-test", "Outputs": outputs}]}).to_string()
+}
+
+/// What a new user does: the stack's outputs through `config-from-stack`, then the daemon.
+/// Only what the test bed needs on top (its endpoints, CA, paths) comes from the environment.
+fn config_from_stack(cloud: &Cloud, dir: &Path) -> (PathBuf, Vec<(String, String)>) {
+    let outputs = dir.join("outputs.json");
+    std::fs::write(&outputs, stack_outputs(cloud)).expect("outputs");
+    let generated = Command::new(harness::daemon_binary())
+        .arg("config-from-stack")
+        .arg(&outputs)
+        .output()
+        .expect("config-from-stack");
+    assert!(generated.status.success(), "{generated:?}");
+    let config = dir.join("config.toml");
+    std::fs::write(&config, &generated.stdout).expect("config");
+    let env = [
+        ("AWS__ENDPOINT_URL", cloud.daemon_endpoint()),
+        ("MQTT__URL", cloud.mqtt_url()),
+        ("MQTT__CA_FILE", cloud.ca_file.display().to_string()),
+        ("SOCKET__PATH", dir.join("relay.sock").display().to_string()),
+        ("STATE__DIR", dir.join("state").display().to_string()),
+        ("LOG__LEVEL", "debug".into()),
+    ]
+    .into_iter()
+    .map(|(key, value)| (format!("IOT_COGNITO_RELAY__{key}"), value))
+    .collect();
+    (config, env)
+}
+
+/// The default stack -> `config-from-stack` -> daemon onboards and relays with AWS's
+/// authorization enforced (tests/support/aws_gate.py: the template's role policies, the
+/// guest session policy, the secret's resource policy, the IoT policy), and keeps its
+/// identity across a restart.
+#[test]
+fn the_default_stack_onboards_and_relays_and_keeps_identity_across_restart() {
+    let cloud = Cloud::start_enforced();
     let mut subscriber = cloud.subscribe();
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = cloud.config(dir.path(), classic, "");
-    let mut daemon = cloud.start_daemon(&config);
+    let (config, env) = config_from_stack(&cloud, dir.path());
+    let mut daemon = cloud.start_daemon_env(&config, &env);
 
     let mut client = daemon.connect();
     client.send_line(r#"{"topic": "sensors/temp", "payload": {"c": 21.5}, "id": "r1", "qos": 1}"#);
@@ -38,13 +91,23 @@ fn relay_one(classic: bool) {
         "the broker must see the identity id as client id:\n{}",
         cloud.broker_log()
     );
+    // Every AWS call and MQTT packet was decided by the gate, and none was denied.
+    let decisions = cloud.gate().decisions();
+    let denied: Vec<&Value> = decisions.iter().filter(|d| is_denied(d)).collect();
+    assert!(denied.is_empty(), "{denied:?}");
+    for needed in ["GetSecretValue", "connect", "publish"] {
+        assert!(
+            decisions.iter().any(|d| mentions(d, needed)),
+            "the gate never saw {needed}: {decisions:?}"
+        );
+    }
     daemon.wait_status("spool emptied", WAIT, |s| {
         s["spool_messages"] == 0 && s["published_total"] == 1
     });
 
     // A restart keeps the client id and the topics.
     assert!(daemon.stop().success(), "{}", daemon.log_text());
-    let daemon = cloud.start_daemon(&config);
+    let daemon = cloud.start_daemon_env(&config, &env);
     let mut client = daemon.connect();
     client.send_line(r#"{"topic": "sensors/temp", "payload": "second", "id": 2}"#);
     assert_eq!(
@@ -57,34 +120,144 @@ fn relay_one(classic: bool) {
     assert_eq!(received.len(), 1);
     assert_eq!(received[0].topic, expected_topic);
     assert_eq!(received[0].payload, "second");
+    cloud.assert_no_secrets("daemon log", &daemon.log_text());
 }
 
-#[test]
-fn relays_with_the_classic_flow_and_keeps_identity_across_restart() {
-    relay_one(true);
+fn is_denied(decision: &Value) -> bool {
+    matches!(decision["decision"].as_str(), Some("deny" | "error"))
 }
 
+fn mentions(decision: &Value, what: &str) -> bool {
+    decision.to_string().contains(what)
+}
+
+/// What the template's default stack did before the basic flow was always on (a config without
+/// `unauth_role_arn`): AWS scopes enhanced-flow guest credentials down to a session policy
+/// without Secrets Manager, so the device never onboards. It says why and how to fix it.
 #[test]
-fn relays_with_the_enhanced_flow() {
-    let cloud = Cloud::start();
+fn an_enhanced_flow_guest_cannot_read_the_secret_and_the_log_says_why() {
+    let cloud = Cloud::start_enforced();
     let mut subscriber = cloud.subscribe();
     let dir = tempfile::tempdir().expect("tempdir");
     let daemon = cloud.start_daemon(&cloud.config(dir.path(), false, ""));
     let mut client = daemon.connect();
-    for i in 0..20 {
+    client.send_line(r#"{"topic": "a/b", "payload": 1, "id": 1}"#);
+    assert_eq!(
+        client.read_answer(Duration::from_secs(10)).expect("answer")["ok"],
+        true
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !daemon
+        .log_text()
+        .contains("AmazonCognitoUnAuthedIdentitiesSessionPolicy")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no diagnosis:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = daemon.log_text();
+    assert!(log.contains("set identity.unauth_role_arn"), "{log}");
+    assert!(log.contains("config-from-stack"), "{log}");
+    let denials: Vec<Value> = cloud
+        .gate()
+        .decisions()
+        .into_iter()
+        .filter(|d| is_denied(d) && mentions(d, "GetSecretValue"))
+        .collect();
+    assert!(!denials.is_empty(), "{log}");
+    assert!(
+        denials.iter().all(|d| mentions(d, "session policy")),
+        "{denials:?}"
+    );
+    let status = daemon.status();
+    assert_ne!(status["state"], "connected", "{status}");
+    assert!(
+        subscriber
+            .collect_until(Duration::from_secs(2), |r| !r.is_empty())
+            .is_empty()
+    );
+}
+
+/// Sends `{"n": i}` for `numbers` and waits for every `ok`.
+fn send_numbers(client: &mut harness::LocalApp, numbers: std::ops::Range<u64>) {
+    for n in numbers.clone() {
         client.send_line(&format!(
-            r#"{{"topic": "a/b", "payload": {{"n": {i}}}, "id": {i}}}"#
+            r#"{{"topic": "heal/t", "payload": {{"n": {n}}}, "id": {n}}}"#
         ));
     }
-    for i in 0..20 {
+    for _ in numbers {
         let answer = client.read_answer(Duration::from_secs(10)).expect("answer");
-        assert_eq!(answer["id"], Value::from(i));
-        assert_eq!(answer["ok"], true);
+        assert_eq!(answer["ok"], true, "{answer}");
     }
-    let received = subscriber.collect_until(WAIT, |r| r.len() >= 20);
-    let payloads: Vec<String> = received.iter().map(|r| r.payload.clone()).collect();
-    let expected: Vec<String> = (0..20).map(|i| format!(r#"{{"n":{i}}}"#)).collect();
-    assert_eq!(payloads, expected, "{}", daemon.log_text());
+}
+
+/// IoT Core answers an identity without an attached policy by closing the connection right
+/// after CONNECT. A detached policy heals: after a few such closes the daemon attaches it
+/// again (through the stack's function, with a fresh ID token) and delivers everything sent
+/// meanwhile; a network outage of the same length (connections refused) attaches nothing.
+#[test]
+fn a_detached_policy_is_attached_again_but_a_network_outage_attaches_nothing() {
+    // IoT Core applies a new attachment within minutes: here after 10 s.
+    let cloud = Cloud::start_enforced_with(10);
+    let mut subscriber = cloud.subscribe();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, env) = config_from_stack(&cloud, dir.path());
+    let daemon = cloud.start_daemon_env(&config, &env);
+    let mut client = daemon.connect();
+    let attaches = || cloud.gate().attach.invocations().len();
+    send_numbers(&mut client, 0..5);
+    let status = daemon.wait_status("connected", Duration::from_secs(90), |s| {
+        s["state"] == "connected" && s["published_total"] == 5
+    });
+    let identity = status["identity_id"].as_str().expect("identity").to_owned();
+    assert_eq!(attaches(), 1, "{}", daemon.log_text());
+
+    // A network outage: the gate refuses connections for 30 s while the app keeps sending.
+    cloud.gate().set_mode("refuse");
+    for round in 0..6 {
+        send_numbers(&mut client, 5 + round * 5..10 + round * 5);
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    cloud.gate().set_mode("pass");
+    let (_, _) = subscriber.expect_all(&(0..35).collect::<Vec<_>>(), Duration::from_secs(90));
+    assert_eq!(
+        attaches(),
+        1,
+        "an outage attached the policy:\n{}",
+        daemon.log_text()
+    );
+    assert_eq!(daemon.status()["policy_reattaches_total"], 0);
+
+    // The attachment is lost while connected: the next publish is refused, so is every
+    // CONNECT, until the daemon attaches the policy again.
+    cloud.detach_policy(&identity);
+    for round in 0..6 {
+        send_numbers(&mut client, 35 + round * 5..40 + round * 5);
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    let (_, _) = subscriber.expect_all(&(35..65).collect::<Vec<_>>(), Duration::from_secs(300));
+    assert_eq!(attaches(), 2, "{}", daemon.log_text());
+    let status = daemon.status();
+    assert_eq!(status["policy_reattaches_total"], 1, "{status}");
+    assert!(status["policy_reattached_at"].is_string(), "{status}");
+    let log = daemon.log_text();
+    assert!(
+        log.contains("closed the connection right after CONNECT"),
+        "{log}"
+    );
+    assert_eq!(status["dead_letter_total"], 0, "{status}");
+    // The gate closed connections after CONNECT: what IoT Core does, not a refusal CONNACK.
+    assert!(
+        cloud
+            .gate()
+            .decisions()
+            .iter()
+            .any(|d| is_denied(d) && mentions(d, "connect")),
+        "the gate never refused a CONNECT"
+    );
 }
 
 /// rumqttc logs through the `log` crate: its records reach the daemon's log and obey the same
@@ -260,7 +433,7 @@ fn attaches_again_when_the_broker_refuses_for_authorization() {
     assert!(
         daemon
             .log_text()
-            .contains("IoT Core refused the connection for authorization")
+            .contains("IoT Core refused this identity's connections")
     );
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(proxy.invocations().len(), 2, "{}", daemon.log_text());

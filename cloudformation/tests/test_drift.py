@@ -7,6 +7,7 @@ same server so the secrets both produce can be compared field by field. Both reg
 (the template's RegistrationMode, provision.py's --registration-mode) are checked.
 """
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -24,7 +25,10 @@ REGION, PREFIX = "us-east-1", "drift-check"
 # The JSON the Rust harness reads: this test keeps it stable.
 PROVISION_KEYS = {"region", "identity_pool_id", "secret_id", "unauth_role_arn", "user_pool_id",
                   "client_id", "username", "password", "iot_policy", "iot_endpoint",
-                  "registration_mode", "registration_code", "email_domain"}
+                  "registration_mode", "registration_code", "email_domain",
+                  # tests/support/aws_gate.py
+                  "prefix", "account_id", "auth_role_arn", "secret_arn", "attach_function_arn",
+                  "pre_sign_up_role_arn"}
 MODES = ["shared-user", "self-register"]
 
 
@@ -128,20 +132,45 @@ def test_names_match_the_template(template, provision, provisioned, clients):
     assert output["iot_policy"] == stack.ref("CognitoIoTPolicy")
     assert output["secret_id"] == provision.secret_name(output["user_pool_id"], PREFIX)
     assert output["secret_id"] == stack.get_att("AppUser", "SecretName")
-    assert output["unauth_role_arn"] == stack.get_att("IAMUnAuthenticatedRole", "Arn")
+    # The template leaves role names to CloudFormation (IAM names are account-wide): the
+    # emulated account's names are its own; test_roles_match_the_template compares the roles.
+    assert "RoleName" not in stack.properties("IAMUnAuthenticatedRole")
+    assert output["unauth_role_arn"].startswith(f"arn:aws:iam::{account}:role/")
+    for key in ("auth_role_arn", "pre_sign_up_role_arn"):
+        assert output[key].startswith(f"arn:aws:iam::{account}:role/"), key
+    assert output["attach_function_arn"] == stack.get_att("AttachPolicyFunction", "Arn")
+    assert (output["prefix"], output["account_id"]) == (PREFIX, account)
+    assert output["secret_arn"].startswith(
+        stack.get_att("AppUser", "SecretArn").rsplit("-", 1)[0] + "-")
 
 
 def test_roles_match_the_template(template, provision, provisioned, clients):
+    """provision.py's two Cognito roles trust the same pool and amr as the template's. The
+    template gives them no RoleName, so they are found by what they trust; the guest role is the
+    one whose ARN provision.py hands out as unauth_role_arn (the basic flow assumes it)."""
     output, account = provisioned
     stack = template_for(template, provision, output, account)
-    iam_client = clients("iam")
-    for logical_id in ("IAMUnAuthenticatedRole", "IAMAuthenticatedRole"):
+    roles = clients("iam").list_roles()["Roles"]
+
+    def trust(role):
+        document = role["AssumeRolePolicyDocument"]
+        return json.loads(document) if isinstance(document, str) else document
+
+    by_amr = {}
+    for role in roles:
+        for statement in trust(role)["Statement"]:
+            amr = statement.get("Condition", {}).get("ForAnyValue:StringLike", {}).get(
+                "cognito-identity.amazonaws.com:amr")
+            if amr:
+                by_amr.setdefault(amr, []).append(role)
+    assert sorted(by_amr) == ["authenticated", "unauthenticated"]
+    for logical_id, amr in (("IAMUnAuthenticatedRole", "unauthenticated"),
+                            ("IAMAuthenticatedRole", "authenticated")):
         props = stack.properties(logical_id)
-        role = iam_client.get_role(RoleName=props["RoleName"])["Role"]
-        trust = role["AssumeRolePolicyDocument"]
-        if isinstance(trust, str):
-            trust = json.loads(trust)
-        assert trust == props["AssumeRolePolicyDocument"], logical_id
+        assert "RoleName" not in props, logical_id
+        (role,) = by_amr[amr]
+        assert trust(role) == props["AssumeRolePolicyDocument"], logical_id
+    assert by_amr["unauthenticated"][0]["Arn"] == output["unauth_role_arn"]
 
 
 def test_iot_policy_topic_layout_matches_the_template(template, provision, provisioned, clients):
@@ -235,7 +264,11 @@ def test_rust_fixture_of_the_stack_outputs_matches_the_template(template):
                       region=outputs["Region"], account=outputs["CognitoUnAuthRole"].split(":")[4],
                       refs={"CognitoUserPool": outputs["SecretName"].split("_" + prefix)[0]})
     assert outputs["IoTPolicy"] == stack.output("IoTPolicy")
-    assert outputs["CognitoUnAuthRole"] == stack.output("CognitoUnAuthRole")
+    # A role ARN of the stack's account: CloudFormation names the role (older templates gave it
+    # the fixed name <Prefix>-cognito-unauth-role, as in this fixture).
+    assert template["Outputs"]["CognitoUnAuthRole"]["Value"] == {
+        "Fn::GetAtt": ["IAMUnAuthenticatedRole", "Arn"]}
+    assert re.fullmatch(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@-]{1,64}", outputs["CognitoUnAuthRole"])
     assert outputs["SecretName"] == stack.output("SecretName")
     assert outputs["ClassicFlow"] == stack.output("ClassicFlow")
     assert outputs["AttachFunction"] == stack.output("AttachFunction")

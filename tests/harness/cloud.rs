@@ -41,6 +41,8 @@ pub struct Cloud {
     pub(super) broker: Option<Process>,
     /// Self-register mode: Cognito's trigger and quotas in front of moto; daemons go through it.
     pub(super) cognito: Option<CognitoProxy>,
+    /// AWS's authorization in front of moto and mosquitto ([`Cloud::start_enforced`]).
+    pub(super) gate: Option<Gate>,
     pub(super) moto: Process,
     // Dropped last: the processes above must be gone before the namespace is deleted.
     pub namespace: Namespace,
@@ -100,6 +102,7 @@ impl Cloud {
             dir,
             broker: None,
             cognito: None,
+            gate: None,
             moto,
             namespace,
         };
@@ -118,12 +121,24 @@ impl Cloud {
         format!("http://127.0.0.1:{MOTO_PORT}")
     }
 
-    /// Where daemons send their AWS calls: the Cognito proxy in fleet mode, moto otherwise.
+    /// Where daemons send their AWS calls: the gate of an enforced cloud, the Cognito proxy
+    /// in fleet mode, moto otherwise.
     pub fn daemon_endpoint(&self) -> String {
-        match &self.cognito {
-            Some(proxy) => proxy.endpoint(),
-            None => self.endpoint(),
+        match (&self.gate, &self.cognito) {
+            (Some(_), _) => format!("http://127.0.0.1:{GATE_HTTP_PORT}"),
+            (None, Some(proxy)) => proxy.endpoint(),
+            (None, None) => self.endpoint(),
         }
+    }
+
+    /// Where daemons connect for MQTT: the gate of an enforced cloud, else the broker.
+    pub fn mqtt_url(&self) -> String {
+        let port = if self.gate.is_some() {
+            GATE_WSS_PORT
+        } else {
+            WSS_PORT
+        };
+        format!("wss://127.0.0.1:{port}/mqtt")
     }
 
     /// The Cognito proxy of [`Cloud::start_fleet`].
@@ -169,7 +184,10 @@ impl Cloud {
             dir = script.parent().expect("dir").display().to_string(),
             endpoint = self.endpoint(),
         );
-        serde_json::from_str(self.python(&code).trim()).expect("provision output")
+        let output = self.python(&code);
+        // The gate reads what was provisioned (tests/harness/gate.rs).
+        std::fs::write(self.dir.path().join("account.json"), output.trim()).expect("account");
+        serde_json::from_str(output.trim()).expect("provision output")
     }
 
     /// Fails when any text holds a secret of this account: the shared user's password or the

@@ -18,12 +18,13 @@ impl Cloud {
         let text = format!(
             "[aws]\nendpoint_url = {endpoint:?}\n\n\
              [identity]\nidentity_pool_id = {pool:?}\nsecret_id = {secret:?}\n{unauth}\n\
-             [mqtt]\nurl = \"wss://127.0.0.1:{WSS_PORT}/mqtt\"\nca_file = {ca:?}\n\n\
+             [mqtt]\nurl = {mqtt:?}\nca_file = {ca:?}\n\n\
              [socket]\npath = {socket:?}\n\n[state]\ndir = {state:?}\n\n\
              [publish]\nmax_publishes_per_second = 0\nmax_bytes_per_second = \"0\"\n\n\
              [log]\nlevel = \"debug\"\n{extra}",
             pool = self.account.identity_pool_id,
             secret = self.account.secret_id,
+            mqtt = self.mqtt_url(),
             ca = self.ca_file.display().to_string(),
             socket = dir.join("relay.sock").display().to_string(),
             state = dir.join("state").display().to_string(),

@@ -88,6 +88,11 @@ impl Cloud {
     /// plays Lambda for that function, running the template's handler against moto. Start the
     /// daemon with [`AttachProxy::config`] and [`AttachProxy::env`].
     pub fn enable_attach_function(&self) -> AttachProxy {
+        self.enable_attach_function_with(&[])
+    }
+
+    /// Like [`Cloud::enable_attach_function`], with extra environment for the function.
+    pub(super) fn enable_attach_function_with(&self, env: &[(&str, String)]) -> AttachProxy {
         let function = "arn:aws:lambda:us-east-1:123456789012:function:relay-test-attach-policy";
         self.python(&format!(
             "import boto3; boto3.client('secretsmanager').tag_resource(SecretId={secret:?}, \
@@ -108,6 +113,7 @@ impl Cloud {
                     .args(["--policy", &self.account.iot_policy])
                     .arg("--log")
                     .arg(&log)
+                    .envs(env.iter().map(|(key, value)| (key, value)))
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()

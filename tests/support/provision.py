@@ -9,6 +9,11 @@ Usage: provision.py --endpoint http://127.0.0.1:PORT [--region us-east-1] [--pre
                     [--device-cidrs 127.0.0.0/8,::1/128] [--attach-function NAME]
                     [--registration-mode shared-user|self-register]
 
+The JSON printed also holds what tests/support/aws_gate.py needs to evaluate the template's
+policies with these physical ids: prefix, account_id, auth_role_arn, secret_arn,
+attach_function_arn (the template's function, named as it names it unless --attach-function
+gives another) and pre_sign_up_role_arn.
+
 --attach-function tags the secret with AttachFunction as the template does (devices then invoke
 that function instead of calling AttachPolicy). moto runs no Lambda code here: a test that uses
 it answers the invocations itself (tests/support/attach_proxy.py). Without it, the secret is that
@@ -45,28 +50,24 @@ def iot_policy_document(region, account, identity_pool_id, device_cidrs=None):
     """Each identity may connect as itself and publish under <pool>/<its identity id>/, only
     from the device network.
 
-    As in the template: Publish and Receive on its own topics, Subscribe to its own topic
-    filters (the downlink), nothing else.
+    As in the template: one statement (the device networks written once; each action matches
+    only its own resource kind): Connect as itself, Publish and Receive on its own topics,
+    Subscribe to its own topic filters (the downlink), nothing else.
     """
     sub = "${cognito-identity.amazonaws.com:sub}"
     arn = f"arn:aws:iot:{region}:{account}"
-    network = {"IpAddress": {"aws:SourceIp": list(device_cidrs or DEVICE_CIDRS)}}
     return {
         "Version": "2012-10-17",
         "Statement": [
-            {"Effect": "Allow", "Action": "iot:Connect", "Resource": f"{arn}:client/{sub}",
-             "Condition": network},
             {
                 "Effect": "Allow",
-                "Action": ["iot:Publish", "iot:Receive"],
-                "Resource": f"{arn}:topic/{identity_pool_id}/{sub}/*",
-                "Condition": network,
-            },
-            {
-                "Effect": "Allow",
-                "Action": "iot:Subscribe",
-                "Resource": f"{arn}:topicfilter/{identity_pool_id}/{sub}/*",
-                "Condition": network,
+                "Action": ["iot:Connect", "iot:Publish", "iot:Receive", "iot:Subscribe"],
+                "Resource": [
+                    f"{arn}:client/{sub}",
+                    f"{arn}:topic/{identity_pool_id}/{sub}/*",
+                    f"{arn}:topicfilter/{identity_pool_id}/{sub}/*",
+                ],
+                "Condition": {"IpAddress": {"aws:SourceIp": list(device_cidrs or DEVICE_CIDRS)}},
             },
         ],
     }
@@ -149,7 +150,7 @@ def provision(endpoint, region, prefix, device_cidrs=None, attach_function=None,
         ]["Arn"]
 
     unauth_role_arn = role(f"{prefix}-cognito-unauth-role", "unauthenticated")
-    role(f"{prefix}-cognito-auth-role", "authenticated")
+    auth_role_arn = role(f"{prefix}-cognito-auth-role", "authenticated")
     # moto does not implement SetIdentityPoolRoles (FIELD-NOTES); roles exist for the classic flow.
 
     policy_name = f"{prefix}-iot-policy"
@@ -176,7 +177,10 @@ def provision(endpoint, region, prefix, device_cidrs=None, attach_function=None,
         value = {"registration_code": code}
     else:
         value = {username: password}
-    sm.create_secret(Name=name, SecretString=json.dumps(value), Tags=tags)
+    secret_arn = sm.create_secret(Name=name, SecretString=json.dumps(value), Tags=tags)["ARN"]
+    function = attach_function or f"{prefix}-attach-policy"  # the template's FunctionName
+    if not function.startswith("arn:"):
+        function = f"arn:aws:lambda:{region}:{account}:function:{function}"
     return {
         "region": region,
         "identity_pool_id": identity_pool_id,
@@ -191,6 +195,14 @@ def provision(endpoint, region, prefix, device_cidrs=None, attach_function=None,
         "registration_mode": mode,
         "registration_code": code,
         "email_domain": PRE_SIGN_UP_EMAIL_DOMAIN,
+        # What tests/support/aws_gate.py needs to resolve the template's policies.
+        "prefix": prefix,
+        "account_id": account,
+        "auth_role_arn": auth_role_arn,
+        "secret_arn": secret_arn,
+        "attach_function_arn": function,
+        # Not created in moto (no Lambda runs here); named as the template names it.
+        "pre_sign_up_role_arn": f"arn:aws:iam::{account}:role/{prefix}-pre-sign-up-role",
     }
 
 
