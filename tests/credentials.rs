@@ -162,10 +162,10 @@ fn refreshes_credentials_living_minutes_margin_ahead_and_loses_nothing() {
 
 #[test]
 fn recovers_from_password_rotation_and_revoked_refresh_token() {
-    let cloud = Cloud::start();
+    let cloud = Cloud::start_enforced();
     let mut subscriber = cloud.subscribe();
     let dir = tempfile::tempdir().expect("tempdir");
-    let daemon = cloud.start_daemon(&cloud.config(dir.path(), false, ""));
+    let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, ""));
     daemon.wait_status("connected", WAIT, |s| s["state"] == "connected");
     let streamer = Streamer::start(daemon.socket.clone(), "rotation", 5);
 

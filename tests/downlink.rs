@@ -31,7 +31,7 @@ impl Device {
 
     /// Like `start`, with `edits` made to the harness's config first.
     fn start_editing(topics: &[&str], extra: &str, edits: &[(&str, &str)]) -> Device {
-        let mut cloud = Cloud::start();
+        let mut cloud = Cloud::start_enforced();
         cloud.start_broker();
         let dir = tempfile::tempdir().expect("tempdir");
         let downlink = format!("\n[downlink]\ntopics = {topics:?}\n{extra}");
@@ -197,7 +197,7 @@ fn an_unacked_message_goes_to_the_next_subscriber_and_payloads_keep_their_kind()
 
 #[test]
 fn bad_subscribe_and_ack_requests_get_protocol_errors() {
-    let cloud = Cloud::start();
+    let cloud = Cloud::start_enforced();
     let dir = tempfile::tempdir().expect("tempdir");
     // No broker needed: the socket answers offline.
     let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, ""));
@@ -303,7 +303,7 @@ fn the_cli_and_the_documented_examples_print_and_ack() {
 
 #[test]
 fn health_reports_come_every_interval_and_the_first_after_an_outage_says_how_long() {
-    let mut cloud = Cloud::start();
+    let mut cloud = Cloud::start_enforced();
     cloud.start_broker();
     let dir = tempfile::tempdir().expect("tempdir");
     let config = cloud.config(dir.path(), true, "\n[health]\ninterval = \"1s\"\n");

@@ -24,7 +24,7 @@ fn start(cloud: &Cloud, dir: &Path, name: &str) -> Daemon {
     } else {
         format!("\n[identity]\ndevice_name = {name:?}\n")
     };
-    let config = cloud.config(dir, false, "");
+    let config = cloud.config(dir, true, "");
     // The harness's config has an [identity] table already: add the key inside it.
     let text = std::fs::read_to_string(&config).expect("config");
     let text = text.replacen(

@@ -115,7 +115,7 @@ fn start_all(cloud: &Cloud, count: usize, sampler: &mut Sampler) -> Vec<Device> 
     for i in 0..count {
         let name = format!("sim-{i:04}");
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = cloud.config(dir.path(), false, "");
+        let config = cloud.config(dir.path(), true, "");
         let text = std::fs::read_to_string(&config).expect("config");
         let text = text.replacen(
             "[identity]\n",

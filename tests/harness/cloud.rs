@@ -49,6 +49,11 @@ pub struct Cloud {
 }
 
 impl Cloud {
+    /// A shared-user cloud whose emulators daemons reach directly. The onboarding tests
+    /// (e2e, downlink, fleet, credential rotation) use [`Cloud::start_enforced`] instead;
+    /// the data-path tests and benches (spool, protocol, publish, throughput) stay direct: a
+    /// Python gate in the MQTT path would be their bottleneck, and their fault proxies rewrite
+    /// what the gate would have to trust.
     pub fn start() -> Cloud {
         Cloud::start_with(false)
     }
@@ -61,9 +66,11 @@ impl Cloud {
     /// A self-register (fleet mode) account; every daemon's AWS calls go through
     /// tests/support/cognito_proxy.py, which plays the template's pre-sign-up trigger and
     /// answers TooManyRequestsException beyond `rates` (e.g. "SignUp=2,GetId=5"; "" = none).
+    /// AWS's authorization is enforced (tests/harness/gate.rs) in front of both.
     pub fn start_fleet(rates: &str) -> Cloud {
         let mut cloud = Cloud::start_in_mode(false, "self-register");
         cloud.cognito = Some(cloud.start_cognito_proxy(rates));
+        cloud.enforce(0);
         cloud
     }
 

@@ -32,7 +32,7 @@ impl Cloud {
         cloud
     }
 
-    fn enforce(&mut self, policy_delay_s: u64) {
+    pub(super) fn enforce(&mut self, policy_delay_s: u64) {
         let log = self.dir.path().join("gate.log");
         let control = self.dir.path().join("gate-mode");
         let stderr = std::fs::File::create(self.dir.path().join("gate.err")).expect("log");
