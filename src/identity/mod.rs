@@ -189,7 +189,6 @@ struct Retries {
     repeats: Repeats,
     /// Refreshes in a row that AWS refused for good (see `NON_TRANSIENT_LIMIT`).
     refused_in_a_row: u32,
-    last_reattach: Option<tokio::time::Instant>,
 }
 
 /// Owns the chain; see the module docs.
@@ -201,6 +200,12 @@ pub struct IdentityManager {
     sessions: watch::Sender<Option<Arc<Session>>>,
     status: watch::Sender<IdentityStatus>,
     refusals: RefusalSignal,
+    /// When IoT Core's refusals last had the policy attached again: they are not acted on
+    /// again sooner than [`REATTACH_MIN_INTERVAL`] after it (IoT Core may still be applying
+    /// the attachment, or the refusal is one an attachment does not cure).
+    last_reattach: Option<tokio::time::Instant>,
+    /// A refusal asked for the attach that the next pass makes (for `status`).
+    reattaching: bool,
 }
 
 /// The ends the rest of the daemon holds.
@@ -230,6 +235,8 @@ impl IdentityManager {
             sessions,
             status,
             refusals: refusals.clone(),
+            last_reattach: None,
+            reattaching: false,
         };
         (
             manager,
@@ -254,7 +261,6 @@ impl IdentityManager {
             backoff: Backoff::new(RETRY_BASE, RETRY_CAP, Duration::from_secs(1)),
             repeats: Repeats::default(),
             refused_in_a_row: 0,
-            last_reattach: None,
         };
         let mut signed_in: Option<SignedIn> = None;
         self.wait_after_boot(&heartbeat).await;
@@ -304,14 +310,17 @@ impl IdentityManager {
             status.last_error = None;
         });
         self.sessions.send_replace(Some(Arc::new(session)));
-        let may_reattach = retries
-            .last_reattach
-            .is_none_or(|at| at.elapsed() >= REATTACH_MIN_INTERVAL);
+        let hold_off = self.last_reattach.map(|at| at + REATTACH_MIN_INTERVAL);
         let refused = heartbeat
             .waiting(async {
                 tokio::select! {
                     _ = sleep_until(due, SystemTime::now) => false,
-                    _ = self.refusals.raised(), if may_reattach => true,
+                    _ = async {
+                        if let Some(until) = hold_off {
+                            tokio::time::sleep_until(until).await;
+                        }
+                        self.refusals.raised().await;
+                    } => true,
                 }
             })
             .await;
@@ -319,15 +328,13 @@ impl IdentityManager {
             // The next pass refreshes (a fresh ID token for the attach function) and attaches
             // the policy again; forgotten on disk too, so a restart attaches it as well.
             tracing::warn!(
-                "IoT Core refused this identity's connections: attaching the IoT policy again"
+                "IoT Core refuses this identity's connections: attaching the IoT policy again"
             );
+            self.refusals.clear();
             self.cache.attached_policy = None;
             self.save_cache();
-            retries.last_reattach = Some(tokio::time::Instant::now());
-            self.status.send_modify(|status| {
-                status.policy_reattached_at = Some(SystemTime::now());
-                status.policy_reattaches_total += 1;
-            });
+            self.last_reattach = Some(tokio::time::Instant::now());
+            self.reattaching = true;
         }
         SignedIn {
             reusable_until: None,
@@ -454,6 +461,12 @@ impl IdentityManager {
             self.cache.identity_id = Some(identity_id.clone());
             self.cache.attached_policy = Some(standing.secret.iot_policy.clone());
             self.save_cache();
+            if std::mem::take(&mut self.reattaching) {
+                self.status.send_modify(|status| {
+                    status.policy_reattached_at = Some(SystemTime::now());
+                    status.policy_reattaches_total += 1;
+                });
+            }
         }
         let session = Session {
             identity_id,

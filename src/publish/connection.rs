@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
 use rumqttc::{
@@ -99,7 +99,7 @@ pub struct Publisher {
     held_path: Option<PathBuf>,
     /// SUBSCRIBE requests not yet on the wire, then by packet id until their SUBACK.
     subscribing: VecDeque<Vec<String>>,
-    subscribed: HashMap<u16, Vec<String>>,
+    subscribed: VecDeque<(u16, Vec<String>)>,
     /// Health reports to publish (never spooled) and their relative topic.
     health: Option<(mpsc::Receiver<Vec<u8>>, String)>,
 }
@@ -146,7 +146,7 @@ impl Publisher {
             held: HeldFilters::default(),
             held_path: None,
             subscribing: VecDeque::new(),
-            subscribed: HashMap::new(),
+            subscribed: VecDeque::new(),
             health: None,
         };
         (publisher, link_rx, counters_rx)
@@ -215,7 +215,7 @@ impl Publisher {
                         tracing::warn!(
                             identity_id = %session.identity_id,
                             closes = REATTACH_AFTER_CLOSES,
-                            "IoT Core closed the connection right after CONNECT {REATTACH_AFTER_CLOSES} times in a row (what it does when no attached IoT policy allows iot:Connect): attaching the IoT policy again"
+                            "IoT Core closed the connection right after CONNECT {REATTACH_AFTER_CLOSES} times without a CONNACK in between (what it does when no attached IoT policy allows iot:Connect): asking for the IoT policy to be attached again (at most every 5 minutes)"
                         );
                         self.refusals.raise();
                     }
@@ -470,8 +470,9 @@ impl Publisher {
             Some(Ok(Event::Incoming(Packet::Publish(publish)))) => self.received.push(publish),
             Some(Ok(Event::Outgoing(Outgoing::Subscribe(packet_id)))) => {
                 // Packet ids are assigned in request order.
+                // Packet ids wrap and are shared with publishes: matched oldest first.
                 if let Some(filters) = self.subscribing.pop_front() {
-                    self.subscribed.insert(packet_id, filters);
+                    self.subscribed.push_back((packet_id, filters));
                 }
             }
             Some(Ok(Event::Incoming(Packet::SubAck(ack)))) => self.on_suback(&ack),
@@ -485,6 +486,7 @@ impl Publisher {
                     return;
                 };
                 if event == BrokerEvent::Connected {
+                    self.refusals.clear();
                     self.link.send_replace(LinkState::Connected);
                     tracing::info!(identity_id = %session.identity_id, state = "connected", "connected to the broker");
                 }
@@ -506,7 +508,10 @@ impl Publisher {
     /// A SUBACK: granted filters are held by the session from now on (remembered on disk);
     /// a refused one (the IoT policy denies it) is said in the log.
     fn on_suback(&mut self, ack: &rumqttc::SubAck) {
-        let Some(filters) = self.subscribed.remove(&ack.pkid) else {
+        let Some(at) = self.subscribed.iter().position(|(id, _)| *id == ack.pkid) else {
+            return;
+        };
+        let Some((_, filters)) = self.subscribed.remove(at) else {
             return;
         };
         let granted: Vec<bool> = ack
@@ -517,6 +522,11 @@ impl Publisher {
         for filter in self.held.on_suback(&filters, &granted) {
             tracing::warn!(%filter, "the broker refused this downlink subscription (SUBACK failure: the IoT policy does not allow it); nothing will arrive on it");
         }
+        self.save_held();
+    }
+
+    /// Writes what the broker's session holds; a failure means subscribing again next time.
+    fn save_held(&self) {
         if let Some(path) = &self.held_path
             && let Err(error) = self.held.save(path)
         {
@@ -537,9 +547,15 @@ impl Publisher {
         };
         if let Some(session_present) = self.must_subscribe.take() {
             let wanted = inbound.subscriptions(&session.identity_id);
+            let before = self.held.clone();
             let filters = self
                 .held
                 .after_connack(&session.identity_id, &wanted, session_present);
+            if self.held != before {
+                // A new session holds nothing: on disk before anything can be granted, so a
+                // restart within this connection cannot believe the old filters held.
+                self.save_held();
+            }
             tracing::info!(
                 session_present,
                 filters = filters.len(),
