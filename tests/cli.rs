@@ -610,3 +610,73 @@ fn check_config_shows_the_device_name_and_refuses_a_bad_one() {
         &["identity.start_delay", "at most 1h"],
     );
 }
+
+/// Kills a child (a daemon started by a test) when the test ends, also on failure.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The documented pipe `some-sensor | iot-cognito-relay send --topic t` with a sensor slower
+/// than `socket.idle_timeout`: the daemon closes the idle connection between two lines, and
+/// `send` connects again instead of losing the next line to a broken pipe.
+#[test]
+fn send_from_a_slow_pipe_survives_the_daemons_idle_close() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("relay.sock");
+    let config = write(
+        dir.path(),
+        &format!(
+            "{VALID}\n[aws]\nendpoint_url = \"http://127.0.0.1:1\"\n\
+             [socket]\npath = {socket:?}\nidle_timeout = \"1s\"\n[state]\ndir = {:?}\n",
+            dir.path().join("state"),
+        ),
+    );
+    let _daemon = Running(
+        Command::new(BIN)
+            .args(["run", "--config", &config])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start daemon"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "the daemon never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let socket = socket.display().to_string();
+    let spooled = || {
+        let output = run(&["status", "--json", "--socket", &socket], &[]);
+        let status: serde_json::Value = serde_json::from_slice(&output.stdout).expect("status");
+        status["spool_messages"].as_u64().expect("spool_messages")
+    };
+    let mut sender = Command::new(BIN)
+        .args(["send", "--socket", &socket, "--topic", "sensors/slow"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start send");
+    let mut sensor = sender.stdin.take().expect("stdin");
+    for reading in 1..=2u64 {
+        use std::io::Write;
+        writeln!(sensor, "{{\"c\": {reading}}}").expect("write a reading");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while spooled() < reading {
+            assert!(Instant::now() < deadline, "reading {reading} never arrived");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Quieter than socket.idle_timeout: the daemon closes the connection.
+        std::thread::sleep(Duration::from_millis(2500));
+    }
+    drop(sensor);
+    let output = sender.wait_with_output().expect("send ends");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(spooled(), 2);
+}

@@ -3,8 +3,6 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -103,112 +101,237 @@ fn payload_value(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
 }
 
+/// How many times in a row `send` connects again to a daemon that closed the connection
+/// without taking a line (a daemon that keeps doing so is not idle-closing: it refuses).
+const MAX_RECONNECTS_IN_A_ROW: u32 = 3;
+/// Lines `send` has out unanswered at most: its memory stays bounded however long the input.
+const MAX_UNANSWERED: usize = 1024;
+
+/// What the threads of `send` report to it.
+enum Event {
+    /// The next protocol line from the input.
+    Line(String),
+    /// The input ended (or failed).
+    InputDone(std::io::Result<()>),
+    /// An answer on connection `n`.
+    Answer(u32, String),
+    /// Connection `n` was closed by the daemon (or failed).
+    Closed(u32),
+}
+
 /// Sends every input and waits for each answer, giving up when the daemon leaves an owed
-/// answer (or a write) waiting for `timeout`. Returns how many were refused; each refusal is
-/// printed to stderr.
+/// answer waiting for `timeout`. When the daemon closes the connection (e.g. after
+/// `socket.idle_timeout` of quiet between a sensor's lines), `send` connects again and sends
+/// every line not yet answered once more: a line may arrive twice, never not at all. Returns
+/// how many were refused; each refusal is printed to stderr.
 pub fn send(
     socket: &Path,
     framing: Framing,
     payloads: Payloads,
     timeout: Duration,
 ) -> Result<u64, SocketClientError> {
-    let stream = connect(socket, timeout)?;
-    let writer = stream.try_clone()?;
-    let written = Arc::new(AtomicU64::new(0));
-    let sent_so_far = written.clone();
-    // Written by one thread while this one reads answers, so neither side's buffer fills up.
-    // Not scoped: on a timeout this thread may sit in a stdin read, and must not be joined.
-    let sender = std::thread::spawn(move || write_inputs(writer, &framing, payloads, &written));
-    let owed = || sent_so_far.load(Ordering::SeqCst);
-    let (answers, refused) = read_answers(stream, timeout, owed, || sender.is_finished())?;
-    let sent = match sender.join() {
-        Ok(Err(error)) if timed_out(&error) => return Err(SocketClientError::Timeout(timeout)),
-        Ok(result) => result?,
-        Err(_) => return Err(SocketClientError::BadAnswer("sender thread failed".into())),
-    };
-    if answers < sent {
-        return Err(SocketClientError::Closed);
+    let (events, inbox) = std::sync::mpsc::channel();
+    let mut link = Link::open(socket, timeout, 0, &events)?;
+    // One credit per line the input may frame: given back with each answer.
+    let (credit, credits) = std::sync::mpsc::sync_channel(MAX_UNANSWERED);
+    for _ in 0..MAX_UNANSWERED {
+        let _ = credit.try_send(());
     }
-    Ok(refused)
+    // Not scoped: on a timeout this thread may sit in a stdin read, and must not be joined.
+    let input = events.clone();
+    std::thread::spawn(move || {
+        let result = frame_inputs(&framing, payloads, &input, &credits);
+        let _ = input.send(Event::InputDone(result));
+    });
+    // Lines written and not answered yet, with the id each answer will carry.
+    let mut unanswered: Vec<(Option<Value>, String)> = Vec::new();
+    let mut input_done = false;
+    let mut refused = 0u64;
+    let mut reconnects = 0u32;
+    loop {
+        if input_done && unanswered.is_empty() {
+            return Ok(refused);
+        }
+        let event = match inbox.recv_timeout(timeout) {
+            Ok(event) => event,
+            // Nothing owed: the input is slow, not the daemon.
+            Err(_) if unanswered.is_empty() => continue,
+            Err(_) => return Err(SocketClientError::Timeout(timeout)),
+        };
+        match event {
+            Event::Line(line) => {
+                if link.closed {
+                    // The daemon closed the (idle) connection: a new one, with what it left
+                    // unanswered.
+                    link = Link::open(socket, timeout, link.number + 1, &events)?;
+                    for (_, line) in &unanswered {
+                        link.write(line);
+                    }
+                }
+                link.write(&line);
+                unanswered.push((line_id(&line), line));
+            }
+            Event::InputDone(result) => {
+                result.map_err(io_error(timeout))?;
+                input_done = true;
+                link.finish_writing();
+            }
+            Event::Answer(n, text) if n == link.number => {
+                reconnects = 0;
+                let answer: Value = serde_json::from_str(&text)
+                    .map_err(|_| SocketClientError::BadAnswer(text.clone()))?;
+                // Answers come as lines finish (an error at once, an ok once stored): matched
+                // by id; a line that had none (not JSON) is answered without one.
+                let id = answer.get("id").filter(|id| !id.is_null());
+                if let Some(at) = unanswered
+                    .iter()
+                    .position(|(line_id, _)| line_id.as_ref() == id)
+                {
+                    unanswered.remove(at);
+                } else if !unanswered.is_empty() {
+                    unanswered.remove(0);
+                }
+                let _ = credit.try_send(());
+                if answer["ok"] != Value::Bool(true) {
+                    refused += 1;
+                    eprintln!(
+                        "message {}: {}: {}",
+                        answer["id"],
+                        answer["error"].as_str().unwrap_or("error"),
+                        answer["message"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            Event::Closed(n) if n == link.number => {
+                link.closed = true;
+                if unanswered.is_empty() {
+                    // An idle close: the next line opens a new connection.
+                    continue;
+                }
+                reconnects += 1;
+                if reconnects > MAX_RECONNECTS_IN_A_ROW {
+                    return Err(SocketClientError::Closed);
+                }
+                link = Link::open(socket, timeout, link.number + 1, &events)?;
+                for (_, line) in &unanswered {
+                    link.write(line);
+                }
+                if input_done {
+                    link.finish_writing();
+                }
+            }
+            // From a connection given up already.
+            Event::Answer(..) | Event::Closed(_) => {}
+        }
+    }
 }
 
-/// Writes one protocol line per input, counting them in `written`; returns the count.
-fn write_inputs(
-    mut writer: UnixStream,
+/// The id the daemon's answer to `line` carries (None for a line that is not a JSON object).
+fn line_id(line: &str) -> Option<Value> {
+    serde_json::from_str::<Value>(line)
+        .ok()?
+        .get("id")
+        .filter(|id| !id.is_null())
+        .cloned()
+}
+
+/// One connection of `send`: its write half, and a thread that reports its answers.
+struct Link {
+    number: u32,
+    writer: UnixStream,
+    /// The daemon closed it (its reader said so), or a write failed.
+    closed: bool,
+}
+
+impl Link {
+    fn open(
+        socket: &Path,
+        timeout: Duration,
+        number: u32,
+        events: &std::sync::mpsc::Sender<Event>,
+    ) -> Result<Link, SocketClientError> {
+        let stream = connect(socket, timeout)?;
+        let writer = stream.try_clone()?;
+        // Reads block without a deadline here: `send` keeps the time itself.
+        stream.set_read_timeout(None)?;
+        let events = events.clone();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            loop {
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => {
+                        let _ = events.send(Event::Closed(number));
+                        return;
+                    }
+                    Ok(_) => {
+                        let text = std::mem::take(&mut line).trim_end().to_owned();
+                        if events.send(Event::Answer(number, text)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Link {
+            number,
+            writer,
+            closed: false,
+        })
+    }
+
+    /// A failed write means the daemon closed the connection: its reader reports that, and
+    /// the line is sent again on the next one.
+    fn write(&mut self, line: &str) {
+        if !self.closed
+            && self
+                .writer
+                .write_all(format!("{line}\n").as_bytes())
+                .is_err()
+        {
+            self.closed = true;
+        }
+    }
+
+    /// Nothing more to send: the daemon answers what it has and closes.
+    fn finish_writing(&self) {
+        let _ = self.writer.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Turns each input into one protocol line (ids 1, 2, …) for `send`.
+fn frame_inputs(
     framing: &Framing,
     payloads: Payloads,
-    written: &AtomicU64,
-) -> std::io::Result<u64> {
+    events: &std::sync::mpsc::Sender<Event>,
+    credits: &std::sync::mpsc::Receiver<()>,
+) -> std::io::Result<()> {
     let mut count = 0u64;
-    let mut write = |payload: &str, count: &mut u64| -> std::io::Result<()> {
-        *count += 1;
+    let mut frame = |payload: &str| {
+        // Waits while MAX_UNANSWERED lines are out; `send` gone means nothing more to do.
+        let _ = credits.recv();
+        count += 1;
         let line = match framing {
             Framing::Message { topic, qos } => {
-                json!({"topic": topic, "payload": payload_value(payload), "qos": qos, "id": *count})
+                json!({"topic": topic, "payload": payload_value(payload), "qos": qos, "id": count})
                     .to_string()
             }
-            Framing::Json => protocol_line(payload, *count),
+            Framing::Json => protocol_line(payload, count),
         };
-        writer.write_all(format!("{line}\n").as_bytes())?;
-        written.store(*count, Ordering::SeqCst);
-        Ok(())
+        let _ = events.send(Event::Line(line));
     };
     match payloads {
-        Payloads::One(text) => write(&text, &mut count)?,
+        Payloads::One(text) => frame(&text),
         Payloads::Lines(lines) => {
             for line in lines.lines() {
                 let line = line?;
                 if !line.trim().is_empty() {
-                    write(&line, &mut count)?;
+                    frame(&line);
                 }
             }
         }
     }
-    writer.shutdown(std::net::Shutdown::Write)?;
-    Ok(count)
-}
-
-/// Reads answers until the daemon closes, or until none is owed and the writer is done.
-/// Returns (answers, refused); each refusal is printed to stderr.
-fn read_answers(
-    stream: UnixStream,
-    timeout: Duration,
-    owed: impl Fn() -> u64,
-    writer_done: impl Fn() -> bool,
-) -> Result<(u64, u64), SocketClientError> {
-    let mut answers = 0u64;
-    let mut refused = 0u64;
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    loop {
-        match reader.read_line(&mut line) {
-            Ok(0) => return Ok((answers, refused)),
-            Ok(_) => {}
-            // Nothing owed yet: the input is slow, not the daemon.
-            Err(error) if timed_out(&error) && answers >= owed() => {
-                if writer_done() {
-                    return Ok((answers, refused));
-                }
-                continue;
-            }
-            Err(error) if timed_out(&error) => return Err(SocketClientError::Timeout(timeout)),
-            Err(error) => return Err(error.into()),
-        }
-        let text = std::mem::take(&mut line);
-        let text = text.trim_end();
-        let answer: Value = serde_json::from_str(text)
-            .map_err(|_| SocketClientError::BadAnswer(text.to_owned()))?;
-        answers += 1;
-        if answer["ok"] != Value::Bool(true) {
-            refused += 1;
-            eprintln!(
-                "message {}: {}: {}",
-                answer["id"],
-                answer["error"].as_str().unwrap_or("error"),
-                answer["message"].as_str().unwrap_or("")
-            );
-        }
-    }
+    Ok(())
 }
 
 /// Asks the daemon for its status object, giving up after `timeout`.

@@ -74,7 +74,19 @@ impl Inbox {
     /// messages are lost, which is logged) rather than keeping the daemon from starting.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Inbox, InboxError> {
         let path = dir.join(INBOX_FILE);
-        match Self::open_file(&path, max_bytes) {
+        // SQLite deletes the WAL when the connection that found the db corrupt closes: a hard
+        // link keeps its messages (already acknowledged to the broker) for the move aside.
+        let wal = with_suffix(&path, "-wal");
+        let kept_wal = with_suffix(&path, "-wal.kept");
+        let _ = std::fs::remove_file(&kept_wal);
+        let wal_kept = std::fs::hard_link(&wal, &kept_wal).is_ok();
+        let opened = Self::open_file(&path, max_bytes);
+        let corrupt =
+            matches!(&opened, Err(InboxError::Open { source, .. }) if is_corruption(source));
+        if !corrupt {
+            let _ = std::fs::remove_file(&kept_wal);
+        }
+        match opened {
             Err(InboxError::Open { source, .. }) if is_corruption(&source) => {
                 let aside = path.with_extension(format!(
                     "db.corrupt-{}",
@@ -82,8 +94,13 @@ impl Inbox {
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_secs())
                 ));
-                let _ = std::fs::remove_file(path.with_extension("db-wal"));
-                let _ = std::fs::remove_file(path.with_extension("db-shm"));
+                // The WAL goes with the db: it may hold messages already acknowledged to
+                // the broker, which only it has.
+                if wal_kept {
+                    let _ = std::fs::rename(&kept_wal, with_suffix(&aside, "-wal"));
+                }
+                let _ = std::fs::remove_file(&wal);
+                let _ = std::fs::remove_file(with_suffix(&path, "-shm"));
                 std::fs::rename(&path, &aside).map_err(|e| InboxError::Open {
                     path: path.clone(),
                     source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
@@ -243,6 +260,13 @@ impl Inbox {
     }
 }
 
+/// `path` with `suffix` appended to its file name (SQLite's `-wal` / `-shm` naming).
+fn with_suffix(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    name.into()
+}
+
 fn is_corruption(error: &rusqlite::Error) -> bool {
     matches!(
         error.sqlite_error_code(),
@@ -322,16 +346,34 @@ mod tests {
         assert!(second > first);
     }
 
+    /// The WAL is moved aside with the db, never deleted: it can hold messages already
+    /// acknowledged to the broker.
     #[test]
-    fn a_corrupt_file_is_moved_aside() {
+    fn a_corrupt_file_is_moved_aside_with_its_wal() {
         let dir = tempfile::tempdir().expect("tempdir");
+        let wal = b"messages only the WAL holds".to_vec();
         std::fs::write(dir.path().join(INBOX_FILE), vec![0x5a; 8192]).expect("garbage");
+        std::fs::write(with_suffix(&dir.path().join(INBOX_FILE), "-wal"), &wal).expect("wal");
         let inbox = Inbox::open(dir.path(), 1 << 20).expect("open anyway");
         assert_eq!(inbox.stats().messages, 0);
-        let aside = std::fs::read_dir(dir.path())
+        let names: Vec<String> = std::fs::read_dir(dir.path())
             .expect("dir")
             .filter_map(Result::ok)
-            .any(|e| e.file_name().to_string_lossy().contains("corrupt"));
-        assert!(aside);
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names
+                .iter()
+                .any(|n| n.contains("corrupt") && !n.ends_with("-wal")),
+            "{names:?}"
+        );
+        let aside_wal = names
+            .iter()
+            .find(|n| n.contains("corrupt") && n.ends_with("-wal"))
+            .unwrap_or_else(|| panic!("the WAL was not kept: {names:?}"));
+        assert_eq!(
+            std::fs::read(dir.path().join(aside_wal)).expect("read"),
+            wal
+        );
     }
 }

@@ -634,6 +634,53 @@ mod tests {
         );
     }
 
+    /// Drop-oldest makes room only with rows older than the commit: a row of the same commit
+    /// was answered `ok` (or is about to be), so it is never what gets dropped; what does not
+    /// fit is answered `spool_full` instead.
+    #[tokio::test]
+    async fn drop_oldest_never_drops_rows_of_the_commit_that_makes_room() {
+        const LIMIT: u64 = 256 * 1024;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open_with_window(dir.path(), LIMIT, OnFull::DropOldest, LONG_WINDOW)
+            .expect("open");
+        // One commit's worth (`behind::MAX_UNREAD` held messages are committed together),
+        // more than the limit holds.
+        let mut answers = Vec::new();
+        for n in 0..behind::MAX_UNREAD as u32 {
+            let mut payload = vec![0; 1024];
+            payload[..4].copy_from_slice(&n.to_be_bytes());
+            answers.push(spool.submit(message("t", &payload)).await.expect("queued"));
+        }
+        let mut accepted = Vec::new();
+        for (n, answer) in answers.into_iter().enumerate() {
+            let outcome = tokio::time::timeout(Duration::from_secs(10), answer)
+                .await
+                .expect("answered")
+                .expect("answer sent");
+            if outcome.is_ok() {
+                accepted.push(n as u32);
+            } else {
+                assert_eq!(outcome, Err(AppendError::Full(LIMIT)));
+            }
+        }
+        let kept: Vec<u32> = read_all(&spool)
+            .await
+            .iter()
+            .map(|m| u32::from_be_bytes(m.message.payload[..4].try_into().expect("n")))
+            .collect();
+        let lost: Vec<&u32> = accepted.iter().filter(|n| !kept.contains(n)).collect();
+        assert!(
+            lost.is_empty(),
+            "answered ok, then dropped: {lost:?} ({} accepted, {} kept)",
+            accepted.len(),
+            kept.len()
+        );
+        assert!(
+            accepted.len() < 300,
+            "more than the limit holds was refused"
+        );
+    }
+
     fn page_size(dir: &Path) -> i64 {
         on_disk(dir, "PRAGMA page_size")
     }

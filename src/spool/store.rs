@@ -655,9 +655,11 @@ impl Store {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO messages (id, topic, payload, qos, size, kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
+            // Only rows older than this commit: its own rows are answered `ok` with it.
             let mut oldest = tx.prepare_cached(
-                "DELETE FROM messages WHERE id = (SELECT MIN(id) FROM messages) RETURNING size",
+                "DELETE FROM messages WHERE id = (SELECT MIN(id) FROM messages WHERE id < ?1) RETURNING size",
             )?;
+            let first_id = batch.first().map_or(i64::MAX, |m| m.id);
             for StoredMessage { id, message } in batch {
                 let size = (message.topic.len() + message.payload.len()) as u64;
                 let cost = size + ROW_OVERHEAD;
@@ -676,7 +678,7 @@ impl Store {
                     let mut dropped_here = 0;
                     while used + cost > self.max_bytes && dropped_here < TRIM_CHUNK_ROWS {
                         let Some(freed) = oldest
-                            .query_row([], |row| row.get::<_, i64>(0))
+                            .query_row([first_id], |row| row.get::<_, i64>(0))
                             .optional()?
                         else {
                             break;
@@ -685,6 +687,14 @@ impl Store {
                         dropped_here += 1;
                         self.stats.messages = self.stats.messages.saturating_sub(1);
                         self.stats.dropped_total += 1;
+                    }
+                    if used + cost > self.max_bytes {
+                        used = Self::live_pages_bytes(&tx, self.page_size)? + reserve;
+                    }
+                    if used + cost > self.max_bytes && dropped_here < TRIM_CHUNK_ROWS {
+                        // Nothing older is left to drop: this one does not fit.
+                        results.push(Err(AppendError::Full(self.max_bytes)));
+                        continue;
                     }
                 }
                 insert.execute(params![
@@ -699,6 +709,34 @@ impl Store {
                 self.stats.messages += 1;
                 self.stats.last_id = self.stats.last_id.max(*id);
                 results.push(Ok(()));
+            }
+            // The per-row estimate runs behind the pages really used: settle on what the pages
+            // say before anything is answered. Older rows go first (drop-oldest); then this
+            // commit's newest rows are refused, never its older ones dropped after their `ok`.
+            let mut actual = Self::live_pages_bytes(&tx, self.page_size)? + reserve;
+            while actual > self.max_bytes && self.on_full == OnFull::DropOldest {
+                if oldest
+                    .query_row([first_id], |row| row.get::<_, i64>(0))
+                    .optional()?
+                    .is_none()
+                {
+                    break;
+                }
+                self.stats.messages = self.stats.messages.saturating_sub(1);
+                self.stats.dropped_total += 1;
+                actual = Self::live_pages_bytes(&tx, self.page_size)? + reserve;
+            }
+            let mut refuse = tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?;
+            for (StoredMessage { id, .. }, result) in batch.iter().zip(results.iter_mut()).rev() {
+                if actual <= self.max_bytes {
+                    break;
+                }
+                if result.is_ok() {
+                    refuse.execute([id])?;
+                    *result = Err(AppendError::Full(self.max_bytes));
+                    self.stats.messages = self.stats.messages.saturating_sub(1);
+                    actual = Self::live_pages_bytes(&tx, self.page_size)? + reserve;
+                }
             }
         }
         tx.commit()?;
