@@ -11,7 +11,7 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// The template's default stack, as `describe-stacks` shows its outputs for this account.
+/// A shared-user stack from the template, as `describe-stacks` shows its outputs.
 fn stack_outputs(cloud: &Cloud) -> String {
     let account = &cloud.account;
     let outputs: Vec<Value> = [
@@ -57,7 +57,7 @@ fn config_from_stack(cloud: &Cloud, dir: &Path) -> (PathBuf, Vec<(String, String
     (config, env)
 }
 
-/// The default stack -> `config-from-stack` -> daemon onboards and relays with AWS's
+/// A shared-user stack -> `config-from-stack` -> daemon onboards and relays with AWS's
 /// authorization enforced (tests/support/aws_gate.py: the template's role policies, the
 /// guest session policy, the secret's resource policy, the IoT policy), and keeps its
 /// identity across a restart.

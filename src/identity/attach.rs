@@ -57,7 +57,8 @@ impl RefusalSignal {
 
 /// Whether a connection error is IoT Core refusing this identity (as opposed to the network):
 /// a CONNACK "not authorized" / "bad user name or password", or the websocket upgrade answered
-/// 401/403. A connection closed without any CONNACK is not counted: a network fault looks the same.
+/// 401/403. A connection closed without any CONNACK is not one on its own (a network fault can
+/// look the same): the publisher's flow counts those and raises after several in a row.
 pub fn is_authorization_refusal(error: &ConnectionError) -> bool {
     match error {
         ConnectionError::ConnectionRefused(

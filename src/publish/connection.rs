@@ -520,7 +520,7 @@ impl Publisher {
             .map(|code| matches!(code, SubscribeReasonCode::Success(_)))
             .collect();
         for filter in self.held.on_suback(&filters, &granted) {
-            tracing::warn!(%filter, "the broker refused this downlink subscription (SUBACK failure: the IoT policy does not allow it); nothing will arrive on it");
+            tracing::warn!(%filter, "the broker refused this downlink subscription (SUBACK failure: the IoT policy does not allow it); nothing arrives on it, subscribing again at the next connect");
         }
         self.save_held();
     }

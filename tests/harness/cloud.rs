@@ -49,8 +49,8 @@ pub struct Cloud {
 }
 
 impl Cloud {
-    /// A shared-user cloud whose emulators daemons reach directly. The onboarding tests
-    /// (e2e, downlink, fleet, credential rotation) use [`Cloud::start_enforced`] instead;
+    /// A shared-user cloud whose emulators daemons reach directly. The onboarding and heal
+    /// tests of e2e, downlink, fleet and credential rotation use [`Cloud::start_enforced`];
     /// the data-path tests and benches (spool, protocol, publish, throughput) stay direct: a
     /// Python gate in the MQTT path would be their bottleneck, and their fault proxies rewrite
     /// what the gate would have to trust.

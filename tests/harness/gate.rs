@@ -18,7 +18,8 @@ pub struct Gate {
 }
 
 impl Cloud {
-    /// A shared-user cloud as the template's default stack builds it, with AWS's authorization
+    /// A shared-user cloud as the template builds a `RegistrationMode=shared-user` stack, with
+    /// AWS's authorization
     /// enforced (see the module docs). Daemons made by [`Cloud::config`] go through it.
     pub fn start_enforced() -> Cloud {
         Cloud::start_enforced_with(0)
