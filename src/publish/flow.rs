@@ -27,7 +27,12 @@ pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(23 * 3600);
 /// A planned reconnect waits at most this long for in-flight publishes to be acknowledged.
 pub const RENEW_GRACE: Duration = Duration::from_secs(10);
 /// A publish without PUBACK for this long means the connection is stuck: reconnect, republish.
+/// On a slow link each publish also gets the time to send what is ahead of it, itself
+/// included, at [`SLOWEST_LINK_BYTES_PER_S`]: a backlog of large publishes on a cellular
+/// uplink is slow, not stuck.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// The slowest uplink the deadlines allow for: 8 kbit/s (a weak GPRS or NB-IoT uplink).
+pub const SLOWEST_LINK_BYTES_PER_S: u64 = 1024;
 /// At most this many spool messages are read at once (the read is also bounded in bytes).
 pub const MAX_READ: usize = 4096;
 /// After a failed spool read, the next try comes this much later.
@@ -337,17 +342,19 @@ impl Flow {
                 );
             }
             BrokerEvent::Sent(packet_id) => {
-                if let Some((ids, qos)) = window.unassigned.pop_front() {
+                if let Some((ids, qos, bytes)) = window.unassigned.pop_front() {
                     match qos {
                         Qos::AtMostOnce => window.delivered.extend(ids),
                         Qos::AtLeastOnce => {
-                            window.in_flight.insert(packet_id, (ids, now));
+                            let ahead = window.in_flight_bytes() + bytes;
+                            let deadline = now + ack_deadline(ahead);
+                            window.in_flight.insert(packet_id, (ids, deadline, bytes));
                         }
                     }
                 }
             }
             BrokerEvent::Acked(packet_id) => {
-                if let Some((ids, _)) = window.in_flight.remove(&packet_id) {
+                if let Some((ids, _, _)) = window.in_flight.remove(&packet_id) {
                     window.delivered.extend(ids);
                 }
             }
@@ -429,11 +436,15 @@ impl Flow {
         }
         if link
             .window
-            .oldest_in_flight()
-            .is_some_and(|sent| now >= sent + ACK_TIMEOUT)
+            .earliest_deadline()
+            .is_some_and(|deadline| now >= deadline)
         {
             self.fail(
-                format!("no PUBACK within {}s", ACK_TIMEOUT.as_secs()),
+                format!(
+                    "no PUBACK in time ({}s, plus the time to send what was ahead at {} B/s)",
+                    ACK_TIMEOUT.as_secs(),
+                    SLOWEST_LINK_BYTES_PER_S
+                ),
                 Failure::Other,
             );
         }
@@ -467,7 +478,7 @@ impl Flow {
             // Tracked like any publish: packet ids are matched to requests in order.
             link.window
                 .unassigned
-                .push_back((Vec::new(), Qos::AtMostOnce));
+                .push_back((Vec::new(), Qos::AtMostOnce, size));
             return Some(Action::Publish(Publish {
                 topic,
                 qos: Qos::AtMostOnce,
@@ -568,7 +579,7 @@ impl Flow {
         link.cursor = last;
         link.window
             .unassigned
-            .push_back((outgoing.ids, outgoing.qos));
+            .push_back((outgoing.ids, outgoing.qos, size));
         Some(Action::Publish(Publish {
             topic,
             qos: outgoing.qos,
@@ -584,10 +595,7 @@ impl Flow {
             .renew_by
             .is_none()
             .then(|| link.opened + MAX_CONNECTION_AGE);
-        let ack = link
-            .window
-            .oldest_in_flight()
-            .map(|sent| sent + ACK_TIMEOUT);
+        let ack = link.window.earliest_deadline();
         [
             link.paced_until,
             link.lingering_until,
@@ -641,10 +649,10 @@ impl Flow {
 #[derive(Default)]
 struct Window {
     /// Published, waiting for a packet id (assigned in request order): the spool ids each
-    /// publish carries.
-    unassigned: VecDeque<(Vec<i64>, Qos)>,
-    /// Packet id → (spool ids, when it went out), waiting for PUBACK.
-    in_flight: HashMap<u16, (Vec<i64>, Instant)>,
+    /// publish carries, and its size (topic and payload).
+    unassigned: VecDeque<(Vec<i64>, Qos, u64)>,
+    /// Packet id → (spool ids, its PUBACK deadline, its size), waiting for PUBACK.
+    in_flight: HashMap<u16, (Vec<i64>, Instant, u64)>,
     /// Spool ids the broker has (QoS 1) or that went out (QoS 0): to remove from the spool.
     delivered: Vec<i64>,
 }
@@ -656,13 +664,26 @@ impl Window {
 
     /// Whether spool message `id` went out on this connection and is not acknowledged.
     fn holds(&self, id: i64) -> bool {
-        self.unassigned.iter().any(|(ids, _)| ids.contains(&id))
-            || self.in_flight.values().any(|(ids, _)| ids.contains(&id))
+        self.unassigned.iter().any(|(ids, _, _)| ids.contains(&id))
+            || self.in_flight.values().any(|(ids, _, _)| ids.contains(&id))
     }
 
-    fn oldest_in_flight(&self) -> Option<Instant> {
-        self.in_flight.values().map(|(_, sent)| *sent).min()
+    fn in_flight_bytes(&self) -> u64 {
+        self.in_flight.values().map(|(_, _, bytes)| bytes).sum()
     }
+
+    fn earliest_deadline(&self) -> Option<Instant> {
+        self.in_flight
+            .values()
+            .map(|(_, deadline, _)| *deadline)
+            .min()
+    }
+}
+
+/// How long a publish may wait for its PUBACK when `ahead` bytes (itself included) go out
+/// before it: [`ACK_TIMEOUT`] plus their time at [`SLOWEST_LINK_BYTES_PER_S`].
+fn ack_deadline(ahead: u64) -> Duration {
+    ACK_TIMEOUT + Duration::from_secs(ahead / SLOWEST_LINK_BYTES_PER_S)
 }
 
 #[cfg(test)]
@@ -1160,7 +1181,9 @@ mod tests {
         assert_eq!(flow.next(t0, RUNNING), Action::Wait(Some(t0 + ACK_TIMEOUT)));
         assert_eq!(
             flow.next(t0 + ACK_TIMEOUT, RUNNING),
-            Action::End(Ended::Failed("no PUBACK within 60s".into()))
+            Action::End(Ended::Failed(
+                "no PUBACK in time (60s, plus the time to send what was ahead at 1024 B/s)".into()
+            ))
         );
     }
 
@@ -1200,6 +1223,48 @@ mod tests {
         assert!(!flow.take_buried_head());
     }
 
+    /// A backlog of large publishes on a slow link: each one's PUBACK deadline grows by the
+    /// time to send what is ahead of it, so the link is found slow, not stuck.
+    #[test]
+    fn puback_deadlines_allow_for_the_bytes_ahead_on_a_slow_link() {
+        let mut flow = Setup::default().flow();
+        let t0 = Instant::now();
+        let big = |id: i64| StoredMessage {
+            id,
+            message: Message {
+                topic: "t".into(),
+                payload: vec![b'x'; 100 * 1024],
+                qos: Qos::AtLeastOnce,
+                kind: PayloadKind::Binary,
+            },
+        };
+        connect_and_read(&mut flow, t0, (1..=3).map(big).collect());
+        let (sent, _) = publishes(&mut flow, t0, RUNNING);
+        assert_eq!(sent.len(), 3);
+        for packet_id in 1..=3 {
+            flow.on_broker(BrokerEvent::Sent(packet_id), t0);
+        }
+        // The first: 60 s plus its own ~100 s at 1 KiB/s.
+        let first = t0 + ACK_TIMEOUT + Duration::from_secs(100);
+        assert_eq!(flow.next(t0, RUNNING), Action::Wait(Some(first)));
+        assert!(matches!(
+            flow.next(t0 + ACK_TIMEOUT, RUNNING),
+            Action::Wait(_)
+        ));
+        // Acknowledged in turn, each within its own deadline: no failure.
+        flow.on_broker(BrokerEvent::Acked(1), first - Duration::from_secs(1));
+        assert_eq!(
+            flow.next(first - Duration::from_secs(1), RUNNING),
+            Action::Remove(vec![1])
+        );
+        let second = t0 + ACK_TIMEOUT + Duration::from_secs(200);
+        assert_eq!(flow.next(first, RUNNING), Action::Wait(Some(second)));
+        assert!(matches!(
+            flow.next(second, RUNNING),
+            Action::End(Ended::Failed(_))
+        ));
+    }
+
     /// A slow or flaky link: timeouts and local errors never count against a message.
     #[test]
     fn timeouts_and_local_errors_never_strike() {
@@ -1213,7 +1278,10 @@ mod tests {
             if round % 2 == 0 {
                 assert_eq!(
                     flow.next(now + ACK_TIMEOUT, RUNNING),
-                    Action::End(Ended::Failed("no PUBACK within 60s".into()))
+                    Action::End(Ended::Failed(
+                        "no PUBACK in time (60s, plus the time to send what was ahead at 1024 B/s)"
+                            .into()
+                    ))
                 );
             } else {
                 flow.fail("Flush timeout".into(), Failure::Other);

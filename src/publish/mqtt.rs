@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use crate::config::MqttConfig;
 use crate::identity::Session;
 use crate::message::MAX_PAYLOAD_BYTES;
-use crate::publish::flow::Failure;
+use crate::publish::flow::{Failure, SLOWEST_LINK_BYTES_PER_S};
 use crate::publish::inbound::MAX_RECEIVE_BATCH;
 use crate::publish::signer::{SignError, presign};
 use crate::topic::MAX_TOPIC_BYTES;
@@ -93,11 +93,22 @@ pub fn connect(settings: &MqttSettings, session: &Session) -> Result<Connection,
     // than one received batch, so this never fills.
     let capacity = usize::from(settings.max_in_flight) + MAX_RECEIVE_BATCH + 8;
     let (client, mut event_loop) = AsyncClient::new(options, capacity);
+    // rumqttc bounds both the connect and every flush with this one setting: it is sized for
+    // the flush on a slow link, and the connect gets its own bound below.
     event_loop
         .network_options
-        .set_connection_timeout(CONNECT_TIMEOUT.as_secs());
+        .set_connection_timeout(FLUSH_TIMEOUT.as_secs());
     let (sender, events) = mpsc::unbounded_channel();
     let pump = tokio::spawn(async move {
+        // The first poll connects (TCP, TLS, upgrade, CONNECT, CONNACK); the connection is
+        // dropped if it fails, so cutting it short harms nothing.
+        let first = tokio::time::timeout(CONNECT_TIMEOUT, event_loop.poll())
+            .await
+            .unwrap_or(Err(ConnectionError::NetworkTimeout));
+        let failed = first.is_err();
+        if sender.send(first).is_err() || failed {
+            return;
+        }
         loop {
             let event = event_loop.poll().await;
             let failed = event.is_err();
@@ -138,8 +149,12 @@ pub fn failure(error: &ConnectionError) -> Failure {
     }
 }
 
-/// TCP + TLS + websocket upgrade must finish within this.
+/// TCP + TLS + websocket upgrade + CONNACK must finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// One flush writes one packet, after what the socket still holds: two of the largest at the
+/// slowest link the PUBACK deadlines allow for (about 4 minutes). A dead link is found by it.
+const FLUSH_TIMEOUT: Duration =
+    Duration::from_secs(2 * MAX_PACKET_BYTES as u64 / SLOWEST_LINK_BYTES_PER_S);
 
 /// A device clock off the server's by more than this gets a refused upgrade diagnosed as skew:
 /// SigV4 accepts signatures dated up to 5 minutes off.
