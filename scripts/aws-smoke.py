@@ -126,31 +126,15 @@ def derive_names(stack_name=None, rng=secrets, prefix_pattern=PREFIX_PATTERN):
                  rule=re.sub(r"[^A-Za-z0-9_]", "_", f"{base}_smoke_sink"))
 
 
-class _CfnLoader:
-    """A YAML loader for CloudFormation's short-form tags (!Ref, !Sub, ...)."""
-
-    @staticmethod
-    def load(path):
-        try:
-            import yaml
-        except ImportError as exc:  # pragma: no cover - PyYAML is in requirements-dev.txt
-            raise SmokeFailure("PyYAML is missing: .venv/bin/pip install -r requirements-dev.txt") from exc
-
-        class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
-            pass
-
-        def intrinsic(loader, suffix, node):
-            if isinstance(node, yaml.ScalarNode):
-                value = loader.construct_scalar(node)
-            elif isinstance(node, yaml.SequenceNode):
-                value = loader.construct_sequence(node, deep=True)
-            else:
-                value = loader.construct_mapping(node, deep=True)
-            return {("Ref" if suffix == "Ref" else "Fn::" + suffix): value}
-
-        Loader.add_multi_constructor("!", intrinsic)
-        with open(path, encoding="utf-8") as handle:
-            return yaml.load(handle, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+def load_template(path):
+    """The template with CloudFormation's short-form tags (!Ref, !Sub, ...) in their JSON form:
+    the reader the cloud-side tests use (cloudformation/tests/cfn.py)."""
+    sys.path.insert(0, str(REPO_ROOT / "cloudformation" / "tests"))
+    try:
+        import cfn  # noqa: PLC0415 - needs PyYAML, only when a template is read
+    except ImportError as exc:  # pragma: no cover - PyYAML is in requirements-dev.txt
+        raise SmokeFailure("PyYAML is missing: .venv/bin/pip install -r requirements-dev.txt") from exc
+    return cfn.load_template(path)
 
 
 @dataclass
@@ -167,7 +151,7 @@ class Template:
             body = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise SmokeFailure(f"cannot read template {path}: {exc.strerror}") from exc
-        doc = _CfnLoader.load(path)
+        doc = load_template(path)
         if not isinstance(doc, dict) or "Resources" not in doc:
             raise SmokeFailure(f"{path} is not a CloudFormation template")
         return cls(path=path, body=body, parameters=doc.get("Parameters") or {},

@@ -35,4 +35,5 @@ pub mod publish;
 mod retry;
 mod secret;
 mod spool;
+mod state_file;
 pub mod topic;

@@ -1,7 +1,9 @@
 """Shared test values and helpers: stack parameters, a fake Lambda context, CloudFormation
 custom-resource events and a recorder that plays CloudFormation's response URL."""
+import contextlib
 import http.server
 import json
+import socket
 import threading
 import time
 import uuid
@@ -14,6 +16,26 @@ CIDRS = ["203.0.113.0/24", "198.51.100.7/32", "2001:db8::/32"]
 PARAMETERS = {"Prefix": PREFIX, "AllowedEmailDomain": DOMAIN, "DeviceCidrs": ",".join(CIDRS),
               "RegistrationMode": "shared-user"}
 FLEET_PARAMETERS = dict(PARAMETERS, RegistrationMode="self-register")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_server():
+    """A moto server on a free port of 127.0.0.1; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer  # noqa: PLC0415 - only the tests that need it
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
 
 
 class ResponseRecorder:

@@ -8,7 +8,6 @@ same server so the secrets both produce can be compared field by field. Both reg
 """
 import json
 import re
-import socket
 import subprocess
 import sys
 
@@ -16,10 +15,9 @@ import urllib.request
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 import cfn
-from helpers import CIDRS, FakeContext, cfn_event
+from helpers import CIDRS, FakeContext, cfn_event, moto_server
 
 REGION, PREFIX = "us-east-1", "drift-check"
 # The JSON the Rust harness reads: this test keeps it stable.
@@ -32,19 +30,10 @@ PROVISION_KEYS = {"region", "identity_pool_id", "secret_id", "unauth_role_arn", 
 MODES = ["shared-user", "self-register"]
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def moto_endpoint():
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="module")

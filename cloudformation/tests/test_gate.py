@@ -25,9 +25,9 @@ import pytest
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from moto.server import ThreadedMotoServer
 
 import cfn
+from helpers import free_port, moto_server
 
 sys.path.insert(0, str(cfn.REPO_ROOT / "tests" / "support"))
 import aws_gate  # noqa: E402 - the module under test (its framing helpers serve the client)
@@ -36,12 +36,6 @@ GATE = cfn.REPO_ROOT / "tests" / "support" / "aws_gate.py"
 REGION, PREFIX = "us-east-1", "gate-test"
 NO_RETRY = Config(retries={"max_attempts": 1, "mode": "standard"})
 MOSQUITTO = shutil.which("mosquitto")
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(predicate, what, timeout=15.0):
@@ -67,11 +61,8 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def moto(workdir):
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="module")

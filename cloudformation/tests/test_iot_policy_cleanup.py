@@ -10,17 +10,15 @@ import json
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import time
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 import cfn
-from helpers import PARAMETERS
+from helpers import PARAMETERS, moto_server
 
 REGION = "us-east-1"
 OPERATIONS = cfn.REPO_ROOT / "docs" / "operations.md"
@@ -36,19 +34,10 @@ def documented_cleanup():
     return match.group(1)
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def moto_endpoint():
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 WRAPPER = """#!/bin/sh

@@ -2,11 +2,11 @@
 //! client id and topics survive restarts (and so that a fleet does not mint a new identity at
 //! every boot). Nothing secret is written here.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+
+use crate::state_file::write_private;
 
 /// File name inside the state dir.
 pub const CACHE_FILE: &str = "identity.json";
@@ -53,17 +53,8 @@ impl IdentityCache {
 
     /// Writes atomically (temp file + rename), mode 0600.
     pub fn save(&self, state_dir: &Path) -> std::io::Result<()> {
-        let path = state_dir.join(CACHE_FILE);
-        let temp: PathBuf = state_dir.join(format!("{CACHE_FILE}.tmp"));
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)?;
-        file.write_all(serde_json::to_string_pretty(self)?.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&temp, &path)
+        let text = serde_json::to_string_pretty(self)?;
+        write_private(&state_dir.join(CACHE_FILE), text.as_bytes())
     }
 }
 

@@ -3,8 +3,6 @@
 //! generated on first start live in `<state dir>/device.json` (mode 0600), written and fsynced
 //! before `SignUp`, so a crash can never leave a registered user whose password is lost.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use rand::Rng;
@@ -12,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::secret::Secret;
+use crate::state_file::write_private;
 
 /// File name inside the state dir.
 pub const DEVICE_FILE: &str = "device.json";
@@ -141,20 +140,10 @@ impl DeviceFile {
     /// Writes atomically and durably: temp file (0600) + fsync, rename, fsync of the dir.
     pub fn save(&self, state_dir: &Path) -> Result<(), DeviceError> {
         let path = state_dir.join(DEVICE_FILE);
-        let temp = state_dir.join(format!("{DEVICE_FILE}.tmp"));
         let fail = |error: std::io::Error| file_error(&path, error.to_string());
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(fail)?;
         let text =
             serde_json::to_string_pretty(self).map_err(|e| file_error(&path, e.to_string()))?;
-        file.write_all(text.as_bytes()).map_err(fail)?;
-        file.sync_all().map_err(fail)?;
-        std::fs::rename(&temp, &path).map_err(fail)?;
+        write_private(&path, text.as_bytes()).map_err(fail)?;
         std::fs::File::open(state_dir)
             .and_then(|dir| dir.sync_all())
             .map_err(fail)

@@ -15,13 +15,12 @@
 //! acknowledged (at least once into the device; a crash in between means a redelivery).
 
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::state_file::write_private;
 use crate::topic::TopicRules;
 
 /// The file in the state dir that remembers [`HeldFilters`].
@@ -90,16 +89,7 @@ impl HeldFilters {
 
     /// Writes atomically (temp file + rename), mode 0600.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        let temp = path.with_extension("json.tmp");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)?;
-        file.write_all(&serde_json::to_vec(self)?)?;
-        file.sync_all()?;
-        std::fs::rename(&temp, path)
+        write_private(path, &serde_json::to_vec(self)?)
     }
 
     /// After a CONNACK for `identity_id`: the filters of `wanted` to subscribe to. A broker
