@@ -10,9 +10,9 @@ deps:
 # The whole suite: unit, CLI and integration tests (moto + mosquitto in private network
 # namespaces), the CloudFormation checks, then the .deb under a real systemd.
 test: deps
-	cargo test --all-targets
-	PATH="$(CURDIR)/.venv/bin:$$PATH" bash cloudformation/check.sh
-	$(MAKE) system-test
+	t=$$(date +%s) && cargo test --all-targets && echo "== cargo test took $$(($$(date +%s) - t)) s"
+	t=$$(date +%s) && PATH="$(CURDIR)/.venv/bin:$$PATH" bash cloudformation/check.sh && echo "== check.sh took $$(($$(date +%s) - t)) s"
+	t=$$(date +%s) && $(MAKE) system-test && echo "== system-test took $$(($$(date +%s) - t)) s"
 
 # Builds the .deb, lints it (only initial-upload-closes-no-bugs is allowed), and runs it under
 # systemd as PID 1 of a throwaway container (tests/system/run.sh), from this checkout and from
