@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use harness::{Cloud, Daemon, Streamer};
 
 const WAIT: Duration = Duration::from_secs(180);
+/// After a long run of refused identity steps, the next try may be as far away as the identity
+/// side's backoff cap (300 s, full jitter): recovery is awaited that long, plus room.
+const RECOVERY_WAIT: Duration = Duration::from_secs(330);
 
 fn assert_delivered(subscriber: &mut harness::Subscriber, acked: &[u64]) {
     subscriber.expect_all(acked, WAIT);
@@ -237,7 +240,7 @@ fn backs_off_under_throttling_and_5xx_then_recovers_without_loss() {
         .map(|r| r["t"].as_f64().unwrap_or_default())
         .collect();
 
-    daemon.wait_status("recovered", WAIT, |s| {
+    daemon.wait_status("recovered", RECOVERY_WAIT, |s| {
         s["last_error"].is_null() && s["state"] == "connected"
     });
     std::thread::sleep(Duration::from_secs(3));
@@ -398,7 +401,7 @@ fn no_upgrade_is_signed_with_expired_credentials_while_refreshes_fail() {
     }
     let outage_to = now_epoch();
     proxy.set_mode("pass");
-    daemon.wait_status("recovered", WAIT, |s| {
+    daemon.wait_status("recovered", RECOVERY_WAIT, |s| {
         s["last_error"].is_null() && s["state"] == "connected"
     });
     std::thread::sleep(Duration::from_secs(3));
