@@ -5,8 +5,11 @@
 
 use super::*;
 
-/// Most dead letters kept; beyond it the oldest are deleted and counted in `dropped_total`.
+/// Most dead letters kept, by count and by their share of `max_bytes` (an eighth, so large
+/// ones cannot keep the spool over its limit); beyond either the oldest are deleted, counted
+/// in `dropped_total` and logged. The newest one always stays.
 pub(super) const MAX_DEAD_LETTERS: i64 = 1000;
+const DEAD_LETTER_SHARE: u64 = 8;
 /// Most dead letters one `list` answer carries (the newest).
 pub const MAX_DEAD_LETTERS_LISTED: usize = 100;
 
@@ -52,6 +55,20 @@ pub enum DeadLetterCommand {
     },
 }
 
+impl DeadLetterCommand {
+    /// Whether it moves rows between the queue and the dead letters.
+    pub(super) fn moves_messages(&self) -> bool {
+        matches!(
+            self,
+            DeadLetterCommand::Bury { .. }
+                | DeadLetterCommand::Operator {
+                    action: DeadLetterAction::Requeue,
+                    ..
+                }
+        )
+    }
+}
+
 impl Spool {
     /// Moves `ids` out of the queue into the dead-letter table, with the reason; returns once
     /// done, so the next read no longer sees them.
@@ -75,6 +92,34 @@ impl Spool {
             .await
             .unwrap_or_else(|_| Err("spool is closed".to_owned()))
     }
+}
+
+/// Deletes the oldest dead letters beyond `MAX_DEAD_LETTERS` or `max_bytes` (payload and
+/// topic), never the newest; returns the rows and bytes deleted.
+fn trim_dead_letters(db: &Connection, max_bytes: u64) -> rusqlite::Result<(u64, u64)> {
+    let mut trim = db.prepare_cached(
+        "DELETE FROM dead_letters WHERE id IN (
+             SELECT id FROM (
+                 SELECT id,
+                        ROW_NUMBER() OVER (ORDER BY id DESC) AS newest_first,
+                        SUM(size) OVER (ORDER BY id DESC) AS bytes_to_here
+                 FROM dead_letters)
+             WHERE newest_first > 1 AND (newest_first > ?1 OR bytes_to_here > ?2))
+         RETURNING size",
+    )?;
+    let sizes = trim.query_map(
+        params![
+            MAX_DEAD_LETTERS,
+            i64::try_from(max_bytes).unwrap_or(i64::MAX)
+        ],
+        |row| row.get::<_, i64>(0),
+    )?;
+    let (mut rows, mut bytes) = (0, 0);
+    for size in sizes {
+        rows += 1;
+        bytes += size?.unsigned_abs();
+    }
+    Ok((rows, bytes))
 }
 
 /// Creates the table; returns how many dead letters it holds.
@@ -163,14 +208,36 @@ impl Store {
                     self.stats.dead_letter_total += 1;
                 }
             }
-            let trimmed = tx.execute(
-                "DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?1",
-                [MAX_DEAD_LETTERS],
-            )?;
-            self.stats.dead_letters = self.stats.dead_letters.saturating_sub(trimmed as u64);
-            self.stats.dropped_total += trimmed as u64;
         }
-        tx.commit()
+        let trimmed = trim_dead_letters(&tx, self.max_bytes / DEAD_LETTER_SHARE)?;
+        tx.commit()?;
+        self.count_trimmed(trimmed);
+        Ok(())
+    }
+
+    /// Keeps the dead letters within their bounds after `max_bytes` was lowered.
+    pub(super) fn bound_dead_letters(&mut self) -> rusqlite::Result<()> {
+        let tx = self.db.transaction()?;
+        let trimmed = trim_dead_letters(&tx, self.max_bytes / DEAD_LETTER_SHARE)?;
+        tx.commit()?;
+        self.count_trimmed(trimmed);
+        Ok(())
+    }
+
+    fn count_trimmed(&mut self, (rows, bytes): (u64, u64)) {
+        if rows == 0 {
+            return;
+        }
+        self.stats.dead_letters = self.stats.dead_letters.saturating_sub(rows);
+        self.stats.dropped_total += rows;
+        tracing::warn!(
+            deleted = rows,
+            bytes,
+            max_dead_letters = MAX_DEAD_LETTERS,
+            max_bytes = self.max_bytes / DEAD_LETTER_SHARE,
+            dropped_total = self.stats.dropped_total,
+            "dead letters over their bound: deleted the oldest (list them with `iot-cognito-relay dead-letters list`)"
+        );
     }
 
     pub(super) fn list_dead_letters(&mut self) -> rusqlite::Result<Vec<DeadLetter>> {

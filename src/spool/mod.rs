@@ -1053,6 +1053,67 @@ mod tests {
         assert!(aside, "the corrupt file must be kept for inspection");
     }
 
+    /// Issue 24 items 1 and 2: dead letters are bounded by bytes too (an eighth of
+    /// `max_bytes`), the oldest go first and are counted; the newest stays.
+    #[tokio::test]
+    async fn dead_letters_are_bounded_by_bytes_and_the_oldest_go_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("open");
+        let big = vec![b'x'; 30_000];
+        for _ in 0..10 {
+            spool.append(message("t", &big)).await.expect("append");
+        }
+        let ids: Vec<i64> = read_all(&spool).await.iter().map(|m| m.id).collect();
+        for id in &ids {
+            spool.bury(vec![*id], "refused".into()).await;
+        }
+        let stats = *spool.stats().borrow();
+        // 128 KiB hold four of 30 KB.
+        assert_eq!(
+            (
+                stats.dead_letters,
+                stats.dead_letter_total,
+                stats.dropped_total
+            ),
+            (4, 10, 6)
+        );
+        let Ok(DeadLetterReply::Listed(listed)) = spool.dead_letters(DeadLetterAction::List).await
+        else {
+            panic!("list")
+        };
+        let kept: Vec<i64> = listed.iter().map(|d| d.id).collect();
+        assert_eq!(kept.len(), 4);
+        assert!(kept.windows(2).all(|w| w[0] < w[1]), "{kept:?}");
+
+        // One larger than the whole bound still stays: it is the newest.
+        drop(spool);
+        let spool = Spool::open(dir.path(), 64 << 10, OnFull::DropOldest).expect("reopen");
+        let stats = *spool.stats().borrow();
+        assert_eq!(
+            stats.dead_letters, 1,
+            "reopened with a lower max_bytes: bounded at once"
+        );
+    }
+
+    /// Issue 24 item 11: listing and purging dead letters commit nothing (no fsync per call).
+    #[tokio::test]
+    async fn listing_dead_letters_does_not_commit_held_messages() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open_with_window(dir.path(), 1 << 20, OnFull::DropOldest, LONG_WINDOW)
+            .expect("open");
+        let _answer = spool.submit(message("t", b"held")).await.expect("queued");
+        assert_eq!(read_all(&spool).await.len(), 1);
+        for action in [DeadLetterAction::List, DeadLetterAction::Purge] {
+            assert!(spool.dead_letters(action).await.is_ok());
+        }
+        assert_eq!(rows_on_disk(dir.path()), 0, "still held in memory");
+        assert_eq!(
+            spool.dead_letters(DeadLetterAction::Requeue).await,
+            Ok(DeadLetterReply::Requeued(0))
+        );
+        assert_eq!(rows_on_disk(dir.path()), 1, "a requeue settles first");
+    }
+
     #[tokio::test]
     async fn dead_letters_leave_the_queue_and_can_be_requeued_or_purged() {
         let dir = tempfile::tempdir().expect("tempdir");

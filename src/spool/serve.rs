@@ -164,8 +164,11 @@ impl Store {
                 let _ = reply.send(read);
             }
             Command::DeadLetters(command) => {
-                // Buried or requeued rows must be on disk, and new ids above every held one.
-                self.settle(stats);
+                // Buried or requeued rows must be on disk, and new ids above every held one;
+                // listing and purging touch only the dead letters (no fsync for a `list`).
+                if command.moves_messages() {
+                    self.settle(stats);
+                }
                 self.dead_letters(command, stats);
             }
             Command::SetLimits {
@@ -177,7 +180,10 @@ impl Store {
                 self.max_bytes = max_bytes;
                 self.on_full = on_full;
                 self.pending.set_window(commit_window);
-                if let Err(error) = self.apply_wal_limit() {
+                if let Err(error) = self
+                    .apply_wal_limit()
+                    .and_then(|()| self.bound_dead_letters())
+                {
                     self.record_fault(Operation::Write, &error);
                 }
                 self.dirty = true;

@@ -199,6 +199,10 @@ impl Store {
             removals: Default::default(),
         };
         store.apply_wal_limit().map_err(sqlite)?;
+        // Spools written before dead letters had a byte bound may hold more.
+        if let Err(error) = store.bound_dead_letters() {
+            tracing::warn!(%error, "cannot bound the dead letters");
+        }
         store.measure().map_err(sqlite)?;
         store.restore_reserve();
         Ok(store)
