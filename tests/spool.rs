@@ -707,3 +707,106 @@ fn batching_sends_strings_and_binary_alone_byte_for_byte() {
         "only JSON values are wrapped and merged"
     );
 }
+
+/// Issue 24 item 7: a spool from before incremental vacuum (4 KiB pages, no auto-vacuum) on a
+/// disk with less free space than the spool's size: the one-time conversion (VACUUM, which
+/// rewrites the whole file through the WAL) cannot run. The daemon starts anyway, says why in
+/// the journal, and delivers the old spool's messages. Before, it exited 1 and systemd
+/// restarted it into the same failure.
+#[test]
+fn an_old_spool_on_a_nearly_full_disk_starts_and_delivers() {
+    let cloud = Cloud::start();
+    let mut subscriber = cloud.subscribe();
+    std::thread::sleep(AUTOSAVE);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let _mount = TestMount::mount(&state, &["-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs"]);
+    // One 4 KiB page per row: a 4 MiB spool, 2 MiB free.
+    const ROWS: u64 = 1000;
+    {
+        let db = rusqlite::Connection::open(state.join("spool.db")).expect("old spool");
+        db.execute_batch(
+            "PRAGMA page_size = 4096;
+             CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
+                 payload BLOB NOT NULL, qos INTEGER NOT NULL, size INTEGER NOT NULL);",
+        )
+        .expect("old schema");
+        let pad = "x".repeat(3000);
+        let db = db.unchecked_transaction().expect("transaction");
+        for n in 0..ROWS {
+            let payload = format!(r#"{{"n":{n},"pad":"{pad}"}}"#);
+            db.execute(
+                "INSERT INTO messages (topic, payload, qos, size) VALUES ('old', ?1, 1, ?2)",
+                rusqlite::params![payload.as_bytes(), payload.len() as i64 + 3],
+            )
+            .expect("old row");
+        }
+        db.commit().expect("commit");
+    }
+    let spool_bytes = std::fs::metadata(state.join("spool.db"))
+        .expect("spool")
+        .len();
+    let free = free_bytes(&state);
+    assert!(
+        free < spool_bytes,
+        "the test needs less free space ({free}) than the spool ({spool_bytes})"
+    );
+
+    let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, ""));
+    let acked: Vec<u64> = (0..ROWS).collect();
+    collect_all(&mut subscriber, &acked);
+    daemon.wait_status("spool drained", DELIVERY_WAIT, |s| s["spool_messages"] == 0);
+    assert!(
+        daemon.log_text().contains("cannot convert the spool now"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+/// Issue 24 item 15: a full disk and an empty spool: nothing can be dropped, so the disk
+/// reserve (kept to let drops happen on a full disk) is given to a new message instead of
+/// refusing it while the reserve holds the space. Before, it was answered `spool_full`.
+#[test]
+fn a_full_disk_and_an_empty_spool_give_the_reserve_to_new_messages() {
+    let mut cloud = Cloud::start();
+    cloud.kill_broker();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let _mount = TestMount::mount(&state, &["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"]);
+    let extra = "\n[spool]\nmax_bytes = \"2MiB\"\non_full = \"reject-new\"\n";
+    let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, extra));
+    daemon.wait_status("started", DELIVERY_WAIT, |s| s["state"] != "starting");
+    assert!(
+        state.join("spool.db.reserve").exists(),
+        "the reserve is written at start"
+    );
+    let _filler = fill_disk(&state);
+    let mut client = daemon.connect();
+    // Larger than anything the spool's files have room for: it needs new disk space.
+    client.send_line(&format!(
+        r#"{{"topic":"reserve","payload":"{}","id":1}}"#,
+        "x".repeat(100_000)
+    ));
+    let answer = client.read_answer(Duration::from_secs(10)).expect("answer");
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert!(!state.join("spool.db.reserve").exists());
+    assert!(
+        daemon.log_text().contains("gave the spool's disk reserve"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+/// Bytes free on the file system holding `dir`.
+fn free_bytes(dir: &std::path::Path) -> u64 {
+    let output = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(dir)
+        .output()
+        .expect("df");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|line| line.trim().parse().ok())
+        .expect("df output")
+}

@@ -38,12 +38,25 @@ fn prepare_schema(db: &Connection, path: &Path) -> rusqlite::Result<u64> {
         db.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         if tables > 0 {
             tracing::info!(spool = %path.display(), "converting the spool to incremental vacuum and 1 KiB pages (once)");
-            if resize {
-                // The page size of a database in WAL mode cannot change.
-                db.pragma_update(None, "journal_mode", "DELETE")?;
-                db.pragma_update(None, "page_size", SPOOL_PAGE_SIZE)?;
+            let converted = (|| {
+                if resize {
+                    // The page size of a database in WAL mode cannot change.
+                    db.pragma_update(None, "journal_mode", "DELETE")?;
+                    db.pragma_update(None, "page_size", SPOOL_PAGE_SIZE)?;
+                }
+                db.execute_batch("VACUUM")
+            })();
+            if let Err(error) = converted {
+                // VACUUM rewrites the whole file: on a nearly full disk it cannot, and that must
+                // never keep the daemon from starting. The spool works as it is (its files only
+                // shrink less after a backlog); the conversion is tried again at the next start.
+                tracing::warn!(
+                    spool = %path.display(),
+                    %error,
+                    "cannot convert the spool now (it needs about its own size free); it keeps its old layout until a later start"
+                );
+                db.pragma_update(None, "auto_vacuum", auto_vacuum)?;
             }
-            db.execute_batch("VACUUM")?;
         }
     }
     db.pragma_update(None, "journal_mode", "WAL")?;
@@ -560,6 +573,20 @@ impl Store {
             .iter()
             .map(|m| (m.message.topic.len() + m.message.payload.len()) as u64 + ROW_OVERHEAD)
             .sum::<u64>();
+        // Nothing is left to drop, and the reserve exists only to let drops happen on a full
+        // disk: its space takes new messages instead of refusing every one.
+        if outcome.as_ref().is_err_and(is_disk_full)
+            && self.stats.messages == 0
+            && self.release_reserve()
+        {
+            tracing::warn!(
+                "disk is full and the spool empty: gave the spool's disk reserve to new messages"
+            );
+            outcome = self.try_append_batch(batch);
+            if outcome.is_err() {
+                self.stats = before;
+            }
+        }
         let mut attempts = 0;
         let mut disk_full = false;
         while let Err(error) = &outcome
