@@ -83,6 +83,10 @@ impl<W> Pending<W> {
         }
     }
 
+    pub(super) fn window(&self) -> Duration {
+        self.window
+    }
+
     pub(super) fn set_window(&mut self, window: Duration) {
         self.window = window;
     }
@@ -171,7 +175,8 @@ impl<W> Pending<W> {
     }
 
     /// Held messages not yet sent with an id above `after`, oldest first: at most `limit`, and
-    /// ending once their payloads reach `max_bytes` (counting `bytes` already read).
+    /// ending once their payloads reach `max_bytes` (counting `bytes` already read). None
+    /// with a zero window.
     pub(super) fn read_after(
         &mut self,
         after: i64,
@@ -180,6 +185,10 @@ impl<W> Pending<W> {
         mut bytes: usize,
         into: &mut Vec<StoredMessage>,
     ) {
+        // No window: every message is committed before it is published.
+        if self.window.is_zero() {
+            return;
+        }
         let start = self.held.partition_point(|held| held.id <= after);
         for held in self.held.iter().skip(start).filter(|held| !held.sent) {
             if into.len() >= limit || (bytes >= max_bytes && !into.is_empty()) {

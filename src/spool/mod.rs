@@ -497,6 +497,36 @@ mod tests {
         }
     }
 
+    /// Issue 24 item 12: with a zero window every message is committed before the publisher
+    /// can read it, also when a read is queued behind a flood of appends.
+    #[tokio::test]
+    async fn a_zero_window_commits_before_anything_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool =
+            Spool::open_with_window(dir.path(), 64 << 20, OnFull::DropOldest, Duration::ZERO)
+                .expect("open");
+        let mut answers = Vec::new();
+        for i in 0..3000 {
+            let payload = i.to_string();
+            answers.push(
+                spool
+                    .submit(message("t", payload.as_bytes()))
+                    .await
+                    .expect("queued"),
+            );
+        }
+        let read = read_all(&spool).await;
+        let committed = rows_on_disk(dir.path());
+        assert!(!read.is_empty());
+        assert!(
+            read.len() as i64 <= committed,
+            "{} read, {committed} committed",
+            read.len()
+        );
+        spool.flush().await;
+        assert_eq!(read_all(&spool).await.len(), 3000);
+    }
+
     /// Issue 17: a message the broker acknowledges within the window is read from memory,
     /// answered `ok` at the acknowledgement and never written.
     #[tokio::test]

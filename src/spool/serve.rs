@@ -52,8 +52,11 @@ impl Inbox {
     /// A read is queued behind the commands in hand: they are held, not committed, until it
     /// is answered (an fsync ahead of it would stall the publisher, which drains the spool),
     /// unless that would hold too much.
+    /// With a zero window the read could not see them anyway (committed before published).
     fn read_first(&self, pending: &Pending<Waiter>) -> bool {
-        self.reads_waiting.load(Ordering::Acquire) > 0 && !pending.overfull()
+        self.reads_waiting.load(Ordering::Acquire) > 0
+            && !pending.overfull()
+            && !pending.window().is_zero()
     }
 }
 
