@@ -8,7 +8,7 @@ mod harness;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::{Cloud, Daemon, MESSAGE_WAIT, send_many};
+use harness::{Cloud, Daemon, MESSAGE_WAIT, TestMount, fill_disk, send_many};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_iot-cognito-relay");
@@ -385,4 +385,103 @@ fn path_with_binary() -> String {
         dir.display(),
         std::env::var("PATH").unwrap_or_default()
     )
+}
+
+/// Issue 24 item 6: the inbox cannot store (its disk is full). Before, each failure tore the
+/// MQTT connection down, and the persistent session redelivered right after every CONNACK:
+/// the uplink stopped though the spool was fine. Now the connection stays, the message stays
+/// unacknowledged and is stored once there is room, `status` says `inbox_state: failing`.
+#[test]
+fn an_inbox_that_cannot_store_keeps_the_connection_and_the_uplink() {
+    let mut cloud = Cloud::start_enforced();
+    cloud.start_broker();
+    let mut uplink = cloud.subscribe();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let _mount = TestMount::mount(&state, &["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"]);
+    let config = cloud.config(
+        dir.path(),
+        true,
+        "\n[downlink]\ntopics = [\"commands/#\"]\n",
+    );
+    let from = cloud.broker_log().len();
+    let daemon = cloud.start_daemon(&config);
+    let identity_id = connected(&daemon);
+    cloud.wait_for_suback(&identity_id, from);
+
+    let filler = fill_disk(&state);
+    let topic = format!(
+        "{}/{identity_id}/commands/big",
+        cloud.account.identity_pool_id
+    );
+    // Larger than any room the inbox's files have: storing it needs new disk space.
+    cloud.cloud_publish(
+        &topic,
+        &[format!(r#"{{"n":7,"pad":"{}"}}"#, "x".repeat(100_000))],
+    );
+    daemon.wait_status("the inbox failing", MESSAGE_WAIT, |s| {
+        s["inbox_state"] == "failing"
+    });
+    let acked = send_many(&daemon.socket, "sensors/t", 0..50);
+    assert!(!acked.is_empty(), "the uplink takes messages");
+    uplink.expect_all(&acked, MESSAGE_WAIT);
+    // A few store retries later, still the first connection.
+    std::thread::sleep(Duration::from_secs(4));
+    let log = daemon.log_text();
+    assert_eq!(
+        log.matches("connecting to the broker").count(),
+        1,
+        "the connection was renewed:\n{log}"
+    );
+    assert!(log.contains("cannot store received messages"), "{log}");
+
+    std::fs::remove_file(filler).expect("space returns");
+    let mut app = daemon.connect();
+    app.subscribe(&["commands/#"]);
+    let stored = app.receive_and_ack(1);
+    assert_eq!(stored[0]["payload"]["n"], 7);
+    daemon.wait_status("the inbox working", MESSAGE_WAIT, |s| {
+        s["inbox_state"] == "ok"
+    });
+}
+
+/// Issue 24 item 10: a downlink filter the IoT policy does not allow (here a `topic_prefix`
+/// outside the policy's `<pool>/<identity>/*`) is refused in the SUBACK: logged once with the
+/// filter, and listed in `status` as `refused_filters`.
+#[test]
+fn a_filter_the_policy_refuses_is_logged_and_shown_in_status() {
+    let mut cloud = Cloud::start_enforced();
+    cloud.start_broker();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = cloud.config(
+        dir.path(),
+        true,
+        "\n[downlink]\ntopics = [\"commands/#\"]\n",
+    );
+    harness::rewrite_config(
+        &config,
+        &[(
+            "[mqtt]\n",
+            "[mqtt]\ntopic_prefix = \"devices/{identity_id}\"\n",
+        )],
+    );
+    let daemon = cloud.start_daemon(&config);
+    let status = daemon.wait_status("the refusal in status", CONNECT_WAIT, |s| {
+        s["refused_filters"] == serde_json::json!(["commands/#"])
+    });
+    assert_eq!(status["state"], "connected");
+    let log = daemon.log_text();
+    assert_eq!(
+        log.matches("the broker refused this downlink subscription")
+            .count(),
+        1,
+        "{log}"
+    );
+    let output = Command::new(BIN)
+        .args(["status", "--socket"])
+        .arg(&daemon.socket)
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("refused filters:     commands/#"), "{text}");
 }

@@ -6,7 +6,10 @@ mod harness;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use harness::{Cloud, Streamer, numbers, publishes_per_second, rewrite_config, send_many};
+use harness::{
+    Cloud, Streamer, TestMount, fill_disk, free_bytes, numbers, publishes_per_second,
+    rewrite_config, send_many,
+};
 
 const DELIVERY_WAIT: Duration = Duration::from_secs(120);
 /// mosquitto saves its sessions every second; the subscriber's must be saved before a kill.
@@ -431,47 +434,6 @@ fn with_batching_a_lone_reading_waits_no_longer_than_linger() {
     );
 }
 
-/// A small file system mounted for one test (state dir), unmounted on drop even when the test
-/// fails. Needs root, as every test here.
-struct TestMount {
-    path: std::path::PathBuf,
-}
-
-impl TestMount {
-    fn mount(path: &std::path::Path, args: &[&str]) -> TestMount {
-        std::fs::create_dir_all(path).expect("mount point");
-        let status = std::process::Command::new("mount")
-            .args(args)
-            .arg(path)
-            .status()
-            .expect("mount");
-        assert!(status.success(), "mount {args:?} {}", path.display());
-        TestMount {
-            path: path.to_owned(),
-        }
-    }
-}
-
-impl Drop for TestMount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.path)
-            .status();
-    }
-}
-
-/// Fills the file system holding `dir` with one file until the disk says no.
-fn fill_disk(dir: &std::path::Path) -> std::path::PathBuf {
-    use std::io::Write;
-    let path = dir.join("filler");
-    let mut file = std::fs::File::create(&path).expect("filler");
-    let chunk = vec![0u8; 4096];
-    while file.write_all(&chunk).is_ok() {}
-    let _ = file.sync_all();
-    path
-}
-
 /// Item 6: disk full (a few MiB tmpfs as the state dir) with `drop-oldest`: the daemon drops
 /// the oldest to make room and keeps answering `ok`; once the broker is back, everything acked
 /// is delivered except what was dropped, and that is exactly `dropped_total`.
@@ -795,18 +757,4 @@ fn a_full_disk_and_an_empty_spool_give_the_reserve_to_new_messages() {
         "{}",
         daemon.log_text()
     );
-}
-
-/// Bytes free on the file system holding `dir`.
-fn free_bytes(dir: &std::path::Path) -> u64 {
-    let output = std::process::Command::new("df")
-        .args(["--output=avail", "-B1"])
-        .arg(dir)
-        .output()
-        .expect("df");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .nth(1)
-        .and_then(|line| line.trim().parse().ok())
-        .expect("df output")
 }

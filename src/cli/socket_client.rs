@@ -423,6 +423,17 @@ pub fn format_status(status: &Value) -> String {
         ),
         None => String::new(),
     };
+    let refused = match status["refused_filters"].as_array() {
+        Some(filters) if !filters.is_empty() => format!(
+            "refused filters:     {}: the IoT policy does not allow them, nothing arrives on them\n",
+            filters
+                .iter()
+                .map(|f| f.as_str().unwrap_or("?"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        _ => String::new(),
+    };
     format!(
         "state:               {}
 identity:            {}
@@ -434,8 +445,8 @@ spool:               {} messages, {} bytes
 published:           {} ({} republished)
 dropped:             {}
 dead letters:        {} ({} since start)
-inbox:               {} messages ({} dropped)
-{skew}{reattached}",
+inbox:               {} messages ({} dropped), {}
+{skew}{reattached}{refused}",
         field("state"),
         field("identity_id"),
         field("registration_mode"),
@@ -452,6 +463,7 @@ inbox:               {} messages ({} dropped)
         field("dead_letter_total"),
         field("inbox_messages"),
         field("inbox_dropped_total"),
+        field("inbox_state"),
     )
 }
 

@@ -172,6 +172,7 @@ impl Daemon {
             Inbound::new(rules.clone(), config.downlink.topics.clone()),
             &config.state.dir,
         );
+        let refused_filters = publisher.refused_filters();
         let (stopping_tx, stopping) = watch::channel(false);
         let status = StatusSource {
             link,
@@ -180,6 +181,7 @@ impl Daemon {
             spool: spool.stats(),
             counters,
             inbox: downlink.stats(),
+            refused_filters,
         };
         tracing::info!(
             socket = %config.socket.path.display(),

@@ -33,6 +33,18 @@ struct App {
 pub struct Dispatcher {
     queue: BTreeMap<i64, Entry>,
     apps: BTreeMap<AppId, App>,
+    /// Messages no app holds, in arrival order.
+    free: BTreeSet<i64>,
+    /// The oldest free message that may have become assignable since the last `assign`
+    /// (an arrival moves it to the new message, a subscribe, ack, leave or release to the
+    /// oldest free one): what waits behind it for no reason is not scanned again.
+    scan_from: Option<i64>,
+    /// The oldest free message last left waiting because its app had no room: an ack (room
+    /// again) rescans from here, not from messages nobody subscribes to.
+    blocked_from: Option<i64>,
+    /// Free messages looked at by `assign`, for the tests of how much it scans.
+    #[cfg(test)]
+    scanned: usize,
 }
 
 impl Dispatcher {
@@ -45,6 +57,19 @@ impl Dispatcher {
                 holder: None,
             },
         );
+        self.free.insert(seq);
+        self.rescan_from(seq);
+    }
+
+    fn rescan_from(&mut self, seq: i64) {
+        self.scan_from = Some(self.scan_from.map_or(seq, |from| from.min(seq)));
+    }
+
+    /// Every free message may have become assignable.
+    fn rescan_all(&mut self) {
+        if let Some(&first) = self.free.first() {
+            self.rescan_from(first);
+        }
     }
 
     /// Adds `filters` to `app`'s (a first subscribe registers the app).
@@ -58,6 +83,7 @@ impl Dispatcher {
                 entry.filters.push(filter);
             }
         }
+        self.rescan_all();
     }
 
     /// The app disconnected: what it held unacked is free for the next subscriber. Returns how
@@ -69,8 +95,11 @@ impl Dispatcher {
         for seq in &gone.held {
             if let Some(entry) = self.queue.get_mut(seq) {
                 entry.holder = None;
+                self.free.insert(*seq);
             }
         }
+        // Messages the app matched first may now go to another one.
+        self.rescan_all();
         gone.held.len()
     }
 
@@ -83,28 +112,75 @@ impl Dispatcher {
             return false;
         }
         self.queue.remove(&seq);
+        self.room_again();
         true
+    }
+
+    /// `app` could not be sent `seq` (the inbox read failed): it is free again, for a later
+    /// `assign`.
+    pub fn release(&mut self, seq: i64) {
+        if let Some(entry) = self.queue.get_mut(&seq)
+            && let Some(app) = entry.holder.take()
+        {
+            if let Some(app) = self.apps.get_mut(&app) {
+                app.held.remove(&seq);
+            }
+            self.free.insert(seq);
+            self.rescan_from(seq);
+        }
     }
 
     /// The inbox dropped `seq` (over `max_bytes`): forget it, also in the app holding it.
     pub fn forget(&mut self, seq: i64) {
+        self.free.remove(&seq);
         if let Some(Entry {
             holder: Some(app), ..
         }) = self.queue.remove(&seq)
             && let Some(app) = self.apps.get_mut(&app)
         {
             app.held.remove(&seq);
+            self.room_again();
+        }
+    }
+
+    /// An app has room again: what waited for room may go.
+    fn room_again(&mut self) {
+        if let Some(blocked) = self.blocked_from {
+            self.rescan_from(blocked);
         }
     }
 
     /// Hands out every free message that has a matching app with room, in arrival order; the
-    /// caller sends each (app, seq) to its app.
+    /// caller sends each (app, seq) to its app. Looks only at messages that may have become
+    /// assignable, and stops once no app has room.
     pub fn assign(&mut self) -> Vec<(AppId, i64)> {
         let mut handed = Vec::new();
-        if self.apps.is_empty() {
+        let Some(from) = self.scan_from.take() else {
             return handed;
+        };
+        if self.blocked_from.is_some_and(|blocked| blocked >= from) {
+            // Scanned again below.
+            self.blocked_from = None;
         }
-        for (seq, entry) in self.queue.iter_mut().filter(|(_, e)| e.holder.is_none()) {
+        let mut block = |seq: i64| {
+            self.blocked_from = Some(self.blocked_from.map_or(seq, |b| b.min(seq)));
+        };
+        for &seq in self.free.range(from..) {
+            if self
+                .apps
+                .values()
+                .all(|app| app.held.len() >= MAX_UNACKED_PER_APP)
+            {
+                block(seq);
+                break;
+            }
+            #[cfg(test)]
+            {
+                self.scanned += 1;
+            }
+            let Some(entry) = self.queue.get_mut(&seq) else {
+                continue;
+            };
             let first_match = self
                 .apps
                 .iter_mut()
@@ -113,11 +189,15 @@ impl Dispatcher {
                 continue;
             };
             if app.held.len() >= MAX_UNACKED_PER_APP {
+                block(seq);
                 continue;
             }
-            app.held.insert(*seq);
+            app.held.insert(seq);
             entry.holder = Some(*id);
-            handed.push((*id, *seq));
+            handed.push((*id, seq));
+        }
+        for (_, seq) in &handed {
+            self.free.remove(seq);
         }
         handed
     }
@@ -202,6 +282,39 @@ mod tests {
             dispatcher.assign(),
             vec![(1, MAX_UNACKED_PER_APP as i64 + 1)]
         );
+    }
+
+    /// Issue 24 item 15: a backlog no app subscribes to is not scanned again for each new
+    /// message or ack; and a message whose read failed is handed out again.
+    #[test]
+    fn assign_looks_only_at_what_may_have_become_assignable() {
+        let waiting = vec!["nobody/listens"; 10_000];
+        let mut dispatcher = filled(&waiting);
+        dispatcher.subscribe(1, vec!["commands/#".into()]);
+        assert!(dispatcher.assign().is_empty());
+        let first_scan = dispatcher.scanned;
+        assert_eq!(first_scan, 10_000);
+        for n in 0..100 {
+            let seq = 20_000 + n;
+            dispatcher.arrive(seq, "commands/x".into());
+            assert_eq!(dispatcher.assign(), vec![(1, seq)]);
+            assert!(dispatcher.ack(1, seq));
+        }
+        assert!(dispatcher.assign().is_empty());
+        assert!(
+            dispatcher.scanned < first_scan + 10_000 * 2,
+            "{} looked at",
+            dispatcher.scanned
+        );
+        assert!(
+            dispatcher.assign().is_empty(),
+            "nothing changed: nothing to scan"
+        );
+
+        dispatcher.arrive(30_000, "commands/y".into());
+        assert_eq!(dispatcher.assign(), vec![(1, 30_000)]);
+        dispatcher.release(30_000);
+        assert_eq!(dispatcher.assign(), vec![(1, 30_000)], "handed out again");
     }
 
     #[test]

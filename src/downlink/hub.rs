@@ -5,15 +5,21 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::downlink::dispatch::{AppId, Dispatcher};
 use crate::downlink::inbox::{Inbox, InboxError, InboxStats};
 use crate::downlink::render::message_line;
+use crate::ops::logging::Repeats;
 
 /// Requests waiting for the hub thread; a full queue makes senders wait.
 const COMMAND_QUEUE: usize = 1024;
+/// After a failed inbox read, handing the message out is tried again this long after, twice
+/// as long after each further failure, up to `MAX_RETRY_DELAY`.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// Why received messages were not stored (the broker then gets no PUBACK and sends again).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -76,18 +82,26 @@ impl Downlink {
         }
         let (stats_tx, stats) = watch::channel(inbox.stats());
         let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
+        let thread_error =
+            |e| InboxError::Storage(rusqlite::Error::ToSqlConversionFailure(Box::new(e)));
+        // The hub thread's clock for retries.
+        let clock = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(thread_error)?;
         let hub = Hub {
             inbox,
             dispatcher,
             apps: HashMap::new(),
             stats: stats_tx,
+            retry_at: None,
+            retry_delay: RETRY_DELAY,
+            read_log: Repeats::default(),
         };
         std::thread::Builder::new()
             .name("downlink".into())
-            .spawn(move || hub.serve(receiver))
-            .map_err(|e| {
-                InboxError::Storage(rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
-            })?;
+            .spawn(move || hub.serve(receiver, clock))
+            .map_err(thread_error)?;
         Ok(Downlink {
             commands,
             stats,
@@ -149,12 +163,29 @@ struct Hub {
     dispatcher: Dispatcher,
     apps: HashMap<AppId, Deliveries>,
     stats: watch::Sender<InboxStats>,
+    /// A message could not be read for its app: when to hand it out again.
+    retry_at: Option<Instant>,
+    retry_delay: Duration,
+    read_log: Repeats,
 }
 
 impl Hub {
-    fn serve(mut self, mut commands: mpsc::Receiver<Command>) {
-        while let Some(command) = commands.blocking_recv() {
-            self.handle(command);
+    fn serve(mut self, mut commands: mpsc::Receiver<Command>, clock: tokio::runtime::Runtime) {
+        loop {
+            let next = clock.block_on(async {
+                match self.retry_at {
+                    Some(at) => tokio::time::timeout_at(at.into(), commands.recv())
+                        .await
+                        .ok(),
+                    None => Some(commands.recv().await),
+                }
+            });
+            match next {
+                Some(Some(command)) => self.handle(command),
+                Some(None) => break,
+                // Time to try the failed reads again (`deliver` below).
+                None => self.retry_at = None,
+            }
             self.deliver();
             self.stats.send_if_modified(|stats| {
                 let now = self.inbox.stats();
@@ -168,7 +199,9 @@ impl Hub {
     fn handle(&mut self, command: Command) {
         match command {
             Command::Receive { messages, done } => {
-                let result = match self.inbox.push(&messages) {
+                let pushed = self.inbox.push(&messages);
+                self.inbox.record(pushed.is_ok());
+                let result = match pushed {
                     Ok(pushed) => {
                         for seq in &pushed.dropped {
                             self.dispatcher.forget(*seq);
@@ -205,8 +238,9 @@ impl Hub {
                 } else {
                     // Gone from the dispatcher either way: a failed delete only means the
                     // message may come again after a restart (at least once).
-                    self.inbox
-                        .remove(seq)
+                    let removed = self.inbox.remove(seq);
+                    self.inbox.record(removed.is_ok());
+                    removed
                         .map(|_| ())
                         .map_err(|e| AckError::Storage(e.to_string()))
                 };
@@ -232,18 +266,27 @@ impl Hub {
         loop {
             let mut gone = Vec::new();
             for (app, seq) in self.dispatcher.assign() {
-                let message = match self.inbox.load(seq) {
+                let loaded = self.inbox.load(seq);
+                self.inbox.record(loaded.is_ok());
+                let message = match loaded {
                     Ok(Some(message)) => message,
                     Ok(None) => {
                         self.dispatcher.forget(seq);
                         continue;
                     }
                     Err(error) => {
-                        // Stays with the app unsent; it comes again once that app leaves.
-                        tracing::error!(%error, seq, "cannot read an inbox message");
+                        // Free again, and handed out again after a pause: never left with
+                        // an app that was not sent it.
+                        self.dispatcher.release(seq);
+                        self.retry_at = Some(Instant::now() + self.retry_delay);
+                        self.retry_delay = (self.retry_delay * 2).min(MAX_RETRY_DELAY);
+                        if let Some(held_back) = self.read_log.admit("inbox read") {
+                            tracing::error!(%error, seq, held_back, "cannot read an inbox message; trying again");
+                        }
                         continue;
                     }
                 };
+                self.retry_delay = RETRY_DELAY;
                 let line = message_line(seq, &message.topic, &message.payload);
                 let sent = self
                     .apps

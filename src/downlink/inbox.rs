@@ -40,6 +40,24 @@ pub struct InboxStats {
     pub dropped_total: u64,
     /// Received from the broker since the start.
     pub received_total: u64,
+    /// The last receive had to drop the oldest to fit (`inbox_state` "full"); an ack ends it.
+    pub full: bool,
+    /// Since when the inbox's storage keeps failing (`inbox_state` "failing"); `None` once an
+    /// operation works again.
+    pub failing_since: Option<std::time::Instant>,
+}
+
+impl InboxStats {
+    /// `status`'s `inbox_state`.
+    pub fn state(&self) -> &'static str {
+        if self.failing_since.is_some() {
+            "failing"
+        } else if self.full {
+            "full"
+        } else {
+            "ok"
+        }
+    }
 }
 
 /// A stored message.
@@ -166,6 +184,15 @@ impl Inbox {
         self.stats
     }
 
+    /// The outcome of the last storage operation, for `inbox_state`.
+    pub fn record(&mut self, worked: bool) {
+        if worked {
+            self.stats.failing_since = None;
+        } else if self.stats.failing_since.is_none() {
+            self.stats.failing_since = Some(std::time::Instant::now());
+        }
+    }
+
     /// Stores `messages` (relative topic, payload) in one durable transaction, dropping the
     /// oldest stored messages first when they would not fit within `max_bytes`.
     pub fn push(&mut self, messages: &[(String, Vec<u8>)]) -> Result<Pushed, InboxError> {
@@ -212,6 +239,7 @@ impl Inbox {
         self.stats.messages = messages_now;
         self.stats.dropped_total += pushed.dropped.len() as u64;
         self.stats.received_total += messages.len() as u64;
+        self.stats.full = !pushed.dropped.is_empty();
         Ok(pushed)
     }
 
@@ -253,6 +281,7 @@ impl Inbox {
             )
             .optional()?;
         if let Some(size) = size {
+            self.stats.full = false;
             self.stats.messages = self.stats.messages.saturating_sub(1);
             self.stats.bytes = self.stats.bytes.saturating_sub(size.unsigned_abs());
         }

@@ -37,6 +37,7 @@ pub fn document(
         "dead_letter_total": status.dead_letter_total,
         "inbox_messages": inbox.messages,
         "inbox_dropped_total": inbox.dropped_total,
+        "inbox_state": inbox.state(),
         "last_error": status.last_error,
         "credentials_expire_at": status.credentials_expire_at,
     });
@@ -157,6 +158,8 @@ mod tests {
             dead_letters: 2,
             inbox_messages: 0,
             inbox_dropped_total: 0,
+            inbox_state: "ok",
+            refused_filters: Vec::new(),
             policy_reattached_at: None,
             policy_reattaches_total: 0,
         };

@@ -93,16 +93,31 @@ pub async fn supervise(status: StatusSource, spool: Spool, pulses: Vec<Pulse>) {
                 .await
                 .is_ok_and(|read| read.is_ok())
                 && spool.stats().borrow().fault.is_none();
+        let inbox_works = !inbox_stuck(&status.inbox.borrow());
         let limit = (period / 2).max(MIN_SILENCE_LIMIT);
         match heartbeat::first_stalled(&pulses, limit, tokio::time::Instant::now()) {
-            None if spool_answers => {
+            None if spool_answers && inbox_works => {
                 send(&[NotifyState::Watchdog]);
                 last_ping = tokio::time::Instant::now();
             }
             stalled => tracing::error!(
-                stalled_task = stalled.unwrap_or("spool"),
+                stalled_task = stalled.unwrap_or(if spool_answers {
+                    "downlink inbox"
+                } else {
+                    "spool"
+                }),
                 "a task is not making progress; withholding the watchdog ping"
             ),
         }
     }
+}
+
+/// The downlink inbox failed every store and read for this long: a restart (which moves a
+/// corrupt inbox aside) is the way out. Shorter failures are retried in place.
+const INBOX_STUCK_AFTER: Duration = Duration::from_secs(300);
+
+fn inbox_stuck(inbox: &crate::downlink::InboxStats) -> bool {
+    inbox
+        .failing_since
+        .is_some_and(|since| since.elapsed() >= INBOX_STUCK_AFTER)
 }

@@ -64,6 +64,11 @@ pub struct Status {
     /// `downlink.max_bytes` since the start.
     pub inbox_messages: u64,
     pub inbox_dropped_total: u64,
+    /// `ok`, `full` (the last message received had to drop the oldest unacked ones) or
+    /// `failing` (storing or reading received messages fails).
+    pub inbox_state: &'static str,
+    /// Downlink filters (relative) the broker refused in its last SUBACK for them.
+    pub refused_filters: Vec<String>,
     /// When IoT Core's refusals (connections closed right after CONNECT, or refused) last
     /// made the device attach its IoT policy again; null if never since the start.
     pub policy_reattached_at: Option<String>,
@@ -79,6 +84,7 @@ pub struct StatusSource {
     pub spool: watch::Receiver<SpoolStats>,
     pub counters: watch::Receiver<PublishCounters>,
     pub inbox: watch::Receiver<InboxStats>,
+    pub refused_filters: watch::Receiver<Vec<String>>,
 }
 
 impl StatusSource {
@@ -128,6 +134,8 @@ impl StatusSource {
             dead_letters: spool.dead_letters,
             inbox_messages: inbox.messages,
             inbox_dropped_total: inbox.dropped_total,
+            inbox_state: inbox.state(),
+            refused_filters: self.refused_filters.borrow().clone(),
             policy_reattached_at: identity.policy_reattached_at.map(rfc3339),
             policy_reattaches_total: identity.policy_reattaches_total,
         }

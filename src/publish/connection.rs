@@ -67,6 +67,11 @@ pub enum LinkState {
 }
 
 /// Delivery counters for `status`.
+/// The first pause before storing received messages again after the inbox failed, doubled
+/// after each further failure up to the second.
+const STORE_DELAY: Duration = Duration::from_secs(1);
+const MAX_STORE_DELAY: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PublishCounters {
     pub published_total: u64,
@@ -92,6 +97,12 @@ pub struct Publisher {
     downlink: Option<(Downlink, Inbound)>,
     /// Received on this connection, waiting to be stored and then acknowledged.
     received: Vec<rumqttc::Publish>,
+    /// The inbox refused the last store: it is tried again then (the connection stays; the
+    /// messages stay unacknowledged meanwhile), after a pause doubling up to `MAX_STORE_DELAY`.
+    store_retry_at: Option<Instant>,
+    store_delay: Duration,
+    /// Downlink filters (relative) the broker refused in a SUBACK, for `status`.
+    refused_filters: watch::Sender<Vec<String>>,
     /// A CONNACK arrived: subscribe (its session-present flag).
     must_subscribe: Option<bool>,
     /// The filters the broker's session holds, and the file that remembers them.
@@ -142,6 +153,9 @@ impl Publisher {
             flow,
             downlink: None,
             received: Vec::new(),
+            store_retry_at: None,
+            store_delay: STORE_DELAY,
+            refused_filters: watch::channel(Vec::new()).0,
             must_subscribe: None,
             held: HeldFilters::default(),
             held_path: None,
@@ -165,6 +179,11 @@ impl Publisher {
         self.held_path = Some(path);
         self.downlink = Some((downlink, inbound));
         self
+    }
+
+    /// Downlink filters the broker refused, as `status` shows them.
+    pub fn refused_filters(&self) -> watch::Receiver<Vec<String>> {
+        self.refused_filters.subscribe()
     }
 
     /// Publishes the health reports from `reports` to the relative `topic`.
@@ -343,6 +362,7 @@ impl Publisher {
         // Packet ids belong to their connection: what the last one left unacknowledged the
         // broker sends again.
         self.received.clear();
+        self.store_retry_at = None;
         self.must_subscribe = None;
         self.subscribing.clear();
         self.subscribed.clear();
@@ -376,6 +396,10 @@ impl Publisher {
                     Err(_) => self.flow.on_read_failed(Instant::now()),
                 },
                 _ = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {}
+                _ = tokio::time::sleep_until(self.store_retry_at.unwrap_or_else(Instant::now)), if self.store_retry_at.is_some() => {
+                    self.store_retry_at = None;
+                    self.subscribe_and_store(&connection, session).await;
+                }
                 changed = spool_stats.changed(), if self.flow.listens_to_spool() => {
                     if changed.is_err() {
                         return Ended::Failed("spool closed".into());
@@ -519,8 +543,21 @@ impl Publisher {
             .iter()
             .map(|code| matches!(code, SubscribeReasonCode::Success(_)))
             .collect();
-        for filter in self.held.on_suback(&filters, &granted) {
+        let refused = self.held.on_suback(&filters, &granted);
+        for filter in &refused {
             tracing::warn!(%filter, "the broker refused this downlink subscription (SUBACK failure: the IoT policy does not allow it); nothing arrives on it, subscribing again at the next connect");
+        }
+        if let Some((_, inbound)) = &self.downlink {
+            let identity = self.held.identity_id().to_owned();
+            let relative = |filter: &String| inbound.relative(&identity, filter);
+            self.refused_filters.send_if_modified(|shown| {
+                let before = shown.clone();
+                shown.retain(|f| !filters.iter().map(relative).any(|r| r == *f));
+                shown.extend(refused.iter().map(relative));
+                shown.sort();
+                shown.dedup();
+                *shown != before
+            });
         }
         self.save_held();
     }
@@ -574,6 +611,9 @@ impl Publisher {
                 }
             }
         }
+        if self.store_retry_at.is_some() {
+            return;
+        }
         while !self.received.is_empty() {
             let take = self.received.len().min(MAX_RECEIVE_BATCH);
             let batch: Vec<rumqttc::Publish> = self.received.drain(..take).collect();
@@ -590,10 +630,16 @@ impl Publisher {
                 }
             }
             if let Err(error) = downlink.receive(messages).await {
-                self.received.clear();
-                self.flow.fail(format!("inbox: {error}"), Failure::Other);
+                // Kept unacknowledged on this connection and stored later: tearing it down
+                // would only bring the same messages back at once (a persistent session
+                // redelivers after the CONNACK) and stop the uplink with it.
+                tracing::warn!(%error, retry_in_ms = self.store_delay.as_millis() as u64, "cannot store received messages; they stay unacknowledged and are stored later");
+                self.received.splice(0..0, batch);
+                self.store_retry_at = Some(Instant::now() + self.store_delay);
+                self.store_delay = (self.store_delay * 2).min(MAX_STORE_DELAY);
                 return;
             }
+            self.store_delay = STORE_DELAY;
             for publish in &batch {
                 if let Err(error) = connection.client.try_ack(publish) {
                     self.received.clear();

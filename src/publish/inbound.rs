@@ -60,6 +60,14 @@ impl Inbound {
             .collect()
     }
 
+    /// A full filter as configured (relative to the device prefix).
+    pub fn relative(&self, identity_id: &str, full: &str) -> String {
+        match self.classify(identity_id, full) {
+            Received::Store(relative) => relative,
+            Received::Foreign => full.to_owned(),
+        }
+    }
+
     /// Where a received message goes.
     pub fn classify(&self, identity_id: &str, topic: &str) -> Received {
         let prefix = self.rules.prefix(identity_id);
@@ -113,6 +121,11 @@ impl HeldFilters {
 
     /// A SUBACK for `filters`, `granted[i]` for each: the granted ones are held now. Returns
     /// the refused ones.
+    /// The client id whose session holds the filters.
+    pub fn identity_id(&self) -> &str {
+        &self.identity_id
+    }
+
     pub fn on_suback(&mut self, filters: &[String], granted: &[bool]) -> Vec<String> {
         let mut refused = Vec::new();
         for (filter, &ok) in filters.iter().zip(granted) {
