@@ -60,6 +60,9 @@ const MAX_BATCH_MESSAGES: u32 = 65_536;
 const MAX_IN_FLIGHT: u16 = 100;
 /// Longest `spool.commit_window`: a message the publisher sent waits at most this for its `ok`.
 const MAX_COMMIT_WINDOW: Duration = Duration::from_secs(5);
+/// Longest `shutdown.drain_timeout`: the unit's `TimeoutStopSec=20s` must leave time to
+/// commit what is held and close after the drain, or systemd kills the daemon mid-commit.
+const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The whole configuration, section by section as in SPEC.md.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -573,6 +576,15 @@ secret_id = "eu-west-1_abc_demo-app-user"
             assert!(err.to_string().contains("publish.max_in_flight"), "{err}");
             assert!(err.to_string().contains("between 1 and 100"), "{err}");
         }
+    }
+
+    #[test]
+    fn drain_timeout_fits_the_units_stop_timeout() {
+        let drain = |d: &str| load(&format!("{MINIMAL}\n[shutdown]\ndrain_timeout = \"{d}\"\n"));
+        assert!(drain("15s").is_ok());
+        let err = drain("16s").expect_err("longer than the unit allows");
+        assert!(err.to_string().contains("shutdown.drain_timeout"), "{err}");
+        assert!(err.to_string().contains("TimeoutStopSec"), "{err}");
     }
 
     #[test]

@@ -197,6 +197,15 @@ fn check_limits(config: &Config) -> Result<(), Invalid> {
             ),
         ));
     }
+    if config.shutdown.drain_timeout > MAX_DRAIN_TIMEOUT {
+        return Err((
+            "shutdown.drain_timeout",
+            format!(
+                "at most {} (the unit stops the daemon after TimeoutStopSec=20s; the last 5 s commit what is held and close)",
+                humantime::format_duration(MAX_DRAIN_TIMEOUT)
+            ),
+        ));
+    }
     if config.publish.max_in_flight == 0 || config.publish.max_in_flight > MAX_IN_FLIGHT {
         return Err((
             "publish.max_in_flight",

@@ -20,10 +20,15 @@ pub async fn reload(running: &mut Config, new: Config, live: Live<'_>) {
     notify::reloading();
     let mut applied = Vec::new();
     let mut waiting = Vec::new();
+    let mut log_refused = false;
     for change in changes(running, &new) {
         match change {
             Change::LogLevel(level) => match live.log.map(|log| log.set_level(&level)) {
-                Some(Err(reason)) => tracing::warn!(%reason, "log.level not changed"),
+                Some(Err(reason)) => {
+                    tracing::warn!(%reason, "log.level not changed");
+                    // Still the running level: the next reload tries again.
+                    log_refused = true;
+                }
                 _ => applied.push(format!("log.level {:?} -> {level:?}", running.log.level)),
             },
             Change::PublishLimits {
@@ -63,7 +68,9 @@ pub async fn reload(running: &mut Config, new: Config, live: Live<'_>) {
         "configuration reloaded{}",
         if needs_restart { "; other changes take effect at the next restart" } else { "" }
     );
-    running.log = new.log;
+    if !log_refused {
+        running.log = new.log;
+    }
     running.publish.max_publishes_per_second = new.publish.max_publishes_per_second;
     running.publish.max_bytes_per_second = new.publish.max_bytes_per_second;
     running.spool = new.spool;
