@@ -6,8 +6,10 @@
 #   sudo bash tests/system/from-clone.sh target/debian/iot-cognito-relay_*.deb
 #
 # The clone is of the committed HEAD. `make deps` in the clone would download the venv's
-# packages again; instead the clone gets a venv of its own at its own path (what matters here:
-# its scripts name that path) that reaches this checkout's packages through a .pth file.
+# packages again; instead the clone gets a venv of its own at its own path (its scripts name
+# that path) holding this checkout's packages, hard-linked (copied across filesystems). Nothing
+# in it may lead back here: the container sees the clone's venv, not this checkout, which may
+# itself sit under /tmp (a .pth file naming it failed there).
 set -euo pipefail
 if [[ $# -ne 1 || ! -f ${1:-} ]]; then
     echo "usage: $0 path/to/iot-cognito-relay_VERSION_ARCH.deb" >&2
@@ -25,7 +27,12 @@ git clone --quiet "$repo" "$clone"
 
 purelib() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
 "$source_venv/bin/python3" -m venv --without-pip "$clone/.venv"
-purelib "$source_venv/bin/python3" >"$(purelib "$clone/.venv/bin/python3")/icr-source-venv.pth"
+source_lib=$(purelib "$source_venv/bin/python3")
+clone_lib=$(purelib "$clone/.venv/bin/python3")
+# Hard links cost neither time nor space, and nothing rewrites these files in place (Python
+# replaces a stale .pyc with a new file).
+rm -rf "$clone_lib"
+cp -al "$source_lib" "$clone_lib" 2>/dev/null || { rm -rf "$clone_lib"; cp -a "$source_lib" "$clone_lib"; }
 cat >"$clone/.venv/bin/moto_server" <<SCRIPT
 #!$clone/.venv/bin/python3
 import sys
