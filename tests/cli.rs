@@ -680,3 +680,46 @@ fn send_from_a_slow_pipe_survives_the_daemons_idle_close() {
     assert!(output.status.success(), "{stderr}");
     assert_eq!(spooled(), 2);
 }
+
+/// Issue 24 item 13: the clients of every socket need file descriptors; a config whose sum
+/// passes the hard `RLIMIT_NOFILE` is refused at start (exit 2, one line naming the keys and
+/// the limit) instead of failing the daemon's own connections with EMFILE later. Within the
+/// hard limit the daemon raises its soft limit and starts.
+#[test]
+fn run_refuses_more_clients_than_file_descriptors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = offline(dir.path(), "");
+    let text = std::fs::read_to_string(&path)
+        .expect("read")
+        .replace("[socket]\n", "[socket]\nmax_clients = 1000\n");
+    std::fs::write(&path, text).expect("write");
+    let under = |nofile: &str| {
+        let mut child = Command::new("prlimit")
+            .arg(format!("--nofile={nofile}"))
+            .arg(BIN)
+            .args(["run", "--config", &path])
+            .env_remove("RUST_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("prlimit");
+        std::thread::sleep(Duration::from_secs(2));
+        let _ = child.kill();
+        child.wait_with_output().expect("output")
+    };
+    let refused = under("1024:1024");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("socket.max_clients") && stderr.contains("1256") && stderr.contains("1024"),
+        "{stderr}"
+    );
+    let raised = under("1024:4096");
+    let stderr = String::from_utf8_lossy(&raised.stderr);
+    assert_ne!(raised.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("raised the file descriptor limit"),
+        "{stderr}"
+    );
+}

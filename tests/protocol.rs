@@ -280,7 +280,11 @@ fn many_clients_and_deaf_clients_keep_the_daemon_responsive_and_bounded() {
     let mut cloud = Cloud::start();
     cloud.kill_broker();
     let dir = tempfile::tempdir().expect("tempdir");
-    let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, ""));
+    // The test's 550 clients play many apps but all run as root: one uid may hold them all.
+    let daemon = cloud.start_daemon(&with_socket_keys(
+        cloud.config(dir.path(), true, ""),
+        "max_clients_per_uid = 1000\n",
+    ));
     let socket = daemon.socket.clone();
 
     // 50 clients that write 2,000 messages each and never read a single answer.
@@ -916,4 +920,48 @@ fn send_json_with_a_null_id_is_answered_and_exits_0() {
         .map(|mut e| e.read_to_string(&mut stderr));
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert_eq!(daemon.status()["spool_messages"], 1);
+}
+
+/// Issue 24 item 13: one uid holds at most `socket.max_clients_per_uid` of a socket's slots;
+/// one more is answered `too_many_connections` and closed, and a slot given back is usable.
+/// A line trickled a byte at a time is cut one `idle_timeout` after its first byte.
+#[test]
+fn one_uid_cannot_take_every_slot_and_a_trickled_line_is_cut() {
+    let daemon = Offline::start(
+        "idle_timeout = \"2s\"\nmax_clients = 8\nmax_clients_per_uid = 2\n",
+        "",
+    );
+    let first = harness::LocalApp::connect(&daemon.socket);
+    let second = harness::LocalApp::connect(&daemon.socket);
+    let mut third = harness::LocalApp::connect(&daemon.socket);
+    let refused = third.read_answer(ANSWER).expect("answer");
+    assert_eq!(refused["error"], "too_many_connections", "{refused}");
+    assert_eq!(third.read_to_end(), "");
+    drop(first);
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut again = harness::LocalApp::connect(&daemon.socket);
+    let answer = again.read_answer(Duration::from_millis(300));
+    assert_eq!(answer, None, "the slot was given back");
+
+    drop(second);
+    // A fresh connection, trickling a byte every half second (writes fail once it is cut).
+    let mut trickler = std::os::unix::net::UnixStream::connect(&daemon.socket).expect("connect");
+    let started = std::time::Instant::now();
+    for byte in br#"{"topic":"t","payload":1}"# {
+        use std::io::Write;
+        if trickler.write_all(&[*byte]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let mut rest = String::new();
+    use std::io::Read;
+    let _ = trickler.read_to_string(&mut rest);
+    let cut: Value = serde_json::from_str(rest.lines().next().expect("an answer")).expect("json");
+    assert_eq!(cut["error"], "invalid_json", "{cut}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "cut about idle_timeout after the first byte: {:?}",
+        started.elapsed()
+    );
 }

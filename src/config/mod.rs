@@ -188,6 +188,9 @@ pub struct SocketConfig {
     pub allowed_gids: Vec<u32>,
     /// Clients served at once (per socket); more wait in the listen backlog.
     pub max_clients: u32,
+    /// Of those, at most this many from one uid (one runaway app cannot take every slot);
+    /// more from that uid are refused with `too_many_connections`.
+    pub max_clients_per_uid: u32,
     /// A client that started a line and sent nothing more for this long is disconnected.
     #[serde(with = "duration")]
     pub idle_timeout: Duration,
@@ -229,6 +232,7 @@ impl Default for SocketConfig {
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
             max_clients: 256,
+            max_clients_per_uid: 128,
             idle_timeout: Duration::from_secs(60),
             max_messages_per_second: 0,
             raw: Vec::new(),

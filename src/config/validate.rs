@@ -143,6 +143,9 @@ fn check_topics(config: &Config) -> Result<(), Invalid> {
             "may use {identity_pool_id} and {identity_id} but no wildcard, NUL, other braces, or leading '$' or '/'".into(),
         ));
     }
+    if config.socket.max_clients_per_uid == 0 {
+        return Err(("socket.max_clients_per_uid", "must be at least 1".into()));
+    }
     if config.socket.max_clients == 0 {
         return Err(("socket.max_clients", "must be at least 1".into()));
     }

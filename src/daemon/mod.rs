@@ -7,6 +7,7 @@
 //!        identity manager (credentials via watch)
 //! ```
 
+mod file_limit;
 mod reload;
 mod state_dir;
 mod supervisor;
@@ -57,6 +58,8 @@ pub enum DaemonError {
     Socket(#[from] BindError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    FileLimit(#[from] file_limit::FileLimitError),
     #[error("the {0} stopped unexpectedly")]
     TaskFailed(&'static str),
     #[error(
@@ -83,6 +86,7 @@ impl DaemonError {
             DaemonError::StateDir { .. }
             | DaemonError::InsecureStateDir { .. }
             | DaemonError::Tls(_)
+            | DaemonError::FileLimit(_)
             | DaemonError::Socket(BindError::Io { .. })
             | DaemonError::Socket(BindError::NotSocket(_)) => true,
             DaemonError::Socket(BindError::InUse(_))
@@ -132,6 +136,7 @@ struct Listeners {
 impl Daemon {
     /// Opens the state dir, the spool, the TLS roots and the sockets, then starts the tasks.
     async fn start(config: Config) -> Result<Daemon, DaemonError> {
+        file_limit::ensure(&config.socket)?;
         let instance_lock = prepare_state_dir(&config.state.dir)?;
         let spool = Spool::open_with_window(
             &config.state.dir,

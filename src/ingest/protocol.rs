@@ -84,6 +84,8 @@ pub enum ErrorCode {
     /// An `ack` for a seq this connection does not hold unacked (acked already, or never
     /// delivered to it).
     UnknownSeq,
+    /// Beyond SPEC.md's list: the peer's uid holds `socket.max_clients_per_uid` connections.
+    TooManyConnections,
 }
 
 impl ErrorCode {
@@ -101,6 +103,7 @@ impl ErrorCode {
             ErrorCode::StorageError => "storage_error",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::UnknownSeq => "unknown_seq",
         }
     }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::time::Instant;
 
 /// Read buffer per client; records may be longer and are assembled across reads.
 const READ_BUFFER: usize = 16 * 1024;
@@ -15,7 +16,8 @@ pub enum Next {
     Record(Vec<u8>),
     /// A record exceeded the limit; it is being skipped up to its delimiter.
     TooLong,
-    /// A record was started and then nothing arrived for the idle timeout.
+    /// A record was not complete within the idle timeout of its first byte (a client that
+    /// trickles a byte now and then holds a slot no longer than one that sends nothing).
     Idle,
     /// Between records, nothing arrived for the idle timeout: a connection that holds a
     /// client slot without using it.
@@ -32,6 +34,8 @@ pub struct RecordReader<R> {
     max: usize,
     idle: Duration,
     skipping: bool,
+    /// When the first byte of the record being read arrived.
+    started: Option<Instant>,
 }
 
 impl<R: AsyncRead + Unpin> RecordReader<R> {
@@ -43,19 +47,21 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
             max,
             idle,
             skipping: false,
+            started: None,
         }
     }
 
     pub async fn next(&mut self) -> Next {
         loop {
-            let midway = !self.record.is_empty() || self.skipping;
             let filled = if !self.idle.is_zero() {
-                match tokio::time::timeout(self.idle, self.reader.fill_buf()).await {
+                let deadline = self.started.unwrap_or_else(Instant::now) + self.idle;
+                match tokio::time::timeout_at(deadline, self.reader.fill_buf()).await {
                     Ok(filled) => filled,
-                    Err(_) if !midway => return Next::Silent,
+                    Err(_) if self.started.is_none() => return Next::Silent,
                     Err(_) => {
                         self.record.clear();
                         self.skipping = false;
+                        self.started = None;
                         return Next::Idle;
                     }
                 }
@@ -75,6 +81,8 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
                 }
             };
             let end = buffer.iter().position(|b| *b == self.delimiter);
+            // The record's clock starts at its first byte; a delimiter ends it.
+            let started = *self.started.get_or_insert_with(Instant::now);
             let chunk = &buffer[..end.unwrap_or(buffer.len())];
             let used = chunk.len() + usize::from(end.is_some());
             let mut too_long = false;
@@ -88,6 +96,7 @@ impl<R: AsyncRead + Unpin> RecordReader<R> {
                 }
             }
             self.reader.consume(used);
+            self.started = end.is_none().then_some(started);
             if too_long {
                 if end.is_some() {
                     self.skipping = false;
@@ -160,6 +169,31 @@ mod tests {
         assert_eq!(reader.next().await, Next::Idle);
         client.write_all(b"x\n").await.expect("write");
         assert_eq!(reader.next().await, Next::Record(b"x".to_vec()));
+    }
+
+    /// Issue 24 item 13: a byte every so often does not keep a half line alive: it must be
+    /// complete within the idle timeout of its first byte.
+    #[tokio::test(start_paused = true)]
+    async fn a_trickled_line_idles_out_at_the_timeout_after_its_first_byte() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(64);
+        let idle = Duration::from_secs(60);
+        let mut reader = RecordReader::new(server, b'\n', 100, idle);
+        let start = Instant::now();
+        let trickle = tokio::spawn(async move {
+            for byte in b"{\"topic\"" {
+                client.write_all(&[*byte]).await.expect("write");
+                tokio::time::sleep(Duration::from_secs(59)).await;
+            }
+            client
+        });
+        assert_eq!(reader.next().await, Next::Idle);
+        assert_eq!(
+            start.elapsed(),
+            idle,
+            "cut one idle timeout after the first byte"
+        );
+        drop(trickle);
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,9 +5,10 @@
 //! answers loses them and slows nothing else. The spool's bounded queue is the backpressure:
 //! when it is behind, the readers stop reading.
 
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -24,7 +25,7 @@ use crate::ingest::records::{Next, RecordReader};
 use crate::ops::heartbeat::Heartbeat;
 use crate::ops::logging::Repeats;
 use crate::ops::status::StatusSource;
-use crate::spool::{AppendError, DeadLetterReply, Spool};
+use crate::spool::{AppendError, DeadLetterAction, DeadLetterReply, Spool};
 use crate::topic::TopicRules;
 
 /// Answers waiting for a slow client before newer ones are dropped.
@@ -134,6 +135,7 @@ pub async fn accept_clients<F, Fut>(
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(limits.max_clients as usize));
+    let per_uid = UidSlots::new(limits.max_clients_per_uid);
     // EMFILE and the like repeat every ACCEPT_RETRY for as long as they last.
     let mut repeats = Repeats::default();
     // Owned here, so the clients end with the server (at shutdown, the supervisor stops it).
@@ -148,9 +150,15 @@ pub async fn accept_clients<F, Fut>(
                 if !admit(limits, &stream).await {
                     continue;
                 }
+                let uid = stream.peer_cred().ok().map(|peer| peer.uid());
+                let Some(uid_slot) = per_uid.take(uid) else {
+                    refuse_crowded_uid(&stream, uid.unwrap_or(u32::MAX), &mut repeats).await;
+                    continue;
+                };
                 let client = serve(stream);
                 clients.spawn(async move {
                     client.await;
+                    drop(uid_slot);
                     drop(slot);
                 });
             }
@@ -162,6 +170,83 @@ pub async fn accept_clients<F, Fut>(
             }
         }
     }
+}
+
+/// Connections per peer uid on one socket, at most `limit` each (`socket.max_clients_per_uid`).
+#[derive(Clone)]
+struct UidSlots {
+    limit: u32,
+    held: Arc<Mutex<HashMap<u32, u32>>>,
+}
+
+/// One connection's share of its uid's slots, given back on drop.
+struct UidSlot {
+    uid: u32,
+    held: Arc<Mutex<HashMap<u32, u32>>>,
+}
+
+impl UidSlots {
+    fn new(limit: u32) -> UidSlots {
+        UidSlots {
+            limit,
+            held: Arc::default(),
+        }
+    }
+
+    /// A slot for a peer of `uid` (`None`: its credentials are unknown, not counted), or
+    /// `None` when that uid holds `limit` already.
+    fn take(&self, uid: Option<u32>) -> Option<Option<UidSlot>> {
+        let Some(uid) = uid else {
+            return Some(None);
+        };
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = held.entry(uid).or_default();
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(Some(UidSlot {
+            uid,
+            held: self.held.clone(),
+        }))
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = held.get_mut(&self.uid) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Answers a peer whose uid holds all its slots with one error line, and logs it (rate
+/// limited: a runaway app reconnects in a loop).
+async fn refuse_crowded_uid(stream: &UnixStream, uid: u32, repeats: &mut Repeats) {
+    if let Some(held_back) = repeats.admit("too many connections from one uid") {
+        tracing::warn!(
+            uid,
+            held_back,
+            "refused a client: its uid holds socket.max_clients_per_uid connections"
+        );
+    }
+    let refusal = Rejection::new(
+        None,
+        ErrorCode::TooManyConnections,
+        format!("uid {uid} holds socket.max_clients_per_uid connections to this socket already"),
+    );
+    let _ = tokio::time::timeout(ANSWER_GRACE, stream.writable()).await;
+    let _ = stream.try_write(refusal.to_line().as_bytes());
 }
 
 /// Logs who connected and refuses peers outside `socket.allowed_uids` / `allowed_gids` with
@@ -257,6 +342,13 @@ enum Pending {
         id: Option<Value>,
         seq: i64,
     },
+    Status {
+        id: Option<Value>,
+    },
+    DeadLetters {
+        id: Option<Value>,
+        action: DeadLetterAction,
+    },
 }
 
 struct Peer {
@@ -306,6 +398,7 @@ impl Peer {
             }
         });
         let downlink_side = subscription.clone();
+        let (spool, status) = (self.spool.clone(), self.status.clone());
         let (pipeline, mut pending) = mpsc::channel::<Pending>(PIPELINE);
         let acker = tokio::spawn(async move {
             let mut deaf = false;
@@ -329,6 +422,13 @@ impl Peer {
                         Ok(()) => id.as_ref().map(ok_line),
                         Err(error) => Some(ack_refusal(id, &error).to_line()),
                     },
+                    Pending::Status { id } => Some(with_id(
+                        serde_json::json!({"ok": true, "status": status.snapshot()}),
+                        id,
+                    )),
+                    Pending::DeadLetters { id, action } => {
+                        Some(with_id(dead_letters_answer(&spool, action).await, id))
+                    }
                 };
                 if let Some(answer) = answer {
                     deaf = deliver(&answers, &budget, answer, deaf).await;
@@ -372,7 +472,7 @@ impl Peer {
                 }
                 Next::Idle => {
                     let message = format!(
-                        "incomplete line (no newline) idle for {}; connection closed",
+                        "incomplete line: no newline within {} of its first byte (socket.idle_timeout); idle, connection closed",
                         humantime::format_duration(self.limits.idle_timeout)
                     );
                     let rejection = Rejection::new(None, ErrorCode::InvalidJson, message);
@@ -404,38 +504,10 @@ impl Peer {
             return None;
         }
         let step = match parse_line(line, &self.rules) {
-            Ok(Request::Status { id }) => {
-                let mut answer = serde_json::json!({"ok": true, "status": self.status.snapshot()});
-                if let Some(id) = id {
-                    answer["id"] = id;
-                }
-                Pending::Ready(format!("{answer}\n"))
-            }
-            Ok(Request::DeadLetters { id, action }) => {
-                let mut answer = match self.spool.dead_letters(action).await {
-                    Ok(DeadLetterReply::Listed(listed)) => {
-                        serde_json::json!({"ok": true, "dead_letters": listed})
-                    }
-                    Ok(DeadLetterReply::Requeued(count)) => {
-                        tracing::info!(count, "dead letters requeued");
-                        serde_json::json!({"ok": true, "requeued": count})
-                    }
-                    Ok(DeadLetterReply::Purged(count)) => {
-                        tracing::info!(count, "dead letters purged");
-                        serde_json::json!({"ok": true, "purged": count})
-                    }
-                    Err(message) => serde_json::json!({
-                        "ok": false,
-                        // SPEC.md's code for a failing disk.
-                        "error": "storage_error",
-                        "message": message,
-                    }),
-                };
-                if let Some(id) = id {
-                    answer["id"] = id;
-                }
-                Pending::Ready(format!("{answer}\n"))
-            }
+            Ok(Request::Status { id }) => Pending::Status { id },
+            // Answered when their turn comes, within the answer budget: a list prepared
+            // here for every pipelined request would pin megabytes before the budget applies.
+            Ok(Request::DeadLetters { id, action }) => Pending::DeadLetters { id, action },
             Ok(Request::Subscribe { id, topics }) => Pending::Subscribe { id, topics },
             Ok(Request::Ack { id, seq }) => Pending::Ack { id, seq },
             Ok(Request::Publish { id, .. }) if *self.stopping.borrow() => {
@@ -452,6 +524,37 @@ impl Peer {
             Err(rejection) => return Some(Err(rejection)),
         };
         Some(Ok(step))
+    }
+}
+
+/// `answer` with the request's `id`, as a line.
+fn with_id(mut answer: Value, id: Option<Value>) -> String {
+    if let Some(id) = id {
+        answer["id"] = id;
+    }
+    format!("{answer}\n")
+}
+
+/// The answer to a `dead_letters` request.
+async fn dead_letters_answer(spool: &Spool, action: DeadLetterAction) -> Value {
+    match spool.dead_letters(action).await {
+        Ok(DeadLetterReply::Listed(listed)) => {
+            serde_json::json!({"ok": true, "dead_letters": listed})
+        }
+        Ok(DeadLetterReply::Requeued(count)) => {
+            tracing::info!(count, "dead letters requeued");
+            serde_json::json!({"ok": true, "requeued": count})
+        }
+        Ok(DeadLetterReply::Purged(count)) => {
+            tracing::info!(count, "dead letters purged");
+            serde_json::json!({"ok": true, "purged": count})
+        }
+        Err(message) => serde_json::json!({
+            "ok": false,
+            // The protocol's code for a failing disk (docs/protocol.md).
+            "error": "storage_error",
+            "message": message,
+        }),
     }
 }
 
@@ -550,6 +653,27 @@ fn refusal(id: Option<Value>, error: &AppendError) -> Rejection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_uid_holds_at_most_its_share_of_the_slots() {
+        let slots = UidSlots::new(2);
+        let first = slots.take(Some(1000)).expect("first");
+        let _second = slots.take(Some(1000)).expect("second");
+        assert!(
+            slots.take(Some(1000)).is_none(),
+            "a third from the same uid"
+        );
+        assert!(
+            slots.take(Some(1001)).is_some(),
+            "another uid is not held back"
+        );
+        assert!(
+            slots.take(None).is_some(),
+            "a peer without credentials is not counted"
+        );
+        drop(first);
+        assert!(slots.take(Some(1000)).is_some(), "a slot given back");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn pace_allows_a_one_second_burst_then_the_rate() {
