@@ -31,7 +31,7 @@ use crate::publish::flow::{
     Action, BrokerEvent, Ended, Failure, Flow, Outside, Publish, REATTACH_AFTER_CLOSES,
 };
 use crate::publish::inbound::{
-    HELD_FILTERS_FILE, HeldFilters, Inbound, MAX_RECEIVE_BATCH, Received,
+    HELD_FILTERS_FILE, HeldFilters, Inbound, MAX_RECEIVE_BATCH, Received, Redeliveries,
 };
 use crate::publish::mqtt::{self, MqttSettings};
 use crate::publish::quota::Quota;
@@ -97,6 +97,8 @@ pub struct Publisher {
     downlink: Option<(Downlink, Inbound)>,
     /// Received on this connection, waiting to be stored and then acknowledged.
     received: Vec<rumqttc::Publish>,
+    /// What was stored lately, so the broker's redeliveries keep their `seq`.
+    redeliveries: Redeliveries,
     /// The inbox refused the last store: it is tried again then (the connection stays; the
     /// messages stay unacknowledged meanwhile), after a pause doubling up to `MAX_STORE_DELAY`.
     store_retry_at: Option<Instant>,
@@ -153,6 +155,7 @@ impl Publisher {
             flow,
             downlink: None,
             received: Vec::new(),
+            redeliveries: Redeliveries::default(),
             store_retry_at: None,
             store_delay: STORE_DELAY,
             refused_filters: watch::channel(Vec::new()).0,
@@ -362,6 +365,7 @@ impl Publisher {
         // Packet ids belong to their connection: what the last one left unacknowledged the
         // broker sends again.
         self.received.clear();
+        self.redeliveries.connected();
         self.store_retry_at = None;
         self.must_subscribe = None;
         self.subscribing.clear();
@@ -618,11 +622,22 @@ impl Publisher {
             let take = self.received.len().min(MAX_RECEIVE_BATCH);
             let batch: Vec<rumqttc::Publish> = self.received.drain(..take).collect();
             let mut messages = Vec::with_capacity(batch.len());
+            let mut stored = Vec::with_capacity(batch.len());
             for publish in &batch {
                 let topic = &publish.topic;
+                if self.redeliveries.is_redelivery(
+                    publish.dup,
+                    publish.pkid,
+                    topic,
+                    &publish.payload,
+                ) {
+                    tracing::debug!(%topic, packet_id = publish.pkid, "the broker sent a stored message again; acknowledged, kept with its seq");
+                    continue;
+                }
                 match inbound.classify(&session.identity_id, topic) {
                     Received::Store(relative) => {
-                        messages.push((relative, publish.payload.to_vec()))
+                        messages.push((relative, publish.payload.to_vec()));
+                        stored.push(publish);
                     }
                     Received::Foreign => {
                         tracing::warn!(%topic, "received a message outside this device's prefix; dropped")
@@ -640,6 +655,10 @@ impl Publisher {
                 return;
             }
             self.store_delay = STORE_DELAY;
+            for publish in stored {
+                self.redeliveries
+                    .stored(publish.pkid, &publish.topic, &publish.payload);
+            }
             for publish in &batch {
                 if let Err(error) = connection.client.try_ack(publish) {
                     self.received.clear();

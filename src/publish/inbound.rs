@@ -14,7 +14,8 @@
 //! Acks are manual: a received batch is committed to the inbox first and only then
 //! acknowledged (at least once into the device; a crash in between means a redelivery).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -29,6 +30,66 @@ pub const HELD_FILTERS_FILE: &str = "subscriptions.json";
 /// Received messages stored in one inbox transaction at most (the broker's in-flight window
 /// bounds it anyway: IoT Core sends at most 100 unacknowledged QoS 1 messages).
 pub const MAX_RECEIVE_BATCH: usize = 256;
+
+/// Messages remembered per connection for [`Redeliveries`]: more than the broker keeps in
+/// flight (IoT Core sends at most 100 unacknowledged QoS 1 messages).
+const REMEMBERED_PER_CONNECTION: usize = 1024;
+
+/// Downlink messages stored on the last two connections, by packet id and a digest of topic
+/// and payload. A broker redelivers (DUP) what it sent without seeing our PUBACK, right after
+/// the session resumes: one that was stored already is acknowledged without being stored
+/// again, so it keeps its `seq` and an app that deduplicates by `seq` acts on it once. Only a
+/// DUP with the same packet id, topic and payload counts, and only from the connection before
+/// (where its PUBACK may have been lost): a new message repeating an old one is stored.
+#[derive(Debug, Default)]
+pub struct Redeliveries {
+    current: Remembered,
+    previous: Remembered,
+}
+
+#[derive(Debug, Default)]
+struct Remembered {
+    order: VecDeque<(u16, u64)>,
+    keys: HashSet<(u16, u64)>,
+}
+
+impl Remembered {
+    fn insert(&mut self, key: (u16, u64)) {
+        if self.keys.insert(key) {
+            self.order.push_back(key);
+        }
+        if self.order.len() > REMEMBERED_PER_CONNECTION
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.keys.remove(&oldest);
+        }
+    }
+}
+
+fn digest(topic: &str, payload: &[u8]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    topic.hash(&mut hasher);
+    payload.hash(&mut hasher);
+    hasher.finish()
+}
+
+impl Redeliveries {
+    /// A new connection: what was stored two connections ago can no longer come again.
+    pub fn connected(&mut self) {
+        self.previous = std::mem::take(&mut self.current);
+    }
+
+    /// Whether this received message is a redelivery of one already stored.
+    pub fn is_redelivery(&self, dup: bool, packet_id: u16, topic: &str, payload: &[u8]) -> bool {
+        let key = (packet_id, digest(topic, payload));
+        dup && (self.current.keys.contains(&key) || self.previous.keys.contains(&key))
+    }
+
+    /// The message is stored (committed to the inbox).
+    pub fn stored(&mut self, packet_id: u16, topic: &str, payload: &[u8]) {
+        self.current.insert((packet_id, digest(topic, payload)));
+    }
+}
 
 /// See the module docs.
 #[derive(Debug, Clone)]
@@ -142,6 +203,41 @@ impl HeldFilters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 24 item 9: a redelivery (DUP) of a stored message is recognised on the next
+    /// connection; a new message repeating it, or one two connections later, is not.
+    #[test]
+    fn a_redelivered_message_is_recognised_once_stored() {
+        let mut seen = Redeliveries::default();
+        seen.connected();
+        assert!(!seen.is_redelivery(true, 7, "c/x", b"1"), "never stored");
+        seen.stored(7, "c/x", b"1");
+        seen.connected();
+        assert!(seen.is_redelivery(true, 7, "c/x", b"1"));
+        assert!(
+            !seen.is_redelivery(false, 7, "c/x", b"1"),
+            "not a DUP: a new message"
+        );
+        assert!(!seen.is_redelivery(true, 7, "c/x", b"2"), "another payload");
+        assert!(
+            !seen.is_redelivery(true, 8, "c/x", b"1"),
+            "another packet id"
+        );
+        seen.connected();
+        assert!(
+            !seen.is_redelivery(true, 7, "c/x", b"1"),
+            "two connections later"
+        );
+
+        for id in 0..=u16::try_from(REMEMBERED_PER_CONNECTION).expect("fits") {
+            seen.stored(id, "c/x", b"1");
+        }
+        assert!(
+            !seen.is_redelivery(true, 0, "c/x", b"1"),
+            "bounded: the oldest forgotten"
+        );
+        assert!(seen.is_redelivery(true, 1, "c/x", b"1"));
+    }
 
     const POOL: &str = "us-east-1:0b7c5a57-6a4f-4a62-9d36-3f1c0e3b6a11";
     const IDENTITY: &str = "us-east-1:9f0e3a2b-1c4d-4e5f-8a9b-0c1d2e3f4a5b";
