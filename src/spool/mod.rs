@@ -75,8 +75,15 @@ const DISK_FULL_RETRIES: u32 = 4;
 const REMOVE_BATCH: usize = 1024;
 /// ...and for at most this long (reads skip them meanwhile).
 const REMOVE_DELAY: Duration = Duration::from_secs(1);
-/// Rows read per step while salvaging a corrupt spool.
+/// Rows (or payload bytes) read and stored per step while salvaging a corrupt spool.
 const SALVAGE_CHUNK: i64 = 1000;
+const SALVAGE_CHUNK_BYTES: usize = 1024 * 1024;
+/// Marks a moved-aside spool whose salvage finished (`spool.db.corrupt-<time>.done`)...
+const SALVAGE_DONE_SUFFIX: &str = ".done";
+/// ...and holds the last id salvaged so far (`.progress`), where the next start goes on.
+const SALVAGE_PROGRESS_SUFFIX: &str = ".progress";
+/// A salvage stops while this much disk is still free (the next start goes on from there).
+const SALVAGE_HEADROOM: u64 = 2 * 1024 * 1024;
 /// File kept next to the spool, full of zeros, holding back disk space for a full disk: in WAL
 /// mode even a DELETE must first grow the WAL (and a checkpoint the db), so on a disk with no
 /// byte free `drop-oldest` could never make room. Released when the disk is full, restored
@@ -243,7 +250,7 @@ impl Spool {
         commit_window: Duration,
     ) -> Result<Spool, OpenError> {
         let path = dir.join(SPOOL_FILE);
-        let store = match Store::open(&path, max_bytes, on_full) {
+        let mut store = match Store::open(&path, max_bytes, on_full) {
             Ok(store) => store,
             Err(OpenError::Sqlite { source, .. }) if is_corruption(&source) => {
                 let aside = move_aside(&path)?;
@@ -253,19 +260,20 @@ impl Spool {
                     error = %source,
                     "spool file is corrupt; moved it aside with its WAL and started a fresh one"
                 );
-                let mut store = Store::open(&path, max_bytes, on_full)?;
-                let salvage = store.salvage_from(&aside);
-                tracing::warn!(
-                    saved = salvage.saved,
-                    lost = %salvage.lost.map_or_else(|| "unknown".to_owned(), |n| n.to_string()),
-                    moved_to = %aside.display(),
-                    "salvaged messages from the corrupt spool"
-                );
-                store
+                Store::open(&path, max_bytes, on_full)?
             }
             Err(other) => return Err(other),
         };
-        let mut store = store;
+        // This start's corrupt file, and any an earlier start could not finish.
+        for aside in unfinished_salvages(dir) {
+            let salvage = store.salvage_from(&aside);
+            tracing::warn!(
+                saved = salvage.saved,
+                lost = %salvage.lost.map_or_else(|| "unknown".to_owned(), |n| n.to_string()),
+                moved_to = %aside.display(),
+                "salvaged messages from the corrupt spool"
+            );
+        }
         store.pending.set_window(commit_window);
         // The spool thread's clock for the commit window.
         let clock = tokio::runtime::Builder::new_current_thread()
@@ -1068,6 +1076,51 @@ mod tests {
         // New ids continue after the salvaged ones.
         spool.append(message("t", b"4")).await.expect("append");
         assert_eq!(read_all(&spool).await.last().map(|m| m.id), Some(4));
+    }
+
+    /// Issue 24 item 4: a salvage that an earlier start did not finish (the moved-aside file
+    /// has no `.done` marker) is finished by the next start: what that run stored is not
+    /// stored again, and a newer message that took one of the old ids keeps it (the old row
+    /// gets a new id). Finished, it is never read again.
+    #[tokio::test]
+    async fn an_unfinished_salvage_is_finished_at_the_next_start_and_nothing_comes_twice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let aside = dir.path().join(format!("{SPOOL_FILE}.corrupt-1"));
+        {
+            let mut old = Store::open(&aside, 1 << 20, OnFull::DropOldest).expect("old spool");
+            let rows: Vec<_> = (1..=5).map(|n| stored(n, &n.to_string())).collect();
+            old.try_append_batch(&rows).expect("rows");
+        }
+        {
+            // Where the interrupted run stopped: rows 1 and 2 salvaged, then a new message
+            // was accepted as id 3.
+            let mut fresh = Store::open(&dir.path().join(SPOOL_FILE), 1 << 20, OnFull::DropOldest)
+                .expect("new");
+            fresh
+                .try_append_batch(&[stored(1, "1"), stored(2, "2"), stored(3, "new")])
+                .expect("rows");
+        }
+        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("open");
+        let read: Vec<(i64, Vec<u8>)> = read_all(&spool)
+            .await
+            .into_iter()
+            .map(|m| (m.id, m.message.payload))
+            .collect();
+        let expected: Vec<(i64, Vec<u8>)> =
+            [(1, "1"), (2, "2"), (3, "new"), (4, "4"), (5, "5"), (6, "3")]
+                .into_iter()
+                .map(|(id, p)| (id, p.as_bytes().to_vec()))
+                .collect();
+        assert_eq!(read, expected);
+        assert!(with_suffix(&aside, SALVAGE_DONE_SUFFIX).exists());
+        drop(spool);
+        std::thread::sleep(Duration::from_millis(100));
+        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("reopen");
+        assert_eq!(
+            read_all(&spool).await.len(),
+            6,
+            "a finished salvage is not read again"
+        );
     }
 
     #[tokio::test]

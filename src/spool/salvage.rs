@@ -119,41 +119,128 @@ pub(super) fn payload_bytes(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::
     }
 }
 
-/// Reads `(id, message)` rows from a salvage copy in id order into `rows`, as far as the file
-/// lets it. Returns how many the copy says it held, when it can say.
-pub(super) fn read_salvage(
-    copy: &Path,
-    rows: &mut Vec<(i64, Message)>,
-) -> rusqlite::Result<Option<u64>> {
-    let db = Connection::open(copy)?;
-    let has_kind: bool = db.query_row(
-        "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = 'kind'",
-        [],
-        |row| row.get(0),
-    )?;
-    let expected: Option<i64> = db
-        .query_row("SELECT COUNT(*) FROM messages", [], |row| row.get(0))
-        .ok();
-    let sql = format!(
-        "SELECT id, topic, payload, qos, {} FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
-        if has_kind { "kind" } else { "NULL" }
-    );
-    let mut select = db.prepare(&sql)?;
-    let mut after = rows.last().map_or(0, |(id, _)| *id);
-    loop {
-        let mut query = select.query(params![after, SALVAGE_CHUNK])?;
+/// One run of a salvage: what it saved, and whether it read to the end.
+#[derive(Default)]
+pub(super) struct SalvageRun {
+    pub(super) outcome: Salvage,
+    /// Rows an earlier run had stored already.
+    pub(super) already_here: u64,
+    /// Read to the end, or to data that will never read: nothing more to gain next time.
+    pub(super) finished: bool,
+    /// Nothing could be read for corruption (a damaged header, for one).
+    pub(super) unreadable: bool,
+}
+
+/// Reads a corrupt spool read-only, in id order, a chunk at a time.
+pub(super) struct SalvageReader {
+    db: Connection,
+    select: String,
+    after: i64,
+    /// How many rows the file says it holds, when it can say.
+    pub(super) expected: Option<u64>,
+    /// The highest id it holds (0 when it cannot say).
+    pub(super) highest: i64,
+}
+
+impl SalvageReader {
+    /// Reads the rows with an id above `after`.
+    pub(super) fn open(path: &Path, after: i64) -> rusqlite::Result<SalvageReader> {
+        // Read-only: the moved files stay as they were found, for inspection.
+        let db = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        let has_kind: bool = db.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = 'kind'",
+            [],
+            |row| row.get(0),
+        )?;
+        let expected: Option<i64> = db
+            .query_row(
+                "SELECT COUNT(*) FROM messages WHERE id > ?1",
+                [after],
+                |row| row.get(0),
+            )
+            .ok();
+        let highest: i64 = db
+            .query_row("SELECT IFNULL(MAX(id), 0) FROM messages", [], |row| {
+                row.get(0)
+            })
+            .unwrap_or(0);
+        let select = format!(
+            "SELECT id, topic, payload, qos, {} FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
+            if has_kind { "kind" } else { "NULL" }
+        );
+        Ok(SalvageReader {
+            db,
+            select,
+            after,
+            expected: expected.map(i64::unsigned_abs),
+            highest,
+        })
+    }
+
+    /// The id of the last row read.
+    pub(super) fn after(&self) -> i64 {
+        self.after
+    }
+
+    /// The next rows into `rows`, at most `SALVAGE_CHUNK` of them or `SALVAGE_CHUNK_BYTES` of
+    /// payload; `Ok(false)` at the end. On an error, `rows` holds what was read before it.
+    /// An undecodable row is lost; the ones after it are still worth reading.
+    pub(super) fn next_chunk(&mut self, rows: &mut Vec<(i64, Message)>) -> rusqlite::Result<bool> {
+        let mut select = self.db.prepare_cached(&self.select)?;
+        let mut query = select.query(params![self.after, SALVAGE_CHUNK])?;
         let mut any = false;
+        let mut bytes = 0;
         while let Some(row) = query.next()? {
             any = true;
-            after = row.get(0)?;
-            let message = row_message(row);
-            // An undecodable row is lost; the ones after it are still worth reading.
-            if let Ok(message) = message {
-                rows.push((after, message));
+            self.after = row.get(0)?;
+            if let Ok(message) = row_message(row) {
+                bytes += message.payload.len();
+                rows.push((self.after, message));
+            }
+            if bytes >= SALVAGE_CHUNK_BYTES {
+                break;
             }
         }
-        if !any {
-            return Ok(expected.map(i64::unsigned_abs));
-        }
+        Ok(any)
     }
+}
+
+/// Bytes free for this process on the file system holding `path`, if it can say.
+pub(super) fn free_disk_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = path.parent()?;
+    let name = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: an all-zero statvfs is a valid value for statvfs to overwrite.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is a NUL-terminated path and `stat` a statvfs it may write.
+    if unsafe { libc::statvfs(name.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    // The field types differ between architectures (32-bit ARM).
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    Some(u64::from(stat.f_bavail as u64) * u64::from(stat.f_frsize as u64))
+}
+
+/// Moved-aside spools in `dir` whose salvage has not finished (no `.done` marker), oldest
+/// first.
+pub(super) fn unfinished_salvages(dir: &Path) -> Vec<PathBuf> {
+    let prefix = format!("{SPOOL_FILE}.corrupt-");
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|entry| {
+                    let name = entry.file_name().into_string().ok()?;
+                    let stamp: u64 = name.strip_prefix(&prefix)?.parse().ok()?;
+                    let path = entry.path();
+                    (!with_suffix(&path, SALVAGE_DONE_SUFFIX).exists()).then_some((stamp, path))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found.into_iter().map(|(_, path)| path).collect()
 }

@@ -315,8 +315,32 @@ impl Store {
     }
 
     /// Copies what reads back from the corrupt spool moved to `aside` (with its WAL) into this
-    /// fresh one, ids and order kept. Works on a copy: the moved files stay for inspection.
+    /// one, ids and order kept, a chunk at a time: memory and the transaction stay bounded, and
+    /// nothing but the new rows needs disk space (the moved files are read in place, read-only,
+    /// and stay for inspection). A damaged header hides everything behind it: then a copy with
+    /// a sound header is read instead. Finished (read to the end, or to unreadable data), the
+    /// files get a `.done` marker; stopped early (the disk is full), the next start goes on.
     pub(super) fn salvage_from(&mut self, aside: &Path) -> Salvage {
+        let mut salvage = self.salvage_chunks(aside, aside);
+        if salvage.unreadable && salvage.outcome.saved == 0 {
+            salvage = self.salvage_repaired_copy(aside);
+        }
+        if salvage.finished {
+            if let Err(error) = std::fs::write(with_suffix(aside, SALVAGE_DONE_SUFFIX), b"") {
+                tracing::warn!(%error, "cannot mark the salvage finished; the next start reads the file again (nothing twice: rows already here are skipped)");
+            }
+        } else {
+            tracing::warn!(
+                aside = %aside.display(),
+                "salvage stopped before the end (little disk space left); the next start goes on"
+            );
+        }
+        let _ = self.measure();
+        salvage.outcome
+    }
+
+    /// Salvages from a copy of `aside` whose header is rebuilt (needs the file's size free).
+    fn salvage_repaired_copy(&mut self, aside: &Path) -> SalvageRun {
         let copy = with_suffix(aside, ".salvage");
         let cleanup = |copy: &Path| {
             for suffix in ["", "-wal", "-shm"] {
@@ -330,64 +354,141 @@ impl Store {
                 _ => Ok(()),
             }
         });
-        if let Err(error) = copied {
-            tracing::error!(%error, "cannot copy the corrupt spool to salvage it");
-            cleanup(&copy);
-            return Salvage::default();
-        }
-        let mut rows: Vec<(i64, Message)> = Vec::new();
-        let mut expected = read_salvage(&copy, &mut rows);
-        // A damaged header hides everything behind it: give the copy a sound one and retry.
-        if matches!(&expected, Err(e) if is_corruption(e)) && rows.is_empty() {
-            if let Err(error) = repair_header(&copy) {
-                tracing::warn!(%error, "cannot repair the corrupt spool's header");
-            }
-            let _ = std::fs::remove_file(with_suffix(&copy, "-shm"));
-            expected = read_salvage(&copy, &mut rows);
-        }
-        cleanup(&copy);
-        let expected = match expected {
-            Ok(count) => count,
+        let run = match copied.and_then(|()| repair_header(&copy)) {
+            Ok(()) => self.salvage_chunks(&copy, aside),
             Err(error) => {
-                tracing::warn!(%error, saved = rows.len(), "salvage stopped at unreadable data");
-                None
+                tracing::warn!(%error, "cannot repair a copy of the corrupt spool's header");
+                // Unreadable as it is, and no room to repair a copy: try again next start.
+                SalvageRun::default()
             }
         };
-        let saved = rows.len() as u64;
-        let stored = (|| -> rusqlite::Result<()> {
-            let tx = self.db.transaction()?;
-            {
-                let mut insert = tx.prepare(
-                    "INSERT OR IGNORE INTO messages (id, topic, payload, qos, size, kind)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?;
-                for (id, message) in &rows {
-                    insert.execute(params![
-                        id,
-                        message.topic,
-                        message.payload,
-                        message.qos.as_u8(),
-                        (message.topic.len() + message.payload.len()) as i64,
-                        message.kind.as_u8(),
-                    ])?;
+        cleanup(&copy);
+        run
+    }
+
+    /// Reads `source` (the moved-aside spool `aside`, or a repaired copy of it) in chunks of
+    /// `SALVAGE_CHUNK` rows (or `SALVAGE_CHUNK_BYTES`), each stored in a transaction of its own,
+    /// from where an earlier run got to (`aside`'s progress file). Stops while the disk still
+    /// has `SALVAGE_HEADROOM` free: the daemon must go on working, and publishing what was
+    /// salvaged makes room for the rest at a later start.
+    fn salvage_chunks(&mut self, source: &Path, aside: &Path) -> SalvageRun {
+        let mut run = SalvageRun::default();
+        let progress = with_suffix(aside, SALVAGE_PROGRESS_SUFFIX);
+        let after = std::fs::read_to_string(&progress)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0);
+        let mut reader = match SalvageReader::open(source, after) {
+            Ok(reader) => reader,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the corrupt spool");
+                // Corrupt: a repaired copy may read; anything else: the next start tries again.
+                run.unreadable = is_corruption(&error);
+                return run;
+            }
+        };
+        run.outcome.lost = reader.expected;
+        // New ids go above every id the old spool used, so what is salvaged later (a run that
+        // stopped early) still comes first.
+        self.stats.last_id = self.stats.last_id.max(reader.highest);
+        let mut rows = Vec::new();
+        loop {
+            if free_disk_bytes(&self.path).is_some_and(|free| free < SALVAGE_HEADROOM) {
+                break;
+            }
+            rows.clear();
+            // What was read before an error is still stored.
+            let read = reader.next_chunk(&mut rows);
+            match self.store_salvaged(&rows) {
+                Ok((saved, here)) => {
+                    run.outcome.saved += saved;
+                    run.already_here += here;
+                    // Into the db at once: the WAL never holds more than a chunk, so the
+                    // salvage needs about the rows' size free, not twice that.
+                    self.checkpoint_truncate();
+                    // Not read again by a later run (a failed write only means rows read
+                    // again, and skipped when they are still here).
+                    let _ = std::fs::write(&progress, reader.after().to_string());
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot store salvaged messages");
+                    break;
                 }
             }
-            tx.commit()
-        })();
-        if let Err(error) = stored {
-            tracing::error!(%error, "cannot store the salvaged messages");
-            return Salvage {
-                saved: 0,
-                lost: expected,
-            };
+            match read {
+                Ok(true) => {}
+                Ok(false) => {
+                    run.finished = true;
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, saved = run.outcome.saved, "salvage stopped at unreadable data");
+                    run.unreadable = is_corruption(&error) && run.outcome.saved == 0;
+                    run.finished = true;
+                    run.outcome.lost = None;
+                    break;
+                }
+            }
         }
+        let here = run.outcome.saved + run.already_here;
+        run.outcome.lost = run
+            .outcome
+            .lost
+            .filter(|_| run.finished)
+            .map(|total| total.saturating_sub(here));
+        run
+    }
+
+    /// Stores one chunk of salvaged rows; how many are new here, and how many an earlier run
+    /// stored already. A row whose id is taken by the same message (that earlier run) is
+    /// skipped; by another message (accepted after a run that stopped early), it gets a new id.
+    fn store_salvaged(&mut self, rows: &[(i64, Message)]) -> rusqlite::Result<(u64, u64)> {
+        if rows.is_empty() {
+            return Ok((0, 0));
+        }
+        let tx = self.db.transaction()?;
+        let (mut saved, mut here) = (0, 0);
+        let mut last_id = self.stats.last_id;
+        {
+            let mut existing =
+                tx.prepare_cached("SELECT topic, payload FROM messages WHERE id = ?1")?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO messages (id, topic, payload, qos, size, kind)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for (id, message) in rows {
+                let taken: Option<(String, Vec<u8>)> = existing
+                    .query_row([id], |row| Ok((row.get(0)?, payload_bytes(row, 1)?)))
+                    .optional()?;
+                let id = match taken {
+                    None => *id,
+                    Some((topic, payload))
+                        if topic == message.topic && payload == message.payload =>
+                    {
+                        here += 1;
+                        continue;
+                    }
+                    Some(_) => {
+                        last_id += 1;
+                        last_id
+                    }
+                };
+                insert.execute(params![
+                    id,
+                    message.topic,
+                    message.payload,
+                    message.qos.as_u8(),
+                    (message.topic.len() + message.payload.len()) as i64,
+                    message.kind.as_u8(),
+                ])?;
+                last_id = last_id.max(id);
+                saved += 1;
+            }
+        }
+        tx.commit()?;
         self.stats.messages += saved;
-        self.stats.last_id = self.stats.last_id.max(rows.last().map_or(0, |(id, _)| *id));
-        let _ = self.measure();
-        Salvage {
-            saved,
-            lost: expected.map(|total| total.saturating_sub(saved)),
-        }
+        self.stats.last_id = last_id;
+        Ok((saved, here))
     }
 
     /// One step of idle housekeeping; `false` when there is nothing (more) to do.
