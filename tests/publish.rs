@@ -505,3 +505,62 @@ fn snapshot(dir: &Path) -> Vec<(String, u64, std::time::SystemTime, Vec<u8>)> {
     files.sort();
     files
 }
+
+/// Issue 24 item 1: a cellular-slow uplink (the daemon's wss traffic shaped to 64 kbit/s by
+/// `tc` in the test's network namespace) with 100 KiB payloads, each taking longer than
+/// rumqttc's old 10 s flush bound to send. Before, every timed-out flush counted a strike and
+/// the fifth buried healthy messages in the dead letters; now slowness is never a strike:
+/// every message arrives and nothing is buried.
+#[test]
+fn a_slow_link_delivers_large_messages_and_buries_nothing() {
+    let cloud = Cloud::start();
+    let mut subscriber = cloud.subscribe();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, ""));
+    daemon.wait_status("connected", DELIVERY_WAIT, |s| s["state"] == "connected");
+    std::thread::sleep(AUTOSAVE);
+    let tc = |args: &str| {
+        cloud
+            .namespace
+            .command("tc")
+            .args(args.split_whitespace())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    // Only what goes to the broker's wss port is shaped (the subscriber reads at full speed);
+    // a kernel without HTB or u32 gets all of loopback shaped, which is slower, not weaker.
+    let shaped = tc("qdisc add dev lo root handle 1: htb default 10 r2q 1")
+        && tc("class add dev lo parent 1: classid 1:10 htb rate 10gbit quantum 60000")
+        && tc("class add dev lo parent 1: classid 1:30 htb rate 64kbit quantum 1514")
+        && tc(&format!(
+            "filter add dev lo parent 1: protocol ip u32 match ip dport {} 0xffff flowid 1:30",
+            harness::WSS_PORT
+        ));
+    if !shaped {
+        let _ = tc("qdisc del dev lo root");
+        assert!(
+            tc("qdisc add dev lo root tbf rate 64kbit burst 4kb latency 60s"),
+            "tc cannot shape loopback"
+        );
+    }
+
+    let started = Instant::now();
+    let mut client = daemon.connect();
+    let pad = "x".repeat(100 * 1024);
+    for n in 0..3 {
+        client.send_line(&format!(
+            r#"{{"topic":"slow","payload":{{"n":{n},"pad":"{pad}"}},"id":{n}}}"#
+        ));
+        let answer = client.read_answer(Duration::from_secs(30)).expect("answer");
+        assert_eq!(answer["ok"], true, "{answer}");
+    }
+    subscriber.expect_all(&[0, 1, 2], Duration::from_secs(240));
+    let status = daemon.status();
+    eprintln!(
+        "3 x 100 KiB over 64 kbit/s in {:?}; status {status}",
+        started.elapsed()
+    );
+    assert_eq!(status["dead_letter_total"], 0, "{status}");
+    assert_eq!(status["dropped_total"], 0, "{status}");
+}
