@@ -564,3 +564,44 @@ fn a_slow_link_delivers_large_messages_and_buries_nothing() {
     assert_eq!(status["dead_letter_total"], 0, "{status}");
     assert_eq!(status["dropped_total"], 0, "{status}");
 }
+
+/// Issue 25: with the broker down, `status` tells the whole story: the MQTT-side error and
+/// when it happened, how long the oldest spooled message has waited, version, uptime, region
+/// and endpoint; the human output prints all of it. Once the broker is back: the last
+/// connection time, and the count of reconnects.
+#[test]
+fn status_explains_an_mqtt_outage() {
+    let mut cloud = Cloud::start();
+    cloud.kill_broker();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = cloud.start_daemon(&cloud.config(dir.path(), true, ""));
+    assert_eq!(send_many(&daemon.socket, "waiting", 0..3).len(), 3);
+    std::thread::sleep(Duration::from_secs(2));
+    let status = daemon.wait_status("the MQTT error", DELIVERY_WAIT, |s| {
+        s["mqtt_last_error"].is_string()
+    });
+    eprintln!("{status}");
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert!(status["uptime_s"].as_u64().is_some_and(|s| s >= 2), "{status}");
+    assert_eq!(status["region"], "us-east-1");
+    assert_eq!(status["endpoint"], format!("127.0.0.1:{}", harness::WSS_PORT));
+    assert!(status["mqtt_last_error_at"].is_string(), "{status}");
+    assert!(status["last_connected_at"].is_null(), "{status}");
+    assert!(
+        status["oldest_spooled_age_s"].as_u64().is_some_and(|age| age >= 2),
+        "{status}"
+    );
+    let human = cli(&["status", "--socket", &daemon.socket.display().to_string()]);
+    let human = text(&human.stdout);
+    for line in ["mqtt last error:", "oldest waiting", "version:", "endpoint:"] {
+        assert!(human.contains(line), "{line}: {human}");
+    }
+
+    cloud.start_broker();
+    let status = daemon.wait_status("connected", DELIVERY_WAIT, |s| {
+        s["state"] == "connected" && s["spool_messages"] == 0
+    });
+    assert!(status["last_connected_at"].is_string(), "{status}");
+    assert!(status["oldest_spooled_age_s"].is_null(), "{status}");
+    assert_eq!(status["reconnects_total"], 0, "the first connection is not a reconnect");
+}

@@ -434,28 +434,49 @@ pub fn format_status(status: &Value) -> String {
         ),
         _ => String::new(),
     };
+    let since = |at: &str| match status[at].as_str() {
+        Some(time) => format!(" since {time}"),
+        None => String::new(),
+    };
+    let oldest = match status["oldest_spooled_age_s"].as_u64() {
+        Some(age) => format!(", oldest waiting {age} s"),
+        None => String::new(),
+    };
     format!(
-        "state:               {}
+        "version:             {} (up {} s)
+state:               {}
+endpoint:            {} ({})
 identity:            {}
 registration:        {} (device {})
 credentials expire:  {}
 last refresh:        {}
 last error:          {}
-spool:               {} messages, {} bytes
+mqtt last error:     {}{}
+last connected:      {} ({} reconnects)
+spool:               {} messages, {} bytes{oldest}, {}
 published:           {} ({} republished)
 dropped:             {}
 dead letters:        {} ({} since start)
 inbox:               {} messages ({} dropped), {}
 {skew}{reattached}{refused}",
+        field("version"),
+        field("uptime_s"),
         field("state"),
+        field("endpoint"),
+        field("region"),
         field("identity_id"),
         field("registration_mode"),
         field("device_name"),
         field("credentials_expire_at"),
         field("last_refresh"),
         field("last_error"),
+        field("mqtt_last_error"),
+        since("mqtt_last_error_at"),
+        field("last_connected_at"),
+        field("reconnects_total"),
         field("spool_messages"),
         field("spool_bytes"),
+        field("spool_state"),
         field("published_total"),
         field("republished_total"),
         field("dropped_total"),

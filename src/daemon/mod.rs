@@ -178,6 +178,7 @@ impl Daemon {
             &config.state.dir,
         );
         let refused_filters = publisher.refused_filters();
+        let mqtt = publisher.link_report();
         let (stopping_tx, stopping) = watch::channel(false);
         let status = StatusSource {
             link,
@@ -187,11 +188,22 @@ impl Daemon {
             counters,
             inbox: downlink.stats(),
             refused_filters,
+            mqtt,
+            region: config.aws.region.clone(),
+            started: std::time::Instant::now(),
         };
+        // The name a self-register stack knows this device by (the revocation runbook's).
+        let device_name = crate::identity::device::device_name(
+            &config.identity.device_name,
+            &config.identity.identity_pool_id,
+        )
+        .unwrap_or_else(|error| error.to_string());
         tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
             socket = %config.socket.path.display(),
             spool_messages = spool.stats().borrow().messages,
             identity_id = identity.cached_identity_id().as_deref().unwrap_or("(none yet)"),
+            device_name,
             "ready"
         );
         let parts = Parts {

@@ -30,6 +30,8 @@ pub fn document(
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": uptime.as_secs(),
         "state": status.state.as_str(),
+        "registration_mode": status.registration_mode,
+        "device_name": status.device_name,
         "spool_messages": status.spool_messages,
         "spool_bytes": status.spool_bytes,
         "published_total": status.published_total,
@@ -139,6 +141,14 @@ mod tests {
     #[test]
     fn the_document_has_the_fields_operators_read() {
         let status: Status = Status {
+            version: "0.0.0",
+            uptime_s: 61,
+            region: "us-east-1".into(),
+            endpoint: Some("example-ats.iot.us-east-1.amazonaws.com".into()),
+            mqtt_last_error: None,
+            mqtt_last_error_at: None,
+            last_connected_at: None,
+            reconnects_total: 0,
             state: crate::ops::status::State::Connected,
             identity_id: Some("us-east-1:x".into()),
             registration_mode: Some("self-register"),
@@ -148,6 +158,7 @@ mod tests {
             last_error: None,
             spool_messages: 3,
             spool_bytes: 4096,
+            oldest_spooled_age_s: Some(12),
             spool_state: "ok",
             spool_error: None,
             published_total: 10,
@@ -177,6 +188,8 @@ mod tests {
         assert_eq!(report["version"], env!("CARGO_PKG_VERSION"));
         assert_eq!(report["uptime_s"], 61);
         assert_eq!(report["state"], "connected");
+        assert_eq!(report["device_name"], "dev-1");
+        assert_eq!(report["registration_mode"], "self-register");
         assert_eq!(report["spool_messages"], 3);
         assert_eq!(report["published_total"], 10);
         assert_eq!(report["dropped_total"], 1);

@@ -7,7 +7,7 @@ use tokio::sync::watch;
 
 use crate::downlink::InboxStats;
 use crate::identity::IdentityWatch;
-use crate::publish::connection::{LinkState, PublishCounters};
+use crate::publish::connection::{LinkReport, LinkState, PublishCounters};
 use crate::spool::SpoolStats;
 
 /// SPEC.md's `state`.
@@ -36,11 +36,23 @@ impl State {
 /// The `status` answer. Holds no secret: ids, times and counters only.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
+    pub version: &'static str,
+    /// Seconds since the daemon started.
+    pub uptime_s: u64,
+    pub region: String,
+    /// The IoT endpoint (host) the daemon connects to; null until first known.
+    pub endpoint: Option<String>,
     pub state: State,
     pub identity_id: Option<String>,
     pub credentials_expire_at: Option<String>,
     pub last_refresh: Option<String>,
     pub last_error: Option<String>,
+    /// The MQTT side's last failure (connection refused, TLS, closed after CONNECT, ...) and
+    /// when it happened; the last CONNACK; connections after the first since the start.
+    pub mqtt_last_error: Option<String>,
+    pub mqtt_last_error_at: Option<String>,
+    pub last_connected_at: Option<String>,
+    pub reconnects_total: u64,
     /// `self-register` or `shared-user` (the stack's mode, seen in its secret); null until read.
     pub registration_mode: Option<&'static str>,
     /// Self-register mode: this device's user pool user name.
@@ -48,6 +60,9 @@ pub struct Status {
     pub spool_messages: u64,
     /// What the spool takes on disk (pages in use plus the WAL).
     pub spool_bytes: u64,
+    /// Seconds the oldest waiting message has waited since it was accepted; null when none
+    /// waits or that is not known (messages from an older version's spool).
+    pub oldest_spooled_age_s: Option<u64>,
     /// `ok`, or `failing` while the spool's last operation failed (see `spool_error`).
     pub spool_state: &'static str,
     pub spool_error: Option<String>,
@@ -85,6 +100,9 @@ pub struct StatusSource {
     pub counters: watch::Receiver<PublishCounters>,
     pub inbox: watch::Receiver<InboxStats>,
     pub refused_filters: watch::Receiver<Vec<String>>,
+    pub mqtt: watch::Receiver<LinkReport>,
+    pub region: String,
+    pub started: std::time::Instant,
 }
 
 impl StatusSource {
@@ -95,6 +113,7 @@ impl StatusSource {
         let counters = *self.counters.borrow();
         let inbox = *self.inbox.borrow();
         let link = *self.link.borrow();
+        let mqtt = self.mqtt.borrow().clone();
         let state = if *self.stopping.borrow() {
             State::Stopping
         } else {
@@ -109,6 +128,14 @@ impl StatusSource {
             }
         };
         Status {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_s: self.started.elapsed().as_secs(),
+            region: self.region.clone(),
+            endpoint: mqtt.endpoint,
+            mqtt_last_error: mqtt.last_error,
+            mqtt_last_error_at: mqtt.last_error_at.map(rfc3339),
+            last_connected_at: mqtt.last_connected_at.map(rfc3339),
+            reconnects_total: mqtt.reconnects_total,
             state,
             identity_id: session.as_ref().map(|s| s.identity_id.clone()),
             credentials_expire_at: session.as_ref().map(|s| rfc3339(s.credentials.expires_at)),
@@ -118,6 +145,14 @@ impl StatusSource {
             device_name: identity.device_name,
             spool_messages: spool.messages,
             spool_bytes: spool.bytes,
+            oldest_spooled_age_s: spool.oldest_accepted_at.filter(|_| spool.messages > 0).map(
+                |at| {
+                    SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |now| now.as_secs())
+                        .saturating_sub(at)
+                },
+            ),
             spool_state: if spool.fault.is_some() {
                 "failing"
             } else {

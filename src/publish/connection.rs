@@ -66,12 +66,12 @@ pub enum LinkState {
     Backoff,
 }
 
-/// Delivery counters for `status`.
 /// The first pause before storing received messages again after the inbox failed, doubled
 /// after each further failure up to the second.
 const STORE_DELAY: Duration = Duration::from_secs(1);
 const MAX_STORE_DELAY: Duration = Duration::from_secs(30);
 
+/// Delivery counters for `status`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PublishCounters {
     pub published_total: u64,
@@ -79,6 +79,20 @@ pub struct PublishCounters {
     /// How far the server's clock was from this device's (seconds, positive: the server is
     /// ahead) when it last refused an upgrade with 403, if that was more than allowed.
     pub clock_skew_s: Option<i64>,
+}
+
+/// The MQTT side as `status` tells it, beyond the counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkReport {
+    /// The broker's host (or `mqtt.url`'s), once known.
+    pub endpoint: Option<String>,
+    /// The last failure of a connection (refused, TLS, closed after CONNECT, ...) and when.
+    pub last_error: Option<String>,
+    pub last_error_at: Option<std::time::SystemTime>,
+    /// The last CONNACK.
+    pub last_connected_at: Option<std::time::SystemTime>,
+    /// Connections after the first since the start.
+    pub reconnects_total: u64,
 }
 
 /// See the module docs.
@@ -105,6 +119,7 @@ pub struct Publisher {
     store_delay: Duration,
     /// Downlink filters (relative) the broker refused in a SUBACK, for `status`.
     refused_filters: watch::Sender<Vec<String>>,
+    report: watch::Sender<LinkReport>,
     /// A CONNACK arrived: subscribe (its session-present flag).
     must_subscribe: Option<bool>,
     /// The filters the broker's session holds, and the file that remembers them.
@@ -159,6 +174,7 @@ impl Publisher {
             store_retry_at: None,
             store_delay: STORE_DELAY,
             refused_filters: watch::channel(Vec::new()).0,
+            report: watch::channel(LinkReport::default()).0,
             must_subscribe: None,
             held: HeldFilters::default(),
             held_path: None,
@@ -187,6 +203,11 @@ impl Publisher {
     /// Downlink filters the broker refused, as `status` shows them.
     pub fn refused_filters(&self) -> watch::Receiver<Vec<String>> {
         self.refused_filters.subscribe()
+    }
+
+    /// The MQTT side's last error, connection time and reconnects.
+    pub fn link_report(&self) -> watch::Receiver<LinkReport> {
+        self.report.subscribe()
     }
 
     /// Publishes the health reports from `reports` to the relative `topic`.
@@ -233,6 +254,10 @@ impl Publisher {
                     RECONNECT_FLOOR.saturating_sub(started.elapsed())
                 }
                 Ended::Failed(error) => {
+                    self.report.send_modify(|report| {
+                        report.last_error = Some(error.clone());
+                        report.last_error_at = Some(std::time::SystemTime::now());
+                    });
                     if self.flow.take_reattach_due() {
                         tracing::warn!(
                             identity_id = %session.identity_id,
@@ -357,6 +382,9 @@ impl Publisher {
             credentials_valid_s = valid_for.as_secs(),
             "connecting to the broker"
         );
+        let endpoint = mqtt::host_of(&self.settings.broker_url(session));
+        self.report
+            .send_if_modified(|report| report.endpoint.replace(endpoint.clone()) != Some(endpoint));
         let mut connection = match mqtt::connect(&self.settings, session) {
             Ok(connection) => connection,
             Err(error) => return Ended::Failed(error.to_string()),
@@ -514,6 +542,12 @@ impl Publisher {
                     return;
                 };
                 if event == BrokerEvent::Connected {
+                    self.report.send_modify(|report| {
+                        if report.last_connected_at.is_some() {
+                            report.reconnects_total += 1;
+                        }
+                        report.last_connected_at = Some(std::time::SystemTime::now());
+                    });
                     self.refusals.clear();
                     self.link.send_replace(LinkState::Connected);
                     tracing::info!(identity_id = %session.identity_id, state = "connected", "connected to the broker");

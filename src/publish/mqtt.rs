@@ -66,6 +66,12 @@ impl Drop for Connection {
 }
 
 /// Starts connecting as `session.identity_id`, signed with `session.credentials` now.
+/// The host (and port, if any) of a broker URL, for `status`: no path, no query.
+pub fn host_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.split(['/', '?']).next().unwrap_or_default().to_owned()
+}
+
 pub fn connect(settings: &MqttSettings, session: &Session) -> Result<Connection, SignError> {
     let url = presign(
         &settings.broker_url(session),

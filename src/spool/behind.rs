@@ -40,6 +40,8 @@ pub(super) struct Held<W> {
     pub(super) id: i64,
     pub(super) message: Message,
     pub(super) arrived: Instant,
+    /// When it was accepted, in seconds since the Unix epoch (stored with its row).
+    pub(super) accepted_at: u64,
     /// Whoever waits for the answer.
     pub(super) waiter: W,
     /// A QoS 0 message that went out. Nothing acknowledges QoS 0, so going out is not the
@@ -105,12 +107,20 @@ impl<W> Pending<W> {
     }
 
     /// Holds a message; `id` must be above every id held.
-    pub(super) fn push(&mut self, id: i64, message: Message, now: Instant, waiter: W) {
+    pub(super) fn push(
+        &mut self,
+        id: i64,
+        message: Message,
+        now: Instant,
+        accepted_at: u64,
+        waiter: W,
+    ) {
         debug_assert!(self.held.back().is_none_or(|last| last.id < id));
         let held = Held {
             id,
             message,
             arrived: now,
+            accepted_at,
             waiter,
             sent: false,
         };
@@ -166,6 +176,11 @@ impl<W> Pending<W> {
         };
         self.bytes -= held.size();
         Acked::Delivered(held.waiter)
+    }
+
+    /// When the oldest held message was accepted (seconds since the Unix epoch).
+    pub(super) fn oldest_accepted_at(&self) -> Option<u64> {
+        self.held.front().map(|held| held.accepted_at)
     }
 
     /// Everything held, oldest first, for one commit.
@@ -235,9 +250,15 @@ mod tests {
     fn a_message_acknowledged_within_the_window_is_answered_and_never_committed() {
         let start = Instant::now();
         let mut pending = Pending::new(WINDOW);
-        pending.push(1, message(Qos::AtLeastOnce), start, "writer 1");
+        pending.push(1, message(Qos::AtLeastOnce), start, 0, "writer 1");
         read_everything(&mut pending);
-        pending.push(2, message(Qos::AtLeastOnce), start + WINDOW / 2, "writer 2");
+        pending.push(
+            2,
+            message(Qos::AtLeastOnce),
+            start + WINDOW / 2,
+            0,
+            "writer 2",
+        );
         read_everything(&mut pending);
         assert!(!pending.commit_due(start + WINDOW / 2));
         assert_eq!(pending.acknowledge(1), Acked::Delivered("writer 1"));
@@ -262,7 +283,7 @@ mod tests {
     fn a_message_nobody_reads_is_committed_after_the_read_grace() {
         let start = Instant::now();
         let mut pending = Pending::new(WINDOW);
-        pending.push(1, message(Qos::AtLeastOnce), start, ());
+        pending.push(1, message(Qos::AtLeastOnce), start, 0, ());
         assert_eq!(pending.commit_at(), Some(start + READ_GRACE));
         assert!(!pending.commit_due(start + READ_GRACE / 2));
         assert!(pending.commit_due(start + READ_GRACE));
@@ -270,14 +291,14 @@ mod tests {
         let mut burst = Pending::new(WINDOW);
         for id in 1..=MAX_UNREAD as i64 {
             assert!(!burst.commit_due(start), "{id}");
-            burst.push(id, message(Qos::AtLeastOnce), start, ());
+            burst.push(id, message(Qos::AtLeastOnce), start, 0, ());
         }
         assert!(burst.commit_due(start));
         // Read (sent): the window counts; a newer unread one brings the commit forward.
         assert_eq!(read_everything(&mut pending), [1]);
         assert_eq!(pending.commit_at(), Some(start + WINDOW));
         let later = start + Duration::from_millis(100);
-        pending.push(2, message(Qos::AtLeastOnce), later, ());
+        pending.push(2, message(Qos::AtLeastOnce), later, 0, ());
         assert_eq!(
             pending.commit_at(),
             Some((later + READ_GRACE).min(start + WINDOW))
@@ -290,7 +311,7 @@ mod tests {
     #[test]
     fn an_acknowledgement_for_a_committed_or_unknown_id_goes_to_the_disk() {
         let mut pending = Pending::new(WINDOW);
-        pending.push(5, message(Qos::AtLeastOnce), Instant::now(), ());
+        pending.push(5, message(Qos::AtLeastOnce), Instant::now(), 0, ());
         assert_eq!(pending.acknowledge(4), Acked::NotHeld);
         assert_eq!(pending.acknowledge(6), Acked::NotHeld);
         assert_eq!(pending.acknowledge(5), Acked::Delivered(()));
@@ -301,7 +322,7 @@ mod tests {
     fn qos0_going_out_is_not_an_acknowledgement() {
         let now = Instant::now();
         let mut pending = Pending::new(WINDOW);
-        pending.push(1, message(Qos::AtMostOnce), now, "w");
+        pending.push(1, message(Qos::AtMostOnce), now, 0, "w");
         assert_eq!(pending.acknowledge(1), Acked::Sent);
         assert_eq!(pending.len(), 1, "still held: its ok waits for the commit");
         let mut read = Vec::new();
@@ -318,7 +339,7 @@ mod tests {
         let mut pending = Pending::new(WINDOW);
         for id in 1..=MAX_HELD as i64 {
             assert!(!pending.commit_due(now), "{id}");
-            pending.push(id, message(Qos::AtLeastOnce), now, ());
+            pending.push(id, message(Qos::AtLeastOnce), now, 0, ());
             if id % 128 == 0 {
                 // Read (sent) as they come: only the count makes it due.
                 pending.read_after(id - 128, 128, usize::MAX, 0, &mut Vec::new());
@@ -329,12 +350,12 @@ mod tests {
         let mut big = Pending::new(WINDOW);
         let mut m = message(Qos::AtLeastOnce);
         m.payload = vec![0; MAX_HELD_BYTES as usize];
-        big.push(1, m, now, ());
+        big.push(1, m, now, 0, ());
         assert!(big.commit_due(now));
 
         let mut write_through = Pending::new(Duration::ZERO);
         assert!(!write_through.commit_due(now), "nothing held");
-        write_through.push(1, message(Qos::AtLeastOnce), now, ());
+        write_through.push(1, message(Qos::AtLeastOnce), now, 0, ());
         assert!(write_through.commit_due(now));
     }
 
@@ -343,7 +364,7 @@ mod tests {
         let now = Instant::now();
         let mut pending = Pending::new(WINDOW);
         for id in [3, 4, 7, 9] {
-            pending.push(id, message(Qos::AtLeastOnce), now, ());
+            pending.push(id, message(Qos::AtLeastOnce), now, 0, ());
         }
         let mut read = |after, limit, max_bytes, bytes| {
             let mut out = Vec::new();

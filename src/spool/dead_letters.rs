@@ -158,6 +158,7 @@ impl Store {
                     // The messages stay queued: tried again, never lost.
                     tracing::error!(%error, "cannot move messages to the dead letters");
                 }
+                let _ = self.measure();
                 self.publish_stats(stats);
                 let _ = done.send(());
             }
@@ -184,10 +185,7 @@ impl Store {
     }
 
     pub(super) fn bury(&mut self, ids: &[i64], reason: &str) -> rusqlite::Result<()> {
-        let at = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default();
+        let at = unix_seconds();
         let tx = self.db.transaction()?;
         {
             let mut copy = tx.prepare_cached(

@@ -95,6 +95,14 @@ const RESERVE_WALS: u64 = 2;
 /// Chunk written while restoring the reserve.
 const RESERVE_WRITE_CHUNK: usize = 64 * 1024;
 
+/// Now, in seconds since the Unix epoch (0 for a clock before it).
+fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
 /// Why an append was not accepted.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum AppendError {
@@ -188,6 +196,9 @@ pub struct SpoolStats {
     pub dead_letter_total: u64,
     /// Set while the spool's last operation of that kind failed; the watchdog stops pinging.
     pub fault: Option<StorageFault>,
+    /// When the oldest message waiting was accepted (seconds since the Unix epoch); `None`
+    /// when none waits or that is not known (a message from an older spool).
+    pub oldest_accepted_at: Option<u64>,
 }
 
 enum Command {
@@ -1034,7 +1045,9 @@ mod tests {
             // Spool: dropping a Spool does not wait for its thread to close the connection, and
             // a WAL still holding page 1 would hide the corrupt header below.
             let mut store = Store::open(&path, 1 << 20, OnFull::DropOldest).expect("store");
-            store.try_append_batch(&[stored(1, "1")]).expect("commit");
+            store
+                .try_append_batch(&[stored(1, "1")], &[])
+                .expect("commit");
         }
         assert!(
             !with_suffix(&path, "-wal").exists(),
@@ -1042,7 +1055,7 @@ mod tests {
         );
         let mut store = Store::open(&path, 1 << 20, OnFull::DropOldest).expect("store");
         store
-            .try_append_batch(&[stored(2, "2"), stored(3, "3")])
+            .try_append_batch(&[stored(2, "2"), stored(3, "3")], &[])
             .expect("commit");
         // Killed: the connection never closes, so nothing is checkpointed.
         std::mem::forget(store);
@@ -1089,7 +1102,7 @@ mod tests {
         {
             let mut old = Store::open(&aside, 1 << 20, OnFull::DropOldest).expect("old spool");
             let rows: Vec<_> = (1..=5).map(|n| stored(n, &n.to_string())).collect();
-            old.try_append_batch(&rows).expect("rows");
+            old.try_append_batch(&rows, &[]).expect("rows");
         }
         {
             // Where the interrupted run stopped: rows 1 and 2 salvaged, then a new message
@@ -1097,7 +1110,7 @@ mod tests {
             let mut fresh = Store::open(&dir.path().join(SPOOL_FILE), 1 << 20, OnFull::DropOldest)
                 .expect("new");
             fresh
-                .try_append_batch(&[stored(1, "1"), stored(2, "2"), stored(3, "new")])
+                .try_append_batch(&[stored(1, "1"), stored(2, "2"), stored(3, "new")], &[])
                 .expect("rows");
         }
         let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("open");

@@ -259,7 +259,8 @@ impl Store {
             }
             self.stats.last_id += 1;
             self.stats.messages += 1;
-            self.pending.push(self.stats.last_id, message, now, waiter);
+            self.pending
+                .push(self.stats.last_id, message, now, unix_seconds(), waiter);
         }
         self.publish_stats(stats);
         for (done, _queued) in refused {
@@ -309,15 +310,17 @@ impl Store {
         // Counted while held; the commit counts the rows it writes.
         self.stats.messages = self.stats.messages.saturating_sub(counted);
         let mut rows = Vec::with_capacity(held.len());
+        let mut accepted = Vec::with_capacity(held.len());
         let mut waiters = Vec::with_capacity(held.len());
         for h in held {
             rows.push(StoredMessage {
                 id: h.id,
                 message: h.message,
             });
+            accepted.push(h.accepted_at);
             waiters.push((h.waiter, h.sent));
         }
-        let results = self.append_batch(&rows);
+        let results = self.append_batch(&rows, &accepted);
         let now = Instant::now();
         for (row, ((_, sent), result)) in rows.iter().zip(waiters.iter().zip(&results)) {
             // QoS 0 that already went out: durable as promised, and now forgotten.

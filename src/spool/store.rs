@@ -85,6 +85,16 @@ fn prepare_schema(db: &Connection, path: &Path) -> rusqlite::Result<u64> {
     if !has_kind {
         db.execute_batch("ALTER TABLE messages ADD COLUMN kind INTEGER;")?;
     }
+    // When each message was accepted (seconds since the Unix epoch): the oldest one's age is
+    // in `status`. Rows from older spools have none (NULL: unknown).
+    let has_accepted_at: bool = db.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = 'accepted_at'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_accepted_at {
+        db.execute_batch("ALTER TABLE messages ADD COLUMN accepted_at INTEGER;")?;
+    }
     Ok(dead_letters)
 }
 
@@ -141,6 +151,8 @@ pub(super) struct Store {
     pub(super) pending: Pending<Waiter>,
     /// Acknowledged rows waiting to be deleted together.
     pub(super) removals: super::serve::Removals,
+    /// The acceptance time of the oldest row on disk, as of the last `measure`.
+    pub(super) oldest_on_disk: Option<Option<u64>>,
 }
 
 impl Store {
@@ -198,6 +210,7 @@ impl Store {
                 dead_letters,
                 dead_letter_total: 0,
                 fault: None,
+                oldest_accepted_at: None,
             },
             page_size: page_size.unsigned_abs().max(512),
             live_bytes: 0,
@@ -210,6 +223,7 @@ impl Store {
             fault_log: Repeats::default(),
             pending: Pending::new(Duration::ZERO),
             removals: Default::default(),
+            oldest_on_disk: None,
         };
         store.apply_wal_limit().map_err(sqlite)?;
         // Spools written before dead letters had a byte bound may hold more.
@@ -301,7 +315,24 @@ impl Store {
     pub(super) fn measure(&mut self) -> rusqlite::Result<()> {
         self.live_bytes = Self::live_pages_bytes(&self.db, self.page_size)?;
         self.stats.bytes = self.live_bytes + self.wal_file_bytes();
+        self.oldest_on_disk = self.oldest_row_accepted_at()?;
         Ok(())
+    }
+
+    /// The oldest row's acceptance time, skipping acknowledged rows not deleted yet:
+    /// `None` without rows, `Some(None)` when it is not known (a row from an older spool).
+    fn oldest_row_accepted_at(&self) -> rusqlite::Result<Option<Option<u64>>> {
+        let mut oldest = self
+            .db
+            .prepare_cached("SELECT id, accepted_at FROM messages ORDER BY id")?;
+        let mut rows = oldest.query([])?;
+        while let Some(row) = rows.next()? {
+            if !self.removals.ids.contains(&row.get(0)?) {
+                let at: Option<i64> = row.get(1)?;
+                return Ok(Some(at.map(i64::unsigned_abs)));
+            }
+        }
+        Ok(None)
     }
 
     /// How far over `max_bytes` the spool is (pages in use plus the WAL's reserve).
@@ -653,7 +684,12 @@ impl Store {
     }
 
     /// Counters go out before any answer, so a writer that got `ok` sees its message counted.
-    pub(super) fn publish_stats(&self, stats: &watch::Sender<SpoolStats>) {
+    pub(super) fn publish_stats(&mut self, stats: &watch::Sender<SpoolStats>) {
+        // Rows on disk are older than anything held.
+        self.stats.oldest_accepted_at = match self.oldest_on_disk {
+            Some(on_disk) => on_disk,
+            None => self.pending.oldest_accepted_at(),
+        };
         stats.send_if_modified(|current| {
             let changed = *current != self.stats;
             *current = self.stats;
@@ -663,9 +699,13 @@ impl Store {
 
     /// Commits `batch` (ids given), dropping the oldest to make room on a full disk with
     /// `drop-oldest`; one result per row, for its writer.
-    pub(super) fn append_batch(&mut self, batch: &[StoredMessage]) -> Vec<Result<(), AppendError>> {
+    pub(super) fn append_batch(
+        &mut self,
+        batch: &[StoredMessage],
+        accepted_at: &[u64],
+    ) -> Vec<Result<(), AppendError>> {
         let before = self.stats;
-        let mut outcome = self.try_append_batch(batch);
+        let mut outcome = self.try_append_batch(batch, accepted_at);
         if outcome.is_err() {
             self.stats = before;
         }
@@ -683,7 +723,7 @@ impl Store {
             tracing::warn!(
                 "disk is full and the spool empty: gave the spool's disk reserve to new messages"
             );
-            outcome = self.try_append_batch(batch);
+            outcome = self.try_append_batch(batch, accepted_at);
             if outcome.is_err() {
                 self.stats = before;
             }
@@ -714,7 +754,7 @@ impl Store {
             self.checkpoint_truncate();
             room = room.saturating_mul(2);
             let kept = self.stats;
-            outcome = self.try_append_batch(batch);
+            outcome = self.try_append_batch(batch, accepted_at);
             if outcome.is_err() {
                 self.stats = kept;
             }
@@ -770,9 +810,11 @@ impl Store {
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
     }
 
+    /// `accepted_at`: each row's acceptance time (seconds since the Unix epoch), where known.
     pub(super) fn try_append_batch(
         &mut self,
         batch: &[StoredMessage],
+        accepted_at: &[u64],
     ) -> rusqlite::Result<Vec<Result<(), AppendError>>> {
         let reserve = self.wal_reserve();
         let tx = self.db.transaction()?;
@@ -785,14 +827,14 @@ impl Store {
         let mut used = Self::live_pages_bytes(&tx, self.page_size)? + reserve;
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO messages (id, topic, payload, qos, size, kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO messages (id, topic, payload, qos, size, kind, accepted_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
             // Only rows older than this commit: its own rows are answered `ok` with it.
             let mut oldest = tx.prepare_cached(
                 "DELETE FROM messages WHERE id = (SELECT MIN(id) FROM messages WHERE id < ?1) RETURNING size",
             )?;
             let first_id = batch.first().map_or(i64::MAX, |m| m.id);
-            for StoredMessage { id, message } in batch {
+            for (index, StoredMessage { id, message }) in batch.iter().enumerate() {
                 let size = (message.topic.len() + message.payload.len()) as u64;
                 let cost = size + ROW_OVERHEAD;
                 if used + cost > self.max_bytes {
@@ -836,6 +878,7 @@ impl Store {
                     message.qos.as_u8(),
                     size as i64,
                     message.kind.as_u8(),
+                    accepted_at.get(index).map(|&at| at as i64),
                 ])?;
                 used += cost;
                 self.stats.messages += 1;
