@@ -723,3 +723,52 @@ fn run_refuses_more_clients_than_file_descriptors() {
         "{stderr}"
     );
 }
+
+/// Issue 25: client commands take the socket from the config's `socket.path` (`--config`,
+/// default path) unless `--socket` says otherwise, and a failed connect names its cause.
+#[test]
+fn client_commands_find_the_socket_in_the_config_and_say_why_they_cannot_connect() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("elsewhere.sock");
+    let path = write(
+        dir.path(),
+        &format!(
+            "{VALID}\n[socket]\npath = {:?}\n",
+            socket.display().to_string()
+        ),
+    );
+    let output = run(&["status", "--config", &path], &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("elsewhere.sock")
+            && stderr.contains("the daemon is not running, or its socket.path differs"),
+        "{stderr}"
+    );
+
+    // A config named on the command line must load.
+    let missing = dir.path().join("missing.toml").display().to_string();
+    let output = run(&["status", "--config", &missing], &[]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+
+    // A socket the user may not open: the group is the fix.
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let output = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            BIN,
+            "status",
+            "--socket",
+        ])
+        .arg(&socket)
+        .output()
+        .expect("setpriv");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("add your user to the iot-cognito-relay group"),
+        "{stderr}"
+    );
+}

@@ -582,18 +582,31 @@ fn status_explains_an_mqtt_outage() {
     });
     eprintln!("{status}");
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
-    assert!(status["uptime_s"].as_u64().is_some_and(|s| s >= 2), "{status}");
+    assert!(
+        status["uptime_s"].as_u64().is_some_and(|s| s >= 2),
+        "{status}"
+    );
     assert_eq!(status["region"], "us-east-1");
-    assert_eq!(status["endpoint"], format!("127.0.0.1:{}", harness::WSS_PORT));
+    assert_eq!(
+        status["endpoint"],
+        format!("127.0.0.1:{}", harness::WSS_PORT)
+    );
     assert!(status["mqtt_last_error_at"].is_string(), "{status}");
     assert!(status["last_connected_at"].is_null(), "{status}");
     assert!(
-        status["oldest_spooled_age_s"].as_u64().is_some_and(|age| age >= 2),
+        status["oldest_spooled_age_s"]
+            .as_u64()
+            .is_some_and(|age| age >= 2),
         "{status}"
     );
     let human = cli(&["status", "--socket", &daemon.socket.display().to_string()]);
     let human = text(&human.stdout);
-    for line in ["mqtt last error:", "oldest waiting", "version:", "endpoint:"] {
+    for line in [
+        "mqtt last error:",
+        "oldest waiting",
+        "version:",
+        "endpoint:",
+    ] {
         assert!(human.contains(line), "{line}: {human}");
     }
 
@@ -603,5 +616,8 @@ fn status_explains_an_mqtt_outage() {
     });
     assert!(status["last_connected_at"].is_string(), "{status}");
     assert!(status["oldest_spooled_age_s"].is_null(), "{status}");
-    assert_eq!(status["reconnects_total"], 0, "the first connection is not a reconnect");
+    assert_eq!(
+        status["reconnects_total"], 0,
+        "the first connection is not a reconnect"
+    );
 }

@@ -117,13 +117,17 @@ _iot__cognito__relay() {
             return 0
             ;;
         iot__subcmd__cognito__subcmd__relay__subcmd__dead__subcmd__letters)
-            opts="-h --socket --json --timeout --help list requeue purge"
+            opts="-h --socket --config --json --timeout --help list requeue purge"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -283,13 +287,17 @@ _iot__cognito__relay() {
             return 0
             ;;
         iot__subcmd__cognito__subcmd__relay__subcmd__send)
-            opts="-h --socket --topic --qos --json --timeout --help"
+            opts="-h --socket --config --topic --qos --json --timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -313,13 +321,17 @@ _iot__cognito__relay() {
             return 0
             ;;
         iot__subcmd__cognito__subcmd__relay__subcmd__status)
-            opts="-h --socket --json --timeout --help"
+            opts="-h --socket --config --json --timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -335,13 +347,17 @@ _iot__cognito__relay() {
             return 0
             ;;
         iot__subcmd__cognito__subcmd__relay__subcmd__subscribe)
-            opts="-h --socket --count --help"
+            opts="-h --socket --config --count --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --socket)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

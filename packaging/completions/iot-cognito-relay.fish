@@ -36,23 +36,27 @@ complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_needs_command" -f -a 
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand run" -l config -d 'The config file' -r -F
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l socket -d 'The daemon\'s socket' -r -F
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l socket -d 'The daemon\'s socket (default: the config\'s socket.path)' -r -F
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l config -d 'The config whose socket.path to use' -r -F
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l topic -d 'Relative topic; the daemon adds <identity_pool_id>/<identity_id>/' -r
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l qos -d '1: kept until IoT Core acknowledges it; 0: sent once' -r
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l timeout -d 'Give up (exit 1) when the daemon owes an answer, or does not read, for this long' -r
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l json -d 'Inputs are whole protocol lines (see docs/protocol.md) instead of payloads'
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand status" -l socket -d 'The daemon\'s socket' -r -F
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand status" -l socket -d 'The daemon\'s socket (default: the config\'s socket.path)' -r -F
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand status" -l config -d 'The config whose socket.path to use' -r -F
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand status" -l timeout -d 'Give up (exit 1) when the daemon has not answered within this long' -r
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand status" -l json -d 'Print the raw JSON object'
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand status" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand check-config" -l config -d 'The config file' -r -F
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand check-config" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand config-from-stack" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand subscribe" -l socket -d 'The daemon\'s socket' -r -F
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand subscribe" -l socket -d 'The daemon\'s socket (default: the config\'s socket.path)' -r -F
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand subscribe" -l config -d 'The config whose socket.path to use' -r -F
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand subscribe" -l count -d 'Exit 0 after N messages (default: run until the daemon stops)' -r
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand subscribe" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand dead-letters" -l socket -d 'The daemon\'s socket' -r -F
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand dead-letters" -l socket -d 'The daemon\'s socket (default: the config\'s socket.path)' -r -F
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand dead-letters" -l config -d 'The config whose socket.path to use' -r -F
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand dead-letters" -l timeout -d 'Give up (exit 1) when the daemon has not answered within this long' -r
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand dead-letters" -l json -d 'Print the daemon\'s raw JSON answer'
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand dead-letters" -s h -l help -d 'Print help (see more with \'--help\')'

@@ -40,9 +40,9 @@ pub enum Command {
     /// Publish PAYLOAD, or one message per stdin line, through the daemon; waits for the acks.
     #[command(after_long_help = SEE_PROTOCOL)]
     Send {
-        /// The daemon's socket.
-        #[arg(long, default_value = "/run/iot-cognito-relay/relay.sock")]
-        socket: PathBuf,
+        /// Where the daemon's socket is.
+        #[command(flatten)]
+        socket: SocketArgs,
         /// Relative topic; the daemon adds <identity_pool_id>/<identity_id>/.
         #[arg(long, required_unless_present = "json")]
         topic: Option<String>,
@@ -61,9 +61,9 @@ pub enum Command {
     /// Show the daemon's state and counters.
     #[command(after_long_help = SEE_PROTOCOL)]
     Status {
-        /// The daemon's socket.
-        #[arg(long, default_value = "/run/iot-cognito-relay/relay.sock")]
-        socket: PathBuf,
+        /// Where the daemon's socket is.
+        #[command(flatten)]
+        socket: SocketArgs,
         /// Print the raw JSON object.
         #[arg(long)]
         json: bool,
@@ -95,9 +95,9 @@ pub enum Command {
     /// what `[downlink] topics` subscribes to; FILTER picks from that (MQTT wildcards + and #).
     #[command(after_long_help = SEE_PROTOCOL)]
     Subscribe {
-        /// The daemon's socket.
-        #[arg(long, default_value = "/run/iot-cognito-relay/relay.sock")]
-        socket: PathBuf,
+        /// Where the daemon's socket is.
+        #[command(flatten)]
+        socket: SocketArgs,
         /// Exit 0 after N messages (default: run until the daemon stops).
         #[arg(long)]
         count: Option<u64>,
@@ -110,9 +110,9 @@ pub enum Command {
         /// What to do with them.
         #[arg(value_enum, default_value_t = DeadLetterAction::List)]
         action: DeadLetterAction,
-        /// The daemon's socket.
-        #[arg(long, default_value = "/run/iot-cognito-relay/relay.sock")]
-        socket: PathBuf,
+        /// Where the daemon's socket is.
+        #[command(flatten)]
+        socket: SocketArgs,
         /// Print the daemon's raw JSON answer.
         #[arg(long)]
         json: bool,
@@ -120,6 +120,17 @@ pub enum Command {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+}
+
+/// Where the daemon's socket is: `--socket`, else the config's `socket.path`.
+#[derive(clap::Args, Clone)]
+pub struct SocketArgs {
+    /// The daemon's socket (default: the config's socket.path).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// The config whose socket.path to use.
+    #[arg(long, default_value = config::DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
 }
 
 /// What `dead-letters` does.

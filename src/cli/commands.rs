@@ -1,13 +1,13 @@
 //! What each command does, from parsed arguments to an exit code.
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::cli::args::Command;
+use crate::cli::args::{Command, SocketArgs};
 use crate::cli::{run, socket_client as client, stack_config as stack};
 use crate::config;
 
@@ -33,32 +33,55 @@ pub fn dispatch(command: Command) -> ExitCode {
                 Some(topic) if !json => client::Framing::Message { topic, qos },
                 _ => client::Framing::Json,
             };
-            send(&socket, framing, payload, timeout)
+            match socket_path(&socket) {
+                Ok(path) => send(&path, framing, payload, timeout),
+                Err(code) => code,
+            }
         }
         Command::DeadLetters {
             action,
             socket,
             json,
             timeout,
-        } => print_answer(
-            client::dead_letters(&socket, action.as_str(), timeout),
-            json,
-            client::format_dead_letters,
-        ),
+        } => match socket_path(&socket) {
+            Ok(path) => print_answer(
+                client::dead_letters(&path, action.as_str(), timeout),
+                json,
+                client::format_dead_letters,
+            ),
+            Err(code) => code,
+        },
         Command::Subscribe {
             socket,
             count,
             filters,
-        } => subscribe(&socket, &filters, count),
+        } => match socket_path(&socket) {
+            Ok(path) => subscribe(&path, &filters, count),
+            Err(code) => code,
+        },
         Command::Status {
             socket,
             json,
             timeout,
-        } => print_answer(
-            client::status(&socket, timeout),
-            json,
-            client::format_status,
-        ),
+        } => match socket_path(&socket) {
+            Ok(path) => print_answer(client::status(&path, timeout), json, client::format_status),
+            Err(code) => code,
+        },
+    }
+}
+
+/// The socket a client command uses: `--socket`, else `socket.path` from the config. A
+/// missing or unreadable config at the default path (an app's user need not read it) means
+/// the default socket; a config named with `--config` must load (exit 2 otherwise).
+fn socket_path(args: &SocketArgs) -> Result<PathBuf, ExitCode> {
+    if let Some(socket) = &args.socket {
+        return Ok(socket.clone());
+    }
+    let named = args.config != Path::new(config::DEFAULT_CONFIG_PATH);
+    match config::Config::load(&args.config) {
+        Ok(config) => Ok(config.socket.path),
+        Err(error) if named => Err(fail(EXIT_USAGE, error)),
+        Err(_) => Ok(config::SocketConfig::default().path),
     }
 }
 

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 /// Why a client command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SocketClientError {
-    #[error("cannot connect to {path}: {source} (is the daemon running?)")]
+    #[error("cannot connect to {path}: {}", connect_hint(source))]
     Connect {
         path: String,
         source: std::io::Error,
@@ -23,6 +23,22 @@ pub enum SocketClientError {
     BadAnswer(String),
     #[error("no answer from the daemon within {} (--timeout)", humantime::format_duration(*.0))]
     Timeout(Duration),
+}
+
+/// What a failed connect means, by its errno.
+fn connect_hint(error: &std::io::Error) -> String {
+    match error.kind() {
+        std::io::ErrorKind::PermissionDenied => format!(
+            "{error}: add your user to the iot-cognito-relay group (sudo usermod -aG iot-cognito-relay $USER, then log in again)"
+        ),
+        std::io::ErrorKind::NotFound => format!(
+            "{error}: the daemon is not running, or its socket.path differs (pass --config or --socket)"
+        ),
+        std::io::ErrorKind::ConnectionRefused => {
+            format!("{error}: nothing listens there; the daemon is not running")
+        }
+        _ => error.to_string(),
+    }
 }
 
 /// Maps a read or write error to the timeout it really is, or to the I/O error.
