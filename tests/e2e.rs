@@ -443,3 +443,68 @@ fn attaches_again_when_the_broker_refuses_for_authorization() {
         s["state"] == "connected" && s["published_total"] == 1
     });
 }
+
+/// Issue 25: behind an HTTP proxy with Basic auth (tinyproxy, started by the test), with every
+/// direct route to the emulated cloud refused by the firewall (only the proxy's uid may reach
+/// moto and the broker), the daemon onboards through the proxy (Cognito, Secrets Manager) and
+/// delivers over a WebSocket tunnelled with CONNECT. The proxy's password appears in no log,
+/// neither in `check-config`.
+#[test]
+fn behind_a_proxy_the_daemon_onboards_and_delivers() {
+    const PASSWORD: &str = "proxy-pass-7Qz";
+    let cloud = Cloud::start();
+    let mut subscriber = cloud.subscribe();
+    let proxy = cloud.start_http_proxy("relayuser", PASSWORD);
+    cloud.allow_only_the_proxy_to(&[harness::MOTO_PORT, harness::WSS_PORT]);
+    for port in [harness::MOTO_PORT, harness::WSS_PORT] {
+        let direct = cloud
+            .namespace
+            .command("bash")
+            .args(["-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("bash");
+        assert!(!direct.success(), "port {port} is still reachable directly");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = cloud.config(
+        dir.path(),
+        true,
+        &format!(
+            "\n[network]\nproxy = \"http://relayuser:{PASSWORD}@127.0.0.1:{}\"\n",
+            harness::HTTP_PROXY_PORT
+        ),
+    );
+    let daemon = cloud.start_daemon(&config);
+    let acked = harness::send_many(&daemon.socket, "proxied", 0..20);
+    assert_eq!(acked.len(), 20);
+    subscriber.expect_all(&acked, Duration::from_secs(60));
+
+    let through = proxy.log_text();
+    assert!(
+        through.contains(&format!("CONNECT 127.0.0.1:{}", harness::WSS_PORT)),
+        "the WebSocket was not tunnelled through the proxy:\n{through}"
+    );
+    assert!(
+        through.contains(&format!("127.0.0.1:{}", harness::MOTO_PORT)),
+        "the AWS calls did not go through the proxy:\n{through}"
+    );
+    let log = daemon.log_text();
+    assert!(
+        log.contains("outbound connections go through a proxy"),
+        "{log}"
+    );
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("relayuser:{PASSWORD}"));
+    for secret in [PASSWORD, basic.as_str()] {
+        assert!(!log.contains(secret), "the proxy password is in the log");
+    }
+    let checked = std::process::Command::new(env!("CARGO_BIN_EXE_iot-cognito-relay"))
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .expect("check-config");
+    let shown = String::from_utf8_lossy(&checked.stdout);
+    assert!(shown.contains("http://***@127.0.0.1:"), "{shown}");
+    assert!(!shown.contains(PASSWORD), "{shown}");
+}

@@ -506,11 +506,12 @@ fn snapshot(dir: &Path) -> Vec<(String, u64, std::time::SystemTime, Vec<u8>)> {
     files
 }
 
-/// Issue 24 item 1: a cellular-slow uplink (the daemon's wss traffic shaped to 64 kbit/s by
-/// `tc` in the test's network namespace) with 100 KiB payloads, each taking longer than
-/// rumqttc's old 10 s flush bound to send. Before, every timed-out flush counted a strike and
-/// the fifth buried healthy messages in the dead letters; now slowness is never a strike:
-/// every message arrives and nothing is buried.
+/// Issue 24 item 1: a 2G-slow uplink (the daemon's wss traffic shaped to 24 kbit/s by `tc`
+/// in the test's network namespace, 3 KB/s, behind a modem-sized send buffer) and a 100 KiB
+/// message that takes about 35 s to send: it arrives, the small message behind it too, and
+/// nothing is buried (slowness is never a strike; the PUBACK deadline grows with the bytes
+/// ahead). The rules themselves are pinned by `publish::flow`'s unit tests; this one shows
+/// them on a real shaped link.
 #[test]
 fn a_slow_link_delivers_large_messages_and_buries_nothing() {
     let cloud = Cloud::start();
@@ -528,11 +529,17 @@ fn a_slow_link_delivers_large_messages_and_buries_nothing() {
             .status()
             .is_ok_and(|status| status.success())
     };
+    // A bloated send buffer, as a modem's: a write is done when the kernel has the bytes, long
+    // before they are on the air, so a PUBACK is due long after the publish "went out".
+    assert!(tc_sysctl(
+        &cloud,
+        "net.ipv4.tcp_wmem=4194304 4194304 4194304"
+    ));
     // Only what goes to the broker's wss port is shaped (the subscriber reads at full speed);
     // a kernel without HTB or u32 gets all of loopback shaped, which is slower, not weaker.
     let shaped = tc("qdisc add dev lo root handle 1: htb default 10 r2q 1")
         && tc("class add dev lo parent 1: classid 1:10 htb rate 10gbit quantum 60000")
-        && tc("class add dev lo parent 1: classid 1:30 htb rate 64kbit quantum 1514")
+        && tc("class add dev lo parent 1: classid 1:30 htb rate 24kbit quantum 1514")
         && tc(&format!(
             "filter add dev lo parent 1: protocol ip u32 match ip dport {} 0xffff flowid 1:30",
             harness::WSS_PORT
@@ -540,7 +547,7 @@ fn a_slow_link_delivers_large_messages_and_buries_nothing() {
     if !shaped {
         let _ = tc("qdisc del dev lo root");
         assert!(
-            tc("qdisc add dev lo root tbf rate 64kbit burst 4kb latency 60s"),
+            tc("qdisc add dev lo root tbf rate 24kbit burst 4kb latency 120s"),
             "tc cannot shape loopback"
         );
     }
@@ -548,17 +555,17 @@ fn a_slow_link_delivers_large_messages_and_buries_nothing() {
     let started = Instant::now();
     let mut client = daemon.connect();
     let pad = "x".repeat(100 * 1024);
-    for n in 0..3 {
+    for (n, pad) in [(0, pad.as_str()), (1, "")] {
         client.send_line(&format!(
             r#"{{"topic":"slow","payload":{{"n":{n},"pad":"{pad}"}},"id":{n}}}"#
         ));
         let answer = client.read_answer(Duration::from_secs(30)).expect("answer");
         assert_eq!(answer["ok"], true, "{answer}");
     }
-    subscriber.expect_all(&[0, 1, 2], Duration::from_secs(240));
+    subscriber.expect_all(&[0, 1], Duration::from_secs(300));
     let status = daemon.status();
     eprintln!(
-        "3 x 100 KiB over 64 kbit/s in {:?}; status {status}",
+        "100 KiB over 24 kbit/s in {:?}; status {status}",
         started.elapsed()
     );
     assert_eq!(status["dead_letter_total"], 0, "{status}");
@@ -620,4 +627,14 @@ fn status_explains_an_mqtt_outage() {
         status["reconnects_total"], 0,
         "the first connection is not a reconnect"
     );
+}
+
+/// Sets a sysctl of the test's network namespace (`net.*` ones are per namespace).
+fn tc_sysctl(cloud: &Cloud, setting: &str) -> bool {
+    cloud
+        .namespace
+        .command("sysctl")
+        .args(["-q", "-w", setting])
+        .status()
+        .is_ok_and(|status| status.success())
 }

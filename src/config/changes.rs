@@ -42,6 +42,7 @@ pub fn changes(old: &Config, new: &Config) -> Vec<Change> {
         shutdown,
         downlink,
         health,
+        network,
         log,
     } = new;
     let mut changes = Vec::new();
@@ -81,6 +82,7 @@ pub fn changes(old: &Config, new: &Config) -> Vec<Change> {
         ("shutdown", *shutdown != old.shutdown),
         ("downlink", *downlink != old.downlink),
         ("health", *health != old.health),
+        ("network", *network != old.network),
     ];
     changes.extend(
         restart

@@ -5,6 +5,7 @@
 
 pub mod changes;
 mod downlink;
+mod network;
 mod trust;
 mod units;
 mod validate;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::message::Qos;
 pub use downlink::{DownlinkConfig, HealthConfig};
+pub use network::{NetworkConfig, Proxy, ProxyError};
 
 use trust::check_not_tamperable;
 use units::duration;
@@ -90,6 +92,8 @@ pub struct Config {
     pub downlink: DownlinkConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub network: NetworkConfig,
     #[serde(default)]
     pub log: LogConfig,
 }
@@ -404,6 +408,7 @@ impl Config {
         let mut shown = self.clone();
         shown.aws.endpoint_url = redact_url(&shown.aws.endpoint_url);
         shown.mqtt.url = redact_url(&shown.mqtt.url);
+        shown.network.proxy = network::mask_credentials(&shown.network.proxy);
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }

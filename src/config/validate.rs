@@ -200,6 +200,9 @@ fn check_limits(config: &Config) -> Result<(), Invalid> {
             ),
         ));
     }
+    if let Err(error) = Proxy::resolve(&config.network, |_| None) {
+        return Err(("network.proxy", error.reason.into()));
+    }
     if config.shutdown.drain_timeout > MAX_DRAIN_TIMEOUT {
         return Err((
             "shutdown.drain_timeout",

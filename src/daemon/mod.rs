@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{Config, PublishConfig, RawSocketConfig};
+use crate::config::{Config, Proxy, PublishConfig, RawSocketConfig};
 use crate::downlink::Downlink;
 use crate::identity::IdentityManager;
 use crate::ingest::raw::RawServer;
@@ -31,7 +31,7 @@ use crate::ops::status::StatusSource;
 use crate::publish::connection::Publisher;
 use crate::publish::inbound::Inbound;
 use crate::publish::mqtt::MqttSettings;
-use crate::publish::tls::{TlsError, tls_config};
+use crate::publish::tls::{TlsError, proxy_tls_config, tls_config};
 use crate::spool::{self, Spool};
 use crate::topic::TopicRules;
 use reload::{Live, reload};
@@ -58,6 +58,10 @@ pub enum DaemonError {
     Socket(#[from] BindError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Proxy(#[from] crate::config::ProxyError),
+    #[error(transparent)]
+    SdkProxy(#[from] crate::identity::aws::ProxyConfigError),
     #[error(transparent)]
     FileLimit(#[from] file_limit::FileLimitError),
     #[error("the {0} stopped unexpectedly")]
@@ -86,6 +90,8 @@ impl DaemonError {
             DaemonError::StateDir { .. }
             | DaemonError::InsecureStateDir { .. }
             | DaemonError::Tls(_)
+            | DaemonError::Proxy(_)
+            | DaemonError::SdkProxy(_)
             | DaemonError::FileLimit(_)
             | DaemonError::Socket(BindError::Io { .. })
             | DaemonError::Socket(BindError::NotSocket(_)) => true,
@@ -147,8 +153,20 @@ impl Daemon {
         let downlink = Downlink::open(&config.state.dir, config.downlink.max_bytes.0)?;
         let tls = tls_config(&config.mqtt.ca_file)?;
         let listeners = bind_sockets(&config).await?;
-        let base =
-            crate::identity::aws::base_config(&config.aws.region, &config.aws.endpoint_url).await;
+        let proxy = Proxy::resolve(&config.network, |name| std::env::var(name).ok())?;
+        let proxy_tls = match &proxy {
+            Some(proxy) if proxy.tls => Some(proxy_tls_config()?),
+            _ => None,
+        };
+        if let Some(proxy) = &proxy {
+            tracing::info!(proxy = ?proxy, no_proxy = %proxy.sdk_no_proxy(), "outbound connections go through a proxy");
+        }
+        let base = crate::identity::aws::base_config(
+            &config.aws.region,
+            &config.aws.endpoint_url,
+            proxy.as_ref(),
+        )
+        .await?;
         let (identity, identity_watch) =
             IdentityManager::new(base, config.identity.clone(), config.state.dir.clone());
         let rules = Arc::new(TopicRules::new(
@@ -167,6 +185,7 @@ impl Daemon {
                 tls,
                 max_in_flight: config.publish.max_in_flight,
                 persistent_session: !config.downlink.topics.is_empty(),
+                proxy: proxy.map(|proxy| (proxy, proxy_tls)),
             },
             rules.clone(),
             limits,

@@ -4,12 +4,14 @@
 use std::time::{Duration, SystemTime};
 
 use aws_config::{BehaviorVersion, Region, SdkConfig, timeout::TimeoutConfig};
-use aws_smithy_http_client::tls;
+use aws_smithy_http_client::proxy::ProxyConfig;
+use aws_smithy_http_client::{Connector, tls};
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::display::DisplayErrorContext;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
+use crate::config::Proxy;
 use crate::secret::Secret;
 
 /// A whole AWS call, retries included, gives up after this long.
@@ -17,13 +19,38 @@ pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Base SDK config without credentials: unsigned Cognito calls use it as is; calls that need
-/// the Cognito credentials add them per client.
-pub async fn base_config(region: &str, endpoint_url: &str) -> SdkConfig {
-    let http_client = aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https();
+/// the Cognito credentials add them per client. With a `proxy`, every call goes through it
+/// (HTTPS by CONNECT, Basic credentials sent with the first request) unless its `no_proxy`
+/// names the host.
+pub async fn base_config(
+    region: &str,
+    endpoint_url: &str,
+    proxy: Option<&Proxy>,
+) -> Result<SdkConfig, ProxyConfigError> {
+    let ring = || tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring);
+    let http_client = match proxy {
+        None => aws_smithy_http_client::Builder::new()
+            .tls_provider(ring())
+            .build_https(),
+        Some(proxy) => {
+            // The SDK's own parser: a URL it cannot read would silently mean no proxy.
+            let config = ProxyConfig::all(proxy.sdk_url().expose().as_str())
+                .map_err(|_| ProxyConfigError)?
+                .no_proxy(proxy.sdk_no_proxy());
+            // The connector builder is the SDK's only way to a proxy; this keeps the SDK's
+            // connector cache (one pool per timeout setting).
+            aws_smithy_http_client::Builder::new().build_with_connector_fn(
+                move |settings, components| {
+                    let mut builder = Connector::builder().proxy_config(config.clone());
+                    builder.set_connector_settings(settings.cloned());
+                    if let Some(components) = components {
+                        builder.set_sleep_impl(components.sleep_impl());
+                    }
+                    builder.tls_provider(ring()).build()
+                },
+            )
+        }
+    };
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(region.to_owned()))
         .http_client(http_client)
@@ -37,8 +64,14 @@ pub async fn base_config(region: &str, endpoint_url: &str) -> SdkConfig {
     if !endpoint_url.is_empty() {
         loader = loader.endpoint_url(endpoint_url);
     }
-    loader.load().await
+    Ok(loader.load().await)
 }
+
+/// The AWS SDK refused the proxy URL that `network.proxy` accepted (never shown: it may hold
+/// credentials).
+#[derive(Debug, thiserror::Error)]
+#[error("the AWS SDK cannot use this proxy URL (check network.proxy or HTTPS_PROXY)")]
+pub struct ProxyConfigError;
 
 /// Temporary AWS credentials from Cognito or STS.
 #[derive(Clone, Debug)]

@@ -14,7 +14,7 @@ use rustls::ClientConfig;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::config::MqttConfig;
+use crate::config::{MqttConfig, Proxy};
 use crate::identity::Session;
 use crate::message::MAX_PAYLOAD_BYTES;
 use crate::publish::flow::{Failure, SLOWEST_LINK_BYTES_PER_S};
@@ -35,6 +35,9 @@ pub struct MqttSettings {
     /// `clean_session = false`: the broker keeps the subscriptions and queues QoS 1 messages
     /// while the daemon is away (downlink on; see `publish::inbound`).
     pub persistent_session: bool,
+    /// The HTTP(S) proxy the WebSocket goes through (HTTP CONNECT), with the TLS config for an
+    /// `https://` one.
+    pub proxy: Option<(Proxy, Option<Arc<ClientConfig>>)>,
 }
 
 impl MqttSettings {
@@ -65,13 +68,48 @@ impl Drop for Connection {
     }
 }
 
-/// Starts connecting as `session.identity_id`, signed with `session.credentials` now.
 /// The host (and port, if any) of a broker URL, for `status`: no path, no query.
 pub fn host_of(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     rest.split(['/', '?']).next().unwrap_or_default().to_owned()
 }
 
+/// The host alone (no port, no brackets), for `no_proxy`.
+fn host_name(url: &str) -> String {
+    let host_port = host_of(url);
+    match host_port.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default().to_owned(),
+        None => host_port.split(':').next().unwrap_or_default().to_owned(),
+    }
+}
+
+/// rumqttc's proxy for `proxy`, sending Basic credentials with the CONNECT request.
+fn mqtt_proxy(proxy: &Proxy, tls: Option<&Arc<ClientConfig>>) -> rumqttc::Proxy {
+    let ty = match tls {
+        Some(tls) if proxy.tls => rumqttc::ProxyType::Https(TlsConfiguration::Rustls(tls.clone())),
+        _ => rumqttc::ProxyType::Http,
+    };
+    let auth = match &proxy.credentials {
+        Some((username, password)) => rumqttc::ProxyAuth::Basic {
+            username: username.clone(),
+            password: password.expose().clone(),
+        },
+        None => rumqttc::ProxyAuth::None,
+    };
+    let addr = if proxy.host.contains(':') {
+        format!("[{}]", proxy.host)
+    } else {
+        proxy.host.clone()
+    };
+    rumqttc::Proxy {
+        ty,
+        auth,
+        addr,
+        port: proxy.port,
+    }
+}
+
+/// Starts connecting as `session.identity_id`, signed with `session.credentials` now.
 pub fn connect(settings: &MqttSettings, session: &Session) -> Result<Connection, SignError> {
     let url = presign(
         &settings.broker_url(session),
@@ -79,7 +117,13 @@ pub fn connect(settings: &MqttSettings, session: &Session) -> Result<Connection,
         &session.credentials,
         SystemTime::now(),
     )?;
+    let broker_url = settings.broker_url(session);
     let mut options = MqttOptions::new(session.identity_id.clone(), url, 443);
+    if let Some((proxy, tls)) = &settings.proxy
+        && !proxy.bypasses(&host_name(&broker_url))
+    {
+        options.set_proxy(mqtt_proxy(proxy, tls.as_ref()));
+    }
     let transport = if settings.config.url.starts_with("ws://") {
         Transport::Ws
     } else {

@@ -57,6 +57,22 @@ pub fn tls_config(ca_file: &str) -> Result<Arc<ClientConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
+/// TLS to an `https://` proxy: the system's roots, as the AWS SDK side uses them.
+pub fn proxy_tls_config() -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(found.certs);
+    if roots.is_empty() {
+        return Err(TlsError::EmptyCaFile("the system's CA bundle".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// IoT Core's ATS endpoints chain to the Amazon roots (and, cross-signed, to Starfield's).
 fn is_amazon_root(subject_der: &[u8]) -> bool {
     [b"Amazon Root CA".as_slice(), b"Starfield Services Root"]
