@@ -746,10 +746,19 @@ fn client_commands_find_the_socket_in_the_config_and_say_why_they_cannot_connect
         "{stderr}"
     );
 
-    // A config named on the command line must load.
+    // A config named on the command line that exists must load; an absent one means the
+    // default socket.
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "[socket\n").expect("write");
+    let output = run(&["status", "--config", &broken.display().to_string()], &[]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
     let missing = dir.path().join("missing.toml").display().to_string();
     let output = run(&["status", "--config", &missing], &[]);
-    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("/run/iot-cognito-relay/relay.sock"),
+        "{stderr}"
+    );
 
     // A socket the user may not open: the group is the fix.
     let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");

@@ -70,14 +70,15 @@ pub fn dispatch(command: Command) -> ExitCode {
     }
 }
 
-/// The socket a client command uses: `--socket`, else `socket.path` from the config. A
-/// missing or unreadable config at the default path (an app's user need not read it) means
-/// the default socket; a config named with `--config` must load (exit 2 otherwise).
+/// The socket a client command uses: `--socket`, else `socket.path` from the config. An
+/// absent config means the default socket, and so does an unreadable one at the default path
+/// (an app's user need not read it); a config named with `--config` that exists must load
+/// (exit 2 otherwise).
 fn socket_path(args: &SocketArgs) -> Result<PathBuf, ExitCode> {
     if let Some(socket) = &args.socket {
         return Ok(socket.clone());
     }
-    let named = args.config != Path::new(config::DEFAULT_CONFIG_PATH);
+    let named = args.config != Path::new(config::DEFAULT_CONFIG_PATH) && args.config.exists();
     match config::Config::load(&args.config) {
         Ok(config) => Ok(config.socket.path),
         Err(error) if named => Err(fail(EXIT_USAGE, error)),
@@ -85,16 +86,50 @@ fn socket_path(args: &SocketArgs) -> Result<PathBuf, ExitCode> {
     }
 }
 
-/// Prints the effective config, secrets masked; exit 2 when it does not load.
+/// Prints the effective config, secrets masked; exit 2 when it does not load, 1 when the
+/// installed unit's sandbox would not let the daemon write a path it names.
 fn check_config(path: &Path) -> ExitCode {
     match config::Config::load(path) {
         Ok(config) => {
             print!("{}", config.to_redacted_toml());
             println!("{}", config.registration_note());
-            ExitCode::SUCCESS
+            let findings = installed_unit_sandbox()
+                .map(|sandbox| sandbox.findings(&config))
+                .unwrap_or_default();
+            for finding in &findings {
+                eprintln!("check-config: {finding}");
+            }
+            if findings.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILURE)
+            }
         }
         Err(error) => fail(EXIT_USAGE, error),
     }
+}
+
+/// The installed unit's sandbox (its drop-ins included), when systemd knows the unit.
+fn installed_unit_sandbox() -> Option<config::sandbox::UnitSandbox> {
+    let output = std::process::Command::new("systemctl")
+        .args(["show", "iot-cognito-relay.service", "-p", "LoadState"])
+        .args([
+            "-p",
+            "StateDirectory",
+            "-p",
+            "RuntimeDirectory",
+            "-p",
+            "ReadWritePaths",
+        ])
+        .args(["-p", "PrivateTmp", "-p", "ProtectSystem"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() || !text.lines().any(|line| line == "LoadState=loaded") {
+        return None;
+    }
+    config::sandbox::UnitSandbox::from_show(&text)
 }
 
 /// Prints a config.toml built from `describe-stacks` output.

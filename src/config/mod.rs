@@ -6,6 +6,7 @@
 pub mod changes;
 mod downlink;
 mod network;
+pub mod sandbox;
 mod trust;
 mod units;
 mod validate;

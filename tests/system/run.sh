@@ -451,6 +451,22 @@ if ct systemctl restart "$unit"; then
 else
     fail "(2f) restart with allowed_uids"
 fi
+# (2g) check-config knows the installed unit's sandbox: a state dir outside its writable set
+# is named with the drop-in that fixes it, and passes once the drop-in is there.
+write_config "[state]
+dir = \"/data/relay\""
+ct_env /usr/bin/iot-cognito-relay check-config >/dev/null 2>"$host_dir/sandbox.err"
+rc=$?
+check "(2g) check-config names a path the unit cannot write (exit $rc: $(head -c 200 "$host_dir/sandbox.err"))" \
+    bash -c "[[ $rc -eq 1 ]] && grep -q 'ReadWritePaths=/data/relay' '$host_dir/sandbox.err'"
+ct mkdir -p /etc/systemd/system/iot-cognito-relay.service.d
+ct_env bash -ec 'printf "[Service]\nReadWritePaths=/data/relay\n" >/etc/systemd/system/iot-cognito-relay.service.d/data.conf'
+ct systemctl daemon-reload
+check "(2g) with the ReadWritePaths= drop-in check-config passes" \
+    ct_env /usr/bin/iot-cognito-relay check-config
+ct rm -f /etc/systemd/system/iot-cognito-relay.service.d/data.conf
+ct systemctl daemon-reload
+
 write_config
 ct systemctl restart "$unit"
 wait_until 30 connected || fail "(2f) reconnected after the allowed_uids check"
