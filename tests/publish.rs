@@ -506,9 +506,9 @@ fn snapshot(dir: &Path) -> Vec<(String, u64, std::time::SystemTime, Vec<u8>)> {
     files
 }
 
-/// Issue 24 item 1: a 2G-slow uplink (the daemon's wss traffic shaped to 24 kbit/s by `tc`
-/// in the test's network namespace, 3 KB/s, behind a modem-sized send buffer) and a 100 KiB
-/// message that takes about 35 s to send: it arrives, the small message behind it too, and
+/// Issue 24 item 1: a 2G-slow uplink (the daemon's wss traffic shaped to 48 kbit/s by `tc`
+/// in the test's network namespace, 6 KB/s, behind a modem-sized send buffer) and a 100 KiB
+/// message that takes about 17 s to send: it arrives, the small message behind it too, and
 /// nothing is buried (slowness is never a strike; the PUBACK deadline grows with the bytes
 /// ahead). The rules themselves are pinned by `publish::flow`'s unit tests; this one shows
 /// them on a real shaped link.
@@ -539,7 +539,7 @@ fn a_slow_link_delivers_large_messages_and_buries_nothing() {
     // a kernel without HTB or u32 gets all of loopback shaped, which is slower, not weaker.
     let shaped = tc("qdisc add dev lo root handle 1: htb default 10 r2q 1")
         && tc("class add dev lo parent 1: classid 1:10 htb rate 10gbit quantum 60000")
-        && tc("class add dev lo parent 1: classid 1:30 htb rate 24kbit quantum 1514")
+        && tc("class add dev lo parent 1: classid 1:30 htb rate 48kbit quantum 1514")
         && tc(&format!(
             "filter add dev lo parent 1: protocol ip u32 match ip dport {} 0xffff flowid 1:30",
             harness::WSS_PORT
@@ -547,7 +547,7 @@ fn a_slow_link_delivers_large_messages_and_buries_nothing() {
     if !shaped {
         let _ = tc("qdisc del dev lo root");
         assert!(
-            tc("qdisc add dev lo root tbf rate 24kbit burst 4kb latency 120s"),
+            tc("qdisc add dev lo root tbf rate 48kbit burst 4kb latency 120s"),
             "tc cannot shape loopback"
         );
     }
@@ -565,7 +565,7 @@ fn a_slow_link_delivers_large_messages_and_buries_nothing() {
     subscriber.expect_all(&[0, 1], Duration::from_secs(300));
     let status = daemon.status();
     eprintln!(
-        "100 KiB over 24 kbit/s in {:?}; status {status}",
+        "100 KiB over 48 kbit/s in {:?}; status {status}",
         started.elapsed()
     );
     assert_eq!(status["dead_letter_total"], 0, "{status}");
