@@ -806,10 +806,17 @@ fn repeated_accept_errors_are_logged_once() {
     let daemon = Offline::start("", "[log]\nlevel = \"info\"\n");
     let pid = daemon.pid();
     // No file descriptor left for one more client: every accept fails with EMFILE, and is
-    // retried every 100 ms while the client waits in the backlog.
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("fds")
-        .count();
+    // retried every 100 ms while the client waits in the backlog. The fewest open over a
+    // second: the offline identity step's retries open sockets and CA files for moments.
+    let open = (0..20)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .expect("fds")
+                .count()
+        })
+        .min()
+        .unwrap_or_default();
     // The soft limit only: raising it back needs no privilege.
     let limit = |n: usize| {
         let status = Command::new("prlimit")
@@ -818,7 +825,7 @@ fn repeated_accept_errors_are_logged_once() {
             .expect("prlimit");
         assert!(status.success());
     };
-    // One below what is open now, in case a short-lived descriptor was counted.
+    // One below the fewest: not one is free for the next accept.
     limit(open.saturating_sub(1));
     let mut waiting = harness::LocalApp::connect(&daemon.socket);
     std::thread::sleep(Duration::from_secs(3));
