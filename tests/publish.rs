@@ -364,7 +364,7 @@ fn sigterm_during_a_reconnect_backoff_drains_at_once() {
     std::thread::sleep(AUTOSAVE);
     cloud.kill_broker();
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = cloud.config(dir.path(), true, "\n[shutdown]\ndrain_timeout = \"30s\"\n");
+    let config = cloud.config(dir.path(), true, "\n[shutdown]\ndrain_timeout = \"15s\"\n");
     let mut daemon = cloud.start_daemon(&config);
     let acked = send_many(&daemon.socket, "drain", 0..5);
     assert_eq!(acked.len(), 5);
