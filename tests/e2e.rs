@@ -447,8 +447,8 @@ fn attaches_again_when_the_broker_refuses_for_authorization() {
 /// Issue 25: behind an HTTP proxy with Basic auth (tinyproxy, started by the test), with every
 /// direct route to the emulated cloud refused by the firewall (only the proxy's uid may reach
 /// moto and the broker), the daemon onboards through the proxy (Cognito, Secrets Manager) and
-/// delivers over a WebSocket tunnelled with CONNECT. The proxy's password appears in no log,
-/// neither in `check-config`.
+/// delivers over a WebSocket tunnelled with CONNECT; `doctor` walks the chain through it. The
+/// proxy's password appears in no log, neither in `check-config` nor `doctor`.
 #[test]
 fn behind_a_proxy_the_daemon_onboards_and_delivers() {
     const PASSWORD: &str = "proxy-pass-7Qz";
@@ -499,6 +499,14 @@ fn behind_a_proxy_the_daemon_onboards_and_delivers() {
     for secret in [PASSWORD, basic.as_str()] {
         assert!(!log.contains(secret), "the proxy password is in the log");
     }
+    // doctor walks the chain through the proxy too (the direct routes are refused).
+    let (code, text) = doctor(&cloud, &config, &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("PASS  secret:") && text.contains("PASS  proxy:"),
+        "{text}"
+    );
+    assert!(!text.contains(PASSWORD), "{text}");
     let checked = std::process::Command::new(env!("CARGO_BIN_EXE_iot-cognito-relay"))
         .args(["check-config", "--config"])
         .arg(&config)
@@ -507,4 +515,128 @@ fn behind_a_proxy_the_daemon_onboards_and_delivers() {
     let shown = String::from_utf8_lossy(&checked.stdout);
     assert!(shown.contains("http://***@127.0.0.1:"), "{shown}");
     assert!(!shown.contains(PASSWORD), "{shown}");
+}
+
+/// Runs `doctor` on `config` with `env` in the cloud's network; its exit code and its report.
+fn doctor(cloud: &Cloud, config: &Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let output = cloud
+        .namespace
+        .command(env!("CARGO_BIN_EXE_iot-cognito-relay"))
+        .args(["doctor", "--config"])
+        .arg(config)
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .envs(env.iter().copied())
+        .output()
+        .expect("doctor");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code(), text)
+}
+
+/// A copy of `config` beside it with `edits` made.
+fn edited(config: &Path, name: &str, edits: &[(&str, &str)]) -> PathBuf {
+    let copy = config.with_file_name(name);
+    std::fs::copy(config, &copy).expect("copy config");
+    harness::rewrite_config(&copy, edits);
+    copy
+}
+
+/// Issue 25: `doctor` on a healthy device (AWS's authorization enforced by the gate) passes
+/// every step: with the daemon connected it opens no second connection (the daemon proves
+/// the MQTT side), without it one trial CONNECT. Then each broken link of the chain fails
+/// its own step and names the fix: wrong region, wrong secret id, a device network outside
+/// DeviceCidrs, a clock 2 h off (libfaketime), an unreachable endpoint. Nothing it prints
+/// holds the password.
+#[test]
+fn doctor_passes_a_healthy_device_and_names_each_broken_step_with_its_fix() {
+    let mut cloud = Cloud::start_enforced();
+    cloud.start_broker();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = cloud.config(dir.path(), true, "");
+    let mut daemon = cloud.start_daemon(&config);
+    daemon.wait_status("connected", WAIT, |s| s["state"] == "connected");
+    let (code, text) = doctor(&cloud, &config, &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("PASS  mqtt: the running daemon is connected"),
+        "{text}"
+    );
+    assert!(daemon.stop().success());
+    let (code, text) = doctor(&cloud, &config, &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("PASS  mqtt: CONNECT to"), "{text}");
+    for step in [
+        "config",
+        "region",
+        "clock",
+        "guest credentials",
+        "secret",
+        "sign-in",
+        "credentials",
+    ] {
+        assert!(text.contains(&format!("PASS  {step}:")), "{step}: {text}");
+    }
+    assert!(
+        !text.contains(&cloud.account.password),
+        "the password in: {text}"
+    );
+
+    let url_line = format!("url = {:?}", cloud.mqtt_url());
+    let secret_line = format!("secret_id = {:?}", cloud.account.secret_id);
+    for (name, edit, failed, fix) in [
+        (
+            "region.toml",
+            ("[aws]\n", "[aws]\nregion = \"eu-west-1\"\n"),
+            "FAIL  region:",
+            "set aws.region = \"us-east-1\"",
+        ),
+        (
+            "secret.toml",
+            (secret_line.as_str(), "secret_id = \"relay/typo\""),
+            "FAIL  secret:",
+            "secret_id \"relay/typo\"",
+        ),
+        (
+            "endpoint.toml",
+            (url_line.as_str(), "url = \"wss://127.0.0.1:1/mqtt\""),
+            "FAIL  mqtt: cannot reach 127.0.0.1:1",
+            "check DNS, the firewall",
+        ),
+    ] {
+        let broken = edited(&config, name, &[edit]);
+        let (code, text) = doctor(&cloud, &broken, &[]);
+        assert_eq!(code, Some(1), "{name}: {text}");
+        assert!(
+            text.contains(failed) && text.contains(fix),
+            "{name}: {text}"
+        );
+    }
+
+    cloud.gate().set_mode("outside");
+    let (code, text) = doctor(&cloud, &config, &[]);
+    cloud.gate().set_mode("pass");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("FAIL  secret: access denied") && text.contains("DeviceCidrs"),
+        "{text}"
+    );
+
+    let (code, text) = doctor(
+        &cloud,
+        &config,
+        &[
+            ("LD_PRELOAD", harness::LIBFAKETIME),
+            ("FAKETIME", "+2h"),
+            ("FAKETIME_DONT_RESET", "1"),
+        ],
+    );
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("FAIL  clock: this device's clock is 7") && text.contains("NTP"),
+        "{text}"
+    );
 }

@@ -149,7 +149,7 @@ fn each_device_registers_its_own_user_once() {
 
     // A restart signs in with the stored password: same user, same identity, no SignUp.
     assert!(a.stop().success(), "{}", a.log_text());
-    let a = start(&cloud, dir_a.path(), "");
+    let mut a = start(&cloud, dir_a.path(), "");
     send(&a, "sensors/t", "a again", 2);
     let status = connected(&a);
     assert_eq!(status["identity_id"].as_str(), Some(id_a.as_str()));
@@ -167,6 +167,28 @@ fn each_device_registers_its_own_user_once() {
         2
     );
     assert_eq!(device_password(&state_a), password_a);
+
+    // doctor signs in as the device's own user (device.json) and registers nothing.
+    assert!(a.stop().success(), "{}", a.log_text());
+    let doctor = cloud
+        .namespace
+        .command(env!("CARGO_BIN_EXE_iot-cognito-relay"))
+        .args(["doctor", "--config"])
+        .arg(dir_a.path().join("config.toml"))
+        .output()
+        .expect("doctor");
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert_eq!(doctor.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains(&format!("PASS  sign-in: user {name_a}")),
+        "{text}"
+    );
+    assert!(!text.contains(&password_a), "{text}");
+    assert_eq!(
+        cloud.cognito().count("SignUp", "ok"),
+        2,
+        "doctor registered nothing"
+    );
 }
 
 /// A device whose state dir was wiped (re-flashed) finds its name registered: one clear line

@@ -25,6 +25,9 @@ _iot__cognito__relay() {
             iot__cognito__relay,dead-letters)
                 cmd="iot__cognito__relay__subcmd__dead__subcmd__letters"
                 ;;
+            iot__cognito__relay,doctor)
+                cmd="iot__cognito__relay__subcmd__doctor"
+                ;;
             iot__cognito__relay,help)
                 cmd="iot__cognito__relay__subcmd__help"
                 ;;
@@ -49,6 +52,9 @@ _iot__cognito__relay() {
             iot__cognito__relay__subcmd__help,dead-letters)
                 cmd="iot__cognito__relay__subcmd__help__subcmd__dead__subcmd__letters"
                 ;;
+            iot__cognito__relay__subcmd__help,doctor)
+                cmd="iot__cognito__relay__subcmd__help__subcmd__doctor"
+                ;;
             iot__cognito__relay__subcmd__help,help)
                 cmd="iot__cognito__relay__subcmd__help__subcmd__help"
                 ;;
@@ -71,7 +77,7 @@ _iot__cognito__relay() {
 
     case "${cmd}" in
         iot__cognito__relay)
-            opts="-h -V --help --version run send status check-config config-from-stack subscribe dead-letters help"
+            opts="-h -V --help --version run send status check-config config-from-stack subscribe doctor dead-letters help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -142,8 +148,26 @@ _iot__cognito__relay() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        iot__subcmd__cognito__subcmd__relay__subcmd__doctor)
+            opts="-h --config --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         iot__subcmd__cognito__subcmd__relay__subcmd__help)
-            opts="run send status check-config config-from-stack subscribe dead-letters help"
+            opts="run send status check-config config-from-stack subscribe doctor dead-letters help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -185,6 +209,20 @@ _iot__cognito__relay() {
             return 0
             ;;
         iot__subcmd__cognito__subcmd__relay__subcmd__help__subcmd__dead__subcmd__letters)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        iot__subcmd__cognito__subcmd__relay__subcmd__help__subcmd__doctor)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

@@ -105,6 +105,23 @@ pub enum Command {
         #[arg(required = true, value_name = "FILTER")]
         filters: Vec<String>,
     },
+    /// Walk the onboarding chain online, as the daemon would, one verdict per step.
+    ///
+    /// Config and the unit's sandbox, the region, the running daemon, the clock against AWS,
+    /// guest credentials, the bootstrap secret, the user pool sign-in, authenticated
+    /// credentials, and a CONNECT to the IoT endpoint (the IoT policy). It changes nothing:
+    /// it reuses the identities the daemon cached, registers nothing, attaches nothing, and
+    /// opens no MQTT connection while the daemon is connected (what the daemon proves counts as
+    /// passed). Exit 0 when every step passed, 1 when one failed, 2 for an invalid config.
+    #[command(after_long_help = SEE_CONFIGURATION)]
+    Doctor {
+        /// The config file.
+        #[arg(long, default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// One JSON object: {"steps":[{"step","verdict","detail"|"cause","fix"|"reason"}]}.
+        #[arg(long)]
+        json: bool,
+    },
     /// List, requeue or purge the dead letters: messages the broker never accepted.
     DeadLetters {
         /// What to do with them.

@@ -20,6 +20,7 @@ pub fn dispatch(command: Command) -> ExitCode {
     match command {
         Command::Run { config } => run::run_daemon(&config),
         Command::CheckConfig { config } => check_config(&config),
+        Command::Doctor { config, json } => doctor(&config, json),
         Command::ConfigFromStack { file } => config_from_stack(&file),
         Command::Send {
             socket,
@@ -106,6 +107,48 @@ fn check_config(path: &Path) -> ExitCode {
             }
         }
         Err(error) => fail(EXIT_USAGE, error),
+    }
+}
+
+/// Walks the onboarding chain (see `doctor.rs`); exit 0 all passed, 1 a step failed, 2 an
+/// invalid config.
+fn doctor(path: &Path, json: bool) -> ExitCode {
+    let config = match config::Config::load(path) {
+        Ok(config) => config,
+        Err(error) => return fail(EXIT_USAGE, error),
+    };
+    let proxy = match config::Proxy::resolve(&config.network, |name| std::env::var(name).ok()) {
+        Ok(proxy) => proxy,
+        Err(error) => return fail(EXIT_USAGE, error),
+    };
+    let findings = installed_unit_sandbox()
+        .map(|sandbox| sandbox.findings(&config))
+        .unwrap_or_default();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(EXIT_FAILURE, format!("cannot start the runtime: {error}")),
+    };
+    let report = runtime.block_on(crate::cli::doctor::diagnose(
+        &config,
+        path,
+        &findings,
+        proxy.as_ref(),
+    ));
+    if json {
+        match serde_json::to_string(&report) {
+            Ok(text) => println!("{text}"),
+            Err(error) => return fail(EXIT_FAILURE, error),
+        }
+    } else {
+        print!("{}", report.to_text());
+    }
+    if report.failed() {
+        ExitCode::from(EXIT_FAILURE)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

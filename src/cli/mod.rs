@@ -3,6 +3,7 @@
 
 pub mod args;
 pub mod commands;
+mod doctor;
 mod run;
-mod socket_client;
+pub(crate) mod socket_client;
 mod stack_config;

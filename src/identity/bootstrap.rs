@@ -61,16 +61,44 @@ pub async fn unauthenticated_credentials(
     unauth_role_arn: &str,
 ) -> Result<AwsCredentials, IdentityError> {
     let cached = unauth_identity_id.is_some();
-    match unauthenticated_once(base, identity_pool_id, unauth_identity_id, unauth_role_arn).await {
+    let cognito = aws_sdk_cognitoidentity::Client::new(base);
+    match unauthenticated_once(
+        base,
+        &cognito,
+        identity_pool_id,
+        unauth_identity_id,
+        unauth_role_arn,
+    )
+    .await
+    {
         Err(error) if cached && error.is_one_of(&IDENTITY_GONE) => {
             tracing::warn!(%error, "cached unauthenticated identity rejected; asking for a new one");
             *unauth_identity_id = None;
-            unauthenticated_once(base, identity_pool_id, unauth_identity_id, unauth_role_arn)
-                .await
-                .map_err(|error| IdentityError::Unauthenticated(error.message))
+            unauthenticated_once(
+                base,
+                &cognito,
+                identity_pool_id,
+                unauth_identity_id,
+                unauth_role_arn,
+            )
+            .await
+            .map_err(|error| IdentityError::Unauthenticated(error.message))
         }
         other => other.map_err(|error| IdentityError::Unauthenticated(error.message)),
     }
+}
+
+/// Step 1 for `doctor`: credentials for an existing guest identity only (never `GetId`, which
+/// would create one).
+pub async fn unauthenticated_existing(
+    base: &SdkConfig,
+    cognito: &aws_sdk_cognitoidentity::Client,
+    identity_id: &str,
+    unauth_role_arn: &str,
+) -> Result<AwsCredentials, AwsFailure> {
+    // With the id given, no GetId: the pool id is not asked for.
+    let mut id = Some(identity_id.to_owned());
+    unauthenticated_once(base, cognito, "", &mut id, unauth_role_arn).await
 }
 
 /// Service error codes meaning "this identity id is no longer valid in the pool".
@@ -79,11 +107,11 @@ pub const IDENTITY_GONE: [&str; 2] = ["ResourceNotFoundException", "NotAuthorize
 /// One attempt; errors carry the service error code so the caller can tell a stale id apart.
 async fn unauthenticated_once(
     base: &SdkConfig,
+    cognito: &aws_sdk_cognitoidentity::Client,
     identity_pool_id: &str,
     unauth_identity_id: &mut Option<String>,
     unauth_role_arn: &str,
 ) -> Result<AwsCredentials, AwsFailure> {
-    let cognito = aws_sdk_cognitoidentity::Client::new(base);
     let identity_id = match unauth_identity_id {
         Some(id) => id.clone(),
         None => {
@@ -100,7 +128,7 @@ async fn unauthenticated_once(
         }
     };
     if unauth_role_arn.is_empty() {
-        return credentials_for_identity(&cognito, &identity_id, None).await;
+        return credentials_for_identity(cognito, &identity_id, None).await;
     }
     let token = cognito
         .get_open_id_token()
@@ -170,10 +198,10 @@ where
     E: aws_sdk_secretsmanager::error::ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    if error_code(error) == Some("AccessDeniedException") {
-        IdentityError::SecretDenied(describe(error))
-    } else {
-        IdentityError::Secret(describe(error))
+    match error_code(error) {
+        Some("AccessDeniedException") => IdentityError::SecretDenied(describe(error)),
+        Some("ResourceNotFoundException") => IdentityError::SecretNotFound(describe(error)),
+        _ => IdentityError::Secret(describe(error)),
     }
 }
 

@@ -4,10 +4,10 @@
 
 mod attach;
 pub mod aws;
-mod bootstrap;
-mod cache;
+pub mod bootstrap;
+pub mod cache;
 pub mod device;
-mod user_pool;
+pub mod user_pool;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -78,6 +78,9 @@ pub enum IdentityError {
     /// AccessDeniedException on the secret; read_secret says which flow it was.
     #[error("reading the bootstrap secret: {0}")]
     SecretDenied(String),
+    /// ResourceNotFoundException: no such secret (a wrong id, or another region).
+    #[error("reading the bootstrap secret: {0}")]
+    SecretNotFound(String),
     #[error("bootstrap secret is malformed: {0}")]
     SecretFormat(String),
     #[error("user pool rejected the password: {0}")]

@@ -174,6 +174,12 @@ pub fn connect(settings: &MqttSettings, session: &Session) -> Result<Connection,
     })
 }
 
+/// Whether the broker closed the connection it had let in: IoT Core's answer to a CONNECT no
+/// policy allows (`doctor`'s trial connection).
+pub fn closed_by_broker(error: &ConnectionError) -> bool {
+    failure(error) == Failure::Closed
+}
+
 /// Whether the broker closed a connection it had let in (see [`Failure`]). TCP, TLS and the
 /// websocket upgrade fail with their own errors; once the MQTT stream runs, rumqttc reports
 /// the peer's close as an aborted stream or an I/O error of the byte stream under it.

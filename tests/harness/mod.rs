@@ -56,7 +56,7 @@ pub const WS_PROXY_PORT: u16 = 8444;
 pub const ATTACH_PROXY_PORT: u16 = 5002;
 pub const COGNITO_PROXY_PORT: u16 = 5003;
 pub(super) const START_TIMEOUT: Duration = Duration::from_secs(30);
-pub(super) const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 /// What moto's GetCredentialsForIdentity always returns.
 pub const MOTO_SECRET_KEY: &str = "ABCSECRETKEY";
 pub const MOTO_SESSION_TOKEN: &str = "ABC12345";

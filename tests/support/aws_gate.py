@@ -92,7 +92,8 @@ Usage: aws_gate.py --account FILE --upstream URL [--lambda URL] --http-port P
                    [--control FILE]
 --template reads another copy of the template (tests of older stacks). --control FILE: "pass"
 (or no file) serves; "refuse" closes the MQTT listener (new connections are refused) and drops
-the open ones, as a network cut does, until the file says "pass" again.
+the open ones, as a network cut does, until the file says "pass" again; "outside" makes every
+HTTP caller appear to come from 203.0.113.9 (TEST-NET-3), a device network outside DeviceCidrs.
 """
 import argparse
 import asyncio
@@ -352,6 +353,10 @@ def new_key():
     return "ASIA" + "".join(secrets.choice(string.ascii_uppercase + "234567") for _ in range(16))
 
 
+# Where a device outside the stack's DeviceCidrs appears to come from (--control outside).
+OUTSIDE_ADDRESS = "203.0.113.9"
+
+
 class Gate:
     """State shared by both sides: the principals minted, the OpenID tokens, IoT attachments."""
 
@@ -365,10 +370,18 @@ class Gate:
         self.first_seen = {}  # (identity id, policy) -> when the gate first saw it attached
         self.ever_attached = set()  # (identity id, policy) that counted once
         self.log_file = open(args.log, "a", buffering=1, encoding="utf-8")
+
         import boto3  # noqa: E402 - boto3 is slow to import; only the gate needs it
 
         self.iot = boto3.client("iot", region_name=cloud.region, endpoint_url=args.upstream,
                                 aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+    def control_mode(self):
+        try:
+            return Path(self.args.control).read_text().strip() if self.args.control else "pass"
+        except OSError:
+            return "pass"
 
     def log(self, **entry):
         with self.lock:
@@ -526,7 +539,7 @@ def make_handler(gate):
         # -- dispatch
         def handle_any(self):
             body = self.read_body()
-            peer = self.client_address[0]
+            peer = OUTSIDE_ADDRESS if gate.control_mode() == "outside" else self.client_address[0]
             path = urllib.parse.urlsplit(self.path)
             service, op, params = self.classify(path, body)
             entry = {"op": f"{service}:{op}", "source_ip": peer}
