@@ -1,5 +1,6 @@
 //! iot-cognito-relay: relays what local apps write to a Unix socket into AWS IoT Core, using
-//! only Cognito identities. See SPEC.md for the contract and README.md for the tour.
+//! only Cognito identities. README.md gives the tour; docs/ hold the contract (configuration, socket protocol,
+//! operations, security).
 //!
 //! # Layout
 //!

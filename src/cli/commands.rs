@@ -11,11 +11,11 @@ use crate::cli::args::{Command, SocketArgs};
 use crate::cli::{run, socket_client as client, stack_config as stack};
 use crate::config;
 
-/// Exit codes of SPEC.md.
+/// Exit codes: 0 success, 2 usage or config error, 1 anything else.
 pub(crate) const EXIT_FAILURE: u8 = 1;
 pub(crate) const EXIT_USAGE: u8 = 2;
 
-/// Runs one command to its end and says how it went (SPEC.md's exit codes).
+/// Runs one command to its end and says how it went (its exit code).
 pub fn dispatch(command: Command) -> ExitCode {
     match command {
         Command::Run { config } => run::run_daemon(&config),

@@ -67,7 +67,7 @@ const MAX_COMMIT_WINDOW: Duration = Duration::from_secs(5);
 /// commit what is held and close after the drain, or systemd kills the daemon mid-commit.
 const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The whole configuration, section by section as in SPEC.md.
+/// The whole configuration, section by section as docs/configuration.md lists it.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {

@@ -1,4 +1,4 @@
-//! Validation: every rule SPEC.md states, checked once at load, so the rest of the daemon can
+//! Validation: every rule docs/configuration.md states, checked once at load, so the rest of the daemon can
 //! trust the values it is handed. Each check names the key at fault.
 
 use super::*;

@@ -1,6 +1,6 @@
 //! Step 5: the stack's IoT policy on the device's identity. When the secret has the
-//! `AttachFunction` tag, the stack's function attaches it server-side (SPEC.md, "Policy attach
-//! through the stack"): devices of such stacks hold no `iot:AttachPolicy`, which cannot be
+//! `AttachFunction` tag, the stack's function attaches it server-side (docs/security.md,
+//! "Which statement guards what"): devices of such stacks hold no `iot:AttachPolicy`, which cannot be
 //! scoped to one policy or one target. Without the tag (older stacks) the device calls
 //! `AttachPolicy` itself.
 
@@ -74,7 +74,7 @@ pub fn is_authorization_refusal(error: &ConnectionError) -> bool {
     }
 }
 
-/// The function's answer (SPEC.md).
+/// The function's answer (its handler is in cloudformation/cognito.yml).
 #[derive(Debug, Deserialize)]
 struct Answer {
     identity_id: String,

@@ -1,5 +1,5 @@
-//! The stack's bootstrap secret, read with unauthenticated Cognito credentials (SPEC.md steps 1
-//! and 2). It tells the two registration modes apart: a shared user's `{"<user>": "<password>"}`
+//! The stack's bootstrap secret, read with unauthenticated Cognito credentials (the chain's
+//! first two steps; docs/operations.md, "Diagnose", lists them all). It tells the two registration modes apart: a shared user's `{"<user>": "<password>"}`
 //! or fleet mode's `{"registration_code": "<code>"}` (each device then registers its own user,
 //! see `device.rs`).
 
@@ -254,7 +254,8 @@ fn parse_secret(
     let Some((username, password)) = users.into_iter().next() else {
         return Err(IdentityError::SecretFormat("SecretString is empty".into()));
     };
-    // Required like the others (SPEC.md step 2), though the config names the pool already.
+    // Required like the others (the template tags the secret with it), though the config
+    // names the pool already.
     tag("IdentityPoolId")?;
     Ok(DeviceSecret {
         username,

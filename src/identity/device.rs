@@ -1,4 +1,4 @@
-//! Fleet mode (self-registration, SPEC.md "Fleet mode"): the device's own user pool user.
+//! Fleet mode (self-registration, docs/operations.md "Fleets"): the device's own user pool user.
 //! Its name (`identity.device_name`, or one derived from `/etc/machine-id`) and the password it
 //! generated on first start live in `<state dir>/device.json` (mode 0600), written and fsynced
 //! before `SignUp`, so a crash can never leave a registered user whose password is lost.
@@ -43,7 +43,8 @@ pub enum DeviceError {
     File { path: String, reason: String },
 }
 
-/// The rule of SPEC.md: `[A-Za-z0-9._-]`, 1 to 64 characters.
+/// A device name (docs/configuration.md, `identity.device_name`): `[A-Za-z0-9._-]`, 1 to 64
+/// characters.
 pub fn validate_name(name: &str) -> Result<(), DeviceError> {
     let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
     if name.is_empty() || name.len() > MAX_NAME_LEN || !name.bytes().all(allowed) {

@@ -1,4 +1,5 @@
-//! The identity manager: owns the onboarding chain of SPEC.md and keeps the device's
+//! The identity manager: owns the onboarding chain (README, "How credentials are
+//! kept fresh"; the steps as `doctor` walks them: docs/operations.md) and keeps the device's
 //! authenticated Cognito credentials fresh. It publishes each new [`Session`] through a
 //! `watch` channel; the MQTT side signs every (re)connect with the latest one.
 

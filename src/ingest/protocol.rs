@@ -56,7 +56,7 @@ pub enum Request {
     },
 }
 
-/// The error codes of SPEC.md.
+/// The error codes of docs/protocol.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     /// The line is not one JSON object.
@@ -79,12 +79,12 @@ pub enum ErrorCode {
     StorageError,
     /// The daemon is draining and takes no new messages.
     ShuttingDown,
-    /// Beyond SPEC.md's list: a peer refused by `socket.allowed_uids` / `allowed_gids`.
+    /// A peer refused by `socket.allowed_uids` / `allowed_gids`.
     PermissionDenied,
     /// An `ack` for a seq this connection does not hold unacked (acked already, or never
     /// delivered to it).
     UnknownSeq,
-    /// Beyond SPEC.md's list: the peer's uid holds `socket.max_clients_per_uid` connections.
+    /// The peer's uid holds `socket.max_clients_per_uid` connections.
     TooManyConnections,
 }
 

@@ -10,7 +10,7 @@ use crate::identity::IdentityWatch;
 use crate::publish::connection::{LinkReport, LinkState, PublishCounters};
 use crate::spool::SpoolStats;
 
-/// SPEC.md's `state`.
+/// `status`'s `state` (docs/protocol.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {

@@ -56,7 +56,7 @@ const FILTERS_PER_SUBSCRIBE: usize = 8;
 type PendingRead =
     Pin<Box<dyn Future<Output = (Result<Vec<StoredMessage>, ReadError>, usize)> + Send>>;
 
-/// Where the link to IoT Core stands (SPEC.md's `state`, minus `stopping`).
+/// Where the link to IoT Core stands (`status`'s `state`, minus `stopping`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LinkState {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Plays AWS Lambda for the template's attach function in the Rust end-to-end tests.
 
-moto runs no Lambda code without Docker (FIELD-NOTES), so this small server answers
+moto runs no Lambda code without Docker, so this small server answers
 `POST /2015-03-31/functions/<name>/invocations` the way Lambda does (RequestResponse) by running
 the template's own handler, extracted from cloudformation/cognito.yml, against moto. A handler
 exception becomes a function error (`X-Amz-Function-Error: Unhandled`, body with errorType and

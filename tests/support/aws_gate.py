@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """Enforces in front of moto and mosquitto what AWS enforces and the emulators do not.
 
-moto applies no IAM, session or resource policy and mosquitto no IoT policy (FIELD-NOTES,
-"What AWS enforces and the emulators do not"). This gate sits in front of both and authorizes
+moto applies no IAM, session or resource policy and mosquitto no IoT policy. This gate sits in front of both and authorizes
 every call the daemon makes the way AWS would, from the CloudFormation template itself
 (cloudformation/cognito.yml read at start-up, evaluated by cloudformation/tests/cfn.py with the
 ids tests/support/provision.py made, policies evaluated by cloudformation/tests/iam.py):
@@ -676,7 +675,7 @@ def make_handler(gate):
                 self.cognito_refusal(entry, *problem)
                 return
             # Cognito answers the same login with the same identity; moto mints a new one each
-            # time (FIELD-NOTES): the gate keeps the first, so the attach function, asking with
+            # time: the gate keeps the first, so the attach function, asking with
             # the device's token, attaches to the device's identity.
             logins = sorted((provider, parse_jwt(token)["sub"])
                             for provider, token in (params.get("Logins") or {}).items())

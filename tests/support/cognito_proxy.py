@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cognito as the tests need it, in front of moto_server: the pre-sign-up trigger and the quotas.
 
-moto runs no Cognito Lambda trigger and enforces no rate quota (FIELD-NOTES). This proxy forwards
+moto runs no Cognito Lambda trigger and enforces no rate quota. This proxy forwards
 every request to --target and adds both:
 
 * Trigger (--user-pool-id given): on each `SignUp` it runs the template's own pre-sign-up handler

@@ -151,7 +151,7 @@ def provision(endpoint, region, prefix, device_cidrs=None, attach_function=None,
 
     unauth_role_arn = role(f"{prefix}-cognito-unauth-role", "unauthenticated")
     auth_role_arn = role(f"{prefix}-cognito-auth-role", "authenticated")
-    # moto does not implement SetIdentityPoolRoles (FIELD-NOTES); roles exist for the classic flow.
+    # moto does not implement SetIdentityPoolRoles; roles exist for the classic flow.
 
     policy_name = f"{prefix}-iot-policy"
     iot.create_policy(
