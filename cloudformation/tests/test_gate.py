@@ -667,3 +667,15 @@ def test_control_file_cuts_the_mqtt_network(start_gate, workdir):
     control.write_text("pass")
     wait_for(lambda: gate.entries(mqtt="listener", decision="pass"), "the network back")
     socket.create_connection(("127.0.0.1", gate.wss_port), timeout=2).close()
+
+
+def test_a_request_signed_more_than_five_minutes_off_is_refused_as_aws_does():
+    """AWS denies a signed request more than 5 minutes from its X-Amz-Date (IAM User Guide,
+    "AWS Signature Version 4 for API requests"), in either direction; within that it passes."""
+    import datetime
+    now = datetime.datetime(2026, 12, 7, 9, 0, 0, tzinfo=datetime.timezone.utc)
+    assert aws_gate.signature_time_problem("20261207T085600Z", now) is None
+    assert aws_gate.signature_time_problem("20261207T090400Z", now) is None
+    assert aws_gate.signature_time_problem("20261207T070000Z", now).startswith("Signature expired")
+    assert aws_gate.signature_time_problem("20261207T110000Z", now).startswith(
+        "Signature not yet current")

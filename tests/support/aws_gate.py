@@ -352,6 +352,30 @@ def new_key():
     return "ASIA" + "".join(secrets.choice(string.ascii_uppercase + "234567") for _ in range(16))
 
 
+# AWS denies a signed request that reaches it more than five minutes from the time stamp it
+# was signed with ("Protect against potential replay attacks", IAM User Guide, "AWS Signature
+# Version 4 for API requests": https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_aws-signing.html);
+# JSON services answer 403 InvalidSignatureException "Signature expired: ...".
+SIGNATURE_SKEW = datetime.timedelta(minutes=5)
+
+
+def signature_time_problem(amz_date, now=None):
+    """The refusal's message for a request signed at `amz_date` (X-Amz-Date), or None."""
+    try:
+        signed = datetime.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.timezone.utc)
+    except ValueError:
+        return None  # no time stamp to judge: the signature check is moto's (it does none)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    fmt = "%Y%m%dT%H%M%SZ"
+    if signed < now - SIGNATURE_SKEW:
+        return (f"Signature expired: {signed.strftime(fmt)} is now earlier than "
+                f"{(now - SIGNATURE_SKEW).strftime(fmt)} ({now.strftime(fmt)} - 5 min.)")
+    if signed > now + SIGNATURE_SKEW:
+        return (f"Signature not yet current: {signed.strftime(fmt)} is still later than "
+                f"{(now + SIGNATURE_SKEW).strftime(fmt)} ({now.strftime(fmt)} + 5 min.)")
+    return None
+
+
 # Where a device outside the stack's DeviceCidrs appears to come from (--control outside).
 OUTSIDE_ADDRESS = "203.0.113.9"
 
@@ -590,6 +614,11 @@ def make_handler(gate):
                 # keys, and AWS serves these operations to any caller.
                 credential = None
             if credential:
+                skewed = signature_time_problem(self.headers.get("X-Amz-Date", ""))
+                if skewed:
+                    gate.log(**entry, akid=credential.group(1), decision="deny", reason=skewed)
+                    self.refuse(service, None, skewed, "InvalidSignatureException", 403)
+                    return
                 principal, problem = gate.principal(credential.group(1),
                                                     self.headers.get("X-Amz-Security-Token"))
                 if problem:
