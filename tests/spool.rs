@@ -685,26 +685,7 @@ fn an_old_spool_on_a_nearly_full_disk_starts_and_delivers() {
     let _mount = TestMount::mount(&state, &["-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs"]);
     // One 4 KiB page per row: a 4 MiB spool, 2 MiB free.
     const ROWS: u64 = 1000;
-    {
-        let db = rusqlite::Connection::open(state.join("spool.db")).expect("old spool");
-        db.execute_batch(
-            "PRAGMA page_size = 4096;
-             CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
-                 payload BLOB NOT NULL, qos INTEGER NOT NULL, size INTEGER NOT NULL);",
-        )
-        .expect("old schema");
-        let pad = "x".repeat(3000);
-        let db = db.unchecked_transaction().expect("transaction");
-        for n in 0..ROWS {
-            let payload = format!(r#"{{"n":{n},"pad":"{pad}"}}"#);
-            db.execute(
-                "INSERT INTO messages (topic, payload, qos, size) VALUES ('old', ?1, 1, ?2)",
-                rusqlite::params![payload.as_bytes(), payload.len() as i64 + 3],
-            )
-            .expect("old row");
-        }
-        db.commit().expect("commit");
-    }
+    write_old_spool(&state.join("spool.db"), ROWS, "");
     let spool_bytes = std::fs::metadata(state.join("spool.db"))
         .expect("spool")
         .len();
@@ -775,33 +756,17 @@ fn a_corrupt_spool_on_a_short_disk_is_salvaged_over_several_starts() {
     let _mount = TestMount::mount(&state, &["-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs"]);
     const ROWS: u64 = 1100;
     let spool = state.join("spool.db");
-    let junk_root: i64 = {
-        let db = rusqlite::Connection::open(&spool).expect("spool");
-        db.execute_batch(
-            "PRAGMA page_size = 4096;
-             CREATE TABLE messages (id INTEGER PRIMARY KEY, topic TEXT NOT NULL,
-                 payload BLOB NOT NULL, qos INTEGER NOT NULL, size INTEGER NOT NULL);
-             CREATE TABLE junk (x); INSERT INTO junk VALUES (1);",
-        )
-        .expect("schema");
-        let pad = "x".repeat(3000);
-        let tx = db.unchecked_transaction().expect("transaction");
-        for n in 0..ROWS {
-            let payload = format!(r#"{{"n":{n},"pad":"{pad}"}}"#);
-            tx.execute(
-                "INSERT INTO messages (topic, payload, qos, size) VALUES ('old', ?1, 1, ?2)",
-                rusqlite::params![payload.as_bytes(), payload.len() as i64 + 3],
-            )
-            .expect("row");
-        }
-        tx.commit().expect("commit");
-        db.query_row(
-            "SELECT rootpage FROM sqlite_master WHERE name = 'junk'",
-            [],
-            |row| row.get(0),
-        )
-        .expect("junk root page")
-    };
+    let junk_root: i64 = write_old_spool(
+        &spool,
+        ROWS,
+        "CREATE TABLE junk (x); INSERT INTO junk VALUES (1);",
+    )
+    .query_row(
+        "SELECT rootpage FROM sqlite_master WHERE name = 'junk'",
+        [],
+        |row| row.get(0),
+    )
+    .expect("junk root page");
     // Corrupt a page that holds no message: the file fails its check, the rows still read.
     {
         use std::io::{Seek, Write};
@@ -844,4 +809,30 @@ fn a_corrupt_spool_on_a_short_disk_is_salvaged_over_several_starts() {
         starts >= 2,
         "the test needs a salvage that does not finish at once"
     );
+}
+
+/// A spool as versions before incremental vacuum wrote it (4 KiB pages, no `kind`, no
+/// acceptance time) at `path`, with `rows` messages `{"n": N, "pad": "x…"}` of one page each
+/// and `extra` SQL run with the schema; the connection, for more looks at the file.
+fn write_old_spool(path: &std::path::Path, rows: u64, extra: &str) -> rusqlite::Connection {
+    let db = rusqlite::Connection::open(path).expect("old spool");
+    db.execute_batch(&format!(
+        "PRAGMA page_size = 4096;
+         CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
+             payload BLOB NOT NULL, qos INTEGER NOT NULL, size INTEGER NOT NULL);
+         {extra}"
+    ))
+    .expect("old schema");
+    let pad = "x".repeat(3000);
+    let tx = db.unchecked_transaction().expect("transaction");
+    for n in 0..rows {
+        let payload = format!(r#"{{"n":{n},"pad":"{pad}"}}"#);
+        tx.execute(
+            "INSERT INTO messages (topic, payload, qos, size) VALUES ('old', ?1, 1, ?2)",
+            rusqlite::params![payload.as_bytes(), payload.len() as i64 + 3],
+        )
+        .expect("old row");
+    }
+    tx.commit().expect("commit");
+    db
 }

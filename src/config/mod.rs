@@ -407,15 +407,19 @@ impl Config {
     /// design; credentials embedded in a URL are masked all the same.
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
-        shown.aws.endpoint_url = redact_url(&shown.aws.endpoint_url);
-        shown.mqtt.url = redact_url(&shown.mqtt.url);
-        shown.network.proxy = network::mask_credentials(&shown.network.proxy);
+        for url in [
+            &mut shown.aws.endpoint_url,
+            &mut shown.mqtt.url,
+            &mut shown.network.proxy,
+        ] {
+            *url = network::mask_credentials(url);
+        }
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
 
-/// The host of a `ws://` or `wss://` URL, without brackets, port or user info.
-fn url_host(url: &str) -> &str {
+/// The host of a URL, without brackets, port or user info.
+pub fn url_host(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     let host_port = authority
@@ -432,18 +436,6 @@ fn is_loopback_host(host: &str) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Masks `user:password@` in a URL.
-fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
-        None => url.to_owned(),
-    }
 }
 
 #[cfg(test)]

@@ -652,19 +652,10 @@ impl IdentityManager {
         standing: &SignedIn,
         heartbeat: &Heartbeat,
     ) -> Result<(String, AwsCredentials), IdentityError> {
-        let pool_region = standing
-            .secret
-            .user_pool_id
-            .split_once('_')
-            .map(|(region, _)| region)
-            .unwrap_or_default();
-        let logins = HashMap::from([(
-            format!(
-                "cognito-idp.{pool_region}.amazonaws.com/{}",
-                standing.secret.user_pool_id
-            ),
-            standing.tokens.id_token.expose().clone(),
-        )]);
+        let logins = user_pool_logins(
+            &standing.secret.user_pool_id,
+            standing.tokens.id_token.expose(),
+        );
         let cognito = aws_sdk_cognitoidentity::Client::new(&self.base);
         if let Some(cached) = self.cache.identity_id.clone() {
             match heartbeat
@@ -716,6 +707,18 @@ impl IdentityManager {
             tracing::warn!(%error, "cannot write the identity cache; the identity id may change at the next start");
         }
     }
+}
+
+/// The `Logins` map of `GetId` / `GetCredentialsForIdentity` for a user pool's ID token.
+pub fn user_pool_logins(user_pool_id: &str, id_token: &str) -> HashMap<String, String> {
+    let pool_region = user_pool_id
+        .split_once('_')
+        .map(|(region, _)| region)
+        .unwrap_or_default();
+    HashMap::from([(
+        format!("cognito-idp.{pool_region}.amazonaws.com/{user_pool_id}"),
+        id_token.to_owned(),
+    )])
 }
 
 /// A failed step 4: refused for good when AWS named a reason retrying will not fix.

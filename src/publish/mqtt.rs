@@ -14,7 +14,7 @@ use rustls::ClientConfig;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::config::{MqttConfig, Proxy};
+use crate::config::{MqttConfig, Proxy, url_host};
 use crate::identity::Session;
 use crate::message::MAX_PAYLOAD_BYTES;
 use crate::publish::flow::{Failure, SLOWEST_LINK_BYTES_PER_S};
@@ -74,15 +74,6 @@ pub fn host_of(url: &str) -> String {
     rest.split(['/', '?']).next().unwrap_or_default().to_owned()
 }
 
-/// The host alone (no port, no brackets), for `no_proxy`.
-fn host_name(url: &str) -> String {
-    let host_port = host_of(url);
-    match host_port.strip_prefix('[') {
-        Some(bracketed) => bracketed.split(']').next().unwrap_or_default().to_owned(),
-        None => host_port.split(':').next().unwrap_or_default().to_owned(),
-    }
-}
-
 /// rumqttc's proxy for `proxy`, sending Basic credentials with the CONNECT request.
 fn mqtt_proxy(proxy: &Proxy, tls: Option<&Arc<ClientConfig>>) -> rumqttc::Proxy {
     let ty = match tls {
@@ -120,7 +111,7 @@ pub fn connect(settings: &MqttSettings, session: &Session) -> Result<Connection,
     let broker_url = settings.broker_url(session);
     let mut options = MqttOptions::new(session.identity_id.clone(), url, 443);
     if let Some((proxy, tls)) = &settings.proxy
-        && !proxy.bypasses(&host_name(&broker_url))
+        && !proxy.bypasses(url_host(&broker_url))
     {
         options.set_proxy(mqtt_proxy(proxy, tls.as_ref()));
     }

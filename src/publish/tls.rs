@@ -49,6 +49,11 @@ pub fn tls_config(ca_file: &str) -> Result<Arc<ClientConfig>, TlsError> {
             return Err(TlsError::EmptyCaFile(ca_file.to_owned()));
         }
     }
+    client_config(roots)
+}
+
+/// A client config trusting `roots`, with ring (the crypto the AWS SDK side uses too).
+fn client_config(roots: rustls::RootCertStore) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -65,12 +70,7 @@ pub fn proxy_tls_config() -> Result<Arc<ClientConfig>, TlsError> {
     if roots.is_empty() {
         return Err(TlsError::EmptyCaFile("the system's CA bundle".into()));
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+    client_config(roots)
 }
 
 /// IoT Core's ATS endpoints chain to the Amazon roots (and, cross-signed, to Starfield's).
