@@ -394,6 +394,11 @@ impl Publisher {
         // broker sends again.
         self.received.clear();
         self.redeliveries.connected();
+        // A health report made before this connection describes the old one (it may predate
+        // an outage the next report will tell of): the next tick makes a fresh one.
+        if let Some((reports, _)) = &mut self.health {
+            while reports.try_recv().is_ok() {}
+        }
         self.store_retry_at = None;
         self.must_subscribe = None;
         self.subscribing.clear();
