@@ -17,8 +17,9 @@
 //!
 //! Around them: `daemon/` builds the tasks and supervises them, `config/` loads and validates
 //! the config file, `ops/` speaks to systemd and journald and reports status, `cli/` holds the
-//! command line and the commands that talk to a running daemon. `topic`, `retry` and `secret`
-//! are small rules every stage shares.
+//! command line and the commands that talk to a running daemon. `topic`, `retry`, `secret`,
+//! `heartbeat` (signs of life for the watchdog) and `repeats` (rate-limited warnings) are small
+//! rules and plumbing every stage shares.
 
 #![warn(missing_docs)]
 
@@ -28,11 +29,13 @@ pub mod cli;
 mod config;
 mod daemon;
 mod downlink;
+mod heartbeat;
 mod identity;
 pub mod ingest;
 pub mod message;
 mod ops;
 pub mod publish;
+mod repeats;
 mod retry;
 mod secret;
 mod spool;

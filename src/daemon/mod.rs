@@ -20,11 +20,11 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, Proxy, PublishConfig, RawSocketConfig};
 use crate::downlink::Downlink;
+use crate::heartbeat;
 use crate::identity::IdentityManager;
 use crate::ingest::raw::RawServer;
 use crate::ingest::server::{self, BindError, IngestServer};
 use crate::ops::health::{HEALTH_QUEUE, HealthReporter};
-use crate::ops::heartbeat;
 use crate::ops::logging::LogControl;
 use crate::ops::notify;
 use crate::ops::status::StatusSource;

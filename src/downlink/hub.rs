@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::downlink::dispatch::{AppId, Dispatcher};
 use crate::downlink::inbox::{Inbox, InboxError, InboxStats};
 use crate::downlink::render::message_line;
-use crate::ops::logging::Repeats;
+use crate::repeats::Repeats;
 
 /// Requests waiting for the hub thread; a full queue makes senders wait.
 const COMMAND_QUEUE: usize = 1024;

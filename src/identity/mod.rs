@@ -27,11 +27,11 @@ use device::{DEVICE_FILE, DeviceFile};
 use user_pool::{SignUpOutcome, UserPoolTokens};
 
 use crate::config::IdentityConfig;
+use crate::heartbeat::Heartbeat;
 use crate::identity::aws::{
     AwsCredentials, AwsFailure, OPERATION_TIMEOUT, credentials_for_identity,
 };
-use crate::ops::heartbeat::Heartbeat;
-use crate::ops::logging::Repeats;
+use crate::repeats::Repeats;
 use crate::retry::Backoff;
 
 /// First retry after a failed sign-in waits up to this long; later ones double up to the cap.
@@ -907,13 +907,13 @@ mod tests {
             ..IdentityConfig::default()
         };
         let (manager, _watch) = IdentityManager::new(base, config, state.path().to_owned());
-        let (heartbeat, pulse) = crate::ops::heartbeat::channel("identity manager");
+        let (heartbeat, pulse) = crate::heartbeat::channel("identity manager");
         let task = tokio::spawn(manager.run(heartbeat));
         let limit = Duration::from_secs(10);
         // Within the first step's bound the manager looks alive...
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(
-            crate::ops::heartbeat::first_stalled(
+            crate::heartbeat::first_stalled(
                 std::slice::from_ref(&pulse),
                 limit,
                 tokio::time::Instant::now()
@@ -923,7 +923,7 @@ mod tests {
         // ...past it, it is named stalled.
         tokio::time::sleep(step_limit(6) + limit).await;
         assert_eq!(
-            crate::ops::heartbeat::first_stalled(&[pulse], limit, tokio::time::Instant::now()),
+            crate::heartbeat::first_stalled(&[pulse], limit, tokio::time::Instant::now()),
             Some("identity manager")
         );
         task.abort();

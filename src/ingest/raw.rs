@@ -9,11 +9,11 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{RawSocketConfig, SocketConfig};
+use crate::heartbeat::Heartbeat;
 use crate::ingest::records::{Next, RecordReader};
 use crate::ingest::server::{Pace, accept_clients};
 use crate::message::{MAX_PAYLOAD_BYTES, Message, PayloadKind};
-use crate::ops::heartbeat::Heartbeat;
-use crate::ops::logging::Repeats;
+use crate::repeats::Repeats;
 use crate::spool::{AppendError, Spool};
 
 /// Records of one client on their way into the spool: the reader goes on while earlier

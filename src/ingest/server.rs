@@ -20,11 +20,11 @@ use tokio::time::Instant;
 use crate::config::SocketConfig;
 use crate::downlink::hub::Subscription;
 use crate::downlink::{AckError, Downlink};
+use crate::heartbeat::Heartbeat;
 use crate::ingest::protocol::{ErrorCode, MAX_LINE_BYTES, Rejection, Request, ok_line, parse_line};
 use crate::ingest::records::{Next, RecordReader};
-use crate::ops::heartbeat::Heartbeat;
-use crate::ops::logging::Repeats;
 use crate::ops::status::StatusSource;
+use crate::repeats::Repeats;
 use crate::spool::{AppendError, DeadLetterAction, DeadLetterReply, Spool};
 use crate::topic::TopicRules;
 

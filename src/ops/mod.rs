@@ -1,7 +1,6 @@
 //! What operators see and systemd needs: logs, the status report, readiness and the watchdog.
 
 pub mod health;
-pub mod heartbeat;
 pub mod logging;
 pub mod notify;
 pub mod status;

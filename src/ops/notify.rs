@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-use crate::ops::heartbeat::{self, Pulse};
-use crate::ops::logging::Repeats;
+use crate::heartbeat::{self, Pulse};
 use crate::ops::status::StatusSource;
+use crate::repeats::Repeats;
 use crate::spool::Spool;
 
 /// The spool thread must answer a probe within this to count as alive.

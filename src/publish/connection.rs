@@ -22,10 +22,9 @@ use tokio::time::Instant;
 
 use crate::config::{BatchConfig, PublishConfig};
 use crate::downlink::Downlink;
+use crate::heartbeat::Heartbeat;
 use crate::identity::{RefusalSignal, Session};
 use crate::message::Qos;
-use crate::ops::heartbeat::Heartbeat;
-use crate::ops::logging::Repeats;
 use crate::publish::batch::Batcher;
 use crate::publish::flow::{
     Action, BrokerEvent, Ended, Failure, Flow, Outside, Publish, REATTACH_AFTER_CLOSES,
@@ -35,6 +34,7 @@ use crate::publish::inbound::{
 };
 use crate::publish::mqtt::{self, MqttSettings};
 use crate::publish::quota::Quota;
+use crate::repeats::Repeats;
 use crate::retry::Backoff;
 use crate::spool::{ReadError, Spool, StoredMessage};
 use crate::topic::TopicRules;

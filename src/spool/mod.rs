@@ -32,7 +32,7 @@ use behind::{Acked, Pending};
 
 use crate::config::OnFull;
 use crate::message::{Message, PayloadKind, Qos};
-use crate::ops::logging::Repeats;
+use crate::repeats::Repeats;
 
 pub use dead_letters::*;
 use salvage::*;
