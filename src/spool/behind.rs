@@ -16,8 +16,8 @@ use crate::message::{Message, Qos};
 
 use super::StoredMessage;
 
-/// Most messages held at once: a commit of them is as large as one group commit may be.
-pub(super) const MAX_HELD: usize = super::MAX_GROUP_COMMIT;
+/// Most messages held at once, and so in one commit (group commit).
+pub(super) const MAX_HELD: usize = 4096;
 /// Most topic + payload bytes held at once (one commit's size, in bytes).
 pub(super) const MAX_HELD_BYTES: u64 = 4 * 1024 * 1024;
 /// While a read waits, commits are put off (the publisher drains the spool; an fsync ahead of
@@ -67,7 +67,7 @@ pub(super) enum Acked<W> {
 }
 
 /// The held messages, in id order (ids are given in arrival order).
-pub(super) struct Pending<W> {
+pub(super) struct WriteBehind<W> {
     held: VecDeque<Held<W>>,
     bytes: u64,
     window: Duration,
@@ -75,9 +75,9 @@ pub(super) struct Pending<W> {
     read_upto: i64,
 }
 
-impl<W> Pending<W> {
-    pub(super) fn new(window: Duration) -> Pending<W> {
-        Pending {
+impl<W> WriteBehind<W> {
+    pub(super) fn new(window: Duration) -> WriteBehind<W> {
+        WriteBehind {
             held: VecDeque::new(),
             bytes: 0,
             window,
@@ -240,7 +240,7 @@ mod tests {
     }
 
     /// What the publisher does when it is connected: it reads what arrives at once.
-    fn read_everything<W>(pending: &mut Pending<W>) -> Vec<i64> {
+    fn read_everything<W>(pending: &mut WriteBehind<W>) -> Vec<i64> {
         let mut read = Vec::new();
         pending.read_after(0, usize::MAX, usize::MAX, 0, &mut read);
         ids(&read)
@@ -249,7 +249,7 @@ mod tests {
     #[test]
     fn a_message_acknowledged_within_the_window_is_answered_and_never_committed() {
         let start = Instant::now();
-        let mut pending = Pending::new(WINDOW);
+        let mut pending = WriteBehind::new(WINDOW);
         pending.push(1, message(Qos::AtLeastOnce), start, 0, "writer 1");
         read_everything(&mut pending);
         pending.push(
@@ -282,13 +282,13 @@ mod tests {
     #[test]
     fn a_message_nobody_reads_is_committed_after_the_read_grace() {
         let start = Instant::now();
-        let mut pending = Pending::new(WINDOW);
+        let mut pending = WriteBehind::new(WINDOW);
         pending.push(1, message(Qos::AtLeastOnce), start, 0, ());
         assert_eq!(pending.commit_at(), Some(start + READ_GRACE));
         assert!(!pending.commit_due(start + READ_GRACE / 2));
         assert!(pending.commit_due(start + READ_GRACE));
         // A burst nobody reads goes at once.
-        let mut burst = Pending::new(WINDOW);
+        let mut burst = WriteBehind::new(WINDOW);
         for id in 1..=MAX_UNREAD as i64 {
             assert!(!burst.commit_due(start), "{id}");
             burst.push(id, message(Qos::AtLeastOnce), start, 0, ());
@@ -310,7 +310,7 @@ mod tests {
 
     #[test]
     fn an_acknowledgement_for_a_committed_or_unknown_id_goes_to_the_disk() {
-        let mut pending = Pending::new(WINDOW);
+        let mut pending = WriteBehind::new(WINDOW);
         pending.push(5, message(Qos::AtLeastOnce), Instant::now(), 0, ());
         assert_eq!(pending.acknowledge(4), Acked::NotHeld);
         assert_eq!(pending.acknowledge(6), Acked::NotHeld);
@@ -321,7 +321,7 @@ mod tests {
     #[test]
     fn qos0_going_out_is_not_an_acknowledgement() {
         let now = Instant::now();
-        let mut pending = Pending::new(WINDOW);
+        let mut pending = WriteBehind::new(WINDOW);
         pending.push(1, message(Qos::AtMostOnce), now, 0, "w");
         assert_eq!(pending.acknowledge(1), Acked::Sent);
         assert_eq!(pending.len(), 1, "still held: its ok waits for the commit");
@@ -336,7 +336,7 @@ mod tests {
     #[test]
     fn a_full_hold_is_committed_at_once_and_a_zero_window_always() {
         let now = Instant::now();
-        let mut pending = Pending::new(WINDOW);
+        let mut pending = WriteBehind::new(WINDOW);
         for id in 1..=MAX_HELD as i64 {
             assert!(!pending.commit_due(now), "{id}");
             pending.push(id, message(Qos::AtLeastOnce), now, 0, ());
@@ -347,13 +347,13 @@ mod tests {
         }
         assert!(pending.commit_due(now));
 
-        let mut big = Pending::new(WINDOW);
+        let mut big = WriteBehind::new(WINDOW);
         let mut m = message(Qos::AtLeastOnce);
         m.payload = vec![0; MAX_HELD_BYTES as usize];
         big.push(1, m, now, 0, ());
         assert!(big.commit_due(now));
 
-        let mut write_through = Pending::new(Duration::ZERO);
+        let mut write_through = WriteBehind::new(Duration::ZERO);
         assert!(!write_through.commit_due(now), "nothing held");
         write_through.push(1, message(Qos::AtLeastOnce), now, 0, ());
         assert!(write_through.commit_due(now));
@@ -362,7 +362,7 @@ mod tests {
     #[test]
     fn reads_continue_after_the_cursor_in_id_order_within_their_budget() {
         let now = Instant::now();
-        let mut pending = Pending::new(WINDOW);
+        let mut pending = WriteBehind::new(WINDOW);
         for id in [3, 4, 7, 9] {
             pending.push(id, message(Qos::AtLeastOnce), now, 0, ());
         }

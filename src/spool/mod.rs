@@ -13,95 +13,45 @@
 //! the file system in idle time (incremental vacuum), so the file shrinks after a backlog.
 //! Over the limit (a lowered `max_bytes`) with `drop-oldest`, the oldest are dropped in bounded
 //! chunks between other work, so the spool thread never stalls for long.
+//!
+//! Here is the handle other tasks hold (`Spool`). The spool thread is split like the
+//! publisher: `behind.rs` (what is held in memory and when it is committed) and `policy.rs`
+//! (size bounds, full disk, housekeeping, deletions, faults) decide, purely; `serve.rs` is the
+//! loop that carries their choices out against `store.rs`, the SQLite database and nothing
+//! else. `reserve.rs` keeps disk space for a full disk, `salvage.rs` recovers a corrupt file,
+//! `dead_letters.rs` holds what the broker never accepts.
 
 mod behind;
 mod dead_letters;
+mod policy;
+mod reserve;
 mod salvage;
 mod serve;
 mod store;
+#[cfg(test)]
+mod tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
-use behind::{Acked, Pending};
-
 use crate::config::OnFull;
-use crate::message::{Message, PayloadKind, Qos};
-use crate::repeats::Repeats;
+use crate::message::Message;
+use serve::{Requests, Spooler};
+use store::{Store, is_corruption};
 
-pub use dead_letters::*;
-use salvage::*;
-use serve::Inbox;
-use store::*;
+use dead_letters::DeadLetterCommand;
+pub use dead_letters::{DeadLetterAction, DeadLetterReply};
 
 /// File name of the spool inside the state dir.
 pub const SPOOL_FILE: &str = "spool.db";
-/// Most appends committed in one transaction.
-const MAX_GROUP_COMMIT: usize = 4096;
 /// Commands waiting for the spool thread; a full queue makes writers wait (backpressure).
 const COMMAND_QUEUE: usize = 8192;
 /// Bytes of messages waiting for their commit, across all writers: beyond this, writers wait.
 const MAX_QUEUED_BYTES: u32 = 32 * 1024 * 1024;
-/// What a row costs beyond its topic and payload (cell and record headers, pointers), for the
-/// estimate made inside a transaction; the real size is measured after each commit.
-const ROW_OVERHEAD: u64 = 32;
-/// The WAL may take this share of `max_bytes` (1/8) before a checkpoint folds it back in...
-const WAL_SHARE: u64 = 8;
-/// ...within these bounds, in pages.
-const WAL_MIN_PAGES: u64 = 4;
-const WAL_MAX_BYTES: u64 = 4000 * 1024;
-/// Page size of new (and emptied) spools. Every commit writes whole pages to the WAL, and
-/// flash wears by the 4 KiB pages the kernel writes back: 1 KiB pages make a small commit
-/// touch one or two of them instead of three (issue 17, measured in docs/benchmarks.md).
-const SPOOL_PAGE_SIZE: i64 = 1024;
-/// One trim transaction (over `max_bytes`) drops at most this many rows or bytes: each stays
-/// short, so the spool thread answers the publisher and the watchdog probe in between.
-const TRIM_CHUNK_ROWS: usize = 1000;
-const TRIM_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
-/// Pages given back per idle vacuum step (bounded for the same reason).
-const VACUUM_CHUNK_PAGES: u64 = 256;
-/// Idle maintenance waits until no message came and no write committed for this long.
-const MAINTAIN_WHEN_QUIET: Duration = Duration::from_secs(2);
-/// Free pages worth a vacuum while messages remain (an empty spool is always compacted).
-const VACUUM_MIN_FREE_PAGES: u64 = 256;
-/// Disk full with `drop-oldest`: how many times to drop (twice as much each time) and retry.
-const DISK_FULL_RETRIES: u32 = 4;
-/// Acknowledged rows deleted together: at most this many wait...
-const REMOVE_BATCH: usize = 1024;
-/// ...and for at most this long (reads skip them meanwhile).
-const REMOVE_DELAY: Duration = Duration::from_secs(1);
-/// Rows (or payload bytes) read and stored per step while salvaging a corrupt spool.
-const SALVAGE_CHUNK: i64 = 1000;
-const SALVAGE_CHUNK_BYTES: usize = 1024 * 1024;
-/// Marks a moved-aside spool whose salvage finished (`spool.db.corrupt-<time>.done`)...
-const SALVAGE_DONE_SUFFIX: &str = ".done";
-/// ...and holds the last id salvaged so far (`.progress`), where the next start goes on.
-const SALVAGE_PROGRESS_SUFFIX: &str = ".progress";
-/// A salvage stops while this much disk is still free (the next start goes on from there).
-const SALVAGE_HEADROOM: u64 = 2 * 1024 * 1024;
-/// File kept next to the spool, full of zeros, holding back disk space for a full disk: in WAL
-/// mode even a DELETE must first grow the WAL (and a checkpoint the db), so on a disk with no
-/// byte free `drop-oldest` could never make room. Released when the disk is full, restored
-/// from the space the dropped messages give back.
-const RESERVE_SUFFIX: &str = ".reserve";
-/// The reserve, in multiples of the WAL's share (a checkpoint may grow the db by a whole WAL,
-/// and the deletion needs WAL frames of its own).
-const RESERVE_WALS: u64 = 2;
-/// Chunk written while restoring the reserve.
-const RESERVE_WRITE_CHUNK: usize = 64 * 1024;
-
-/// Now, in seconds since the Unix epoch (0 for a clock before it).
-fn unix_seconds() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
-}
 
 /// Why an append was not accepted.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -261,23 +211,28 @@ impl Spool {
         commit_window: Duration,
     ) -> Result<Spool, OpenError> {
         let path = dir.join(SPOOL_FILE);
-        let mut store = match Store::open(&path, max_bytes, on_full) {
-            Ok(store) => store,
-            Err(OpenError::Sqlite { source, .. }) if is_corruption(&source) => {
-                let aside = move_aside(&path)?;
+        let sqlite = |source| OpenError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let (store, opened) = match Store::open(&path) {
+            Ok(opened) => opened,
+            Err(source) if is_corruption(&source) => {
+                let aside = salvage::move_aside(&path)?;
                 tracing::error!(
                     spool = %path.display(),
                     moved_to = %aside.display(),
                     error = %source,
                     "spool file is corrupt; moved it aside with its WAL and started a fresh one"
                 );
-                Store::open(&path, max_bytes, on_full)?
+                Store::open(&path).map_err(sqlite)?
             }
-            Err(other) => return Err(other),
+            Err(source) => return Err(sqlite(source)),
         };
+        let mut spooler = Spooler::new(store, opened, max_bytes, on_full).map_err(sqlite)?;
         // This start's corrupt file, and any an earlier start could not finish.
-        for aside in unfinished_salvages(dir) {
-            let salvage = store.salvage_from(&aside);
+        for aside in salvage::unfinished_salvages(dir) {
+            let salvage = spooler.salvage(&aside);
             tracing::warn!(
                 saved = salvage.saved,
                 lost = %salvage.lost.map_or_else(|| "unknown".to_owned(), |n| n.to_string()),
@@ -285,24 +240,24 @@ impl Spool {
                 "salvaged messages from the corrupt spool"
             );
         }
-        store.pending.set_window(commit_window);
+        spooler.set_window(commit_window);
         // The spool thread's clock for the commit window.
         let clock = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
             .map_err(OpenError::Thread)?;
-        let (stats_tx, stats) = watch::channel(store.stats);
+        let (stats_tx, stats) = watch::channel(spooler.stats());
         let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
         let (removals, removed) = mpsc::unbounded_channel();
         let reads_waiting = Arc::new(AtomicUsize::new(0));
-        let inbox = Inbox {
+        let requests = Requests {
             commands: receiver,
             removals: removed,
             reads_waiting: reads_waiting.clone(),
         };
         std::thread::Builder::new()
             .name("spool".into())
-            .spawn(move || store.serve(inbox, stats_tx, clock))
+            .spawn(move || spooler.serve(requests, stats_tx, clock))
             .map_err(OpenError::Thread)?;
         Ok(Spool {
             commands,
@@ -409,880 +364,5 @@ impl Spool {
     /// Counters after the latest change.
     pub fn stats(&self) -> watch::Receiver<SpoolStats> {
         self.stats.clone()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn message(topic: &str, payload: &[u8]) -> Message {
-        Message {
-            topic: topic.into(),
-            payload: payload.to_vec(),
-            qos: Qos::AtLeastOnce,
-            kind: PayloadKind::Json,
-        }
-    }
-
-    fn stored(id: i64, payload: &str) -> StoredMessage {
-        StoredMessage {
-            id,
-            message: message("t", payload.as_bytes()),
-        }
-    }
-
-    async fn read_all(spool: &Spool) -> Vec<StoredMessage> {
-        spool
-            .read_after(0, 1_000_000, usize::MAX)
-            .await
-            .expect("read")
-    }
-
-    /// What the spool takes on disk: the db and its WAL.
-    fn files_bytes(dir: &Path) -> u64 {
-        ["", "-wal"]
-            .iter()
-            .map(|suffix| {
-                std::fs::metadata(with_suffix(&dir.join(SPOOL_FILE), suffix)).map_or(0, |m| m.len())
-            })
-            .sum()
-    }
-
-    /// Waits for the spool's counters to satisfy `done`.
-    async fn wait_stats(spool: &Spool, done: impl Fn(&SpoolStats) -> bool) -> SpoolStats {
-        let mut stats = spool.stats();
-        tokio::time::timeout(std::time::Duration::from_secs(30), async {
-            loop {
-                if done(&stats.borrow_and_update()) {
-                    return *stats.borrow();
-                }
-                let _ = stats.changed().await;
-            }
-        })
-        .await
-        .expect("spool counters never got there")
-    }
-
-    /// A window long enough that nothing in these tests reaches it by accident.
-    const LONG_WINDOW: Duration = Duration::from_secs(30);
-
-    /// One figure of the spool file, read past the spool (its own connection, committed data
-    /// only).
-    fn on_disk(dir: &Path, sql: &str) -> i64 {
-        Connection::open(dir.join(SPOOL_FILE))
-            .and_then(|db| db.query_row(sql, [], |row| row.get(0)))
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-    }
-
-    /// Rows really on disk.
-    fn rows_on_disk(dir: &Path) -> i64 {
-        on_disk(dir, "SELECT COUNT(*) FROM messages")
-    }
-
-    /// A read queued behind a flood of appends is answered before their commits (the
-    /// publisher must not wait for fsyncs, see "Quota run" in docs/benchmarks.md), yet it sees
-    /// every message sent before it, and each of them is then committed and answered.
-    #[tokio::test]
-    async fn a_read_behind_a_flood_sees_everything_sent_before_it() {
-        const SENT: usize = 6000;
-        for window in [Duration::ZERO, LONG_WINDOW] {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let spool = Spool::open_with_window(dir.path(), 64 << 20, OnFull::DropOldest, window)
-                .expect("open");
-            let mut answers = Vec::new();
-            for i in 0..SENT {
-                let payload = i.to_string();
-                answers.push(
-                    spool
-                        .submit(message("t", payload.as_bytes()))
-                        .await
-                        .expect("queued"),
-                );
-            }
-            let read = read_all(&spool).await;
-            assert_eq!(read.len(), SENT, "window {window:?}");
-            assert!(
-                read.iter()
-                    .enumerate()
-                    .all(|(i, m)| m.message.payload == i.to_string().into_bytes()),
-                "in the order sent"
-            );
-            spool.flush().await;
-            for answer in answers {
-                assert_eq!(answer.await, Ok(Ok(())));
-            }
-            assert_eq!(rows_on_disk(dir.path()), SENT as i64);
-        }
-    }
-
-    /// Issue 24 item 12: with a zero window every message is committed before the publisher
-    /// can read it, also when a read is queued behind a flood of appends.
-    #[tokio::test]
-    async fn a_zero_window_commits_before_anything_is_read() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let spool =
-            Spool::open_with_window(dir.path(), 64 << 20, OnFull::DropOldest, Duration::ZERO)
-                .expect("open");
-        let mut answers = Vec::new();
-        for i in 0..3000 {
-            let payload = i.to_string();
-            answers.push(
-                spool
-                    .submit(message("t", payload.as_bytes()))
-                    .await
-                    .expect("queued"),
-            );
-        }
-        let read = read_all(&spool).await;
-        let committed = rows_on_disk(dir.path());
-        assert!(!read.is_empty());
-        assert!(
-            read.len() as i64 <= committed,
-            "{} read, {committed} committed",
-            read.len()
-        );
-        spool.flush().await;
-        assert_eq!(read_all(&spool).await.len(), 3000);
-    }
-
-    /// Issue 17: a message the broker acknowledges within the window is read from memory,
-    /// answered `ok` at the acknowledgement and never written.
-    #[tokio::test]
-    async fn write_behind_answers_at_the_ack_and_never_writes_an_acked_message() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let spool = Spool::open_with_window(dir.path(), 1 << 20, OnFull::DropOldest, LONG_WINDOW)
-            .expect("open");
-        let mut answer = spool.submit(message("t", b"1")).await.expect("queued");
-        let read = read_all(&spool).await;
-        assert_eq!(read.len(), 1, "handed to the publisher at once");
-        assert!(
-            tokio::time::timeout(Duration::from_millis(200), &mut answer)
-                .await
-                .is_err(),
-            "no ok before it is durable or acknowledged"
-        );
-        spool.remove(vec![read[0].id]);
-        let answered = tokio::time::timeout(Duration::from_secs(5), answer).await;
-        assert_eq!(answered.expect("answered at the ack"), Ok(Ok(())));
-        spool.flush().await;
-        assert_eq!(rows_on_disk(dir.path()), 0, "never written");
-        assert_eq!(spool.stats().borrow().messages, 0);
-        assert!(read_all(&spool).await.is_empty());
-    }
-
-    /// Issue 17: what is not acknowledged when the window ends is committed, all of it in one
-    /// go, and only then answered `ok`; reads go on in id order from disk into memory.
-    #[tokio::test]
-    async fn write_behind_commits_what_the_window_left_and_keeps_the_order() {
-        const WINDOW: Duration = Duration::from_millis(300);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let spool =
-            Spool::open_with_window(dir.path(), 1 << 20, OnFull::DropOldest, WINDOW).expect("open");
-        let started = std::time::Instant::now();
-        let first = spool.submit(message("t", b"1")).await.expect("queued");
-        let second = spool.submit(message("t", b"2")).await.expect("queued");
-        // Read (sent) at once, never acknowledged.
-        assert_eq!(read_all(&spool).await.len(), 2);
-        assert_eq!(first.await, Ok(Ok(())));
-        assert_eq!(second.await, Ok(Ok(())));
-        assert!(started.elapsed() >= WINDOW, "{:?}", started.elapsed());
-        assert_eq!(rows_on_disk(dir.path()), 2, "committed");
-        // Held again, behind the committed ones; one committed row is acknowledged (its
-        // deletion waits to be batched): reads skip it and go on into memory in order.
-        let third = spool.submit(message("t", b"3")).await.expect("queued");
-        spool.remove(vec![1]);
-        let ids: Vec<i64> = read_all(&spool).await.iter().map(|m| m.id).collect();
-        assert_eq!(ids, [2, 3]);
-        assert_eq!(
-            spool
-                .read_after(2, 10, usize::MAX)
-                .await
-                .expect("read")
-                .len(),
-            1
-        );
-        assert_eq!(spool.stats().borrow().messages, 2);
-        assert_eq!(third.await, Ok(Ok(())));
-        spool.flush().await;
-        assert_eq!(
-            rows_on_disk(dir.path()),
-            2,
-            "row 1 deleted, row 3 committed"
-        );
-    }
-
-    /// Issue 17: QoS 0 has no PUBACK: going out is not an acknowledgement, its `ok` still
-    /// waits for the commit (and it is not sent twice).
-    #[tokio::test]
-    async fn write_behind_qos0_is_answered_only_once_committed() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let spool = Spool::open_with_window(dir.path(), 1 << 20, OnFull::DropOldest, LONG_WINDOW)
-            .expect("open");
-        let mut m = message("t", b"0");
-        m.qos = Qos::AtMostOnce;
-        let mut answer = spool.submit(m).await.expect("queued");
-        let id = read_all(&spool).await[0].id;
-        spool.remove(vec![id]);
-        assert!(
-            tokio::time::timeout(Duration::from_millis(200), &mut answer)
-                .await
-                .is_err()
-        );
-        assert!(read_all(&spool).await.is_empty(), "not sent again");
-        assert_eq!(spool.stats().borrow().messages, 0, "delivered");
-        spool.flush().await;
-        assert_eq!(answer.await, Ok(Ok(())));
-    }
-
-    /// Issue 17: with `reject-new`, a message that cannot fit is refused when it arrives, not
-    /// after it went out from memory.
-    #[tokio::test]
-    async fn write_behind_reject_new_refuses_before_holding() {
-        const LIMIT: u64 = 256 * 1024;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let spool = Spool::open_with_window(dir.path(), LIMIT, OnFull::RejectNew, LONG_WINDOW)
-            .expect("open");
-        // More than the limit holds; every answer is awaited (accepted ones are committed
-        // after READ_GRACE, nothing reads them here), so a slow machine cannot blur the count.
-        let mut answers = Vec::new();
-        for _ in 0..300 {
-            answers.push(
-                spool
-                    .submit(message("t", &[0; 1000]))
-                    .await
-                    .expect("queued"),
-            );
-        }
-        let mut outcomes = Vec::new();
-        for answer in answers {
-            let outcome = tokio::time::timeout(Duration::from_secs(10), answer)
-                .await
-                .expect("answered")
-                .expect("answer sent");
-            outcomes.push(outcome);
-        }
-        let accepted = outcomes
-            .iter()
-            .take_while(|outcome| outcome.is_ok())
-            .count();
-        assert!(
-            accepted > 0 && accepted < outcomes.len(),
-            "{accepted} accepted"
-        );
-        assert!(
-            outcomes[accepted..]
-                .iter()
-                .all(|outcome| *outcome == Err(AppendError::Full(LIMIT))),
-            "once full, every later one is refused as full"
-        );
-        assert_eq!(
-            read_all(&spool).await.len(),
-            accepted,
-            "the refused ones are not read"
-        );
-    }
-
-    /// Drop-oldest makes room only with rows older than the commit: a row of the same commit
-    /// was answered `ok` (or is about to be), so it is never what gets dropped; what does not
-    /// fit is answered `spool_full` instead.
-    #[tokio::test]
-    async fn drop_oldest_never_drops_rows_of_the_commit_that_makes_room() {
-        const LIMIT: u64 = 256 * 1024;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let spool = Spool::open_with_window(dir.path(), LIMIT, OnFull::DropOldest, LONG_WINDOW)
-            .expect("open");
-        // One commit's worth (`behind::MAX_UNREAD` held messages are committed together),
-        // more than the limit holds.
-        let mut answers = Vec::new();
-        for n in 0..behind::MAX_UNREAD as u32 {
-            let mut payload = vec![0; 1024];
-            payload[..4].copy_from_slice(&n.to_be_bytes());
-            answers.push(spool.submit(message("t", &payload)).await.expect("queued"));
-        }
-        let mut accepted = Vec::new();
-        for (n, answer) in answers.into_iter().enumerate() {
-            let outcome = tokio::time::timeout(Duration::from_secs(10), answer)
-                .await
-                .expect("answered")
-                .expect("answer sent");
-            if outcome.is_ok() {
-                accepted.push(n as u32);
-            } else {
-                assert_eq!(outcome, Err(AppendError::Full(LIMIT)));
-            }
-        }
-        let kept: Vec<u32> = read_all(&spool)
-            .await
-            .iter()
-            .map(|m| u32::from_be_bytes(m.message.payload[..4].try_into().expect("n")))
-            .collect();
-        let lost: Vec<&u32> = accepted.iter().filter(|n| !kept.contains(n)).collect();
-        assert!(
-            lost.is_empty(),
-            "answered ok, then dropped: {lost:?} ({} accepted, {} kept)",
-            accepted.len(),
-            kept.len()
-        );
-        assert!(
-            accepted.len() < 300,
-            "more than the limit holds was refused"
-        );
-    }
-
-    fn page_size(dir: &Path) -> i64 {
-        on_disk(dir, "PRAGMA page_size")
-    }
-
-    /// Issue 17: small pages for new spools and for old ones whose queue is empty (a commit
-    /// then writes less); an old spool with messages keeps its pages, and its ids go on.
-    #[tokio::test]
-    async fn spools_take_small_pages_when_it_costs_nothing() {
-        let fresh = tempfile::tempdir().expect("tempdir");
-        drop(Spool::open(fresh.path(), 1 << 20, OnFull::DropOldest).expect("open"));
-        assert_eq!(page_size(fresh.path()), SPOOL_PAGE_SIZE);
-
-        let old = |rows: &str| {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let db = Connection::open(dir.path().join(SPOOL_FILE)).expect("old spool");
-            db.pragma_update(None, "journal_mode", "WAL").expect("wal");
-            db.execute_batch(&format!(
-                "CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
-                     payload BLOB NOT NULL, qos INTEGER NOT NULL, size INTEGER NOT NULL);
-                 {rows}"
-            ))
-            .expect("old rows");
-            assert_eq!(page_size(dir.path()), 4096);
-            dir
-        };
-        let emptied = old(
-            "INSERT INTO messages (topic, payload, qos, size) VALUES ('t', X'31', 1, 2);
-             DELETE FROM messages;",
-        );
-        let spool = Spool::open(emptied.path(), 1 << 20, OnFull::DropOldest).expect("open");
-        spool.append(message("t", b"2")).await.expect("append");
-        assert_eq!(
-            read_all(&spool).await[0].id,
-            2,
-            "ids go on after the old sequence"
-        );
-        assert_eq!(page_size(emptied.path()), SPOOL_PAGE_SIZE);
-
-        let busy =
-            old("INSERT INTO messages (topic, payload, qos, size) VALUES ('t', X'31', 1, 2);");
-        let spool = Spool::open(busy.path(), 1 << 20, OnFull::DropOldest).expect("open");
-        assert_eq!(read_all(&spool).await.len(), 1);
-        assert_eq!(page_size(busy.path()), 4096);
-    }
-
-    #[tokio::test]
-    async fn an_undecodable_row_is_dropped_and_does_not_hold_back_the_rest() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("open");
-            for i in 1..=3 {
-                spool
-                    .append(message("t", format!("{i}").as_bytes()))
-                    .await
-                    .expect("append");
-            }
-        }
-        // Damage the middle row the way a bad disk might: its topic is no longer text.
-        rusqlite::Connection::open(dir.path().join(SPOOL_FILE))
-            .and_then(|db| db.execute("UPDATE messages SET topic = X'FF' WHERE id = 2", []))
-            .expect("damage a row");
-        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("reopen");
-        let stored = read_all(&spool).await;
-        let payloads: Vec<_> = stored.iter().map(|m| m.message.payload.clone()).collect();
-        assert_eq!(payloads, [b"1".to_vec(), b"3".to_vec()]);
-        let stats = *spool.stats().borrow();
-        assert_eq!((stats.messages, stats.dropped_total), (2, 1));
-        assert_eq!(read_all(&spool).await.len(), 2, "gone for good");
-    }
-
-    #[tokio::test]
-    async fn a_read_ends_at_its_byte_budget_but_always_returns_one() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("open");
-        for payload in ["aaaa", "bbbb", "cccc"] {
-            spool
-                .append(message("t", payload.as_bytes()))
-                .await
-                .expect("append");
-        }
-        let len = |read: Result<Vec<StoredMessage>, ReadError>| read.expect("read").len();
-        assert_eq!(len(spool.read_after(0, 100, 8).await), 2);
-        assert_eq!(len(spool.read_after(0, 100, 9).await), 3);
-        assert_eq!(len(spool.read_after(0, 100, 1).await), 1);
-    }
-
-    #[tokio::test]
-    async fn appended_messages_survive_reopen_in_order() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("open");
-            for i in 0..10 {
-                spool
-                    .append(message("t", format!("{i}").as_bytes()))
-                    .await
-                    .expect("append");
-            }
-        }
-        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("reopen");
-        let stored = read_all(&spool).await;
-        let payloads: Vec<_> = stored.iter().map(|m| m.message.payload.clone()).collect();
-        let expected: Vec<_> = (0..10).map(|i| format!("{i}").into_bytes()).collect();
-        assert_eq!(payloads, expected);
-        spool.remove(stored.iter().take(4).map(|m| m.id).collect());
-        let rest = read_all(&spool).await;
-        assert_eq!(rest.len(), 6);
-        assert_eq!(spool.stats().borrow().messages, 6);
-    }
-
-    #[tokio::test]
-    async fn reject_new_refuses_and_drop_oldest_counts() {
-        const LIMIT: u64 = 256 * 1024;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let reject = Spool::open(dir.path(), LIMIT, OnFull::RejectNew).expect("open");
-        let mut accepted = 0;
-        while reject.append(message("t", &[0; 1000])).await.is_ok() {
-            accepted += 1;
-        }
-        assert!((100..260).contains(&accepted), "{accepted}");
-        assert_eq!(
-            reject.append(message("t", &[0; 1000])).await,
-            Err(AppendError::Full(LIMIT))
-        );
-        drop(reject);
-
-        let other = tempfile::tempdir().expect("tempdir");
-        let drop_oldest = Spool::open(other.path(), LIMIT, OnFull::DropOldest).expect("open");
-        for i in 0..1000u32 {
-            let payload = [&i.to_be_bytes()[..], &[0; 996]].concat();
-            assert_eq!(drop_oldest.append(message("t", &payload)).await, Ok(()));
-        }
-        // The counters after a read: a trim may follow the last commit (over the limit),
-        // and the read comes after it.
-        let kept = read_all(&drop_oldest).await;
-        let stats = *drop_oldest.stats().borrow();
-        assert!(stats.messages < 260, "{stats:?}");
-        assert_eq!(stats.messages + stats.dropped_total, 1000);
-        assert_eq!(kept.len() as u64, stats.messages);
-        assert_eq!(
-            kept.last().expect("kept").message.payload[..4],
-            999u32.to_be_bytes()
-        );
-    }
-
-    /// Item 7: `max_bytes` bounds the files on disk (pages and WAL), not topic + payload.
-    #[tokio::test]
-    async fn max_bytes_bounds_the_files_on_disk_wal_included() {
-        const LIMIT: u64 = 256 * 1024;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let spool = Spool::open(dir.path(), LIMIT, OnFull::RejectNew).expect("open");
-        // Small messages: SQLite's per-row overhead is a large share of each.
-        let mut accepted = 0u64;
-        while spool
-            .append(message("sensors/t", b"{\"c\":21}"))
-            .await
-            .is_ok()
-        {
-            accepted += 1;
-            let on_disk = files_bytes(dir.path());
-            assert!(
-                on_disk <= LIMIT + 64 * 1024,
-                "{on_disk} bytes on disk after {accepted} messages, limit {LIMIT}"
-            );
-        }
-        let stats = wait_stats(&spool, |s| s.bytes <= LIMIT).await;
-        assert!(accepted > 1000, "{accepted}");
-        eprintln!(
-            "{accepted} messages of 17 bytes in {LIMIT}: {} bytes counted, {} on disk",
-            stats.bytes,
-            files_bytes(dir.path())
-        );
-    }
-
-    #[test]
-    fn acknowledged_ids_are_deleted_by_runs() {
-        assert_eq!(store::runs(&[]), vec![]);
-        assert_eq!(store::runs(&[7, 1, 2, 3, 8, 2]), vec![(1, 3), (7, 8)]);
-        assert_eq!(store::runs(&[5, 9]), vec![(5, 5), (9, 9)]);
-    }
-
-    /// Item 7: after a backlog drains, idle time gives the pages back: the files shrink.
-    #[tokio::test]
-    async fn the_files_shrink_after_a_backlog_drains() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let spool = Spool::open(dir.path(), 64 << 20, OnFull::DropOldest).expect("open");
-        for _ in 0..2000 {
-            spool
-                .append(message("t", &[7; 2000]))
-                .await
-                .expect("append");
-        }
-        let full = files_bytes(dir.path());
-        assert!(full > 3 << 20, "{full}");
-        for chunk in read_all(&spool).await.chunks(100) {
-            spool.remove(chunk.iter().map(|m| m.id).collect());
-        }
-        let stats = wait_stats(&spool, |s| s.messages == 0 && s.bytes < 256 * 1024).await;
-        // Idle housekeeping runs once nothing else is queued; give it a moment to finish.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while files_bytes(dir.path()) > 256 * 1024 && std::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        let drained = files_bytes(dir.path());
-        eprintln!("{full} bytes on disk with the backlog, {drained} after it drained ({stats:?})");
-        assert!(drained < 256 * 1024, "{drained} bytes left on disk");
-    }
-
-    /// Item 7: a lower `max_bytes` on a full spool is reached in bounded steps; the spool
-    /// keeps answering in between (the watchdog probe is such a read).
-    #[tokio::test]
-    async fn lowering_max_bytes_trims_in_bounded_steps() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let spool = Spool::open(dir.path(), 64 << 20, OnFull::DropOldest).expect("open");
-        for _ in 0..20 {
-            let mut pending = Vec::new();
-            for _ in 0..1000 {
-                pending.push(spool.submit(message("t", &[1; 900])).await.expect("queued"));
-            }
-            for answer in pending {
-                answer.await.expect("answer").expect("stored");
-            }
-        }
-        let before = *spool.stats().borrow();
-        assert_eq!(before.messages, 20_000);
-        spool
-            .set_limits(1 << 20, OnFull::DropOldest, Duration::ZERO)
-            .await;
-        let mut slowest = std::time::Duration::ZERO;
-        let mut steps = std::collections::BTreeSet::new();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            let asked = std::time::Instant::now();
-            spool.read_after(i64::MAX, 1, 1).await.expect("probe");
-            slowest = slowest.max(asked.elapsed());
-            let now = *spool.stats().borrow();
-            steps.insert(now.messages);
-            if now.bytes <= 1 << 20 {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "never trimmed: {now:?}"
-            );
-        }
-        let after = *spool.stats().borrow();
-        eprintln!(
-            "trim 20000 -> {} messages in {} observed steps, slowest probe {slowest:?}",
-            after.messages,
-            steps.len()
-        );
-        assert_eq!(after.dropped_total, 20_000 - after.messages);
-        assert!(after.messages > 500, "{after:?}");
-        assert!(steps.len() > 3, "in several chunks: {steps:?}");
-        assert!(
-            slowest < std::time::Duration::from_secs(1),
-            "the spool answered within {slowest:?}"
-        );
-        // The newest messages are the ones kept.
-        let kept = read_all(&spool).await;
-        assert_eq!(kept.last().map(|m| m.id), Some(20_000));
-    }
-
-    /// Item 11: the kind a payload arrived as survives the spool; rows from an older spool
-    /// (no kind column) survive the upgrade and read back as opaque bytes. The old daemon wrote
-    /// payloads as BLOBs; a TEXT payload (the same bytes) must not be taken for a damaged row.
-    #[tokio::test]
-    async fn payload_kind_is_kept_and_old_rows_are_opaque() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            // The schema and pragmas of the spool before the kind column (commit 3e7f798).
-            let db = Connection::open(dir.path().join(SPOOL_FILE)).expect("old spool");
-            db.pragma_update(None, "journal_mode", "WAL").expect("wal");
-            db.execute_batch(
-                "CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
-                     payload BLOB NOT NULL, qos INTEGER NOT NULL, size INTEGER NOT NULL);
-                 INSERT INTO messages (topic, payload, qos, size) VALUES ('t', X'3432', 1, 3);
-                 INSERT INTO messages (topic, payload, qos, size) VALUES ('t', '42', 1, 3);",
-            )
-            .expect("old rows");
-        }
-        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("open");
-        assert_eq!(spool.stats().borrow().messages, 2);
-        for kind in [PayloadKind::Json, PayloadKind::Text, PayloadKind::Binary] {
-            let mut m = message("t", b"42");
-            m.kind = kind;
-            spool.append(m).await.expect("append");
-        }
-        let read = read_all(&spool).await;
-        let kinds: Vec<_> = read.iter().map(|m| m.message.kind).collect();
-        assert_eq!(
-            kinds,
-            [
-                PayloadKind::Binary,
-                PayloadKind::Binary,
-                PayloadKind::Json,
-                PayloadKind::Text,
-                PayloadKind::Binary
-            ]
-        );
-        assert!(read.iter().all(|m| m.message.payload == b"42"), "{read:?}");
-        assert_eq!(spool.stats().borrow().dropped_total, 0);
-    }
-
-    /// Item 5: acknowledged rows that live only in the WAL (the daemon was killed before a
-    /// checkpoint) survive a corrupt db header: the WAL moves aside with the db, and what
-    /// reads back is salvaged into the fresh spool.
-    #[tokio::test]
-    async fn corrupt_header_keeps_the_rows_in_the_wal() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join(SPOOL_FILE);
-        {
-            // Checkpointed on close: page 1 is in the db file, not in the WAL. A Store, not a
-            // Spool: dropping a Spool does not wait for its thread to close the connection, and
-            // a WAL still holding page 1 would hide the corrupt header below.
-            let mut store = Store::open(&path, 1 << 20, OnFull::DropOldest).expect("store");
-            store
-                .try_append_batch(&[stored(1, "1")], &[])
-                .expect("commit");
-        }
-        assert!(
-            !with_suffix(&path, "-wal").exists(),
-            "the WAL was checkpointed and removed on close"
-        );
-        let mut store = Store::open(&path, 1 << 20, OnFull::DropOldest).expect("store");
-        store
-            .try_append_batch(&[stored(2, "2"), stored(3, "3")], &[])
-            .expect("commit");
-        // Killed: the connection never closes, so nothing is checkpointed.
-        std::mem::forget(store);
-        let wal = std::fs::metadata(with_suffix(&path, "-wal"))
-            .expect("wal")
-            .len();
-        assert!(wal > 0, "the new rows are in the WAL");
-        let mut bytes = std::fs::read(&path).expect("db");
-        bytes[..100].fill(0xa5);
-        std::fs::write(&path, bytes).expect("corrupt the header");
-
-        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("open anyway");
-        let payloads: Vec<_> = read_all(&spool)
-            .await
-            .into_iter()
-            .map(|m| m.message.payload)
-            .collect();
-        assert_eq!(payloads, [b"1".to_vec(), b"2".to_vec(), b"3".to_vec()]);
-        assert_eq!(spool.stats().borrow().last_id, 3);
-        let names: Vec<String> = std::fs::read_dir(dir.path())
-            .expect("list")
-            .filter_map(Result::ok)
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        assert!(
-            names
-                .iter()
-                .any(|n| n.contains("corrupt") && n.ends_with("-wal")),
-            "the WAL was moved aside with the db: {names:?}"
-        );
-        // New ids continue after the salvaged ones.
-        spool.append(message("t", b"4")).await.expect("append");
-        assert_eq!(read_all(&spool).await.last().map(|m| m.id), Some(4));
-    }
-
-    /// Issue 24 item 4: a salvage that an earlier start did not finish (the moved-aside file
-    /// has no `.done` marker) is finished by the next start: what that run stored is not
-    /// stored again, and a newer message that took one of the old ids keeps it (the old row
-    /// gets a new id). Finished, it is never read again.
-    #[tokio::test]
-    async fn an_unfinished_salvage_is_finished_at_the_next_start_and_nothing_comes_twice() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let aside = dir.path().join(format!("{SPOOL_FILE}.corrupt-1"));
-        {
-            let mut old = Store::open(&aside, 1 << 20, OnFull::DropOldest).expect("old spool");
-            let rows: Vec<_> = (1..=5).map(|n| stored(n, &n.to_string())).collect();
-            old.try_append_batch(&rows, &[]).expect("rows");
-        }
-        {
-            // Where the interrupted run stopped: rows 1 and 2 salvaged, then a new message
-            // was accepted as id 3.
-            let mut fresh = Store::open(&dir.path().join(SPOOL_FILE), 1 << 20, OnFull::DropOldest)
-                .expect("new");
-            fresh
-                .try_append_batch(&[stored(1, "1"), stored(2, "2"), stored(3, "new")], &[])
-                .expect("rows");
-        }
-        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("open");
-        let read: Vec<(i64, Vec<u8>)> = read_all(&spool)
-            .await
-            .into_iter()
-            .map(|m| (m.id, m.message.payload))
-            .collect();
-        let expected: Vec<(i64, Vec<u8>)> =
-            [(1, "1"), (2, "2"), (3, "new"), (4, "4"), (5, "5"), (6, "3")]
-                .into_iter()
-                .map(|(id, p)| (id, p.as_bytes().to_vec()))
-                .collect();
-        assert_eq!(read, expected);
-        assert!(with_suffix(&aside, SALVAGE_DONE_SUFFIX).exists());
-        drop(spool);
-        std::thread::sleep(Duration::from_millis(100));
-        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("reopen");
-        assert_eq!(
-            read_all(&spool).await.len(),
-            6,
-            "a finished salvage is not read again"
-        );
-    }
-
-    #[tokio::test]
-    async fn corrupt_file_is_moved_aside() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join(SPOOL_FILE), vec![0x5a; 8192]).expect("write garbage");
-        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("open anyway");
-        spool.append(message("t", b"x")).await.expect("append");
-        let aside = std::fs::read_dir(dir.path())
-            .expect("list")
-            .filter_map(|e| e.ok())
-            .any(|e| e.file_name().to_string_lossy().contains("corrupt"));
-        assert!(aside, "the corrupt file must be kept for inspection");
-    }
-
-    /// Issue 24 items 1 and 2: dead letters are bounded by bytes too (an eighth of
-    /// `max_bytes`), the oldest go first and are counted; the newest stays.
-    #[tokio::test]
-    async fn dead_letters_are_bounded_by_bytes_and_the_oldest_go_counted() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("open");
-        let big = vec![b'x'; 30_000];
-        for _ in 0..10 {
-            spool.append(message("t", &big)).await.expect("append");
-        }
-        let ids: Vec<i64> = read_all(&spool).await.iter().map(|m| m.id).collect();
-        for id in &ids {
-            spool.bury(vec![*id], "refused".into()).await;
-        }
-        let stats = *spool.stats().borrow();
-        // 128 KiB hold four of 30 KB.
-        assert_eq!(
-            (
-                stats.dead_letters,
-                stats.dead_letter_total,
-                stats.dropped_total
-            ),
-            (4, 10, 6)
-        );
-        let Ok(DeadLetterReply::Listed(listed)) = spool.dead_letters(DeadLetterAction::List).await
-        else {
-            panic!("list")
-        };
-        let kept: Vec<i64> = listed.iter().map(|d| d.id).collect();
-        assert_eq!(kept.len(), 4);
-        assert!(kept.windows(2).all(|w| w[0] < w[1]), "{kept:?}");
-
-        // One larger than the whole bound still stays: it is the newest.
-        drop(spool);
-        let spool = Spool::open(dir.path(), 64 << 10, OnFull::DropOldest).expect("reopen");
-        let stats = *spool.stats().borrow();
-        assert_eq!(
-            stats.dead_letters, 1,
-            "reopened with a lower max_bytes: bounded at once"
-        );
-    }
-
-    /// Issue 24 item 11: listing and purging dead letters commit nothing (no fsync per call).
-    #[tokio::test]
-    async fn listing_dead_letters_does_not_commit_held_messages() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let spool = Spool::open_with_window(dir.path(), 1 << 20, OnFull::DropOldest, LONG_WINDOW)
-            .expect("open");
-        let _answer = spool.submit(message("t", b"held")).await.expect("queued");
-        assert_eq!(read_all(&spool).await.len(), 1);
-        for action in [DeadLetterAction::List, DeadLetterAction::Purge] {
-            assert!(spool.dead_letters(action).await.is_ok());
-        }
-        assert_eq!(rows_on_disk(dir.path()), 0, "still held in memory");
-        assert_eq!(
-            spool.dead_letters(DeadLetterAction::Requeue).await,
-            Ok(DeadLetterReply::Requeued(0))
-        );
-        assert_eq!(rows_on_disk(dir.path()), 1, "a requeue settles first");
-    }
-
-    #[tokio::test]
-    async fn dead_letters_leave_the_queue_and_can_be_requeued_or_purged() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("open");
-        for payload in ["bad", "good", "bad2"] {
-            spool
-                .append(message(payload, payload.as_bytes()))
-                .await
-                .expect("append");
-        }
-        let ids: Vec<i64> = spool
-            .read_after(0, 10, usize::MAX)
-            .await
-            .expect("read")
-            .iter()
-            .map(|m| m.id)
-            .collect();
-        spool.bury(vec![ids[0]], "refused".into()).await;
-        spool.bury(vec![ids[2]], "refused again".into()).await;
-        let rest = spool.read_after(0, 10, usize::MAX).await.expect("read");
-        assert_eq!(rest.len(), 1);
-        assert_eq!(rest[0].message.topic, "good");
-        let stats = *spool.stats().borrow();
-        assert_eq!(
-            (stats.messages, stats.dead_letters, stats.dead_letter_total),
-            (1, 2, 2)
-        );
-        let Ok(DeadLetterReply::Listed(listed)) = spool.dead_letters(DeadLetterAction::List).await
-        else {
-            panic!("list")
-        };
-        let topics: Vec<_> = listed
-            .iter()
-            .map(|d| (d.topic.as_str(), d.reason.as_str()))
-            .collect();
-        assert_eq!(topics, [("bad", "refused"), ("bad2", "refused again")]);
-        drop(spool);
-
-        // Kept across restarts.
-        let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("reopen");
-        assert_eq!(spool.stats().borrow().dead_letters, 2);
-        assert_eq!(
-            spool.dead_letters(DeadLetterAction::Requeue).await,
-            Ok(DeadLetterReply::Requeued(2))
-        );
-        let queued: Vec<_> = spool
-            .read_after(0, 10, usize::MAX)
-            .await
-            .expect("read")
-            .into_iter()
-            .map(|m| m.message.topic)
-            .collect();
-        assert_eq!(
-            queued,
-            ["good", "bad", "bad2"],
-            "requeued behind the queue, in order"
-        );
-        let stats = *spool.stats().borrow();
-        assert_eq!((stats.messages, stats.dead_letters), (3, 0));
-
-        let ids: Vec<i64> = spool
-            .read_after(0, 10, usize::MAX)
-            .await
-            .expect("read")
-            .iter()
-            .map(|m| m.id)
-            .collect();
-        spool.bury(ids[1..].to_vec(), "refused".into()).await;
-        assert_eq!(
-            spool.dead_letters(DeadLetterAction::Purge).await,
-            Ok(DeadLetterReply::Purged(2))
-        );
-        let stats = *spool.stats().borrow();
-        assert_eq!((stats.messages, stats.dead_letters), (1, 0));
     }
 }

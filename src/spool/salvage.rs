@@ -1,14 +1,24 @@
 //! Recovery from a corrupt spool file: the db is moved aside with its WAL, and every row
 //! that can still be read is copied into a fresh spool.
 
-use super::*;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
-/// `path` with `suffix` appended to its file name (SQLite's `-wal` / `-shm` naming).
-pub(super) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
-}
+use rusqlite::{Connection, params};
+
+use super::store::{Store, is_corruption, row_message, with_suffix};
+use super::{OpenError, SPOOL_FILE};
+use crate::message::Message;
+
+/// Rows (or payload bytes) read and stored per step.
+const SALVAGE_CHUNK: i64 = 1000;
+const SALVAGE_CHUNK_BYTES: usize = 1024 * 1024;
+/// Marks a moved-aside spool whose salvage finished (`spool.db.corrupt-<time>.done`)...
+pub(super) const SALVAGE_DONE_SUFFIX: &str = ".done";
+/// ...and holds the last id salvaged so far (`.progress`), where the next start goes on.
+const SALVAGE_PROGRESS_SUFFIX: &str = ".progress";
+/// A salvage stops while this much disk is still free (the next start goes on from there).
+const SALVAGE_HEADROOM: u64 = 2 * 1024 * 1024;
 
 /// Renames the db with its `-wal` and `-shm` together: the WAL holds the newest committed
 /// (acknowledged) messages, and it only makes sense next to its own db.
@@ -43,7 +53,7 @@ pub(super) struct Salvage {
 }
 
 /// A header for a db of `page_size` as SQLite writes it, from a throwaway db next to `near`.
-pub(super) fn template_header(near: &Path, page_size: u32) -> Option<Vec<u8>> {
+fn template_header(near: &Path, page_size: u32) -> Option<Vec<u8>> {
     let path = with_suffix(near, ".template");
     let _ = std::fs::remove_file(&path);
     let made = Connection::open(&path).and_then(|db| {
@@ -69,7 +79,7 @@ pub(super) fn template_header(near: &Path, page_size: u32) -> Option<Vec<u8>> {
 /// Rewrites the 100-byte header of the db at `copy` (a salvage copy) so SQLite opens it: the
 /// page size comes from the WAL's header (or the old header when it is still plausible), the
 /// page count from the file length. The tables' pages after the header are left as they are.
-pub(super) fn repair_header(copy: &Path) -> std::io::Result<()> {
+fn repair_header(copy: &Path) -> std::io::Result<()> {
     let wal = std::fs::read(with_suffix(copy, "-wal")).unwrap_or_default();
     let mut db = std::fs::read(copy)?;
     let plausible = |size: u32| (512..=65536).contains(&size) && size.is_power_of_two();
@@ -98,30 +108,9 @@ pub(super) fn repair_header(copy: &Path) -> std::io::Result<()> {
     std::fs::write(copy, db)
 }
 
-/// A message from a row selected as `id, topic, payload, qos, kind`. An unknown QoS number
-/// (a row written by hand or another tool) is kept at least once: never dropped unasked.
-pub(super) fn row_message(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
-    Ok(Message {
-        topic: row.get(1)?,
-        payload: payload_bytes(row, 2)?,
-        qos: Qos::from_u8(row.get(3)?).unwrap_or(Qos::AtLeastOnce),
-        kind: PayloadKind::from_u8(row.get(4)?),
-    })
-}
-
-/// A payload's bytes. The column is declared BLOB, but SQLite keeps whatever type was written:
-/// a TEXT value (written by hand or by another tool) is the same bytes and must not be dropped.
-pub(super) fn payload_bytes(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Vec<u8>> {
-    use rusqlite::types::ValueRef;
-    match row.get_ref(index)? {
-        ValueRef::Blob(bytes) | ValueRef::Text(bytes) => Ok(bytes.to_vec()),
-        _ => row.get(index),
-    }
-}
-
 /// One run of a salvage: what it saved, and whether it read to the end.
 #[derive(Default)]
-pub(super) struct SalvageRun {
+struct SalvageRun {
     pub(super) outcome: Salvage,
     /// Rows an earlier run had stored already.
     pub(super) already_here: u64,
@@ -132,7 +121,7 @@ pub(super) struct SalvageRun {
 }
 
 /// Reads a corrupt spool read-only, in id order, a chunk at a time.
-pub(super) struct SalvageReader {
+struct SalvageReader {
     db: Connection,
     select: String,
     after: i64,
@@ -209,7 +198,7 @@ impl SalvageReader {
 }
 
 /// Bytes free for this process on the file system holding `path`, if it can say.
-pub(super) fn free_disk_bytes(path: &Path) -> Option<u64> {
+fn free_disk_bytes(path: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let dir = path.parent()?;
     let name = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
@@ -243,4 +232,129 @@ pub(super) fn unfinished_salvages(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default();
     found.sort();
     found.into_iter().map(|(_, path)| path).collect()
+}
+
+/// Copies what reads back from the corrupt spool moved to `aside` (with its WAL) into this
+/// one, ids and order kept, a chunk at a time: memory and the transaction stay bounded, and
+/// nothing but the new rows needs disk space (the moved files are read in place, read-only,
+/// and stay for inspection). A damaged header hides everything behind it: then a copy with
+/// a sound header is read instead. Finished (read to the end, or to unreadable data), the
+/// files get a `.done` marker; stopped early (the disk is full), the next start goes on.
+pub(super) fn salvage(store: &mut Store, aside: &Path, last_id: &mut i64) -> Salvage {
+    let mut salvage = salvage_chunks(store, aside, aside, last_id);
+    if salvage.unreadable && salvage.outcome.saved == 0 {
+        salvage = salvage_repaired_copy(store, aside, last_id);
+    }
+    if salvage.finished {
+        if let Err(error) = std::fs::write(with_suffix(aside, SALVAGE_DONE_SUFFIX), b"") {
+            tracing::warn!(%error, "cannot mark the salvage finished; the next start reads the file again (nothing twice: rows already here are skipped)");
+        }
+    } else {
+        tracing::warn!(
+            aside = %aside.display(),
+            "salvage stopped before the end (little disk space left); the next start goes on"
+        );
+    }
+    salvage.outcome
+}
+
+/// Salvages from a copy of `aside` whose header is rebuilt (needs the file's size free).
+fn salvage_repaired_copy(store: &mut Store, aside: &Path, last_id: &mut i64) -> SalvageRun {
+    let copy = with_suffix(aside, ".salvage");
+    let cleanup = |copy: &Path| {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(with_suffix(copy, suffix));
+        }
+    };
+    cleanup(&copy);
+    let copied = std::fs::copy(aside, &copy).and_then(|_| {
+        match std::fs::copy(with_suffix(aside, "-wal"), with_suffix(&copy, "-wal")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    });
+    let run = match copied.and_then(|()| repair_header(&copy)) {
+        Ok(()) => salvage_chunks(store, &copy, aside, last_id),
+        Err(error) => {
+            tracing::warn!(%error, "cannot repair a copy of the corrupt spool's header");
+            // Unreadable as it is, and no room to repair a copy: try again next start.
+            SalvageRun::default()
+        }
+    };
+    cleanup(&copy);
+    run
+}
+
+/// Reads `source` (the moved-aside spool `aside`, or a repaired copy of it) in chunks of
+/// `SALVAGE_CHUNK` rows (or `SALVAGE_CHUNK_BYTES`), each stored in a transaction of its own,
+/// from where an earlier run got to (`aside`'s progress file). Stops while the disk still
+/// has `SALVAGE_HEADROOM` free: the daemon must go on working, and publishing what was
+/// salvaged makes room for the rest at a later start.
+fn salvage_chunks(store: &mut Store, source: &Path, aside: &Path, last_id: &mut i64) -> SalvageRun {
+    let mut run = SalvageRun::default();
+    let progress = with_suffix(aside, SALVAGE_PROGRESS_SUFFIX);
+    let after = std::fs::read_to_string(&progress)
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(0);
+    let mut reader = match SalvageReader::open(source, after) {
+        Ok(reader) => reader,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the corrupt spool");
+            // Corrupt: a repaired copy may read; anything else: the next start tries again.
+            run.unreadable = is_corruption(&error);
+            return run;
+        }
+    };
+    run.outcome.lost = reader.expected;
+    // New ids go above every id the old spool used, so what is salvaged later (a run that
+    // stopped early) still comes first.
+    *last_id = (*last_id).max(reader.highest);
+    let mut rows = Vec::new();
+    loop {
+        if free_disk_bytes(store.path()).is_some_and(|free| free < SALVAGE_HEADROOM) {
+            break;
+        }
+        rows.clear();
+        // What was read before an error is still stored.
+        let read = reader.next_chunk(&mut rows);
+        match store.store_salvaged(&rows, *last_id) {
+            Ok((saved, here, highest)) => {
+                *last_id = highest;
+                run.outcome.saved += saved;
+                run.already_here += here;
+                // Into the db at once: the WAL never holds more than a chunk, so the
+                // salvage needs about the rows' size free, not twice that.
+                let _ = store.checkpoint();
+                // Not read again by a later run (a failed write only means rows read
+                // again, and skipped when they are still here).
+                let _ = std::fs::write(&progress, reader.after().to_string());
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot store salvaged messages");
+                break;
+            }
+        }
+        match read {
+            Ok(true) => {}
+            Ok(false) => {
+                run.finished = true;
+                break;
+            }
+            Err(error) => {
+                tracing::warn!(%error, saved = run.outcome.saved, "salvage stopped at unreadable data");
+                run.unreadable = is_corruption(&error) && run.outcome.saved == 0;
+                run.finished = true;
+                run.outcome.lost = None;
+                break;
+            }
+        }
+    }
+    let here = run.outcome.saved + run.already_here;
+    run.outcome.lost = run
+        .outcome
+        .lost
+        .filter(|_| run.finished)
+        .map(|total| total.saturating_sub(here));
+    run
 }
