@@ -3,7 +3,7 @@
 for Python v2 (`awsiotsdk`, on top of `awscrt`) instead of running iot-cognito-relay, written
 as lean as a careful awscrt relay can be.
 
-It speaks the same socket protocol as the daemon (SPEC.md, "Socket protocol"): newline-delimited
+It speaks the same socket protocol as the daemon (docs/protocol.md): newline-delimited
 JSON on a Unix stream socket, one object per line,
     {"topic": "...", "payload": <any JSON>, "id": <optional str|number>, "qos": 1}
 and publishes each message to PREFIX + "/" + topic over MQTT 3.1.1 over WebSockets with SigV4
