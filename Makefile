@@ -58,7 +58,7 @@ fleet-sim: deps
 	IOT_COGNITO_RELAY_TEST_BINARY=$(CURDIR)/target/release/iot-cognito-relay \
 	FLEET_SIM_OUT=$(CURDIR)/target/fleet-sim \
 	cargo test --test fleet_sim -- --nocapture
-	.venv/bin/python bench/fleet_plot.py target/fleet-sim/report.json target/fleet-sim/fleet-sim.png
+	.venv/bin/python benches/python/fleet_plot.py target/fleet-sim/report.json target/fleet-sim/fleet-sim.png
 
 # Smoke test on a real AWS account, never run by CI (docs/operations.md, "Smoke test on a real
 # AWS account"): needs AWS credentials and a region (environment or profile); deploys a throwaway

@@ -1,4 +1,4 @@
-//! Cloud → app latency of the downlink (issue 15): a cloud-side publisher (rumqttc on the
+//! Cloud → app latency of the downlink: a cloud-side publisher (rumqttc on the
 //! broker's plain listener, QoS 1, in a child process inside the cloud's namespace) sends `{"i":…,"t":<unix µs>}` at a fixed rate to the
 //! device's prefix; a local app subscribed on the daemon's socket takes each message line,
 //! notes the time, and acks. Latency = arrival at the app − the moment the message was handed

@@ -1,4 +1,4 @@
-//! Storage wear benchmark (issue 17): what the daemon writes to the device's storage per message.
+//! Storage wear benchmark: what the daemon writes to the device's storage per message.
 //!
 //! One run, one private network namespace with mosquitto (wss + TLS) and moto, the real daemon:
 //! - connected and offline (AWS unreachable), one local app writing readings of ~45 bytes with an
@@ -31,7 +31,7 @@ mod harness;
 
 use harness::Cloud;
 
-/// The paced rates, as in the issue.
+/// The paced rates in msg/s, the rows of docs/benchmarks.md, "Storage wear".
 const RATES: [u32; 3] = [1, 10, 100];
 /// After a paced run: time for deletions, checkpoints and idle housekeeping the messages caused.
 const SETTLE: Duration = Duration::from_secs(2);

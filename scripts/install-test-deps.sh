@@ -4,7 +4,7 @@
 # failing-disk test formats a loop device), passwd (throwaway users), tinyproxy (the proxy
 # test's real HTTP proxy), nftables (it blocks the direct routes), procps (sysctl), cargo-deb, and a
 # Python venv (.venv) with the packages of requirements-dev.txt (moto[server], boto3, cfn-lint,
-# checkov, pytest…) and bench/requirements.txt (awsiotsdk for the peer relay, matplotlib).
+# checkov, pytest…) and benches/python/requirements.txt (awsiotsdk for the peer relay, matplotlib).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES=(mosquitto mosquitto-clients openssl iproute2 sqlite3 libfaketime socat jq lintian systemd util-linux
@@ -28,7 +28,7 @@ if [ ! -x .venv/bin/python3 ] || ! .venv/bin/python3 -c 'import moto, boto3' 2>/
         /usr/bin/python3 -m venv .venv
     fi
 fi
-.venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt -r bench/requirements.txt
+.venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt -r benches/python/requirements.txt
 
 # The .deb for the system test (make system-test).
 command -v cargo-deb >/dev/null || cargo install cargo-deb --locked --quiet

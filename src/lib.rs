@@ -1,25 +1,7 @@
 //! iot-cognito-relay: relays what local apps write to a Unix socket into AWS IoT Core, using
-//! only Cognito identities. README.md gives the tour; docs/ hold the contract (configuration, socket protocol,
-//! operations, security).
-//!
-//! # Layout
-//!
-//! The folders follow one message from a local app to the broker:
-//!
-//! ```text
-//! ingest/    Unix sockets: the JSON protocol, raw sockets, record splitting
-//!   → spool/     the durable queue ("ok" means on disk, or acknowledged by IoT Core)
-//!   → publish/   batching, IoT Core quotas, the MQTT-over-WebSockets connection, SigV4
-//!        ↑
-//! identity/  secret → user pool → Cognito credentials, refreshed ahead of expiry
-//! downlink/  the way back: IoT Core → inbox → subscribed local apps
-//! ```
-//!
-//! Around them: `daemon/` builds the tasks and supervises them, `config/` loads and validates
-//! the config file, `ops/` speaks to systemd and journald and reports status, `cli/` holds the
-//! command line and the commands that talk to a running daemon. `topic`, `retry`, `secret`,
-//! `heartbeat` (signs of life for the watchdog) and `repeats` (rate-limited warnings) are small
-//! rules and plumbing every stage shares.
+//! only Cognito identities. The layout of these folders, the onboarding chain and the
+//! invariants the code keeps are in docs/design.md; README.md gives the tour, and the other
+//! documents of docs/ hold the contract (configuration, socket protocol, operations, security).
 
 #![warn(missing_docs)]
 

@@ -1,4 +1,5 @@
-//! The command line as users meet it: exit codes and one-line errors (SPEC.md, CLI).
+//! The command line as users meet it: exit codes and one-line errors (docs/configuration.md,
+//! "Command line").
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -570,7 +571,7 @@ fn send_and_status_give_up_on_a_daemon_that_never_answers() {
     );
 }
 
-/// Issue 13: check-config knows fleet mode's device name (derived from /etc/machine-id when
+/// check-config knows fleet mode's device name (derived from /etc/machine-id when
 /// not set, which the machine running the tests has) and refuses a name outside the rule.
 #[test]
 fn check_config_shows_the_device_name_and_refuses_a_bad_one() {
@@ -681,7 +682,7 @@ fn send_from_a_slow_pipe_survives_the_daemons_idle_close() {
     assert_eq!(spooled(), 2);
 }
 
-/// Issue 24 item 13: the clients of every socket need file descriptors; a config whose sum
+/// The clients of every socket need file descriptors; a config whose sum
 /// passes the hard `RLIMIT_NOFILE` is refused at start (exit 2, one line naming the keys and
 /// the limit) instead of failing the daemon's own connections with EMFILE later. Within the
 /// hard limit the daemon raises its soft limit and starts.
@@ -724,7 +725,7 @@ fn run_refuses_more_clients_than_file_descriptors() {
     );
 }
 
-/// Issue 25: client commands take the socket from the config's `socket.path` (`--config`,
+/// Client commands take the socket from the config's `socket.path` (`--config`,
 /// default path) unless `--socket` says otherwise, and a failed connect names its cause.
 #[test]
 fn client_commands_find_the_socket_in_the_config_and_say_why_they_cannot_connect() {

@@ -84,7 +84,7 @@ fn issued_credentials(proxy: &harness::FaultProxy) -> Vec<(f64, String, f64)> {
         .collect()
 }
 
-/// Issue 18 item 1: credentials living 5 minutes (rewritten by the fault proxy; moto's live
+/// Credentials living 5 minutes (rewritten by the fault proxy; moto's live
 /// 90 s) with a 150 s margin are refreshed 150-225 s before they expire. The old loop,
 /// recomputing the lead from the time left every minute, refreshed at most 135 s before.
 /// Also streams messages across the refresh and its reconnect: nothing is lost, every connect
@@ -318,7 +318,7 @@ fn never_signs_with_credentials_that_are_already_expired() {
     assert_nothing_leaked(&cloud, &daemon);
 }
 
-/// Issue 18 item 2: the stack replaced the app client (the secret's `ClientId` tag changed,
+/// The stack replaced the app client (the secret's `ClientId` tag changed,
 /// the old client is gone): refreshing with the old one is refused for good
 /// (`ResourceNotFoundException`). After a few such refusals the daemon reads the secret again
 /// and signs in with the new client, instead of retrying the dead one forever.
@@ -365,7 +365,7 @@ fn a_replaced_app_client_is_found_by_reading_the_secret_again() {
     assert_nothing_leaked(&cloud, &daemon);
 }
 
-/// Issue 18 item 20: while every refresh fails, the link is cut again and again, also after
+/// While every refresh fails, the link is cut again and again, also after
 /// the credentials in hand have expired. A proxy in front of the broker reads each websocket
 /// upgrade: every one is signed (`X-Amz-Date`) with credentials (access key, made unique per
 /// answer by the fault proxy) that were still valid then, with 30 s or more to go.
@@ -444,7 +444,7 @@ fn no_upgrade_is_signed_with_expired_credentials_while_refreshes_fail() {
     assert_nothing_leaked(&cloud, &daemon);
 }
 
-/// Issue 18 item 3: the broker refuses the upgrade with 403 and a `Date` 15 minutes ahead of
+/// The broker refuses the upgrade with 403 and a `Date` 15 minutes ahead of
 /// this device's clock (what IoT Core does with a signature dated too far off): one log line
 /// says how far off and "fix NTP", and `status` shows `clock_skew_s` until a connect works.
 #[test]

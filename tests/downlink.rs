@@ -1,4 +1,4 @@
-//! Cloud to device (issue 15) against mosquitto: a cloud-side publisher sends to the device's
+//! Cloud to device against mosquitto: a cloud-side publisher sends to the device's
 //! prefix and local apps receive on the socket, while the daemon runs, while it is stopped and
 //! while no app listens; an app that leaves without acking passes its message on; order within
 //! a topic; bad requests; the CLI; the health report; the examples of docs/protocol.md.
@@ -387,7 +387,7 @@ fn path_with_binary() -> String {
     )
 }
 
-/// Issue 24 item 6: the inbox cannot store (its disk is full). Before, each failure tore the
+/// The inbox cannot store (its disk is full). Before, each failure tore the
 /// MQTT connection down, and the persistent session redelivered right after every CONNACK:
 /// the uplink stopped though the spool was fine. Now the connection stays, the message stays
 /// unacknowledged and is stored once there is room, `status` says `inbox_state: failing`.
@@ -445,7 +445,7 @@ fn an_inbox_that_cannot_store_keeps_the_connection_and_the_uplink() {
     });
 }
 
-/// Issue 24 item 10: a downlink filter the IoT policy does not allow (here a `topic_prefix`
+/// A downlink filter the IoT policy does not allow (here a `topic_prefix`
 /// outside the policy's `<pool>/<identity>/*`) is refused in the SUBACK: logged once with the
 /// filter, and listed in `status` as `refused_filters`.
 #[test]

@@ -325,7 +325,7 @@ fn policy_targets(cloud: &Cloud, policy: &str) -> Vec<String> {
     serde_json::from_str(out.trim()).expect("targets")
 }
 
-/// Issue 14, point 2: with the secret's `AttachFunction` tag, the daemon has the stack's
+/// With the secret's `AttachFunction` tag, the daemon has the stack's
 /// function attach the policy (Lambda `Invoke` with its ID token) and never calls
 /// `AttachPolicy` itself; once per identity, and again when the secret names another policy.
 /// moto runs no Lambda code: tests/support/attach_proxy.py runs the template's handler.
@@ -403,7 +403,7 @@ fn attaches_the_policy_through_the_stacks_function() {
     assert_eq!(proxy.invocations().len(), 2, "{}", daemon.log_text());
 }
 
-/// Issue 14, point 2: when IoT Core refuses the connection for authorization (the policy was
+/// When IoT Core refuses the connection for authorization (the policy was
 /// detached, or never attached), the daemon has the policy attached again, then connects.
 #[test]
 fn attaches_again_when_the_broker_refuses_for_authorization() {
@@ -444,7 +444,7 @@ fn attaches_again_when_the_broker_refuses_for_authorization() {
     });
 }
 
-/// Issue 25: behind an HTTP proxy with Basic auth (tinyproxy, started by the test), with every
+/// Behind an HTTP proxy with Basic auth (tinyproxy, started by the test), with every
 /// direct route to the emulated cloud refused by the firewall (only the proxy's uid may reach
 /// moto and the broker), the daemon onboards through the proxy (Cognito, Secrets Manager) and
 /// delivers over a WebSocket tunnelled with CONNECT; `doctor` walks the chain through it. The
@@ -545,7 +545,7 @@ fn edited(config: &Path, name: &str, edits: &[(&str, &str)]) -> PathBuf {
     copy
 }
 
-/// Issue 25: `doctor` on a healthy device (AWS's authorization enforced by the gate) passes
+/// `doctor` on a healthy device (AWS's authorization enforced by the gate) passes
 /// every step: with the daemon connected it opens no second connection (the daemon proves
 /// the MQTT side), without it one trial CONNECT. Then each broken link of the chain fails
 /// its own step and names the fix: wrong region, wrong secret id, a device network outside

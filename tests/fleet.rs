@@ -1,4 +1,4 @@
-//! Fleet mode (issue 13) end to end: a self-register stack (secret `{"registration_code": …}`)
+//! Fleet mode end to end: a self-register stack (secret `{"registration_code": …}`)
 //! in moto, the template's own pre-sign-up handler played by tests/support/cognito_proxy.py
 //! (moto runs no Cognito trigger), mosquitto as the broker, real daemons. The shared-user mode
 //! end to end is tests/e2e.rs.

@@ -1,4 +1,4 @@
-//! Fleet simulation (issue 13): N daemons of one self-register stack, started together in one
+//! Fleet simulation: N daemons of one self-register stack, started together in one
 //! network namespace against one moto and one mosquitto, behind tests/support/cognito_proxy.py,
 //! which plays the template's pre-sign-up trigger and enforces Cognito's default per-API quotas
 //! divided by a scale (answering TooManyRequestsException beyond them). Each daemon has its

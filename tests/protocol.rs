@@ -957,7 +957,7 @@ fn connect_once_a_slot_is_free(socket: &std::path::Path) -> std::os::unix::net::
     }
 }
 
-/// Issue 24 item 13: one uid holds at most `socket.max_clients_per_uid` of a socket's slots;
+/// One uid holds at most `socket.max_clients_per_uid` of a socket's slots;
 /// one more is answered `too_many_connections` and closed, and a slot given back is usable.
 /// A line trickled a byte at a time is cut one `idle_timeout` after its first byte.
 #[test]

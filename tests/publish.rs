@@ -1,4 +1,4 @@
-//! Publishing against IoT Core's rules (issue 18, items 8, 9, 10, 10a, 15): dead letters for a
+//! Publishing against IoT Core's rules: dead letters for a
 //! message the broker never accepts, quota accounting and pacing as the broker counts them,
 //! the drain on SIGTERM during a backoff, and one daemon per state dir.
 //!
@@ -506,7 +506,7 @@ fn snapshot(dir: &Path) -> Vec<(String, u64, std::time::SystemTime, Vec<u8>)> {
     files
 }
 
-/// Issue 24 item 1: a 2G-slow uplink (the daemon's wss traffic shaped to 48 kbit/s by `tc`
+/// A 2G-slow uplink (the daemon's wss traffic shaped to 48 kbit/s by `tc`
 /// in the test's network namespace, 6 KB/s, behind a modem-sized send buffer) and a 100 KiB
 /// message that takes about 17 s to send: it arrives, the small message behind it too, and
 /// nothing is buried (slowness is never a strike; the PUBACK deadline grows with the bytes
@@ -572,7 +572,7 @@ fn a_slow_link_delivers_large_messages_and_buries_nothing() {
     assert_eq!(status["dropped_total"], 0, "{status}");
 }
 
-/// Issue 25: with the broker down, `status` tells the whole story: the MQTT-side error and
+/// With the broker down, `status` tells the whole story: the MQTT-side error and
 /// when it happened, how long the oldest spooled message has waited, version, uptime, region
 /// and endpoint; the human output prints all of it. Once the broker is back: the last
 /// connection time, and the count of reconnects.

@@ -40,8 +40,9 @@ fn broker_killed_twice_loses_no_acked_message() {
     }
     std::thread::sleep(Duration::from_secs(3));
     let acked = streamer.finish();
-    // The streamer waits for each answer; with write-behind (issue 17) an answer comes at the
-    // PUBACK or the commit, so a debug build on a busy machine gets a few hundred through.
+    // The streamer waits for each answer; with write-behind (`spool.commit_window`) an answer
+    // comes at the PUBACK or the commit, so a debug build on a busy machine gets a few hundred
+    // through.
     assert!(
         acked.len() > MIN_STREAMED,
         "the daemon kept accepting during the outages: {}",
@@ -117,7 +118,7 @@ impl KillPoints {
     }
 }
 
-/// Issue 17: write-behind keeps the promise. A steady 10 msg/s stream; the daemon is SIGKILLed
+/// Write-behind keeps the promise. A steady 10 msg/s stream; the daemon is SIGKILLed
 /// at random points, again and again, and restarted; in some rounds the broker is down too, so
 /// messages wait in memory for their commit window when the kill comes. Every message answered
 /// `ok` arrives.
@@ -670,7 +671,7 @@ fn batching_sends_strings_and_binary_alone_byte_for_byte() {
     );
 }
 
-/// Issue 24 item 7: a spool from before incremental vacuum (4 KiB pages, no auto-vacuum) on a
+/// A spool from before incremental vacuum (4 KiB pages, no auto-vacuum) on a
 /// disk with less free space than the spool's size: the one-time conversion (VACUUM, which
 /// rewrites the whole file through the WAL) cannot run. The daemon starts anyway, says why in
 /// the journal, and delivers the old spool's messages. Before, it exited 1 and systemd
@@ -706,7 +707,7 @@ fn an_old_spool_on_a_nearly_full_disk_starts_and_delivers() {
     );
 }
 
-/// Issue 24 item 15: a full disk and an empty spool: nothing can be dropped, so the disk
+/// A full disk and an empty spool: nothing can be dropped, so the disk
 /// reserve (kept to let drops happen on a full disk) is given to a new message instead of
 /// refusing it while the reserve holds the space. Before, it was answered `spool_full`.
 #[test]
@@ -740,7 +741,7 @@ fn a_full_disk_and_an_empty_spool_give_the_reserve_to_new_messages() {
     );
 }
 
-/// Issue 24 item 4: a corrupt 4.4 MB spool on a disk with less than that free. The salvage
+/// A corrupt 4.4 MB spool on a disk with less than that free. The salvage
 /// reads the moved-aside file in place, a chunk at a time, and stops while 2 MiB are still
 /// free so the daemon keeps working; it publishes what it saved, and the next start goes on
 /// from where the last one stopped. Every message arrives, none twice. Before, the salvage

@@ -1,6 +1,6 @@
 """A small IAM policy evaluator: enough of the language this template uses, strictly.
 
-moto enforces neither resource policies nor aws:SourceIp (FIELD-NOTES), so the tests evaluate
+moto enforces neither resource policies nor aws:SourceIp (docs/security.md), so the tests evaluate
 the template's policies here: Allow/Deny statements, Action/Resource wildcards (* and ?),
 policy variables such as ${cognito-identity.amazonaws.com:sub} in resources, and the condition
 operators StringEquals, StringLike, IpAddress, NotIpAddress, ArnEquals and ArnNotEquals (with

@@ -1,7 +1,8 @@
-"""The attach function (issue 14, point 2), extracted from the template and run against moto
+"""The attach function (the stack attaches the IoT policy; devices hold no iot:AttachPolicy),
+extracted from the template and run against moto
 (mock_aws) as a device would call it: with the ID token the user pool gave the device.
 
-moto runs no Lambda code without Docker (FIELD-NOTES), so the handler runs in-process. moto's
+moto runs no Lambda code without Docker, so the handler runs in-process. moto's
 GetId ignores Logins and hands out a fresh identity on every call: the tests therefore check
 that the identity comes from GetId (a new one of the pool), never from the payload, and that
 only the stack's policy is attached to it.

@@ -1,4 +1,4 @@
-"""tests/support/aws_gate.py: the test bed enforces what AWS enforces (issue 23, item 2).
+"""tests/support/aws_gate.py: the test bed enforces what AWS enforces (emulators alone do not).
 
 moto runs on 127.0.0.1, provision.py makes the account, and gates start in front of it (and of
 mosquitto when it is installed) with the template's own policies. Each test calls through a gate
@@ -98,7 +98,7 @@ def certificates(workdir):
 
 @pytest.fixture(scope="module")
 def broker(workdir, certificates):
-    """mosquitto with a wss listener (it listens on every interface, FIELD-NOTES) and a plain
+    """mosquitto with a wss listener (mosquitto binds websockets listeners to every interface) and a plain
     listener on 127.0.0.1 for the test's own publishes."""
     if not MOSQUITTO:
         yield None
@@ -269,7 +269,8 @@ def template_with_pool_classic_flow(tmp_path, allowed):
 # -- HTTP side
 
 def test_enhanced_flow_guest_is_refused_by_the_session_policy(gate, account):
-    """(a) The bug of issue 23: enhanced-flow guest credentials carry Cognito's session policy."""
+    """(a) Why guests use the basic flow: enhanced-flow guest credentials carry Cognito's session
+    policy, which allows no Secrets Manager action (docs/security.md)."""
     _, credentials = guest_enhanced(gate, account)
     sm = gate.client("secretsmanager", credentials)
     status, code, message = refusal(lambda: sm.get_secret_value(SecretId=account["secret_id"]))
@@ -325,7 +326,7 @@ def test_source_outside_device_cidrs_is_denied_by_the_resource_policy(start_gate
 
 
 def test_classic_flow_refused_when_the_pool_does_not_allow_it(start_gate, account, tmp_path):
-    """(d) A pool with AllowClassicFlow false (the stacks before issue 23) refuses
+    """(d) A pool with AllowClassicFlow false (stacks from templates before the basic flow was always on) refuses
     GetOpenIdToken as Cognito does; the current template allows it whatever the parameter says."""
     gate = start_gate(template=template_with_pool_classic_flow(tmp_path, False))
     identity = gate.client("cognito-identity")
@@ -333,7 +334,7 @@ def test_classic_flow_refused_when_the_pool_does_not_allow_it(start_gate, accoun
     status, code, message = refusal(lambda: identity.get_open_id_token(IdentityId=identity_id))
     assert (status, code) == (400, "InvalidParameterException")
     assert message == "Basic (classic) flow is not enabled, please use enhanced flow."
-    # Such a stack leaves devices the enhanced flow only: the guest read fails (issue 23).
+    # Such a stack leaves devices the enhanced flow only: the guest read fails.
     _, credentials = guest_enhanced(gate, account)
     status, code, _ = refusal(lambda: gate.client("secretsmanager", credentials).get_secret_value(
         SecretId=account["secret_id"]))
@@ -344,7 +345,7 @@ def test_the_template_allows_the_classic_flow_whatever_the_parameter(start_gate,
     gate = start_gate("--param", "AllowClassicFlow=false")
     pool = cfn.load_template()["Resources"]["CognitoIdentityPool"]["Properties"]
     if pool["AllowClassicFlow"] is not True:
-        pytest.xfail("cognito.yml still lets AllowClassicFlow=false disable the basic flow (issue 23 item 1)")
+        pytest.xfail("cognito.yml still lets AllowClassicFlow=false disable the basic flow")
     _, credentials = guest_classic(gate, account)
     assert gate.client("secretsmanager", credentials).get_secret_value(SecretId=account["secret_id"])
 

@@ -133,7 +133,7 @@ def topic_filter(stack, *parts):
     return f"arn:aws:iot:{REGION}:{ACCOUNT}:topicfilter/" + "/".join([pool(stack), *parts])
 
 
-# Issue 15: the downlink. A device subscribes to filters under its own prefix and receives on
+# The downlink: a device subscribes to filters under its own prefix and receives on
 # its own topics, in the role and in the IoT policy alike; nothing wider.
 @pytest.mark.parametrize("where", ["role", "iot-policy"])
 def test_a_device_subscribes_and_receives_only_under_its_own_prefix(stack, where):
@@ -162,7 +162,8 @@ def test_auth_role_connects_only_as_its_own_identity(stack):
     assert iam.evaluate(statements, "iot:Connect", client + "any", me) != iam.ALLOW
 
 
-# Issue 14, point 2: AttachPolicy cannot be scoped to a policy or a target, so no device holds it.
+# AttachPolicy cannot be scoped to a policy or a target, so no device holds it (the stack's
+# function attaches the policy).
 @pytest.mark.parametrize("role", ["IAMAuthenticatedRole", "IAMUnAuthenticatedRole"])
 def test_no_device_role_holds_iot_attach_policy(stack, role):
     statements = iam.role_statements(stack.properties(role))

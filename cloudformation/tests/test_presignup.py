@@ -23,7 +23,7 @@ def signup_event(email, source="PreSignUp_SignUp", user="device-0001"):
 
 @pytest.fixture
 def amazon(monkeypatch):
-    """The issue's examples use amazon.com as the allowed domain."""
+    """amazon.com as the allowed domain, a real domain that look-alike addresses can imitate."""
     monkeypatch.setenv("ALLOWED_EMAIL_DOMAIN", "amazon.com")
 
 

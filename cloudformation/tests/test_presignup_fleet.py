@@ -1,4 +1,4 @@
-"""The pre-sign-up trigger in self-register mode (issue 13), run against moto (mock_aws).
+"""The pre-sign-up trigger in self-register (fleet) mode, run against moto (mock_aws).
 
 The secret is the one the template's custom resource makes ({"registration_code": ...} under
 <UserPoolId>_<Prefix>-app-user); the handler reads it with boto3 as it does in Lambda. moto runs

@@ -1,4 +1,4 @@
-"""Template-wide rules of issue 8 that neither cfn-lint nor checkov states."""
+"""Template-wide rules that neither cfn-lint nor checkov states."""
 import json
 import re
 
@@ -156,7 +156,7 @@ def test_attach_function_role_grants_exactly_the_calls_its_code_makes(template, 
         "iot:AttachPolicy"}
 
 
-# ------------------------------------------------------------------ issue 14: safe updates
+# ------------------------------------------------------------------ safe updates
 
 @pytest.mark.parametrize("name", ["CognitoUserPool", "CognitoIdentityPool"])
 def test_pools_are_retained_on_delete_and_replacement(template, name):
@@ -244,7 +244,7 @@ def test_device_roles_replaced_by_the_renaming_are_kept_for_running_devices(temp
         assert role["DeletionPolicy"] == "Delete", name
 
 
-# ------------------------------------------------------------------ issue 14: logging, flows, WAF
+# ------------------------------------------------------------------ logging, flows, WAF
 
 def conditional(template, condition):
     return sorted(name for name, r in template["Resources"].items() if r.get("Condition") == condition)
@@ -347,7 +347,7 @@ def test_presignup_concurrency_is_capped_when_asked(template):
     assert capped.properties("PreSignUpFunction")["ReservedConcurrentExecutions"] == "20"
 
 
-# ------------------------------------------------------------------ issue 14: "any network"
+# ------------------------------------------------------------------ "any network"
 
 def rule_passes(template, parameters):
     """Evaluates the template's Rules (the functions they use) for `parameters`."""

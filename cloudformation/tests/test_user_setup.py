@@ -454,7 +454,7 @@ def test_response_delivery_is_retried(cloud, user_setup, cfn_responses):
     assert [a["Status"] for a in cfn_responses.answers] == ["SUCCESS", "SUCCESS"]
 
 
-# ------------------------------------------------------------------ issue 13: self-register mode
+# ------------------------------------------------------------------ self-register (fleet) mode
 
 def fleet_props(cloud):
     return dict(cloud.props, RegistrationMode="self-register")

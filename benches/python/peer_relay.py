@@ -3,7 +3,7 @@
 for Python v2 (`awsiotsdk`, on top of `awscrt`) instead of running iot-cognito-relay, written
 as lean as a careful awscrt relay can be.
 
-It speaks the same socket protocol as the daemon (SPEC.md, "Socket protocol"): newline-delimited
+It speaks the same socket protocol as the daemon (docs/protocol.md): newline-delimited
 JSON on a Unix stream socket, one object per line,
     {"topic": "...", "payload": <any JSON>, "id": <optional str|number>, "qos": 1}
 and publishes each message to PREFIX + "/" + topic over MQTT 3.1.1 over WebSockets with SigV4
@@ -13,7 +13,7 @@ Design, and why each choice is the cheap one:
 - Answers: `{"id":..,"ok":true}` is sent once the broker PUBACKed the message (QoS 1) — the
   strongest promise a relay without a disk spool can make. `--ack queued` answers as soon as
   the message is handed to the CRT instead (in memory only: lost on a crash).
-- Event loop: uvloop when installed (bench/requirements.txt has it), else asyncio's own. Each
+- Event loop: uvloop when installed (benches/python/requirements.txt has it), else asyncio's own. Each
   client is an `asyncio.Protocol`: bytes arrive in `data_received`, no stream reader, no task
   and no await per chunk.
 - In-flight bound: at most --max-in-flight publishes are unacknowledged at once. A client
@@ -84,7 +84,7 @@ _std_decode = json.JSONDecoder().decode
 _std_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 try:
-    # orjson (bench/requirements.txt has it) is about 4x faster on this path. Whatever it
+    # orjson (benches/python/requirements.txt has it) is about 4x faster on this path. Whatever it
     # refuses (integers beyond 64 bits, NaN, ...) goes to the standard library, so the accepted
     # input and the output are the same either way.
     import orjson
