@@ -10,7 +10,6 @@ pub mod cache;
 pub mod device;
 pub mod user_pool;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -28,9 +27,7 @@ use user_pool::{SignUpOutcome, UserPoolTokens};
 
 use crate::config::IdentityConfig;
 use crate::heartbeat::Heartbeat;
-use crate::identity::aws::{
-    AwsCredentials, AwsFailure, OPERATION_TIMEOUT, credentials_for_identity,
-};
+use crate::identity::aws::{AwsCredentials, AwsFailure, OPERATION_TIMEOUT};
 use crate::repeats::Repeats;
 use crate::retry::Backoff;
 
@@ -652,54 +649,38 @@ impl IdentityManager {
         standing: &SignedIn,
         heartbeat: &Heartbeat,
     ) -> Result<(String, AwsCredentials), IdentityError> {
-        let logins = user_pool_logins(
+        let logins = aws::user_pool_logins(
             &standing.secret.user_pool_id,
             standing.tokens.id_token.expose(),
         );
-        let cognito = aws_sdk_cognitoidentity::Client::new(&self.base);
+        let pool = &self.config.identity_pool_id;
         if let Some(cached) = self.cache.identity_id.clone() {
             match heartbeat
                 .bounded(
                     step_limit(1),
-                    self.credentials_for(&cognito, &cached, &logins),
+                    aws::authenticated_credentials(
+                        &self.base,
+                        pool,
+                        Some(cached.clone()),
+                        logins.clone(),
+                    ),
                 )
                 .await
             {
-                Ok(credentials) => return Ok((cached, credentials)),
+                Ok(found) => return Ok(found),
                 Err(error) if error.is_one_of(&bootstrap::IDENTITY_GONE) => {
                     tracing::warn!(identity_id = %cached, %error, "cached identity id rejected; asking for a new one");
                 }
                 Err(error) => return Err(credentials_error(error)),
             }
         }
-        let get_id = cognito
-            .get_id()
-            .identity_pool_id(&self.config.identity_pool_id)
-            .set_logins(Some(logins.clone()))
-            .send();
-        let identity_id = heartbeat
-            .bounded(step_limit(1), get_id)
-            .await
-            .map_err(|e| credentials_error(AwsFailure::from_sdk(&e)))?
-            .identity_id
-            .ok_or_else(|| IdentityError::Credentials("GetId returned no id".into()))?;
-        let credentials = heartbeat
+        heartbeat
             .bounded(
-                step_limit(1),
-                self.credentials_for(&cognito, &identity_id, &logins),
+                step_limit(2),
+                aws::authenticated_credentials(&self.base, pool, None, logins),
             )
             .await
-            .map_err(credentials_error)?;
-        Ok((identity_id, credentials))
-    }
-
-    async fn credentials_for(
-        &self,
-        cognito: &aws_sdk_cognitoidentity::Client,
-        identity_id: &str,
-        logins: &HashMap<String, String>,
-    ) -> Result<AwsCredentials, AwsFailure> {
-        credentials_for_identity(cognito, identity_id, Some(logins.clone())).await
+            .map_err(credentials_error)
     }
 
     fn save_cache(&self) {
@@ -707,18 +688,6 @@ impl IdentityManager {
             tracing::warn!(%error, "cannot write the identity cache; the identity id may change at the next start");
         }
     }
-}
-
-/// The `Logins` map of `GetId` / `GetCredentialsForIdentity` for a user pool's ID token.
-pub fn user_pool_logins(user_pool_id: &str, id_token: &str) -> HashMap<String, String> {
-    let pool_region = user_pool_id
-        .split_once('_')
-        .map(|(region, _)| region)
-        .unwrap_or_default();
-    HashMap::from([(
-        format!("cognito-idp.{pool_region}.amazonaws.com/{user_pool_id}"),
-        id_token.to_owned(),
-    )])
 }
 
 /// A failed step 4: refused for good when AWS named a reason retrying will not fix.
