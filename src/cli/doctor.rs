@@ -386,7 +386,8 @@ pub async fn diagnose(
         );
         return report;
     };
-    let logins = crate::identity::user_pool_logins(&secret.user_pool_id, tokens.id_token.expose());
+    let logins =
+        crate::identity::aws::user_pool_logins(&secret.user_pool_id, tokens.id_token.expose());
     let credentials = match credentials_for_identity(&cognito, &identity_id, Some(logins)).await {
         Ok(credentials) => {
             report.pass("credentials", format!("identity {identity_id}"));

@@ -1,6 +1,7 @@
 //! AWS SDK plumbing shared by the identity steps: one HTTP client (rustls with ring, the same
 //! crypto as the MQTT side), region, endpoint overrides and timeouts.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use aws_config::{BehaviorVersion, Region, SdkConfig, timeout::TimeoutConfig};
@@ -122,7 +123,7 @@ impl AwsCredentials {
 pub async fn credentials_for_identity(
     cognito: &aws_sdk_cognitoidentity::Client,
     identity_id: &str,
-    logins: Option<std::collections::HashMap<String, String>>,
+    logins: Option<HashMap<String, String>>,
 ) -> Result<AwsCredentials, AwsFailure> {
     let output = cognito
         .get_credentials_for_identity()
@@ -135,6 +136,53 @@ pub async fn credentials_for_identity(
         .credentials
         .ok_or_else(|| AwsFailure::empty_answer("GetCredentialsForIdentity"))?;
     Ok(AwsCredentials::from_cognito(credentials))
+}
+
+/// `GetId`: the identity pool's identity id, for the user pool's ID token in `logins` or, without
+/// them, an unauthenticated one.
+pub async fn get_id(
+    cognito: &aws_sdk_cognitoidentity::Client,
+    identity_pool_id: &str,
+    logins: Option<HashMap<String, String>>,
+) -> Result<String, AwsFailure> {
+    cognito
+        .get_id()
+        .identity_pool_id(identity_pool_id)
+        .set_logins(logins)
+        .send()
+        .await
+        .map_err(|e| AwsFailure::from_sdk(&e))?
+        .identity_id
+        .ok_or_else(|| AwsFailure::empty_answer("GetId"))
+}
+
+/// Step 4: authenticated credentials for `identity_id`, or for a new identity id (`GetId`)
+/// when there is none; with the id they are for.
+pub async fn authenticated_credentials(
+    base: &SdkConfig,
+    identity_pool_id: &str,
+    identity_id: Option<String>,
+    logins: HashMap<String, String>,
+) -> Result<(String, AwsCredentials), AwsFailure> {
+    let cognito = aws_sdk_cognitoidentity::Client::new(base);
+    let identity_id = match identity_id {
+        Some(known) => known,
+        None => get_id(&cognito, identity_pool_id, Some(logins.clone())).await?,
+    };
+    let credentials = credentials_for_identity(&cognito, &identity_id, Some(logins)).await?;
+    Ok((identity_id, credentials))
+}
+
+/// The `Logins` map of `GetId` / `GetCredentialsForIdentity` for a user pool's ID token.
+pub fn user_pool_logins(user_pool_id: &str, id_token: &str) -> HashMap<String, String> {
+    let pool_region = user_pool_id
+        .split_once('_')
+        .map(|(region, _)| region)
+        .unwrap_or_default();
+    HashMap::from([(
+        format!("cognito-idp.{pool_region}.amazonaws.com/{user_pool_id}"),
+        id_token.to_owned(),
+    )])
 }
 
 /// A failed AWS call: the service's error code when it sent one (what decides between

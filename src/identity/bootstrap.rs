@@ -9,7 +9,8 @@ use aws_config::SdkConfig;
 
 use super::IdentityError;
 use crate::identity::aws::{
-    AwsCredentials, AwsFailure, credentials_for_identity, describe, error_code, to_system_time,
+    AwsCredentials, AwsFailure, credentials_for_identity, describe, error_code, get_id,
+    to_system_time,
 };
 use crate::secret::Secret;
 
@@ -115,14 +116,7 @@ async fn unauthenticated_once(
     let identity_id = match unauth_identity_id {
         Some(id) => id.clone(),
         None => {
-            let id = cognito
-                .get_id()
-                .identity_pool_id(identity_pool_id)
-                .send()
-                .await
-                .map_err(|e| AwsFailure::from_sdk(&e))?
-                .identity_id
-                .ok_or_else(|| AwsFailure::empty_answer("GetId"))?;
+            let id = get_id(cognito, identity_pool_id, None).await?;
             *unauth_identity_id = Some(id.clone());
             id
         }
