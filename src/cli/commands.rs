@@ -8,12 +8,9 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::cli::args::{Command, SocketArgs};
+use crate::cli::exit::{EXIT_FAILURE, EXIT_USAGE, fail};
 use crate::cli::{run, socket_client as client, stack_config as stack};
 use crate::config;
-
-/// Exit codes: 0 success, 2 usage or config error, 1 anything else.
-pub(crate) const EXIT_FAILURE: u8 = 1;
-pub(crate) const EXIT_USAGE: u8 = 2;
 
 /// Runs one command to its end and says how it went (its exit code).
 pub fn dispatch(command: Command) -> ExitCode {
@@ -240,10 +237,4 @@ fn print_answer(
         }
         Err(error) => fail(EXIT_FAILURE, error),
     }
-}
-
-/// One line on stderr naming the program, and the exit code.
-pub(crate) fn fail(code: u8, error: impl std::fmt::Display) -> ExitCode {
-    eprintln!("iot-cognito-relay: {error}");
-    ExitCode::from(code)
 }

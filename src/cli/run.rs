@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use crate::cli::commands::{EXIT_FAILURE, EXIT_USAGE, fail};
+use crate::cli::exit::{EXIT_FAILURE, EXIT_USAGE, fail};
 use crate::config;
 use crate::daemon;
 use crate::ops::logging;
