@@ -17,9 +17,10 @@
 //!
 //! Around them: `daemon/` builds the tasks and supervises them, `config/` loads and validates
 //! the config file, `ops/` speaks to systemd and journald and reports status, `cli/` holds the
-//! command line and the commands that talk to a running daemon. `topic`, `retry`, `secret`,
-//! `heartbeat` (signs of life for the watchdog) and `repeats` (rate-limited warnings) are small
-//! rules and plumbing every stage shares.
+//! command line and the commands that talk to a running daemon. `topic`, `topic_filter`,
+//! `device_name`, `message`, `retry`, `secret`, `heartbeat` (signs of life for the watchdog)
+//! and `repeats` (rate-limited warnings) are small rules and plumbing every stage shares; they
+//! and `config` import no stage.
 
 #![warn(missing_docs)]
 
@@ -28,6 +29,7 @@
 pub mod cli;
 mod config;
 mod daemon;
+mod device_name;
 mod downlink;
 mod heartbeat;
 mod identity;
@@ -41,3 +43,4 @@ mod secret;
 mod spool;
 mod state_file;
 pub mod topic;
+mod topic_filter;

@@ -1,17 +1,36 @@
 //! `run`: the daemon in the foreground, as systemd starts it: the runtime, signal handlers
 //! (SIGTERM/SIGINT stop, SIGHUP reloads) and the exit code of a failed start.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use crate::cli::exit::{EXIT_FAILURE, EXIT_USAGE, fail};
-use crate::config;
+use crate::config::{Config, ConfigError};
 use crate::daemon;
 use crate::ops::logging;
+use crate::publish::tls::tls_config;
+
+/// The config as `run` uses it, for every command that reads it: loaded and validated, and
+/// its CA bundle readable. The bundle is the TLS side's to load, not config validation's; a
+/// broken one is reported like any invalid key (exit 2), before anything starts.
+pub(super) fn load_config(path: &Path) -> Result<Config, ConfigError> {
+    let config = Config::load(path)?;
+    if !config.mqtt.ca_file.is_empty()
+        && let Err(error) = tls_config(&config.mqtt.ca_file)
+    {
+        return Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            key: "mqtt.ca_file",
+            reason: error.to_string(),
+        });
+    }
+    Ok(config)
+}
 
 /// Loads the config, runs the daemon until a signal stops it, and maps a failure to an exit
 /// code (2 for what a restart cannot cure).
-pub fn run_daemon(path: &std::path::Path) -> ExitCode {
-    let config = match config::Config::load(path) {
+pub fn run_daemon(path: &Path) -> ExitCode {
+    let config = match load_config(path) {
         Ok(config) => config,
         Err(error) => return fail(EXIT_USAGE, error),
     };
@@ -80,14 +99,14 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 async fn reload_on_sighup(
     hangup: std::io::Result<tokio::signal::unix::Signal>,
     path: std::path::PathBuf,
-    reloads: tokio::sync::mpsc::Sender<config::Config>,
+    reloads: tokio::sync::mpsc::Sender<Config>,
 ) {
     let Ok(mut hup) = hangup else {
         tracing::warn!("cannot handle SIGHUP; reload needs a restart");
         return;
     };
     while hup.recv().await.is_some() {
-        match config::Config::load(&path) {
+        match load_config(&path) {
             Ok(config) => {
                 if reloads.send(config).await.is_err() {
                     return;
