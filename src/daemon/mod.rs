@@ -356,7 +356,7 @@ fn spawn_tasks(config: &Config, parts: Parts) -> Supervisor {
         limits,
         spool: spool.clone(),
         rules,
-        status: status.clone(),
+        status: Arc::new(status.clone()),
         stopping: stopping.clone(),
         heartbeat: heartbeat(Task::SocketServer),
         downlink: downlink.clone(),

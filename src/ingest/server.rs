@@ -23,7 +23,6 @@ use crate::downlink::{AckError, Downlink};
 use crate::heartbeat::Heartbeat;
 use crate::ingest::protocol::{ErrorCode, MAX_LINE_BYTES, Rejection, Request, ok_line, parse_line};
 use crate::ingest::records::{Next, RecordReader};
-use crate::ops::status::StatusSource;
 use crate::repeats::Repeats;
 use crate::spool::{AppendError, DeadLetterAction, DeadLetterReply, Spool};
 use crate::topic::TopicRules;
@@ -90,6 +89,12 @@ pub async fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
     Ok(listener)
 }
 
+/// What a `status` request is answered with: the daemon's state, assembled by the reporting
+/// layer above the stages. The socket only relays it.
+pub trait StatusReport: Send + Sync {
+    fn status(&self) -> Value;
+}
+
 /// Serves the socket until the daemon stops.
 pub struct IngestServer {
     pub listener: UnixListener,
@@ -97,7 +102,7 @@ pub struct IngestServer {
     pub limits: Arc<SocketConfig>,
     pub spool: Spool,
     pub rules: Arc<TopicRules>,
-    pub status: StatusSource,
+    pub status: Arc<dyn StatusReport>,
     pub stopping: watch::Receiver<bool>,
     pub heartbeat: Heartbeat,
     /// Cloud-to-device messages for apps that subscribe.
@@ -354,7 +359,7 @@ enum Pending {
 struct Peer {
     spool: Spool,
     rules: Arc<TopicRules>,
-    status: StatusSource,
+    status: Arc<dyn StatusReport>,
     stopping: watch::Receiver<bool>,
     limits: Arc<SocketConfig>,
     downlink: Downlink,
@@ -423,7 +428,7 @@ impl Peer {
                         Err(error) => Some(ack_refusal(id, &error).to_line()),
                     },
                     Pending::Status { id } => Some(with_id(
-                        serde_json::json!({"ok": true, "status": status.snapshot()}),
+                        serde_json::json!({"ok": true, "status": status.status()}),
                         id,
                     )),
                     Pending::DeadLetters { id, action } => {
