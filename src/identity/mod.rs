@@ -19,7 +19,7 @@ use aws_config::SdkConfig;
 use rand::Rng;
 use tokio::sync::watch;
 
-pub use attach::{RefusalSignal, is_authorization_refusal};
+pub use attach::RefusalSignal;
 pub use bootstrap::DeviceSecret;
 use bootstrap::Registration;
 pub use cache::IdentityCache;

@@ -7,6 +7,7 @@ mod flow;
 pub(crate) mod inbound;
 pub(crate) mod mqtt;
 pub(crate) mod quota;
+pub(crate) mod refusal;
 mod signer;
 pub mod tls;
 
