@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use crate::downlink::InboxStats;
 use crate::identity::IdentityWatch;
 use crate::ingest::server::StatusReport;
-use crate::publish::connection::{LinkReport, LinkState, PublishCounters};
+use crate::publish::publisher::{LinkReport, LinkState, PublishCounters};
 use crate::spool::SpoolStats;
 
 /// `status`'s `state` (docs/protocol.md).
