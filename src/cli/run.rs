@@ -116,3 +116,40 @@ async fn reload_on_sighup(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_ca_bundle_is_a_config_error_of_its_key_found_at_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "no certificate here\n").expect("write ca");
+        let path = dir.path().join("config.toml");
+        let identity = "[identity]\nidentity_pool_id = \"eu-west-1:0b7c5a57-6a4f-4a62-9d36-3f1c0e3b6a11\"\nsecret_id = \"s\"\n";
+        let with_ca = format!(
+            "{identity}[mqtt]\nca_file = {:?}\n",
+            ca.display().to_string()
+        );
+        std::fs::write(&path, with_ca).expect("write config");
+        assert!(
+            Config::load(&path).is_ok(),
+            "config validation does not read the bundle"
+        );
+        let error = load_config(&path).expect_err("a bundle without a certificate");
+        assert!(
+            matches!(
+                &error,
+                ConfigError::Invalid {
+                    key: "mqtt.ca_file",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert!(error.to_string().contains("ca.pem"), "{error}");
+        std::fs::write(&path, identity).expect("write config");
+        assert!(load_config(&path).is_ok(), "the built-in roots");
+    }
+}
