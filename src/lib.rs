@@ -10,6 +10,7 @@
 pub mod cli;
 mod config;
 mod daemon;
+mod device_name;
 mod downlink;
 mod heartbeat;
 mod identity;
@@ -23,3 +24,4 @@ mod secret;
 mod spool;
 mod state_file;
 pub mod topic;
+mod topic_filter;

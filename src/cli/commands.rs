@@ -8,12 +8,10 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::cli::args::{Command, SocketArgs};
+use crate::cli::exit::{EXIT_FAILURE, EXIT_USAGE, fail};
 use crate::cli::{run, socket_client as client, stack_config as stack};
 use crate::config;
-
-/// Exit codes: 0 success, 2 usage or config error, 1 anything else.
-pub(crate) const EXIT_FAILURE: u8 = 1;
-pub(crate) const EXIT_USAGE: u8 = 2;
+use crate::identity::device;
 
 /// Runs one command to its end and says how it went (its exit code).
 pub fn dispatch(command: Command) -> ExitCode {
@@ -80,7 +78,7 @@ fn socket_path(args: &SocketArgs) -> Result<PathBuf, ExitCode> {
         return Ok(socket.clone());
     }
     let named = args.config != Path::new(config::DEFAULT_CONFIG_PATH) && args.config.exists();
-    match config::Config::load(&args.config) {
+    match run::load_config(&args.config) {
         Ok(config) => Ok(config.socket.path),
         Err(error) if named => Err(fail(EXIT_USAGE, error)),
         Err(_) => Ok(config::SocketConfig::default().path),
@@ -90,10 +88,10 @@ fn socket_path(args: &SocketArgs) -> Result<PathBuf, ExitCode> {
 /// Prints the effective config, secrets masked; exit 2 when it does not load, 1 when the
 /// installed unit's sandbox would not let the daemon write a path it names.
 fn check_config(path: &Path) -> ExitCode {
-    match config::Config::load(path) {
+    match run::load_config(path) {
         Ok(config) => {
             print!("{}", config.to_redacted_toml());
-            println!("{}", config.registration_note());
+            println!("{}", registration_note(&config.identity));
             let findings = installed_unit_sandbox()
                 .map(|sandbox| sandbox.findings(&config))
                 .unwrap_or_default();
@@ -110,10 +108,25 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
+/// For `check-config`: the user name this device registers as on a self-register stack
+/// (the mode itself is in the stack's secret, read at start; `status` shows it).
+fn registration_note(identity: &config::IdentityConfig) -> String {
+    match device::device_name(&identity.device_name, &identity.identity_pool_id) {
+        Ok(name) if identity.device_name.is_empty() => format!(
+            "# self-register stacks: this device registers as {name:?} (derived from {}); shared-user stacks ignore it",
+            device::MACHINE_ID
+        ),
+        Ok(name) => format!(
+            "# self-register stacks: this device registers as {name:?}; shared-user stacks ignore it"
+        ),
+        Err(error) => format!("# self-register stacks: {error}"),
+    }
+}
+
 /// Walks the onboarding chain (see `doctor.rs`); exit 0 all passed, 1 a step failed, 2 an
 /// invalid config.
 fn doctor(path: &Path, json: bool) -> ExitCode {
-    let config = match config::Config::load(path) {
+    let config = match run::load_config(path) {
         Ok(config) => config,
         Err(error) => return fail(EXIT_USAGE, error),
     };
@@ -240,10 +253,4 @@ fn print_answer(
         }
         Err(error) => fail(EXIT_FAILURE, error),
     }
-}
-
-/// One line on stderr naming the program, and the exit code.
-pub(crate) fn fail(code: u8, error: impl std::fmt::Display) -> ExitCode {
-    eprintln!("iot-cognito-relay: {error}");
-    ExitCode::from(code)
 }

@@ -22,9 +22,8 @@ use crate::identity::bootstrap::{DeviceSecret, fetch_device_secret, unauthentica
 use crate::identity::cache::IdentityCache;
 use crate::identity::device::DeviceFile;
 use crate::identity::user_pool;
+use crate::publish::refusal::{MAX_CLOCK_SKEW, Refusal};
 
-/// More than this between the device's clock and AWS's: SigV4 signatures are refused.
-const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// How long a trial connection may take (TCP, TLS, upgrade, CONNECT, CONNACK).
 const CONNECT_WAIT: Duration = Duration::from_secs(15);
 /// How long the running daemon may take to answer `status`.
@@ -518,7 +517,7 @@ async fn mqtt_steps(
             "check the IoT policy attached to this identity (the stack's policy allows its own client id)",
         ),
         Ok(Err(Some(error)))
-            if crate::identity::is_authorization_refusal(&error)
+            if Refusal::classify(&error, SystemTime::now()) != Refusal::Other
                 || crate::publish::mqtt::closed_by_broker(&error) =>
         {
             report.fail(

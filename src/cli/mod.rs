@@ -4,6 +4,7 @@
 pub mod args;
 pub mod commands;
 mod doctor;
+mod exit;
 mod run;
 pub(crate) mod socket_client;
 mod stack_config;

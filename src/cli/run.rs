@@ -1,17 +1,36 @@
 //! `run`: the daemon in the foreground, as systemd starts it: the runtime, signal handlers
 //! (SIGTERM/SIGINT stop, SIGHUP reloads) and the exit code of a failed start.
 
+use std::path::Path;
 use std::process::ExitCode;
 
-use crate::cli::commands::{EXIT_FAILURE, EXIT_USAGE, fail};
-use crate::config;
+use crate::cli::exit::{EXIT_FAILURE, EXIT_USAGE, fail};
+use crate::config::{Config, ConfigError};
 use crate::daemon;
 use crate::ops::logging;
+use crate::publish::tls::tls_config;
+
+/// The config as `run` uses it, for every command that reads it: loaded and validated, and
+/// its CA bundle readable. The bundle is the TLS side's to load, not config validation's; a
+/// broken one is reported like any invalid key (exit 2), before anything starts.
+pub(super) fn load_config(path: &Path) -> Result<Config, ConfigError> {
+    let config = Config::load(path)?;
+    if !config.mqtt.ca_file.is_empty()
+        && let Err(error) = tls_config(&config.mqtt.ca_file)
+    {
+        return Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            key: "mqtt.ca_file",
+            reason: error.to_string(),
+        });
+    }
+    Ok(config)
+}
 
 /// Loads the config, runs the daemon until a signal stops it, and maps a failure to an exit
 /// code (2 for what a restart cannot cure).
-pub fn run_daemon(path: &std::path::Path) -> ExitCode {
-    let config = match config::Config::load(path) {
+pub fn run_daemon(path: &Path) -> ExitCode {
+    let config = match load_config(path) {
         Ok(config) => config,
         Err(error) => return fail(EXIT_USAGE, error),
     };
@@ -80,14 +99,14 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 async fn reload_on_sighup(
     hangup: std::io::Result<tokio::signal::unix::Signal>,
     path: std::path::PathBuf,
-    reloads: tokio::sync::mpsc::Sender<config::Config>,
+    reloads: tokio::sync::mpsc::Sender<Config>,
 ) {
     let Ok(mut hup) = hangup else {
         tracing::warn!("cannot handle SIGHUP; reload needs a restart");
         return;
     };
     while hup.recv().await.is_some() {
-        match config::Config::load(&path) {
+        match load_config(&path) {
             Ok(config) => {
                 if reloads.send(config).await.is_err() {
                     return;
@@ -95,5 +114,42 @@ async fn reload_on_sighup(
             }
             Err(error) => tracing::error!(%error, "reload failed; keeping the running config"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_ca_bundle_is_a_config_error_of_its_key_found_at_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "no certificate here\n").expect("write ca");
+        let path = dir.path().join("config.toml");
+        let identity = "[identity]\nidentity_pool_id = \"eu-west-1:0b7c5a57-6a4f-4a62-9d36-3f1c0e3b6a11\"\nsecret_id = \"s\"\n";
+        let with_ca = format!(
+            "{identity}[mqtt]\nca_file = {:?}\n",
+            ca.display().to_string()
+        );
+        std::fs::write(&path, with_ca).expect("write config");
+        assert!(
+            Config::load(&path).is_ok(),
+            "config validation does not read the bundle"
+        );
+        let error = load_config(&path).expect_err("a bundle without a certificate");
+        assert!(
+            matches!(
+                &error,
+                ConfigError::Invalid {
+                    key: "mqtt.ca_file",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert!(error.to_string().contains("ca.pem"), "{error}");
+        std::fs::write(&path, identity).expect("write config");
+        assert!(load_config(&path).is_ok(), "the built-in roots");
     }
 }

@@ -1,9 +1,14 @@
 //! `[downlink]` and `[health]`: cloud-to-device topics and the device health report.
 
-use super::*;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{ByteSize, Config, duration};
+use crate::message::MAX_PAYLOAD_BYTES;
 
 /// The inbox must hold at least one full-size message with its topic.
-const MIN_INBOX_BYTES: u64 = 2 * MAX_PAYLOAD_BYTES;
+const MIN_INBOX_BYTES: u64 = 2 * MAX_PAYLOAD_BYTES as u64;
 /// IoT Core accepts at most 8 filters per SUBSCRIBE and 50 subscriptions per connection.
 pub const MAX_DOWNLINK_TOPICS: usize = 50;
 /// A health report more often than this would only eat the publish quota.
@@ -61,7 +66,7 @@ impl Config {
             ));
         }
         for filter in &self.downlink.topics {
-            if let Err(error) = crate::downlink::filter::validate(rules, filter) {
+            if let Err(error) = crate::topic_filter::validate(rules, filter) {
                 return Err(("downlink.topics", format!("{filter:?}: {error}")));
             }
         }
@@ -84,6 +89,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ConfigError;
 
     fn load(extra: &str) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -11,13 +11,12 @@ mod trust;
 mod units;
 mod validate;
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
-use crate::message::Qos;
+use crate::message::{MAX_PAYLOAD_BYTES, Qos};
 pub use downlink::{DownlinkConfig, HealthConfig};
 pub use network::{NetworkConfig, Proxy, ProxyError};
 
@@ -29,8 +28,6 @@ pub use units::{ByteSize, Delimiter, FileMode};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/iot-cognito-relay/config.toml";
 /// Prefix of environment overrides, e.g. `IOT_COGNITO_RELAY__SOCKET__PATH`.
 pub const ENV_PREFIX: &str = "IOT_COGNITO_RELAY";
-/// IoT Core rejects payloads above 128 KB; a batch must fit in one payload.
-pub const MAX_PAYLOAD_BYTES: u64 = 128 * 1024;
 /// IoT Core accepts keep-alive values between 30 s and 1200 s.
 const KEEP_ALIVE_RANGE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(1200));
 /// Longest `identity.start_delay`: past an hour a device would look dead after every boot.
@@ -327,7 +324,7 @@ impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
             max_messages: 1,
-            max_bytes: ByteSize(MAX_PAYLOAD_BYTES),
+            max_bytes: ByteSize(MAX_PAYLOAD_BYTES as u64),
             linger: Duration::ZERO,
         }
     }
@@ -382,25 +379,6 @@ impl Config {
         let mut config: Config = raw.try_deserialize().map_err(load_err)?;
         config.validate(path)?;
         Ok(config)
-    }
-
-    /// For `check-config`: the user name this device registers as on a self-register stack
-    /// (the mode itself is in the stack's secret, read at start; `status` shows it).
-    pub fn registration_note(&self) -> String {
-        let identity = &self.identity;
-        match crate::identity::device::device_name(
-            &identity.device_name,
-            &identity.identity_pool_id,
-        ) {
-            Ok(name) if identity.device_name.is_empty() => format!(
-                "# self-register stacks: this device registers as {name:?} (derived from {}); shared-user stacks ignore it",
-                crate::identity::device::MACHINE_ID
-            ),
-            Ok(name) => format!(
-                "# self-register stacks: this device registers as {name:?}; shared-user stacks ignore it"
-            ),
-            Err(error) => format!("# self-register stacks: {error}"),
-        }
     }
 
     /// The effective config as TOML, for `check-config`. Nothing in the config is a secret by

@@ -1,6 +1,8 @@
 //! Whether a config file can be trusted: who could have written it.
 
-use super::*;
+use std::path::Path;
+
+use super::ConfigError;
 
 /// Like the Device Client, trust a config only if no other user can have written it: the file
 /// must not be writable by everyone or by a group other than root, nor belong to another

@@ -1,6 +1,8 @@
 //! Units in the config file: sizes with binary units, durations as humantime strings.
 
-use super::*;
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A size in bytes, written with binary units (`512KiB`, `256MiB`) or as a plain number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,7 +1,14 @@
 //! Validation: every rule docs/configuration.md states, checked once at load, so the rest of the daemon can
 //! trust the values it is handed. Each check names the key at fault.
 
-use super::*;
+use std::path::Path;
+
+use super::{
+    Config, ConfigError, IdentityConfig, KEEP_ALIVE_RANGE, MAX_BATCH_MESSAGES, MAX_COMMIT_WINDOW,
+    MAX_DRAIN_TIMEOUT, MAX_IN_FLIGHT, MAX_START_DELAY, Proxy, SHORTEST_TOPIC, is_loopback_host,
+    url_host,
+};
+use crate::message::MAX_PAYLOAD_BYTES;
 
 /// The key at fault and why.
 type Invalid = (&'static str, String);
@@ -78,11 +85,10 @@ fn check_identity(identity: &IdentityConfig) -> Result<String, Invalid> {
 /// Fleet mode's keys: the device name's rule, a bounded start delay.
 fn check_fleet(identity: &IdentityConfig) -> Result<(), Invalid> {
     let name = &identity.device_name;
-    if !name.is_empty() && crate::identity::device::validate_name(name).is_err() {
-        return Err((
-            "identity.device_name",
-            format!("{name:?} is not a device name: use 1-64 characters of A-Z a-z 0-9 . _ -"),
-        ));
+    if !name.is_empty()
+        && let Err(error) = crate::device_name::validate_device_name(name)
+    {
+        return Err(("identity.device_name", error.to_string()));
     }
     if identity.start_delay > MAX_START_DELAY {
         return Err(("identity.start_delay", "must be at most 1h".into()));
@@ -90,7 +96,7 @@ fn check_fleet(identity: &IdentityConfig) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// Keep-alive, URLs and the CA bundle.
+/// Keep-alive and URLs. (The CA bundle is read by the TLS side; see `cli::run::load_config`.)
 fn check_urls(config: &Config) -> Result<(), Invalid> {
     let keep_alive = config.mqtt.keep_alive;
     if keep_alive < KEEP_ALIVE_RANGE.0 || keep_alive > KEEP_ALIVE_RANGE.1 {
@@ -121,11 +127,6 @@ fn check_urls(config: &Config) -> Result<(), Invalid> {
                 url_host(url)
             ),
         ));
-    }
-    if !config.mqtt.ca_file.is_empty()
-        && let Err(error) = crate::publish::tls::tls_config(&config.mqtt.ca_file)
-    {
-        return Err(("mqtt.ca_file", error.to_string()));
     }
     Ok(())
 }
@@ -185,7 +186,7 @@ fn check_topics(config: &Config) -> Result<(), Invalid> {
 
 /// Sizes, counts and the log filter.
 fn check_limits(config: &Config) -> Result<(), Invalid> {
-    if config.spool.max_bytes.0 < MAX_PAYLOAD_BYTES {
+    if config.spool.max_bytes.0 < MAX_PAYLOAD_BYTES as u64 {
         return Err((
             "spool.max_bytes",
             "must hold at least one full-size message (128KiB)".into(),
@@ -226,7 +227,7 @@ fn check_limits(config: &Config) -> Result<(), Invalid> {
             format!("must be between 1 (batching off) and {MAX_BATCH_MESSAGES}"),
         ));
     }
-    if config.batch.max_bytes.0 == 0 || config.batch.max_bytes.0 > MAX_PAYLOAD_BYTES {
+    if config.batch.max_bytes.0 == 0 || config.batch.max_bytes.0 > MAX_PAYLOAD_BYTES as u64 {
         return Err((
             "batch.max_bytes",
             "must be between 1 byte and 128KiB (IoT Core's payload limit)".into(),

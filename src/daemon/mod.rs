@@ -28,9 +28,9 @@ use crate::ops::health::{HEALTH_QUEUE, HealthReporter};
 use crate::ops::logging::LogControl;
 use crate::ops::notify;
 use crate::ops::status::StatusSource;
-use crate::publish::connection::Publisher;
 use crate::publish::inbound::Inbound;
 use crate::publish::mqtt::MqttSettings;
+use crate::publish::publisher::Publisher;
 use crate::publish::tls::{TlsError, proxy_tls_config, tls_config};
 use crate::spool::{self, Spool};
 use crate::topic::TopicRules;
@@ -356,7 +356,7 @@ fn spawn_tasks(config: &Config, parts: Parts) -> Supervisor {
         limits,
         spool: spool.clone(),
         rules,
-        status: status.clone(),
+        status: Arc::new(status.clone()),
         stopping: stopping.clone(),
         heartbeat: heartbeat(Task::SocketServer),
         downlink: downlink.clone(),

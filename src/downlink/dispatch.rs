@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::downlink::filter;
+use crate::topic_filter;
 
 /// Unacked messages one app may hold; more wait in the inbox until it acks. Bounds what a
 /// slow app pins in memory and in its socket buffer.
@@ -184,7 +184,7 @@ impl Dispatcher {
             let first_match = self
                 .apps
                 .iter_mut()
-                .find(|(_, app)| filter::any_matches(&app.filters, &entry.topic));
+                .find(|(_, app)| topic_filter::any_matches(&app.filters, &entry.topic));
             let Some((id, app)) = first_match else {
                 continue;
             };

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::downlink::dispatch::{AppId, Dispatcher};
-use crate::downlink::inbox::{Inbox, InboxError, InboxStats};
+use crate::downlink::inbox::{InboxError, InboxStats, InboxStore};
 use crate::downlink::render::message_line;
 use crate::repeats::Repeats;
 
@@ -75,7 +75,7 @@ pub struct Downlink {
 impl Downlink {
     /// Opens the inbox in `dir` and starts the hub thread.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Downlink, InboxError> {
-        let inbox = Inbox::open(dir, max_bytes)?;
+        let inbox = InboxStore::open(dir, max_bytes)?;
         let mut dispatcher = Dispatcher::default();
         for (seq, topic) in inbox.pending()? {
             dispatcher.arrive(seq, topic);
@@ -159,7 +159,7 @@ impl Downlink {
 }
 
 struct Hub {
-    inbox: Inbox,
+    inbox: InboxStore,
     dispatcher: Dispatcher,
     apps: HashMap<AppId, Deliveries>,
     stats: watch::Sender<InboxStats>,

@@ -76,8 +76,8 @@ pub struct Pushed {
     pub dropped: Vec<i64>,
 }
 
-/// See the module docs.
-pub struct Inbox {
+/// The inbox's SQLite file and its counters (see the module docs).
+pub struct InboxStore {
     db: Connection,
     max_bytes: u64,
     stats: InboxStats,
@@ -87,10 +87,10 @@ fn cost(topic: &str, payload: &[u8]) -> u64 {
     (topic.len() + payload.len()) as u64 + ROW_OVERHEAD
 }
 
-impl Inbox {
+impl InboxStore {
     /// Opens (or creates) `<dir>/inbox.db`. A file SQLite calls corrupt is moved aside (its
     /// messages are lost, which is logged) rather than keeping the daemon from starting.
-    pub fn open(dir: &Path, max_bytes: u64) -> Result<Inbox, InboxError> {
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<InboxStore, InboxError> {
         let path = dir.join(INBOX_FILE);
         // SQLite deletes the WAL when the connection that found the db corrupt closes: a hard
         // link keeps its messages (already acknowledged to the broker) for the move aside.
@@ -131,7 +131,7 @@ impl Inbox {
         }
     }
 
-    fn open_file(path: &Path, max_bytes: u64) -> Result<Inbox, InboxError> {
+    fn open_file(path: &Path, max_bytes: u64) -> Result<InboxStore, InboxError> {
         let open = |source| InboxError::Open {
             path: path.to_owned(),
             source,
@@ -169,7 +169,7 @@ impl Inbox {
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
             .map_err(open)?;
-        Ok(Inbox {
+        Ok(InboxStore {
             db,
             max_bytes,
             stats: InboxStats {
@@ -317,7 +317,7 @@ mod tests {
     #[test]
     fn messages_survive_a_reopen_in_order_until_removed() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut inbox = Inbox::open(dir.path(), 1 << 20).expect("open");
+        let mut inbox = InboxStore::open(dir.path(), 1 << 20).expect("open");
         let pushed = inbox
             .push(&batch(&[("commands/a", "1"), ("commands/b", "2")]))
             .expect("push");
@@ -326,7 +326,7 @@ mod tests {
         assert!(inbox.remove(pushed.stored[0].0).expect("remove"));
         assert!(!inbox.remove(pushed.stored[0].0).expect("again"), "gone");
         drop(inbox);
-        let inbox = Inbox::open(dir.path(), 1 << 20).expect("reopen");
+        let inbox = InboxStore::open(dir.path(), 1 << 20).expect("reopen");
         assert_eq!(
             inbox.pending().expect("pending"),
             vec![(pushed.stored[1].0, "commands/b".into())]
@@ -343,7 +343,7 @@ mod tests {
     fn over_max_bytes_the_oldest_are_dropped_and_counted() {
         let dir = tempfile::tempdir().expect("tempdir");
         let one = cost("t", &[b'x'; 100]);
-        let mut inbox = Inbox::open(dir.path(), one * 3).expect("open");
+        let mut inbox = InboxStore::open(dir.path(), one * 3).expect("open");
         let payload = "x".repeat(100);
         let mut seqs = Vec::new();
         for _ in 0..3 {
@@ -366,11 +366,11 @@ mod tests {
     #[test]
     fn seqs_are_never_reused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut inbox = Inbox::open(dir.path(), 1 << 20).expect("open");
+        let mut inbox = InboxStore::open(dir.path(), 1 << 20).expect("open");
         let first = inbox.push(&batch(&[("t", "1")])).expect("push").stored[0].0;
         inbox.remove(first).expect("remove");
         drop(inbox);
-        let mut inbox = Inbox::open(dir.path(), 1 << 20).expect("reopen");
+        let mut inbox = InboxStore::open(dir.path(), 1 << 20).expect("reopen");
         let second = inbox.push(&batch(&[("t", "2")])).expect("push").stored[0].0;
         assert!(second > first);
     }
@@ -383,7 +383,7 @@ mod tests {
         let wal = b"messages only the WAL holds".to_vec();
         std::fs::write(dir.path().join(INBOX_FILE), vec![0x5a; 8192]).expect("garbage");
         std::fs::write(with_suffix(&dir.path().join(INBOX_FILE), "-wal"), &wal).expect("wal");
-        let inbox = Inbox::open(dir.path(), 1 << 20).expect("open anyway");
+        let inbox = InboxStore::open(dir.path(), 1 << 20).expect("open anyway");
         assert_eq!(inbox.stats().messages, 0);
         let names: Vec<String> = std::fs::read_dir(dir.path())
             .expect("dir")

@@ -6,11 +6,10 @@
 //!          → dispatcher (filters, one holder per message) → subscribed socket apps → ack
 //! ```
 //!
-//! `filter` and `dispatch` are pure; `inbox` is the storage; `hub` is the thread that owns
+//! `dispatch` is pure (the filter rule it matches with is `crate::topic_filter`); `inbox` is the storage; `hub` is the thread that owns
 //! both and talks to the MQTT connection and the socket peers; `render` writes a message line.
 
 pub mod dispatch;
-pub mod filter;
 pub mod hub;
 pub mod inbox;
 pub mod render;

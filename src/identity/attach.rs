@@ -7,7 +7,6 @@
 use aws_config::SdkConfig;
 use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::InvocationType;
-use rumqttc::{ConnectReturnCode, ConnectionError};
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -52,25 +51,6 @@ impl RefusalSignal {
     pub(super) async fn raised(&self) {
         // The sender lives in `self`, so the channel cannot close while this waits.
         let _ = self.0.subscribe().wait_for(|raised| *raised).await;
-    }
-}
-
-/// Whether a connection error is IoT Core refusing this identity (as opposed to the network):
-/// a CONNACK "not authorized" / "bad user name or password", or the websocket upgrade answered
-/// 401/403. A connection closed without any CONNACK is not one on its own (a network fault can
-/// look the same): the publisher's flow counts those and raises after several in a row.
-pub fn is_authorization_refusal(error: &ConnectionError) -> bool {
-    match error {
-        ConnectionError::ConnectionRefused(
-            ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword,
-        ) => true,
-        // tungstenite's HTTP error is not nameable here (not our dependency): its text is
-        // "HTTP error: <status>".
-        ConnectionError::Websocket(inner) => {
-            let text = inner.to_string();
-            text.starts_with("HTTP error: 401") || text.starts_with("HTTP error: 403")
-        }
-        _ => false,
     }
 }
 
@@ -226,30 +206,5 @@ mod tests {
                 .is_ok(),
             "a waiting manager wakes"
         );
-    }
-
-    #[test]
-    fn only_authorization_refusals_count() {
-        for code in [
-            ConnectReturnCode::NotAuthorized,
-            ConnectReturnCode::BadUserNamePassword,
-        ] {
-            assert!(is_authorization_refusal(
-                &ConnectionError::ConnectionRefused(code)
-            ));
-        }
-        for code in [
-            ConnectReturnCode::ServiceUnavailable,
-            ConnectReturnCode::BadClientId,
-            ConnectReturnCode::RefusedProtocolVersion,
-        ] {
-            assert!(!is_authorization_refusal(
-                &ConnectionError::ConnectionRefused(code)
-            ));
-        }
-        assert!(!is_authorization_refusal(&ConnectionError::NetworkTimeout));
-        assert!(!is_authorization_refusal(&ConnectionError::Io(
-            std::io::Error::from(std::io::ErrorKind::ConnectionReset)
-        )));
     }
 }

@@ -23,7 +23,7 @@ use rand::Rng;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-pub use attach::{RefusalSignal, is_authorization_refusal};
+pub use attach::RefusalSignal;
 pub use bootstrap::DeviceSecret;
 use bootstrap::Registration;
 pub use cache::IdentityCache;

@@ -363,7 +363,7 @@ fn parse_filters(
         ));
     }
     for topic in &topics {
-        crate::downlink::filter::validate(rules, topic)
+        crate::topic_filter::validate(rules, topic)
             .map_err(|e| (ErrorCode::InvalidTopic, format!("{topic:?}: {e}")))?;
     }
     Ok(topics)

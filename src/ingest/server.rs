@@ -23,7 +23,6 @@ use crate::downlink::{AckError, Downlink};
 use crate::heartbeat::Heartbeat;
 use crate::ingest::protocol::{ErrorCode, MAX_LINE_BYTES, Rejection, Request, ok_line, parse_line};
 use crate::ingest::records::{Next, RecordReader};
-use crate::ops::status::StatusSource;
 use crate::repeats::Repeats;
 use crate::spool::{AppendError, DeadLetterAction, DeadLetterReply, Spool};
 use crate::topic::TopicRules;
@@ -90,6 +89,12 @@ pub async fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
     Ok(listener)
 }
 
+/// What a `status` request is answered with: the daemon's state, assembled by the reporting
+/// layer above the stages. The socket only relays it.
+pub trait StatusReport: Send + Sync {
+    fn status(&self) -> Value;
+}
+
 /// Serves the socket until the daemon stops.
 pub struct IngestServer {
     pub listener: UnixListener,
@@ -97,7 +102,7 @@ pub struct IngestServer {
     pub limits: Arc<SocketConfig>,
     pub spool: Spool,
     pub rules: Arc<TopicRules>,
-    pub status: StatusSource,
+    pub status: Arc<dyn StatusReport>,
     pub stopping: watch::Receiver<bool>,
     pub heartbeat: Heartbeat,
     /// Cloud-to-device messages for apps that subscribe.
@@ -325,7 +330,7 @@ fn peer_groups(stream: &UnixStream) -> Vec<u32> {
 type Answer = (String, OwnedSemaphorePermit);
 
 /// One step of a client's answer pipeline, kept in line order.
-enum Pending {
+enum PendingAnswer {
     /// An answer known at once (status, rejection).
     Ready(String),
     /// A message on its way into the spool; answered once it is durable (or refused).
@@ -354,7 +359,7 @@ enum Pending {
 struct Peer {
     spool: Spool,
     rules: Arc<TopicRules>,
-    status: StatusSource,
+    status: Arc<dyn StatusReport>,
     stopping: watch::Receiver<bool>,
     limits: Arc<SocketConfig>,
     downlink: Downlink,
@@ -399,34 +404,34 @@ impl Peer {
         });
         let downlink_side = subscription.clone();
         let (spool, status) = (self.spool.clone(), self.status.clone());
-        let (pipeline, mut pending) = mpsc::channel::<Pending>(PIPELINE);
+        let (pipeline, mut pending) = mpsc::channel::<PendingAnswer>(PIPELINE);
         let acker = tokio::spawn(async move {
             let mut deaf = false;
             while let Some(step) = pending.recv().await {
                 let answer = match step {
-                    Pending::Ready(line) => Some(line),
-                    Pending::Stored { id, done } => {
+                    PendingAnswer::Ready(line) => Some(line),
+                    PendingAnswer::Stored { id, done } => {
                         match done.await.unwrap_or(Err(AppendError::Closed)) {
                             Ok(()) => id.as_ref().map(ok_line),
                             Err(error) => Some(refusal(id, &error).to_line()),
                         }
                     }
-                    Pending::Subscribe { id, topics } => {
+                    PendingAnswer::Subscribe { id, topics } => {
                         if let Some(id) = &id {
                             deaf = deliver(&answers, &budget, ok_line(id), deaf).await;
                         }
                         downlink_side.subscribe(topics).await;
                         None
                     }
-                    Pending::Ack { id, seq } => match downlink_side.ack(seq).await {
+                    PendingAnswer::Ack { id, seq } => match downlink_side.ack(seq).await {
                         Ok(()) => id.as_ref().map(ok_line),
                         Err(error) => Some(ack_refusal(id, &error).to_line()),
                     },
-                    Pending::Status { id } => Some(with_id(
-                        serde_json::json!({"ok": true, "status": status.snapshot()}),
+                    PendingAnswer::Status { id } => Some(with_id(
+                        serde_json::json!({"ok": true, "status": status.status()}),
                         id,
                     )),
-                    Pending::DeadLetters { id, action } => {
+                    PendingAnswer::DeadLetters { id, action } => {
                         Some(with_id(dead_letters_answer(&spool, action).await, id))
                     }
                 };
@@ -448,7 +453,7 @@ impl Peer {
     async fn read_lines(
         &self,
         read_half: tokio::net::unix::OwnedReadHalf,
-        pipeline: &mpsc::Sender<Pending>,
+        pipeline: &mpsc::Sender<PendingAnswer>,
         subscription: &Subscription,
     ) {
         let mut reader =
@@ -476,7 +481,9 @@ impl Peer {
                         humantime::format_duration(self.limits.idle_timeout)
                     );
                     let rejection = Rejection::new(None, ErrorCode::InvalidJson, message);
-                    let _ = pipeline.send(Pending::Ready(rejection.to_line())).await;
+                    let _ = pipeline
+                        .send(PendingAnswer::Ready(rejection.to_line()))
+                        .await;
                     return;
                 }
                 // A subscriber waits for messages in silence: that is its use of the slot.
@@ -499,17 +506,17 @@ impl Peer {
     }
 
     /// What to answer a line with; `None` for a blank line.
-    async fn handle_line(&self, line: &[u8]) -> Option<Result<Pending, Rejection>> {
+    async fn handle_line(&self, line: &[u8]) -> Option<Result<PendingAnswer, Rejection>> {
         if line.iter().all(u8::is_ascii_whitespace) {
             return None;
         }
         let step = match parse_line(line, &self.rules) {
-            Ok(Request::Status { id }) => Pending::Status { id },
+            Ok(Request::Status { id }) => PendingAnswer::Status { id },
             // Answered when their turn comes, within the answer budget: a list prepared
             // here for every pipelined request would pin megabytes before the budget applies.
-            Ok(Request::DeadLetters { id, action }) => Pending::DeadLetters { id, action },
-            Ok(Request::Subscribe { id, topics }) => Pending::Subscribe { id, topics },
-            Ok(Request::Ack { id, seq }) => Pending::Ack { id, seq },
+            Ok(Request::DeadLetters { id, action }) => PendingAnswer::DeadLetters { id, action },
+            Ok(Request::Subscribe { id, topics }) => PendingAnswer::Subscribe { id, topics },
+            Ok(Request::Ack { id, seq }) => PendingAnswer::Ack { id, seq },
             Ok(Request::Publish { id, .. }) if *self.stopping.borrow() => {
                 return Some(Err(Rejection::new(
                     id,
@@ -518,7 +525,7 @@ impl Peer {
                 )));
             }
             Ok(Request::Publish { id, message }) => match self.spool.submit(message).await {
-                Ok(done) => Pending::Stored { id, done },
+                Ok(done) => PendingAnswer::Stored { id, done },
                 Err(error) => return Some(Err(refusal(id, &error))),
             },
             Err(rejection) => return Some(Err(rejection)),
@@ -620,7 +627,7 @@ impl Pace {
 
 /// Logs a refused line for the operator (one line per kind of refusal and client every few
 /// minutes, however fast a broken app repeats it) and turns it into the client's answer.
-fn refused(rejection: Rejection, repeats: &mut Repeats) -> Pending {
+fn refused(rejection: Rejection, repeats: &mut Repeats) -> PendingAnswer {
     if let Some(held_back) = repeats.admit(rejection.code.as_str()) {
         tracing::info!(
             error_code = rejection.code.as_str(),
@@ -629,7 +636,7 @@ fn refused(rejection: Rejection, repeats: &mut Repeats) -> Pending {
             "message refused"
         );
     }
-    Pending::Ready(rejection.to_line())
+    PendingAnswer::Ready(rejection.to_line())
 }
 
 fn ack_refusal(id: Option<Value>, error: &AckError) -> Rejection {

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::downlink::InboxStats;
 use crate::ops::status::{Status, StatusSource};
-use crate::publish::connection::LinkState;
+use crate::publish::publisher::LinkState;
 
 /// Reports waiting for the publisher: a newer one is dropped while one still waits.
 pub const HEALTH_QUEUE: usize = 1;

@@ -7,7 +7,8 @@ use tokio::sync::watch;
 
 use crate::downlink::InboxStats;
 use crate::identity::IdentityWatch;
-use crate::publish::connection::{LinkReport, LinkState, PublishCounters};
+use crate::ingest::server::StatusReport;
+use crate::publish::publisher::{LinkReport, LinkState, PublishCounters};
 use crate::spool::SpoolStats;
 
 /// `status`'s `state` (docs/protocol.md).
@@ -174,6 +175,13 @@ impl StatusSource {
             policy_reattached_at: identity.policy_reattached_at.map(rfc3339),
             policy_reattaches_total: identity.policy_reattaches_total,
         }
+    }
+}
+
+impl StatusReport for StatusSource {
+    fn status(&self) -> serde_json::Value {
+        // A `Status` is plain fields and strings: it always serializes.
+        serde_json::to_value(self.snapshot()).unwrap_or_default()
     }
 }
 

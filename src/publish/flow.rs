@@ -1,6 +1,6 @@
 //! The publisher's decisions, as data: what to read from the spool, what to publish and when,
 //! what the broker has acknowledged, and when a connection ends. No I/O and no clock of its
-//! own: the connection loop (`connection.rs`) asks [`Flow::next`] what to do at `now`, does
+//! own: the publisher's loop (`publisher.rs`) asks [`Flow::next`] what to do at `now`, does
 //! it, and reports back what happened. So linger, quotas, the in-flight window, renewal and
 //! the drain are unit-tested here without a broker, a spool or a runtime.
 //!

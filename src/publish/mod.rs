@@ -2,11 +2,12 @@
 //! and removes each one from the spool only after the broker acknowledged it.
 
 pub(crate) mod batch;
-pub(crate) mod connection;
 mod flow;
 pub(crate) mod inbound;
 pub(crate) mod mqtt;
+pub(crate) mod publisher;
 pub(crate) mod quota;
+pub(crate) mod refusal;
 mod signer;
 pub mod tls;
 

@@ -203,46 +203,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const FLUSH_TIMEOUT: Duration =
     Duration::from_secs(2 * MAX_PACKET_BYTES as u64 / SLOWEST_LINK_BYTES_PER_S);
 
-/// A device clock off the server's by more than this gets a refused upgrade diagnosed as skew:
-/// SigV4 accepts signatures dated up to 5 minutes off.
-pub const MAX_CLOCK_SKEW_S: i64 = 300;
-
-/// How far the server's clock is ahead of this device's (negative: behind), in seconds, when
-/// `error` is a websocket upgrade refused with 403 whose answer carries a `Date` header.
-/// IoT Core refuses a presigned URL dated too far from its own time that way.
-pub fn refused_upgrade_skew(error: &ConnectionError, now: SystemTime) -> Option<i64> {
-    let ConnectionError::Websocket(tungstenite::Error::Http(response)) = error else {
-        return None;
-    };
-    if response.status().as_u16() != 403 {
-        return None;
-    }
-    let date = response.headers().get("date")?.to_str().ok()?;
-    let server = parse_http_date(date)?;
-    Some(match server.duration_since(now) {
-        Ok(ahead) => i64::try_from(ahead.as_secs()).unwrap_or(i64::MAX),
-        Err(behind) => -i64::try_from(behind.duration().as_secs()).unwrap_or(i64::MAX),
-    })
-}
-
-/// Parses an HTTP `Date` (IMF-fixdate, RFC 9110: `Sun, 06 Nov 1994 08:49:37 GMT`).
-fn parse_http_date(text: &str) -> Option<SystemTime> {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let mut parts = text.split_whitespace().skip(1);
-    let day = parts.next()?;
-    let month_name = parts.next()?;
-    let month = MONTHS.iter().position(|m| *m == month_name)?;
-    let year = parts.next()?;
-    let time = parts.next()?;
-    if parts.next()? != "GMT" || day.len() != 2 || year.len() != 4 {
-        return None;
-    }
-    let rfc3339 = format!("{year}-{:02}-{day}T{time}Z", month + 1);
-    humantime::parse_rfc3339(&rfc3339).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,23 +243,5 @@ mod tests {
         for error in &other {
             assert_eq!(failure(error), Failure::Other, "{error}");
         }
-    }
-
-    #[test]
-    fn a_403_upgrade_tells_how_far_the_clock_is_off() {
-        let now = humantime::parse_rfc3339("2026-11-29T15:00:00Z").expect("time");
-        assert_eq!(
-            refused_upgrade_skew(&refused("Sun, 29 Nov 2026 15:10:00 GMT"), now),
-            Some(600)
-        );
-        assert_eq!(
-            refused_upgrade_skew(&refused("Sun, 29 Nov 2026 14:59:30 GMT"), now),
-            Some(-30)
-        );
-        assert_eq!(refused_upgrade_skew(&refused("yesterday"), now), None);
-        assert_eq!(
-            refused_upgrade_skew(&ConnectionError::NetworkTimeout, now),
-            None
-        );
     }
 }

@@ -1,5 +1,5 @@
 //! TLS for the broker connection: which roots are trusted. Apart from the connection so that
-//! config validation can check a CA bundle without depending on the MQTT side.
+//! `check-config` and `doctor` can check a CA bundle without connecting.
 
 use std::sync::Arc;
 

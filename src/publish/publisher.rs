@@ -34,6 +34,7 @@ use crate::publish::inbound::{
 };
 use crate::publish::mqtt::{self, MqttSettings};
 use crate::publish::quota::Quota;
+use crate::publish::refusal::Refusal;
 use crate::repeats::Repeats;
 use crate::retry::Backoff;
 use crate::spool::{ReadError, Spool, StoredMessage};
@@ -327,16 +328,10 @@ impl Publisher {
             .await
     }
 
-    /// A websocket upgrade refused with 403 while this device's clock is far off the server's:
-    /// SigV4 signatures are refused, and no retry helps until the clock is fixed. Says so once
-    /// per episode, and shows it in `status`.
-    fn diagnose_skew(&self, error: &rumqttc::ConnectionError) {
-        let Some(skew) = mqtt::refused_upgrade_skew(error, std::time::SystemTime::now()) else {
-            return;
-        };
-        if skew.abs() <= mqtt::MAX_CLOCK_SKEW_S {
-            return;
-        }
+    /// A websocket upgrade refused with 403 while this device's clock is far off the server's
+    /// ([`Refusal::ClockSkew`]): SigV4 signatures are refused, and no retry helps until the
+    /// clock is fixed. Says so once per episode, and shows it in `status`.
+    fn diagnose_skew(&self, skew: i64) {
         let first = self.counters.borrow().clock_skew_s.is_none();
         self.counters.send_modify(|c| c.clock_skew_s = Some(skew));
         if first {
@@ -560,9 +555,15 @@ impl Publisher {
                 self.flow.on_broker(event, Instant::now());
             }
             Some(Err(error)) => {
-                self.diagnose_skew(&error);
-                if crate::identity::is_authorization_refusal(&error) {
-                    self.refusals.raise();
+                match Refusal::classify(&error, std::time::SystemTime::now()) {
+                    Refusal::Authorization => self.refusals.raise(),
+                    Refusal::ClockSkew { server_ahead_s } => {
+                        self.diagnose_skew(server_ahead_s);
+                        // The upgrade was refused all the same: the identity manager is told,
+                        // as of any refusal (its hold-off bounds the attaches this asks for).
+                        self.refusals.raise();
+                    }
+                    Refusal::Other => {}
                 }
                 self.flow.fail(error.to_string(), mqtt::failure(&error));
             }
