@@ -79,6 +79,47 @@ impl PayloadKind {
     }
 }
 
+/// Which backlog goes first: a waiting high-priority message is published before every waiting
+/// normal one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    #[default]
+    /// The default.
+    Normal,
+    /// Overtakes the normal backlog.
+    High,
+}
+
+impl Priority {
+    /// How the spool stores it.
+    pub fn as_u8(self) -> u8 {
+        match self {
+            Priority::Normal => 0,
+            Priority::High => 1,
+        }
+    }
+
+    /// Unknown values (and rows from before priorities were stored) are normal.
+    pub fn from_u8(value: Option<u8>) -> Priority {
+        match value {
+            Some(1) => Priority::High,
+            _ => Priority::Normal,
+        }
+    }
+}
+
+/// What an app may say about a message while it waits in the daemon (docs/protocol.md,
+/// "Message options").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Options {
+    /// Seconds after its acceptance when it is no longer worth publishing.
+    pub ttl: Option<u32>,
+    /// Which backlog it joins.
+    pub priority: Priority,
+    /// Only the newest waiting conflating message of its topic is worth publishing.
+    pub conflate: bool,
+}
+
 /// A validated message, ready for the spool. `topic` is relative; the prefix is added at publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
@@ -90,4 +131,6 @@ pub struct Message {
     pub qos: Qos,
     /// What the payload was when it arrived.
     pub kind: PayloadKind,
+    /// Expiry, priority and conflation.
+    pub options: Options,
 }

@@ -1,9 +1,7 @@
 //! What a reload (SIGHUP) changes, as typed values. The daemon applies the live ones and names
 //! the rest as waiting for a restart, in one match (`daemon/reload.rs`).
 
-use std::time::Duration;
-
-use super::{ByteSize, Config, OnFull};
+use super::{ByteSize, Config, SpoolConfig};
 
 /// One difference between the running config and a reloaded one.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,12 +14,9 @@ pub enum Change {
         max_bytes_per_second: ByteSize,
     },
     /// Applies live: a lower `max_bytes` with `drop-oldest` trims in bounded steps; a new
-    /// `commit_window` holds the next messages (what is held is committed first).
-    SpoolLimits {
-        max_bytes: ByteSize,
-        on_full: OnFull,
-        commit_window: Duration,
-    },
+    /// `commit_window` holds the next messages (what is held is committed first); a new
+    /// `max_age` counts at the next read.
+    SpoolLimits(SpoolConfig),
     /// A key (or a section's keys) that takes effect at the next start.
     NeedsRestart(&'static str),
 }
@@ -62,11 +57,7 @@ pub fn changes(old: &Config, new: &Config) -> Vec<Change> {
         });
     }
     if *spool != old.spool {
-        changes.push(Change::SpoolLimits {
-            max_bytes: spool.max_bytes,
-            on_full: spool.on_full,
-            commit_window: spool.commit_window,
-        });
+        changes.push(Change::SpoolLimits(spool.clone()));
     }
     let restart = [
         ("aws", *aws != old.aws),
@@ -98,6 +89,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::config::OnFull;
 
     fn config() -> Config {
         toml::from_str("[identity]\nidentity_pool_id = \"us-east-1:p\"\nsecret_id = \"s\"\n")
@@ -125,11 +117,10 @@ mod tests {
             (
                 "spool policy",
                 |c| c.spool.on_full = OnFull::RejectNew,
-                &[Change::SpoolLimits {
-                    max_bytes: ByteSize(256 * 1024 * 1024),
+                &[Change::SpoolLimits(SpoolConfig {
                     on_full: OnFull::RejectNew,
-                    commit_window: Duration::from_millis(200),
-                }],
+                    ..SpoolConfig::default()
+                })],
             ),
             (
                 "in-flight window",

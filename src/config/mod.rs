@@ -281,6 +281,10 @@ pub struct SpoolConfig {
     /// Write-behind: a message the broker acknowledges within this window is never written.
     #[serde(with = "duration")]
     pub commit_window: Duration,
+    /// Messages without a `ttl` are dropped unpublished once they waited this long (zero:
+    /// never).
+    #[serde(with = "duration")]
+    pub max_age: Duration,
 }
 
 impl Default for SpoolConfig {
@@ -289,6 +293,7 @@ impl Default for SpoolConfig {
             max_bytes: ByteSize(256 * 1024 * 1024),
             on_full: OnFull::DropOldest,
             commit_window: Duration::from_millis(200),
+            max_age: Duration::ZERO,
         }
     }
 }

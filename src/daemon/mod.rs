@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{Config, Proxy, PublishConfig, RawSocketConfig};
+use crate::config::{Config, Proxy, PublishConfig, RawSocketConfig, SpoolConfig};
 use crate::downlink::Downlink;
 use crate::heartbeat;
 use crate::identity::IdentityManager;
@@ -144,12 +144,7 @@ impl Daemon {
     async fn start(config: Config) -> Result<Daemon, DaemonError> {
         file_limit::ensure(&config.socket)?;
         let instance_lock = prepare_state_dir(&config.state.dir)?;
-        let spool = Spool::open_with_window(
-            &config.state.dir,
-            config.spool.max_bytes.0,
-            config.spool.on_full,
-            config.spool.commit_window,
-        )?;
+        let spool = Spool::open_with(&config.state.dir, spool_settings(&config.spool))?;
         let downlink = Downlink::open(&config.state.dir, config.downlink.max_bytes.0)?;
         let tls = tls_config(&config.mqtt.ca_file)?;
         let listeners = bind_sockets(&config).await?;
@@ -318,6 +313,16 @@ struct Parts {
     status: StatusSource,
     stopping: watch::Receiver<bool>,
     downlink: Downlink,
+}
+
+/// The spool's settings from its config section.
+pub(crate) fn spool_settings(config: &SpoolConfig) -> spool::Settings {
+    spool::Settings {
+        max_bytes: config.max_bytes.0,
+        on_full: config.on_full,
+        commit_window: config.commit_window,
+        max_age: config.max_age,
+    }
 }
 
 /// Starts every main task under one supervisor, each with its heartbeat for the watchdog.

@@ -4,6 +4,7 @@ use tokio::sync::watch;
 
 use crate::config::changes::{Change, changes};
 use crate::config::{Config, PublishConfig};
+use crate::daemon::spool_settings;
 use crate::ops::logging::LogControl;
 use crate::ops::notify;
 use crate::spool::Spool;
@@ -41,21 +42,19 @@ pub async fn reload(running: &mut Config, new: Config, live: Live<'_>) {
                 ));
                 live.publish_limits.send_replace(new.publish.clone());
             }
-            Change::SpoolLimits {
-                max_bytes,
-                on_full,
-                commit_window,
-            } => {
+            Change::SpoolLimits(spool) => {
                 applied.push(format!(
-                    "spool.max_bytes {} -> {max_bytes}, spool.on_full {:?} -> {on_full:?}, spool.commit_window {} -> {}",
+                    "spool.max_bytes {} -> {}, spool.on_full {:?} -> {:?}, spool.commit_window {} -> {}, spool.max_age {} -> {}",
                     running.spool.max_bytes,
+                    spool.max_bytes,
                     running.spool.on_full,
+                    spool.on_full,
                     humantime::format_duration(running.spool.commit_window),
-                    humantime::format_duration(commit_window)
+                    humantime::format_duration(spool.commit_window),
+                    humantime::format_duration(running.spool.max_age),
+                    humantime::format_duration(spool.max_age),
                 ));
-                live.spool
-                    .set_limits(max_bytes.0, on_full, commit_window)
-                    .await;
+                live.spool.set_limits(spool_settings(&spool)).await;
             }
             Change::NeedsRestart(key) => waiting.push(key),
         }

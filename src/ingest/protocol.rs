@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::message::{MAX_PAYLOAD_BYTES, Message, PayloadKind, Qos};
+use crate::message::{MAX_PAYLOAD_BYTES, Message, Options, PayloadKind, Priority, Qos};
 use crate::spool::DeadLetterAction;
 use crate::topic::TopicRules;
 
@@ -73,6 +73,8 @@ pub enum ErrorCode {
     InvalidQos,
     /// `id` is not a string or a number, or is too long.
     InvalidId,
+    /// `ttl`, `priority` or `conflate` has a value it cannot take.
+    InvalidOption,
     /// The spool is at `max_bytes` under `reject-new`.
     SpoolFull,
     /// The disk failed (read-only, I/O error), as opposed to being full.
@@ -99,6 +101,7 @@ impl ErrorCode {
             ErrorCode::LineTooLong => "line_too_long",
             ErrorCode::InvalidQos => "invalid_qos",
             ErrorCode::InvalidId => "invalid_id",
+            ErrorCode::InvalidOption => "invalid_option",
             ErrorCode::SpoolFull => "spool_full",
             ErrorCode::StorageError => "storage_error",
             ErrorCode::ShuttingDown => "shutting_down",
@@ -163,6 +166,12 @@ struct RawLine<'a> {
     payload_base64: Option<&'a RawValue>,
     #[serde(borrow, default)]
     qos: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    ttl: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    priority: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    conflate: Option<&'a RawValue>,
     #[serde(borrow, default)]
     action: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -287,6 +296,8 @@ fn parse_publish(
             .and_then(Qos::from_u8)
             .ok_or_else(|| reject(ErrorCode::InvalidQos, "qos must be 0 or 1"))?,
     };
+    let options =
+        parse_options(raw).map_err(|message| reject(ErrorCode::InvalidOption, message))?;
     Ok(Request::Publish {
         id,
         message: Message {
@@ -294,7 +305,41 @@ fn parse_publish(
             payload,
             qos,
             kind,
+            options,
         },
+    })
+}
+
+/// `ttl`, `priority` and `conflate`; each may be absent or null (the default). `Err` names
+/// what is wrong.
+fn parse_options(raw: &RawLine<'_>) -> Result<Options, &'static str> {
+    fn given(value: Option<&RawValue>) -> Option<&RawValue> {
+        value.filter(|v| v.get() != "null")
+    }
+    let ttl = match given(raw.ttl) {
+        None => None,
+        Some(ttl) => Some(
+            serde_json::from_str::<u32>(ttl.get())
+                .ok()
+                .filter(|&seconds| seconds > 0)
+                .ok_or("ttl must be a whole number of seconds from 1 to 4294967295")?,
+        ),
+    };
+    let priority = match given(raw.priority).map(|p| serde_json::from_str::<&str>(p.get())) {
+        None => Priority::Normal,
+        Some(Ok("normal")) => Priority::Normal,
+        Some(Ok("high")) => Priority::High,
+        Some(_) => return Err("priority must be \"high\" or \"normal\""),
+    };
+    let conflate = match given(raw.conflate) {
+        None => false,
+        Some(conflate) => serde_json::from_str::<bool>(conflate.get())
+            .map_err(|_| "conflate must be true or false")?,
+    };
+    Ok(Options {
+        ttl,
+        priority,
+        conflate,
     })
 }
 
@@ -432,6 +477,7 @@ mod tests {
                     payload: br#"{"c":21.5}"#.to_vec(),
                     qos: Qos::AtLeastOnce,
                     kind: PayloadKind::Json,
+                    options: Default::default(),
                 },
             })
         );

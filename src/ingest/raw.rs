@@ -89,6 +89,7 @@ impl RawServer {
                         qos,
                         // A record is opaque bytes: never merged into a batch array.
                         kind: PayloadKind::Binary,
+                        options: Default::default(),
                     };
                     match self.spool.submit(message).await {
                         Ok(done) => {

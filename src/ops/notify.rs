@@ -8,7 +8,7 @@ use sd_notify::NotifyState;
 use crate::heartbeat::{self, Pulse};
 use crate::ops::status::StatusSource;
 use crate::repeats::Repeats;
-use crate::spool::Spool;
+use crate::spool::{Cursors, Spool};
 
 /// The spool thread must answer a probe within this to count as alive.
 const SPOOL_PROBE: Duration = Duration::from_secs(5);
@@ -88,11 +88,20 @@ pub async fn supervise(status: StatusSource, spool: Spool, pulses: Vec<Pulse>) {
             continue;
         }
         // Alive, and its last operation did not fail: a failing disk gets the daemon restarted.
-        let spool_answers =
-            tokio::time::timeout(SPOOL_PROBE.min(period), spool.read_after(i64::MAX, 1, 1))
-                .await
-                .is_ok_and(|read| read.is_ok())
-                && spool.stats().borrow().fault.is_none();
+        let spool_answers = tokio::time::timeout(
+            SPOOL_PROBE.min(period),
+            spool.read_after(
+                Cursors {
+                    high: i64::MAX,
+                    normal: i64::MAX,
+                },
+                1,
+                1,
+            ),
+        )
+        .await
+        .is_ok_and(|read| read.is_ok())
+            && spool.stats().borrow().fault.is_none();
         let inbox_works = !inbox_stuck(&status.inbox.borrow());
         let limit = (period / 2).max(MIN_SILENCE_LIMIT);
         match heartbeat::first_stalled(&pulses, limit, tokio::time::Instant::now()) {

@@ -9,7 +9,7 @@
 //! single reading larger than that still goes out as an array of one (never over 128 KiB).
 
 use crate::config::BatchConfig;
-use crate::message::{MAX_PAYLOAD_BYTES, PayloadKind, Qos};
+use crate::message::{MAX_PAYLOAD_BYTES, PayloadKind, Priority, Qos};
 use crate::spool::StoredMessage;
 
 /// One publish: the spool ids it carries (all removed on its PUBACK) and what goes on the wire.
@@ -21,6 +21,8 @@ pub struct Outgoing {
     pub payload: Vec<u8>,
     /// A JSON array that could still take more messages (what `linger` waits for).
     pub open: bool,
+    /// Every message in it has this priority: an array never mixes them.
+    pub priority: Priority,
 }
 
 /// Groups spool messages into publishes within `[batch]`'s limits.
@@ -69,6 +71,7 @@ impl Batcher {
                     qos: message.qos,
                     payload: message.payload,
                     open: false,
+                    priority: message.options.priority,
                 });
                 continue;
             }
@@ -76,6 +79,7 @@ impl Batcher {
                 && last.open
                 && last.topic == message.topic
                 && last.qos == message.qos
+                && last.priority == message.options.priority
                 && last.ids.len() < self.max_messages
                 // A comma before it and the closing bracket after it must still fit.
                 && last.payload.len() + message.payload.len() + 2 <= self.max_bytes
@@ -94,6 +98,7 @@ impl Batcher {
                 qos: message.qos,
                 payload,
                 open: true,
+                priority: message.options.priority,
             });
         }
         // Close the arrays (only arrays are open while planning).
@@ -127,6 +132,7 @@ mod tests {
                 payload: payload.as_bytes().to_vec(),
                 qos: Qos::AtLeastOnce,
                 kind,
+                options: Default::default(),
             },
         }
     }

@@ -16,10 +16,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::message::Priority;
 use crate::message::Qos;
 use crate::publish::batch::{Batcher, Outgoing};
 use crate::publish::quota::Quota;
-use crate::spool::StoredMessage;
+use crate::spool::{Cursors, ReadBatch};
 use crate::topic::TopicRules;
 
 /// SigV4 websocket connections are cut after 24 hours; reconnect cleanly before that.
@@ -35,6 +36,10 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 pub const SLOWEST_LINK_BYTES_PER_S: u64 = 1024;
 /// At most this many spool messages are read at once (the read is also bounded in bytes).
 pub const MAX_READ: usize = 4096;
+/// While high-priority messages wait, a normal one may go out only after this many high ones
+/// since the last normal one: alarms overtake the backlog, and a steady stream of them still
+/// lets the backlog move (no promotion by age: an old normal message is not an alarm).
+pub const HIGH_BEFORE_NORMAL: u32 = 10;
 /// After a failed spool read, the next try comes this much later.
 pub const SPOOL_READ_RETRY: Duration = Duration::from_secs(1);
 /// The oldest message goes to the dead letters once the broker closed this many connections
@@ -112,9 +117,9 @@ pub struct Burial {
 /// The next thing the loop does.
 #[derive(Debug, PartialEq)]
 pub enum Action {
-    /// Read messages after spool id `after`, then report with [`Flow::on_read`].
+    /// Read messages after the cursors, then report with [`Flow::on_read`].
     Read {
-        after: i64,
+        after: Cursors,
         max_messages: usize,
         max_bytes: usize,
     },
@@ -142,8 +147,11 @@ pub struct Flow {
     max_in_flight: usize,
     /// IoT Core's per-connection quotas, kept across reconnects.
     quota: Quota,
-    /// Highest spool id ever handed to a connection; ids at or below it are republishes.
-    highest_sent: i64,
+    /// Highest spool id of each priority ever handed to a connection; ids at or below it
+    /// are republishes.
+    highest_sent: Cursors,
+    /// High-priority publishes since the last normal one (see [`HIGH_BEFORE_NORMAL`]).
+    high_streak: u32,
     /// See [`DEAD_LETTER_STRIKES`].
     strikes: Option<Strikes>,
     /// The oldest message of a connection the broker closed while it was out: a strike once
@@ -164,9 +172,9 @@ struct Link {
     identity_id: String,
     opened: Instant,
     connected: bool,
-    /// Spool messages up to this id are planned or sent on this connection.
-    cursor: i64,
-    /// The spool may hold messages after `cursor` that were not read yet.
+    /// Spool messages up to these ids (per priority) are planned or sent on this connection.
+    cursors: Cursors,
+    /// The spool may hold messages after `cursors` that were not read yet.
     unread: bool,
     /// The last read filled its limit: more are right behind.
     more_behind: bool,
@@ -177,7 +185,8 @@ struct Link {
     /// How many publishes the last read planned: the next read goes out once half of that
     /// is left (see [`Flow::read_ahead`]).
     last_read_plans: usize,
-    /// Planned publishes not sent yet (window full, quota, linger), oldest first.
+    /// Planned publishes not sent yet (window full, quota, linger): high-priority ones first,
+    /// each priority oldest first.
     ready: VecDeque<Outgoing>,
     /// An open array waiting for `linger`: (its first spool id, when it was first seen).
     held: Option<(i64, Instant)>,
@@ -201,7 +210,7 @@ impl Link {
             identity_id: identity_id.to_owned(),
             opened: now,
             connected: false,
-            cursor: 0,
+            cursors: Cursors::default(),
             unread: true,
             more_behind: false,
             reading: false,
@@ -235,7 +244,8 @@ impl Flow {
             linger,
             max_in_flight: usize::from(max_in_flight.max(1)),
             quota,
-            highest_sent: 0,
+            highest_sent: Cursors::default(),
+            high_streak: 0,
             strikes: None,
             unconfirmed_strike: None,
             closed_before_connack: 0,
@@ -306,15 +316,26 @@ impl Flow {
         true
     }
 
-    pub fn on_read(&mut self, messages: Vec<StoredMessage>, wanted: usize) {
+    pub fn on_read(&mut self, read: ReadBatch) {
         let link = &mut self.link;
         link.reading = false;
-        link.more_behind = messages.len() >= wanted;
+        link.more_behind = read.more;
         // News that came while the read was out is kept: it may be after what was read.
         link.unread |= link.more_behind;
-        let planned = self.batcher.plan(messages);
+        let planned = self.batcher.plan(read.messages);
         link.last_read_plans = planned.len();
-        link.ready.extend(planned);
+        for outgoing in planned {
+            // High-priority publishes go ahead of every planned normal one.
+            let at = match outgoing.priority {
+                Priority::High => link
+                    .ready
+                    .iter()
+                    .position(|o| o.priority == Priority::Normal)
+                    .unwrap_or(link.ready.len()),
+                Priority::Normal => link.ready.len(),
+            };
+            link.ready.insert(at, outgoing);
+        }
     }
 
     /// Not an empty spool: look again shortly (the spool reports the fault itself). What is
@@ -502,15 +523,21 @@ impl Flow {
         {
             return None;
         }
-        // An open array at the end may still grow: it is planned again with what comes.
-        if link.ready.back().is_some_and(|o| o.open) {
-            link.ready.pop_back();
+        let mut after = link.cursors;
+        for priority in [Priority::High, Priority::Normal] {
+            let last = link.ready.iter().rposition(|o| o.priority == priority);
+            // An open array at the end may still grow: it is planned again with what comes.
+            let last = match last {
+                Some(index) if link.ready[index].open => {
+                    link.ready.remove(index);
+                    link.ready.iter().rposition(|o| o.priority == priority)
+                }
+                other => other,
+            };
+            if let Some(id) = last.and_then(|index| link.ready[index].ids.last().copied()) {
+                *after.of_mut(priority) = id;
+            }
         }
-        let after = link
-            .ready
-            .back()
-            .and_then(|o| o.ids.last().copied())
-            .unwrap_or(link.cursor);
         link.unread = false;
         link.reading = true;
         Some(Action::Read {
@@ -525,8 +552,9 @@ impl Flow {
 
     /// The oldest planned publish, unless linger, the topic rules or the quota hold it back.
     fn publish_next(&mut self, now: Instant, outside: Outside) -> Option<Action> {
+        let index = self.next_ready()?;
         let link = &mut self.link;
-        let outgoing = link.ready.pop_front()?;
+        let outgoing = link.ready.remove(index)?;
         // The newest array may wait up to `linger` for more readings, unless the spool had
         // more than we read (then more are right behind it).
         if link.ready.is_empty()
@@ -542,15 +570,17 @@ impl Flow {
             };
             if now < since + self.linger {
                 link.lingering_until = Some(since + self.linger);
-                link.ready.push_front(outgoing);
+                link.ready.insert(index, outgoing);
                 return None;
             }
         }
-        let last = *outgoing.ids.last().unwrap_or(&link.cursor);
+        let priority = outgoing.priority;
+        let cursor = link.cursors.of_mut(priority);
+        let last = *outgoing.ids.last().unwrap_or(cursor);
         let topic = self.rules.full_topic(&link.identity_id, &outgoing.topic);
         if let Err(error) = TopicRules::check_full(&topic) {
             // Never accepted by IoT Core, whatever we do: out of the queue.
-            link.cursor = link.cursor.max(last);
+            *cursor = (*cursor).max(last);
             return Some(Action::Bury(Burial {
                 ids: outgoing.ids,
                 topic,
@@ -562,7 +592,7 @@ impl Flow {
         if let Some(at) = self.quota.ready_at(size, now) {
             // Over IoT Core's quota: it goes first once the quota allows.
             link.paced_until = Some(at);
-            link.ready.push_front(outgoing);
+            link.ready.insert(index, outgoing);
             return None;
         }
         link.held = None;
@@ -570,13 +600,18 @@ impl Flow {
         if link.head.is_none() {
             link.head = Some((outgoing.ids.clone(), topic.clone()));
         }
+        let highest_sent = self.highest_sent.of_mut(priority);
         let republished = outgoing
             .ids
             .iter()
-            .filter(|&&id| id <= self.highest_sent)
+            .filter(|&&id| id <= *highest_sent)
             .count() as u64;
-        self.highest_sent = self.highest_sent.max(last);
-        link.cursor = last;
+        *highest_sent = (*highest_sent).max(last);
+        *link.cursors.of_mut(priority) = last;
+        self.high_streak = match priority {
+            Priority::High => self.high_streak.saturating_add(1),
+            Priority::Normal => 0,
+        };
         link.window
             .unassigned
             .push_back((outgoing.ids, outgoing.qos, size));
@@ -586,6 +621,18 @@ impl Flow {
             payload: outgoing.payload,
             republished,
         }))
+    }
+
+    /// Which planned publish goes next: the first high-priority one, unless
+    /// [`HIGH_BEFORE_NORMAL`] of them went since the last normal one and a normal one waits.
+    fn next_ready(&self) -> Option<usize> {
+        let ready = &self.link.ready;
+        let first_normal = ready.iter().position(|o| o.priority == Priority::Normal);
+        match ready.front()? {
+            o if o.priority == Priority::High && self.high_streak < HIGH_BEFORE_NORMAL => Some(0),
+            o if o.priority == Priority::High => first_normal.or(Some(0)),
+            _ => Some(0),
+        }
     }
 
     /// The earliest deadline the flow waits for, if any.
@@ -691,6 +738,7 @@ mod tests {
     use super::*;
     use crate::config::{BatchConfig, ByteSize};
     use crate::message::{Message, PayloadKind};
+    use crate::spool::StoredMessage;
 
     const POOL: &str = "us-east-1:0b7c5a57-6a4f-4a62-9d36-3f1c0e3b6a11";
     const IDENTITY: &str = "us-east-1:9f0e3a2b-1c4d-4e5f-8a9b-0c1d2e3f4a5b";
@@ -736,8 +784,15 @@ mod tests {
                 payload: format!("{{\"n\":{id}}}").into_bytes(),
                 qos,
                 kind: PayloadKind::Json,
+                options: Default::default(),
             },
         }
+    }
+
+    /// A read's answer as the spool gives it: more behind when it filled `wanted`.
+    fn batch(messages: Vec<StoredMessage>, wanted: usize) -> ReadBatch {
+        let more = messages.len() >= wanted;
+        ReadBatch { messages, more }
     }
 
     fn spool(ids: std::ops::RangeInclusive<i64>) -> Vec<StoredMessage> {
@@ -753,14 +808,14 @@ mod tests {
         );
         flow.on_broker(BrokerEvent::Connected, now);
         let Action::Read {
-            after: 0,
+            after: Cursors { high: 0, normal: 0 },
             max_messages,
             ..
         } = flow.next(now, RUNNING)
         else {
             panic!("a new connection reads from the oldest message");
         };
-        flow.on_read(messages, max_messages);
+        flow.on_read(batch(messages, max_messages));
         max_messages
     }
 
@@ -845,7 +900,10 @@ mod tests {
         flow.on_spool_changed();
         assert!(matches!(
             flow.next(now, RUNNING),
-            Action::Read { after: 3, .. }
+            Action::Read {
+                after: Cursors { high: 0, normal: 3 },
+                ..
+            }
         ));
     }
 
@@ -895,7 +953,7 @@ mod tests {
         assert_eq!(numbers(&sent), ["{\"n\":1}"]);
         // The full read said more are behind; one of its two is left: read after it.
         let read_ahead = Action::Read {
-            after: 2,
+            after: Cursors { high: 0, normal: 2 },
             max_messages: 2,
             max_bytes: 2 * crate::message::MAX_PAYLOAD_BYTES,
         };
@@ -910,7 +968,7 @@ mod tests {
             }),
             "publishes go on while the read is out"
         );
-        flow.on_read(spool(3..=4), 2);
+        flow.on_read(batch(spool(3..=4), 2));
         assert_eq!(
             flow.next(now, RUNNING),
             Action::Wait(Some(now + MAX_CONNECTION_AGE)),
@@ -925,7 +983,7 @@ mod tests {
         assert_eq!(
             then,
             Action::Read {
-                after: 4,
+                after: Cursors { high: 0, normal: 4 },
                 max_messages: 2,
                 max_bytes: 2 * crate::message::MAX_PAYLOAD_BYTES,
             }
@@ -946,10 +1004,14 @@ mod tests {
         flow.on_spool_changed();
         let (sent, then) = publishes(&mut flow, now, RUNNING);
         assert_eq!(numbers(&sent), ["{\"n\":1}"]);
-        let Action::Read { after: 2, .. } = then else {
+        let Action::Read {
+            after: Cursors { high: 0, normal: 2 },
+            ..
+        } = then
+        else {
             panic!("expected a read after 2 while paced, got {then:?}");
         };
-        flow.on_read(spool(3..=3), 10);
+        flow.on_read(batch(spool(3..=3), 10));
         let Action::Wait(Some(paced)) = flow.next(now, RUNNING) else {
             panic!("paced");
         };
@@ -966,13 +1028,21 @@ mod tests {
         let now = Instant::now();
         flow.connect(IDENTITY, now);
         flow.on_broker(BrokerEvent::Connected, now);
-        let Action::Read { after: 0, .. } = flow.next(now, RUNNING) else {
+        let Action::Read {
+            after: Cursors { high: 0, normal: 0 },
+            ..
+        } = flow.next(now, RUNNING)
+        else {
             panic!("a read");
         };
         flow.on_spool_changed();
-        flow.on_read(spool(1..=1), 10);
+        flow.on_read(batch(spool(1..=1), 10));
         let then = flow.next(now, RUNNING);
-        let Action::Read { after: 1, .. } = then else {
+        let Action::Read {
+            after: Cursors { high: 0, normal: 1 },
+            ..
+        } = then
+        else {
             panic!("expected a read after 1, got {then:?}");
         };
         let (sent, _) = publishes(&mut flow, now, RUNNING);
@@ -992,14 +1062,22 @@ mod tests {
         connect_and_read(&mut flow, now, spool(1..=2));
         let (sent, then) = publishes(&mut flow, now, RUNNING);
         assert_eq!(numbers(&sent), ["{\"n\":1}"]);
-        let Action::Read { after: 2, .. } = then else {
+        let Action::Read {
+            after: Cursors { high: 0, normal: 2 },
+            ..
+        } = then
+        else {
             panic!("a read ahead");
         };
         flow.on_read_failed(now);
         let (sent, then) = publishes(&mut flow, now, RUNNING);
         assert_eq!(numbers(&sent), ["{\"n\":2}"]);
         assert_eq!(then, Action::Wait(Some(now + SPOOL_READ_RETRY)));
-        let Action::Read { after: 2, .. } = flow.next(now + SPOOL_READ_RETRY, RUNNING) else {
+        let Action::Read {
+            after: Cursors { high: 0, normal: 2 },
+            ..
+        } = flow.next(now + SPOOL_READ_RETRY, RUNNING)
+        else {
             panic!("the read again");
         };
     }
@@ -1024,14 +1102,14 @@ mod tests {
         let t1 = t0 + Duration::from_millis(40);
         flow.on_spool_changed();
         let Action::Read {
-            after: 0,
+            after: Cursors { high: 0, normal: 0 },
             max_messages,
             ..
         } = flow.next(t1, RUNNING)
         else {
             panic!("the lone open array is read again");
         };
-        flow.on_read(spool(1..=3), max_messages);
+        flow.on_read(batch(spool(1..=3), max_messages));
         assert_eq!(flow.next(t1, RUNNING), Action::Wait(Some(t0 + linger)));
         let (sent, _) = publishes(&mut flow, t0 + linger, RUNNING);
         assert_eq!(numbers(&sent), ["[{\"n\":1},{\"n\":2},{\"n\":3}]"]);
@@ -1217,7 +1295,10 @@ mod tests {
         assert_eq!(burial.topic, format!("{POOL}/{IDENTITY}/t"));
         assert!(matches!(
             flow.next(now, RUNNING),
-            Action::Read { after: 0, .. }
+            Action::Read {
+                after: Cursors { high: 0, normal: 0 },
+                ..
+            }
         ));
         assert!(flow.take_buried_head());
         assert!(!flow.take_buried_head());
@@ -1236,6 +1317,7 @@ mod tests {
                 payload: vec![b'x'; 100 * 1024],
                 qos: Qos::AtLeastOnce,
                 kind: PayloadKind::Binary,
+                options: Default::default(),
             },
         };
         connect_and_read(&mut flow, t0, (1..=3).map(big).collect());
@@ -1420,7 +1502,10 @@ mod tests {
         );
         assert!(matches!(
             flow.next(now + SPOOL_READ_RETRY, RUNNING),
-            Action::Read { after: 0, .. }
+            Action::Read {
+                after: Cursors { high: 0, normal: 0 },
+                ..
+            }
         ));
     }
 

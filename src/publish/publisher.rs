@@ -37,7 +37,7 @@ use crate::publish::quota::Quota;
 use crate::publish::refusal::Refusal;
 use crate::repeats::Repeats;
 use crate::retry::Backoff;
-use crate::spool::{ReadError, Spool, StoredMessage};
+use crate::spool::{ReadBatch, ReadError, Spool};
 use crate::topic::TopicRules;
 
 /// Never sign a connect with credentials that expire sooner than this.
@@ -54,8 +54,7 @@ const FILTERS_PER_SUBSCRIBE: usize = 8;
 
 /// A spool read the flow asked for, running while the loop publishes and waits; it ends with
 /// the messages and how many were asked for.
-type PendingRead =
-    Pin<Box<dyn Future<Output = (Result<Vec<StoredMessage>, ReadError>, usize)> + Send>>;
+type PendingRead = Pin<Box<dyn Future<Output = Result<ReadBatch, ReadError>> + Send>>;
 
 /// Where the link to IoT Core stands (`status`'s `state`, minus `stopping`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -423,8 +422,8 @@ impl Publisher {
                         tracing::debug!("health report dropped: not connected");
                     }
                 }
-                (read, wanted) = read_done(&mut reading) => match read {
-                    Ok(read) => self.flow.on_read(read, wanted),
+                read = read_done(&mut reading) => match read {
+                    Ok(read) => self.flow.on_read(read),
                     Err(_) => self.flow.on_read_failed(Instant::now()),
                 },
                 _ = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {}
@@ -481,8 +480,7 @@ impl Publisher {
                 } => {
                     let spool = self.spool.clone();
                     *reading = Some(Box::pin(async move {
-                        let read = spool.read_after(after, max_messages, max_bytes).await;
-                        (read, max_messages)
+                        spool.read_after(after, max_messages, max_bytes).await
                     }));
                 }
                 Action::Publish(publish) => {
@@ -713,9 +711,7 @@ impl Publisher {
 
 /// The next health report, if reports are on (otherwise never).
 /// The running read's result; never, when none runs.
-async fn read_done(
-    reading: &mut Option<PendingRead>,
-) -> (Result<Vec<StoredMessage>, ReadError>, usize) {
+async fn read_done(reading: &mut Option<PendingRead>) -> Result<ReadBatch, ReadError> {
     let Some(read) = reading.as_mut() else {
         return std::future::pending().await;
     };

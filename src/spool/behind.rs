@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::message::{Message, Qos};
+use crate::message::{Message, Priority, Qos};
 
 use super::StoredMessage;
 
@@ -40,13 +40,23 @@ pub(super) struct Held<W> {
     pub(super) id: i64,
     pub(super) message: Message,
     pub(super) arrived: Instant,
-    /// When it was accepted, in seconds since the Unix epoch (stored with its row).
-    pub(super) accepted_at: u64,
+    /// When it was accepted (stored with its row).
+    pub(super) accepted: Stamp,
     /// Whoever waits for the answer.
     pub(super) waiter: W,
     /// A QoS 0 message that went out. Nothing acknowledges QoS 0, so going out is not the
     /// broker having it: its `ok` still waits for the commit; it is just not sent again.
     pub(super) sent: bool,
+    /// The publisher read it (it may be in flight).
+    read: bool,
+}
+
+/// When a message was accepted: the wall clock (seconds since the Unix epoch, for `status`)
+/// and the spool clock (seconds, for expiry: see `policy::SpoolClock`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Stamp {
+    pub(super) wall: u64,
+    pub(super) clock: u64,
 }
 
 impl<W> Held<W> {
@@ -71,8 +81,8 @@ pub(super) struct WriteBehind<W> {
     held: VecDeque<Held<W>>,
     bytes: u64,
     window: Duration,
-    /// Highest id the publisher has read (it reads in id order).
-    read_upto: i64,
+    /// How many held messages the publisher has read.
+    read: usize,
 }
 
 impl<W> WriteBehind<W> {
@@ -81,7 +91,7 @@ impl<W> WriteBehind<W> {
             held: VecDeque::new(),
             bytes: 0,
             window,
-            read_upto: 0,
+            read: 0,
         }
     }
 
@@ -112,7 +122,7 @@ impl<W> WriteBehind<W> {
         id: i64,
         message: Message,
         now: Instant,
-        accepted_at: u64,
+        accepted: Stamp,
         waiter: W,
     ) {
         debug_assert!(self.held.back().is_none_or(|last| last.id < id));
@@ -120,9 +130,10 @@ impl<W> WriteBehind<W> {
             id,
             message,
             arrived: now,
-            accepted_at,
+            accepted,
             waiter,
             sent: false,
+            read: false,
         };
         self.bytes += held.size();
         self.held.push_back(held);
@@ -132,8 +143,11 @@ impl<W> WriteBehind<W> {
     /// read by the publisher outstays `READ_GRACE`. `None` when nothing is held.
     pub(super) fn commit_at(&self) -> Option<Instant> {
         let window_end = self.held.front()?.arrived + self.window;
-        let unread = self.held.partition_point(|held| held.id <= self.read_upto);
-        let unread_end = self.held.get(unread).map(|held| held.arrived + READ_GRACE);
+        // Read ones are mostly at the front (reads go in id order within a priority).
+        let unread_end = (self.read < self.held.len())
+            .then(|| self.held.iter().find(|held| !held.read))
+            .flatten()
+            .map(|held| held.arrived + READ_GRACE);
         Some(unread_end.map_or(window_end, |at| at.min(window_end)))
     }
 
@@ -145,7 +159,7 @@ impl<W> WriteBehind<W> {
 
     /// Held messages the publisher has not read.
     fn unread(&self) -> usize {
-        self.held.len() - self.held.partition_point(|held| held.id <= self.read_upto)
+        self.held.len() - self.read
     }
 
     /// As much held as one commit takes: commit before holding more.
@@ -171,51 +185,86 @@ impl<W> WriteBehind<W> {
             held.sent = true;
             return Acked::Sent;
         }
-        let Some(held) = self.held.remove(index) else {
+        let Some(held) = self.remove(index) else {
             return Acked::NotHeld;
         };
-        self.bytes -= held.size();
         Acked::Delivered(held.waiter)
+    }
+
+    fn remove(&mut self, index: usize) -> Option<Held<W>> {
+        let held = self.held.remove(index)?;
+        self.bytes -= held.size();
+        self.read -= usize::from(held.read);
+        Some(held)
+    }
+
+    /// A conflating message on `topic` arrives: the held conflating ones on that topic the
+    /// publisher has not read are worth nothing now. Their writers are returned (answered `ok`:
+    /// they were accepted, and conflation is the app's choice).
+    pub(super) fn conflate(&mut self, topic: &str) -> Vec<W> {
+        let mut dropped = Vec::new();
+        let mut index = 0;
+        while index < self.held.len() {
+            let held = &self.held[index];
+            if held.message.options.conflate && !held.read && held.message.topic == topic {
+                if let Some(held) = self.remove(index) {
+                    dropped.push(held.waiter);
+                }
+            } else {
+                index += 1;
+            }
+        }
+        dropped
     }
 
     /// When the oldest held message was accepted (seconds since the Unix epoch).
     pub(super) fn oldest_accepted_at(&self) -> Option<u64> {
-        self.held.front().map(|held| held.accepted_at)
+        self.held.front().map(|held| held.accepted.wall)
     }
 
     /// Everything held, oldest first, for one commit.
     pub(super) fn take(&mut self) -> Vec<Held<W>> {
         self.bytes = 0;
+        self.read = 0;
         self.held.drain(..).collect()
     }
 
-    /// Held messages not yet sent with an id above `after`, oldest first: at most `limit`, and
-    /// ending once their payloads reach `max_bytes` (counting `bytes` already read). None
-    /// with a zero window.
+    /// Held messages of `priority` not yet sent with an id above `after`, oldest first, added
+    /// to `into` while it has fewer than `limit` and their payloads (counted in `bytes`) stay
+    /// under `max_bytes` (one always comes into an empty read). None with a zero window.
+    /// `true` when every such message was taken.
     pub(super) fn read_after(
         &mut self,
+        priority: Priority,
         after: i64,
         limit: usize,
         max_bytes: usize,
-        mut bytes: usize,
+        bytes: &mut usize,
         into: &mut Vec<StoredMessage>,
-    ) {
+    ) -> bool {
         // No window: every message is committed before it is published.
         if self.window.is_zero() {
-            return;
+            return true;
         }
         let start = self.held.partition_point(|held| held.id <= after);
-        for held in self.held.iter().skip(start).filter(|held| !held.sent) {
-            if into.len() >= limit || (bytes >= max_bytes && !into.is_empty()) {
-                return;
+        for held in self.held.iter_mut().skip(start) {
+            if held.sent || held.message.options.priority != priority {
+                continue;
             }
-            bytes += held.message.payload.len();
-            self.read_upto = self.read_upto.max(held.id);
+            if into.len() >= limit || (*bytes >= max_bytes && !into.is_empty()) {
+                return false;
+            }
+            *bytes += held.message.payload.len();
+            if !held.read {
+                held.read = true;
+                self.read += 1;
+            }
             into.push(StoredMessage {
                 id: held.id,
                 message: held.message.clone(),
             });
         }
+        true
     }
 }
 
@@ -232,6 +281,7 @@ mod tests {
             payload: b"12345".to_vec(),
             qos,
             kind: PayloadKind::Json,
+            options: Default::default(),
         }
     }
 
@@ -242,7 +292,14 @@ mod tests {
     /// What the publisher does when it is connected: it reads what arrives at once.
     fn read_everything<W>(pending: &mut WriteBehind<W>) -> Vec<i64> {
         let mut read = Vec::new();
-        pending.read_after(0, usize::MAX, usize::MAX, 0, &mut read);
+        pending.read_after(
+            Priority::Normal,
+            0,
+            usize::MAX,
+            usize::MAX,
+            &mut 0,
+            &mut read,
+        );
         ids(&read)
     }
 
@@ -250,13 +307,19 @@ mod tests {
     fn a_message_acknowledged_within_the_window_is_answered_and_never_committed() {
         let start = Instant::now();
         let mut pending = WriteBehind::new(WINDOW);
-        pending.push(1, message(Qos::AtLeastOnce), start, 0, "writer 1");
+        pending.push(
+            1,
+            message(Qos::AtLeastOnce),
+            start,
+            Stamp::default(),
+            "writer 1",
+        );
         read_everything(&mut pending);
         pending.push(
             2,
             message(Qos::AtLeastOnce),
             start + WINDOW / 2,
-            0,
+            Stamp::default(),
             "writer 2",
         );
         read_everything(&mut pending);
@@ -283,7 +346,7 @@ mod tests {
     fn a_message_nobody_reads_is_committed_after_the_read_grace() {
         let start = Instant::now();
         let mut pending = WriteBehind::new(WINDOW);
-        pending.push(1, message(Qos::AtLeastOnce), start, 0, ());
+        pending.push(1, message(Qos::AtLeastOnce), start, Stamp::default(), ());
         assert_eq!(pending.commit_at(), Some(start + READ_GRACE));
         assert!(!pending.commit_due(start + READ_GRACE / 2));
         assert!(pending.commit_due(start + READ_GRACE));
@@ -291,14 +354,14 @@ mod tests {
         let mut burst = WriteBehind::new(WINDOW);
         for id in 1..=MAX_UNREAD as i64 {
             assert!(!burst.commit_due(start), "{id}");
-            burst.push(id, message(Qos::AtLeastOnce), start, 0, ());
+            burst.push(id, message(Qos::AtLeastOnce), start, Stamp::default(), ());
         }
         assert!(burst.commit_due(start));
         // Read (sent): the window counts; a newer unread one brings the commit forward.
         assert_eq!(read_everything(&mut pending), [1]);
         assert_eq!(pending.commit_at(), Some(start + WINDOW));
         let later = start + Duration::from_millis(100);
-        pending.push(2, message(Qos::AtLeastOnce), later, 0, ());
+        pending.push(2, message(Qos::AtLeastOnce), later, Stamp::default(), ());
         assert_eq!(
             pending.commit_at(),
             Some((later + READ_GRACE).min(start + WINDOW))
@@ -311,7 +374,13 @@ mod tests {
     #[test]
     fn an_acknowledgement_for_a_committed_or_unknown_id_goes_to_the_disk() {
         let mut pending = WriteBehind::new(WINDOW);
-        pending.push(5, message(Qos::AtLeastOnce), Instant::now(), 0, ());
+        pending.push(
+            5,
+            message(Qos::AtLeastOnce),
+            Instant::now(),
+            Stamp::default(),
+            (),
+        );
         assert_eq!(pending.acknowledge(4), Acked::NotHeld);
         assert_eq!(pending.acknowledge(6), Acked::NotHeld);
         assert_eq!(pending.acknowledge(5), Acked::Delivered(()));
@@ -322,11 +391,11 @@ mod tests {
     fn qos0_going_out_is_not_an_acknowledgement() {
         let now = Instant::now();
         let mut pending = WriteBehind::new(WINDOW);
-        pending.push(1, message(Qos::AtMostOnce), now, 0, "w");
+        pending.push(1, message(Qos::AtMostOnce), now, Stamp::default(), "w");
         assert_eq!(pending.acknowledge(1), Acked::Sent);
         assert_eq!(pending.len(), 1, "still held: its ok waits for the commit");
         let mut read = Vec::new();
-        pending.read_after(0, 10, usize::MAX, 0, &mut read);
+        pending.read_after(Priority::Normal, 0, 10, usize::MAX, &mut 0, &mut read);
         assert!(read.is_empty(), "not sent twice");
         assert_eq!(pending.acknowledge(1), Acked::NotHeld);
         let taken = pending.take();
@@ -339,10 +408,17 @@ mod tests {
         let mut pending = WriteBehind::new(WINDOW);
         for id in 1..=MAX_HELD as i64 {
             assert!(!pending.commit_due(now), "{id}");
-            pending.push(id, message(Qos::AtLeastOnce), now, 0, ());
+            pending.push(id, message(Qos::AtLeastOnce), now, Stamp::default(), ());
             if id % 128 == 0 {
                 // Read (sent) as they come: only the count makes it due.
-                pending.read_after(id - 128, 128, usize::MAX, 0, &mut Vec::new());
+                pending.read_after(
+                    Priority::Normal,
+                    id - 128,
+                    128,
+                    usize::MAX,
+                    &mut 0,
+                    &mut Vec::new(),
+                );
             }
         }
         assert!(pending.commit_due(now));
@@ -350,12 +426,12 @@ mod tests {
         let mut big = WriteBehind::new(WINDOW);
         let mut m = message(Qos::AtLeastOnce);
         m.payload = vec![0; MAX_HELD_BYTES as usize];
-        big.push(1, m, now, 0, ());
+        big.push(1, m, now, Stamp::default(), ());
         assert!(big.commit_due(now));
 
         let mut write_through = WriteBehind::new(Duration::ZERO);
         assert!(!write_through.commit_due(now), "nothing held");
-        write_through.push(1, message(Qos::AtLeastOnce), now, 0, ());
+        write_through.push(1, message(Qos::AtLeastOnce), now, Stamp::default(), ());
         assert!(write_through.commit_due(now));
     }
 
@@ -364,11 +440,18 @@ mod tests {
         let now = Instant::now();
         let mut pending = WriteBehind::new(WINDOW);
         for id in [3, 4, 7, 9] {
-            pending.push(id, message(Qos::AtLeastOnce), now, 0, ());
+            pending.push(id, message(Qos::AtLeastOnce), now, Stamp::default(), ());
         }
         let mut read = |after, limit, max_bytes, bytes| {
             let mut out = Vec::new();
-            pending.read_after(after, limit, max_bytes, bytes, &mut out);
+            pending.read_after(
+                Priority::Normal,
+                after,
+                limit,
+                max_bytes,
+                &mut { bytes },
+                &mut out,
+            );
             ids(&out)
         };
         assert_eq!(read(0, 10, usize::MAX, 0), [3, 4, 7, 9]);

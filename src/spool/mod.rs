@@ -39,7 +39,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use crate::config::OnFull;
-use crate::message::Message;
+use crate::message::{Message, Priority};
 use serve::{Requests, Spooler};
 use store::{Store, is_corruption};
 
@@ -149,6 +149,53 @@ pub struct SpoolStats {
     /// When the oldest message waiting was accepted (seconds since the Unix epoch); `None`
     /// when none waits or that is not known (a message from an older spool).
     pub oldest_accepted_at: Option<u64>,
+    /// Messages dropped unpublished for their `ttl` or `spool.max_age`, since the start.
+    pub expired_total: u64,
+    /// Conflating messages dropped for a newer one on their topic, since the start.
+    pub conflated_total: u64,
+}
+
+/// What the config sets for the spool; a reload may change it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    pub max_bytes: u64,
+    pub on_full: OnFull,
+    /// How long a message may be held in memory before it is committed (write-behind).
+    pub commit_window: Duration,
+    /// Messages without a `ttl` expire after this long; zero: never.
+    pub max_age: Duration,
+}
+
+/// Where the publisher's reading has got to, per priority (ids of each priority are read in
+/// order; high-priority ones first).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cursors {
+    pub high: i64,
+    pub normal: i64,
+}
+
+impl Cursors {
+    pub fn of(&self, priority: Priority) -> i64 {
+        match priority {
+            Priority::High => self.high,
+            Priority::Normal => self.normal,
+        }
+    }
+
+    pub fn of_mut(&mut self, priority: Priority) -> &mut i64 {
+        match priority {
+            Priority::High => &mut self.high,
+            Priority::Normal => &mut self.normal,
+        }
+    }
+}
+
+/// What a read brought: messages in the order to publish them (high priority first), and
+/// whether more may wait behind them.
+#[derive(Debug, Default)]
+pub struct ReadBatch {
+    pub messages: Vec<StoredMessage>,
+    pub more: bool,
 }
 
 enum Command {
@@ -159,20 +206,18 @@ enum Command {
         queued: OwnedSemaphorePermit,
     },
     ReadAfter {
-        after: i64,
+        after: Cursors,
         limit: usize,
         max_bytes: usize,
-        reply: oneshot::Sender<Result<Vec<StoredMessage>, ReadError>>,
+        reply: oneshot::Sender<Result<ReadBatch, ReadError>>,
     },
     /// Dead letters: see the block at the end of this file.
     DeadLetters(DeadLetterCommand),
-    SetLimits {
-        max_bytes: u64,
-        on_full: OnFull,
-        commit_window: Duration,
-    },
+    SetLimits(Settings),
     /// Commits what is held and deletes what was acknowledged, then answers.
-    Flush { done: oneshot::Sender<()> },
+    Flush {
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// Who waits for a held message's answer: the sender, and its share of `MAX_QUEUED_BYTES`.
@@ -200,16 +245,18 @@ impl Spool {
     /// Without write-behind (a zero commit window): every `ok` waits for its commit.
     #[cfg(test)]
     pub fn open(dir: &Path, max_bytes: u64, on_full: OnFull) -> Result<Spool, OpenError> {
-        Spool::open_with_window(dir, max_bytes, on_full, Duration::ZERO)
+        let settings = Settings {
+            max_bytes,
+            on_full,
+            commit_window: Duration::ZERO,
+            max_age: Duration::ZERO,
+        };
+        Spool::open_with(dir, settings)
     }
 
-    /// Like [`Spool::open`], holding messages up to `commit_window` before committing them.
-    pub fn open_with_window(
-        dir: &Path,
-        max_bytes: u64,
-        on_full: OnFull,
-        commit_window: Duration,
-    ) -> Result<Spool, OpenError> {
+    /// Like [`Spool::open`], with every setting: write-behind holds messages up to
+    /// `commit_window` before committing them.
+    pub fn open_with(dir: &Path, settings: Settings) -> Result<Spool, OpenError> {
         let path = dir.join(SPOOL_FILE);
         let sqlite = |source| OpenError::Sqlite {
             path: path.clone(),
@@ -229,7 +276,7 @@ impl Spool {
             }
             Err(source) => return Err(sqlite(source)),
         };
-        let mut spooler = Spooler::new(store, opened, max_bytes, on_full).map_err(sqlite)?;
+        let mut spooler = Spooler::new(store, opened, settings).map_err(sqlite)?;
         // This start's corrupt file, and any an earlier start could not finish.
         for aside in salvage::unfinished_salvages(dir) {
             let salvage = spooler.salvage(&aside);
@@ -240,7 +287,6 @@ impl Spool {
                 "salvaged messages from the corrupt spool"
             );
         }
-        spooler.set_window(commit_window);
         // The spool thread's clock for the commit window.
         let clock = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -304,15 +350,18 @@ impl Spool {
             .unwrap_or(Err(AppendError::Closed))
     }
 
-    /// Up to `limit` messages with an id above `after`, oldest first, ending once their
-    /// payloads add up to `max_bytes` (the first one always comes): bounds the memory a read
-    /// takes when messages are large. A failed read is an error, never an empty spool.
+    /// Up to `limit` messages after the cursors, high-priority ones first, each priority in id
+    /// order, ending once their payloads add up to `max_bytes` (the first one always comes):
+    /// bounds the memory a read takes when messages are large. A full read of high-priority
+    /// messages still brings one normal message, if one waits, so the publisher can keep normal
+    /// ones from starving. Expired messages never come. A failed read is an error, never an
+    /// empty spool.
     pub async fn read_after(
         &self,
-        after: i64,
+        after: Cursors,
         limit: usize,
         max_bytes: usize,
-    ) -> Result<Vec<StoredMessage>, ReadError> {
+    ) -> Result<ReadBatch, ReadError> {
         let (reply, receiver) = oneshot::channel();
         let command = Command::ReadAfter {
             after,
@@ -342,15 +391,8 @@ impl Spool {
 
     /// New `max_bytes` / `on_full` (SIGHUP). A lower limit with `drop-oldest` trims the oldest
     /// in bounded chunks.
-    pub async fn set_limits(&self, max_bytes: u64, on_full: OnFull, commit_window: Duration) {
-        let _ = self
-            .commands
-            .send(Command::SetLimits {
-                max_bytes,
-                on_full,
-                commit_window,
-            })
-            .await;
+    pub async fn set_limits(&self, settings: Settings) {
+        let _ = self.commands.send(Command::SetLimits(settings)).await;
     }
 
     /// Commits every message held in memory (shutdown: nothing accepted is left behind).

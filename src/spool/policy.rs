@@ -358,6 +358,49 @@ impl Removals {
     }
 }
 
+/// The spool clock, in milliseconds: the time that counts for `ttl` and `spool.max_age`. While
+/// the daemon runs it follows the monotonic clock, so the wall clock jumping (NTP setting a
+/// clock that booted at 1970, or at the last shutdown's time) neither ages nor rejuvenates a
+/// message. Across a restart it adds the wall-clock time from its last save to the start when
+/// the wall clock moved forward, and nothing when it moved back (a clock not set yet): a
+/// device without a real-time clock then ages messages only while it runs, never all at once.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct SpoolClock {
+    base_ms: u64,
+    started: Instant,
+}
+
+/// The spool clock is saved with a commit at most this often (and when the daemon stops).
+pub(super) const CLOCK_SAVE_EVERY: Duration = Duration::from_secs(60);
+
+impl SpoolClock {
+    /// Goes on from `saved` (the clock and the wall clock then, both in ms), `wall_ms` being the
+    /// wall clock now.
+    pub(super) fn resume(saved: Option<(u64, u64)>, wall_ms: u64, now: Instant) -> SpoolClock {
+        let base_ms = saved.map_or(0, |(clock, wall)| clock + wall_ms.saturating_sub(wall));
+        SpoolClock {
+            base_ms,
+            started: now,
+        }
+    }
+
+    pub(super) fn at(&self, now: Instant) -> u64 {
+        let run = now.saturating_duration_since(self.started).as_millis();
+        self.base_ms + u64::try_from(run).unwrap_or(u64::MAX)
+    }
+}
+
+/// Whether a message accepted at spool clock `accepted_ms`, with its own `ttl` (seconds) or
+/// else `max_age` (zero: none), has waited longer than that at `now_ms`.
+pub(super) fn expired(accepted_ms: u64, ttl: Option<u32>, max_age: Duration, now_ms: u64) -> bool {
+    let limit_ms = match ttl {
+        Some(seconds) => u64::from(seconds) * 1000,
+        None if max_age.is_zero() => return false,
+        None => u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX),
+    };
+    now_ms.saturating_sub(accepted_ms) > limit_ms
+}
+
 /// The fault that stands after `failed`: a failed read never replaces a failed write, since a
 /// later good read would clear it and hide the write failure.
 pub(super) fn fault_after(current: Option<StorageFault>, failed: StorageFault) -> StorageFault {
@@ -584,6 +627,45 @@ mod tests {
             removals.add(id, start);
         }
         assert!(removals.due(start), "a full batch goes at once");
+    }
+
+    #[test]
+    fn the_spool_clock_counts_downtime_only_when_the_wall_clock_moved_forward() {
+        let now = Instant::now();
+        let fresh = SpoolClock::resume(None, 5_000_000, now);
+        assert_eq!(fresh.at(now), 0);
+        assert_eq!(fresh.at(now + Duration::from_secs(2)), 2000);
+        // Saved at clock 10 s, wall 1000 s; started again at wall 1100 s: 100 s were down.
+        let resumed = SpoolClock::resume(Some((10_000, 1_000_000)), 1_100_000, now);
+        assert_eq!(resumed.at(now), 110_000);
+        // A wall clock not set yet (behind the save): the downtime counts as nothing.
+        let unset = SpoolClock::resume(Some((10_000, 1_000_000)), 0, now);
+        assert_eq!(unset.at(now + Duration::from_secs(1)), 11_000);
+    }
+
+    #[test]
+    fn a_message_expires_after_its_ttl_or_else_max_age() {
+        let none = Duration::ZERO;
+        assert!(
+            !expired(0, Some(2), none, 2000),
+            "exactly its ttl: not longer"
+        );
+        assert!(expired(0, Some(2), none, 2001));
+        assert!(
+            !expired(0, None, none, u64::MAX),
+            "no ttl, no max_age: never"
+        );
+        let day = Duration::from_secs(86_400);
+        assert!(!expired(0, None, day, 86_400_000));
+        assert!(expired(0, None, day, 86_400_001));
+        assert!(
+            !expired(0, Some(172_800), day, 86_400_001),
+            "its own ttl wins"
+        );
+        assert!(
+            !expired(5000, Some(1), none, 0),
+            "a clock behind its acceptance"
+        );
     }
 
     #[test]

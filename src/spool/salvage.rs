@@ -139,11 +139,22 @@ impl SalvageReader {
             path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
-        let has_kind: bool = db.query_row(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = 'kind'",
-            [],
-            |row| row.get(0),
-        )?;
+        // Columns an older spool may lack are read as NULL (the defaults).
+        let column = |name: &'static str| -> rusqlite::Result<&'static str> {
+            let has: bool = db.query_row(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = ?1",
+                [name],
+                |row| row.get(0),
+            )?;
+            Ok(if has { name } else { "NULL" })
+        };
+        let optional = [
+            column("kind")?,
+            column("priority")?,
+            column("ttl")?,
+            column("conflate")?,
+        ]
+        .join(", ");
         let expected: Option<i64> = db
             .query_row(
                 "SELECT COUNT(*) FROM messages WHERE id > ?1",
@@ -157,8 +168,7 @@ impl SalvageReader {
             })
             .unwrap_or(0);
         let select = format!(
-            "SELECT id, topic, payload, qos, {} FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
-            if has_kind { "kind" } else { "NULL" }
+            "SELECT id, topic, payload, qos, {optional} FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2"
         );
         Ok(SalvageReader {
             db,

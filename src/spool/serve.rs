@@ -10,28 +10,32 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, watch};
 
-use super::behind::{self, Acked, WriteBehind};
+use super::behind::{self, Acked, Stamp, WriteBehind};
 use super::dead_letters::{DeadLetter, DeadLetterAction, DeadLetterCommand, DeadLetterReply};
 use super::policy::{
-    self, Chore, DiskFigures, DiskFull, DiskFullStep, Freeing, Housekeeping, Limits, Removals,
-    Room, TRIM_CHUNK_ROWS, VACUUM_CHUNK_PAGES,
+    self, CLOCK_SAVE_EVERY, Chore, DiskFigures, DiskFull, DiskFullStep, Freeing, Housekeeping,
+    Limits, Removals, Room, SpoolClock, TRIM_CHUNK_ROWS, VACUUM_CHUNK_PAGES,
 };
 use super::reserve::Reserve;
 use super::salvage::{self, Salvage};
-use super::store::{self, Commit, Opened, Store};
+use super::store::{self, Commit, DiskRead, Opened, Store};
 use super::{
-    AppendError, COMMAND_QUEUE, Command, Operation, ReadError, SpoolStats, StorageFault,
-    StoredMessage, Waiter,
+    AppendError, COMMAND_QUEUE, Command, Cursors, Operation, ReadBatch, ReadError, Settings,
+    SpoolStats, StorageFault, StoredMessage, Waiter,
 };
 use crate::config::OnFull;
-use crate::message::Message;
+use crate::message::{Message, Priority};
 use crate::repeats::Repeats;
 
 /// Now, in seconds since the Unix epoch (0 for a clock before it).
 pub(super) fn unix_seconds() -> u64 {
+    unix_millis() / 1000
+}
+
+fn unix_millis() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or_default()
 }
 
@@ -78,44 +82,65 @@ pub(super) struct Spooler {
     housekeeping: Housekeeping,
     /// Accepted, not committed, not acknowledged (write-behind).
     held: WriteBehind<Waiter>,
-    /// Acknowledged rows waiting to be deleted together.
+    /// Acknowledged, expired and conflated rows waiting to be deleted together.
     removals: Removals,
+    /// Messages without a `ttl` expire after this long (zero: never).
+    max_age: Duration,
+    /// Ages messages for `ttl` and `max_age`.
+    clock: SpoolClock,
+    /// The spool clock at the start: the acceptance time of rows from older spools.
+    clock_at_start: u64,
+    clock_saved_at: Instant,
+    /// The highest id of each priority any read has handed out: what is at or below may be in
+    /// flight, so conflation leaves it alone.
+    handed: Cursors,
     drop_log: Repeats,
     fault_log: Repeats,
+    expiry_log: Repeats,
 }
 
 impl Spooler {
     /// Takes over an opened store: the WAL's and the dead letters' bounds applied, the disk
     /// reserve written.
     pub(super) fn new(
-        store: Store,
+        mut store: Store,
         opened: Opened,
-        max_bytes: u64,
-        on_full: OnFull,
+        settings: Settings,
     ) -> rusqlite::Result<Spooler> {
         let limits = Limits {
-            max_bytes,
-            on_full,
+            max_bytes: settings.max_bytes,
+            on_full: settings.on_full,
             page_size: store.page_size(),
         };
         let reserve = Reserve::beside(store.path());
+        let now = Instant::now();
+        let clock = SpoolClock::resume(opened.clock, unix_millis(), now);
+        // Nothing is in flight yet: of each topic's conflating messages only the newest stays.
+        let conflated = store.conflate_all()?;
         let mut spooler = Spooler {
             store,
             limits,
             stats: SpoolStats {
-                messages: opened.messages,
+                messages: opened.messages.saturating_sub(conflated),
                 last_id: opened.last_id,
                 dead_letters: opened.dead_letters,
+                conflated_total: conflated,
                 ..SpoolStats::default()
             },
             live_bytes: 0,
             oldest_on_disk: None,
             reserve,
-            housekeeping: Housekeeping::new(Instant::now()),
-            held: WriteBehind::new(Duration::ZERO),
+            housekeeping: Housekeeping::new(now),
+            held: WriteBehind::new(settings.commit_window),
             removals: Removals::default(),
+            max_age: settings.max_age,
+            clock,
+            clock_at_start: clock.at(now),
+            clock_saved_at: now,
+            handed: Cursors::default(),
             drop_log: Repeats::default(),
             fault_log: Repeats::default(),
+            expiry_log: Repeats::default(),
         };
         spooler.store.set_wal_limit(spooler.limits.wal_pages())?;
         // Spools written before dead letters had a byte bound may hold more.
@@ -129,10 +154,6 @@ impl Spooler {
 
     pub(super) fn stats(&self) -> SpoolStats {
         self.stats
-    }
-
-    pub(super) fn set_window(&mut self, window: Duration) {
-        self.held.set_window(window);
     }
 
     /// Salvages what reads back from the corrupt spool moved to `aside` (see `salvage.rs`).
@@ -200,6 +221,21 @@ impl Spooler {
             self.acknowledge(&ids, &stats);
         }
         self.settle(&stats);
+        self.save_clock();
+    }
+
+    /// Saves the spool clock in a transaction of its own (the daemon stops).
+    fn save_clock(&mut self) {
+        let now = Instant::now();
+        let clock = self.clock.at(now);
+        let saved = self.store.begin().and_then(|tx| {
+            tx.save_clock(clock, unix_millis())
+                .and_then(|()| tx.commit())
+        });
+        match saved {
+            Ok(()) => self.clock_saved_at = now,
+            Err(error) => tracing::debug!(%error, "cannot save the spool clock"),
+        }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -271,15 +307,12 @@ impl Spooler {
                 }
                 self.dead_letters(command, stats);
             }
-            Command::SetLimits {
-                max_bytes,
-                on_full,
-                commit_window,
-            } => {
+            Command::SetLimits(settings) => {
                 self.settle(stats);
-                self.limits.max_bytes = max_bytes;
-                self.limits.on_full = on_full;
-                self.held.set_window(commit_window);
+                self.limits.max_bytes = settings.max_bytes;
+                self.limits.on_full = settings.on_full;
+                self.held.set_window(settings.commit_window);
+                self.max_age = settings.max_age;
                 if let Err(error) = self
                     .store
                     .set_wal_limit(self.limits.wal_pages())
@@ -341,7 +374,12 @@ impl Spooler {
     fn hold(&mut self, batch: Vec<(Message, Waiter)>, stats: &watch::Sender<SpoolStats>) {
         let now = Instant::now();
         self.housekeeping.traffic(now);
+        let stamp = Stamp {
+            wall: unix_seconds(),
+            clock: self.clock.at(now),
+        };
         let mut refused = Vec::new();
+        let mut conflated = Vec::new();
         for (message, waiter) in batch {
             let size = (message.topic.len() + message.payload.len()) as u64;
             if self.limits.on_full == OnFull::RejectNew && !self.fits_held(size) {
@@ -356,15 +394,43 @@ impl Spooler {
                     continue;
                 }
             }
+            if message.options.conflate {
+                conflated.extend(self.conflate(&message.topic, now));
+            }
             self.stats.last_id += 1;
             self.stats.messages += 1;
             self.held
-                .push(self.stats.last_id, message, now, unix_seconds(), waiter);
+                .push(self.stats.last_id, message, now, stamp, waiter);
         }
         self.publish_stats(stats);
         for (done, _queued) in refused {
             let _ = done.send(Err(AppendError::Full(self.limits.max_bytes)));
         }
+        for (done, _queued) in conflated {
+            let _ = done.send(Ok(()));
+        }
+    }
+
+    /// A conflating message on `topic` arrives: the waiting conflating ones on that topic that
+    /// no read has handed out go, held ones at once (their writers are returned, to be
+    /// answered `ok`), rows on disk with the next deletion (reads skip them meanwhile).
+    fn conflate(&mut self, topic: &str, now: Instant) -> Vec<Waiter> {
+        let held = self.held.conflate(topic);
+        let mut dropped = held.len() as u64;
+        match self.store.conflating(topic) {
+            Ok(rows) => {
+                for (id, priority) in rows {
+                    if id > self.handed.of(priority) && self.removals.add(id, now) {
+                        dropped += 1;
+                    }
+                }
+            }
+            // Not conflated this time: older values are still published, nothing is lost.
+            Err(error) => self.record_fault(Operation::Read, &error),
+        }
+        self.stats.messages = self.stats.messages.saturating_sub(dropped);
+        self.stats.conflated_total += dropped;
+        held
     }
 
     fn fits_held(&self, size: u64) -> bool {
@@ -414,7 +480,7 @@ impl Spooler {
                 id: h.id,
                 message: h.message,
             });
-            accepted.push(h.accepted_at);
+            accepted.push((h.accepted.wall, h.accepted.clock));
             waiters.push((h.waiter, h.sent));
         }
         let results = self.append_batch(&rows, &accepted);
@@ -628,7 +694,7 @@ impl Spooler {
     fn append_batch(
         &mut self,
         batch: &[StoredMessage],
-        accepted_at: &[u64],
+        accepted_at: &[(u64, u64)],
     ) -> Vec<Result<(), AppendError>> {
         let before = self.stats;
         let mut outcome = self.try_append_batch(batch, accepted_at);
@@ -717,12 +783,13 @@ impl Spooler {
 
     /// One transaction: the acknowledged rows deleted, then `batch` inserted, older rows
     /// dropped for room (`drop-oldest`) or rows refused (`reject-new`) as `Limits::room` says.
-    /// `accepted_at`: each row's acceptance time (seconds since the Unix epoch), where known.
-    /// Counters change only once the transaction commits.
+    /// `accepted_at`: each row's acceptance time (wall clock in seconds since the Unix epoch,
+    /// spool clock), where known. The spool clock is saved along when it is due. Counters
+    /// change only once the transaction commits.
     fn try_append_batch(
         &mut self,
         batch: &[StoredMessage],
-        accepted_at: &[u64],
+        accepted_at: &[(u64, u64)],
     ) -> rusqlite::Result<Vec<Result<(), AppendError>>> {
         let removed: Vec<i64> = self.removals.ids().iter().copied().collect();
         let mut last_id = self.stats.last_id;
@@ -753,6 +820,11 @@ impl Spooler {
             results.push(Ok(()));
         }
         commit.settle(batch, &mut results)?;
+        let now = Instant::now();
+        let save_clock = now >= self.clock_saved_at + CLOCK_SAVE_EVERY;
+        if save_clock {
+            commit.tx.save_clock(self.clock.at(now), unix_millis())?;
+        }
         let Appending {
             tx,
             messages,
@@ -760,6 +832,9 @@ impl Spooler {
             ..
         } = commit;
         tx.commit()?;
+        if save_clock {
+            self.clock_saved_at = now;
+        }
         // Rows already gone (dropped meanwhile) were counted off twice.
         self.stats.messages = messages + removed.len() as u64 - deleted.min(removed.len() as u64);
         self.stats.dropped_total += dropped;
@@ -768,49 +843,109 @@ impl Spooler {
         Ok(results)
     }
 
-    /// The next messages after `after`, from disk and then from memory. A row that cannot be
-    /// decoded (a damaged file) can never be published and would hold back every message
-    /// behind it: it is logged, removed and counted as dropped, and the rest goes on. A failed
-    /// query is an error (and a fault).
+    /// The next messages after the cursors: each priority from disk and then from memory, high
+    /// first; a full read of high ones brings one normal one too (if one waits). A row that
+    /// cannot be decoded (a damaged file) can never be published and would hold back every
+    /// message behind it: it is logged, removed and counted as dropped, and the rest goes on.
+    /// Expired rows are never returned: they go with the next deletion. A failed query is an
+    /// error (and a fault).
     fn read_after(
         &mut self,
-        after: i64,
+        after: Cursors,
         limit: usize,
         max_bytes: usize,
-    ) -> Result<Vec<StoredMessage>, ReadError> {
-        let read = match self
-            .store
-            .read_after(after, limit, max_bytes, self.removals.ids())
-        {
-            Ok(read) => read,
-            Err(error) => {
-                self.record_fault(Operation::Read, &error);
-                return Err(ReadError::Storage(self.fault_text(&error)));
-            }
+    ) -> Result<ReadBatch, ReadError> {
+        let now = Instant::now();
+        let (max_age, now_ms, unknown) = (self.max_age, self.clock.at(now), self.clock_at_start);
+        let expired = move |clock: Option<u64>, ttl| {
+            policy::expired(clock.unwrap_or(unknown), ttl, max_age, now_ms)
         };
-        let mut good = read.good;
-        if read.done {
-            // Held ids are above every row on disk: order holds across memory and disk.
-            self.held
-                .read_after(after, limit, max_bytes, read.bytes, &mut good);
+        let mut read = DiskRead::default();
+        let mut more = false;
+        for priority in [Priority::High, Priority::Normal] {
+            let (limit, max_bytes) = if priority == Priority::Normal && read.good.len() >= limit {
+                (read.good.len() + 1, usize::MAX)
+            } else {
+                (limit, max_bytes)
+            };
+            let cursor = after.of(priority);
+            let skip = self.removals.ids();
+            let disk = self.store.read_after(
+                priority, cursor, limit, max_bytes, skip, &expired, &mut read,
+            );
+            let disk_done = match disk {
+                Ok(done) => done,
+                Err(error) => {
+                    self.record_fault(Operation::Read, &error);
+                    return Err(ReadError::Storage(self.fault_text(&error)));
+                }
+            };
+            // Held ids are above every row on disk: order holds across disk and memory.
+            let all = disk_done
+                && self.held.read_after(
+                    priority,
+                    cursor,
+                    limit,
+                    max_bytes,
+                    &mut read.bytes,
+                    &mut read.good,
+                );
+            more |= !all;
         }
         self.cleared(Operation::Read);
-        if !read.broken.is_empty() {
-            for (id, error) in &read.broken {
-                tracing::error!(spool_id = id, %error, "undecodable spool row dropped");
-            }
-            let ids: Vec<i64> = read.broken.iter().map(|(id, _)| *id).collect();
-            match self.store.delete(&ids) {
-                Ok(deleted) => {
-                    self.stats.messages = self.stats.messages.saturating_sub(deleted);
-                    self.stats.dropped_total += deleted;
-                    self.wrote();
-                }
-                Err(error) => self.record_fault(Operation::Write, &error),
-            }
-            let _ = self.measure();
+        for message in &read.good {
+            let handed = self.handed.of_mut(message.message.options.priority);
+            *handed = (*handed).max(message.id);
         }
-        Ok(good)
+        self.drop_expired(&read.expired, now);
+        self.drop_broken(&read.broken);
+        Ok(ReadBatch {
+            messages: read.good,
+            more,
+        })
+    }
+
+    /// Expired rows go with the next deletion; they are counted and logged (rate-limited).
+    fn drop_expired(&mut self, ids: &[i64], now: Instant) {
+        let mut expired = 0;
+        for &id in ids {
+            if self.removals.add(id, now) {
+                expired += 1;
+            }
+        }
+        if expired == 0 {
+            return;
+        }
+        self.stats.messages = self.stats.messages.saturating_sub(expired);
+        self.stats.expired_total += expired;
+        const TEXT: &str = "dropped expired messages (their ttl or spool.max_age passed)";
+        if let Some(held_back) = self.expiry_log.admit(TEXT) {
+            tracing::info!(
+                expired,
+                expired_total = self.stats.expired_total,
+                held_back,
+                "{TEXT}"
+            );
+        }
+    }
+
+    fn drop_broken(&mut self, broken: &[(i64, rusqlite::Error)]) {
+        if broken.is_empty() {
+            return;
+        }
+        for (id, error) in broken {
+            tracing::error!(spool_id = id, %error, "undecodable spool row dropped");
+        }
+        let ids: Vec<i64> = broken.iter().map(|(id, _)| *id).collect();
+        match self.store.delete(&ids) {
+            Ok(deleted) => {
+                self.stats.messages = self.stats.messages.saturating_sub(deleted);
+                self.stats.dropped_total += deleted;
+                self.wrote();
+            }
+            Err(error) => self.record_fault(Operation::Write, &error),
+        }
+        let _ = self.measure();
     }
 
     fn dead_letters(&mut self, command: DeadLetterCommand, stats: &watch::Sender<SpoolStats>) {

@@ -9,12 +9,15 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, params};
 
 use super::StoredMessage;
 use super::policy::Freeing;
-use crate::message::{Message, PayloadKind, Qos};
+use crate::message::{Message, Options, PayloadKind, Priority, Qos};
 
 /// Page size of new (and emptied) spools. Every commit writes whole pages to the WAL, and
 /// flash wears by the 4 KiB pages the kernel writes back: 1 KiB pages make a small commit
 /// touch one or two of them instead of three (measured in docs/benchmarks.md).
 pub(super) const SPOOL_PAGE_SIZE: i64 = 1024;
+/// Expired rows one read passes over, beyond what it returns: a read through a long expired
+/// backlog comes back (with "more behind") instead of holding the spool thread.
+const EXPIRED_PER_READ: usize = 4096;
 /// Most dead letters kept; beyond it (or the byte bound) the oldest are deleted.
 pub(super) const MAX_DEAD_LETTERS: i64 = 1000;
 
@@ -103,6 +106,20 @@ fn prepare_schema(db: &Connection, path: &Path) -> rusqlite::Result<u64> {
     // When each message was accepted (seconds since the Unix epoch): the oldest one's age is
     // in `status`. Rows from older spools have none (NULL: unknown).
     add_column_if_missing(db, "accepted_at")?;
+    // Message options: rows from older spools have none (normal priority, no ttl, not
+    // conflating). `clock` is the spool clock at acceptance (`policy::SpoolClock`), which ages
+    // messages for `ttl` and `spool.max_age`.
+    for column in ["priority", "ttl", "clock", "conflate"] {
+        add_column_if_missing(db, column)?;
+    }
+    // Partial indexes: only high-priority and conflating rows are in them, so a spool that does
+    // not use these options writes no index pages.
+    db.execute_batch(
+        "CREATE INDEX IF NOT EXISTS high_priority ON messages(id) WHERE priority = 1;
+         CREATE INDEX IF NOT EXISTS conflating ON messages(topic) WHERE conflate = 1;
+         CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)
+             WITHOUT ROWID;",
+    )?;
     Ok(dead_letters)
 }
 
@@ -151,14 +168,20 @@ fn create_dead_letters(db: &Connection) -> rusqlite::Result<u64> {
     Ok(count.unsigned_abs())
 }
 
-/// A message from a row selected as `id, topic, payload, qos, kind`. An unknown QoS number
-/// (a row written by hand or another tool) is kept at least once: never dropped unasked.
+/// A message from a row selected as `id, topic, payload, qos, kind, priority, ttl, conflate`.
+/// An unknown QoS number (a row written by hand or another tool) is kept at least once: never
+/// dropped unasked.
 pub(super) fn row_message(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
     Ok(Message {
         topic: row.get(1)?,
         payload: payload_bytes(row, 2)?,
         qos: Qos::from_u8(row.get(3)?).unwrap_or(Qos::AtLeastOnce),
         kind: PayloadKind::from_u8(row.get(4)?),
+        options: Options {
+            priority: Priority::from_u8(row.get(5)?),
+            ttl: row.get(6)?,
+            conflate: row.get::<_, Option<bool>>(7)?.unwrap_or(false),
+        },
     })
 }
 
@@ -179,6 +202,8 @@ pub(super) struct Opened {
     /// The highest id ever used (also by rows deleted since).
     pub(super) last_id: i64,
     pub(super) dead_letters: u64,
+    /// The spool clock and the wall clock (seconds since the Unix epoch) when it was saved.
+    pub(super) clock: Option<(u64, u64)>,
 }
 
 /// What one read found.
@@ -189,8 +214,8 @@ pub(super) struct DiskRead {
     pub(super) broken: Vec<(i64, rusqlite::Error)>,
     /// Payload bytes in `good`.
     pub(super) bytes: usize,
-    /// Every row after the cursor was read: the held messages may follow.
-    pub(super) done: bool,
+    /// Rows past their time: never returned, to be deleted.
+    pub(super) expired: Vec<i64>,
 }
 
 /// A dead letter as listed: the row without its payload.
@@ -239,6 +264,17 @@ impl Store {
         })?;
         let page_size: i64 = db.query_row("PRAGMA page_size", [], |row| row.get(0))?;
         let auto_vacuum: i64 = db.query_row("PRAGMA auto_vacuum", [], |row| row.get(0))?;
+        let clock = db
+            .query_row(
+                "SELECT (SELECT value FROM meta WHERE key = 'clock'),
+                        (SELECT value FROM meta WHERE key = 'clock_wall')",
+                [],
+                |row| Ok((row.get::<_, Option<i64>>(0)?, row.get::<_, Option<i64>>(1)?)),
+            )
+            .map(|saved| match saved {
+                (Some(clock), Some(wall)) => Some((clock.unsigned_abs(), wall.unsigned_abs())),
+                _ => None,
+            })?;
         let store = Store {
             db,
             path: path.to_owned(),
@@ -249,6 +285,7 @@ impl Store {
             messages: messages.unsigned_abs(),
             last_id: sequence.max(highest),
             dead_letters,
+            clock,
         };
         Ok((store, opened))
     }
@@ -332,44 +369,87 @@ impl Store {
         })
     }
 
-    /// The rows after `after` in id order, skipping `skip`: at most `limit`, ending once their
-    /// payloads reach `max_bytes` (the first always comes).
+    /// The rows of `priority` after `after` in id order, added to `read` while it has fewer
+    /// than `limit` and its payloads stay under `max_bytes` (one always comes into an empty
+    /// read). Rows in `skip` are passed over, and rows `expired` says are past their time (from
+    /// their spool clock and ttl) are listed in `read.expired`, never returned; both are read as
+    /// many more, the expired ones up to `EXPIRED_PER_READ`. `true` when every row was seen.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn read_after(
         &self,
+        priority: Priority,
         after: i64,
         limit: usize,
         max_bytes: usize,
         skip: &BTreeSet<i64>,
-    ) -> rusqlite::Result<DiskRead> {
-        let mut read = DiskRead::default();
-        // Skipped rows are read as many more.
-        let wanted = limit.saturating_add(skip.len());
+        expired: &dyn Fn(Option<u64>, Option<u32>) -> bool,
+        read: &mut DiskRead,
+    ) -> rusqlite::Result<bool> {
         // No `LIMIT ?`: SQLite plans a bound LIMIT by its value, so it would compile the
         // statement again at every read. Rows come one step at a time; stepping stops early.
-        let mut select = self.db.prepare_cached(
-            "SELECT id, topic, payload, qos, kind FROM messages WHERE id > ?1 ORDER BY id",
-        )?;
+        // High-priority rows are found through their partial index.
+        let mut select = self.db.prepare_cached(match priority {
+            Priority::High => {
+                "SELECT id, topic, payload, qos, kind, priority, ttl, conflate, clock
+                 FROM messages WHERE priority = 1 AND id > ?1 ORDER BY id"
+            }
+            Priority::Normal => {
+                "SELECT id, topic, payload, qos, kind, priority, ttl, conflate, clock
+                 FROM messages WHERE id > ?1 AND IFNULL(priority, 0) != 1 ORDER BY id"
+            }
+        })?;
         let mut rows = select.query(params![after])?;
-        let mut seen = 0usize;
-        while read.good.len() < limit && read.bytes < max_bytes && seen < wanted {
+        let mut budget = limit
+            .saturating_add(skip.len())
+            .saturating_add(EXPIRED_PER_READ);
+        while read.good.len() < limit && (read.bytes < max_bytes || read.good.is_empty()) {
             let Some(row) = rows.next()? else {
-                read.done = true;
-                break;
+                return Ok(true);
             };
-            seen += 1;
+            if budget == 0 {
+                return Ok(false);
+            }
+            budget -= 1;
             let id: i64 = row.get(0)?;
             if skip.contains(&id) {
                 continue;
             }
             match row_message(row) {
                 Ok(message) => {
+                    let clock: Option<i64> = row.get(8)?;
+                    if expired(clock.map(i64::unsigned_abs), message.options.ttl) {
+                        read.expired.push(id);
+                        continue;
+                    }
                     read.bytes += message.payload.len();
                     read.good.push(StoredMessage { id, message });
                 }
                 Err(error) => read.broken.push((id, error)),
             }
         }
-        Ok(read)
+        Ok(false)
+    }
+
+    /// The waiting conflating rows on `topic`: their ids and priorities.
+    pub(super) fn conflating(&self, topic: &str) -> rusqlite::Result<Vec<(i64, Priority)>> {
+        let mut select = self.db.prepare_cached(
+            "SELECT id, priority FROM messages WHERE conflate = 1 AND topic = ?1",
+        )?;
+        let rows = select.query_map([topic], |row| {
+            Ok((row.get(0)?, Priority::from_u8(row.get(1)?)))
+        })?;
+        rows.collect()
+    }
+
+    /// Keeps only the newest conflating row of each topic (at a start, when nothing is in
+    /// flight); how many went.
+    pub(super) fn conflate_all(&mut self) -> rusqlite::Result<u64> {
+        let deleted = self.db.execute(
+            "DELETE FROM messages WHERE conflate = 1 AND id NOT IN
+                 (SELECT MAX(id) FROM messages WHERE conflate = 1 GROUP BY topic)",
+            [],
+        )?;
+        Ok(deleted as u64)
     }
 
     /// Deletes rows `ids` in one transaction; how many were there (ids already gone are
@@ -510,8 +590,8 @@ impl Store {
             let mut existing =
                 tx.prepare_cached("SELECT topic, payload FROM messages WHERE id = ?1")?;
             let mut insert = tx.prepare_cached(
-                "INSERT INTO messages (id, topic, payload, qos, size, kind)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO messages (id, topic, payload, qos, size, kind, priority, ttl, conflate)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
             for (id, message) in rows {
                 let taken: Option<(String, Vec<u8>)> = existing
@@ -537,6 +617,9 @@ impl Store {
                     message.qos.as_u8(),
                     (message.topic.len() + message.payload.len()) as i64,
                     message.kind.as_u8(),
+                    message.options.priority.as_u8(),
+                    message.options.ttl,
+                    message.options.conflate,
                 ])?;
                 last_id = last_id.max(id);
                 saved += 1;
@@ -565,15 +648,19 @@ impl Commit<'_> {
         delete_in(&self.tx, ids)
     }
 
+    /// Inserts `row`, accepted at `accepted` (wall clock and spool clock, where known).
     pub(super) fn insert(
         &self,
         row: &StoredMessage,
-        accepted_at: Option<u64>,
+        accepted: Option<(u64, u64)>,
     ) -> rusqlite::Result<()> {
         let message = &row.message;
+        let options = &message.options;
         self.tx
             .prepare_cached(
-                "INSERT INTO messages (id, topic, payload, qos, size, kind, accepted_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO messages
+                     (id, topic, payload, qos, size, kind, accepted_at, clock, priority, ttl, conflate)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?
             .execute(params![
                 row.id,
@@ -582,8 +669,22 @@ impl Commit<'_> {
                 message.qos.as_u8(),
                 (message.topic.len() + message.payload.len()) as i64,
                 message.kind.as_u8(),
-                accepted_at.map(|at| at as i64),
+                accepted.map(|(wall, _)| wall as i64),
+                accepted.map(|(_, clock)| clock as i64),
+                options.priority.as_u8(),
+                options.ttl,
+                options.conflate,
             ])?;
+        Ok(())
+    }
+
+    /// Saves the spool clock with the wall clock it was read at.
+    pub(super) fn save_clock(&self, clock: u64, wall: u64) -> rusqlite::Result<()> {
+        let mut save = self
+            .tx
+            .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
+        save.execute(params!["clock", clock as i64])?;
+        save.execute(params!["clock_wall", wall as i64])?;
         Ok(())
     }
 

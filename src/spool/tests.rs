@@ -4,6 +4,15 @@ use rusqlite::Connection;
 use salvage::SALVAGE_DONE_SUFFIX;
 use store::{SPOOL_PAGE_SIZE, with_suffix};
 
+fn settings(max_bytes: u64, on_full: OnFull, commit_window: Duration) -> Settings {
+    Settings {
+        max_bytes,
+        on_full,
+        commit_window,
+        max_age: Duration::ZERO,
+    }
+}
+
 /// Writes `rows` straight into the database, in one transaction.
 fn commit_rows(store: &mut Store, rows: &[StoredMessage]) {
     let commit = store.begin().expect("begin");
@@ -19,6 +28,7 @@ fn message(topic: &str, payload: &[u8]) -> Message {
         payload: payload.to_vec(),
         qos: Qos::AtLeastOnce,
         kind: PayloadKind::Json,
+        options: Default::default(),
     }
 }
 
@@ -35,9 +45,10 @@ async fn read_ids(spool: &Spool) -> Vec<i64> {
 
 async fn read_all(spool: &Spool) -> Vec<StoredMessage> {
     spool
-        .read_after(0, 1_000_000, usize::MAX)
+        .read_after(Cursors::default(), 1_000_000, usize::MAX)
         .await
         .expect("read")
+        .messages
 }
 
 /// What the spool takes on disk: the db and its WAL.
@@ -89,7 +100,7 @@ async fn a_read_behind_a_flood_sees_everything_sent_before_it() {
     const SENT: usize = 6000;
     for window in [Duration::ZERO, LONG_WINDOW] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let spool = Spool::open_with_window(dir.path(), 64 << 20, OnFull::DropOldest, window)
+        let spool = Spool::open_with(dir.path(), settings(64 << 20, OnFull::DropOldest, window))
             .expect("open");
         let mut answers = Vec::new();
         for i in 0..SENT {
@@ -122,8 +133,11 @@ async fn a_read_behind_a_flood_sees_everything_sent_before_it() {
 #[tokio::test]
 async fn a_zero_window_commits_before_anything_is_read() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let spool = Spool::open_with_window(dir.path(), 64 << 20, OnFull::DropOldest, Duration::ZERO)
-        .expect("open");
+    let spool = Spool::open_with(
+        dir.path(),
+        settings(64 << 20, OnFull::DropOldest, Duration::ZERO),
+    )
+    .expect("open");
     let mut answers = Vec::new();
     for i in 0..3000 {
         let payload = i.to_string();
@@ -151,8 +165,11 @@ async fn a_zero_window_commits_before_anything_is_read() {
 #[tokio::test]
 async fn write_behind_answers_at_the_ack_and_never_writes_an_acked_message() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let spool = Spool::open_with_window(dir.path(), 1 << 20, OnFull::DropOldest, LONG_WINDOW)
-        .expect("open");
+    let spool = Spool::open_with(
+        dir.path(),
+        settings(1 << 20, OnFull::DropOldest, LONG_WINDOW),
+    )
+    .expect("open");
     let mut answer = spool.submit(message("t", b"1")).await.expect("queued");
     let read = read_all(&spool).await;
     assert_eq!(read.len(), 1, "handed to the publisher at once");
@@ -178,7 +195,7 @@ async fn write_behind_commits_what_the_window_left_and_keeps_the_order() {
     const WINDOW: Duration = Duration::from_millis(300);
     let dir = tempfile::tempdir().expect("tempdir");
     let spool =
-        Spool::open_with_window(dir.path(), 1 << 20, OnFull::DropOldest, WINDOW).expect("open");
+        Spool::open_with(dir.path(), settings(1 << 20, OnFull::DropOldest, WINDOW)).expect("open");
     let started = std::time::Instant::now();
     let first = spool.submit(message("t", b"1")).await.expect("queued");
     let second = spool.submit(message("t", b"2")).await.expect("queued");
@@ -196,9 +213,10 @@ async fn write_behind_commits_what_the_window_left_and_keeps_the_order() {
     assert_eq!(ids, [2, 3]);
     assert_eq!(
         spool
-            .read_after(2, 10, usize::MAX)
+            .read_after(Cursors { high: 0, normal: 2 }, 10, usize::MAX)
             .await
             .expect("read")
+            .messages
             .len(),
         1
     );
@@ -217,8 +235,11 @@ async fn write_behind_commits_what_the_window_left_and_keeps_the_order() {
 #[tokio::test]
 async fn write_behind_qos0_is_answered_only_once_committed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let spool = Spool::open_with_window(dir.path(), 1 << 20, OnFull::DropOldest, LONG_WINDOW)
-        .expect("open");
+    let spool = Spool::open_with(
+        dir.path(),
+        settings(1 << 20, OnFull::DropOldest, LONG_WINDOW),
+    )
+    .expect("open");
     let mut m = message("t", b"0");
     m.qos = Qos::AtMostOnce;
     let mut answer = spool.submit(m).await.expect("queued");
@@ -241,8 +262,8 @@ async fn write_behind_qos0_is_answered_only_once_committed() {
 async fn write_behind_reject_new_refuses_before_holding() {
     const LIMIT: u64 = 256 * 1024;
     let dir = tempfile::tempdir().expect("tempdir");
-    let spool =
-        Spool::open_with_window(dir.path(), LIMIT, OnFull::RejectNew, LONG_WINDOW).expect("open");
+    let spool = Spool::open_with(dir.path(), settings(LIMIT, OnFull::RejectNew, LONG_WINDOW))
+        .expect("open");
     // More than the limit holds; every answer is awaited (accepted ones are committed
     // after READ_GRACE, nothing reads them here), so a slow machine cannot blur the count.
     let mut answers = Vec::new();
@@ -290,8 +311,8 @@ async fn write_behind_reject_new_refuses_before_holding() {
 async fn drop_oldest_never_drops_rows_of_the_commit_that_makes_room() {
     const LIMIT: u64 = 256 * 1024;
     let dir = tempfile::tempdir().expect("tempdir");
-    let spool =
-        Spool::open_with_window(dir.path(), LIMIT, OnFull::DropOldest, LONG_WINDOW).expect("open");
+    let spool = Spool::open_with(dir.path(), settings(LIMIT, OnFull::DropOldest, LONG_WINDOW))
+        .expect("open");
     // One commit's worth (`behind::MAX_UNREAD` held messages are committed together),
     // more than the limit holds.
     let mut answers = Vec::new();
@@ -409,10 +430,10 @@ async fn a_read_ends_at_its_byte_budget_but_always_returns_one() {
             .await
             .expect("append");
     }
-    let len = |read: Result<Vec<StoredMessage>, ReadError>| read.expect("read").len();
-    assert_eq!(len(spool.read_after(0, 100, 8).await), 2);
-    assert_eq!(len(spool.read_after(0, 100, 9).await), 3);
-    assert_eq!(len(spool.read_after(0, 100, 1).await), 1);
+    let len = |read: Result<ReadBatch, ReadError>| read.expect("read").messages.len();
+    assert_eq!(len(spool.read_after(Cursors::default(), 100, 8).await), 2);
+    assert_eq!(len(spool.read_after(Cursors::default(), 100, 9).await), 3);
+    assert_eq!(len(spool.read_after(Cursors::default(), 100, 1).await), 1);
 }
 
 #[tokio::test]
@@ -554,14 +575,24 @@ async fn lowering_max_bytes_trims_in_bounded_steps() {
     let before = *spool.stats().borrow();
     assert_eq!(before.messages, 20_000);
     spool
-        .set_limits(1 << 20, OnFull::DropOldest, Duration::ZERO)
+        .set_limits(settings(1 << 20, OnFull::DropOldest, Duration::ZERO))
         .await;
     let mut slowest = std::time::Duration::ZERO;
     let mut steps = std::collections::BTreeSet::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let asked = std::time::Instant::now();
-        spool.read_after(i64::MAX, 1, 1).await.expect("probe");
+        spool
+            .read_after(
+                Cursors {
+                    high: i64::MAX,
+                    normal: i64::MAX,
+                },
+                1,
+                1,
+            )
+            .await
+            .expect("probe");
         slowest = slowest.max(asked.elapsed());
         let now = *spool.stats().borrow();
         steps.insert(now.messages);
@@ -790,8 +821,11 @@ async fn dead_letters_are_bounded_by_bytes_and_the_oldest_go_counted() {
 #[tokio::test]
 async fn listing_dead_letters_does_not_commit_held_messages() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let spool = Spool::open_with_window(dir.path(), 1 << 20, OnFull::DropOldest, LONG_WINDOW)
-        .expect("open");
+    let spool = Spool::open_with(
+        dir.path(),
+        settings(1 << 20, OnFull::DropOldest, LONG_WINDOW),
+    )
+    .expect("open");
     let _answer = spool.submit(message("t", b"held")).await.expect("queued");
     assert_eq!(read_all(&spool).await.len(), 1);
     for action in [DeadLetterAction::List, DeadLetterAction::Purge] {
@@ -818,7 +852,11 @@ async fn dead_letters_leave_the_queue_and_can_be_requeued_or_purged() {
     let ids = read_ids(&spool).await;
     spool.bury(vec![ids[0]], "refused".into()).await;
     spool.bury(vec![ids[2]], "refused again".into()).await;
-    let rest = spool.read_after(0, 10, usize::MAX).await.expect("read");
+    let rest = spool
+        .read_after(Cursors::default(), 10, usize::MAX)
+        .await
+        .expect("read")
+        .messages;
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0].message.topic, "good");
     let stats = *spool.stats().borrow();
@@ -845,9 +883,10 @@ async fn dead_letters_leave_the_queue_and_can_be_requeued_or_purged() {
         Ok(DeadLetterReply::Requeued(2))
     );
     let queued: Vec<_> = spool
-        .read_after(0, 10, usize::MAX)
+        .read_after(Cursors::default(), 10, usize::MAX)
         .await
         .expect("read")
+        .messages
         .into_iter()
         .map(|m| m.message.topic)
         .collect();
