@@ -12,6 +12,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use aws_config::SdkConfig;
+use rumqttc::{ConnectReturnCode, ConnectionError};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -21,8 +23,10 @@ use crate::identity::aws::{AwsCredentials, AwsFailure, base_config, credentials_
 use crate::identity::bootstrap::{DeviceSecret, fetch_device_secret, unauthenticated_existing};
 use crate::identity::cache::IdentityCache;
 use crate::identity::device::DeviceFile;
-use crate::identity::user_pool;
+use crate::identity::user_pool::{self, UserPoolTokens};
+use crate::publish::mqtt::{Connection, MqttSettings};
 use crate::publish::refusal::{MAX_CLOCK_SKEW, Refusal};
+use crate::publish::tls::TlsError;
 
 /// How long a trial connection may take (TCP, TLS, upgrade, CONNECT, CONNACK).
 const CONNECT_WAIT: Duration = Duration::from_secs(15);
@@ -209,30 +213,86 @@ pub async fn diagnose(
     sandbox: &[String],
     proxy: Option<&Proxy>,
 ) -> Report {
-    let mut report = Report::default();
-    let region = config.aws.region.clone();
-    let pool = &config.identity.identity_pool_id;
+    let mut doctor = Doctor {
+        config,
+        proxy,
+        report: Report::default(),
+    };
+    doctor.walk(config_path, sandbox).await;
+    doctor.report
+}
 
-    // Loading checked the file (its keys, its permissions); the unit's sandbox is separate.
-    if sandbox.is_empty() {
-        report.pass("config", format!("{} is valid", config_path.display()));
-    } else {
-        report.fail(
-            "config",
-            sandbox.join("; "),
-            "add the ReadWritePaths= drop-in named above (docs/operations.md, \"Paths outside the unit's sandbox\")",
+/// The walk's state: what it checks, and the verdicts so far. A step that returns `None`
+/// ended the walk, and its verdict says why.
+struct Doctor<'a> {
+    config: &'a Config,
+    proxy: Option<&'a Proxy>,
+    report: Report,
+}
+
+impl Doctor<'_> {
+    async fn walk(&mut self, config_path: &Path, sandbox: &[String]) -> Option<()> {
+        self.config_step(config_path, sandbox);
+        self.proxy_step();
+        self.region_step()?;
+        let daemon_connected = self.daemon_step();
+        let base = self.sdk_config().await?;
+        let dates = DateSeen::default();
+        let cognito_config = aws_sdk_cognitoidentity::config::Builder::from(&base)
+            .interceptor(dates.clone())
+            .build();
+        let cognito = aws_sdk_cognitoidentity::Client::from_conf(cognito_config);
+        let cache = IdentityCache::load(
+            &self.config.state.dir,
+            &self.config.identity.identity_pool_id,
         );
-    }
-    match proxy {
-        Some(proxy) => report.pass("proxy", format!("every connection goes through {proxy:?}")),
-        None => report.skip("proxy", "none configured: direct connections"),
+        let guest = self.guest_steps(&base, &cognito, &cache, &dates).await?;
+        let secret = self.secret_step(&base, &guest).await?;
+        let secret = with_device_user(&mut self.report, secret, &self.config.state.dir)?;
+        let tokens = self.sign_in_step(&base, &secret).await?;
+        let (identity_id, credentials) = self
+            .credentials_step(&cognito, &cache, &secret, &tokens)
+            .await?;
+        self.mqtt_steps(&secret, &identity_id, credentials, daemon_connected)
+            .await;
+        Some(())
     }
 
-    // The region: an identity pool lives in the region its id names.
-    if pool_region(pool) == region {
-        report.pass("region", format!("{region}, as the identity pool id says"));
-    } else {
-        report.fail(
+    /// Loading checked the file (its keys, its permissions); the unit's sandbox is separate.
+    fn config_step(&mut self, config_path: &Path, sandbox: &[String]) {
+        if sandbox.is_empty() {
+            self.report
+                .pass("config", format!("{} is valid", config_path.display()));
+        } else {
+            self.report.fail(
+                "config",
+                sandbox.join("; "),
+                "add the ReadWritePaths= drop-in named above (docs/operations.md, \"Paths outside the unit's sandbox\")",
+            );
+        }
+    }
+
+    fn proxy_step(&mut self) {
+        match self.proxy {
+            Some(proxy) => self
+                .report
+                .pass("proxy", format!("every connection goes through {proxy:?}")),
+            None => self
+                .report
+                .skip("proxy", "none configured: direct connections"),
+        }
+    }
+
+    /// An identity pool lives in the region its id names.
+    fn region_step(&mut self) -> Option<()> {
+        let region = &self.config.aws.region;
+        let pool = &self.config.identity.identity_pool_id;
+        if pool_region(pool) == region {
+            self.report
+                .pass("region", format!("{region}, as the identity pool id says"));
+            return Some(());
+        }
+        self.report.fail(
             "region",
             format!(
                 "aws.region is {region} but the identity pool {pool} is in {}",
@@ -243,176 +303,247 @@ pub async fn diagnose(
                 pool_region(pool)
             ),
         );
-        return report;
+        None
     }
 
-    // The running daemon: what it proves is not tried again.
-    let status = daemon_status(&config.socket.path);
-    let daemon_connected = status.as_ref().is_some_and(|s| s["state"] == "connected");
-    match &status {
-        Some(status) => report.pass(
-            "daemon",
-            format!(
-                "running, state {}; mqtt last error: {}",
-                status["state"].as_str().unwrap_or("?"),
-                status["mqtt_last_error"].as_str().unwrap_or("none")
-            ),
-        ),
-        None => report.skip(
-            "daemon",
-            "not running (or socket.path unreachable): every step is tried here",
-        ),
-    }
-
-    let base = match base_config(&region, &config.aws.endpoint_url, proxy).await {
-        Ok(base) => base,
-        Err(error) => {
-            report.fail(
-                "proxy",
-                error.to_string(),
-                "check network.proxy or HTTPS_PROXY",
-            );
-            return report;
-        }
-    };
-    let dates = DateSeen::default();
-    let cognito_config = aws_sdk_cognitoidentity::config::Builder::from(&base)
-        .interceptor(dates.clone())
-        .build();
-    let cognito = aws_sdk_cognitoidentity::Client::from_conf(cognito_config);
-
-    let cache = IdentityCache::load(&config.state.dir, pool);
-    let Some(guest_id) = cache.unauth_identity_id.clone() else {
-        report.skip(
-            "guest credentials",
-            format!(
-                "no guest identity cached in {} yet (the daemon creates one at its first start; doctor creates none). Run doctor as root or the iot-cognito-relay user to read the state dir",
-                config.state.dir.display()
-            ),
-        );
-        return report;
-    };
-    let guest =
-        unauthenticated_existing(&base, &cognito, &guest_id, &config.identity.unauth_role_arn)
-            .await;
-
-    // The clock, against the Date of Cognito's answer (whatever the answer was).
-    let seen = dates.0.lock().ok().and_then(|seen| seen.clone());
-    let skew = seen.and_then(|date| clock_skew(&date, SystemTime::now()));
-    let clock_off = skew.is_some_and(|skew| skew.unsigned_abs() > MAX_CLOCK_SKEW.as_secs());
-    match skew {
-        Some(skew) if clock_off => report.fail(
-            "clock",
-            format!(
-                "this device's clock is {} s {} AWS's",
-                skew.abs(),
-                if skew > 0 { "behind" } else { "ahead of" }
-            ),
-            "fix the time (NTP: timedatectl set-ntp true); AWS refuses signatures more than 5 minutes off",
-        ),
-        Some(skew) => report.pass("clock", format!("{} s from AWS's", skew.abs())),
-        None => report.skip("clock", "AWS's Date header was not seen (Cognito did not answer)"),
-    }
-
-    let guest = match guest {
-        Ok(credentials) => {
-            report.pass("guest credentials", format!("guest identity {guest_id}"));
-            credentials
-        }
-        Err(error) => {
-            let (cause, fix) = guest_failure(&error, &region);
-            report.fail("guest credentials", cause, fix);
-            return report;
-        }
-    };
-
-    if clock_off {
-        // Every call from here on is signed, and AWS refuses those with a clock this far off.
-        report.skip(
-            "secret",
-            "not tried: AWS refuses signed calls while the clock is off",
-        );
-        return report;
-    }
-    let secret = match fetch_device_secret(&base, &guest, &config.identity.secret_id).await {
-        Ok(secret) => {
-            report.pass(
-                "secret",
+    /// The running daemon: what it proves is not tried again. Whether it is connected.
+    fn daemon_step(&mut self) -> bool {
+        let status = daemon_status(&self.config.socket.path);
+        let daemon_connected = status.as_ref().is_some_and(|s| s["state"] == "connected");
+        match &status {
+            Some(status) => self.report.pass(
+                "daemon",
                 format!(
-                    "{} mode, IoT endpoint {}",
-                    secret.mode(),
-                    secret.iot_endpoint
+                    "running, state {}; mqtt last error: {}",
+                    status["state"].as_str().unwrap_or("?"),
+                    status["mqtt_last_error"].as_str().unwrap_or("none")
+                ),
+            ),
+            None => self.report.skip(
+                "daemon",
+                "not running (or socket.path unreachable): every step is tried here",
+            ),
+        }
+        daemon_connected
+    }
+
+    async fn sdk_config(&mut self) -> Option<SdkConfig> {
+        let config = self.config;
+        match base_config(&config.aws.region, &config.aws.endpoint_url, self.proxy).await {
+            Ok(base) => Some(base),
+            Err(error) => {
+                self.report.fail(
+                    "proxy",
+                    error.to_string(),
+                    "check network.proxy or HTTPS_PROXY",
+                );
+                None
+            }
+        }
+    }
+
+    /// The cached guest identity's credentials, and the clock against Cognito's answer.
+    async fn guest_steps(
+        &mut self,
+        base: &SdkConfig,
+        cognito: &aws_sdk_cognitoidentity::Client,
+        cache: &IdentityCache,
+        dates: &DateSeen,
+    ) -> Option<Guest> {
+        let Some(guest_id) = cache.unauth_identity_id.clone() else {
+            self.report.skip(
+                "guest credentials",
+                format!(
+                    "no guest identity cached in {} yet (the daemon creates one at its first start; doctor creates none). Run doctor as root or the iot-cognito-relay user to read the state dir",
+                    self.config.state.dir.display()
                 ),
             );
-            secret
+            return None;
+        };
+        let unauth_role_arn = &self.config.identity.unauth_role_arn;
+        let guest = unauthenticated_existing(base, cognito, &guest_id, unauth_role_arn).await;
+        let clock_off = self.clock_step(dates);
+        match guest {
+            Ok(credentials) => {
+                self.report
+                    .pass("guest credentials", format!("guest identity {guest_id}"));
+                Some(Guest {
+                    credentials,
+                    clock_off,
+                })
+            }
+            Err(error) => {
+                let (cause, fix) = guest_failure(&error, &self.config.aws.region);
+                self.report.fail("guest credentials", cause, fix);
+                None
+            }
         }
-        Err(error) => {
-            let (cause, fix) = secret_failure(&error, &config.identity.secret_id);
-            report.fail("secret", cause, fix);
-            return report;
-        }
-    };
+    }
 
-    let Some(secret) = with_device_user(&mut report, secret, &config.state.dir) else {
-        return report;
-    };
-    let tokens = match user_pool::sign_in(&base, &secret).await {
-        Ok(tokens) => {
-            report.pass(
-                "sign-in",
-                format!("user {} in pool {}", secret.username, secret.user_pool_id),
-            );
-            tokens
+    /// The clock, against the Date of Cognito's answer (whatever the answer was). Whether it
+    /// is too far off for AWS to accept a signature.
+    fn clock_step(&mut self, dates: &DateSeen) -> bool {
+        let seen = dates.0.lock().ok().and_then(|seen| seen.clone());
+        let skew = seen.and_then(|date| clock_skew(&date, SystemTime::now()));
+        let clock_off = skew.is_some_and(|skew| skew.unsigned_abs() > MAX_CLOCK_SKEW.as_secs());
+        match skew {
+            Some(skew) if clock_off => self.report.fail(
+                "clock",
+                format!(
+                    "this device's clock is {} s {} AWS's",
+                    skew.abs(),
+                    if skew > 0 { "behind" } else { "ahead of" }
+                ),
+                "fix the time (NTP: timedatectl set-ntp true); AWS refuses signatures more than 5 minutes off",
+            ),
+            Some(skew) => self
+                .report
+                .pass("clock", format!("{} s from AWS's", skew.abs())),
+            None => self
+                .report
+                .skip("clock", "AWS's Date header was not seen (Cognito did not answer)"),
         }
-        Err(error) => {
-            report.fail(
-                "sign-in",
-                error.to_string(),
-                if secret.registration.is_some() {
-                    "this device's user was disabled or deleted (revoked), or device.json does not match the pool: see docs/operations.md, \"Fleets\""
-                } else {
-                    "the shared user's password in the secret does not match the pool (rotated half-way?)"
-                },
-            );
-            return report;
-        }
-    };
+        clock_off
+    }
 
-    let Some(identity_id) = cache.identity_id.clone() else {
-        report.skip(
-            "credentials",
-            "no authenticated identity cached yet (the daemon creates it at its first start)",
-        );
-        return report;
-    };
-    let logins =
-        crate::identity::aws::user_pool_logins(&secret.user_pool_id, tokens.id_token.expose());
-    let credentials = match credentials_for_identity(&cognito, &identity_id, Some(logins)).await {
-        Ok(credentials) => {
-            report.pass("credentials", format!("identity {identity_id}"));
-            credentials
+    async fn secret_step(&mut self, base: &SdkConfig, guest: &Guest) -> Option<DeviceSecret> {
+        if guest.clock_off {
+            // Every call from here on is signed, and AWS refuses those with a clock this far off.
+            self.report.skip(
+                "secret",
+                "not tried: AWS refuses signed calls while the clock is off",
+            );
+            return None;
         }
-        Err(error) => {
-            report.fail(
+        let secret_id = &self.config.identity.secret_id;
+        match fetch_device_secret(base, &guest.credentials, secret_id).await {
+            Ok(secret) => {
+                self.report.pass(
+                    "secret",
+                    format!(
+                        "{} mode, IoT endpoint {}",
+                        secret.mode(),
+                        secret.iot_endpoint
+                    ),
+                );
+                Some(secret)
+            }
+            Err(error) => {
+                let (cause, fix) = secret_failure(&error, secret_id);
+                self.report.fail("secret", cause, fix);
+                None
+            }
+        }
+    }
+
+    async fn sign_in_step(
+        &mut self,
+        base: &SdkConfig,
+        secret: &DeviceSecret,
+    ) -> Option<UserPoolTokens> {
+        match user_pool::sign_in(base, secret).await {
+            Ok(tokens) => {
+                self.report.pass(
+                    "sign-in",
+                    format!("user {} in pool {}", secret.username, secret.user_pool_id),
+                );
+                Some(tokens)
+            }
+            Err(error) => {
+                self.report.fail(
+                    "sign-in",
+                    error.to_string(),
+                    if secret.registration.is_some() {
+                        "this device's user was disabled or deleted (revoked), or device.json does not match the pool: see docs/operations.md, \"Fleets\""
+                    } else {
+                        "the shared user's password in the secret does not match the pool (rotated half-way?)"
+                    },
+                );
+                None
+            }
+        }
+    }
+
+    /// The cached authenticated identity and its credentials.
+    async fn credentials_step(
+        &mut self,
+        cognito: &aws_sdk_cognitoidentity::Client,
+        cache: &IdentityCache,
+        secret: &DeviceSecret,
+        tokens: &UserPoolTokens,
+    ) -> Option<(String, AwsCredentials)> {
+        let Some(identity_id) = cache.identity_id.clone() else {
+            self.report.skip(
                 "credentials",
-                error.to_string(),
-                "the identity pool no longer trusts this user pool, or the cached identity was deleted: restart the daemon (it asks for a new one)",
+                "no authenticated identity cached yet (the daemon creates it at its first start)",
             );
-            return report;
+            return None;
+        };
+        let logins =
+            crate::identity::aws::user_pool_logins(&secret.user_pool_id, tokens.id_token.expose());
+        match credentials_for_identity(cognito, &identity_id, Some(logins)).await {
+            Ok(credentials) => {
+                self.report
+                    .pass("credentials", format!("identity {identity_id}"));
+                Some((identity_id, credentials))
+            }
+            Err(error) => {
+                self.report.fail(
+                    "credentials",
+                    error.to_string(),
+                    "the identity pool no longer trusts this user pool, or the cached identity was deleted: restart the daemon (it asks for a new one)",
+                );
+                None
+            }
         }
-    };
+    }
 
-    mqtt_steps(
-        &mut report,
-        config,
-        &secret,
-        &identity_id,
-        credentials,
-        daemon_connected,
-        proxy,
-    )
-    .await;
-    report
+    /// The IoT endpoint, the policy and a CONNECT: proven by the connected daemon, else tried
+    /// once.
+    async fn mqtt_steps(
+        &mut self,
+        secret: &DeviceSecret,
+        identity_id: &str,
+        credentials: AwsCredentials,
+        daemon_connected: bool,
+    ) {
+        if daemon_connected {
+            self.report.pass("mqtt", "the running daemon is connected (IoT policy attached, endpoint reachable); no second connection with its client id");
+            return;
+        }
+        let settings = match trial_settings(self.config, self.proxy) {
+            Ok(settings) => settings,
+            Err(error) => {
+                self.report
+                    .fail("mqtt", error.to_string(), "fix mqtt.ca_file");
+                return;
+            }
+        };
+        let session = crate::identity::Session {
+            identity_id: identity_id.to_owned(),
+            credentials,
+            iot_endpoint: secret.iot_endpoint.clone(),
+        };
+        let url = settings.broker_url(&session);
+        let host = crate::publish::mqtt::host_of(&url);
+        let connection = match crate::publish::mqtt::connect(&settings, &session) {
+            Ok(connection) => connection,
+            Err(error) => {
+                self.report
+                    .fail("mqtt", error.to_string(), "see the credentials step");
+                return;
+            }
+        };
+        let outcome = try_connect(connection).await;
+        self.report
+            .add("mqtt", connect_verdict(&host, outcome, SystemTime::now()));
+    }
+}
+
+/// The guest's credentials, and whether the clock is too far off to use them.
+struct Guest {
+    credentials: AwsCredentials,
+    clock_off: bool,
 }
 
 /// Fleet mode: the device's own user from `device.json` (never registered here).
@@ -444,54 +575,29 @@ fn with_device_user(
     }
 }
 
-/// The IoT endpoint, the policy and a CONNECT: proven by the connected daemon, else tried once.
-async fn mqtt_steps(
-    report: &mut Report,
-    config: &Config,
-    secret: &DeviceSecret,
-    identity_id: &str,
-    credentials: AwsCredentials,
-    daemon_connected: bool,
-    proxy: Option<&Proxy>,
-) {
-    if daemon_connected {
-        report.pass("mqtt", "the running daemon is connected (IoT policy attached, endpoint reachable); no second connection with its client id");
-        return;
-    }
-    let tls = match crate::publish::tls::tls_config(&config.mqtt.ca_file) {
-        Ok(tls) => tls,
-        Err(error) => {
-            report.fail("mqtt", error.to_string(), "fix mqtt.ca_file");
-            return;
-        }
-    };
+/// The daemon's MQTT settings for one trial connection: no session kept, one message at most.
+fn trial_settings(config: &Config, proxy: Option<&Proxy>) -> Result<MqttSettings, TlsError> {
+    let tls = crate::publish::tls::tls_config(&config.mqtt.ca_file)?;
     let proxy_tls = match proxy {
         Some(proxy) if proxy.tls => crate::publish::tls::proxy_tls_config().ok(),
         _ => None,
     };
-    let settings = crate::publish::mqtt::MqttSettings {
+    Ok(MqttSettings {
         config: config.mqtt.clone(),
         region: config.aws.region.clone(),
         tls,
         max_in_flight: 1,
         persistent_session: false,
         proxy: proxy.cloned().map(|proxy| (proxy, proxy_tls)),
-    };
-    let session = crate::identity::Session {
-        identity_id: identity_id.to_owned(),
-        credentials,
-        iot_endpoint: secret.iot_endpoint.clone(),
-    };
-    let url = settings.broker_url(&session);
-    let host = crate::publish::mqtt::host_of(&url);
-    let connection = match crate::publish::mqtt::connect(&settings, &session) {
-        Ok(connection) => connection,
-        Err(error) => {
-            report.fail("mqtt", error.to_string(), "see the credentials step");
-            return;
-        }
-    };
-    let mut connection = connection;
+    })
+}
+
+/// How a trial CONNECT ended: `None` if no CONNACK came within `CONNECT_WAIT`; else the
+/// broker's answer, or the connection's error (`None`: it ended without one).
+type TrialOutcome = Option<Result<ConnectReturnCode, Option<ConnectionError>>>;
+
+/// Waits for the CONNACK, then disconnects at once.
+async fn try_connect(mut connection: Connection) -> TrialOutcome {
     let outcome = tokio::time::timeout(CONNECT_WAIT, async {
         loop {
             match connection.events.recv().await {
@@ -506,36 +612,42 @@ async fn mqtt_steps(
     })
     .await;
     let _ = connection.client.try_disconnect();
+    outcome.ok()
+}
+
+/// The `mqtt` step's verdict on a trial CONNECT to `host`.
+fn connect_verdict(host: &str, outcome: TrialOutcome, now: SystemTime) -> Verdict {
+    let fail = |cause: String, fix: &str| Verdict::Fail {
+        cause,
+        fix: fix.to_owned(),
+    };
     match outcome {
-        Ok(Ok(rumqttc::ConnectReturnCode::Success)) => report.pass(
-            "mqtt",
-            format!("CONNECT to {host} accepted (IoT policy attached); disconnected at once"),
-        ),
-        Ok(Ok(code)) => report.fail(
-            "mqtt",
+        Some(Ok(ConnectReturnCode::Success)) => Verdict::Pass {
+            detail: format!(
+                "CONNECT to {host} accepted (IoT policy attached); disconnected at once"
+            ),
+        },
+        Some(Ok(code)) => fail(
             format!("{host} refused the CONNECT: {code:?}"),
             "check the IoT policy attached to this identity (the stack's policy allows its own client id)",
         ),
-        Ok(Err(Some(error)))
-            if Refusal::classify(&error, SystemTime::now()) != Refusal::Other
+        Some(Err(Some(error)))
+            if Refusal::classify(&error, now) != Refusal::Other
                 || crate::publish::mqtt::closed_by_broker(&error) =>
         {
-            report.fail(
-                "mqtt",
+            fail(
                 format!("{host} closed the connection after CONNECT ({error})"),
                 "no IoT policy allows this identity to connect: it is attached at the daemon's first start (or after a refusal); start the daemon, or attach the stack's IoT policy to this identity",
-            );
+            )
         }
-        Ok(Err(error)) => report.fail(
-            "mqtt",
+        Some(Err(error)) => fail(
             format!(
                 "cannot reach {host}: {}",
                 error.map_or_else(|| "the connection ended".to_owned(), |e| e.to_string())
             ),
             "check DNS, the firewall (port 443 out), mqtt.endpoint / mqtt.url and network.proxy",
         ),
-        Err(_) => report.fail(
-            "mqtt",
+        None => fail(
             format!("no CONNACK from {host} within {} s", CONNECT_WAIT.as_secs()),
             "check DNS, the firewall (port 443 out) and network.proxy",
         ),
@@ -587,5 +699,66 @@ mod tests {
             "typo",
         );
         assert!(fix.contains("secret_id \"typo\" is wrong"));
+    }
+
+    fn cause_of(verdict: Verdict) -> String {
+        match verdict {
+            Verdict::Fail { cause, .. } => cause,
+            other => panic!("not a failure: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_trial_connect_is_judged_by_how_it_ended() {
+        let now = SystemTime::now();
+        let host = "a1.iot.us-east-1.amazonaws.com";
+        assert_eq!(
+            connect_verdict(host, Some(Ok(ConnectReturnCode::Success)), now),
+            Verdict::Pass {
+                detail: format!(
+                    "CONNECT to {host} accepted (IoT policy attached); disconnected at once"
+                )
+            }
+        );
+        assert_eq!(
+            cause_of(connect_verdict(
+                host,
+                Some(Ok(ConnectReturnCode::NotAuthorized)),
+                now
+            )),
+            format!("{host} refused the CONNECT: NotAuthorized")
+        );
+        assert_eq!(
+            cause_of(connect_verdict(host, Some(Err(None)), now)),
+            format!("cannot reach {host}: the connection ended")
+        );
+        assert_eq!(
+            cause_of(connect_verdict(host, None, now)),
+            format!("no CONNACK from {host} within 15 s")
+        );
+    }
+
+    #[test]
+    fn a_trial_connect_the_broker_closes_points_at_the_iot_policy() {
+        use rumqttc::StateError;
+        let now = SystemTime::now();
+        let closed = ConnectionError::MqttState(StateError::ConnectionAborted);
+        let Verdict::Fail { cause, fix } = connect_verdict("host", Some(Err(Some(closed))), now)
+        else {
+            panic!("a closed connection must fail the step");
+        };
+        assert!(cause.starts_with("host closed the connection after CONNECT ("));
+        assert!(fix.starts_with("no IoT policy allows this identity to connect"));
+        let unreachable = ConnectionError::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "refused",
+        ));
+        let Verdict::Fail { cause, fix } =
+            connect_verdict("host", Some(Err(Some(unreachable))), now)
+        else {
+            panic!("an unreachable host must fail the step");
+        };
+        assert!(cause.starts_with("cannot reach host: "));
+        assert!(fix.starts_with("check DNS, the firewall (port 443 out), mqtt.endpoint"));
     }
 }

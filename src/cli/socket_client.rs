@@ -147,7 +147,7 @@ pub fn send(
     timeout: Duration,
 ) -> Result<u64, SocketClientError> {
     let (events, inbox) = std::sync::mpsc::channel();
-    let mut link = Link::open(socket, timeout, 0, &events)?;
+    let link = Link::open(socket, timeout, 0, &events)?;
     // One credit per line the input may frame: given back with each answer.
     let (credit, credits) = std::sync::mpsc::sync_channel(MAX_UNANSWERED);
     for _ in 0..MAX_UNANSWERED {
@@ -159,86 +159,154 @@ pub fn send(
         let result = frame_inputs(&framing, payloads, &input, &credits);
         let _ = input.send(Event::InputDone(result));
     });
-    // Lines written and not answered yet, with the id each answer will carry.
-    let mut unanswered: Vec<(Option<Value>, String)> = Vec::new();
-    let mut input_done = false;
-    let mut refused = 0u64;
-    let mut reconnects = 0u32;
+    let mut sending = Sending {
+        socket,
+        timeout,
+        events,
+        credit,
+        link,
+        unanswered: Unanswered::default(),
+        input_done: false,
+        refused: 0,
+        reconnects: 0,
+    };
     loop {
-        if input_done && unanswered.is_empty() {
-            return Ok(refused);
+        if sending.input_done && sending.unanswered.is_empty() {
+            return Ok(sending.refused);
         }
         let event = match inbox.recv_timeout(timeout) {
             Ok(event) => event,
             // Nothing owed: the input is slow, not the daemon.
-            Err(_) if unanswered.is_empty() => continue,
+            Err(_) if sending.unanswered.is_empty() => continue,
             Err(_) => return Err(SocketClientError::Timeout(timeout)),
         };
+        sending.handle(event)?;
+    }
+}
+
+/// What `send` threads through its loop: the connection, and what it still owes.
+struct Sending<'a> {
+    socket: &'a Path,
+    timeout: Duration,
+    events: std::sync::mpsc::Sender<Event>,
+    /// Given back with each answer, so the input may frame one more line.
+    credit: std::sync::mpsc::SyncSender<()>,
+    link: Link,
+    unanswered: Unanswered,
+    input_done: bool,
+    refused: u64,
+    /// Connections in a row the daemon closed with lines unanswered.
+    reconnects: u32,
+}
+
+impl Sending<'_> {
+    fn handle(&mut self, event: Event) -> Result<(), SocketClientError> {
         match event {
-            Event::Line(line) => {
-                if link.closed {
-                    // The daemon closed the (idle) connection: a new one, with what it left
-                    // unanswered.
-                    link = Link::open(socket, timeout, link.number + 1, &events)?;
-                    for (_, line) in &unanswered {
-                        link.write(line);
-                    }
-                }
-                link.write(&line);
-                unanswered.push((line_id(&line), line));
-            }
+            Event::Line(line) => self.write_line(line),
             Event::InputDone(result) => {
-                result.map_err(io_error(timeout))?;
-                input_done = true;
-                link.finish_writing();
+                result.map_err(io_error(self.timeout))?;
+                self.input_done = true;
+                self.link.finish_writing();
+                Ok(())
             }
-            Event::Answer(n, text) if n == link.number => {
-                reconnects = 0;
-                let answer: Value = serde_json::from_str(&text)
-                    .map_err(|_| SocketClientError::BadAnswer(text.clone()))?;
-                // Answers come as lines finish (an error at once, an ok once stored): matched
-                // by id; a line that had none (not JSON) is answered without one.
-                let id = answer.get("id").filter(|id| !id.is_null());
-                if let Some(at) = unanswered
-                    .iter()
-                    .position(|(line_id, _)| line_id.as_ref() == id)
-                {
-                    unanswered.remove(at);
-                } else if !unanswered.is_empty() {
-                    unanswered.remove(0);
-                }
-                let _ = credit.try_send(());
-                if answer["ok"] != Value::Bool(true) {
-                    refused += 1;
-                    eprintln!(
-                        "message {}: {}: {}",
-                        answer["id"],
-                        answer["error"].as_str().unwrap_or("error"),
-                        answer["message"].as_str().unwrap_or("")
-                    );
-                }
-            }
-            Event::Closed(n) if n == link.number => {
-                link.closed = true;
-                if unanswered.is_empty() {
-                    // An idle close: the next line opens a new connection.
-                    continue;
-                }
-                reconnects += 1;
-                if reconnects > MAX_RECONNECTS_IN_A_ROW {
-                    return Err(SocketClientError::Closed);
-                }
-                link = Link::open(socket, timeout, link.number + 1, &events)?;
-                for (_, line) in &unanswered {
-                    link.write(line);
-                }
-                if input_done {
-                    link.finish_writing();
-                }
-            }
+            Event::Answer(n, text) if n == self.link.number => self.take_answer(text),
+            Event::Closed(n) if n == self.link.number => self.closed(),
             // From a connection given up already.
-            Event::Answer(..) | Event::Closed(_) => {}
+            Event::Answer(..) | Event::Closed(_) => Ok(()),
         }
+    }
+
+    fn write_line(&mut self, line: String) -> Result<(), SocketClientError> {
+        if self.link.closed {
+            // The daemon closed the (idle) connection: a new one, with what it left
+            // unanswered.
+            self.reopen()?;
+        }
+        self.link.write(&line);
+        self.unanswered.push(line);
+        Ok(())
+    }
+
+    fn take_answer(&mut self, text: String) -> Result<(), SocketClientError> {
+        self.reconnects = 0;
+        let answer: Value =
+            serde_json::from_str(&text).map_err(|_| SocketClientError::BadAnswer(text.clone()))?;
+        self.unanswered.answered(&answer);
+        let _ = self.credit.try_send(());
+        if answer["ok"] != Value::Bool(true) {
+            self.refused += 1;
+            eprintln!(
+                "message {}: {}: {}",
+                answer["id"],
+                answer["error"].as_str().unwrap_or("error"),
+                answer["message"].as_str().unwrap_or("")
+            );
+        }
+        Ok(())
+    }
+
+    fn closed(&mut self) -> Result<(), SocketClientError> {
+        self.link.closed = true;
+        if self.unanswered.is_empty() {
+            // An idle close: the next line opens a new connection.
+            return Ok(());
+        }
+        self.reconnects += 1;
+        if self.reconnects > MAX_RECONNECTS_IN_A_ROW {
+            return Err(SocketClientError::Closed);
+        }
+        self.reopen()?;
+        if self.input_done {
+            self.link.finish_writing();
+        }
+        Ok(())
+    }
+
+    /// A new connection, and every line not answered yet written to it again.
+    fn reopen(&mut self) -> Result<(), SocketClientError> {
+        self.link = Link::open(
+            self.socket,
+            self.timeout,
+            self.link.number + 1,
+            &self.events,
+        )?;
+        for line in self.unanswered.lines() {
+            self.link.write(line);
+        }
+        Ok(())
+    }
+}
+
+/// Lines written and not answered yet, with the id each answer will carry.
+#[derive(Debug, Default)]
+struct Unanswered(Vec<(Option<Value>, String)>);
+
+impl Unanswered {
+    fn push(&mut self, line: String) {
+        self.0.push((line_id(&line), line));
+    }
+
+    /// Answers come as lines finish (an error at once, an ok once stored): matched by id; a
+    /// line that had none (not JSON) is answered without one.
+    fn answered(&mut self, answer: &Value) {
+        let id = answer.get("id").filter(|id| !id.is_null());
+        if let Some(at) = self
+            .0
+            .iter()
+            .position(|(line_id, _)| line_id.as_ref() == id)
+        {
+            self.0.remove(at);
+        } else if !self.0.is_empty() {
+            self.0.remove(0);
+        }
+    }
+
+    fn lines(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(_, line)| line.as_str())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -417,13 +485,18 @@ pub fn format_dead_letters(answer: &Value) -> String {
         .collect()
 }
 
-/// The human form of `status`.
-pub fn format_status(status: &Value) -> String {
-    let field = |name: &str| match &status[name] {
+/// A status field as shown: `-` when absent, a string without its quotes.
+fn shown_field(status: &Value, name: &str) -> String {
+    match &status[name] {
         Value::Null => "-".to_owned(),
         Value::String(text) => text.clone(),
         other => other.to_string(),
-    };
+    }
+}
+
+/// The lines `status` adds only when something needs the operator: a clock far off, a
+/// policy attached again, filters the policy refuses.
+fn warning_lines(status: &Value) -> String {
     let skew = match status["clock_skew_s"].as_i64() {
         Some(skew) => format!(
             "clock:               {} s {} the server's; connections are refused: fix NTP\n",
@@ -435,7 +508,7 @@ pub fn format_status(status: &Value) -> String {
     let reattached = match status["policy_reattached_at"].as_str() {
         Some(at) => format!(
             "policy:              attached again at {at} ({} times since start): IoT Core turned this identity away\n",
-            field("policy_reattaches_total")
+            shown_field(status, "policy_reattaches_total")
         ),
         None => String::new(),
     };
@@ -450,6 +523,12 @@ pub fn format_status(status: &Value) -> String {
         ),
         _ => String::new(),
     };
+    format!("{skew}{reattached}{refused}")
+}
+
+/// The human form of `status`.
+pub fn format_status(status: &Value) -> String {
+    let field = |name: &str| shown_field(status, name);
     let since = |at: &str| match status[at].as_str() {
         Some(time) => format!(" since {time}"),
         None => String::new(),
@@ -474,7 +553,7 @@ published:           {} ({} republished)
 dropped:             {}
 dead letters:        {} ({} since start)
 inbox:               {} messages ({} dropped), {}
-{skew}{reattached}{refused}",
+{}",
         field("version"),
         field("uptime_s"),
         field("state"),
@@ -501,6 +580,7 @@ inbox:               {} messages ({} dropped), {}
         field("inbox_messages"),
         field("inbox_dropped_total"),
         field("inbox_state"),
+        warning_lines(status),
     )
 }
 
@@ -520,6 +600,58 @@ mod tests {
         );
         let fine = serde_json::json!({"state": "connected", "clock_skew_s": null});
         assert!(!format_status(&fine).contains("clock:"));
+    }
+
+    #[test]
+    fn status_shows_every_field_and_the_warnings_last() {
+        let status = serde_json::json!({
+            "version": "1.2.3", "uptime_s": 60, "state": "connected",
+            "endpoint": "a1.iot", "region": "eu-west-1", "identity_id": "eu-west-1:abc",
+            "mqtt_last_error": "reset", "mqtt_last_error_at": "10:00",
+            "spool_messages": 2, "oldest_spooled_age_s": 5,
+            "policy_reattached_at": "09:00", "policy_reattaches_total": 1,
+            "refused_filters": ["cmd/#", "admin/+"],
+        });
+        let text = format_status(&status);
+        assert!(text.starts_with("version:             1.2.3 (up 60 s)\nstate:               connected\nendpoint:            a1.iot (eu-west-1)\n"), "{text}");
+        assert!(
+            text.contains("\nmqtt last error:     reset since 10:00\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nspool:               2 messages, - bytes, oldest waiting 5 s, -\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("\ninbox:               - messages (- dropped), -\npolicy:              attached again at 09:00 (1 times since start): IoT Core turned this identity away\nrefused filters:     cmd/#, admin/+: the IoT policy does not allow them, nothing arrives on them\n"), "{text}");
+    }
+
+    #[test]
+    fn an_answer_settles_the_line_with_its_id_or_else_the_oldest() {
+        let mut unanswered = Unanswered::default();
+        unanswered.push(r#"{"topic":"a","payload":1,"id":1}"#.to_owned());
+        unanswered.push("not json".to_owned());
+        unanswered.push(r#"{"topic":"b","payload":2,"id":3}"#.to_owned());
+        unanswered.push(r#"{"topic":"c","payload":3,"id":4}"#.to_owned());
+        unanswered.answered(&serde_json::json!({"ok": true, "id": 3}));
+        // Without an id: the line that had none.
+        unanswered.answered(&serde_json::json!({"ok": false, "error": "bad_json"}));
+        assert_eq!(
+            unanswered.lines().collect::<Vec<_>>(),
+            [
+                r#"{"topic":"a","payload":1,"id":1}"#,
+                r#"{"topic":"c","payload":3,"id":4}"#
+            ]
+        );
+        // An id no line carries: the oldest line.
+        unanswered.answered(&serde_json::json!({"ok": true, "id": 9}));
+        assert_eq!(
+            unanswered.lines().collect::<Vec<_>>(),
+            [r#"{"topic":"c","payload":3,"id":4}"#]
+        );
+        unanswered.answered(&serde_json::json!({"ok": true, "id": 4}));
+        assert!(unanswered.is_empty());
+        unanswered.answered(&serde_json::json!({"ok": true, "id": 5}));
+        assert!(unanswered.is_empty());
     }
 }
 

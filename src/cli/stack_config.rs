@@ -162,7 +162,7 @@ mod tests {
         ));
     }
 
-    /// Issue 13: the file says which mode the stack is in and what that means for the fleet.
+    /// The file says which mode the stack is in and what that means for the fleet.
     #[test]
     fn names_the_registration_mode() {
         let text = config_from_stack(SAMPLE).expect("config");

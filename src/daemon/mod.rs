@@ -15,6 +15,7 @@ mod supervisor;
 use std::future::Future;
 use std::sync::Arc;
 
+use aws_config::SdkConfig;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 
@@ -142,28 +143,16 @@ struct Listeners {
 impl Daemon {
     /// Opens the state dir, the spool, the TLS roots and the sockets, then starts the tasks.
     async fn start(config: Config) -> Result<Daemon, DaemonError> {
-        file_limit::ensure(&config.socket)?;
-        let instance_lock = prepare_state_dir(&config.state.dir)?;
-        let spool = Spool::open_with(&config.state.dir, spool_settings(&config.spool))?;
-        let downlink = Downlink::open(&config.state.dir, config.downlink.max_bytes.0)?;
-        let tls = tls_config(&config.mqtt.ca_file)?;
-        let listeners = bind_sockets(&config).await?;
-        let proxy = Proxy::resolve(&config.network, |name| std::env::var(name).ok())?;
-        let proxy_tls = match &proxy {
-            Some(proxy) if proxy.tls => Some(proxy_tls_config()?),
-            _ => None,
-        };
-        if let Some(proxy) = &proxy {
-            tracing::info!(proxy = ?proxy, no_proxy = %proxy.sdk_no_proxy(), "outbound connections go through a proxy");
-        }
-        let base = crate::identity::aws::base_config(
-            &config.aws.region,
-            &config.aws.endpoint_url,
-            proxy.as_ref(),
-        )
-        .await?;
+        let Opened {
+            instance_lock,
+            spool,
+            downlink,
+            listeners,
+            mqtt,
+            sdk,
+        } = Opened::open(&config).await?;
         let (identity, identity_watch) =
-            IdentityManager::new(base, config.identity.clone(), config.state.dir.clone());
+            IdentityManager::new(sdk, config.identity.clone(), config.state.dir.clone());
         let rules = Arc::new(TopicRules::new(
             &config.mqtt.topic_prefix,
             &config.identity.identity_pool_id,
@@ -174,14 +163,7 @@ impl Daemon {
             spool.clone(),
             identity_watch.sessions.clone(),
             identity_watch.refusals.clone(),
-            MqttSettings {
-                config: config.mqtt.clone(),
-                region: config.aws.region.clone(),
-                tls,
-                max_in_flight: config.publish.max_in_flight,
-                persistent_session: !config.downlink.topics.is_empty(),
-                proxy: proxy.map(|proxy| (proxy, proxy_tls)),
-            },
+            mqtt,
             rules.clone(),
             limits,
             &config.batch,
@@ -206,20 +188,7 @@ impl Daemon {
             region: config.aws.region.clone(),
             started: std::time::Instant::now(),
         };
-        // The name a self-register stack knows this device by (the revocation runbook's).
-        let device_name = crate::identity::device::device_name(
-            &config.identity.device_name,
-            &config.identity.identity_pool_id,
-        )
-        .unwrap_or_else(|error| error.to_string());
-        tracing::info!(
-            version = env!("CARGO_PKG_VERSION"),
-            socket = %config.socket.path.display(),
-            spool_messages = spool.stats().borrow().messages,
-            identity_id = identity.cached_identity_id().as_deref().unwrap_or("(none yet)"),
-            device_name,
-            "ready"
-        );
+        log_ready(&config, &spool, &identity);
         let parts = Parts {
             listeners,
             identity,
@@ -301,6 +270,77 @@ impl Daemon {
         let left = self.spool.stats().borrow().messages;
         tracing::info!(left_in_spool = left, "stopped");
     }
+}
+
+/// What `Daemon::start` opens before building anything, in the order its faults are reported.
+struct Opened {
+    /// Held until the daemon is gone; the kernel releases it if the process dies.
+    instance_lock: std::fs::File,
+    spool: Spool,
+    downlink: Downlink,
+    listeners: Listeners,
+    mqtt: MqttSettings,
+    /// The AWS SDK's config, routed through the proxy when there is one.
+    sdk: SdkConfig,
+}
+
+impl Opened {
+    async fn open(config: &Config) -> Result<Opened, DaemonError> {
+        file_limit::ensure(&config.socket)?;
+        let instance_lock = prepare_state_dir(&config.state.dir)?;
+        let spool = Spool::open_with(&config.state.dir, spool_settings(&config.spool))?;
+        let downlink = Downlink::open(&config.state.dir, config.downlink.max_bytes.0)?;
+        let tls = tls_config(&config.mqtt.ca_file)?;
+        let listeners = bind_sockets(config).await?;
+        let proxy = Proxy::resolve(&config.network, |name| std::env::var(name).ok())?;
+        let proxy_tls = match &proxy {
+            Some(proxy) if proxy.tls => Some(proxy_tls_config()?),
+            _ => None,
+        };
+        if let Some(proxy) = &proxy {
+            tracing::info!(proxy = ?proxy, no_proxy = %proxy.sdk_no_proxy(), "outbound connections go through a proxy");
+        }
+        let sdk = crate::identity::aws::base_config(
+            &config.aws.region,
+            &config.aws.endpoint_url,
+            proxy.as_ref(),
+        )
+        .await?;
+        let mqtt = MqttSettings {
+            config: config.mqtt.clone(),
+            region: config.aws.region.clone(),
+            tls,
+            max_in_flight: config.publish.max_in_flight,
+            persistent_session: !config.downlink.topics.is_empty(),
+            proxy: proxy.map(|proxy| (proxy, proxy_tls)),
+        };
+        Ok(Opened {
+            instance_lock,
+            spool,
+            downlink,
+            listeners,
+            mqtt,
+            sdk,
+        })
+    }
+}
+
+/// The one line that says the daemon is up, and who it is.
+fn log_ready(config: &Config, spool: &Spool, identity: &IdentityManager) {
+    // The name a self-register stack knows this device by (the revocation runbook's).
+    let device_name = crate::identity::device::device_name(
+        &config.identity.device_name,
+        &config.identity.identity_pool_id,
+    )
+    .unwrap_or_else(|error| error.to_string());
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        socket = %config.socket.path.display(),
+        spool_messages = spool.stats().borrow().messages,
+        identity_id = identity.cached_identity_id().as_deref().unwrap_or("(none yet)"),
+        device_name,
+        "ready"
+    );
 }
 
 /// What the tasks are made of, built by `Daemon::start`.

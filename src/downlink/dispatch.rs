@@ -284,7 +284,7 @@ mod tests {
         );
     }
 
-    /// Issue 24 item 15: a backlog no app subscribes to is not scanned again for each new
+    /// A backlog no app subscribes to is not scanned again for each new
     /// message or ack; and a message whose read failed is handed out again.
     #[test]
     fn assign_looks_only_at_what_may_have_become_assignable() {

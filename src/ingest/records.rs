@@ -171,7 +171,7 @@ mod tests {
         assert_eq!(reader.next().await, Next::Record(b"x".to_vec()));
     }
 
-    /// Issue 24 item 13: a byte every so often does not keep a half line alive: it must be
+    /// A byte every so often does not keep a half line alive: it must be
     /// complete within the idle timeout of its first byte.
     #[tokio::test(start_paused = true)]
     async fn a_trickled_line_idles_out_at_the_timeout_after_its_first_byte() {

@@ -367,79 +367,22 @@ struct Peer {
 
 impl Peer {
     async fn serve(self, stream: UnixStream) {
-        let (read_half, mut write_half) = stream.into_split();
-        let (answers, mut answer_queue) = mpsc::channel::<Answer>(ANSWER_QUEUE);
+        let (read_half, write_half) = stream.into_split();
+        let (answers, answer_queue) = mpsc::channel::<Answer>(ANSWER_QUEUE);
         let budget = Arc::new(Semaphore::new(ANSWER_BYTES));
-        let (subscription, mut messages) = Subscription::new(self.downlink.clone());
+        let (subscription, messages) = Subscription::new(self.downlink.clone());
         let subscription = Arc::new(subscription);
-        // Message lines are never dropped like answers: an app holds at most the dispatcher's
-        // window of them unacked, and a lost one would sit with it until it disconnects.
-        let writer = tokio::spawn(async move {
-            let mut out = Vec::new();
-            let mut written = Vec::new();
-            loop {
-                tokio::select! {
-                    biased;
-                    answer = answer_queue.recv() => match answer {
-                        Some((line, permit)) => {
-                            out.extend_from_slice(line.as_bytes());
-                            written.push(permit);
-                        }
-                        None => break,
-                    },
-                    Some(line) = messages.recv() => out.extend_from_slice(line.as_bytes()),
-                };
-                // Answers already queued go in the same write: a pipelining app's burst of
-                // `ok`s costs one syscall, not one each. (The budget bounds the batch.)
-                while let Ok((line, permit)) = answer_queue.try_recv() {
-                    out.extend_from_slice(line.as_bytes());
-                    written.push(permit);
-                }
-                if write_half.write_all(&out).await.is_err() {
-                    break;
-                }
-                out.clear();
-                written.clear();
-            }
-        });
-        let downlink_side = subscription.clone();
-        let (spool, status) = (self.spool.clone(), self.status.clone());
-        let (pipeline, mut pending) = mpsc::channel::<PendingAnswer>(PIPELINE);
-        let acker = tokio::spawn(async move {
-            let mut deaf = false;
-            while let Some(step) = pending.recv().await {
-                let answer = match step {
-                    PendingAnswer::Ready(line) => Some(line),
-                    PendingAnswer::Stored { id, done } => {
-                        match done.await.unwrap_or(Err(AppendError::Closed)) {
-                            Ok(()) => id.as_ref().map(ok_line),
-                            Err(error) => Some(refusal(id, &error).to_line()),
-                        }
-                    }
-                    PendingAnswer::Subscribe { id, topics } => {
-                        if let Some(id) = &id {
-                            deaf = deliver(&answers, &budget, ok_line(id), deaf).await;
-                        }
-                        downlink_side.subscribe(topics).await;
-                        None
-                    }
-                    PendingAnswer::Ack { id, seq } => match downlink_side.ack(seq).await {
-                        Ok(()) => id.as_ref().map(ok_line),
-                        Err(error) => Some(ack_refusal(id, &error).to_line()),
-                    },
-                    PendingAnswer::Status { id } => Some(with_id(
-                        serde_json::json!({"ok": true, "status": status.status()}),
-                        id,
-                    )),
-                    PendingAnswer::DeadLetters { id, action } => {
-                        Some(with_id(dead_letters_answer(&spool, action).await, id))
-                    }
-                };
-                if let Some(answer) = answer {
-                    deaf = deliver(&answers, &budget, answer, deaf).await;
-                }
-            }
-        });
+        let writer = tokio::spawn(write_out(write_half, answer_queue, messages));
+        let answerer = Answerer {
+            answers,
+            budget,
+            subscription: subscription.clone(),
+            spool: self.spool.clone(),
+            status: self.status.clone(),
+            deaf: false,
+        };
+        let (pipeline, pending) = mpsc::channel::<PendingAnswer>(PIPELINE);
+        let acker = tokio::spawn(answerer.run(pending));
         self.read_lines(read_half, &pipeline, &subscription).await;
         drop(pipeline);
         let _ = acker.await;
@@ -534,6 +477,116 @@ impl Peer {
     }
 }
 
+/// A client's writer: its answers and, once it subscribed, its message lines. Message lines
+/// are never dropped like answers: an app holds at most the dispatcher's window of them
+/// unacked, and a lost one would sit with it until it disconnects.
+async fn write_out(
+    mut write_half: tokio::net::unix::OwnedWriteHalf,
+    mut answer_queue: mpsc::Receiver<Answer>,
+    mut messages: mpsc::UnboundedReceiver<String>,
+) {
+    let mut out = Vec::new();
+    let mut written = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            answer = answer_queue.recv() => match answer {
+                Some((line, permit)) => {
+                    out.extend_from_slice(line.as_bytes());
+                    written.push(permit);
+                }
+                None => break,
+            },
+            Some(line) = messages.recv() => out.extend_from_slice(line.as_bytes()),
+        };
+        // Answers already queued go in the same write: a pipelining app's burst of
+        // `ok`s costs one syscall, not one each. (The budget bounds the batch.)
+        while let Ok((line, permit)) = answer_queue.try_recv() {
+            out.extend_from_slice(line.as_bytes());
+            written.push(permit);
+        }
+        if write_half.write_all(&out).await.is_err() {
+            break;
+        }
+        out.clear();
+        written.clear();
+    }
+}
+
+/// Answers a client's lines in their order, each once its step has settled.
+struct Answerer {
+    answers: mpsc::Sender<Answer>,
+    budget: Arc<Semaphore>,
+    subscription: Arc<Subscription>,
+    spool: Spool,
+    status: Arc<dyn StatusReport>,
+    /// The client stopped reading its answers (see `deliver`).
+    deaf: bool,
+}
+
+impl Answerer {
+    async fn run(mut self, mut pending: mpsc::Receiver<PendingAnswer>) {
+        while let Some(step) = pending.recv().await {
+            if let Some(answer) = self.settle(step).await {
+                self.deliver(answer).await;
+            }
+        }
+    }
+
+    /// Waits for `step` to finish; its answer, if it has one to give after that.
+    async fn settle(&mut self, step: PendingAnswer) -> Option<String> {
+        match step {
+            PendingAnswer::Ready(line) => Some(line),
+            PendingAnswer::Stored { id, done } => {
+                match done.await.unwrap_or(Err(AppendError::Closed)) {
+                    Ok(()) => id.as_ref().map(ok_line),
+                    Err(error) => Some(refusal(id, &error).to_line()),
+                }
+            }
+            PendingAnswer::Subscribe { id, topics } => {
+                if let Some(id) = &id {
+                    self.deliver(ok_line(id)).await;
+                }
+                self.subscription.subscribe(topics).await;
+                None
+            }
+            PendingAnswer::Ack { id, seq } => match self.subscription.ack(seq).await {
+                Ok(()) => id.as_ref().map(ok_line),
+                Err(error) => Some(ack_refusal(id, &error).to_line()),
+            },
+            PendingAnswer::Status { id } => Some(with_id(
+                serde_json::json!({"ok": true, "status": self.status.status()}),
+                id,
+            )),
+            PendingAnswer::DeadLetters { id, action } => {
+                Some(with_id(dead_letters_answer(&self.spool, action).await, id))
+            }
+        }
+    }
+
+    /// Queues an answer for the client's writer, within the client's `ANSWER_BYTES` (a line
+    /// larger than the whole budget takes all of it). A client that reads gets its answers even
+    /// in bursts (up to `ANSWER_GRACE` of waiting); one that stops reading is marked deaf and
+    /// loses answers without slowing anything, until its queue has drained again.
+    async fn deliver(&mut self, line: String) {
+        let (answers, budget) = (&self.answers, &self.budget);
+        let bytes = line.len().clamp(1, ANSWER_BYTES) as u32;
+        // Every permit back means every queued answer was written.
+        self.deaf = self.deaf && budget.available_permits() < ANSWER_BYTES;
+        if self.deaf {
+            if let Ok(permit) = budget.clone().try_acquire_many_owned(bytes) {
+                let _ = answers.try_send((line, permit));
+            }
+            return;
+        }
+        let queued = async {
+            let permit = budget.clone().acquire_many_owned(bytes).await.ok()?;
+            answers.send((line, permit)).await.ok()
+        };
+        self.deaf = tokio::time::timeout(ANSWER_GRACE, queued).await.is_err();
+    }
+}
+
 /// `answer` with the request's `id`, as a line.
 fn with_id(mut answer: Value, id: Option<Value>) -> String {
     if let Some(id) = id {
@@ -563,32 +616,6 @@ async fn dead_letters_answer(spool: &Spool, action: DeadLetterAction) -> Value {
             "message": message,
         }),
     }
-}
-
-/// Queues an answer for the client's writer, within the client's `ANSWER_BYTES` (a line
-/// larger than the whole budget takes all of it). A client that reads gets its answers even
-/// in bursts (up to `ANSWER_GRACE` of waiting); one that stops reading is marked deaf and
-/// loses answers without slowing anything, until its queue has drained again.
-async fn deliver(
-    answers: &mpsc::Sender<Answer>,
-    budget: &Arc<Semaphore>,
-    line: String,
-    deaf: bool,
-) -> bool {
-    let bytes = line.len().clamp(1, ANSWER_BYTES) as u32;
-    // Every permit back means every queued answer was written.
-    let deaf = deaf && budget.available_permits() < ANSWER_BYTES;
-    if deaf {
-        if let Ok(permit) = budget.clone().try_acquire_many_owned(bytes) {
-            let _ = answers.try_send((line, permit));
-        }
-        return true;
-    }
-    let queued = async {
-        let permit = budget.clone().acquire_many_owned(bytes).await.ok()?;
-        answers.send((line, permit)).await.ok()
-    };
-    tokio::time::timeout(ANSWER_GRACE, queued).await.is_err()
 }
 
 /// A per-client token bucket: `rate` lines per second with a burst of one second's worth,

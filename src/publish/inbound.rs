@@ -204,7 +204,7 @@ impl HeldFilters {
 mod tests {
     use super::*;
 
-    /// Issue 24 item 9: a redelivery (DUP) of a stored message is recognised on the next
+    /// A redelivery (DUP) of a stored message is recognised on the next
     /// connection; a new message repeating it, or one two connections later, is not.
     #[test]
     fn a_redelivered_message_is_recognised_once_stored() {

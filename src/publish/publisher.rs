@@ -254,37 +254,7 @@ impl Publisher {
                     RECONNECT_FLOOR.saturating_sub(started.elapsed())
                 }
                 Ended::Failed(error) => {
-                    self.report.send_modify(|report| {
-                        report.last_error = Some(error.clone());
-                        report.last_error_at = Some(std::time::SystemTime::now());
-                    });
-                    if self.flow.take_reattach_due() {
-                        tracing::warn!(
-                            identity_id = %session.identity_id,
-                            closes = REATTACH_AFTER_CLOSES,
-                            "IoT Core closed the connection right after CONNECT {REATTACH_AFTER_CLOSES} times without a CONNACK in between (what it does when no attached IoT policy allows iot:Connect): asking for the IoT policy to be attached again (at most every 5 minutes)"
-                        );
-                        self.refusals.raise();
-                    }
-                    if started.elapsed() > RECONNECT_CAP || self.flow.take_buried_head() {
-                        // A long-lived connection, or the cause of the drops is out of the
-                        // queue now: start the delays over.
-                        backoff.reset();
-                    }
-                    let delay = backoff.next_delay();
-                    if let Some(held_back) = repeats.admit(&error) {
-                        tracing::warn!(
-                            identity_id = %session.identity_id,
-                            state = "backoff",
-                            %error,
-                            retry_in_ms = delay.as_millis() as u64,
-                            held_back,
-                            "MQTT connection lost"
-                        );
-                    }
-                    tracing::debug!(retry_in_ms = delay.as_millis() as u64, "reconnect backoff");
-                    self.link.send_replace(LinkState::Backoff);
-                    delay
+                    self.connection_failed(error, &session, started, &mut backoff, &mut repeats)
                 }
             };
             if self
@@ -294,6 +264,50 @@ impl Publisher {
                 return;
             }
         }
+    }
+
+    /// A connection failed: says so (once per kind of outage), asks for the IoT policy again
+    /// when the broker keeps closing right after CONNECT, and returns the delay before the
+    /// next connect.
+    fn connection_failed(
+        &mut self,
+        error: String,
+        session: &Session,
+        started: Instant,
+        backoff: &mut Backoff,
+        repeats: &mut Repeats,
+    ) -> Duration {
+        self.report.send_modify(|report| {
+            report.last_error = Some(error.clone());
+            report.last_error_at = Some(std::time::SystemTime::now());
+        });
+        if self.flow.take_reattach_due() {
+            tracing::warn!(
+                identity_id = %session.identity_id,
+                closes = REATTACH_AFTER_CLOSES,
+                "IoT Core closed the connection right after CONNECT {REATTACH_AFTER_CLOSES} times without a CONNACK in between (what it does when no attached IoT policy allows iot:Connect): asking for the IoT policy to be attached again (at most every 5 minutes)"
+            );
+            self.refusals.raise();
+        }
+        if started.elapsed() > RECONNECT_CAP || self.flow.take_buried_head() {
+            // A long-lived connection, or the cause of the drops is out of the
+            // queue now: start the delays over.
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        if let Some(held_back) = repeats.admit(&error) {
+            tracing::warn!(
+                identity_id = %session.identity_id,
+                state = "backoff",
+                %error,
+                retry_in_ms = delay.as_millis() as u64,
+                held_back,
+                "MQTT connection lost"
+            );
+        }
+        tracing::debug!(retry_in_ms = delay.as_millis() as u64, "reconnect backoff");
+        self.link.send_replace(LinkState::Backoff);
+        delay
     }
 
     /// Waits `delay` before the next connect (never sooner than one second after the last
@@ -365,38 +379,10 @@ impl Publisher {
         stopping: &mut watch::Receiver<bool>,
         heartbeat: &Heartbeat,
     ) -> Ended {
-        let valid_for = session
-            .credentials
-            .expires_at
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or_default();
-        tracing::info!(
-            identity_id = %session.identity_id,
-            state = "connecting",
-            credentials_valid_s = valid_for.as_secs(),
-            "connecting to the broker"
-        );
-        let endpoint = mqtt::host_of(&self.settings.broker_url(session));
-        self.report
-            .send_if_modified(|report| report.endpoint.replace(endpoint.clone()) != Some(endpoint));
-        let mut connection = match mqtt::connect(&self.settings, session) {
+        let mut connection = match self.open_connection(session) {
             Ok(connection) => connection,
-            Err(error) => return Ended::Failed(error.to_string()),
+            Err(ended) => return ended,
         };
-        self.flow.connect(&session.identity_id, Instant::now());
-        // Packet ids belong to their connection: what the last one left unacknowledged the
-        // broker sends again.
-        self.received.clear();
-        self.redeliveries.connected();
-        // A health report made before this connection describes the old one (it may predate
-        // an outage the next report will tell of): the next tick makes a fresh one.
-        if let Some((reports, _)) = &mut self.health {
-            while reports.try_recv().is_ok() {}
-        }
-        self.store_retry_at = None;
-        self.must_subscribe = None;
-        self.subscribing.clear();
-        self.subscribed.clear();
         let mut spool_stats = self.spool.stats();
         let mut identity_gone = false;
         let mut beat = tokio::time::interval(BEAT_EVERY);
@@ -409,19 +395,9 @@ impl Publisher {
             };
             tokio::select! {
                 event = connection.events.recv() => {
-                    self.on_event(event, session);
-                    // Take whatever else is already waiting before deciding again.
-                    while let Ok(event) = connection.events.try_recv() {
-                        self.on_event(Some(event), session);
-                    }
-                    self.subscribe_and_store(&connection, session).await;
+                    self.on_events(event, &mut connection, session).await;
                 }
-                Some(report) = next_report(&mut self.health) => {
-                    let topic = self.health.as_ref().map(|(_, topic)| topic.clone()).unwrap_or_default();
-                    if !self.flow.offer_unspooled(topic, report) {
-                        tracing::debug!("health report dropped: not connected");
-                    }
-                }
+                Some(report) = next_report(&mut self.health) => self.offer_health_report(report),
                 read = read_done(&mut reading) => match read {
                     Ok(read) => self.flow.on_read(read),
                     Err(_) => self.flow.on_read_failed(Instant::now()),
@@ -450,6 +426,71 @@ impl Publisher {
                 }
                 _ = beat.tick() => {}
             }
+        }
+    }
+
+    /// Opens a connection with `session`, and forgets what belonged to the last one.
+    fn open_connection(&mut self, session: &Session) -> Result<mqtt::Connection, Ended> {
+        let valid_for = session
+            .credentials
+            .expires_at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        tracing::info!(
+            identity_id = %session.identity_id,
+            state = "connecting",
+            credentials_valid_s = valid_for.as_secs(),
+            "connecting to the broker"
+        );
+        let endpoint = mqtt::host_of(&self.settings.broker_url(session));
+        self.report
+            .send_if_modified(|report| report.endpoint.replace(endpoint.clone()) != Some(endpoint));
+        let connection = match mqtt::connect(&self.settings, session) {
+            Ok(connection) => connection,
+            Err(error) => return Err(Ended::Failed(error.to_string())),
+        };
+        self.flow.connect(&session.identity_id, Instant::now());
+        // Packet ids belong to their connection: what the last one left unacknowledged the
+        // broker sends again.
+        self.received.clear();
+        self.redeliveries.connected();
+        // A health report made before this connection describes the old one (it may predate
+        // an outage the next report will tell of): the next tick makes a fresh one.
+        if let Some((reports, _)) = &mut self.health {
+            while reports.try_recv().is_ok() {}
+        }
+        self.store_retry_at = None;
+        self.must_subscribe = None;
+        self.subscribing.clear();
+        self.subscribed.clear();
+        Ok(connection)
+    }
+
+    /// What the event loop reported and whatever else already waits, then the subscribing
+    /// and storing that asks for.
+    async fn on_events(
+        &mut self,
+        event: Option<Result<Event, rumqttc::ConnectionError>>,
+        connection: &mut mqtt::Connection,
+        session: &Session,
+    ) {
+        self.on_event(event, session);
+        // Take whatever else is already waiting before deciding again.
+        while let Ok(event) = connection.events.try_recv() {
+            self.on_event(Some(event), session);
+        }
+        self.subscribe_and_store(connection, session).await;
+    }
+
+    /// A health report goes out on this connection, or not at all: it is never spooled.
+    fn offer_health_report(&mut self, report: Vec<u8>) {
+        let topic = self
+            .health
+            .as_ref()
+            .map(|(_, topic)| topic.clone())
+            .unwrap_or_default();
+        if !self.flow.offer_unspooled(topic, report) {
+            tracing::debug!("health report dropped: not connected");
         }
     }
 
@@ -614,102 +655,139 @@ impl Publisher {
     }
 
     /// After a CONNACK: subscribes to the downlink filters. Then commits what was received to
-    /// the inbox and only then acknowledges it to the broker; a failed commit ends the
-    /// connection unacknowledged, and the broker sends the messages again.
+    /// the inbox and only then acknowledges it to the broker; after a failed commit the
+    /// messages stay unacknowledged and are committed again after a pause.
     async fn subscribe_and_store(&mut self, connection: &mqtt::Connection, session: &Session) {
-        let Some((downlink, inbound)) = &self.downlink else {
+        if self.downlink.is_none() {
             // Nothing subscribed, so nothing should come; acknowledge any stray message.
             for publish in std::mem::take(&mut self.received) {
                 let _ = connection.client.try_ack(&publish);
             }
             return;
-        };
-        if let Some(session_present) = self.must_subscribe.take() {
-            let wanted = inbound.subscriptions(&session.identity_id);
-            let before = self.held.clone();
-            let filters = self
-                .held
-                .after_connack(&session.identity_id, &wanted, session_present);
-            if self.held != before {
-                // A new session holds nothing: on disk before anything can be granted, so a
-                // restart within this connection cannot believe the old filters held.
-                self.save_held();
-            }
-            tracing::info!(
-                session_present,
-                filters = filters.len(),
-                held = wanted.len() - filters.len(),
-                "subscribing to the downlink topics the session does not hold"
-            );
-            for chunk in filters.chunks(FILTERS_PER_SUBSCRIBE) {
-                self.subscribing.push_back(chunk.to_vec());
-                let chunk = chunk
-                    .iter()
-                    .map(|filter| SubscribeFilter::new(filter.clone(), QoS::AtLeastOnce));
-                if let Err(error) = connection.client.try_subscribe_many(chunk) {
-                    self.flow
-                        .fail(format!("subscribe: {error}"), Failure::Other);
-                    return;
-                }
-            }
+        }
+        if let Some(session_present) = self.must_subscribe.take()
+            && !self.subscribe(connection, session, session_present)
+        {
+            return;
         }
         if self.store_retry_at.is_some() {
             return;
         }
         while !self.received.is_empty() {
-            let take = self.received.len().min(MAX_RECEIVE_BATCH);
-            let batch: Vec<rumqttc::Publish> = self.received.drain(..take).collect();
-            let mut messages = Vec::with_capacity(batch.len());
-            let mut stored = Vec::with_capacity(batch.len());
-            for publish in &batch {
-                let topic = &publish.topic;
-                if self.redeliveries.is_redelivery(
-                    publish.dup,
-                    publish.pkid,
-                    topic,
-                    &publish.payload,
-                ) {
-                    tracing::debug!(%topic, packet_id = publish.pkid, "the broker sent a stored message again; acknowledged, kept with its seq");
-                    continue;
-                }
-                match inbound.classify(&session.identity_id, topic) {
-                    Received::Store(relative) => {
-                        messages.push((relative, publish.payload.to_vec()));
-                        stored.push(publish);
-                    }
-                    Received::Foreign => {
-                        tracing::warn!(%topic, "received a message outside this device's prefix; dropped")
-                    }
-                }
-            }
-            if let Err(error) = downlink.receive(messages).await {
-                // Kept unacknowledged on this connection and stored later: tearing it down
-                // would only bring the same messages back at once (a persistent session
-                // redelivers after the CONNACK) and stop the uplink with it.
-                tracing::warn!(%error, retry_in_ms = self.store_delay.as_millis() as u64, "cannot store received messages; they stay unacknowledged and are stored later");
-                self.received.splice(0..0, batch);
-                self.store_retry_at = Some(Instant::now() + self.store_delay);
-                self.store_delay = (self.store_delay * 2).min(MAX_STORE_DELAY);
+            if !self.store_batch(connection, session).await {
                 return;
-            }
-            self.store_delay = STORE_DELAY;
-            for publish in stored {
-                self.redeliveries
-                    .stored(publish.pkid, &publish.topic, &publish.payload);
-            }
-            for publish in &batch {
-                if let Err(error) = connection.client.try_ack(publish) {
-                    self.received.clear();
-                    self.flow
-                        .fail(format!("ack queue: {error}"), Failure::Other);
-                    return;
-                }
             }
         }
     }
+
+    /// Subscribes to the downlink filters the broker's session does not hold; `false` when
+    /// the connection is ending.
+    fn subscribe(
+        &mut self,
+        connection: &mqtt::Connection,
+        session: &Session,
+        session_present: bool,
+    ) -> bool {
+        let Some((_, inbound)) = &self.downlink else {
+            return true;
+        };
+        let wanted = inbound.subscriptions(&session.identity_id);
+        let before = self.held.clone();
+        let filters = self
+            .held
+            .after_connack(&session.identity_id, &wanted, session_present);
+        if self.held != before {
+            // A new session holds nothing: on disk before anything can be granted, so a
+            // restart within this connection cannot believe the old filters held.
+            self.save_held();
+        }
+        tracing::info!(
+            session_present,
+            filters = filters.len(),
+            held = wanted.len() - filters.len(),
+            "subscribing to the downlink topics the session does not hold"
+        );
+        for chunk in filters.chunks(FILTERS_PER_SUBSCRIBE) {
+            self.subscribing.push_back(chunk.to_vec());
+            let chunk = chunk
+                .iter()
+                .map(|filter| SubscribeFilter::new(filter.clone(), QoS::AtLeastOnce));
+            if let Err(error) = connection.client.try_subscribe_many(chunk) {
+                self.flow
+                    .fail(format!("subscribe: {error}"), Failure::Other);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Commits the next received messages to the inbox, then acknowledges them; `false` when
+    /// the rest must wait (the inbox failed: stored later) or the connection is ending.
+    async fn store_batch(&mut self, connection: &mqtt::Connection, session: &Session) -> bool {
+        let Some((downlink, inbound)) = &self.downlink else {
+            return false;
+        };
+        let take = self.received.len().min(MAX_RECEIVE_BATCH);
+        let batch: Vec<rumqttc::Publish> = self.received.drain(..take).collect();
+        let (messages, stored) =
+            to_store(&batch, inbound, &self.redeliveries, &session.identity_id);
+        if let Err(error) = downlink.receive(messages).await {
+            // Kept unacknowledged on this connection and stored later: tearing it down
+            // would only bring the same messages back at once (a persistent session
+            // redelivers after the CONNACK) and stop the uplink with it.
+            tracing::warn!(%error, retry_in_ms = self.store_delay.as_millis() as u64, "cannot store received messages; they stay unacknowledged and are stored later");
+            self.received.splice(0..0, batch);
+            self.store_retry_at = Some(Instant::now() + self.store_delay);
+            self.store_delay = (self.store_delay * 2).min(MAX_STORE_DELAY);
+            return false;
+        }
+        self.store_delay = STORE_DELAY;
+        for publish in stored {
+            self.redeliveries
+                .stored(publish.pkid, &publish.topic, &publish.payload);
+        }
+        for publish in &batch {
+            if let Err(error) = connection.client.try_ack(publish) {
+                self.received.clear();
+                self.flow
+                    .fail(format!("ack queue: {error}"), Failure::Other);
+                return false;
+            }
+        }
+        true
+    }
 }
 
-/// The next health report, if reports are on (otherwise never).
+/// What of `batch` goes into the inbox (relative topic and payload), and the publishes it
+/// came from. A redelivery of a message stored lately is left out (it keeps its `seq`), and
+/// so is a message outside this device's prefix; both are acknowledged all the same.
+fn to_store<'a>(
+    batch: &'a [rumqttc::Publish],
+    inbound: &Inbound,
+    redeliveries: &Redeliveries,
+    identity_id: &str,
+) -> (Vec<(String, Vec<u8>)>, Vec<&'a rumqttc::Publish>) {
+    let mut messages = Vec::with_capacity(batch.len());
+    let mut stored = Vec::with_capacity(batch.len());
+    for publish in batch {
+        let topic = &publish.topic;
+        if redeliveries.is_redelivery(publish.dup, publish.pkid, topic, &publish.payload) {
+            tracing::debug!(%topic, packet_id = publish.pkid, "the broker sent a stored message again; acknowledged, kept with its seq");
+            continue;
+        }
+        match inbound.classify(identity_id, topic) {
+            Received::Store(relative) => {
+                messages.push((relative, publish.payload.to_vec()));
+                stored.push(publish);
+            }
+            Received::Foreign => {
+                tracing::warn!(%topic, "received a message outside this device's prefix; dropped")
+            }
+        }
+    }
+    (messages, stored)
+}
+
 /// The running read's result; never, when none runs.
 async fn read_done(reading: &mut Option<PendingRead>) -> Result<ReadBatch, ReadError> {
     let Some(read) = reading.as_mut() else {
@@ -720,6 +798,7 @@ async fn read_done(reading: &mut Option<PendingRead>) -> Result<ReadBatch, ReadE
     done
 }
 
+/// The next health report, if reports are on (otherwise never).
 async fn next_report(health: &mut Option<(mpsc::Receiver<Vec<u8>>, String)>) -> Option<Vec<u8>> {
     match health {
         Some((reports, _)) => reports.recv().await,
@@ -802,4 +881,46 @@ async fn close(connection: &mut mqtt::Connection) {
         while let Some(Ok(_)) = connection.events.recv().await {}
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POOL: &str = "us-east-1:0b7c5a57-6a4f-4a62-9d36-3f1c0e3b6a11";
+    const IDENTITY: &str = "us-east-1:9f0e3a2b-1c4d-4e5f-8a9b-0c1d2e3f4a5b";
+
+    fn received(topic: &str, packet_id: u16, dup: bool) -> rumqttc::Publish {
+        let mut publish = rumqttc::Publish::new(topic, QoS::AtLeastOnce, b"on".to_vec());
+        publish.pkid = packet_id;
+        publish.dup = dup;
+        publish
+    }
+
+    #[test]
+    fn only_new_messages_under_the_device_prefix_go_to_the_inbox() {
+        let rules = Arc::new(TopicRules::new(
+            "{identity_pool_id}/{identity_id}",
+            POOL,
+            "us-east-1",
+        ));
+        let inbound = Inbound::new(rules, vec!["commands/#".into()]);
+        let mut redeliveries = Redeliveries::default();
+        let mine = format!("{POOL}/{IDENTITY}/commands/light");
+        redeliveries.stored(1, &mine, b"on");
+        let batch = [
+            received(&mine, 1, true),
+            received("someone/else/commands/light", 2, false),
+            received(&mine, 3, false),
+        ];
+        let (messages, stored) = to_store(&batch, &inbound, &redeliveries, IDENTITY);
+        assert_eq!(messages, [("commands/light".to_owned(), b"on".to_vec())]);
+        assert_eq!(
+            stored
+                .iter()
+                .map(|publish| publish.pkid)
+                .collect::<Vec<_>>(),
+            [3]
+        );
+    }
 }
