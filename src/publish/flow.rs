@@ -555,25 +555,11 @@ impl Flow {
         let index = self.next_ready()?;
         let link = &mut self.link;
         let outgoing = link.ready.remove(index)?;
-        // The newest array may wait up to `linger` for more readings, unless the spool had
-        // more than we read (then more are right behind it).
-        if link.ready.is_empty()
-            && outgoing.open
-            && !link.more_behind
-            && !self.linger.is_zero()
-            && !outside.stopping
-        {
-            let first = outgoing.ids[0];
-            let since = match link.held {
-                Some((id, since)) if id == first => since,
-                _ => link.held.insert((first, now)).1,
-            };
-            if now < since + self.linger {
-                link.lingering_until = Some(since + self.linger);
-                link.ready.insert(index, outgoing);
-                return None;
-            }
+        if self.lingers(&outgoing, now, outside) {
+            self.link.ready.insert(index, outgoing);
+            return None;
         }
+        let link = &mut self.link;
         let priority = outgoing.priority;
         let cursor = link.cursors.of_mut(priority);
         let last = *outgoing.ids.last().unwrap_or(cursor);
@@ -621,6 +607,30 @@ impl Flow {
             payload: outgoing.payload,
             republished,
         }))
+    }
+
+    /// The newest array may wait up to `linger` for more readings, unless the spool had more
+    /// than we read (then more are right behind it).
+    fn lingers(&mut self, outgoing: &Outgoing, now: Instant, outside: Outside) -> bool {
+        let link = &mut self.link;
+        if !link.ready.is_empty()
+            || !outgoing.open
+            || link.more_behind
+            || self.linger.is_zero()
+            || outside.stopping
+        {
+            return false;
+        }
+        let first = outgoing.ids[0];
+        let since = match link.held {
+            Some((id, since)) if id == first => since,
+            _ => link.held.insert((first, now)).1,
+        };
+        if now < since + self.linger {
+            link.lingering_until = Some(since + self.linger);
+            return true;
+        }
+        false
     }
 
     /// Which planned publish goes next: the first high-priority one, unless

@@ -106,9 +106,14 @@ fn prepare_schema(db: &Connection, path: &Path) -> rusqlite::Result<u64> {
     // When each message was accepted (seconds since the Unix epoch): the oldest one's age is
     // in `status`. Rows from older spools have none (NULL: unknown).
     add_column_if_missing(db, "accepted_at")?;
-    // Message options: rows from older spools have none (normal priority, no ttl, not
-    // conflating). `clock` is the spool clock at acceptance (`policy::SpoolClock`), which ages
-    // messages for `ttl` and `spool.max_age`.
+    add_option_columns(db)?;
+    Ok(dead_letters)
+}
+
+/// Message options: rows from older spools have none (normal priority, no ttl, not
+/// conflating). `clock` is the spool clock at acceptance (`policy::SpoolClock`), which ages
+/// messages for `ttl` and `spool.max_age`.
+fn add_option_columns(db: &Connection) -> rusqlite::Result<()> {
     for column in ["priority", "ttl", "clock", "conflate"] {
         add_column_if_missing(db, column)?;
     }
@@ -119,8 +124,7 @@ fn prepare_schema(db: &Connection, path: &Path) -> rusqlite::Result<u64> {
          CREATE INDEX IF NOT EXISTS conflating ON messages(topic) WHERE conflate = 1;
          CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)
              WITHOUT ROWID;",
-    )?;
-    Ok(dead_letters)
+    )
 }
 
 /// Adds the INTEGER column `name` to `messages` if an older spool lacks it.
