@@ -49,8 +49,17 @@ pub enum Command {
         /// 1: kept until IoT Core acknowledges it; 0: sent once.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
         qos: u8,
+        /// Drop it unpublished once it waited this many seconds in the daemon.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        ttl: Option<u32>,
+        /// high: published before every waiting normal message.
+        #[arg(long, value_parser = ["high", "normal"])]
+        priority: Option<String>,
+        /// Keep only the newest waiting conflating message of the topic.
+        #[arg(long)]
+        conflate: bool,
         /// Inputs are whole protocol lines (see docs/protocol.md) instead of payloads.
-        #[arg(long, conflicts_with_all = ["topic", "qos"])]
+        #[arg(long, conflicts_with_all = ["topic", "qos", "ttl", "priority", "conflate"])]
         json: bool,
         /// JSON (published compact) or plain text; omit to read one message per stdin line.
         payload: Option<String>,

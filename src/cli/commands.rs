@@ -24,12 +24,23 @@ pub fn dispatch(command: Command) -> ExitCode {
             socket,
             topic,
             qos,
+            ttl,
+            priority,
+            conflate,
             json,
             payload,
             timeout,
         } => {
             let framing = match topic {
-                Some(topic) if !json => client::Framing::Message { topic, qos },
+                Some(topic) if !json => client::Framing::Message {
+                    topic,
+                    qos,
+                    options: client::MessageOptions {
+                        ttl,
+                        priority,
+                        conflate,
+                    },
+                },
                 _ => client::Framing::Json,
             };
             match socket_path(&socket) {

@@ -91,10 +91,37 @@ fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, SocketClientErr
 /// How `send` turns its input into protocol lines.
 pub enum Framing {
     /// Each input is a payload for `topic`.
-    Message { topic: String, qos: u8 },
+    Message {
+        topic: String,
+        qos: u8,
+        options: MessageOptions,
+    },
     /// Each input is already a protocol line; an `id` is added where missing so that every
     /// line gets its answer.
     Json,
+}
+
+/// `send`'s `--ttl`, `--priority` and `--conflate`, given to every message.
+#[derive(Debug, Default)]
+pub struct MessageOptions {
+    pub ttl: Option<u32>,
+    pub priority: Option<String>,
+    pub conflate: bool,
+}
+
+/// The protocol line of one `send` payload.
+fn message_line(topic: &str, qos: u8, options: &MessageOptions, payload: &str, id: u64) -> String {
+    let mut line = json!({"topic": topic, "payload": payload_value(payload), "qos": qos, "id": id});
+    if let Some(ttl) = options.ttl {
+        line["ttl"] = json!(ttl);
+    }
+    if let Some(priority) = &options.priority {
+        line["priority"] = json!(priority);
+    }
+    if options.conflate {
+        line["conflate"] = json!(true);
+    }
+    line.to_string()
 }
 
 fn protocol_line(line: &str, id: u64) -> String {
@@ -396,10 +423,11 @@ fn frame_inputs(
         let _ = credits.recv();
         count += 1;
         let line = match framing {
-            Framing::Message { topic, qos } => {
-                json!({"topic": topic, "payload": payload_value(payload), "qos": qos, "id": count})
-                    .to_string()
-            }
+            Framing::Message {
+                topic,
+                qos,
+                options,
+            } => message_line(topic, *qos, options, payload, count),
             Framing::Json => protocol_line(payload, count),
         };
         let _ = events.send(Event::Line(line));
@@ -550,7 +578,7 @@ mqtt last error:     {}{}
 last connected:      {} ({} reconnects)
 spool:               {} messages, {} bytes{oldest}, {}
 published:           {} ({} republished)
-dropped:             {}
+dropped:             {}, expired {}, conflated {}
 dead letters:        {} ({} since start)
 inbox:               {} messages ({} dropped), {}
 {}",
@@ -575,6 +603,8 @@ inbox:               {} messages ({} dropped), {}
         field("published_total"),
         field("republished_total"),
         field("dropped_total"),
+        field("expired_total"),
+        field("conflated_total"),
         field("dead_letters"),
         field("dead_letter_total"),
         field("inbox_messages"),

@@ -464,6 +464,42 @@ mod tests {
         parse(line).expect_err("must be rejected").code
     }
 
+    fn options(line: &str) -> Options {
+        match parse(line) {
+            Ok(Request::Publish { message, .. }) => message.options,
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn message_options_are_read_and_a_bad_one_is_invalid_option() {
+        assert_eq!(options(r#"{"topic":"t","payload":1}"#), Options::default());
+        assert_eq!(
+            options(r#"{"topic":"t","payload":1,"ttl":60,"priority":"high","conflate":true}"#),
+            Options {
+                ttl: Some(60),
+                priority: Priority::High,
+                conflate: true,
+            }
+        );
+        assert_eq!(
+            options(r#"{"topic":"t","payload":1,"ttl":null,"priority":"normal","conflate":false}"#),
+            Options::default()
+        );
+        for bad in [
+            r#"{"topic":"t","payload":1,"ttl":0}"#,
+            r#"{"topic":"t","payload":1,"ttl":-5}"#,
+            r#"{"topic":"t","payload":1,"ttl":1.5}"#,
+            r#"{"topic":"t","payload":1,"ttl":"60"}"#,
+            r#"{"topic":"t","payload":1,"ttl":4294967296}"#,
+            r#"{"topic":"t","payload":1,"priority":"urgent"}"#,
+            r#"{"topic":"t","payload":1,"priority":1}"#,
+            r#"{"topic":"t","payload":1,"conflate":"yes"}"#,
+        ] {
+            assert_eq!(code(bad), ErrorCode::InvalidOption, "{bad}");
+        }
+    }
+
     #[test]
     fn spec_example_is_a_qos1_publish() {
         let request =

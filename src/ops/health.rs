@@ -164,6 +164,8 @@ mod tests {
             published_total: 10,
             republished_total: 0,
             dropped_total: 1,
+            expired_total: 0,
+            conflated_total: 0,
             clock_skew_s: None,
             dead_letter_total: 2,
             dead_letters: 2,

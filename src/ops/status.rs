@@ -70,6 +70,10 @@ pub struct Status {
     pub published_total: u64,
     pub republished_total: u64,
     pub dropped_total: u64,
+    /// Messages dropped unpublished for their `ttl` or `spool.max_age`.
+    pub expired_total: u64,
+    /// Conflating messages dropped for a newer one on their topic.
+    pub conflated_total: u64,
     /// Seconds the server's clock is ahead of this device's (negative: behind), while upgrades
     /// are refused (403) because of it; null otherwise.
     pub clock_skew_s: Option<i64>,
@@ -163,6 +167,8 @@ impl StatusSource {
             published_total: counters.published_total,
             republished_total: counters.republished_total,
             dropped_total: spool.dropped_total,
+            expired_total: spool.expired_total,
+            conflated_total: spool.conflated_total,
             clock_skew_s: counters
                 .clock_skew_s
                 .filter(|_| link != LinkState::Connected),

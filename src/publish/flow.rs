@@ -94,6 +94,9 @@ pub struct Outside {
     pub stopping: bool,
     /// The spool holds no message (acknowledged ones are removed).
     pub spool_empty: bool,
+    /// The highest high-priority id the spool ever accepted: one beyond what is planned or
+    /// sent is read at once, ahead of planned normal publishes.
+    pub last_high_id: i64,
 }
 
 /// One publish for the loop to hand to the MQTT client.
@@ -476,7 +479,7 @@ impl Flow {
         if !self.link.connected || self.link.renew_by.is_some() {
             return None;
         }
-        if let Some(read) = self.read_ahead() {
+        if let Some(read) = self.read_ahead(outside.last_high_id) {
             return Some(read);
         }
         let link = &mut self.link;
@@ -514,12 +517,20 @@ impl Flow {
     /// to one), while they still go out: its time (the spool thread may be committing a
     /// flood) overlaps pacing and acknowledgements instead of stopping the publishes. At most
     /// a read and a half is planned at once.
-    fn read_ahead(&mut self) -> Option<Action> {
+    fn read_ahead(&mut self, last_high_id: i64) -> Option<Action> {
         let link = &mut self.link;
+        let planned_high = link
+            .ready
+            .iter()
+            .rev()
+            .find(|o| o.priority == Priority::High)
+            .and_then(|o| o.ids.last().copied())
+            .unwrap_or(link.cursors.high);
+        let high_waits = last_high_id > planned_high;
         if link.reading
             || !link.unread
             || link.read_retry_at.is_some()
-            || link.ready.len() > (link.last_read_plans / 2).max(1)
+            || (link.ready.len() > (link.last_read_plans / 2).max(1) && !high_waits)
         {
             return None;
         }
@@ -755,6 +766,7 @@ mod tests {
     const RUNNING: Outside = Outside {
         stopping: false,
         spool_empty: false,
+        last_high_id: 0,
     };
 
     struct Setup {
@@ -844,6 +856,84 @@ mod tests {
         sent.iter()
             .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
             .collect()
+    }
+
+    fn high(ids: std::ops::RangeInclusive<i64>) -> Vec<StoredMessage> {
+        ids.map(|id| {
+            let mut message = stored(id, "t", Qos::AtLeastOnce);
+            message.message.options.priority = Priority::High;
+            message
+        })
+        .collect()
+    }
+
+    fn ids_of(sent: &[Publish]) -> Vec<i64> {
+        sent.iter()
+            .map(|p| {
+                let text = String::from_utf8_lossy(&p.payload);
+                text.trim_start_matches("{\"n\":")
+                    .trim_end_matches('}')
+                    .parse()
+                    .expect("a test payload")
+            })
+            .collect()
+    }
+
+    /// High-priority messages go first; while they keep coming, one normal message goes per
+    /// `HIGH_BEFORE_NORMAL` high ones, and each priority keeps its order.
+    #[test]
+    fn high_priority_goes_first_and_one_normal_follows_each_ten_high() {
+        let mut flow = Setup {
+            max_in_flight: 100,
+            ..Setup::default()
+        }
+        .flow();
+        let now = Instant::now();
+        // As the spool answers: high ones first.
+        let mut read = high(26..=50);
+        read.extend(spool(1..=5));
+        connect_and_read(&mut flow, now, read);
+        let (sent, _) = publishes(&mut flow, now, RUNNING);
+        let mut expected: Vec<i64> = (26..=35).collect();
+        expected.push(1);
+        expected.extend(36..=45);
+        expected.push(2);
+        expected.extend(46..=50);
+        expected.extend(3..=5);
+        assert_eq!(ids_of(&sent), expected);
+    }
+
+    /// A high-priority message the spool accepts while normal publishes are planned is read
+    /// at once and overtakes them; the cursors go on per priority.
+    #[test]
+    fn a_new_high_priority_message_overtakes_the_planned_normal_ones() {
+        let mut flow = Setup {
+            max_in_flight: 2,
+            ..Setup::default()
+        }
+        .flow();
+        let now = Instant::now();
+        connect_and_read(&mut flow, now, spool(1..=8));
+        let (sent, then) = publishes(&mut flow, now, RUNNING);
+        assert_eq!(ids_of(&sent), [1, 2]);
+        assert!(matches!(then, Action::Wait(_)), "{then:?}");
+        flow.on_spool_changed();
+        let alarm = Outside {
+            last_high_id: 9,
+            ..RUNNING
+        };
+        let Action::Read { after, .. } = flow.next(now, alarm) else {
+            panic!("a waiting high-priority message is read at once");
+        };
+        assert_eq!(after, Cursors { high: 0, normal: 8 });
+        flow.on_read(batch(high(9..=9), 10));
+        for packet in 1..=2 {
+            flow.on_broker(BrokerEvent::Sent(packet), now);
+            flow.on_broker(BrokerEvent::Acked(packet), now);
+        }
+        assert_eq!(flow.next(now, alarm), Action::Remove(vec![1, 2]));
+        let (sent, _) = publishes(&mut flow, now, alarm);
+        assert_eq!(ids_of(&sent), [9, 3]);
     }
 
     #[test]
@@ -1140,6 +1230,7 @@ mod tests {
         let stopping = Outside {
             stopping: true,
             spool_empty: false,
+            ..RUNNING
         };
         connect_and_read(&mut flow, now, spool(1..=2));
         let (sent, then) = publishes(&mut flow, now, stopping);
@@ -1153,6 +1244,7 @@ mod tests {
         let drained = Outside {
             stopping: true,
             spool_empty: true,
+            ..RUNNING
         };
         assert_eq!(flow.next(now, drained), Action::End(Ended::Drained));
     }

@@ -509,9 +509,11 @@ impl Publisher {
             );
         }
         loop {
+            let spool = *self.spool.stats().borrow();
             let outside = Outside {
                 stopping: *stopping.borrow(),
-                spool_empty: self.spool.stats().borrow().messages == 0,
+                spool_empty: spool.messages == 0,
+                last_high_id: spool.last_high_id,
             };
             match self.flow.next(Instant::now(), outside) {
                 Action::Read {

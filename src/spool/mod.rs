@@ -141,6 +141,8 @@ pub struct SpoolStats {
     pub dropped_total: u64,
     /// Highest id ever appended; the publisher wakes when it moves.
     pub last_id: i64,
+    /// Highest id ever appended with high priority (0: none since the start).
+    pub last_high_id: i64,
     /// Messages in the dead-letter table now, and moved there since the start.
     pub dead_letters: u64,
     pub dead_letter_total: u64,

@@ -123,6 +123,7 @@ impl Spooler {
             stats: SpoolStats {
                 messages: opened.messages.saturating_sub(conflated),
                 last_id: opened.last_id,
+                last_high_id: opened.last_high_id,
                 dead_letters: opened.dead_letters,
                 conflated_total: conflated,
                 ..SpoolStats::default()
@@ -398,6 +399,9 @@ impl Spooler {
                 conflated.extend(self.conflate(&message.topic, now));
             }
             self.stats.last_id += 1;
+            if message.options.priority == Priority::High {
+                self.stats.last_high_id = self.stats.last_id;
+            }
             self.stats.messages += 1;
             self.held
                 .push(self.stats.last_id, message, now, stamp, waiter);

@@ -205,8 +205,10 @@ pub(super) struct Opened {
     pub(super) messages: u64,
     /// The highest id ever used (also by rows deleted since).
     pub(super) last_id: i64,
+    /// The highest high-priority id waiting.
+    pub(super) last_high_id: i64,
     pub(super) dead_letters: u64,
-    /// The spool clock and the wall clock (seconds since the Unix epoch) when it was saved.
+    /// The spool clock and the wall clock (both in milliseconds) when it was saved.
     pub(super) clock: Option<(u64, u64)>,
 }
 
@@ -266,6 +268,11 @@ impl Store {
         let highest: i64 = db.query_row("SELECT IFNULL(MAX(id), 0) FROM messages", [], |row| {
             row.get(0)
         })?;
+        let highest_high: i64 = db.query_row(
+            "SELECT IFNULL(MAX(id), 0) FROM messages WHERE priority = 1",
+            [],
+            |row| row.get(0),
+        )?;
         let page_size: i64 = db.query_row("PRAGMA page_size", [], |row| row.get(0))?;
         let auto_vacuum: i64 = db.query_row("PRAGMA auto_vacuum", [], |row| row.get(0))?;
         let clock = db
@@ -288,6 +295,7 @@ impl Store {
         let opened = Opened {
             messages: messages.unsigned_abs(),
             last_id: sequence.max(highest),
+            last_high_id: highest_high,
             dead_letters,
             clock,
         };

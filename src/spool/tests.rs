@@ -1,5 +1,5 @@
 use super::*;
-use crate::message::{PayloadKind, Qos};
+use crate::message::{Options, PayloadKind, Priority, Qos};
 use rusqlite::Connection;
 use salvage::SALVAGE_DONE_SUFFIX;
 use store::{SPOOL_PAGE_SIZE, with_suffix};
@@ -906,4 +906,186 @@ async fn dead_letters_leave_the_queue_and_can_be_requeued_or_purged() {
     );
     let stats = *spool.stats().borrow();
     assert_eq!((stats.messages, stats.dead_letters), (1, 0));
+}
+
+fn with_options(topic: &str, payload: &str, options: Options) -> Message {
+    Message {
+        options,
+        ..message(topic, payload.as_bytes())
+    }
+}
+
+fn high(payload: &str) -> Message {
+    with_options(
+        "t",
+        payload,
+        Options {
+            priority: Priority::High,
+            ..Options::default()
+        },
+    )
+}
+
+fn conflating(topic: &str, payload: &str) -> Message {
+    with_options(
+        topic,
+        payload,
+        Options {
+            conflate: true,
+            ..Options::default()
+        },
+    )
+}
+
+fn payloads(read: &[StoredMessage]) -> Vec<String> {
+    read.iter()
+        .map(|m| String::from_utf8_lossy(&m.message.payload).into_owned())
+        .collect()
+}
+
+/// High-priority messages come before every normal one, each priority in order, from disk and
+/// from memory alike; a read full of high ones still brings one normal one, and the cursors
+/// continue each priority where it was.
+#[tokio::test]
+async fn high_priority_messages_are_read_first_and_a_full_read_brings_one_normal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for window in [Duration::ZERO, LONG_WINDOW] {
+        let dir = dir.path().join(format!("{}", window.as_secs()));
+        std::fs::create_dir(&dir).expect("dir");
+        let spool =
+            Spool::open_with(&dir, settings(1 << 20, OnFull::DropOldest, window)).expect("open");
+        // With a window the messages are read from memory (or, past the read grace, from
+        // disk): the order is the same.
+        for message in [
+            message("t", b"n1"),
+            message("t", b"n2"),
+            high("h1"),
+            message("t", b"n3"),
+            high("h2"),
+            high("h3"),
+        ] {
+            let answer = spool.submit(message).await.expect("submit");
+            if window.is_zero() {
+                answer.await.expect("answer").expect("ok");
+            }
+        }
+        let all = spool
+            .read_after(Cursors::default(), 100, usize::MAX)
+            .await
+            .expect("read");
+        assert_eq!(
+            payloads(&all.messages),
+            ["h1", "h2", "h3", "n1", "n2", "n3"]
+        );
+        assert!(!all.more);
+        let two = spool
+            .read_after(Cursors::default(), 2, usize::MAX)
+            .await
+            .expect("read");
+        assert_eq!(payloads(&two.messages), ["h1", "h2", "n1"], "{window:?}");
+        assert!(two.more);
+        let cursors = Cursors {
+            high: two.messages[1].id,
+            normal: two.messages[2].id,
+        };
+        let rest = spool
+            .read_after(cursors, 100, usize::MAX)
+            .await
+            .expect("read");
+        assert_eq!(payloads(&rest.messages), ["h3", "n2", "n3"], "{window:?}");
+    }
+}
+
+/// A spool whose clock was saved `ago_ms` after one `ttl`-carrying and one plain message were
+/// accepted (as if the daemon had run that long), reopened with `max_age`.
+fn aged_spool(dir: &Path, ago_ms: u64, max_age: Duration) -> Spool {
+    {
+        let (mut store, _) = Store::open(&dir.join(SPOOL_FILE)).expect("store");
+        let mut short = stored(1, "short-lived");
+        short.message.options.ttl = Some(2);
+        let plain = stored(2, "plain");
+        let wall = 1_700_000_000;
+        let commit = store.begin().expect("begin");
+        commit.insert(&short, Some((wall, 0))).expect("insert");
+        commit.insert(&plain, Some((wall, 0))).expect("insert");
+        // Saved with a wall clock in the future: the downtime counts as nothing.
+        commit.save_clock(ago_ms, u64::MAX / 2).expect("clock");
+        commit.commit().expect("commit");
+    }
+    Spool::open_with(
+        dir,
+        Settings {
+            max_age,
+            ..settings(1 << 20, OnFull::DropOldest, Duration::ZERO)
+        },
+    )
+    .expect("open")
+}
+
+/// A message past its `ttl` (or, without one, `spool.max_age`) is never read: it is counted
+/// in `expired_total` and deleted. Age counts across restarts by the saved spool clock.
+#[tokio::test]
+async fn expired_messages_are_never_read_and_are_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let young = dir.path().join("young");
+    std::fs::create_dir(&young).expect("dir");
+    let spool = aged_spool(&young, 1000, Duration::ZERO);
+    assert_eq!(payloads(&read_all(&spool).await), ["short-lived", "plain"]);
+    assert_eq!(spool.stats().borrow().expired_total, 0);
+
+    let old = dir.path().join("old");
+    std::fs::create_dir(&old).expect("dir");
+    let spool = aged_spool(&old, 3000, Duration::ZERO);
+    assert_eq!(payloads(&read_all(&spool).await), ["plain"]);
+    let stats = wait_stats(&spool, |s| s.expired_total == 1).await;
+    assert_eq!(stats.messages, 1);
+    spool.flush().await;
+    assert_eq!(rows_on_disk(&old), 1, "the expired row was deleted");
+
+    let max_age = dir.path().join("max_age");
+    std::fs::create_dir(&max_age).expect("dir");
+    let spool = aged_spool(&max_age, 3000, Duration::from_secs(2));
+    assert_eq!(
+        read_all(&spool).await.len(),
+        0,
+        "max_age covers the plain one"
+    );
+    wait_stats(&spool, |s| s.expired_total == 2 && s.messages == 0).await;
+}
+
+/// A conflating message replaces the waiting conflating ones on its topic (held or on disk)
+/// that no read handed out; others (another topic, not conflating, already read) stay. Their
+/// writers were answered `ok`. After a restart only the newest per topic is left.
+#[tokio::test]
+async fn only_the_newest_waiting_conflating_message_per_topic_stays() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let spool = Spool::open_with(
+            dir.path(),
+            settings(1 << 20, OnFull::DropOldest, LONG_WINDOW),
+        )
+        .expect("open");
+        spool.append(conflating("a", "a1")).await.expect("ok");
+        spool.append(conflating("a", "a2")).await.expect("ok");
+        spool.append(message("a", b"plain")).await.expect("ok");
+        spool.append(conflating("b", "b1")).await.expect("ok");
+        // Read: handed out, so it may be in flight and is not touched.
+        let read = read_all(&spool).await;
+        assert_eq!(payloads(&read), ["a2", "plain", "b1"]);
+        spool.append(conflating("a", "a3")).await.expect("ok");
+        spool.append(conflating("b", "b2")).await.expect("ok");
+        spool.append(conflating("b", "b3")).await.expect("ok");
+        let stats = *spool.stats().borrow();
+        assert_eq!((stats.conflated_total, stats.messages), (2, 5));
+        assert_eq!(
+            payloads(&read_all(&spool).await),
+            ["a2", "plain", "b1", "a3", "b3"]
+        );
+        spool.flush().await;
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let spool = Spool::open(dir.path(), 1 << 20, OnFull::DropOldest).expect("reopen");
+    assert_eq!(payloads(&read_all(&spool).await), ["plain", "a3", "b3"]);
+    let stats = *spool.stats().borrow();
+    assert_eq!((stats.conflated_total, stats.messages), (2, 3));
 }
