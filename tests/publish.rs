@@ -638,3 +638,121 @@ fn tc_sysctl(cloud: &Cloud, setting: &str) -> bool {
         .status()
         .is_ok_and(|status| status.success())
 }
+
+/// The app's lines of the message-options scenario, interleaved: 30 normal readings
+/// (`{"n":…}`), 5 that live 2 s (`{"t":…}`), 5 alarms (`{"h":…}`) and 10 display values that
+/// conflate (`{"c":…}`, topic `display`).
+fn option_lines() -> Vec<String> {
+    let mut lines = Vec::new();
+    let (mut t, mut h, mut c) = (0, 0, 0);
+    for n in 1..=30 {
+        lines.push(format!(r#"{{"topic":"data","payload":{{"n":{n}}}}}"#));
+        if n % 6 == 0 {
+            t += 1;
+            h += 1;
+            lines.push(format!(
+                r#"{{"topic":"data","payload":{{"t":{t}}},"ttl":2}}"#
+            ));
+            lines.push(format!(
+                r#"{{"topic":"data","payload":{{"h":{h}}},"priority":"high"}}"#
+            ));
+        }
+        if n % 3 == 0 {
+            c += 1;
+            lines.push(format!(
+                r#"{{"topic":"display","payload":{{"c":{c}}},"conflate":true}}"#
+            ));
+        }
+    }
+    lines
+}
+
+/// Broker down; an app sends normal readings, readings that live 2 s, alarms and conflating
+/// display values; 4 s later the broker returns. The alarms arrive before any normal reading,
+/// no short-lived one arrives (`expired_total` 5), only the newest display value does
+/// (`conflated_total` 9), and the normal ones all arrive in order. The same when the daemon
+/// is SIGKILLed and restarted while offline.
+#[test]
+fn offline_alarms_go_first_stale_readings_expire_and_display_values_conflate() {
+    for restart in [false, true] {
+        let mut cloud = Cloud::start();
+        let mut subscriber = cloud.subscribe();
+        cloud.kill_broker();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = cloud.config(dir.path(), true, "");
+        let mut daemon = cloud.start_daemon(&config);
+        let mut app = daemon.connect();
+        let lines = option_lines();
+        for (id, line) in lines.iter().enumerate() {
+            let line = line.replacen('{', &format!("{{\"id\":{id},"), 1);
+            app.send_line(&line);
+        }
+        for _ in &lines {
+            let answer = app.read_answer(Duration::from_secs(10)).expect("answer");
+            assert_eq!(answer["ok"], true, "{answer}");
+        }
+        let accepted = Instant::now();
+        let before = daemon.wait_status("conflation", Duration::from_secs(10), |s| {
+            s["conflated_total"] == 9
+        });
+        assert_eq!(before["spool_messages"], 41, "{before}");
+        if restart {
+            daemon.process.kill();
+            daemon = cloud.start_daemon(&config);
+        }
+        std::thread::sleep(Duration::from_secs(4).saturating_sub(accepted.elapsed()));
+        cloud.start_broker();
+
+        let mut arrived = Vec::new();
+        let deadline = Instant::now() + DELIVERY_WAIT;
+        while arrived.len() < 36 && Instant::now() < deadline {
+            if let Some(m) = subscriber.next_message(Duration::from_millis(500))
+                && (m.topic.ends_with("/data") || m.topic.ends_with("/display"))
+            {
+                arrived.push(m.payload);
+            }
+        }
+        // Anything more (an expired or conflated one) would come right behind.
+        while let Some(m) = subscriber.next_message(Duration::from_secs(2)) {
+            if m.topic.ends_with("/data") || m.topic.ends_with("/display") {
+                arrived.push(m.payload);
+            }
+        }
+        let of = |key: &str| -> Vec<usize> {
+            arrived
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.starts_with(&format!("{{\"{key}\":")))
+                .map(|(at, _)| at)
+                .collect()
+        };
+        let label = if restart { "after a restart" } else { "" };
+        assert_eq!(of("h").len(), 5, "{label} {arrived:?}");
+        assert!(
+            of("h").iter().max() < of("n").iter().min(),
+            "{label} alarms first: {arrived:?}"
+        );
+        assert!(of("t").is_empty(), "{label} expired: {arrived:?}");
+        let display: Vec<&String> = arrived
+            .iter()
+            .filter(|p| p.starts_with("{\"c\":"))
+            .collect();
+        assert_eq!(display, [&r#"{"c":10}"#.to_owned()], "{label}");
+        let normal: Vec<&String> = arrived
+            .iter()
+            .filter(|p| p.starts_with("{\"n\":"))
+            .collect();
+        let expected: Vec<String> = (1..=30).map(|n| format!(r#"{{"n":{n}}}"#)).collect();
+        assert_eq!(
+            normal,
+            expected.iter().collect::<Vec<_>>(),
+            "{label} in order"
+        );
+        let after = daemon.wait_status("expiry", Duration::from_secs(10), |s| {
+            s["expired_total"] == 5 && s["spool_messages"] == 0
+        });
+        if !restart {
+            assert_eq!(after["conflated_total"], 9);
+        }
+    }
+}
