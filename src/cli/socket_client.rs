@@ -619,6 +619,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn send_gives_every_message_its_options() {
+        let plain = message_line("t", 1, &MessageOptions::default(), "21.5", 7);
+        assert_eq!(
+            serde_json::from_str::<Value>(&plain).expect("json"),
+            serde_json::json!({"topic": "t", "payload": 21.5, "qos": 1, "id": 7})
+        );
+        let options = MessageOptions {
+            ttl: Some(60),
+            priority: Some("high".into()),
+            conflate: true,
+        };
+        let line = message_line("t", 0, &options, "on", 8);
+        assert_eq!(
+            serde_json::from_str::<Value>(&line).expect("json"),
+            serde_json::json!({"topic": "t", "payload": "on", "qos": 0, "id": 8,
+                "ttl": 60, "priority": "high", "conflate": true})
+        );
+    }
+
+    #[test]
     fn a_clock_far_off_gets_its_own_line() {
         let skewed = serde_json::json!({"state": "backoff", "clock_skew_s": 900});
         let text = format_status(&skewed);

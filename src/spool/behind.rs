@@ -231,14 +231,18 @@ impl<W> WriteBehind<W> {
 
     /// Held messages of `priority` not yet sent with an id above `after`, oldest first, added
     /// to `into` while it has fewer than `limit` and their payloads (counted in `bytes`) stay
-    /// under `max_bytes` (one always comes into an empty read). None with a zero window.
-    /// `true` when every such message was taken.
+    /// under `max_bytes` (one always comes into an empty read). None with a zero window. One
+    /// `expired` says is past its time (from its spool clock and ttl) is passed over: it is
+    /// committed with the rest and dropped from the disk. `true` when every such message was
+    /// taken.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn read_after(
         &mut self,
         priority: Priority,
         after: i64,
         limit: usize,
         max_bytes: usize,
+        expired: &dyn Fn(Option<u64>, Option<u32>) -> bool,
         bytes: &mut usize,
         into: &mut Vec<StoredMessage>,
     ) -> bool {
@@ -248,7 +252,10 @@ impl<W> WriteBehind<W> {
         }
         let start = self.held.partition_point(|held| held.id <= after);
         for held in self.held.iter_mut().skip(start) {
-            if held.sent || held.message.options.priority != priority {
+            if held.sent
+                || held.message.options.priority != priority
+                || expired(Some(held.accepted.clock), held.message.options.ttl)
+            {
                 continue;
             }
             if into.len() >= limit || (*bytes >= max_bytes && !into.is_empty()) {
@@ -275,6 +282,10 @@ mod tests {
 
     const WINDOW: Duration = Duration::from_millis(200);
 
+    fn never(_: Option<u64>, _: Option<u32>) -> bool {
+        false
+    }
+
     fn message(qos: Qos) -> Message {
         Message {
             topic: "t".into(),
@@ -297,6 +308,7 @@ mod tests {
             0,
             usize::MAX,
             usize::MAX,
+            &never,
             &mut 0,
             &mut read,
         );
@@ -395,11 +407,51 @@ mod tests {
         assert_eq!(pending.acknowledge(1), Acked::Sent);
         assert_eq!(pending.len(), 1, "still held: its ok waits for the commit");
         let mut read = Vec::new();
-        pending.read_after(Priority::Normal, 0, 10, usize::MAX, &mut 0, &mut read);
+        pending.read_after(
+            Priority::Normal,
+            0,
+            10,
+            usize::MAX,
+            &never,
+            &mut 0,
+            &mut read,
+        );
         assert!(read.is_empty(), "not sent twice");
         assert_eq!(pending.acknowledge(1), Acked::NotHeld);
         let taken = pending.take();
         assert!(taken[0].sent);
+    }
+
+    /// A held message past its time is never read (a reconnect reads from the start again);
+    /// it stays held, to be committed and dropped from the disk.
+    #[test]
+    fn an_expired_held_message_is_never_read() {
+        let now = Instant::now();
+        let mut pending = WriteBehind::new(WINDOW);
+        let mut short = message(Qos::AtLeastOnce);
+        short.options.ttl = Some(1);
+        let young = Stamp {
+            wall: 0,
+            clock: 5000,
+        };
+        pending.push(1, short, now, Stamp::default(), ());
+        pending.push(2, message(Qos::AtLeastOnce), now, young, ());
+        let at_3s = |clock: Option<u64>, ttl: Option<u32>| {
+            crate::spool::policy::expired(clock.unwrap_or(0), ttl, Duration::ZERO, 3000)
+        };
+        let mut read = Vec::new();
+        let all = pending.read_after(
+            Priority::Normal,
+            0,
+            10,
+            usize::MAX,
+            &at_3s,
+            &mut 0,
+            &mut read,
+        );
+        assert_eq!(ids(&read), [2]);
+        assert!(all);
+        assert_eq!(pending.len(), 2, "still held until its commit");
     }
 
     #[test]
@@ -416,6 +468,7 @@ mod tests {
                     id - 128,
                     128,
                     usize::MAX,
+                    &never,
                     &mut 0,
                     &mut Vec::new(),
                 );
@@ -449,6 +502,7 @@ mod tests {
                 after,
                 limit,
                 max_bytes,
+                &never,
                 &mut { bytes },
                 &mut out,
             );

@@ -891,6 +891,7 @@ impl Spooler {
                     cursor,
                     limit,
                     max_bytes,
+                    &expired,
                     &mut read.bytes,
                     &mut read.good,
                 );
