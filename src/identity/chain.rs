@@ -219,6 +219,8 @@ enum Stage {
         standing: SignedIn,
         identity_id: String,
         credentials: AwsCredentials,
+        /// When the credentials arrived (their lifetime counts from then).
+        arrived: SystemTime,
     },
     /// The pass failed.
     BackOff(BackOff),
@@ -244,6 +246,7 @@ enum Ask {
         standing: SignedIn,
         identity_id: String,
         credentials: AwsCredentials,
+        arrived: SystemTime,
     },
 }
 
@@ -304,9 +307,9 @@ impl Chain {
         std::mem::take(&mut self.cache_changed)
     }
 
-    /// What to do at `now` (`wall`: the wall clock; `jitter` in `[0, 1)` spreads a fleet's
-    /// refreshes). A step that waits for its outcome is asked again until it is reported.
-    pub fn next(&mut self, now: Instant, wall: SystemTime, jitter: f64) -> Step {
+    /// What to do at `now` (`jitter` in `[0, 1)` spreads a fleet's refreshes). A step that
+    /// waits for its outcome is asked again until it is reported.
+    pub fn next(&mut self, now: Instant, jitter: f64) -> Step {
         let stage = match self.stage.take() {
             Some(stage) => stage,
             None => self.begin_pass(now),
@@ -321,7 +324,8 @@ impl Chain {
                 standing,
                 identity_id,
                 credentials,
-            } => self.serve(standing, identity_id, credentials, wall, jitter),
+                arrived,
+            } => self.serve(standing, identity_id, credentials, arrived, jitter),
             Stage::BackOff(back_off) => Step::BackOff(back_off),
         }
     }
@@ -361,6 +365,7 @@ impl Chain {
                 standing,
                 identity_id,
                 credentials,
+                ..
             } => Step::AttachPolicy(Attach {
                 secret: standing.secret.clone(),
                 identity_id: identity_id.clone(),
@@ -517,17 +522,21 @@ impl Chain {
         // Step 5 once per identity id, and again when the secret names another policy.
         let attached = self.cache.identity_id.as_deref() == Some(identity_id.as_str())
             && self.cache.attached_policy.as_deref() == Some(standing.secret.iot_policy.as_str());
+        // The lifetime counts from now: a slow attach must not shrink the refresh's lead.
+        let arrived = wall;
         if attached {
             self.stage = Some(Stage::Serve {
                 standing,
                 identity_id,
                 credentials,
+                arrived,
             });
         } else {
             self.ask(Ask::Attach {
                 standing,
                 identity_id,
                 credentials,
+                arrived,
             });
         }
     }
@@ -538,6 +547,7 @@ impl Chain {
             standing,
             identity_id,
             credentials,
+            arrived,
         }) = self.take_asked(|ask| matches!(ask, Ask::Attach { .. }))
         else {
             return;
@@ -553,6 +563,7 @@ impl Chain {
             standing,
             identity_id,
             credentials,
+            arrived,
         });
     }
 
@@ -580,13 +591,13 @@ impl Chain {
         standing: SignedIn,
         identity_id: String,
         credentials: AwsCredentials,
-        wall: SystemTime,
+        arrived: SystemTime,
         jitter: f64,
     ) -> Step {
         self.backoff.reset();
         self.refused_in_a_row = 0;
         self.session_out = true;
-        let refresh_at = refresh_at(wall, credentials.expires_at, self.refresh_margin, jitter);
+        let refresh_at = refresh_at(arrived, credentials.expires_at, self.refresh_margin, jitter);
         let session = Session {
             identity_id,
             credentials,
@@ -758,7 +769,7 @@ mod tests {
     }
 
     fn next(chain: &mut Chain, clock: &Clock) -> Step {
-        chain.next(clock.now, clock.wall, 0.0)
+        chain.next(clock.now, 0.0)
     }
 
     fn read(secret: DeviceSecret, unconfirmed: bool) -> Result<SecretRead, IdentityError> {
@@ -1178,6 +1189,34 @@ mod tests {
             IdentityError::Credentials(text) if text.contains("clock")
         ));
         assert!(matches!(next(&mut chain, &clock), Step::Credentials { .. }));
+    }
+
+    /// Credentials living 5 minutes are refreshed half their lifetime after they arrived,
+    /// however long the policy attach took in between (under load it took seconds, and the
+    /// lead shrank with it).
+    #[test]
+    fn a_slow_attach_does_not_shrink_the_refresh_lead() {
+        let mut clock = Clock::start();
+        let mut chain = chain_with(Some("id-1"), false);
+        next(&mut chain, &clock);
+        chain.on_secret(read(secret(false), false));
+        next(&mut chain, &clock);
+        chain.on_signed_in(Ok(tokens("id")));
+        next(&mut chain, &clock);
+        let arrived = clock.wall;
+        let lifetime = Duration::from_secs(300);
+        chain.on_credentials(
+            Ok(("id-1".into(), credentials(arrived + lifetime))),
+            clock.now,
+            clock.wall,
+        );
+        assert!(matches!(next(&mut chain, &clock), Step::AttachPolicy(_)));
+        clock.advance(Duration::from_secs(14));
+        chain.on_attached(Ok(()), clock.now);
+        let Step::Serve(serve) = next(&mut chain, &clock) else {
+            panic!("expected the session");
+        };
+        assert_eq!(serve.refresh_at, arrived + lifetime / 2);
     }
 
     #[test]

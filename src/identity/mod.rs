@@ -202,7 +202,7 @@ impl IdentityManager {
         loop {
             heartbeat.beat();
             let jitter: f64 = rand::rng().random();
-            let step = self.chain.next(Instant::now(), SystemTime::now(), jitter);
+            let step = self.chain.next(Instant::now(), jitter);
             self.carry_out(step, &heartbeat).await;
             if self.chain.take_cache_changed() {
                 self.save_cache();
