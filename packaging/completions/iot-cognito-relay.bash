@@ -325,7 +325,7 @@ _iot__cognito__relay() {
             return 0
             ;;
         iot__subcmd__cognito__subcmd__relay__subcmd__send)
-            opts="-h --socket --config --topic --qos --json --timeout --help"
+            opts="-h --socket --config --topic --qos --ttl --priority --conflate --json --timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -345,6 +345,14 @@ _iot__cognito__relay() {
                     ;;
                 --qos)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ttl)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --priority)
+                    COMPREPLY=($(compgen -W "high normal" -- "${cur}"))
                     return 0
                     ;;
                 --timeout)

@@ -41,7 +41,11 @@ complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l config -d 'The config whose socket.path to use' -r -F
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l topic -d 'Relative topic; the daemon adds <identity_pool_id>/<identity_id>/' -r
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l qos -d '1: kept until IoT Core acknowledges it; 0: sent once' -r
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l ttl -d 'Drop it unpublished once it waited this many seconds in the daemon' -r
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l priority -d 'high: published before every waiting normal message' -r -f -a "high\t''
+normal\t''"
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l timeout -d 'Give up (exit 1) when the daemon owes an answer, or does not read, for this long' -r
+complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l conflate -d 'Keep only the newest waiting conflating message of the topic'
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -l json -d 'Inputs are whole protocol lines (see docs/protocol.md) instead of payloads'
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand send" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c iot-cognito-relay -n "__fish_iot_cognito_relay_using_subcommand status" -l socket -d 'The daemon\'s socket (default: the config\'s socket.path)' -r -F
