@@ -399,9 +399,13 @@ fn quota_run(cloud: &mut Cloud, subscriber: &Subscriber, plan: &Plan) -> Value {
         .map(|w| {
             let socket = daemon.socket.clone();
             std::thread::spawn(move || {
+                // One connection for the whole run, as an app keeps it: a new one per burst
+                // would pile up behind the spool and meet `socket.max_clients_per_uid`.
+                let stream = UnixStream::connect(&socket).expect("connect");
+                let mut out = std::io::BufWriter::with_capacity(64 * 1024, stream);
                 let mut n = w as u64 * 1_000_000_000;
                 while Instant::now() < deadline {
-                    flood(&socket, "bench/quota", n, 1000);
+                    write_readings(&mut out, "bench/quota", n, 1000);
                     n += 1000;
                 }
             })
@@ -457,6 +461,11 @@ fn now_ns() -> u64 {
 fn flood(socket: &Path, topic: &str, first: u64, count: u64) {
     let stream = UnixStream::connect(socket).expect("connect");
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stream);
+    write_readings(&mut out, topic, first, count);
+}
+
+/// `count` readings numbered from `first`, flushed.
+fn write_readings(out: &mut impl Write, topic: &str, first: u64, count: u64) {
     for n in first..first + count {
         writeln!(
             out,
