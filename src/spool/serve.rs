@@ -797,8 +797,10 @@ impl Spooler {
     ) -> rusqlite::Result<Vec<Result<(), AppendError>>> {
         let removed: Vec<i64> = self.removals.ids().iter().copied().collect();
         let mut last_id = self.stats.last_id;
+        let tx = self.store.begin()?;
+        let mut inserter = tx.inserter()?;
         let mut commit = Appending {
-            tx: self.store.begin()?,
+            tx: &tx,
             limits: self.limits,
             // Only rows older than this commit may go: its own rows are answered `ok` with it.
             first_id: batch.first().map_or(i64::MAX, |m| m.id),
@@ -817,7 +819,7 @@ impl Spooler {
                 results.push(Err(AppendError::Full(self.limits.max_bytes)));
                 continue;
             }
-            commit.tx.insert(row, accepted_at.get(index).copied())?;
+            inserter.insert(row, accepted_at.get(index).copied())?;
             commit.used += size + policy::ROW_OVERHEAD;
             commit.messages += 1;
             last_id = last_id.max(row.id);
@@ -830,11 +832,9 @@ impl Spooler {
             commit.tx.save_clock(self.clock.at(now), unix_millis())?;
         }
         let Appending {
-            tx,
-            messages,
-            dropped,
-            ..
+            messages, dropped, ..
         } = commit;
+        drop(inserter);
         tx.commit()?;
         if save_clock {
             self.clock_saved_at = now;
@@ -1064,8 +1064,8 @@ fn wait(
 }
 
 /// One commit under way, with the figures it keeps as it goes.
-struct Appending<'a> {
-    tx: Commit<'a>,
+struct Appending<'a, 'db> {
+    tx: &'a Commit<'db>,
     limits: Limits,
     /// The commit's first id: only older rows may be dropped.
     first_id: i64,
@@ -1075,7 +1075,7 @@ struct Appending<'a> {
     dropped: u64,
 }
 
-impl Appending<'_> {
+impl Appending<'_, '_> {
     /// Pages in use plus the WAL's share, measured.
     fn measured(&self) -> rusqlite::Result<u64> {
         Ok(self.tx.live_bytes()? + self.limits.wal_reserve())

@@ -660,34 +660,13 @@ impl Commit<'_> {
         delete_in(&self.tx, ids)
     }
 
-    /// Inserts `row`, accepted at `accepted` (wall clock and spool clock, where known).
-    pub(super) fn insert(
-        &self,
-        row: &StoredMessage,
-        accepted: Option<(u64, u64)>,
-    ) -> rusqlite::Result<()> {
-        let message = &row.message;
-        let options = &message.options;
-        self.tx
-            .prepare_cached(
-                "INSERT INTO messages
-                     (id, topic, payload, qos, size, kind, accepted_at, clock, priority, ttl, conflate)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            )?
-            .execute(params![
-                row.id,
-                message.topic,
-                message.payload,
-                message.qos.as_u8(),
-                (message.topic.len() + message.payload.len()) as i64,
-                message.kind.as_u8(),
-                accepted.map(|(wall, _)| wall as i64),
-                accepted.map(|(_, clock)| clock as i64),
-                options.priority.as_u8(),
-                options.ttl,
-                options.conflate,
-            ])?;
-        Ok(())
+    /// The statement that inserts rows, prepared once for the whole commit.
+    pub(super) fn inserter(&self) -> rusqlite::Result<Inserter<'_>> {
+        Ok(Inserter(self.tx.prepare_cached(
+            "INSERT INTO messages
+                 (id, topic, payload, qos, size, kind, accepted_at, clock, priority, ttl, conflate)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )?))
     }
 
     /// Saves the spool clock with the wall clock it was read at.
@@ -715,6 +694,35 @@ impl Commit<'_> {
 
     pub(super) fn commit(self) -> rusqlite::Result<()> {
         self.tx.commit()
+    }
+}
+
+/// Inserts rows into a commit.
+pub(super) struct Inserter<'a>(rusqlite::CachedStatement<'a>);
+
+impl Inserter<'_> {
+    /// Inserts `row`, accepted at `accepted` (wall clock and spool clock, where known).
+    pub(super) fn insert(
+        &mut self,
+        row: &StoredMessage,
+        accepted: Option<(u64, u64)>,
+    ) -> rusqlite::Result<()> {
+        let message = &row.message;
+        let options = &message.options;
+        self.0.execute(params![
+            row.id,
+            message.topic,
+            message.payload,
+            message.qos.as_u8(),
+            (message.topic.len() + message.payload.len()) as i64,
+            message.kind.as_u8(),
+            accepted.map(|(wall, _)| wall as i64),
+            accepted.map(|(_, clock)| clock as i64),
+            options.priority.as_u8(),
+            options.ttl,
+            options.conflate,
+        ])?;
+        Ok(())
     }
 }
 

@@ -16,9 +16,11 @@ fn settings(max_bytes: u64, on_full: OnFull, commit_window: Duration) -> Setting
 /// Writes `rows` straight into the database, in one transaction.
 fn commit_rows(store: &mut Store, rows: &[StoredMessage]) {
     let commit = store.begin().expect("begin");
+    let mut inserter = commit.inserter().expect("inserter");
     for row in rows {
-        commit.insert(row, None).expect("insert");
+        inserter.insert(row, None).expect("insert");
     }
+    drop(inserter);
     commit.commit().expect("commit");
 }
 
@@ -1006,8 +1008,10 @@ fn aged_spool(dir: &Path, ago_ms: u64, max_age: Duration) -> Spool {
         let plain = stored(2, "plain");
         let wall = 1_700_000_000;
         let commit = store.begin().expect("begin");
-        commit.insert(&short, Some((wall, 0))).expect("insert");
-        commit.insert(&plain, Some((wall, 0))).expect("insert");
+        let mut inserter = commit.inserter().expect("inserter");
+        inserter.insert(&short, Some((wall, 0))).expect("insert");
+        inserter.insert(&plain, Some((wall, 0))).expect("insert");
+        drop(inserter);
         // Saved with a wall clock in the future: the downtime counts as nothing.
         commit.save_clock(ago_ms, u64::MAX / 2).expect("clock");
         commit.commit().expect("commit");
