@@ -3,12 +3,18 @@
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// `path` with `suffix` appended to its file name (`.tmp`, and SQLite's `-wal` / `-shm`).
+pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
 
 /// Writes `bytes` to `path` atomically: a temp file beside it (mode 0600), fsync'd, renamed.
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut temp = path.as_os_str().to_owned();
-    temp.push(".tmp");
+    let temp = with_suffix(path, ".tmp");
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::state_file::with_suffix;
+
 /// File name of the inbox inside the state dir.
 pub const INBOX_FILE: &str = "inbox.db";
 /// What a row costs beyond its topic and payload, for the `max_bytes` bound.
@@ -287,13 +289,6 @@ impl InboxStore {
         }
         Ok(size.is_some())
     }
-}
-
-/// `path` with `suffix` appended to its file name (SQLite's `-wal` / `-shm` naming).
-fn with_suffix(path: &Path, suffix: &str) -> std::path::PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    name.into()
 }
 
 fn is_corruption(error: &rusqlite::Error) -> bool {

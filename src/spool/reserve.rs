@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::store::with_suffix;
+use crate::state_file::with_suffix;
 
 const RESERVE_SUFFIX: &str = ".reserve";
 /// Chunk written while restoring the reserve.

@@ -6,9 +6,10 @@ use std::time::SystemTime;
 
 use rusqlite::{Connection, params};
 
-use super::store::{Store, is_corruption, row_message, with_suffix};
+use super::store::{Store, is_corruption, row_message};
 use super::{OpenError, SPOOL_FILE};
 use crate::message::Message;
+use crate::state_file::with_suffix;
 
 /// Rows (or payload bytes) read and stored per step.
 const SALVAGE_CHUNK: i64 = 1000;

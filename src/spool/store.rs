@@ -10,6 +10,7 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, params};
 use super::StoredMessage;
 use super::policy::Freeing;
 use crate::message::{Message, Options, PayloadKind, Priority, Qos};
+use crate::state_file::with_suffix;
 
 /// Page size of new (and emptied) spools. Every commit writes whole pages to the WAL, and
 /// flash wears by the 4 KiB pages the kernel writes back: 1 KiB pages make a small commit
@@ -37,13 +38,6 @@ pub(super) fn extended_code(error: &rusqlite::Error) -> i32 {
         rusqlite::Error::SqliteFailure(failure, _) => failure.extended_code,
         _ => -1,
     }
-}
-
-/// `path` with `suffix` appended to its file name (SQLite's `-wal` / `-shm` naming).
-pub(super) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
 }
 
 /// Settings and tables, made or brought up to date; returns the dead letters' count.

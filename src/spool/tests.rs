@@ -1,8 +1,9 @@
 use super::*;
 use crate::message::{Options, PayloadKind, Priority, Qos};
+use crate::state_file::with_suffix;
 use rusqlite::Connection;
 use salvage::SALVAGE_DONE_SUFFIX;
-use store::{SPOOL_PAGE_SIZE, with_suffix};
+use store::SPOOL_PAGE_SIZE;
 
 fn settings(max_bytes: u64, on_full: OnFull, commit_window: Duration) -> Settings {
     Settings {
