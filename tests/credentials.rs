@@ -84,6 +84,14 @@ fn issued_credentials(proxy: &harness::FaultProxy) -> Vec<(f64, String, f64)> {
         .collect()
 }
 
+/// The PINGREQs the broker received from `client_id` (mosquitto logs each).
+fn pings_from(cloud: &Cloud, client_id: &str) -> usize {
+    count(
+        &cloud.broker_log(),
+        &format!("Received PINGREQ from {client_id}"),
+    )
+}
+
 /// Connects through the websocket proxy, which logs every upgrade and can cut the link.
 fn via_ws_proxy(config: &std::path::Path, ws: &harness::WsProxy) {
     harness::rewrite_config(
@@ -130,9 +138,10 @@ fn upgrade_validities(proxy: &harness::FaultProxy, ws: &harness::WsProxy) -> Vec
 /// margin are refreshed 50-75 s before they expire, three times in a row, while messages
 /// stream: the MQTT connection is made once (IoT Core does not cut a connection when the
 /// credentials that signed it expire; a reconnect per refresh costs a TLS handshake, an
-/// upgrade, CONNECT and SUBSCRIBE each time). A cut link reconnects at once, signed with
-/// credentials that have the margin left. Nothing is lost, nothing secret leaks, and the byte
-/// counters move.
+/// upgrade, CONNECT and SUBSCRIBE each time), and it sends no ping while a message a second
+/// goes out (each PUBLISH and its PUBACK show the link alive; the keep-alive is 30 s). A cut
+/// link reconnects at once, signed with credentials that have the margin left. Nothing is
+/// lost, nothing secret leaks, and the byte counters move.
 #[test]
 fn keeps_one_connection_across_refreshes_of_two_minute_credentials() {
     const LIFETIME_S: f64 = 120.0;
@@ -190,6 +199,15 @@ fn keeps_one_connection_across_refreshes_of_two_minute_credentials() {
     );
     let status = daemon.status();
     assert_eq!(status["reconnects_total"], 0, "{status}");
+    let client_id = status["identity_id"]
+        .as_str()
+        .expect("identity id")
+        .to_owned();
+    assert_eq!(
+        pings_from(&cloud, &client_id),
+        0,
+        "no ping while messages flow"
+    );
     let sent = status["bytes_sent_total"]
         .as_u64()
         .expect("bytes_sent_total");
@@ -220,8 +238,8 @@ fn keeps_one_connection_across_refreshes_of_two_minute_credentials() {
 }
 
 /// `identity.refresh = "on-demand"`: a connected device does not refresh, also after its
-/// credentials expired (the connection stays); the reconnect after a cut first refreshes and
-/// signs with the fresh credentials.
+/// credentials expired (the connection stays, kept alive by pings while idle); the reconnect
+/// after a cut first refreshes and signs with the fresh credentials.
 #[test]
 fn on_demand_refreshes_only_for_a_reconnect() {
     // Credentials living less than a minute are refused as expired on arrival.
@@ -244,11 +262,26 @@ fn on_demand_refreshes_only_for_a_reconnect() {
     );
     let daemon = cloud.start_daemon(&config);
     daemon.wait_status("connected", WAIT, |s| s["state"] == "connected");
-    let streamer = Streamer::start(daemon.socket.clone(), "on-demand", 2);
+    // A connection per message: the daemon closes idle app connections.
+    let send = |n: u64| {
+        let mut client = daemon.connect();
+        client.send_line(&format!(
+            r#"{{"topic":"on-demand","payload":{{"n":{n}}},"id":{n}}}"#
+        ));
+        let answer = client.read_answer(Duration::from_secs(10)).expect("answer");
+        assert_eq!(answer["ok"], true, "{answer}");
+    };
+    send(1);
     let (issued_at, _, expires_at) = issued_credentials(&proxy)[0].clone();
     while now_epoch() < expires_at + 10.0 {
         std::thread::sleep(Duration::from_millis(500));
     }
+    let client_id = daemon.status()["identity_id"]
+        .as_str()
+        .expect("identity id")
+        .to_owned();
+    let pings = pings_from(&cloud, &client_id);
+    assert!(pings >= 2, "an idle link pings every 30 s: {pings} pings");
     assert_eq!(
         user_pool_calls_after(&proxy, issued_at),
         Vec::<f64>::new(),
@@ -270,9 +303,8 @@ fn on_demand_refreshes_only_for_a_reconnect() {
         "one refresh for the reconnect:\n{}",
         daemon.log_text()
     );
-    std::thread::sleep(Duration::from_secs(3));
-    let acked = streamer.finish();
-    assert_delivered(&mut subscriber, &acked);
+    send(2);
+    assert_delivered(&mut subscriber, &[1, 2]);
     let validities = upgrade_validities(&proxy, &ws);
     eprintln!("upgrades signed with credentials valid for {validities:?} s");
     assert_eq!(validities.len(), 2, "{validities:?}");
