@@ -527,20 +527,21 @@ fn measure(
     let written: Vec<u64> = writers.into_iter().map(Writer::finish).collect();
     // The last reading's publish and its PUBACK.
     std::thread::sleep(Duration::from_secs(1));
+    let ends: Vec<Snapshot> = devices.iter_mut().map(Device::snapshot).collect();
     let whole_log = cloud.broker_log();
-    let (startup_log, log) = whole_log.split_at(log_start.min(whole_log.len()));
+    let startup_log = whole_log.get(..log_start).unwrap_or("");
+    let log = whole_log.get(log_start..).unwrap_or("");
     let api_calls = proxy.requests();
     let mut results = Vec::new();
-    for (i, device) in devices.iter_mut().enumerate() {
-        let end = device.snapshot();
+    for (i, (device, end)) in devices.iter().zip(&ends).enumerate() {
         let published = subscriber.counts(&device.case.topic()).since(&begins[i].1);
         let window = Window {
             begin: &begins[i].0,
-            end: &end,
+            end,
             published,
             written: written[i],
-            broker: BrokerEvents::count(log, &device.link.device_ip, &end),
-            startup_broker: BrokerEvents::count(startup_log, &device.link.device_ip, &end),
+            broker: BrokerEvents::count(log, &device.link.device_ip, end),
+            startup_broker: BrokerEvents::count(startup_log, &device.link.device_ip, end),
             api_calls: &api_calls,
             settled: settled[i],
         };
@@ -845,7 +846,8 @@ impl Sniffer {
 }
 
 /// A local app writing readings at the case's pace through the daemon's socket, from the
-/// start of the window.
+/// start of the window. Each reading has an `id` and the app waits for its answer, as
+/// `iot-cognito-relay send` does; only readings answered `ok` count as written.
 struct Writer {
     stop: Arc<AtomicBool>,
     handle: Option<std::thread::JoinHandle<u64>>,
@@ -860,8 +862,8 @@ impl Writer {
         let (socket, topic, stopped) = (socket.to_owned(), case.topic(), stop.clone());
         let handle = std::thread::spawn(move || {
             let start = Instant::now();
-            let mut stream: Option<UnixStream> = None;
-            let mut n = 0u64;
+            let mut app: Option<App> = None;
+            let (mut n, mut written) = (0u64, 0u64);
             while !stopped.load(Ordering::SeqCst) {
                 let due = start + interval * n as u32;
                 if Instant::now() < due {
@@ -869,22 +871,29 @@ impl Writer {
                     std::thread::sleep(left.min(Duration::from_millis(200)));
                     continue;
                 }
-                // A connection silent for a minute is closed by the daemon
-                // (socket.idle_timeout): an app writing once a minute connects each time.
-                if interval >= Duration::from_secs(30) {
-                    stream = None;
-                }
-                let out = stream.get_or_insert_with(|| {
-                    UnixStream::connect(&socket).expect("connect to the daemon")
-                });
                 let line = format!(
-                    "{{\"topic\":\"{topic}\",\"payload\":{{\"n\":{n},\"t\":21.5,\"h\":40.1,\"ts\":{}}}}}\n",
+                    "{{\"topic\":\"{topic}\",\"id\":{n},\"payload\":\
+                     {{\"n\":{n},\"t\":21.5,\"h\":40.1,\"ts\":{}}}}}\n",
                     epoch_s() as u64
                 );
-                out.write_all(line.as_bytes()).expect("write a reading");
                 n += 1;
+                match app.take().or_else(|| App::connect(&socket)) {
+                    Some(mut connected) => match connected.send(&line) {
+                        Some(ok) => {
+                            written += u64::from(ok);
+                            // The daemon closes a connection silent for a minute
+                            // (socket.idle_timeout): an app writing once a minute
+                            // connects each time.
+                            if interval < Duration::from_secs(30) {
+                                app = Some(connected);
+                            }
+                        }
+                        None => eprintln!("wire bench: {topic}: no answer; reconnecting"),
+                    },
+                    None => eprintln!("wire bench: {topic}: cannot connect to the daemon"),
+                }
             }
-            n
+            written
         });
         Writer {
             stop,
@@ -892,10 +901,40 @@ impl Writer {
         }
     }
 
-    /// Stops writing; returns the readings written.
+    /// Stops writing; returns the readings answered `ok`.
     fn finish(mut self) -> u64 {
         self.stop.store(true, Ordering::SeqCst);
         self.handle.take().map_or(0, |h| h.join().expect("writer"))
+    }
+}
+
+/// One connection of a local app to the daemon's socket.
+struct App {
+    stream: UnixStream,
+    answers: BufReader<UnixStream>,
+}
+
+impl App {
+    fn connect(socket: &Path) -> Option<App> {
+        let stream = UnixStream::connect(socket).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .ok()?;
+        let answers = BufReader::new(stream.try_clone().ok()?);
+        Some(App { stream, answers })
+    }
+
+    /// Writes one line and reads its answer: whether it was `ok`; None when the connection
+    /// failed.
+    fn send(&mut self, line: &str) -> Option<bool> {
+        self.stream.write_all(line.as_bytes()).ok()?;
+        let mut answer = String::new();
+        match self.answers.read_line(&mut answer) {
+            Ok(n) if n > 0 => {}
+            _ => return None,
+        }
+        let answer: Value = serde_json::from_str(&answer).ok()?;
+        Some(answer["ok"] == true)
     }
 }
 
