@@ -84,23 +84,79 @@ fn issued_credentials(proxy: &harness::FaultProxy) -> Vec<(f64, String, f64)> {
         .collect()
 }
 
-/// Credentials living 5 minutes (rewritten by the fault proxy; moto's live
-/// 90 s) with a 150 s margin are refreshed 150-225 s before they expire. The old loop,
-/// recomputing the lead from the time left every minute, refreshed at most 135 s before.
-/// Also streams messages across the refresh and its reconnect: nothing is lost, every connect
-/// is signed with credentials valid for 30 s or more, and nothing secret leaks.
+/// The PINGREQs the broker received from `client_id` (mosquitto logs each).
+fn pings_from(cloud: &Cloud, client_id: &str) -> usize {
+    count(
+        &cloud.broker_log(),
+        &format!("Received PINGREQ from {client_id}"),
+    )
+}
+
+/// Connects through the websocket proxy, which logs every upgrade and can cut the link.
+fn via_ws_proxy(config: &std::path::Path, ws: &harness::WsProxy) {
+    harness::rewrite_config(
+        config,
+        &[(
+            &format!("wss://127.0.0.1:{}/mqtt", harness::WSS_PORT),
+            &ws.url(),
+        )],
+    );
+}
+
+/// When the fault proxy saw each user pool sign-in or refresh after `after` (epoch seconds).
+fn user_pool_calls_after(proxy: &harness::FaultProxy, after: f64) -> Vec<f64> {
+    proxy
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            let t = r["t"].as_f64()?;
+            (t > after && r["target"].as_str()?.ends_with(".InitiateAuth")).then_some(t)
+        })
+        .collect()
+}
+
+/// The seconds between each upgrade's signing and the expiry of the credentials it was signed
+/// with (the fault proxy makes each answer's access key unique).
+fn upgrade_validities(proxy: &harness::FaultProxy, ws: &harness::WsProxy) -> Vec<f64> {
+    let expiries: std::collections::HashMap<String, f64> = issued_credentials(proxy)
+        .into_iter()
+        .map(|(_, key, expiry)| (key, expiry))
+        .collect();
+    ws.upgrades()
+        .iter()
+        .map(|upgrade| {
+            let key = upgrade["access_key"].as_str().unwrap_or_default();
+            let expiry = *expiries
+                .get(key)
+                .unwrap_or_else(|| panic!("upgrade signed with unknown key {key:?}: {upgrade}"));
+            expiry - amz_date_epoch(upgrade["amz_date"].as_str().unwrap_or_default())
+        })
+        .collect()
+}
+
+/// Credentials living 2 minutes (rewritten by the fault proxy; moto's live 90 s) with a 50 s
+/// margin are refreshed 50-75 s before they expire, three times in a row, while messages
+/// stream: the MQTT connection is made once (IoT Core does not cut a connection when the
+/// credentials that signed it expire; a reconnect per refresh costs a TLS handshake, an
+/// upgrade, CONNECT and SUBSCRIBE each time), and it sends no ping while a message a second
+/// goes out (each PUBLISH and its PUBACK show the link alive; the keep-alive is 30 s). A cut
+/// link reconnects at once, signed with credentials that have the margin left. Nothing is
+/// lost, nothing secret leaks, and the byte counters move.
 #[test]
-fn refreshes_credentials_living_minutes_margin_ahead_and_loses_nothing() {
-    const LIFETIME_S: f64 = 300.0;
-    const MARGIN_S: f64 = 150.0;
+fn keeps_one_connection_across_refreshes_of_two_minute_credentials() {
+    const LIFETIME_S: f64 = 120.0;
+    const MARGIN_S: f64 = 50.0;
+    const REFRESHES: usize = 3;
     // The fault proxy's log and the daemon's clock are the same machine's; requests take time.
     const SLACK_S: f64 = 3.0;
     let cloud = Cloud::start();
     let mut subscriber = cloud.subscribe();
     let proxy = cloud.start_fault_proxy();
     proxy.set_mode(&format!("pass lifetime={LIFETIME_S}"));
+    let ws = cloud.start_ws_proxy();
     let dir = tempfile::tempdir().expect("tempdir");
     let config = cloud.config_via(dir.path(), true, &proxy.endpoint(), "");
+    via_ws_proxy(&config, &ws);
     harness::rewrite_config(
         &config,
         &[(
@@ -113,53 +169,149 @@ fn refreshes_credentials_living_minutes_margin_ahead_and_loses_nothing() {
     let streamer = Streamer::start(daemon.socket.clone(), "refresh", 1);
 
     let (issued_at, _, expires_at) = issued_credentials(&proxy)[0].clone();
-    let deadline = Instant::now() + Duration::from_secs_f64(expires_at - issued_at + 10.0);
-    let refreshed_at = loop {
-        let refresh = proxy.requests().iter().find_map(|r| {
-            let t = r["t"].as_f64()?;
-            (t > issued_at && r["target"].as_str()?.ends_with(".InitiateAuth")).then_some(t)
-        });
-        if let Some(t) = refresh {
-            break t;
-        }
+    let deadline =
+        Instant::now() + Duration::from_secs_f64(REFRESHES as f64 * (LIFETIME_S - MARGIN_S) + 30.0);
+    while user_pool_calls_after(&proxy, issued_at).len() < REFRESHES {
         assert!(
             Instant::now() < deadline,
-            "no refresh before the credentials expired:\n{}",
+            "fewer than {REFRESHES} refreshes:\n{}",
             daemon.log_text()
         );
         std::thread::sleep(Duration::from_millis(500));
-    };
-    let lead = expires_at - refreshed_at;
-    eprintln!("refresh: {lead:.1} s before expiry (margin {MARGIN_S} s, lifetime {LIFETIME_S} s)");
+    }
+    let lead = expires_at - user_pool_calls_after(&proxy, issued_at)[0];
+    eprintln!(
+        "first refresh: {lead:.1} s before expiry (margin {MARGIN_S} s, lifetime {LIFETIME_S} s)"
+    );
     assert!(
         (MARGIN_S - SLACK_S..=1.5 * MARGIN_S + SLACK_S).contains(&lead),
         "refreshed {lead:.1} s before expiry; the margin is {MARGIN_S} s (+ up to half of it as jitter)"
     );
-
     daemon.wait_status("refreshed", WAIT, |s| {
         s["last_error"].is_null() && s["state"] == "connected"
     });
-    let renewed = Instant::now();
-    while count(&daemon.log_text(), "connecting to the broker") < 2 {
-        assert!(
-            renewed.elapsed() < WAIT,
-            "no reconnect with the new credentials"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let log = daemon.log_text();
+    assert!(count(&log, "credentials refreshed") >= REFRESHES, "{log}");
+    assert_eq!(
+        ws.upgrades().len(),
+        1,
+        "one MQTT connection across {REFRESHES} refreshes:\n{log}"
+    );
+    let status = daemon.status();
+    assert_eq!(status["reconnects_total"], 0, "{status}");
+    let client_id = status["identity_id"]
+        .as_str()
+        .expect("identity id")
+        .to_owned();
+    assert_eq!(
+        pings_from(&cloud, &client_id),
+        0,
+        "no ping while messages flow"
+    );
+    let sent = status["bytes_sent_total"]
+        .as_u64()
+        .expect("bytes_sent_total");
+    assert!(
+        sent > 0 && status["bytes_received_total"].as_u64() > Some(0),
+        "{status}"
+    );
+
+    // A forced disconnect: reconnected at once, with credentials that have the margin left.
+    ws.set_mode("cut");
+    std::thread::sleep(Duration::from_secs(1));
+    ws.set_mode("pass");
+    daemon.wait_status("reconnected", WAIT, |s| {
+        s["state"] == "connected" && s["reconnects_total"] == 1
+    });
     std::thread::sleep(Duration::from_secs(3));
     let acked = streamer.finish();
     assert_delivered(&mut subscriber, &acked);
-    let log = daemon.log_text();
-    assert!(count(&log, "credentials refreshed") >= 1, "{log}");
-    let validities = connect_validities(&log);
+    let validities = upgrade_validities(&proxy, &ws);
+    eprintln!("upgrades signed with credentials valid for {validities:?} s");
+    assert!(validities.len() >= 2, "{validities:?}");
     assert!(
-        validities.iter().all(|v| *v >= 30),
-        "every connect is signed with credentials valid for 30 s or more: {validities:?}"
+        validities.iter().all(|v| *v >= MARGIN_S - SLACK_S),
+        "every connect is signed with credentials valid for the margin: {validities:?}"
     );
-    let status = daemon.status();
-    assert!(status["credentials_expire_at"].is_string());
-    assert!(status["last_refresh"].is_string());
+    assert!(daemon.status()["bytes_sent_total"].as_u64() > Some(sent));
+    assert_nothing_leaked(&cloud, &daemon);
+}
+
+/// `identity.refresh = "on-demand"`: a connected device does not refresh, also after its
+/// credentials expired (the connection stays, kept alive by pings while idle); the reconnect
+/// after a cut first refreshes and signs with the fresh credentials.
+#[test]
+fn on_demand_refreshes_only_for_a_reconnect() {
+    // Credentials living less than a minute are refused as expired on arrival.
+    const LIFETIME_S: f64 = 90.0;
+    const MARGIN_S: f64 = 20.0;
+    let cloud = Cloud::start();
+    let mut subscriber = cloud.subscribe();
+    let proxy = cloud.start_fault_proxy();
+    proxy.set_mode(&format!("pass lifetime={LIFETIME_S}"));
+    let ws = cloud.start_ws_proxy();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = cloud.config_via(dir.path(), true, &proxy.endpoint(), "");
+    via_ws_proxy(&config, &ws);
+    harness::rewrite_config(
+        &config,
+        &[(
+            "[identity]\n",
+            &format!("[identity]\nrefresh = \"on-demand\"\nrefresh_margin = \"{MARGIN_S}s\"\n"),
+        )],
+    );
+    let daemon = cloud.start_daemon(&config);
+    daemon.wait_status("connected", WAIT, |s| s["state"] == "connected");
+    // A connection per message: the daemon closes idle app connections.
+    let send = |n: u64| {
+        let mut client = daemon.connect();
+        client.send_line(&format!(
+            r#"{{"topic":"on-demand","payload":{{"n":{n}}},"id":{n}}}"#
+        ));
+        let answer = client.read_answer(Duration::from_secs(10)).expect("answer");
+        assert_eq!(answer["ok"], true, "{answer}");
+    };
+    send(1);
+    let (issued_at, _, expires_at) = issued_credentials(&proxy)[0].clone();
+    while now_epoch() < expires_at + 10.0 {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let client_id = daemon.status()["identity_id"]
+        .as_str()
+        .expect("identity id")
+        .to_owned();
+    let pings = pings_from(&cloud, &client_id);
+    assert!(pings >= 2, "an idle link pings every 30 s: {pings} pings");
+    assert_eq!(
+        user_pool_calls_after(&proxy, issued_at),
+        Vec::<f64>::new(),
+        "no refresh while connected:\n{}",
+        daemon.log_text()
+    );
+    assert_eq!(daemon.status()["state"], "connected");
+
+    let cut_at = now_epoch();
+    ws.set_mode("cut");
+    std::thread::sleep(Duration::from_secs(1));
+    ws.set_mode("pass");
+    daemon.wait_status("reconnected", WAIT, |s| {
+        s["state"] == "connected" && s["reconnects_total"] == 1
+    });
+    assert_eq!(
+        user_pool_calls_after(&proxy, cut_at).len(),
+        1,
+        "one refresh for the reconnect:\n{}",
+        daemon.log_text()
+    );
+    send(2);
+    assert_delivered(&mut subscriber, &[1, 2]);
+    let validities = upgrade_validities(&proxy, &ws);
+    eprintln!("upgrades signed with credentials valid for {validities:?} s");
+    assert_eq!(validities.len(), 2, "{validities:?}");
+    assert!(
+        validities[1] >= LIFETIME_S - 15.0,
+        "the reconnect signs with the fresh credentials: {validities:?}"
+    );
     assert_nothing_leaked(&cloud, &daemon);
 }
 

@@ -521,6 +521,7 @@ impl Doctor<'_> {
         };
         let session = crate::identity::Session {
             identity_id: identity_id.to_owned(),
+            refresh_at: credentials.expires_at,
             credentials,
             iot_endpoint: secret.iot_endpoint.clone(),
         };
@@ -589,6 +590,7 @@ fn trial_settings(config: &Config, proxy: Option<&Proxy>) -> Result<MqttSettings
         max_in_flight: 1,
         persistent_session: false,
         proxy: proxy.cloned().map(|proxy| (proxy, proxy_tls)),
+        wire: Arc::default(),
     })
 }
 

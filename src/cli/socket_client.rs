@@ -576,6 +576,7 @@ last refresh:        {}
 last error:          {}
 mqtt last error:     {}{}
 last connected:      {} ({} reconnects)
+mqtt bytes:          {} sent, {} received
 spool:               {} messages, {} bytes{oldest}, {}
 published:           {} ({} republished)
 dropped:             {}, expired {}, conflated {}
@@ -597,6 +598,8 @@ inbox:               {} messages ({} dropped), {}
         since("mqtt_last_error_at"),
         field("last_connected_at"),
         field("reconnects_total"),
+        field("bytes_sent_total"),
+        field("bytes_received_total"),
         field("spool_messages"),
         field("spool_bytes"),
         field("spool_state"),

@@ -119,6 +119,9 @@ pub struct IdentityConfig {
     pub unauth_role_arn: String,
     #[serde(with = "duration", default = "IdentityConfig::default_refresh_margin")]
     pub refresh_margin: Duration,
+    /// When credentials are refreshed: ahead of expiry, or only when they are needed.
+    #[serde(default)]
+    pub refresh: RefreshMode,
     /// Fleet mode: this device's user name; empty derives one from `/etc/machine-id`.
     #[serde(default)]
     pub device_name: String,
@@ -146,6 +149,7 @@ impl Default for IdentityConfig {
             secret_id: String::new(),
             unauth_role_arn: String::new(),
             refresh_margin: Self::default_refresh_margin(),
+            refresh: RefreshMode::default(),
             device_name: String::new(),
             start_delay: Self::default_start_delay(),
         }
@@ -263,6 +267,19 @@ impl Default for StateConfig {
             dir: "/var/lib/iot-cognito-relay".into(),
         }
     }
+}
+
+/// When the identity manager refreshes credentials.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RefreshMode {
+    /// `refresh_margin` ahead of expiry, so credentials are always at hand.
+    #[default]
+    Eager,
+    /// Only when they are needed: before a (re)connect or an AWS call of the identity
+    /// manager's own. A connection outlives the credentials that signed it, so a device that
+    /// stays connected refreshes about once a day instead of every hour (cellular plans).
+    OnDemand,
 }
 
 /// What the spool does when a new message would exceed `max_bytes`.
@@ -447,10 +464,34 @@ secret_id = "eu-west-1_abc_demo-app-user"
         assert_eq!(config.socket.mode, FileMode(0o660));
         assert_eq!(config.spool.max_bytes, ByteSize(256 << 20));
         assert_eq!(config.spool.on_full, OnFull::DropOldest);
+        assert_eq!(config.identity.refresh, RefreshMode::Eager);
         assert_eq!(config.publish.max_publishes_per_second, 100);
         assert_eq!(config.publish.max_bytes_per_second, ByteSize(512 << 10));
         assert_eq!(config.batch.max_messages, 1);
         assert_eq!(config.shutdown.drain_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn refresh_is_eager_or_on_demand_and_nothing_else() {
+        let with = |mode: &str| {
+            load(&MINIMAL.replace(
+                "[identity]\n",
+                &format!("[identity]\nrefresh = \"{mode}\"\n"),
+            ))
+        };
+        assert_eq!(
+            with("on-demand").expect("valid").identity.refresh,
+            RefreshMode::OnDemand
+        );
+        assert_eq!(
+            with("eager").expect("valid").identity.refresh,
+            RefreshMode::Eager
+        );
+        let text = with("lazy").expect_err("must fail").to_string();
+        assert!(
+            text.contains("lazy") && text.contains("identity.refresh"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -159,10 +159,10 @@ impl Daemon {
             &config.aws.region,
         ));
         let (publish_limits, limits) = watch::channel(config.publish.clone());
+        let wire = mqtt.wire.clone();
         let (publisher, link, counters) = Publisher::new(
             spool.clone(),
-            identity_watch.sessions.clone(),
-            identity_watch.refusals.clone(),
+            &identity_watch,
             mqtt,
             rules.clone(),
             limits,
@@ -185,6 +185,7 @@ impl Daemon {
             inbox: downlink.stats(),
             refused_filters,
             mqtt,
+            wire,
             region: config.aws.region.clone(),
             started: std::time::Instant::now(),
         };
@@ -313,6 +314,7 @@ impl Opened {
             max_in_flight: config.publish.max_in_flight,
             persistent_session: !config.downlink.topics.is_empty(),
             proxy: proxy.map(|proxy| (proxy, proxy_tls)),
+            wire: Arc::default(),
         };
         Ok(Opened {
             instance_lock,

@@ -8,9 +8,6 @@ use aws_config::SdkConfig;
 use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::InvocationType;
 use serde::Deserialize;
-use std::sync::Arc;
-
-use tokio::sync::watch;
 
 use super::IdentityError;
 use super::bootstrap::DeviceSecret;
@@ -20,39 +17,6 @@ use crate::secret::Secret;
 /// How much of a function error's message is repeated in our error (it is the function's own
 /// text, which names no token; the cap keeps a log line a line).
 const MAX_ERROR_CHARS: usize = 200;
-
-/// How the publisher tells the identity manager that IoT Core refuses this identity (the
-/// policy may have been detached, or never attached): the manager then has the policy attached
-/// again. A refusal stands until the publisher is let in (CONNACK) or the manager takes it, so
-/// one raised while the manager holds back is still news afterwards only if nothing cured it.
-/// Cloned into both tasks by the daemon.
-#[derive(Clone)]
-pub struct RefusalSignal(Arc<watch::Sender<bool>>);
-
-impl Default for RefusalSignal {
-    fn default() -> RefusalSignal {
-        RefusalSignal(Arc::new(watch::channel(false).0))
-    }
-}
-
-impl RefusalSignal {
-    /// Reports a refusal; several before the manager looks count as one.
-    pub fn raise(&self) {
-        self.0.send_replace(true);
-    }
-
-    /// The identity was let in: an earlier refusal is cured.
-    pub fn clear(&self) {
-        self.0
-            .send_if_modified(|raised| std::mem::replace(raised, false));
-    }
-
-    /// Resolves once a refusal stands (at once if one does).
-    pub(super) async fn raised(&self) {
-        // The sender lives in `self`, so the channel cannot close while this waits.
-        let _ = self.0.subscribe().wait_for(|raised| *raised).await;
-    }
-}
 
 /// The function's answer (its handler is in cloudformation/cognito.yml).
 #[derive(Debug, Deserialize)]
@@ -169,42 +133,4 @@ async fn attach_directly(
         .map_err(|e| IdentityError::AttachPolicy(describe(&e)))?;
     tracing::info!(identity_id = %identity_id, policy = %secret.iot_policy, "attached IoT policy");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A refusal stands until the manager takes it or a CONNACK cures it: one raised while
-    /// the manager held back is acted on later only if nothing let the identity in since.
-    #[tokio::test(start_paused = true)]
-    async fn a_refusal_stands_until_taken_or_cured() {
-        let soon = |signal: &RefusalSignal| {
-            let signal = signal.clone();
-            async move {
-                tokio::time::timeout(std::time::Duration::from_secs(1), signal.raised())
-                    .await
-                    .is_ok()
-            }
-        };
-        let signal = RefusalSignal::default();
-        assert!(!soon(&signal).await, "nothing raised yet");
-        signal.raise();
-        signal.raise();
-        assert!(soon(&signal).await);
-        assert!(soon(&signal).await, "still standing until taken");
-        signal.clear();
-        assert!(!soon(&signal).await, "cured by a CONNACK");
-        let waiter = tokio::spawn({
-            let signal = signal.clone();
-            async move { signal.raised().await }
-        });
-        signal.raise();
-        assert!(
-            tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
-                .await
-                .is_ok(),
-            "a waiting manager wakes"
-        );
-    }
 }

@@ -602,6 +602,7 @@ impl Chain {
             identity_id,
             credentials,
             iot_endpoint: standing.secret.iot_endpoint.clone(),
+            refresh_at,
         };
         self.standing = Some(SignedIn {
             reusable_until: None,

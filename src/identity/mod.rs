@@ -12,6 +12,7 @@ pub mod bootstrap;
 pub mod cache;
 pub mod chain;
 pub mod device;
+mod signal;
 pub mod user_pool;
 
 use std::path::PathBuf;
@@ -23,15 +24,15 @@ use rand::Rng;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-pub use attach::RefusalSignal;
 pub use bootstrap::DeviceSecret;
 use bootstrap::Registration;
 pub use cache::IdentityCache;
 use chain::{Attach, BackOff, Chain, Enrollment, Fallback, SecretRead, Serve, Step};
 use device::{DEVICE_FILE, DeviceFile};
+pub use signal::Signal;
 use user_pool::UserPoolTokens;
 
-use crate::config::IdentityConfig;
+use crate::config::{IdentityConfig, RefreshMode};
 use crate::heartbeat::Heartbeat;
 use crate::identity::aws::{AwsCredentials, OPERATION_TIMEOUT};
 use crate::repeats::Repeats;
@@ -118,6 +119,9 @@ pub struct Session {
     pub credentials: AwsCredentials,
     /// The secret's `IoTEndpoint` tag.
     pub iot_endpoint: String,
+    /// From then on the credentials are due for a refresh: a connect asks for fresh ones
+    /// first (raises [`IdentityWatch::refresh_wanted`]).
+    pub refresh_at: SystemTime,
 }
 
 /// Health of the identity side, for `status`.
@@ -144,7 +148,8 @@ pub struct IdentityManager {
     chain: Chain,
     sessions: watch::Sender<Option<Arc<Session>>>,
     status: watch::Sender<IdentityStatus>,
-    refusals: RefusalSignal,
+    refusals: Signal,
+    refresh_wanted: Signal,
     /// Holds back repeats of the same failure in the log.
     repeats: Repeats,
 }
@@ -155,7 +160,9 @@ pub struct IdentityWatch {
     pub sessions: watch::Receiver<Option<Arc<Session>>>,
     pub status: watch::Receiver<IdentityStatus>,
     /// For the publisher: IoT Core refused a connection for authorization.
-    pub refusals: RefusalSignal,
+    pub refusals: Signal,
+    /// For the publisher: a connect needs credentials that are not due for a refresh.
+    pub refresh_wanted: Signal,
 }
 
 impl IdentityManager {
@@ -168,7 +175,8 @@ impl IdentityManager {
         let chain = Chain::new(cache, config.refresh_margin);
         let (sessions, sessions_rx) = watch::channel(None);
         let (status, status_rx) = watch::channel(IdentityStatus::default());
-        let refusals = RefusalSignal::default();
+        let refusals = Signal::default();
+        let refresh_wanted = Signal::default();
         let manager = IdentityManager {
             base,
             config,
@@ -177,6 +185,7 @@ impl IdentityManager {
             sessions,
             status,
             refusals: refusals.clone(),
+            refresh_wanted: refresh_wanted.clone(),
             repeats: Repeats::default(),
         };
         (
@@ -185,6 +194,7 @@ impl IdentityManager {
                 sessions: sessions_rx,
                 status: status_rx,
                 refusals,
+                refresh_wanted,
             },
         )
     }
@@ -308,7 +318,9 @@ impl IdentityManager {
         tracing::info!(
             identity_id = %session.identity_id,
             expires_in_s = left.as_secs(),
-            next_refresh_s = refresh_at.duration_since(now).unwrap_or_default().as_secs(),
+            // On demand, the refresh waits for the publisher to need one.
+            next_refresh_s = (self.config.refresh == RefreshMode::Eager)
+                .then(|| refresh_at.duration_since(now).unwrap_or_default().as_secs()),
             "{}",
             if refreshed { "credentials refreshed" } else { "signed in" }
         );
@@ -317,10 +329,14 @@ impl IdentityManager {
             status.last_error = None;
         });
         self.sessions.send_replace(Some(Arc::new(session)));
+        // A want raised for the last session is answered by this one.
+        self.refresh_wanted.clear();
+        let eager = self.config.refresh == RefreshMode::Eager;
         let refused = heartbeat
             .waiting(async {
                 tokio::select! {
-                    _ = sleep_until(refresh_at, SystemTime::now) => false,
+                    _ = sleep_until(refresh_at, SystemTime::now), if eager => false,
+                    _ = self.refresh_wanted.raised() => false,
                     _ = async {
                         if let Some(from) = refusals_from {
                             tokio::time::sleep_until(from).await;

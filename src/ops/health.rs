@@ -37,6 +37,9 @@ pub fn document(
         "published_total": status.published_total,
         "dropped_total": status.dropped_total,
         "dead_letter_total": status.dead_letter_total,
+        "reconnects_total": status.reconnects_total,
+        "bytes_sent_total": status.bytes_sent_total,
+        "bytes_received_total": status.bytes_received_total,
         "inbox_messages": inbox.messages,
         "inbox_dropped_total": inbox.dropped_total,
         "inbox_state": inbox.state(),
@@ -148,7 +151,9 @@ mod tests {
             mqtt_last_error: None,
             mqtt_last_error_at: None,
             last_connected_at: None,
-            reconnects_total: 0,
+            reconnects_total: 3,
+            bytes_sent_total: 5000,
+            bytes_received_total: 7000,
             state: crate::ops::status::State::Connected,
             identity_id: Some("us-east-1:x".into()),
             registration_mode: Some("self-register"),
@@ -195,6 +200,9 @@ mod tests {
         assert_eq!(report["spool_messages"], 3);
         assert_eq!(report["published_total"], 10);
         assert_eq!(report["dropped_total"], 1);
+        assert_eq!(report["reconnects_total"], 3);
+        assert_eq!(report["bytes_sent_total"], 5000);
+        assert_eq!(report["bytes_received_total"], 7000);
         assert_eq!(report["dead_letter_total"], 2);
         assert_eq!(report["inbox_messages"], 4);
         assert_eq!(report["offline_s"], 7);

@@ -1,5 +1,6 @@
 //! The daemon's state and counters, assembled from the tasks' `watch` channels for `status`.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -9,6 +10,7 @@ use crate::downlink::InboxStats;
 use crate::identity::IdentityWatch;
 use crate::ingest::server::StatusReport;
 use crate::publish::publisher::{LinkReport, LinkState, PublishCounters};
+use crate::publish::wire::WireBytes;
 use crate::spool::SpoolStats;
 
 /// `status`'s `state` (docs/protocol.md).
@@ -54,6 +56,10 @@ pub struct Status {
     pub mqtt_last_error_at: Option<String>,
     pub last_connected_at: Option<String>,
     pub reconnects_total: u64,
+    /// Bytes of the MQTT connections since the start, on their TCP streams (TLS, WebSocket
+    /// and the proxy's CONNECT included; TCP/IP headers not).
+    pub bytes_sent_total: u64,
+    pub bytes_received_total: u64,
     /// `self-register` or `shared-user` (the stack's mode, seen in its secret); null until read.
     pub registration_mode: Option<&'static str>,
     /// Self-register mode: this device's user pool user name.
@@ -106,6 +112,7 @@ pub struct StatusSource {
     pub inbox: watch::Receiver<InboxStats>,
     pub refused_filters: watch::Receiver<Vec<String>>,
     pub mqtt: watch::Receiver<LinkReport>,
+    pub wire: Arc<WireBytes>,
     pub region: String,
     pub started: std::time::Instant,
 }
@@ -141,6 +148,8 @@ impl StatusSource {
             mqtt_last_error_at: mqtt.last_error_at.map(rfc3339),
             last_connected_at: mqtt.last_connected_at.map(rfc3339),
             reconnects_total: mqtt.reconnects_total,
+            bytes_sent_total: self.wire.sent(),
+            bytes_received_total: self.wire.received(),
             state,
             identity_id: session.as_ref().map(|s| s.identity_id.clone()),
             credentials_expire_at: session.as_ref().map(|s| rfc3339(s.credentials.expires_at)),

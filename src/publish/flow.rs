@@ -23,8 +23,11 @@ use crate::publish::quota::Quota;
 use crate::spool::{Cursors, ReadBatch};
 use crate::topic::TopicRules;
 
-/// SigV4 websocket connections are cut after 24 hours; reconnect cleanly before that.
+/// SigV4 websocket connections are cut after 24 hours; from this age on, a connection is
+/// renewed at its first quiet moment (nothing in flight), so nothing is sent twice...
 pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(23 * 3600);
+/// ...and at the latest this much later, whatever is in flight.
+pub const QUIET_MOMENT_WAIT: Duration = Duration::from_secs(30 * 60);
 /// A planned reconnect waits at most this long for in-flight publishes to be acknowledged.
 pub const RENEW_GRACE: Duration = Duration::from_secs(10);
 /// A publish without PUBACK for this long means the connection is stuck: reconnect, republish.
@@ -57,7 +60,7 @@ pub const REATTACH_AFTER_CLOSES: u32 = 3;
 pub enum Ended {
     /// Shutdown: the spool is empty and nothing is in flight.
     Drained,
-    /// A planned reconnect (fresh credentials, or the 24-hour limit).
+    /// A planned reconnect (another identity, or the 24-hour limit).
     Renew,
     /// The connection failed or could not be made.
     Failed(String),
@@ -275,8 +278,8 @@ impl Flow {
         link.connected && link.renew_by.is_none() && (link.paced_until.is_none() || !link.unread)
     }
 
-    /// Whether new credentials would schedule a reconnect (one is not scheduled already).
-    pub fn listens_to_credentials(&self) -> bool {
+    /// Whether a change of identity would schedule a reconnect (one is not scheduled already).
+    pub fn listens_to_sessions(&self) -> bool {
         self.link.renew_by.is_none()
     }
 
@@ -309,9 +312,9 @@ impl Flow {
         self.link.lingering_until = None;
     }
 
-    /// New credentials: reconnect with them once in-flight publishes are acknowledged.
+    /// Reconnect once in-flight publishes are acknowledged (the identity changed).
     /// `false` if a reconnect was already scheduled.
-    pub fn on_new_credentials(&mut self, now: Instant) -> bool {
+    pub fn renew(&mut self, now: Instant) -> bool {
         if self.link.renew_by.is_some() {
             return false;
         }
@@ -438,7 +441,7 @@ impl Flow {
                 return Action::End(Ended::Renew);
             }
         }
-        Action::Wait(self.wake_at())
+        Action::Wait(self.wake_at(now))
     }
 
     /// Deadlines that passed: pacing and linger are over, the connection's age calls for a
@@ -454,7 +457,9 @@ impl Flow {
         if link.read_retry_at.is_some_and(|at| now >= at) {
             link.read_retry_at = None;
         }
-        if link.renew_by.is_none() && now >= link.opened + MAX_CONNECTION_AGE {
+        let aged = link.opened + MAX_CONNECTION_AGE;
+        let quiet = link.window.outstanding() == 0;
+        if link.renew_by.is_none() && now >= aged && (quiet || now >= aged + QUIET_MOMENT_WAIT) {
             tracing::info!("connection nears the 24-hour limit; reconnecting");
             link.renew_by = Some(now + RENEW_GRACE);
         }
@@ -657,12 +662,17 @@ impl Flow {
     }
 
     /// The earliest deadline the flow waits for, if any.
-    fn wake_at(&self) -> Option<Instant> {
+    fn wake_at(&self, now: Instant) -> Option<Instant> {
         let link = &self.link;
-        let age = link
-            .renew_by
-            .is_none()
-            .then(|| link.opened + MAX_CONNECTION_AGE);
+        let aged = link.opened + MAX_CONNECTION_AGE;
+        // Once aged, acks wake the loop for a quiet moment; the timer only for the latest one.
+        let age = link.renew_by.is_none().then(|| {
+            if now < aged {
+                aged
+            } else {
+                aged + QUIET_MOMENT_WAIT
+            }
+        });
         let ack = link.window.earliest_deadline();
         [
             link.paced_until,
@@ -1302,15 +1312,15 @@ mod tests {
     }
 
     #[test]
-    fn new_credentials_renew_once_in_flight_publishes_are_acknowledged() {
+    fn a_renewal_waits_for_in_flight_publishes_to_be_acknowledged() {
         let mut flow = Setup::default().flow();
         let now = Instant::now();
         connect_and_read(&mut flow, now, spool(1..=1));
         publishes(&mut flow, now, RUNNING);
         flow.on_broker(BrokerEvent::Sent(1), now);
-        assert!(flow.on_new_credentials(now));
-        assert!(!flow.on_new_credentials(now), "one renewal at a time");
-        assert!(!flow.listens_to_spool() && !flow.listens_to_credentials());
+        assert!(flow.renew(now));
+        assert!(!flow.renew(now), "one renewal at a time");
+        assert!(!flow.listens_to_spool() && !flow.listens_to_sessions());
         flow.on_spool_changed();
         assert_eq!(
             flow.next(now, RUNNING),
@@ -1328,7 +1338,7 @@ mod tests {
         connect_and_read(&mut flow, now, spool(1..=1));
         publishes(&mut flow, now, RUNNING);
         flow.on_broker(BrokerEvent::Sent(1), now);
-        flow.on_new_credentials(now);
+        flow.renew(now);
         assert_eq!(
             flow.next(now + RENEW_GRACE, RUNNING),
             Action::End(Ended::Renew)
@@ -1349,6 +1359,66 @@ mod tests {
             flow.next(t0 + MAX_CONNECTION_AGE, RUNNING),
             Action::End(Ended::Renew)
         );
+    }
+
+    #[test]
+    fn an_aged_connection_is_renewed_at_a_quiet_moment_or_at_the_latest_half_an_hour_later() {
+        let mut flow = Setup::default().flow();
+        let t0 = Instant::now();
+        connect_and_read(&mut flow, t0, Vec::new());
+        let aged = t0 + MAX_CONNECTION_AGE;
+        // One in flight when the age comes: no renewal yet (the loop waits for its ack).
+        flow.on_spool_changed();
+        let Action::Read { .. } = flow.next(aged - Duration::from_secs(2), RUNNING) else {
+            panic!("expected a read");
+        };
+        flow.on_read(ReadBatch {
+            messages: spool(1..=1),
+            more: false,
+        });
+        let before = aged - Duration::from_secs(1);
+        assert_eq!(publishes(&mut flow, before, RUNNING).0.len(), 1);
+        flow.on_broker(BrokerEvent::Sent(1), before);
+        assert!(matches!(flow.next(aged, RUNNING), Action::Wait(Some(_))));
+        // Its ack makes the quiet moment.
+        let acked = aged + Duration::from_secs(2);
+        flow.on_broker(BrokerEvent::Acked(1), acked);
+        assert_eq!(flow.next(acked, RUNNING), Action::Remove(vec![1]));
+        assert_eq!(flow.next(acked, RUNNING), Action::End(Ended::Renew));
+
+        // Never quiet (a reading every 5 s goes out before the last one is acknowledged):
+        // renewed half an hour after the age all the same.
+        let mut flow = Setup::default().flow();
+        connect_and_read(&mut flow, t0, Vec::new());
+        let mut at = aged - Duration::from_secs(5);
+        let mut id: i64 = 0;
+        loop {
+            id += 1;
+            flow.on_spool_changed();
+            let Action::Read { .. } = flow.next(at, RUNNING) else {
+                break;
+            };
+            flow.on_read(ReadBatch {
+                messages: spool(id..=id),
+                more: false,
+            });
+            assert_eq!(publishes(&mut flow, at, RUNNING).0.len(), 1);
+            flow.on_broker(BrokerEvent::Sent(id as u16), at);
+            if id > 1 {
+                flow.on_broker(BrokerEvent::Acked(id as u16 - 1), at);
+                assert_eq!(flow.next(at, RUNNING), Action::Remove(vec![id - 1]));
+            }
+            at += Duration::from_secs(5);
+        }
+        let latest = aged + QUIET_MOMENT_WAIT;
+        assert!(
+            (latest..latest + Duration::from_secs(5)).contains(&at),
+            "renewal began {:?} after the age",
+            at - aged
+        );
+        flow.on_broker(BrokerEvent::Acked(id as u16 - 1), at);
+        assert_eq!(flow.next(at, RUNNING), Action::Remove(vec![id - 1]));
+        assert_eq!(flow.next(at, RUNNING), Action::End(Ended::Renew));
     }
 
     #[test]

@@ -10,5 +10,6 @@ pub(crate) mod quota;
 pub(crate) mod refusal;
 mod signer;
 pub mod tls;
+pub(crate) mod wire;
 
 pub use flow::DEAD_LETTER_STRIKES;

@@ -20,6 +20,7 @@ use crate::message::MAX_PAYLOAD_BYTES;
 use crate::publish::flow::{Failure, SLOWEST_LINK_BYTES_PER_S};
 use crate::publish::inbound::MAX_RECEIVE_BATCH;
 use crate::publish::signer::{SignError, presign};
+use crate::publish::wire::WireBytes;
 use crate::topic::MAX_TOPIC_BYTES;
 
 /// Room for the fixed header, topic and packet id around the largest payload IoT Core accepts.
@@ -38,6 +39,8 @@ pub struct MqttSettings {
     /// The HTTP(S) proxy the WebSocket goes through (HTTP CONNECT), with the TLS config for an
     /// `https://` one.
     pub proxy: Option<(Proxy, Option<Arc<ClientConfig>>)>,
+    /// Counts the bytes of every connection on its TCP stream.
+    pub wire: Arc<WireBytes>,
 }
 
 impl MqttSettings {
@@ -136,9 +139,11 @@ pub fn connect(settings: &MqttSettings, session: &Session) -> Result<Connection,
     let (client, mut event_loop) = AsyncClient::new(options, capacity);
     // rumqttc bounds both the connect and every flush with this one setting: it is sized for
     // the flush on a slow link, and the connect gets its own bound below.
+    let wire = settings.wire.clone();
     event_loop
         .network_options
-        .set_connection_timeout(FLUSH_TIMEOUT.as_secs());
+        .set_connection_timeout(FLUSH_TIMEOUT.as_secs())
+        .set_stream_wrapper(Arc::new(move |stream| wire.meter(stream)));
     let (sender, events) = mpsc::unbounded_channel();
     let pump = tokio::spawn(async move {
         // The first poll connects (TCP, TLS, upgrade, CONNECT, CONNACK); the connection is
@@ -162,6 +167,17 @@ pub fn connect(settings: &MqttSettings, session: &Session) -> Result<Connection,
         client,
         events,
         pump,
+    })
+}
+
+/// Whether a new session (`None`: withdrawn) calls for a new connection. Fresh credentials
+/// do not: IoT Core does not cut a connection when the credentials that signed it expire (it
+/// lasts up to 24 hours), and a reconnect per refresh would cost a TLS handshake, an upgrade,
+/// CONNECT and SUBSCRIBE every hour. Another identity or endpoint does, and so does a
+/// withdrawn session (the device's user was refused).
+pub fn needs_new_connection(current: &Session, new: Option<&Session>) -> bool {
+    new.is_none_or(|new| {
+        new.identity_id != current.identity_id || new.iot_endpoint != current.iot_endpoint
     })
 }
 
@@ -214,6 +230,33 @@ mod tests {
             .body(None)
             .expect("response");
         ConnectionError::Websocket(tungstenite::Error::Http(response))
+    }
+
+    fn session(identity_id: &str, access_key_id: &str, iot_endpoint: &str) -> Session {
+        let expires_at = SystemTime::now() + Duration::from_secs(3600);
+        Session {
+            identity_id: identity_id.into(),
+            credentials: crate::identity::aws::AwsCredentials {
+                access_key_id: access_key_id.into(),
+                secret_access_key: crate::secret::Secret::new("s".into()),
+                session_token: crate::secret::Secret::new("t".into()),
+                expires_at,
+            },
+            iot_endpoint: iot_endpoint.into(),
+            refresh_at: expires_at,
+        }
+    }
+
+    #[test]
+    fn fresh_credentials_keep_the_connection_another_identity_does_not() {
+        let current = session("us-east-1:a", "AKID1", "e-ats.iot");
+        let refreshed = session("us-east-1:a", "AKID2", "e-ats.iot");
+        assert!(!needs_new_connection(&current, Some(&refreshed)));
+        assert!(needs_new_connection(&current, None), "withdrawn");
+        let other = session("us-east-1:b", "AKID2", "e-ats.iot");
+        assert!(needs_new_connection(&current, Some(&other)));
+        let moved = session("us-east-1:a", "AKID2", "f-ats.iot");
+        assert!(needs_new_connection(&current, Some(&moved)));
     }
 
     #[test]

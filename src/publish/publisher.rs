@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::config::{BatchConfig, PublishConfig};
 use crate::downlink::Downlink;
 use crate::heartbeat::Heartbeat;
-use crate::identity::{RefusalSignal, Session};
+use crate::identity::{IdentityWatch, Session, Signal};
 use crate::message::Qos;
 use crate::publish::batch::Batcher;
 use crate::publish::flow::{
@@ -42,6 +42,10 @@ use crate::topic::TopicRules;
 
 /// Never sign a connect with credentials that expire sooner than this.
 const MIN_SIGNING_VALIDITY: Duration = Duration::from_secs(30);
+/// A connect whose credentials are due for a refresh waits this long for fresh ones, then signs
+/// with those it has if they are still valid (the refresh is failing: MQTT need not wait for
+/// Cognito). A refresh is two AWS calls.
+const REFRESH_WAIT: Duration = Duration::from_secs(15);
 /// Reconnect delays: at least 1 s (IoT Core allows one connect per second per client id).
 const RECONNECT_FLOOR: Duration = Duration::from_secs(1);
 const RECONNECT_CAP: Duration = Duration::from_secs(30);
@@ -100,7 +104,9 @@ pub struct Publisher {
     spool: Spool,
     sessions: watch::Receiver<Option<Arc<Session>>>,
     /// Tells the identity manager when IoT Core refuses a connection for authorization.
-    refusals: RefusalSignal,
+    refusals: Signal,
+    /// Asks the identity manager for fresh credentials before a connect.
+    refresh_wanted: Signal,
     settings: MqttSettings,
     link: watch::Sender<LinkState>,
     counters: watch::Sender<PublishCounters>,
@@ -135,8 +141,7 @@ pub struct Publisher {
 impl Publisher {
     pub fn new(
         spool: Spool,
-        sessions: watch::Receiver<Option<Arc<Session>>>,
-        refusals: RefusalSignal,
+        identity: &IdentityWatch,
         settings: MqttSettings,
         rules: Arc<TopicRules>,
         limits: watch::Receiver<PublishConfig>,
@@ -161,8 +166,9 @@ impl Publisher {
         );
         let publisher = Publisher {
             spool,
-            sessions,
-            refusals,
+            sessions: identity.sessions.clone(),
+            refusals: identity.refusals.clone(),
+            refresh_wanted: identity.refresh_wanted.clone(),
             settings,
             link,
             counters,
@@ -357,13 +363,29 @@ impl Publisher {
         }
     }
 
-    /// The latest session whose credentials are still good for signing.
+    /// The session to sign the next connect with: the latest one, when its credentials are
+    /// not due for a refresh; else, after asking for a refresh, a fresh one, or if none comes
+    /// within [`REFRESH_WAIT`] the one at hand while it is valid for [`MIN_SIGNING_VALIDITY`].
     async fn wait_for_session(&mut self) -> Arc<Session> {
         loop {
-            if let Some(session) = self.sessions.borrow_and_update().clone()
-                && session.credentials.valid_for(MIN_SIGNING_VALIDITY)
-            {
-                return session;
+            let latest = self.sessions.borrow_and_update().clone();
+            if let Some(session) = latest {
+                let usable = session.credentials.valid_for(MIN_SIGNING_VALIDITY);
+                if usable && std::time::SystemTime::now() < session.refresh_at {
+                    return session;
+                }
+                self.refresh_wanted.raise();
+                if usable {
+                    match tokio::time::timeout(REFRESH_WAIT, self.sessions.changed()).await {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(_)) => std::future::pending::<()>().await,
+                        // Still valid (checked again: the wait took time).
+                        Err(_) if session.credentials.valid_for(MIN_SIGNING_VALIDITY) => {
+                            return session;
+                        }
+                        Err(_) => continue,
+                    }
+                }
             }
             if self.sessions.changed().await.is_err() {
                 // The identity manager is gone; the daemon is shutting down.
@@ -418,10 +440,12 @@ impl Publisher {
                         return Ended::Drained;
                     }
                 }
-                changed = self.sessions.changed(), if self.flow.listens_to_credentials() && !identity_gone => {
+                changed = self.sessions.changed(), if self.flow.listens_to_sessions() && !identity_gone => {
                     identity_gone = changed.is_err();
-                    if changed.is_ok() && self.flow.on_new_credentials(Instant::now()) {
-                        tracing::info!("new credentials: reconnecting with them once in-flight messages are acknowledged");
+                    let renew = changed.is_ok()
+                        && mqtt::needs_new_connection(session, self.sessions.borrow().as_deref());
+                    if renew && self.flow.renew(Instant::now()) {
+                        tracing::info!("the identity changed or was withdrawn: reconnecting once in-flight messages are acknowledged");
                     }
                 }
                 _ = beat.tick() => {}
