@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test` (both as root on Debian).
-.PHONY: demo test deps lint audit system-test bench bench-downlink cross-deps deb-all arm-smoke fleet-sim
+.PHONY: demo test deps lint audit system-test bench bench-downlink bench-wire cross-deps deb-all arm-smoke fleet-sim
 
 demo:
 	bash scripts/demo.sh
@@ -45,6 +45,13 @@ bench: deps
 # Cloud -> app latency of the downlink (p50/p99 at 10 and 100 msg/s), outside `make test`.
 bench-downlink: deps
 	cargo bench --profile release --bench downlink_latency
+
+# Bytes on a metered link and billed IoT Core messages per device (benches/wire.rs,
+# docs/benchmarks.md "Wire bytes"): idle, 1/min, 1/s and 1/s batched, each with default and
+# cellular settings, all at once for one window (WIRE_BENCH_SECONDS, default 3600). Writes
+# target/wire-bench/results.json. WIRE_BENCH_BINARY=path measures another build.
+bench-wire: deps
+	cargo bench --profile release --bench wire
 
 # 100 daemons of one self-register stack against one moto and one mosquitto, Cognito's quotas
 # scaled down by the proxy (tests/fleet_sim.rs; `make test` runs it with 5). Uses the release

@@ -220,7 +220,8 @@ impl Cloud {
     }
 }
 
-/// A test CA and a server certificate for 127.0.0.1 / localhost.
+/// A test CA and a server certificate for 127.0.0.1 / localhost, and for [`CLOUD_LINK_IP`],
+/// where devices in their own namespaces reach the cloud (benches/wire.rs).
 pub(super) fn make_certificates(dir: &Path) {
     let ec = [
         "-newkey",
@@ -263,8 +264,10 @@ pub(super) fn make_certificates(dir: &Path) {
     );
     std::fs::write(
         dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+        format!(
+            "subjectAltName=IP:127.0.0.1,IP:{CLOUD_LINK_IP},DNS:localhost\n\
+             basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"
+        ),
     )
     .expect("ext");
     run_ok(Command::new("openssl").current_dir(dir).args([

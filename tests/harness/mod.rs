@@ -20,6 +20,7 @@ mod disk;
 mod downlink;
 mod gate;
 mod http_proxy;
+mod link;
 mod namespace;
 mod process;
 mod profile;
@@ -43,6 +44,7 @@ pub use disk::*;
 pub use downlink::*;
 pub use gate::*;
 pub use http_proxy::*;
+pub use link::*;
 pub use namespace::*;
 pub use process::*;
 pub use profile::*;
@@ -55,6 +57,9 @@ pub const FAULT_PROXY_PORT: u16 = 5001;
 pub const WS_PROXY_PORT: u16 = 8444;
 pub const ATTACH_PROXY_PORT: u16 = 5002;
 pub const COGNITO_PROXY_PORT: u16 = 5003;
+/// The cloud's address on the veth links to device namespaces ([`DeviceLink`]); in the test
+/// certificate's SAN.
+pub const CLOUD_LINK_IP: &str = "10.77.0.1";
 pub(super) const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 /// What moto's GetCredentialsForIdentity always returns.

@@ -5,6 +5,12 @@ use super::*;
 impl Cloud {
     /// A fault-injecting proxy in front of moto (tests/support/fault_proxy.py).
     pub fn start_fault_proxy(&self) -> FaultProxy {
+        self.start_fault_proxy_on("127.0.0.1")
+    }
+
+    /// Like [`Cloud::start_fault_proxy`], listening on `host` (`0.0.0.0`: also for devices
+    /// on [`DeviceLink`]s; the namespace keeps it private either way).
+    pub fn start_fault_proxy_on(&self, host: &str) -> FaultProxy {
         let control = self.dir.path().join("fault-mode");
         let log = self.dir.path().join("fault-proxy.log");
         let process = Process {
@@ -13,6 +19,7 @@ impl Cloud {
                 self.namespace
                     .command(python())
                     .arg(repo_root().join("tests/support/fault_proxy.py"))
+                    .args(["--host", host])
                     .args([
                         "--port",
                         &FAULT_PROXY_PORT.to_string(),

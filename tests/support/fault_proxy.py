@@ -12,9 +12,11 @@ forwarded GetCredentialsForIdentity answers to now + N seconds (moto's are fixed
 Each such answer also gets its own AccessKeyId, so a test can tell which credentials signed
 what; the key and its expiry are logged.
 Every request is logged to --log as one JSON line {"t": epoch, "target": ..., "fault": ...,
-"access_key": ..., "expiration": ...}, so a test can count how hard the daemon retried.
+"client": address, "access_key": ..., "expiration": ...}, so a test can count how hard the
+daemon retried (and, with several daemons on their own addresses, whose request it was).
 
 Usage: fault_proxy.py --port 5001 --target http://127.0.0.1:5000 --control FILE --log FILE
+       [--host 127.0.0.1]  (benches/wire.rs binds 0.0.0.0: devices reach it over veth links)
 """
 import argparse
 import http.client
@@ -33,6 +35,7 @@ FAULTS = {
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--target", required=True)
     parser.add_argument("--control", required=True)
     parser.add_argument("--log", required=True)
@@ -65,7 +68,7 @@ def main():
             mode, lifetime = control()
             fault = FAULTS.get(mode) if amz_target else None
             entry = {"t": time.time(), "target": amz_target or self.path,
-                     "fault": fault[1] if fault else None}
+                     "fault": fault[1] if fault else None, "client": self.client_address[0]}
             if fault:
                 with log_lock, open(args.log, "a") as log:
                     log.write(json.dumps(entry) + "\n")
@@ -108,7 +111,7 @@ def main():
 
         do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = handle_any
 
-    ThreadingHTTPServer(("127.0.0.1", args.port), Handler).serve_forever()
+    ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()
 
 
 if __name__ == "__main__":
