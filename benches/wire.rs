@@ -20,12 +20,14 @@
 //!
 //! Cases: idle, a reading a minute, a reading a second, and a reading a second batched into
 //! arrays that fill one 5 KB billing unit, each with the default settings and with "cellular"
-//! ones (`keep_alive = "1200s"`, `identity.refresh = "on-demand"`).
+//! ones (`keep_alive = "10m"`, `identity.refresh = "on-demand"`: the profile docs/configuration.md
+//! recommends, less its batching and health reports).
 //!
 //! Environment: `WIRE_BENCH_SECONDS` (the window), `WIRE_BENCH_BINARY` (the daemon to measure,
 //! e.g. an older commit's release binary; default this checkout's), `WIRE_BENCH_LEGACY=1`
 //! (leave out `identity.refresh`, which an older binary refuses; also left out when the
-//! binary's `check-config` does not know it). Writes `target/wire-bench/results.json`.
+//! binary's `check-config` does not know it), `WIRE_BENCH_OUT` (the output directory, default
+//! `target/wire-bench`, to run before and after side by side). Writes `results.json` there.
 //!
 //! Run: `make bench-wire` (root; `cargo bench --profile release --bench wire`). Under `cargo test`
 //! it is a short smoke run of two cases that checks the tool works and its numbers are sane.
@@ -56,7 +58,7 @@ const BILLING_UNIT: u64 = 5 * 1024;
 /// about 125 bytes).
 const TOPIC_ALLOWANCE: u64 = 160;
 const MONTH_SECONDS: f64 = 30.0 * 86_400.0;
-/// The daemon's counters and the capture must agree this closely (issue 28's done-when)...
+/// The daemon's counters and the capture must agree this closely (what docs promise)...
 const AGREEMENT: f64 = 0.10;
 /// ...give or take what may be in flight at a snapshot (a ping and its answer).
 const AGREEMENT_SLACK: u64 = 64;
@@ -65,7 +67,10 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn main() {
     let plan = Plan::from_env();
-    let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/wire-bench");
+    let out_dir = std::env::var_os("WIRE_BENCH_OUT").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/wire-bench"),
+        PathBuf::from,
+    );
     std::fs::create_dir_all(&out_dir).expect("output dir");
 
     let cloud = Cloud::start();
@@ -264,7 +269,7 @@ impl Case {
             if refresh_key {
                 extra.identity.push_str("refresh = \"on-demand\"\n");
             }
-            extra.mqtt.push_str("keep_alive = \"1200s\"\n");
+            extra.mqtt.push_str("keep_alive = \"10m\"\n");
         }
         if self.workload == Workload::PerSecondBatched {
             // 100 readings of ~45 bytes (~4.6 KB) fill a unit within its bytes; the linger
