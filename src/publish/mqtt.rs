@@ -214,8 +214,9 @@ pub fn failure(error: &ConnectionError) -> Failure {
 
 /// TCP + TLS + websocket upgrade + CONNACK must finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// One flush writes one packet, after what the socket still holds: two of the largest at the
-/// slowest link the PUBACK deadlines allow for (about 4 minutes). A dead link is found by it.
+/// One flush writes a burst (under 64 KiB, plus the packet that crossed it) after what the
+/// socket still holds: two of the largest packets at the slowest link the PUBACK deadlines
+/// allow for (about 4 minutes). A dead link is found by it.
 const FLUSH_TIMEOUT: Duration =
     Duration::from_secs(2 * MAX_PACKET_BYTES as u64 / SLOWEST_LINK_BYTES_PER_S);
 

@@ -68,6 +68,9 @@ pub enum ConnectionError {
     ResponseValidation(#[from] crate::websockets::ValidationError),
 }
 
+/// At most this much goes into one flush of waiting requests.
+pub(crate) const MAX_BURST_BYTES: usize = 64 * 1024;
+
 /// Eventloop with all the state of a connection
 pub struct EventLoop {
     /// Options of the current mqtt connection
@@ -257,6 +260,21 @@ impl EventLoop {
                 Ok(request) => {
                     if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
                         network.write(outgoing).await?;
+                    }
+                    // The requests already waiting go out with this one, in one flush: one
+                    // WebSocket frame, TLS record and send for a burst, not one per packet
+                    // (rumqtt#810). The in-flight window and a byte bound still hold.
+                    while self.pending.is_empty()
+                        && self.state.inflight < self.mqtt_options.inflight
+                        && self.state.collision.is_none()
+                        && network.buffered() < MAX_BURST_BYTES
+                    {
+                        let Ok(request) = self.requests_rx.try_recv() else {
+                            break;
+                        };
+                        if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
+                            network.write(outgoing).await?;
+                        }
                     }
                     match time::timeout(network_timeout, network.flush()).await {
                         Ok(inner) => inner?,

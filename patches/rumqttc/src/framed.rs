@@ -26,7 +26,9 @@ impl Network {
             max_incoming_size,
             max_outgoing_size,
         };
-        let framed = Framed::new(socket, codec);
+        let mut framed = Framed::new(socket, codec);
+        // A burst of requests is written in one go (see the event loop), not in 8 KiB pieces.
+        framed.set_backpressure_boundary(crate::eventloop::MAX_BURST_BYTES);
 
         Network {
             framed,
@@ -82,6 +84,11 @@ impl Network {
             .feed(packet)
             .await
             .map_err(StateError::Deserialization)
+    }
+
+    /// Bytes written and not flushed yet.
+    pub fn buffered(&self) -> usize {
+        self.framed.write_buffer().len()
     }
 
     pub async fn flush(&mut self) -> Result<(), crate::state::StateError> {
