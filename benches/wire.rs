@@ -2,7 +2,8 @@
 //! IoT Core messages.
 //!
 //! One emulated cloud (moto behind tests/support/fault_proxy.py, which makes credentials live
-//! one hour like Cognito's instead of moto's 90 s, and mosquitto over wss) in its namespace;
+//! one hour like Cognito's instead of moto's 90 s, and mosquitto over wss behind
+//! tests/support/ws_proxy.py, which answers mosquitto's own websocket pings, see below) in its namespace;
 //! each case's daemon in its own "device" namespace, joined to the cloud's by a veth pair
 //! (tests/harness/link.rs), so every byte the daemon exchanges with the cloud crosses that
 //! link. All cases run at the same time, for one window (`WIRE_BENCH_SECONDS`, 3600 s under
@@ -22,6 +23,13 @@
 //! arrays that fill one 5 KB billing unit, each with the default settings and with "cellular"
 //! ones (`keep_alive = "10m"`, `identity.refresh = "on-demand"`: the profile docs/configuration.md
 //! recommends, less its batching and health reports).
+//!
+//! mosquitto's libwebsockets sends every client a websocket PING every 300 s (its default
+//! validity check; the client's PONG follows), 12 exchanges an hour that IoT Core does not
+//! document (its idle check is the MQTT keep-alive: AWS IoT Core endpoints and quotas, message
+//! broker limits), and that an idle cellular device would otherwise spend two thirds of its bytes
+//! on. So the daemons reach the broker through ws_proxy.py, which answers those pings itself;
+//! `WIRE_BENCH_BROKER_PINGS=1` connects them to mosquitto directly, as the first runs did.
 //!
 //! Environment: `WIRE_BENCH_SECONDS` (the window), `WIRE_BENCH_BINARY` (the daemon to measure,
 //! e.g. an older commit's release binary; default this checkout's), `WIRE_BENCH_LEGACY=1`
@@ -49,7 +57,7 @@ mod harness;
 
 use harness::{
     CLOUD_LINK_IP, Cloud, DEVICE_LINK_IFACE, DeviceLink, FAULT_PROXY_PORT, FaultProxy, KillOnDrop,
-    LinkCounters, MQTT_PORT, WSS_PORT,
+    LinkCounters, MQTT_PORT, WS_PROXY_PORT, WSS_PORT,
 };
 
 /// IoT Core meters a PUBLISH in units of 5 KB of payload plus topic, rounded up.
@@ -76,6 +84,7 @@ fn main() {
     let cloud = Cloud::start();
     let proxy = cloud.start_fault_proxy_on("0.0.0.0");
     proxy.set_mode("pass lifetime=3600");
+    let front = (!broker_pings_passed()).then(|| cloud.start_ws_proxy_on("0.0.0.0", true));
     // The subscriber reaches the broker's plain listener on the cloud's loopback; the daemons
     // and the capture are placed in their namespaces explicitly.
     cloud.namespace.enter();
@@ -118,6 +127,10 @@ fn main() {
         "binary": options.binary.display().to_string(),
         "identity_refresh_key": options.refresh_key,
         "billing_unit_bytes": BILLING_UNIT,
+        "broker_websocket_pings": if front.is_some() { "answered by ws_proxy.py" } else { "passed to the devices" },
+        "broker_pings_answered": front.as_ref().map(|f| {
+            f.upgrades().iter().filter(|line| line["broker_ping"] == true).count()
+        }),
         "cases": results,
     });
     save_logs(&out_dir, &cloud, &devices);
@@ -298,6 +311,20 @@ struct Options {
     refresh_key: bool,
 }
 
+/// `WIRE_BENCH_BROKER_PINGS=1`: the daemons talk to mosquitto directly and get its websocket pings.
+fn broker_pings_passed() -> bool {
+    std::env::var("WIRE_BENCH_BROKER_PINGS").is_ok_and(|v| v == "1")
+}
+
+/// The port the daemons' MQTT connections go to on the cloud's end of the link.
+fn mqtt_port() -> u16 {
+    if broker_pings_passed() {
+        WSS_PORT
+    } else {
+        WS_PROXY_PORT
+    }
+}
+
 /// Whether `binary` accepts `identity.refresh`: unknown keys are config errors, so an older
 /// binary must be given a config without it.
 fn refresh_key_known(binary: &Path, cloud: &Cloud) -> bool {
@@ -337,10 +364,11 @@ fn write_config(dir: &Path, cloud: &Cloud, case: &Case, refresh_key: bool) -> Pa
         "[aws]\nendpoint_url = \"http://{CLOUD_LINK_IP}:{FAULT_PROXY_PORT}\"\n\n\
          [identity]\nidentity_pool_id = {pool:?}\nsecret_id = {secret:?}\n\
          unauth_role_arn = {role:?}\nstart_delay = \"0s\"\n{identity}\n\
-         [mqtt]\nurl = \"wss://{CLOUD_LINK_IP}:{WSS_PORT}/mqtt\"\nca_file = {ca:?}\n{mqtt}\n\
+         [mqtt]\nurl = \"wss://{CLOUD_LINK_IP}:{port}/mqtt\"\nca_file = {ca:?}\n{mqtt}\n\
          [socket]\npath = {socket:?}\n\n[state]\ndir = {state:?}\n\n\
          [log]\nlevel = \"info\"\n\n{sections}",
         identity = extra.identity,
+        port = mqtt_port(),
         mqtt = extra.mqtt,
         sections = extra.sections,
         pool = cloud.account.identity_pool_id,
@@ -547,8 +575,8 @@ fn measure(
             end,
             published,
             written: written[i],
-            broker: BrokerEvents::count(log, &device.link.device_ip, end),
-            startup_broker: BrokerEvents::count(startup_log, &device.link.device_ip, end),
+            broker: BrokerEvents::count(log, end),
+            startup_broker: BrokerEvents::count(startup_log, end),
             api_calls: &api_calls,
             settled: settled[i],
         };
@@ -704,9 +732,9 @@ struct BrokerEvents {
 }
 
 impl BrokerEvents {
-    /// Counts in `log` (the window's part of the broker's log) by the device's address
-    /// (connects) and client id (the identity id, from its status).
-    fn count(log: &str, device_ip: &str, end: &Snapshot) -> BrokerEvents {
+    /// Counts in `log` (the window's part of the broker's log) by the device's client id (the
+    /// identity id, from its status): through ws_proxy.py every client comes from loopback.
+    fn count(log: &str, end: &Snapshot) -> BrokerEvents {
         let client = end
             .status
             .as_ref()
@@ -717,14 +745,12 @@ impl BrokerEvents {
             line.split_once(&marker)
                 .is_some_and(|(_, after)| after.is_empty() || after.starts_with(' '))
         };
-        // The wss listener is dual-stack: IPv4 peers show as `::ffff:a.b.c.d`.
-        let connected = [
-            format!("New client connected from {device_ip}:"),
-            format!("New client connected from ::ffff:{device_ip}:"),
-        ];
+        // "New client connected from <address>:<port> as <client id> (p2, c0, k30)."
+        let connected = format!(" as {client} (");
         let mut events = BrokerEvents::default();
         for line in log.lines() {
-            events.connects += u64::from(connected.iter().any(|c| line.contains(c)));
+            events.connects +=
+                u64::from(line.contains("New client connected from ") && line.contains(&connected));
             events.subscribes += u64::from(from(line, "SUBSCRIBE"));
             events.pings += u64::from(from(line, "PINGREQ"));
         }
@@ -826,7 +852,7 @@ impl Sniffer {
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/python/tcp_payload.py"))
             .args(["--iface", DEVICE_LINK_IFACE, "--local", &link.device_ip])
             .arg(format!("--port=api={FAULT_PROXY_PORT}"))
-            .arg(format!("--port=mqtt={WSS_PORT}"))
+            .arg(format!("--port=mqtt={}", mqtt_port()))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -52,6 +52,13 @@ impl Cloud {
     /// A TLS proxy in front of the broker's wss listener that logs each websocket upgrade's
     /// signature fields and can cut connections or answer 403 (tests/support/ws_proxy.py).
     pub fn start_ws_proxy(&self) -> WsProxy {
+        self.start_ws_proxy_on("127.0.0.1", false)
+    }
+
+    /// Like [`Cloud::start_ws_proxy`], listening on `host`; with `answer_broker_pings` it
+    /// answers the broker's websocket pings itself instead of passing them to the client
+    /// (see tests/support/ws_proxy.py).
+    pub fn start_ws_proxy_on(&self, host: &str, answer_broker_pings: bool) -> WsProxy {
         let control = self.dir.path().join("ws-proxy-mode");
         let log = self.dir.path().join("ws-proxy.log");
         let process = Process {
@@ -60,7 +67,10 @@ impl Cloud {
                 self.namespace
                     .command(python())
                     .arg(repo_root().join("tests/support/ws_proxy.py"))
+                    .args(answer_broker_pings.then_some("--answer-broker-pings"))
                     .args([
+                        "--host",
+                        host,
                         "--port",
                         &WS_PROXY_PORT.to_string(),
                         "--target-port",

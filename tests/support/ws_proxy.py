@@ -10,10 +10,18 @@ and then handled as the control file says:
     refuse403 S   answer 403 Forbidden with a Date header S seconds off this machine's clock
                   (what IoT Core answers a device whose clock is off)
 
-Usage: ws_proxy.py --port 8444 --target-port 8443 --cert F --key F --control FILE --log FILE
+With --answer-broker-pings it reads the websocket frames both ways and answers the broker's
+PING frames itself instead of passing them on: mosquitto's libwebsockets pings every client
+every 300 s (its default validity policy), which IoT Core does not document doing (its idle
+check is the MQTT keep-alive); the wire benchmark uses this to count what a device exchanges
+with IoT Core, not with libwebsockets. Each answered ping is logged as {"t": ..., "broker_ping": true}.
+
+Usage: ws_proxy.py [--host 127.0.0.1] --port 8444 --target-port 8443 --cert F --key F
+       --control FILE --log FILE [--answer-broker-pings]
 """
 import argparse
 import json
+import os
 import select
 import socket
 import ssl
@@ -24,10 +32,45 @@ from email.utils import formatdate
 
 MAX_HEAD = 16384
 POLL_S = 0.2
+PING, PONG = 0x9, 0xA
+
+
+def split_frames(data):
+    """Complete websocket frames at the start of `data` as (bytes, opcode, payload), and the rest."""
+    frames = []
+    while len(data) >= 2:
+        length, at = data[1] & 0x7F, 2
+        if length == 126:
+            if len(data) < 4:
+                break
+            length, at = int.from_bytes(data[2:4], "big"), 4
+        elif length == 127:
+            if len(data) < 10:
+                break
+            length, at = int.from_bytes(data[2:10], "big"), 10
+        key = data[at:at + 4] if data[1] & 0x80 else b""
+        end = at + len(key) + length
+        if len(data) < end:
+            break
+        payload = data[at + len(key):end]
+        if key:
+            payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+        frames.append((data[:end], data[0] & 0x0F, payload))
+        data = data[end:]
+    return frames, data
+
+
+def masked_pong(payload):
+    """A client's PONG frame (clients mask every frame, RFC 6455 5.3); payloads are < 126 bytes."""
+    key = os.urandom(4)
+    return (bytes([0x80 | PONG, 0x80 | len(payload)]) + key
+            + bytes(b ^ key[i % 4] for i, b in enumerate(payload)))
 
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--answer-broker-pings", action="store_true")
     for name in ("--port", "--target-port"):
         parser.add_argument(name, type=int, required=True)
     for name in ("--cert", "--key", "--control", "--log"):
@@ -89,6 +132,18 @@ def main():
             upstream.settimeout(None)
             upstream.sendall(head)
             peers = {conn: upstream, upstream: conn}
+            # With --answer-broker-pings the broker's upgrade answer is passed on, then only whole
+            # frames, so that a PONG sent to the broker never lands inside one of the client's.
+            partial = {conn: b"", upstream: b""}
+            if args.answer_broker_pings:
+                answer = b""
+                while b"\r\n\r\n" not in answer:
+                    chunk = upstream.recv(4096)
+                    if not chunk or len(answer) > MAX_HEAD:
+                        return
+                    answer += chunk
+                answer, partial[upstream] = answer.split(b"\r\n\r\n", 1)
+                conn.sendall(answer + b"\r\n\r\n")
             while mode() == "pass":
                 ready = [s for s in peers if s.pending()]
                 if not ready:
@@ -97,7 +152,19 @@ def main():
                     data = sock.recv(65536)
                     if not data:
                         return
-                    peers[sock].sendall(data)
+                    if not args.answer_broker_pings:
+                        peers[sock].sendall(data)
+                        continue
+                    frames, partial[sock] = split_frames(partial[sock] + data)
+                    forward = b""
+                    for raw, opcode, payload in frames:
+                        if sock is upstream and opcode == PING:
+                            upstream.sendall(masked_pong(payload))
+                            log({"t": time.time(), "broker_ping": True})
+                        else:
+                            forward += raw
+                    if forward:
+                        peers[sock].sendall(forward)
         except (OSError, ssl.SSLError, ValueError, IndexError):
             return
         finally:
@@ -108,7 +175,7 @@ def main():
                     except OSError:
                         pass
 
-    server = socket.create_server(("127.0.0.1", args.port))
+    server = socket.create_server((args.host, args.port))
     while True:
         raw, _ = server.accept()
         threading.Thread(target=handle, args=(raw,), daemon=True).start()
