@@ -71,6 +71,18 @@ pub enum ConnectionError {
 /// At most this much goes into one flush of waiting requests.
 pub(crate) const MAX_BURST_BYTES: usize = 64 * 1024;
 
+/// tungstenite zero-fills its whole read buffer before every read (snapview/tungstenite-rs#547),
+/// 128 KiB by default; one TLS record's plaintext (16 KiB) is enough for a read, and a larger
+/// frame still gets the room its header asks for.
+#[cfg(all(feature = "use-rustls-no-provider", feature = "websocket"))]
+const WEBSOCKET_READ_BUFFER: usize = 16 * 1024;
+
+#[cfg(all(feature = "use-rustls-no-provider", feature = "websocket"))]
+fn websocket_config() -> async_tungstenite::tungstenite::protocol::WebSocketConfig {
+    async_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(WEBSOCKET_READ_BUFFER)
+}
+
 /// Eventloop with all the state of a connection
 pub struct EventLoop {
     /// Options of the current mqtt connection
@@ -502,12 +514,14 @@ async fn network_connect(
 
             let connector = tls::rustls_connector(&tls_config).await?;
 
-            let (socket, response) = async_tungstenite::tokio::client_async_tls_with_connector(
-                request,
-                tcp_stream,
-                Some(connector),
-            )
-            .await?;
+            let (socket, response) =
+                async_tungstenite::tokio::client_async_tls_with_connector_and_config(
+                    request,
+                    tcp_stream,
+                    Some(connector),
+                    Some(websocket_config()),
+                )
+                .await?;
             validate_response_headers(response)?;
 
             Network::new(
