@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test` (both as root on Debian).
-.PHONY: demo test deps lint audit system-test bench bench-downlink bench-wire cross-deps deb-all arm-smoke fleet-sim
+.PHONY: demo test deps lint audit system-test tarball-test bench bench-downlink bench-wire cross-deps deb-all arm-smoke fleet-sim
 
 demo:
 	bash scripts/demo.sh
@@ -22,6 +22,19 @@ system-test:
 	lintian --fail-on error,warning --suppress-tags initial-upload-closes-no-bugs "$$deb" && \
 	bash tests/system/run.sh "$$deb" && \
 	bash tests/system/from-clone.sh "$$deb"
+
+# The release tarball's install.sh in throwaway containers, under systemd and without
+# (tests/system/tarball.sh). TARBALL=path tests that tarball (CI: the x86_64 one of make dist);
+# without it, a tarball of this machine's release build, dynamic as it is.
+TARBALL ?=
+tarball-test:
+	tarball="$(TARBALL)" && \
+	if [ -z "$$tarball" ]; then \
+		cargo build --release --bin iot-cognito-relay && \
+		tarball=$$(TARBALL_ALLOW_DYNAMIC=1 bash scripts/tarball.sh \
+			"$${CARGO_TARGET_DIR:-target}/release/iot-cognito-relay" "$$(uname -m)" target/tarball-test); \
+	fi && \
+	bash tests/system/tarball.sh "$$tarball"
 
 # The three packages: amd64, and arm64 + armhf cross-built (Debian's cross gcc, see
 # .cargo/config.toml), each lintian-clean; copied to target/debian-all/.

@@ -2,13 +2,14 @@
 # Installs what the tests and the demo need on a fresh Debian machine, skipping what is there:
 # mosquitto (+ clients), openssl, iproute2, sqlite3, libfaketime, lintian, e2fsprogs (the
 # failing-disk test formats a loop device), passwd (throwaway users), tinyproxy (the proxy
-# test's real HTTP proxy), nftables (it blocks the direct routes), procps (sysctl), cargo-deb, and a
+# test's real HTTP proxy), nftables (it blocks the direct routes), procps (sysctl), busybox (the
+# tarball's install.sh under BusyBox ash), cargo-deb, and a
 # Python venv (.venv) with the packages of requirements-dev.txt (moto[server], boto3, cfn-lint,
 # checkov, pytest…) and benches/python/requirements.txt (awsiotsdk for the peer relay, matplotlib).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES=(mosquitto mosquitto-clients openssl iproute2 sqlite3 libfaketime socat jq lintian systemd util-linux
-    e2fsprogs passwd tinyproxy-bin nftables procps)
+    e2fsprogs passwd tinyproxy-bin nftables procps busybox)
 missing=()
 for package in "${PACKAGES[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -584,6 +584,27 @@ fn doctor_passes_a_healthy_device_and_names_each_broken_step_with_its_fix() {
         !text.contains(&cloud.account.password),
         "the password in: {text}"
     );
+    assert!(
+        text.contains("PASS  trust store: AWS API calls trust the system's CA store"),
+        "{text}"
+    );
+    // A system without a CA store (a static binary on Alpine without ca-certificates): the
+    // built-in Amazon roots, and the chain still walks (the emulated AWS is plain HTTP).
+    let empty_store = dir.path().join("no-certificates.pem");
+    std::fs::write(&empty_store, "").expect("write empty store");
+    let (code, text) = doctor(
+        &cloud,
+        &config,
+        &[
+            ("SSL_CERT_FILE", empty_store.to_str().expect("utf-8 path")),
+            ("SSL_CERT_DIR", ""),
+        ],
+    );
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("PASS  trust store: AWS API calls trust the built-in Amazon roots (5 certificates; no system CA store: no certificate in the usual places"),
+        "{text}"
+    );
 
     let url_line = format!("url = {:?}", cloud.mqtt_url());
     let secret_line = format!("secret_id = {:?}", cloud.account.secret_id);

@@ -19,7 +19,10 @@ use serde_json::Value;
 
 use crate::config::{Config, Proxy};
 use crate::identity::IdentityError;
-use crate::identity::aws::{AwsCredentials, AwsFailure, base_config, credentials_for_identity};
+use crate::identity::api_roots::api_roots;
+use crate::identity::aws::{
+    AwsCredentials, AwsFailure, SdkSetupError, base_config, credentials_for_identity,
+};
 use crate::identity::bootstrap::{DeviceSecret, fetch_device_secret, unauthenticated_existing};
 use crate::identity::cache::IdentityCache;
 use crate::identity::device::DeviceFile;
@@ -327,15 +330,29 @@ impl Doctor<'_> {
         daemon_connected
     }
 
+    /// The SDK's client; which CA roots its HTTPS calls trust comes first, as a fallback to
+    /// the built-in roots explains a TLS failure on a device with its own CA setup.
     async fn sdk_config(&mut self) -> Option<SdkConfig> {
         let config = self.config;
+        self.report.pass(
+            "trust store",
+            format!("AWS API calls trust {}", api_roots().describe()),
+        );
         match base_config(&config.aws.region, &config.aws.endpoint_url, self.proxy).await {
             Ok(base) => Some(base),
-            Err(error) => {
+            Err(error @ SdkSetupError::Proxy) => {
                 self.report.fail(
                     "proxy",
                     error.to_string(),
                     "check network.proxy or HTTPS_PROXY",
+                );
+                None
+            }
+            Err(error @ SdkSetupError::Roots(_)) => {
+                self.report.fail(
+                    "trust store",
+                    error.to_string(),
+                    "report this as a bug: the built-in roots are part of the binary",
                 );
                 None
             }

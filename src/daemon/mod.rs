@@ -23,6 +23,7 @@ use crate::config::{Config, Proxy, PublishConfig, RawSocketConfig, SpoolConfig};
 use crate::downlink::Downlink;
 use crate::heartbeat;
 use crate::identity::IdentityManager;
+use crate::identity::aws::SdkSetupError;
 use crate::ingest::raw::RawServer;
 use crate::ingest::server::{self, BindError, IngestServer};
 use crate::ops::health::{HEALTH_QUEUE, HealthReporter};
@@ -62,7 +63,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Proxy(#[from] crate::config::ProxyError),
     #[error(transparent)]
-    SdkProxy(#[from] crate::identity::aws::ProxyConfigError),
+    Sdk(#[from] SdkSetupError),
     #[error(transparent)]
     FileLimit(#[from] file_limit::FileLimitError),
     #[error("the {0} stopped unexpectedly")]
@@ -92,7 +93,7 @@ impl DaemonError {
             | DaemonError::InsecureStateDir { .. }
             | DaemonError::Tls(_)
             | DaemonError::Proxy(_)
-            | DaemonError::SdkProxy(_)
+            | DaemonError::Sdk(SdkSetupError::Proxy)
             | DaemonError::FileLimit(_)
             | DaemonError::Socket(BindError::Io { .. })
             | DaemonError::Socket(BindError::NotSocket(_)) => true,
@@ -101,6 +102,7 @@ impl DaemonError {
             | DaemonError::Lock { .. }
             | DaemonError::Spool(_)
             | DaemonError::Inbox(_)
+            | DaemonError::Sdk(SdkSetupError::Roots(_))
             | DaemonError::TaskFailed(_) => false,
         }
     }

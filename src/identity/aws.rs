@@ -13,6 +13,7 @@ use aws_smithy_types::error::display::DisplayErrorContext;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 use crate::config::Proxy;
+use crate::identity::api_roots;
 use crate::secret::Secret;
 
 /// A whole AWS call, retries included, gives up after this long.
@@ -22,21 +23,24 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Base SDK config without credentials: unsigned Cognito calls use it as is; calls that need
 /// the Cognito credentials add them per client. With a `proxy`, every call goes through it
 /// (HTTPS by CONNECT, Basic credentials sent with the first request) unless its `no_proxy`
-/// names the host.
+/// names the host. TLS trusts the system's CA store, or the built-in Amazon roots where the
+/// system has none (`api_roots`).
 pub async fn base_config(
     region: &str,
     endpoint_url: &str,
     proxy: Option<&Proxy>,
-) -> Result<SdkConfig, ProxyConfigError> {
+) -> Result<SdkConfig, SdkSetupError> {
     let ring = || tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring);
+    let tls_context = api_roots::tls_context(api_roots::api_roots())?;
     let http_client = match proxy {
         None => aws_smithy_http_client::Builder::new()
             .tls_provider(ring())
+            .tls_context(tls_context)
             .build_https(),
         Some(proxy) => {
             // The SDK's own parser: a URL it cannot read would silently mean no proxy.
             let config = ProxyConfig::all(proxy.sdk_url().expose().as_str())
-                .map_err(|_| ProxyConfigError)?
+                .map_err(|_| SdkSetupError::Proxy)?
                 .no_proxy(proxy.sdk_no_proxy());
             // The connector builder is the SDK's only way to a proxy; this keeps the SDK's
             // connector cache (one pool per timeout setting).
@@ -47,7 +51,10 @@ pub async fn base_config(
                     if let Some(components) = components {
                         builder.set_sleep_impl(components.sleep_impl());
                     }
-                    builder.tls_provider(ring()).build()
+                    builder
+                        .tls_provider(ring())
+                        .tls_context(tls_context.clone())
+                        .build()
                 },
             )
         }
@@ -68,11 +75,16 @@ pub async fn base_config(
     Ok(loader.load().await)
 }
 
-/// The AWS SDK refused the proxy URL that `network.proxy` accepted (never shown: it may hold
-/// credentials).
+/// Why the SDK's HTTP client could not be set up.
 #[derive(Debug, thiserror::Error)]
-#[error("the AWS SDK cannot use this proxy URL (check network.proxy or HTTPS_PROXY)")]
-pub struct ProxyConfigError;
+pub enum SdkSetupError {
+    /// The AWS SDK refused the proxy URL that `network.proxy` accepted (never shown: it may
+    /// hold credentials).
+    #[error("the AWS SDK cannot use this proxy URL (check network.proxy or HTTPS_PROXY)")]
+    Proxy,
+    #[error(transparent)]
+    Roots(#[from] api_roots::ApiRootsError),
+}
 
 /// Temporary AWS credentials from Cognito or STS.
 #[derive(Clone, Debug)]

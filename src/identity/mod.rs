@@ -6,6 +6,7 @@
 //! What to do next, and every fallback, is decided in `chain.rs`; this loop carries the steps
 //! out: the AWS calls (through the step modules), the state files, the log and the watches.
 
+pub mod api_roots;
 mod attach;
 pub mod aws;
 pub mod bootstrap;

@@ -73,8 +73,9 @@ pub fn proxy_tls_config() -> Result<Arc<ClientConfig>, TlsError> {
     client_config(roots)
 }
 
-/// IoT Core's ATS endpoints chain to the Amazon roots (and, cross-signed, to Starfield's).
-fn is_amazon_root(subject_der: &[u8]) -> bool {
+/// IoT Core's ATS endpoints chain to the Amazon roots (and, cross-signed, to Starfield's), as
+/// every other AWS endpoint does.
+pub(crate) fn is_amazon_root(subject_der: &[u8]) -> bool {
     [b"Amazon Root CA".as_slice(), b"Starfield Services Root"]
         .iter()
         .any(|name| {
