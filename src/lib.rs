@@ -7,6 +7,7 @@
 
 // The public surface is what `main`, the fuzz target, the benches and the integration tests
 // use; everything else is internal to the crate.
+mod amazon_roots;
 pub mod cli;
 mod config;
 mod daemon;

@@ -9,7 +9,7 @@ use aws_smithy_http_client::tls::{TlsContext, TrustStore};
 use base64::Engine;
 use rustls_pki_types::CertificateDer;
 
-use crate::publish::tls::is_amazon_root;
+use crate::amazon_roots::is_amazon_root;
 
 /// Where the AWS API calls' trusted roots come from.
 #[derive(Debug, Clone, PartialEq, Eq)]

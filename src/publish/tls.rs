@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::amazon_roots::is_amazon_root;
 use rustls::ClientConfig;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -71,16 +72,4 @@ pub fn proxy_tls_config() -> Result<Arc<ClientConfig>, TlsError> {
         return Err(TlsError::EmptyCaFile("the system's CA bundle".into()));
     }
     client_config(roots)
-}
-
-/// IoT Core's ATS endpoints chain to the Amazon roots (and, cross-signed, to Starfield's), as
-/// every other AWS endpoint does.
-pub(crate) fn is_amazon_root(subject_der: &[u8]) -> bool {
-    [b"Amazon Root CA".as_slice(), b"Starfield Services Root"]
-        .iter()
-        .any(|name| {
-            subject_der
-                .windows(name.len())
-                .any(|window| window == *name)
-        })
 }
