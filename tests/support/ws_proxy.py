@@ -60,6 +60,17 @@ def split_frames(data):
     return frames, data
 
 
+def read_head(sock):
+    """An HTTP head from `sock` and whatever came after it, or None if it closed or sent too much."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk or len(data) > MAX_HEAD:
+            return None
+        data += chunk
+    return data
+
+
 def masked_pong(payload):
     """A client's PONG frame (clients mask every frame, RFC 6455 5.3); payloads are < 126 bytes."""
     key = os.urandom(4)
@@ -102,12 +113,9 @@ def main():
             return
         upstream = None
         try:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = conn.recv(4096)
-                if not chunk or len(head) > MAX_HEAD:
-                    return
-                head += chunk
+            head = read_head(conn)
+            if head is None:
+                return
             target = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")[1]
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query)
             first = lambda key: query.get(key, [None])[0]
@@ -136,12 +144,9 @@ def main():
             # frames, so that a PONG sent to the broker never lands inside one of the client's.
             partial = {conn: b"", upstream: b""}
             if args.answer_broker_pings:
-                answer = b""
-                while b"\r\n\r\n" not in answer:
-                    chunk = upstream.recv(4096)
-                    if not chunk or len(answer) > MAX_HEAD:
-                        return
-                    answer += chunk
+                answer = read_head(upstream)
+                if answer is None:
+                    return
                 answer, partial[upstream] = answer.split(b"\r\n\r\n", 1)
                 conn.sendall(answer + b"\r\n\r\n")
             while mode() == "pass":
