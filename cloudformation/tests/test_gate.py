@@ -402,7 +402,7 @@ def test_what_the_gate_does_not_model_raises():
                  "Condition": {"IpAddress": {"aws:SourceIp": ["127.0.0.0/8"]}}}
     role = aws_gate.Role("arn:aws:iam::123456789012:role/r", [statement], [], 3600)
     principal = aws_gate.Principal("ASIAX", "t", role, "s", "id", True, "enhanced", None,
-                                   time.time() + 60, "123456789012")
+                                   time.time() + 60, "123456789012", "secret")
     with pytest.raises(aws_gate.NotModelled, match="aws:SourceIp"):
         cloud.iot_decide(principal, "iot:Connect", "arn:aws:iot:us-east-1:123456789012:client/id",
                          "id", "127.0.0.1", [])
@@ -432,6 +432,31 @@ def test_unknown_unsigned_and_forged_requests(gate, account):
     assert json.loads(caught.value.read())["__type"] == "MissingAuthenticationTokenException"
 
 
+def test_a_signature_made_with_another_secret_is_refused(gate, account):
+    """AWS recomputes the signature with the key's secret: right key and token, wrong secret
+    -> 403 InvalidSignatureException (SignatureDoesNotMatch from STS); the right secret
+    passes, also for the REST services (IoT's AttachPolicy reaches the policy check)."""
+    identity_id, credentials = authenticated(gate, account)
+    wrong = dict(credentials, aws_secret_access_key=credentials["aws_secret_access_key"][::-1])
+    status, code, message = refusal(lambda: gate.client("secretsmanager", wrong).get_secret_value(
+        SecretId=account["secret_id"]))
+    assert (status, code) == (403, "InvalidSignatureException")
+    assert message.startswith("The request signature we calculated does not match")
+    status, code, _ = refusal(lambda: gate.client("iot", wrong).attach_policy(
+        policyName="p+1", target=identity_id))
+    assert (status, code) == (403, "InvalidSignatureException")
+    status, code, _ = refusal(lambda: gate.client("sts", wrong).get_caller_identity())
+    assert (status, code) == (403, "SignatureDoesNotMatch")
+    assert gate.client("sts", credentials).get_caller_identity()["Arn"].startswith("arn:aws:sts::")
+    # Signed correctly, AttachPolicy is judged by the policies (devices hold no iot:AttachPolicy).
+    status, code, _ = refusal(lambda: gate.client("iot", credentials).attach_policy(
+        policyName="p+1", target=identity_id))
+    assert (status, code) == (403, "AccessDeniedException")
+    mismatches = [e for e in gate.entries(decision="deny") if e.get("reason") == "signature mismatch"]
+    assert len(mismatches) == 3
+    assert credentials["aws_secret_access_key"] not in gate.log.read_text()
+
+
 def test_expired_credentials_are_refused_as_each_service_does(gate, account):
     """moto's credentials live 90 s (15 min at least from STS): the expiry rule is checked on the
     gate's own state rather than by waiting."""
@@ -444,7 +469,7 @@ def test_expired_credentials_are_refused_as_each_service_does(gate, account):
     role = aws_gate.Role("arn:aws:iam::123456789012:role/r", [], [], 3600)
     for akid, expires in (("ASIAOLD", time.time() - 1), ("ASIANEW", time.time() + 60)):
         state.principals[akid] = aws_gate.Principal(akid, "token", role, "s", "id", False, "classic",
-                                                    None, expires, "123456789012")
+                                                    None, expires, "123456789012", "secret")
     assert state.principal("ASIAOLD", "token") == (None, "expired")
     assert state.principal("ASIANEW", "token")[1] is None
     assert state.principal("ASIANEW", "other") == (None, "invalid")

@@ -339,7 +339,7 @@ impl Doctor<'_> {
             format!("AWS API calls trust {}", api_roots().describe()),
         );
         match base_config(&config.aws.region, &config.aws.endpoint_url, self.proxy).await {
-            Ok(base) => Some(base),
+            Ok(api) => Some(api.sdk),
             Err(error @ SdkSetupError::Proxy) => {
                 self.report.fail(
                     "proxy",

@@ -15,7 +15,7 @@ mod supervisor;
 use std::future::Future;
 use std::sync::Arc;
 
-use aws_config::SdkConfig;
+use crate::identity::aws::Api;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 
@@ -151,10 +151,10 @@ impl Daemon {
             downlink,
             listeners,
             mqtt,
-            sdk,
+            api,
         } = Opened::open(&config).await?;
         let (identity, identity_watch) =
-            IdentityManager::new(sdk, config.identity.clone(), config.state.dir.clone());
+            IdentityManager::new(api, config.identity.clone(), config.state.dir.clone());
         let rules = Arc::new(TopicRules::new(
             &config.mqtt.topic_prefix,
             &config.identity.identity_pool_id,
@@ -283,8 +283,8 @@ struct Opened {
     downlink: Downlink,
     listeners: Listeners,
     mqtt: MqttSettings,
-    /// The AWS SDK's config, routed through the proxy when there is one.
-    sdk: SdkConfig,
+    /// How the identity steps reach AWS, through the proxy when there is one.
+    api: Api,
 }
 
 impl Opened {
@@ -303,7 +303,7 @@ impl Opened {
         if let Some(proxy) = &proxy {
             tracing::info!(proxy = ?proxy, no_proxy = %proxy.sdk_no_proxy(), "outbound connections go through a proxy");
         }
-        let sdk = crate::identity::aws::base_config(
+        let api = crate::identity::aws::base_config(
             &config.aws.region,
             &config.aws.endpoint_url,
             proxy.as_ref(),
@@ -324,7 +324,7 @@ impl Opened {
             downlink,
             listeners,
             mqtt,
-            sdk,
+            api,
         })
     }
 }

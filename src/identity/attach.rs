@@ -4,14 +4,12 @@
 //! scoped to one policy or one target. Without the tag (older stacks) the device calls
 //! `AttachPolicy` itself.
 
-use aws_config::SdkConfig;
-use aws_sdk_lambda::primitives::Blob;
-use aws_sdk_lambda::types::InvocationType;
 use serde::Deserialize;
 
 use super::IdentityError;
 use super::bootstrap::DeviceSecret;
-use crate::identity::aws::{AwsCredentials, describe};
+use super::rest::{self, Call};
+use crate::identity::aws::{Api, AwsCredentials};
 use crate::secret::Secret;
 
 /// How much of a function error's message is repeated in our error (it is the function's own
@@ -37,7 +35,7 @@ struct FunctionError {
 /// Attaches `secret.iot_policy` to `identity_id`, through the stack's function when the secret
 /// names one, otherwise with `AttachPolicy`.
 pub async fn attach_policy(
-    base: &SdkConfig,
+    api: &Api,
     secret: &DeviceSecret,
     identity_id: &str,
     credentials: &AwsCredentials,
@@ -45,38 +43,32 @@ pub async fn attach_policy(
 ) -> Result<(), IdentityError> {
     match secret.attach_function.as_deref() {
         Some(function) => {
-            invoke_function(base, function, secret, identity_id, credentials, id_token).await
+            invoke_function(api, function, secret, identity_id, credentials, id_token).await
         }
-        None => attach_directly(base, secret, identity_id, credentials).await,
+        None => attach_directly(api, secret, identity_id, credentials).await,
     }
 }
 
 /// `Invoke` (RequestResponse) with `{"IdToken": ...}`: the function derives the identity from
 /// the token itself and attaches the stack's policy to it.
 async fn invoke_function(
-    base: &SdkConfig,
+    api: &Api,
     function: &str,
     secret: &DeviceSecret,
     identity_id: &str,
     credentials: &AwsCredentials,
     id_token: &Secret<String>,
 ) -> Result<(), IdentityError> {
-    let config = aws_sdk_lambda::config::Builder::from(base)
-        .credentials_provider(credentials.to_sdk())
-        .build();
     let payload = serde_json::json!({ "IdToken": id_token.expose() }).to_string();
-    let output = aws_sdk_lambda::Client::from_conf(config)
-        .invoke()
-        .function_name(function)
-        .invocation_type(InvocationType::RequestResponse)
-        .payload(Blob::new(payload))
-        .send()
-        .await
-        .map_err(|e| {
-            IdentityError::AttachPolicy(format!("invoking {function}: {}", describe(&e)))
-        })?;
-    let body = output.payload.map(Blob::into_inner).unwrap_or_default();
-    if let Some(kind) = output.function_error {
+    let answer = rest::send(
+        api,
+        credentials,
+        Call::invoke(function, payload.into_bytes()),
+    )
+    .await
+    .map_err(|e| IdentityError::AttachPolicy(format!("invoking {function}: {e}")))?;
+    let body = answer.body;
+    if let Some(kind) = answer.headers.get("x-amz-function-error") {
         let error: FunctionError = serde_json::from_slice(&body).unwrap_or_default();
         let message: String = error.error_message.chars().take(MAX_ERROR_CHARS).collect();
         return Err(IdentityError::AttachPolicy(format!(
@@ -116,21 +108,15 @@ async fn invoke_function(
 
 /// Older stacks: the device's role holds `iot:AttachPolicy`.
 async fn attach_directly(
-    base: &SdkConfig,
+    api: &Api,
     secret: &DeviceSecret,
     identity_id: &str,
     credentials: &AwsCredentials,
 ) -> Result<(), IdentityError> {
-    let config = aws_sdk_iot::config::Builder::from(base)
-        .credentials_provider(credentials.to_sdk())
-        .build();
-    aws_sdk_iot::Client::from_conf(config)
-        .attach_policy()
-        .policy_name(&secret.iot_policy)
-        .target(identity_id)
-        .send()
+    let call = Call::attach_policy(&secret.iot_policy, identity_id);
+    rest::send(api, credentials, call)
         .await
-        .map_err(|e| IdentityError::AttachPolicy(describe(&e)))?;
+        .map_err(|e| IdentityError::AttachPolicy(e.message))?;
     tracing::info!(identity_id = %identity_id, policy = %secret.iot_policy, "attached IoT policy");
     Ok(())
 }

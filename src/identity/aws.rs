@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use aws_config::{BehaviorVersion, Region, SdkConfig, timeout::TimeoutConfig};
 use aws_smithy_http_client::proxy::ProxyConfig;
 use aws_smithy_http_client::{Connector, tls};
+use aws_smithy_runtime_api::client::http::{HttpConnectorSettings, SharedHttpConnector};
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::display::DisplayErrorContext;
@@ -20,8 +21,28 @@ use crate::secret::Secret;
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Base SDK config without credentials: unsigned Cognito calls use it as is; calls that need
-/// the Cognito credentials add them per client. With a `proxy`, every call goes through it
+/// How the identity steps reach AWS: the SDK's base config for the service crates, and an
+/// HTTP connector with the same proxy, trust store and connect timeout for the calls made
+/// without one (`rest`).
+#[derive(Clone, Debug)]
+pub struct Api {
+    pub sdk: SdkConfig,
+    pub http: SharedHttpConnector,
+    /// `aws.endpoint_url`, when set (an emulator).
+    pub endpoint_url: Option<String>,
+}
+
+impl Api {
+    pub fn region(&self) -> String {
+        self.sdk
+            .region()
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    }
+}
+
+/// The SDK's base config without credentials: unsigned Cognito calls use it as is; calls that
+/// need the Cognito credentials add them per client. With a `proxy`, every call goes through it
 /// (HTTPS by CONNECT, Basic credentials sent with the first request) unless its `no_proxy`
 /// names the host. TLS trusts the system's CA store, or the built-in Amazon roots where the
 /// system has none (`api_roots`).
@@ -29,19 +50,37 @@ pub async fn base_config(
     region: &str,
     endpoint_url: &str,
     proxy: Option<&Proxy>,
-) -> Result<SdkConfig, SdkSetupError> {
+) -> Result<Api, SdkSetupError> {
     let ring = || tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring);
     let tls_context = api_roots::tls_context(api_roots::api_roots())?;
+    // The SDK's own parser: a URL it cannot read would silently mean no proxy.
+    let proxy = match proxy {
+        Some(proxy) => Some(
+            ProxyConfig::all(proxy.sdk_url().expose().as_str())
+                .map_err(|_| SdkSetupError::Proxy)?
+                .no_proxy(proxy.sdk_no_proxy()),
+        ),
+        None => None,
+    };
+    let mut rest = Connector::builder().connector_settings(
+        HttpConnectorSettings::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build(),
+    );
+    if let Some(config) = &proxy {
+        rest = rest.proxy_config(config.clone());
+    }
+    let http = SharedHttpConnector::new(
+        rest.tls_provider(ring())
+            .tls_context(tls_context.clone())
+            .build(),
+    );
     let http_client = match proxy {
         None => aws_smithy_http_client::Builder::new()
             .tls_provider(ring())
             .tls_context(tls_context)
             .build_https(),
-        Some(proxy) => {
-            // The SDK's own parser: a URL it cannot read would silently mean no proxy.
-            let config = ProxyConfig::all(proxy.sdk_url().expose().as_str())
-                .map_err(|_| SdkSetupError::Proxy)?
-                .no_proxy(proxy.sdk_no_proxy());
+        Some(config) => {
             // The connector builder is the SDK's only way to a proxy; this keeps the SDK's
             // connector cache (one pool per timeout setting).
             aws_smithy_http_client::Builder::new().build_with_connector_fn(
@@ -72,7 +111,11 @@ pub async fn base_config(
     if !endpoint_url.is_empty() {
         loader = loader.endpoint_url(endpoint_url);
     }
-    Ok(loader.load().await)
+    Ok(Api {
+        sdk: loader.load().await,
+        http,
+        endpoint_url: Some(endpoint_url.to_owned()).filter(|url| !url.is_empty()),
+    })
 }
 
 /// Why the SDK's HTTP client could not be set up.

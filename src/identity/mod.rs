@@ -13,6 +13,7 @@ pub mod bootstrap;
 pub mod cache;
 pub mod chain;
 pub mod device;
+mod rest;
 mod signal;
 pub mod user_pool;
 
@@ -20,7 +21,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use aws_config::SdkConfig;
 use rand::Rng;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -35,7 +35,7 @@ use user_pool::UserPoolTokens;
 
 use crate::config::{IdentityConfig, RefreshMode};
 use crate::heartbeat::Heartbeat;
-use crate::identity::aws::{AwsCredentials, OPERATION_TIMEOUT};
+use crate::identity::aws::{Api, AwsCredentials, OPERATION_TIMEOUT};
 use crate::repeats::Repeats;
 
 /// Longest single sleep before the wall clock is read again: a clock that jumps (NTP after a
@@ -143,7 +143,7 @@ pub struct IdentityStatus {
 
 /// Owns the chain's I/O; see the module docs.
 pub struct IdentityManager {
-    base: SdkConfig,
+    api: Api,
     config: IdentityConfig,
     state_dir: PathBuf,
     chain: Chain,
@@ -168,7 +168,7 @@ pub struct IdentityWatch {
 
 impl IdentityManager {
     pub fn new(
-        base: SdkConfig,
+        api: Api,
         config: IdentityConfig,
         state_dir: PathBuf,
     ) -> (IdentityManager, IdentityWatch) {
@@ -179,7 +179,7 @@ impl IdentityManager {
         let refusals = Signal::default();
         let refresh_wanted = Signal::default();
         let manager = IdentityManager {
-            base,
+            api,
             config,
             state_dir,
             chain,
@@ -244,7 +244,7 @@ impl IdentityManager {
                 let refreshed = heartbeat
                     .bounded(
                         step_limit(1),
-                        user_pool::refresh(&self.base, &secret, &tokens),
+                        user_pool::refresh(&self.api.sdk, &secret, &tokens),
                     )
                     .await;
                 self.chain.on_refreshed(refreshed);
@@ -261,7 +261,7 @@ impl IdentityManager {
                     .bounded(
                         step_limit(calls),
                         aws::authenticated_credentials(
-                            &self.base,
+                            &self.api.sdk,
                             &self.config.identity_pool_id,
                             identity_id,
                             logins,
@@ -283,7 +283,7 @@ impl IdentityManager {
             .bounded(
                 step_limit(1),
                 attach::attach_policy(
-                    &self.base,
+                    &self.api,
                     &attach.secret,
                     &attach.identity_id,
                     &attach.credentials,
@@ -413,7 +413,7 @@ impl IdentityManager {
         heartbeat: &Heartbeat,
     ) -> Result<UserPoolTokens, IdentityError> {
         let tokens = heartbeat
-            .bounded(step_limit(1), user_pool::sign_in(&self.base, secret))
+            .bounded(step_limit(1), user_pool::sign_in(&self.api.sdk, secret))
             .await?;
         if confirms_registration {
             self.note_registered()?;
@@ -464,7 +464,7 @@ impl IdentityManager {
         let outcome = heartbeat
             .bounded(
                 step_limit(1),
-                user_pool::sign_up(&self.base, secret, registration),
+                user_pool::sign_up(&self.api.sdk, secret, registration),
             )
             .await?;
         let enrollment = chain::enrollment(outcome, first_start, &name, &secret.user_pool_id)?;
@@ -512,7 +512,7 @@ impl IdentityManager {
             .bounded(
                 step_limit(6),
                 bootstrap::unauthenticated_credentials(
-                    &self.base,
+                    &self.api.sdk,
                     &self.config.identity_pool_id,
                     &mut self.chain.cache_mut().unauth_identity_id,
                     &self.config.unauth_role_arn,
@@ -523,7 +523,7 @@ impl IdentityManager {
         heartbeat
             .bounded(
                 step_limit(2),
-                bootstrap::fetch_device_secret(&self.base, &unauth, &self.config.secret_id),
+                bootstrap::fetch_device_secret(&self.api.sdk, &unauth, &self.config.secret_id),
             )
             .await
             .map_err(|error| match error {

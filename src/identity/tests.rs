@@ -75,12 +75,20 @@ async fn a_clock_jump_forward_brings_the_refresh_forward() {
 async fn a_stuck_identity_step_silences_the_heartbeat() {
     let hole = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let address = hole.local_addr().expect("address");
-    let http_client = aws_smithy_http_client::Builder::new()
-        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+    let ring = || {
+        aws_smithy_http_client::tls::Provider::Rustls(
             aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-        ))
+        )
+    };
+    let http_client = aws_smithy_http_client::Builder::new()
+        .tls_provider(ring())
         .build_https();
-    let base = aws_config::defaults(aws_config::BehaviorVersion::latest())
+    let http = aws_smithy_runtime_api::client::http::SharedHttpConnector::new(
+        aws_smithy_http_client::Connector::builder()
+            .tls_provider(ring())
+            .build(),
+    );
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new("us-east-1"))
         .http_client(http_client)
         .timeout_config(aws_config::timeout::TimeoutConfig::disabled())
@@ -95,7 +103,12 @@ async fn a_stuck_identity_step_silences_the_heartbeat() {
         secret_id: "secret".into(),
         ..IdentityConfig::default()
     };
-    let (manager, _watch) = IdentityManager::new(base, config, state.path().to_owned());
+    let api = aws::Api {
+        sdk,
+        http,
+        endpoint_url: None,
+    };
+    let (manager, _watch) = IdentityManager::new(api, config, state.path().to_owned());
     let (heartbeat, pulse) = crate::heartbeat::channel("identity manager");
     let task = tokio::spawn(manager.run(heartbeat));
     let limit = Duration::from_secs(10);

@@ -22,7 +22,9 @@ HTTP (--http-port; allowed calls go to --upstream, Lambda invocations to --lambd
     checks the role's trust policy (aud, amr) with it. Logins must hold a user-pool ID token of
     the template's pool and client (payload checked, not the signature).
   * Every signed call: unknown key or wrong session token -> the service's invalid-token error,
-    expired -> its expired-token error; then the action on its resource with the request context
+    expired -> its expired-token error; a signature that botocore, recomputing it with the
+    minted secret from what arrived, does not get -> 403 InvalidSignatureException
+    (SignatureDoesNotMatch for STS); then the action on its resource with the request context
     (aws:SourceIp = the TCP peer, aws:PrincipalArn, cognito-identity.amazonaws.com:sub/aud/amr):
     explicit Deny in any policy wins, otherwise the role's identity-based policy must allow, and
     so must the session policy when there is one; the secret's resource policy (the template's
@@ -197,6 +199,7 @@ class Principal:
     session_policy: list  # statements, or None
     expires: float
     account: str
+    secret: str  # never logged: only for checking signatures
 
     @property
     def arn(self):
@@ -376,6 +379,55 @@ def signature_time_problem(amz_date, now=None):
     return None
 
 
+# AWS recomputes every signed request's signature from what arrived and the key's secret, and
+# refuses a mismatch: 403 InvalidSignatureException (JSON and REST services) or
+# SignatureDoesNotMatch (STS), "The request signature we calculated does not match the
+# signature you provided..." (IAM User Guide, "Troubleshoot signing errors":
+# https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_sigv-troubleshooting.html).
+SIGNATURE_MISMATCH = ("The request signature we calculated does not match the signature you "
+                      "provided. Check your AWS Secret Access Key and signing method. Consult "
+                      "the service documentation for details.")
+AUTHORIZATION = re.compile(r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request, "
+                           r"SignedHeaders=([^,]+), Signature=([0-9a-f]{64})$")
+
+
+def signature_mismatch(secret, method, path, headers, body):
+    """None when the SigV4 Authorization header is what `secret` signs for this request,
+    recomputed by botocore (an implementation independent of the daemon's aws-sigv4) from the
+    method, path, the headers the client listed as signed, and the body; else the reason."""
+    import botocore.auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    match = AUTHORIZATION.match(headers.get("Authorization", ""))
+    if not match:
+        return "not a SigV4 Authorization header"
+    akid, day, region, service, signed_headers, signature = match.groups()
+    amz_date = headers.get("X-Amz-Date", "")
+    if not amz_date.startswith(day):
+        return "the credential scope's day is not X-Amz-Date's"
+    names = signed_headers.split(";")
+    missing = [name for name in names if headers.get(name) is None]
+    if missing:
+        return f"signed headers missing from the request: {missing}"
+
+    class Listed(botocore.auth.SigV4Auth):
+        def headers_to_sign(self, request):  # exactly the client's list, as AWS reads it
+            signed = super().headers_to_sign(request)
+            for name in list(signed.keys()):
+                del signed[name]
+            for name in names:
+                signed[name] = headers[name]
+            return signed
+
+    request = AWSRequest(method=method, url=f"http://{headers.get('Host', '')}{path}",
+                         headers={name: headers[name] for name in names}, data=body)
+    request.context["timestamp"] = amz_date
+    signer = Listed(Credentials(akid, secret, headers.get("X-Amz-Security-Token")), service, region)
+    expected = signer.signature(signer.string_to_sign(request, signer.canonical_request(request)), request)
+    return None if expected == signature else "signature mismatch"
+
+
 # Where a device outside the stack's DeviceCidrs appears to come from (--control outside).
 OUTSIDE_ADDRESS = "203.0.113.9"
 
@@ -411,10 +463,10 @@ class Gate:
             self.log_file.write(json.dumps({"t": time.time(), **entry}) + "\n")
 
     def mint(self, role, identity_id, authenticated, flow, session_policy, session, expires):
+        secret = base64.b64encode(secrets.token_bytes(30)).decode()
         principal = Principal(new_key(), base64.b64encode(secrets.token_bytes(96)).decode(), role,
                               session, identity_id, authenticated, flow, session_policy, expires,
-                              self.cloud.account)
-        secret = base64.b64encode(secrets.token_bytes(30)).decode()
+                              self.cloud.account, secret)
         with self.lock:
             self.principals[principal.akid] = principal
         return principal, secret
@@ -624,6 +676,13 @@ def make_handler(gate):
                 if problem:
                     gate.log(**entry, akid=credential.group(1), decision="deny", reason=f"{problem} token")
                     self.refuse(service, problem)
+                    return
+                mismatch = signature_mismatch(principal.secret, self.command, self.path,
+                                              self.headers, body)
+                if mismatch:
+                    gate.log(**entry, akid=credential.group(1), decision="deny", reason=mismatch)
+                    code = "SignatureDoesNotMatch" if service == "sts" else "InvalidSignatureException"
+                    self.refuse(service, None, SIGNATURE_MISMATCH, code, 403)
                     return
                 entry["principal"] = principal.summary()
             if (service, op) in UNSIGNED:
