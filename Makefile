@@ -10,7 +10,7 @@ deps:
 # The whole suite: unit, CLI and integration tests (moto + mosquitto in private network
 # namespaces), the CloudFormation checks, then the .deb under a real systemd.
 test: deps
-	t=$$(date +%s) && cargo test --all-targets && echo "== cargo test took $$(($$(date +%s) - t)) s"
+	t=$$(date +%s) && bash scripts/cargo-test.sh && echo "== cargo test took $$(($$(date +%s) - t)) s"
 	t=$$(date +%s) && PATH="$(CURDIR)/.venv/bin:$$PATH" bash cloudformation/check.sh && echo "== check.sh took $$(($$(date +%s) - t)) s"
 	t=$$(date +%s) && $(MAKE) system-test && echo "== system-test took $$(($$(date +%s) - t)) s"
 
