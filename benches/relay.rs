@@ -15,6 +15,9 @@
 //!
 //! Run: `make bench` (root; `cargo bench --profile release --bench relay`). Under `cargo test` it is a short
 //! smoke run that checks the tool works and asserts nothing about speed.
+//! `RELAY_BENCH_ONLY=quota` runs the quota run alone; `RELAY_BENCH_ONLY=latency` the latency
+//! runs of our daemon and the peer alone, `RELAY_BENCH_ROUNDS` times (default 3), each right
+//! after a flood and again once settled, with each run's tail.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -85,6 +88,10 @@ fn main() {
         let quota = quota_run(&mut cloud, &subscriber, &plan);
         println!("quota run: {quota}");
         return;
+    }
+    // RELAY_BENCH_ONLY=latency: the latency runs alone, repeated, for work on the tail.
+    if std::env::var("RELAY_BENCH_ONLY").as_deref() == Ok("latency") {
+        return latency_rounds(&cloud, &subscriber, &plan);
     }
 
     let (ours, idle) = bench_daemon(&cloud, &subscriber, &plan);
@@ -217,6 +224,25 @@ struct Idle {
 
 /// The awsiotsdk relay, given the same socket framing and broker.
 fn bench_peer(cloud: &Cloud, subscriber: &Subscriber, plan: &Plan) -> System {
+    let peer = start_peer(cloud);
+    measure(
+        "awsiotsdk peer",
+        peer.child.0.id(),
+        &peer.socket,
+        subscriber,
+        plan,
+        "bench/peer",
+    )
+}
+
+/// A running `benches/python/peer_relay.py`, ready for writers on `socket`.
+struct Peer {
+    child: KillOnDrop,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn start_peer(cloud: &Cloud) -> Peer {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("peer.sock");
     let mut child = KillOnDrop(
@@ -245,14 +271,60 @@ fn bench_peer(cloud: &Cloud, subscriber: &Subscriber, plan: &Plan) -> System {
         .read_line(&mut ready)
         .expect("peer output");
     assert_eq!(ready.trim(), "ready", "peer did not start");
-    measure(
-        "awsiotsdk peer",
-        child.0.id(),
-        &socket,
-        subscriber,
-        plan,
-        "bench/peer",
-    )
+    Peer {
+        child,
+        socket,
+        _dir: dir,
+    }
+}
+
+/// How long a relay stays quiet before the settled latency run: long enough for our spool's
+/// housekeeping after a flood (it gives the flood's pages back once 2 s pass without a message).
+const SETTLE: Duration = Duration::from_secs(15);
+
+/// RELAY_BENCH_ONLY=latency: our daemon and the peer, RELAY_BENCH_ROUNDS rounds (default 3) of
+/// a flood as in the full run, then the paced run at once (as the full run measures it), then
+/// again after SETTLE of quiet; each run's tail as `Latency::report` prints it.
+fn latency_rounds(cloud: &Cloud, subscriber: &Subscriber, plan: &Plan) {
+    let rounds: u32 = std::env::var("RELAY_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = cloud.start_daemon(&quiet(cloud.config(dir.path(), true, "")));
+    harness::wait_connected(&daemon.socket);
+    let peer = start_peer(cloud);
+    let relays = [
+        ("ours", daemon.socket.as_path(), "bench/ours"),
+        ("peer", peer.socket.as_path(), "bench/peer"),
+    ];
+    for round in 1..=rounds {
+        for (name, socket, topic) in relays {
+            subscriber.reset();
+            flood_all(socket, topic, plan);
+            subscriber.wait_for(plan.writers as u64 * plan.per_writer, DELIVERY_TIMEOUT);
+            for settled in [false, true] {
+                if settled {
+                    std::thread::sleep(SETTLE);
+                }
+                subscriber.reset();
+                paced_writer(socket, topic, plan.latency_seconds);
+                subscriber.wait_for(
+                    u64::from(LATENCY_RATE) * plan.latency_seconds,
+                    DELIVERY_TIMEOUT,
+                );
+                let when = if settled {
+                    "settled"
+                } else {
+                    "after the flood"
+                };
+                println!(
+                    "round {round}, {name}, {when}: {}",
+                    subscriber.latency().report()
+                );
+            }
+        }
+    }
 }
 
 /// The client library alone: this binary again, as a child that publishes by itself.
@@ -322,17 +394,7 @@ fn measure(
     });
     let cpu_before = harness::cpu_seconds(pid);
     let started = Instant::now();
-    let writers: Vec<_> = (0..plan.writers)
-        .map(|w| {
-            let socket = socket.to_owned();
-            let topic = topic.to_owned();
-            let per_writer = plan.per_writer;
-            std::thread::spawn(move || flood(&socket, &topic, w as u64 * per_writer, per_writer))
-        })
-        .collect();
-    for writer in writers {
-        writer.join().expect("writer");
-    }
+    flood_all(socket, topic, plan);
     subscriber.wait_for(total, DELIVERY_TIMEOUT);
     let elapsed = started.elapsed();
     let cpu = harness::cpu_seconds(pid) - cpu_before;
@@ -458,6 +520,21 @@ fn now_ns() -> u64 {
 }
 
 /// Writes `count` readings as fast as the relay takes them (no ids: no answers to read).
+/// The plan's writers flat out, each with its own numbers; returns when all have written.
+fn flood_all(socket: &Path, topic: &str, plan: &Plan) {
+    let writers: Vec<_> = (0..plan.writers)
+        .map(|w| {
+            let socket = socket.to_owned();
+            let topic = topic.to_owned();
+            let per_writer = plan.per_writer;
+            std::thread::spawn(move || flood(&socket, &topic, w as u64 * per_writer, per_writer))
+        })
+        .collect();
+    for writer in writers {
+        writer.join().expect("writer");
+    }
+}
+
 fn flood(socket: &Path, topic: &str, first: u64, count: u64) {
     let stream = UnixStream::connect(socket).expect("connect");
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stream);
@@ -525,7 +602,8 @@ struct Counts {
 struct Subscriber {
     readings: Arc<AtomicU64>,
     payload_bytes: Arc<AtomicU64>,
-    latencies_us: Arc<Mutex<Vec<u64>>>,
+    /// (the reading's `n`, its latency in µs)
+    latencies_us: Arc<Mutex<Vec<(u64, u64)>>>,
 }
 
 impl Subscriber {
@@ -579,7 +657,8 @@ impl Subscriber {
                             let mut samples = Vec::with_capacity(items.len());
                             for reading in &items {
                                 if let Some(sent) = reading["t"].as_u64() {
-                                    samples.push(received.saturating_sub(sent) / 1000);
+                                    let n = reading["n"].as_u64().unwrap_or(0);
+                                    samples.push((n, received.saturating_sub(sent) / 1000));
                                 }
                             }
                             latencies.lock().expect("lock").extend(samples);
@@ -645,14 +724,47 @@ impl Subscriber {
 
     /// p50 and p99 latency in milliseconds of the readings since the last reset.
     fn percentiles(&self) -> (f64, f64) {
+        let latency = self.latency();
+        (latency.quantile(0.50), latency.quantile(0.99))
+    }
+
+    fn latency(&self) -> Latency {
         let mut samples = self.latencies_us.lock().expect("lock").clone();
-        samples.sort_unstable();
-        let at = |q: f64| {
-            samples
-                .get(((samples.len() as f64 - 1.0) * q).round() as usize)
-                .map_or(f64::NAN, |us| *us as f64 / 1000.0)
-        };
-        (at(0.50), at(0.99))
+        samples.sort_unstable_by_key(|&(n, us)| (us, n));
+        Latency { samples }
+    }
+}
+
+/// One run's latencies, fastest first.
+struct Latency {
+    samples: Vec<(u64, u64)>,
+}
+
+impl Latency {
+    /// In milliseconds.
+    fn quantile(&self, q: f64) -> f64 {
+        self.samples
+            .get(((self.samples.len() as f64 - 1.0) * q).round() as usize)
+            .map_or(f64::NAN, |&(_, us)| us as f64 / 1000.0)
+    }
+
+    /// p50, p99, p99.9 and max, then how many of the slowest 1 % fell in each second of a
+    /// paced run (reading n is sent at n / LATENCY_RATE s): spread out, or in a burst.
+    fn report(&self) -> String {
+        let slowest = &self.samples[self.samples.len() - self.samples.len().div_ceil(100)..];
+        let mut by_second = std::collections::BTreeMap::<u64, u32>::new();
+        for &(n, _) in slowest {
+            *by_second.entry(n / u64::from(LATENCY_RATE)).or_default() += 1;
+        }
+        let seconds: Vec<String> = by_second.iter().map(|(s, c)| format!("{s}s:{c}")).collect();
+        format!(
+            "p50 {:.2} p99 {:.2} p99.9 {:.2} max {:.2} ms; slowest 1 % by second: {}",
+            self.quantile(0.5),
+            self.quantile(0.99),
+            self.quantile(0.999),
+            self.quantile(1.0),
+            seconds.join(" ")
+        )
     }
 }
 
