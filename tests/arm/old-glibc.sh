@@ -41,7 +41,7 @@ if [ ! -f "$CACHE/done" ]; then
         # apt-get update exits 0 on a 404; an empty lists directory tells the suite is gone.
         rm -rf "$apt_dir/lists"/*Packages* "$apt_dir/lists"/*Release*
         if apt-get "${opts[@]}" -qq update 2>"$apt_dir/update.log" \
-            && ls "$apt_dir/lists" | grep -q "_dists_${suite}_main_binary-amd64_Packages"; then
+            && compgen -G "$apt_dir/lists/*_dists_${suite}_main_binary-amd64_Packages*" >/dev/null; then
             found=$suite
             break
         fi
