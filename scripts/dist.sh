@@ -22,7 +22,9 @@ bash scripts/install-cross-deps.sh
 # All seven binaries in one go, so both cargo runs keep every core busy; deb-all then finds
 # its three built.
 bash scripts/build-targets.sh --profile "$profile" all >"$WORK/built"
-mapfile -t debs < <(bash scripts/deb-all.sh --profile "$profile")
+bash scripts/deb-all.sh --profile "$profile" >"$WORK/debs"
+mapfile -t debs <"$WORK/debs"
+[ ${#debs[@]} = 3 ] || fail "expected 3 packages from deb-all.sh, got ${#debs[@]}"
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
