@@ -33,10 +33,10 @@ statics=()
 while read -r target bin; do
     case "$target" in
         *-linux-gnu*) continue ;;
-        x86_64-unknown-linux-musl) name=x86_64-linux-musl ;;
-        aarch64-unknown-linux-musl) name=aarch64-linux-musl ;;
-        armv7-unknown-linux-musleabihf) name=armv7-linux-musleabihf ;;
-        arm-unknown-linux-musleabihf) name=armv6-linux-musleabihf ;;
+        x86_64-unknown-linux-musl) name=x86_64 ;;
+        aarch64-unknown-linux-musl) name=aarch64 ;;
+        armv7-unknown-linux-musleabihf) name=armv7 ;;
+        arm-unknown-linux-musleabihf) name=armv6 ;;
         *) fail "no tarball name for $target" ;;
     esac
     statics+=("$target=$bin")
