@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test` (both as root on Debian).
-.PHONY: demo test deps lint audit system-test tarball-test bench bench-downlink bench-wire cross-deps deb-all arm-smoke fleet-sim
+.PHONY: demo test deps lint audit system-test tarball-test bench bench-downlink bench-wire cross-deps deb-all dist arm-smoke fleet-sim
 
 demo:
 	bash scripts/demo.sh
@@ -16,9 +16,11 @@ test: deps
 
 # Builds the .deb, lints it (only initial-upload-closes-no-bugs is allowed), and runs it under
 # systemd as PID 1 of a throwaway container (tests/system/run.sh), from this checkout and from
-# a fresh clone under /tmp (tests/system/from-clone.sh).
+# a fresh clone under /tmp (tests/system/from-clone.sh). SYSTEM_TEST_DEB=path tests that
+# package instead of building one (CI: the amd64 package of `deb-all`, one build for both).
+SYSTEM_TEST_DEB ?=
 system-test:
-	deb=$$(cargo deb --quiet | tail -n 1) && \
+	deb="$(SYSTEM_TEST_DEB)" && { [ -n "$$deb" ] || deb=$$(cargo deb --quiet | tail -n 1); } && \
 	lintian --fail-on error,warning --suppress-tags initial-upload-closes-no-bugs "$$deb" && \
 	bash tests/system/run.sh "$$deb" && \
 	bash tests/system/from-clone.sh "$$deb"
@@ -36,19 +38,36 @@ tarball-test:
 	fi && \
 	bash tests/system/tarball.sh "$$tarball"
 
-# The three packages: amd64, and arm64 + armhf cross-built (Debian's cross gcc, see
-# .cargo/config.toml), each lintian-clean; copied to target/debian-all/.
+# The three packages, amd64, arm64 and armhf (ARMv6: Pi Zero/1 and later), linked by zig
+# (cargo zigbuild) against glibc 2.28's symbols, Depends: libc6 (>= the binary's newest
+# GLIBC_ need), each lintian-clean; copied to target/debian-all/. Release profile: for releases,
+# outside CI (CI builds them with --profile ci).
 deb-all:
 	bash scripts/deb-all.sh
+
+# A release: the three packages and the four static musl tarballs (x86_64, aarch64, ARMv7,
+# ARMv6; scripts/tarball.sh) in target/dist/ with SHA256SUMS, release profile (fat LTO), each
+# smoke-tested (tests/arm/smoke.sh). Not run by CI; see README "Releases".
+dist:
+	bash scripts/dist.sh
 
 cross-deps:
 	bash scripts/install-cross-deps.sh
 
-# The packages of `make deb-all` run under qemu-user-static: --version and check-config on the
-# shipped config for all three, and the end-to-end demo (moto + mosquitto) with the ARM binaries.
+# After `make dist` (or deb-all plus `scripts/build-targets.sh static`): the three packages and
+# the four static binaries under qemu-user-static (tests/arm/smoke.sh): --version and
+# check-config on the shipped config for all, the glibc floor and an old glibc for the packages,
+# and the end-to-end demo with every ARM binary, the static ARMv6 one as an ARM1176.
+# SMOKE_PROFILE=ci tests CI's builds.
+SMOKE_PROFILE ?= release
+STATIC_BIN = $(or $(CARGO_TARGET_DIR),target)/$(1)/$(SMOKE_PROFILE)/iot-cognito-relay
 arm-smoke: cross-deps
-	bash tests/arm/smoke.sh target/debian-all/*_amd64.deb
-	bash tests/arm/smoke.sh --e2e target/debian-all/*_arm64.deb target/debian-all/*_armhf.deb
+	bash tests/arm/smoke.sh target/debian-all/*_amd64.deb \
+		x86_64-unknown-linux-musl=$(call STATIC_BIN,x86_64-unknown-linux-musl)
+	bash tests/arm/smoke.sh --e2e target/debian-all/*_arm64.deb target/debian-all/*_armhf.deb \
+		aarch64-unknown-linux-musl=$(call STATIC_BIN,aarch64-unknown-linux-musl) \
+		armv7-unknown-linux-musleabihf=$(call STATIC_BIN,armv7-unknown-linux-musleabihf) \
+		arm-unknown-linux-musleabihf=$(call STATIC_BIN,arm-unknown-linux-musleabihf)
 
 # Our daemon vs an awsiotsdk relay vs bare rumqttc (benches/relay.rs); writes
 # target/relay-bench/results.json and relay-benchmark.png.

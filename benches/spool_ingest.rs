@@ -7,6 +7,9 @@
 //! unreachable), the way a device that lost its network keeps accepting data.
 //!
 //! Run: `cargo bench --bench spool_ingest` (optional args: WRITERS MESSAGES_PER_WRITER).
+//! Environment: `SPOOL_BENCH_BINARY` (the daemon to measure, e.g. a static musl or ARM build;
+//! default this checkout's), `SPOOL_BENCH_RUNNER` (words run before it, e.g.
+//! `qemu-arm-static -cpu cortex-a7`; the peak RSS is then the emulator's).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -44,7 +47,11 @@ fn main() {
         dir.path(),
         "[spool]\nmax_bytes = \"1GiB\"\n[log]\nlevel = \"error\"\n",
     );
-    let mut daemon = Command::new(BIN)
+    let binary = std::env::var("SPOOL_BENCH_BINARY").unwrap_or_else(|_| BIN.to_owned());
+    let runner = std::env::var("SPOOL_BENCH_RUNNER").unwrap_or_default();
+    let mut command = runner.split_whitespace().chain([binary.as_str()]);
+    let mut daemon = Command::new(command.next().expect("a program to run"))
+        .args(command)
         .args(["run", "--config"])
         .arg(&config)
         .env_remove("RUST_LOG")
