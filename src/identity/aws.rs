@@ -158,6 +158,24 @@ impl AwsCredentials {
     }
 }
 
+#[cfg(test)]
+impl AwsCredentials {
+    /// Credentials made up for a test.
+    pub fn for_test(
+        access_key_id: &str,
+        secret_access_key: &str,
+        session_token: &str,
+        expires_at: SystemTime,
+    ) -> AwsCredentials {
+        AwsCredentials {
+            access_key_id: access_key_id.to_owned(),
+            secret_access_key: Secret::new(secret_access_key.to_owned()),
+            session_token: Secret::new(session_token.to_owned()),
+            expires_at,
+        }
+    }
+}
+
 impl AwsCredentials {
     /// Cognito Identity's credentials (`GetCredentialsForIdentity`); a missing field makes
     /// credentials AWS refuses, and a missing expiry counts as already expired.

@@ -723,12 +723,7 @@ mod tests {
     }
 
     fn credentials(expires_at: SystemTime) -> AwsCredentials {
-        AwsCredentials {
-            access_key_id: "AKIA".into(),
-            secret_access_key: Secret::new("key".into()),
-            session_token: Secret::new("session".into()),
-            expires_at,
-        }
+        AwsCredentials::for_test("AKIA", "key", "session", expires_at)
     }
 
     fn failure(code: &str) -> AwsFailure {

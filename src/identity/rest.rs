@@ -236,7 +236,6 @@ fn failure(status: u16, headers: &Headers, body: &[u8]) -> AwsFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secret::Secret;
     use std::time::Duration;
 
     fn headers(pairs: &[(&str, &str)]) -> Headers {
@@ -335,12 +334,12 @@ mod tests {
                 "AttachPolicy" => Call::attach_policy(&field("policy"), &field("target")),
                 _ => Call::invoke(&field("function"), field("payload").into_bytes()),
             };
-            let credentials = AwsCredentials {
-                access_key_id: field("access_key_id"),
-                secret_access_key: Secret::new(field("secret_access_key")),
-                session_token: Secret::new(field("session_token")),
-                expires_at: SystemTime::now() + Duration::from_secs(3600),
-            };
+            let credentials = AwsCredentials::for_test(
+                &field("access_key_id"),
+                &field("secret_access_key"),
+                &field("session_token"),
+                SystemTime::now() + Duration::from_secs(3600),
+            );
             let time = humantime::parse_rfc3339(&field("time")).expect("time");
             let url = format!("{}{}", field("endpoint"), call.path);
             let request =

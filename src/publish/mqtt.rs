@@ -237,12 +237,12 @@ mod tests {
         let expires_at = SystemTime::now() + Duration::from_secs(3600);
         Session {
             identity_id: identity_id.into(),
-            credentials: crate::identity::aws::AwsCredentials {
-                access_key_id: access_key_id.into(),
-                secret_access_key: crate::secret::Secret::new("s".into()),
-                session_token: crate::secret::Secret::new("t".into()),
+            credentials: crate::identity::aws::AwsCredentials::for_test(
+                access_key_id,
+                "s",
+                "t",
                 expires_at,
-            },
+            ),
             iot_endpoint: iot_endpoint.into(),
             refresh_at: expires_at,
         }

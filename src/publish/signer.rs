@@ -86,12 +86,12 @@ mod tests {
         assert!(cases.len() >= 2);
         for case in cases {
             let field = |name: &str| case[name].as_str().expect(name).to_owned();
-            let credentials = AwsCredentials {
-                access_key_id: field("access_key_id"),
-                secret_access_key: Secret::new(field("secret_access_key")),
-                session_token: Secret::new(field("session_token")),
-                expires_at: SystemTime::now() + Duration::from_secs(3600),
-            };
+            let credentials = AwsCredentials::for_test(
+                &field("access_key_id"),
+                &field("secret_access_key"),
+                &field("session_token"),
+                SystemTime::now() + Duration::from_secs(3600),
+            );
             let time = humantime::parse_rfc3339(&field("time")).expect("time");
             let url = format!("wss://{}{}", field("host"), field("path"));
             let signed = presign(&url, &field("region"), &credentials, time).expect("sign");
